@@ -1,0 +1,5 @@
+import sys
+
+from fsha.cli import main
+
+sys.exit(main())

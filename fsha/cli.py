@@ -1,0 +1,46 @@
+"""The ``fsha`` command: one entry point, one module per subcommand.
+
+Each subcommand lives in its own module and exposes ``main(argv: list[str]) -> int``;
+it is imported only when used, so ``fsha check-config`` stays fast and does not pull
+in the reactor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "check-config": ("fsha.config", "validate a cluster config file (exit 0 or 2)"),
+    "status": ("fsha.status", "show the cluster as a node sees it"),
+    "demo": ("fsha.demo", "run a live demo cluster on loopback"),
+    "sim": ("fsha.sim.cli", "run the FreeSWITCH simulator"),
+    "certs": ("fsha.pki", "cluster PKI: init a CA, issue and show node certificates"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: fsha COMMAND [ARGS...]", "", "commands:"]
+    for name, (_module, text) in SUBCOMMANDS.items():
+        lines.append(f"  {name:<14} {text}")
+    lines.append("")
+    lines.append("The node daemon itself runs as: twistd -n fsha --config FILE [--node NAME]")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if args else 2
+    name, rest = args[0], args[1:]
+    if name not in SUBCOMMANDS:
+        print(f"fsha: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
