@@ -1,0 +1,662 @@
+"""The one cluster config file (TOML) that every node reads.
+
+Loading is strict: every problem becomes one line ``FILE: KEY: what is wrong``, and all of
+them are collected so an operator fixes a file in one pass. ``fsha check-config FILE`` prints
+them and exits 2; the daemon refuses to start with the first one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import socket
+import stat
+import sys
+import tomllib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MIN_INTERVAL_MS = 5
+MAX_INTERVAL_MS = 10_000
+MIN_SECRET_BYTES = 16
+MAX_NODES = 0xFFFE  # 0xFFFF is "no node" on the wire
+MAX_SLOTS = 0xFFFE  # 0xFFFF is "no slot" on the wire
+FLOATING_IP_BACKENDS = ("loopback", "ip", "command")
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(problems[0] if problems else "invalid config")
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Network:
+    name: str
+    index: int
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ESLConfig:
+    host: str
+    port: int
+    password: str
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    name: str
+    node_id: int
+    priority: int
+    addresses: dict[str, str]  # network name -> this node's IP on that network
+    stream: Endpoint
+    status: Endpoint
+    esl: ESLConfig
+    core_db: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class FloatingIP:
+    address: str
+    prefix: int
+    interface: str
+
+    def __str__(self) -> str:
+        return f"{self.address}/{self.prefix} dev {self.interface}"
+
+
+@dataclass(frozen=True, slots=True)
+class SlotConfig:
+    name: str
+    slot_id: int
+    ips: tuple[FloatingIP, ...]
+    profiles: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    ca: Path
+    cert: str  # path template; "{node}" is replaced by the node name
+    key: str
+
+    def cert_for(self, node: str) -> Path:
+        return Path(self.cert.replace("{node}", node))
+
+    def key_for(self, node: str) -> Path:
+        return Path(self.key.replace("{node}", node))
+
+
+@dataclass(frozen=True, slots=True)
+class FloatingIPConfig:
+    backend: str
+    command: tuple[str, ...]
+    arping_count: int
+    timeout: float
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    path: Path
+    name: str
+    secret_file: Path
+    heartbeat_interval: float  # seconds
+    dead_after: float  # seconds
+    discovery: float  # seconds a starting node listens before it may claim anything
+    quorum_spec: str  # as written: "majority", "none" or a number
+    quorum: int  # nodes (self included) a node must see alive to take over
+    networks: tuple[Network, ...]
+    nodes: tuple[NodeConfig, ...]
+    slots: tuple[SlotConfig, ...]
+    floating_ip: FloatingIPConfig
+    tls: TLSConfig | None
+    digest: bytes = field(repr=False)  # 8 bytes: equal on every node reading the same file
+
+    def node(self, name: str) -> NodeConfig:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def slot(self, name: str) -> SlotConfig:
+        for slot in self.slots:
+            if slot.name == name:
+                return slot
+        raise KeyError(name)
+
+    def esl_timeout_total(self) -> float:
+        """The longest ESL request timeout of any node (bounds FreeSWITCH steps)."""
+        return max(n.esl.timeout for n in self.nodes)
+
+    def read_secret(self) -> bytes:
+        """The shared HMAC secret; raises ConfigError naming the file if it is unusable."""
+        return _read_secret(self.path, self.secret_file)
+
+
+# -- loading ------------------------------------------------------------------------------
+
+
+class _Checker:
+    """Collects problems as ``FILE: KEY: message`` lines while walking the raw TOML."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.problems: list[str] = []
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(f"{self.path}: {key}: {message}")
+
+    def table(self, raw: Any, key: str, allowed: Iterable[str]) -> dict[str, Any] | None:
+        if not isinstance(raw, dict):
+            self.problem(key, f"must be a table, not {_kind(raw)}")
+            return None
+        allowed = tuple(allowed)
+        for name in raw:
+            if name not in allowed:
+                self.problem(f"{key}.{name}" if key else name,
+                             f"unknown key (allowed: {', '.join(allowed)})")
+        return raw
+
+    def get(self, raw: dict[str, Any], key: str, name: str, kind: type | tuple[type, ...],
+            default: Any = ..., check: Callable[[Any], str | None] | None = None) -> Any:
+        full = f"{key}.{name}" if key else name
+        if name not in raw:
+            if default is ...:
+                self.problem(full, "missing")
+                return None
+            return default
+        value = raw[name]
+        # bool is an int subclass; a port of `true` is a mistake, not 1
+        if (isinstance(value, bool) and bool not in _as_tuple(kind)) or not isinstance(value, kind):
+            self.problem(full, f"must be {_kind_name(kind)}, not {_kind(value)}")
+            return None
+        if check is not None:
+            message = check(value)
+            if message:
+                self.problem(full, message)
+                return None
+        return value
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(_kind(t()) if t is not str else "a string" for t in _as_tuple(kind))
+
+
+def _port(value: int) -> str | None:
+    return None if 1 <= value <= 65535 else "must be a port number 1-65535"
+
+
+def _port_or_zero(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else "must be a port number 0-65535"
+
+
+def _ip(value: str) -> str | None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return f"{value!r} is not an IP address"
+    return None
+
+
+def _nonempty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def _endpoint(checker: _Checker, raw: dict[str, Any], key: str, name: str) -> Endpoint | None:
+    text = checker.get(raw, key, name, str)
+    if text is None:
+        return None
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or _ip(host) or _port(int(port)):
+        checker.problem(f"{key}.{name}", f"{text!r} must be IP:PORT with a port 1-65535")
+        return None
+    return Endpoint(host, int(port))
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
+    """Read and validate a cluster config; raises ConfigError listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror or e}"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start})"]) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
+    return parse_config(raw, path)
+
+
+def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
+    c = _Checker(path)
+    base = path.parent
+    c.table(raw, "", ("cluster", "tls", "floating_ip", "network", "node", "slot"))
+
+    cluster = c.table(raw.get("cluster", {}), "cluster",
+                      ("name", "secret_file", "heartbeat_interval_ms", "dead_after_ms",
+                       "discovery_ms", "quorum")) or {}
+    if "cluster" not in raw:
+        c.problem("cluster", "missing")
+    name = c.get(cluster, "cluster", "name", str, check=_nonempty) if "cluster" in raw else None
+    secret = c.get(cluster, "cluster", "secret_file", str, check=_nonempty) \
+        if "cluster" in raw else None
+    interval_ms = c.get(cluster, "cluster", "heartbeat_interval_ms", int, 50,
+                        check=lambda v: None if MIN_INTERVAL_MS <= v <= MAX_INTERVAL_MS else
+                        f"must be {MIN_INTERVAL_MS}-{MAX_INTERVAL_MS}")
+    dead_ms = c.get(cluster, "cluster", "dead_after_ms", int, None)
+    if dead_ms is None and "dead_after_ms" not in cluster and interval_ms:
+        dead_ms = interval_ms * 5
+    if interval_ms and dead_ms is not None and dead_ms < 2 * interval_ms:
+        c.problem("cluster.dead_after_ms",
+                  f"{dead_ms} ms is shorter than two heartbeat intervals "
+                  f"({2 * interval_ms} ms): one lost datagram would declare a node dead")
+        dead_ms = None
+    discovery_ms = c.get(cluster, "cluster", "discovery_ms", int, None,
+                         check=lambda v: None if v >= 0 else "must be >= 0")
+    if discovery_ms is None and dead_ms and interval_ms:
+        discovery_ms = dead_ms + 2 * interval_ms
+    quorum_raw = c.get(cluster, "cluster", "quorum", (str, int), "majority")
+
+    networks = _networks(c, raw.get("network"))
+    nodes = _nodes(c, raw.get("node"), networks, base)
+    slots = _slots(c, raw.get("slot"), nodes)
+    floating = _floating_ip(c, raw.get("floating_ip", {}), base)
+    tls = _tls(c, raw.get("tls"), base)
+
+    quorum = 0
+    quorum_spec = str(quorum_raw)
+    if quorum_raw is not None and nodes:
+        if quorum_raw == "majority":
+            quorum = len(nodes) // 2 + 1
+        elif quorum_raw == "none":
+            quorum = 1
+        elif isinstance(quorum_raw, int) and 1 <= quorum_raw <= len(nodes):
+            quorum = quorum_raw
+        else:
+            c.problem("cluster.quorum",
+                      f"{quorum_raw!r} must be \"majority\", \"none\" or a number "
+                      f"from 1 to the number of nodes ({len(nodes)})")
+    if nodes and slots and len(slots) > len(nodes):
+        c.problem("slot", f"{len(slots)} slots but only {len(nodes)} nodes: "
+                          "every slot needs a node to master it")
+
+    if c.problems:
+        raise ConfigError(c.problems)
+    assert name is not None and secret is not None and interval_ms and dead_ms is not None
+    assert discovery_ms is not None and floating is not None
+    config = ClusterConfig(
+        path=path, name=name, secret_file=_resolve(base, secret),
+        heartbeat_interval=interval_ms / 1000, dead_after=dead_ms / 1000,
+        discovery=discovery_ms / 1000, quorum_spec=quorum_spec, quorum=quorum,
+        networks=tuple(networks), nodes=tuple(nodes), slots=tuple(slots),
+        floating_ip=floating, tls=tls, digest=b"")
+    object.__setattr__(config, "digest", config_digest(config))
+    return config
+
+
+def _entries(c: _Checker, raw: Any, key: str) -> list[dict[str, Any]]:
+    if raw is None:
+        c.problem(key, f"missing: at least one [[{key}]] is needed")
+        return []
+    if not isinstance(raw, list) or not raw:
+        c.problem(key, f"must be an array of tables ([[{key}]]), not {_kind(raw)}")
+        return []
+    return raw
+
+
+def _label(entry: Any, key: str, index: int) -> str:
+    name = entry.get("name") if isinstance(entry, dict) else None
+    return f"{key}.{name}" if isinstance(name, str) and name else f"{key}[{index}]"
+
+
+def _unique(c: _Checker, seen: dict[Any, str], value: Any, key: str, what: str) -> bool:
+    if value in seen:
+        c.problem(key, f"duplicate {what} {value} (also {seen[value]})")
+        return False
+    seen[value] = key
+    return True
+
+
+def _networks(c: _Checker, raw: Any) -> list[Network]:
+    result: list[Network] = []
+    names: dict[Any, str] = {}
+    for i, entry in enumerate(_entries(c, raw, "network")):
+        key = _label(entry, "network", i)
+        t = c.table(entry, key, ("name", "port"))
+        if t is None:
+            continue
+        name = c.get(t, key, "name", str, check=_nonempty)
+        port = c.get(t, key, "port", int, check=_port)
+        if name is not None and _unique(c, names, name, f"{key}.name", "network name") \
+                and port is not None:
+            result.append(Network(name, len(result), port))
+    return result
+
+
+def _nodes(c: _Checker, raw: Any, networks: list[Network], base: Path) -> list[NodeConfig]:
+    result: list[NodeConfig] = []
+    names: dict[Any, str] = {}
+    addresses: dict[Any, str] = {}
+    endpoints: dict[Any, str] = {}
+    entries = _entries(c, raw, "node")
+    if len(entries) > MAX_NODES:
+        c.problem("node", f"at most {MAX_NODES} nodes")
+        return result
+    for i, entry in enumerate(entries):
+        key = _label(entry, "node", i)
+        t = c.table(entry, key, ("name", "priority", "address", "stream", "status", "esl"))
+        if t is None:
+            continue
+        ok = True
+        name = c.get(t, key, "name", str, check=_nonempty)
+        ok &= name is not None and _unique(c, names, name, f"{key}.name", "node name")
+        priority = c.get(t, key, "priority", int, 100)
+        ok &= priority is not None
+        addr_raw = c.get(t, key, "address", dict)
+        node_addresses: dict[str, str] = {}
+        if addr_raw is not None:
+            for net_name, ip in addr_raw.items():
+                akey = f"{key}.address.{net_name}"
+                if net_name not in {n.name for n in networks}:
+                    c.problem(akey, "names no configured [[network]]")
+                    ok = False
+                elif not isinstance(ip, str) or _ip(ip):
+                    c.problem(akey, f"{ip!r} is not an IP address")
+                    ok = False
+                elif _unique(c, addresses, ip, akey, "address"):
+                    node_addresses[net_name] = ip
+                else:
+                    ok = False
+            for net in networks:
+                if net.name not in addr_raw:
+                    c.problem(f"{key}.address.{net.name}",
+                              f"missing: every node needs an address on network {net.name}")
+                    ok = False
+        else:
+            ok = False
+        stream = _endpoint(c, t, key, "stream")
+        status = _endpoint(c, t, key, "status")
+        for ep, what in ((stream, "stream"), (status, "status")):
+            # Peers reach a node at these; a loopback status address is per host, and
+            # may repeat (each node has its own 127.0.0.1).
+            if ep is None:
+                ok = False
+            elif not (what == "status" and ipaddress.ip_address(ep.host).is_loopback):
+                ok &= _unique(c, endpoints, (ep.host, ep.port), f"{key}.{what}", "endpoint")
+        esl, core_db = _esl(c, t.get("esl"), f"{key}.esl", base)
+        ok &= esl is not None
+        if ok:
+            result.append(NodeConfig(name, len(result), priority, node_addresses, stream,
+                                     status, esl, core_db))
+    return result
+
+
+def _esl(c: _Checker, raw: Any, key: str, base: Path) -> tuple[ESLConfig | None, Path | None]:
+    if raw is None:
+        c.problem(key, "missing: how fsha reaches this node's FreeSWITCH event socket")
+        return None, None
+    t = c.table(raw, key, ("host", "port", "password", "timeout_ms", "core_db"))
+    if t is None:
+        return None, None
+    host = c.get(t, key, "host", str, "127.0.0.1", check=_ip)
+    port = c.get(t, key, "port", int, 8021, check=_port)
+    password = c.get(t, key, "password", str, check=_nonempty)
+    timeout = c.get(t, key, "timeout_ms", int, 2000,
+                    check=lambda v: None if 10 <= v <= 600_000 else "must be 10-600000")
+    core_db = c.get(t, key, "core_db", str, None, check=_nonempty)
+    if None in (host, port, password, timeout):
+        return None, None
+    return (ESLConfig(host, port, password, timeout / 1000),
+            _resolve(base, core_db) if core_db else None)
+
+
+def _slots(c: _Checker, raw: Any, nodes: list[NodeConfig]) -> list[SlotConfig]:
+    result: list[SlotConfig] = []
+    names: dict[Any, str] = {}
+    ips: dict[Any, str] = {}
+    profiles: dict[Any, str] = {}
+    node_ips = {ip for n in nodes for ip in n.addresses.values()}
+    entries = _entries(c, raw, "slot")
+    if len(entries) > MAX_SLOTS:
+        c.problem("slot", f"at most {MAX_SLOTS} slots")
+        return result
+    for i, entry in enumerate(entries):
+        key = _label(entry, "slot", i)
+        t = c.table(entry, key, ("name", "profiles", "ip"))
+        if t is None:
+            continue
+        ok = True
+        name = c.get(t, key, "name", str, check=_nonempty)
+        ok &= name is not None and _unique(c, names, name, f"{key}.name", "slot name")
+        prof = c.get(t, key, "profiles", list,
+                     check=lambda v: None if v else "must name at least one sofia profile")
+        slot_profiles: list[str] = []
+        for j, p in enumerate(prof or []):
+            pkey = f"{key}.profiles[{j}]"
+            if not isinstance(p, str) or not p.strip() or any(ch.isspace() for ch in p):
+                c.problem(pkey, f"{p!r} must be a sofia profile name without spaces")
+                ok = False
+            elif _unique(c, profiles, p, pkey, "profile (each slot needs its own profiles)"):
+                slot_profiles.append(p)
+            else:
+                ok = False
+        ok &= prof is not None
+        slot_ips: list[FloatingIP] = []
+        ip_raw = c.get(t, key, "ip", list,
+                       check=lambda v: None if v else "must list at least one floating IP")
+        for j, entry_ip in enumerate(ip_raw or []):
+            ikey = f"{key}.ip[{j}]"
+            ti = c.table(entry_ip, ikey, ("address", "interface"))
+            if ti is None:
+                ok = False
+                continue
+            addr = c.get(ti, ikey, "address", str)
+            iface = c.get(ti, ikey, "interface", str, check=_nonempty)
+            if addr is None or iface is None:
+                ok = False
+                continue
+            try:
+                iface_net = ipaddress.ip_interface(addr)
+            except ValueError:
+                c.problem(f"{ikey}.address", f"{addr!r} must be an address with prefix length,"
+                                             " e.g. 198.18.10.1/24")
+                ok = False
+                continue
+            if "/" not in addr:
+                c.problem(f"{ikey}.address", f"{addr!r} needs a prefix length, e.g. {addr}/24")
+                ok = False
+                continue
+            ip = str(iface_net.ip)
+            if ip in node_ips:
+                c.problem(f"{ikey}.address", f"{ip} is also a node address")
+                ok = False
+            elif _unique(c, ips, ip, f"{ikey}.address", "floating IP"):
+                slot_ips.append(FloatingIP(ip, iface_net.network.prefixlen, iface))
+            else:
+                ok = False
+        ok &= ip_raw is not None
+        if ok:
+            result.append(SlotConfig(name, len(result), tuple(slot_ips), tuple(slot_profiles)))
+    return result
+
+
+def _floating_ip(c: _Checker, raw: Any, base: Path) -> FloatingIPConfig | None:
+    t = c.table(raw, "floating_ip", ("backend", "command", "arping_count", "timeout_ms"))
+    if t is None:
+        return None
+    backend = c.get(t, "floating_ip", "backend", str, "ip",
+                    check=lambda v: None if v in FLOATING_IP_BACKENDS else
+                    f"{v!r} must be one of {', '.join(FLOATING_IP_BACKENDS)}")
+    command = c.get(t, "floating_ip", "command", list, [])
+    if command is not None and not all(isinstance(a, str) and a for a in command):
+        c.problem("floating_ip.command", "must be an array of non-empty strings (argv)")
+        command = None
+    if backend == "command" and command == []:
+        c.problem("floating_ip.command", "missing: backend \"command\" needs the argv to run")
+    arping = c.get(t, "floating_ip", "arping_count", int, 3,
+                   check=lambda v: None if 0 <= v <= 100 else "must be 0-100")
+    timeout = c.get(t, "floating_ip", "timeout_ms", int, 5000,
+                    check=lambda v: None if 10 <= v <= 600_000 else "must be 10-600000")
+    if None in (backend, command, arping, timeout):
+        return None
+    argv = tuple(str(_resolve(base, command[0])) if command and "/" in command[0]
+                 else a for a in command[:1]) + tuple(command[1:])
+    return FloatingIPConfig(backend, argv, arping, timeout / 1000)
+
+
+def _tls(c: _Checker, raw: Any, base: Path) -> TLSConfig | None:
+    if raw is None:
+        return None
+    t = c.table(raw, "tls", ("ca", "cert", "key"))
+    if t is None:
+        return None
+    ca = c.get(t, "tls", "ca", str, check=_nonempty)
+    cert = c.get(t, "tls", "cert", str, check=_nonempty)
+    key = c.get(t, "tls", "key", str, check=_nonempty)
+    for name, value in (("cert", cert), ("key", key)):
+        if value is not None and "{node}" not in value:
+            c.problem(f"tls.{name}", f"{value!r} must contain {{node}}: one file per node")
+            return None
+    if None in (ca, cert, key):
+        return None
+    assert ca is not None and cert is not None and key is not None
+    return TLSConfig(_resolve(base, ca), str(_resolve(base, cert)), str(_resolve(base, key)))
+
+
+def _read_secret(config_path: Path, secret_file: Path) -> bytes:
+    where = f"{config_path}: cluster.secret_file"
+    try:
+        secret = secret_file.read_bytes().strip()
+    except OSError as e:
+        raise ConfigError([f"{where}: cannot read {secret_file}: {e.strerror or e}"]) from None
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError([f"{where}: {secret_file} holds {len(secret)} bytes; "
+                           f"at least {MIN_SECRET_BYTES} are needed"])
+    return secret
+
+
+def secret_file_warnings(config: ClusterConfig) -> list[str]:
+    try:
+        mode = config.secret_file.stat().st_mode
+    except OSError:
+        return []
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return [f"{config.path}: cluster.secret_file: {config.secret_file} is readable by "
+                f"group/others (mode {stat.S_IMODE(mode):04o}); chmod 600 it"]
+    return []
+
+
+def config_digest(config: ClusterConfig) -> bytes:
+    """8 bytes that differ when two nodes read different cluster definitions.
+
+    Covers everything the nodes must agree on; leaves out secrets and node-local paths.
+    """
+    canonical = {
+        "name": config.name,
+        "interval": config.heartbeat_interval, "dead_after": config.dead_after,
+        "discovery": config.discovery, "quorum": config.quorum,
+        "networks": [[n.name, n.port] for n in config.networks],
+        "nodes": [[n.name, n.priority, sorted(n.addresses.items()), str(n.stream), str(n.status)]
+                  for n in config.nodes],
+        "slots": [[s.name, [str(ip) for ip in s.ips], list(s.profiles)] for s in config.slots],
+    }
+    blob = json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).digest()[:8]
+
+
+# -- finding this node --------------------------------------------------------------------
+
+
+def _is_local_address(ip: str) -> bool:
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((ip, 0))
+    except OSError:
+        return False
+    return True
+
+
+def choose_node(config: ClusterConfig, name: str | None,
+                is_local: Callable[[str], bool] = _is_local_address) -> NodeConfig:
+    """The node this process is: by ``--node NAME`` or the one whose addresses are local."""
+    if name is not None:
+        try:
+            return config.node(name)
+        except KeyError:
+            known = ", ".join(n.name for n in config.nodes)
+            raise ConfigError([f"{config.path}: node: no node named {name!r} "
+                               f"(configured: {known})"]) from None
+    local = [n for n in config.nodes if all(is_local(ip) for ip in n.addresses.values())]
+    if len(local) == 1:
+        return local[0]
+    if not local:
+        raise ConfigError([f"{config.path}: node: none of the configured nodes has all its "
+                           "addresses on this host; pass --node NAME"])
+    names = ", ".join(n.name for n in local)
+    raise ConfigError([f"{config.path}: node: several nodes have their addresses on this host "
+                       f"({names}); pass --node NAME"])
+
+
+# -- fsha check-config --------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="fsha check-config",
+                                     description="Validate a cluster config file.")
+    parser.add_argument("config", help="the cluster config file (TOML)")
+    parser.add_argument("--node", help="also check that this node is defined")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        config.read_secret()
+        if args.node:
+            choose_node(config, args.node)
+    except ConfigError as e:
+        for line in e.problems:
+            print(line, file=sys.stderr)
+        return 2
+    for line in secret_file_warnings(config):
+        print(f"warning: {line}", file=sys.stderr)
+    if len(config.networks) < 2:
+        print(f"warning: {config.path}: network: only one network; two or more are needed "
+              "to tell a dead node from a dead network", file=sys.stderr)
+    print(f"{config.path}: OK: cluster {config.name!r}, {len(config.nodes)} nodes, "
+          f"{len(config.slots)} slots, {len(config.networks)} networks, quorum {config.quorum}, "
+          f"digest {config.digest.hex()}")
+    return 0

@@ -1,0 +1,172 @@
+"""The XML-CDR-shaped document stored in ``recovery.metadata``, and its parser (no I/O).
+
+FreeSWITCH stores the channel's full XML CDR (channel data, all variables, app log,
+callflow with the caller profile and times). The simulator writes the same shape and reads
+back what it needs to rebuild a live channel on recovery.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+from fsha.sim.calls import CS_NUMBERS, Channel
+
+
+class CDRError(ValueError):
+    """The metadata is not a usable XML CDR."""
+
+
+def _usec(epoch: float | None) -> str:
+    return "0" if epoch is None else str(int(epoch * 1_000_000))
+
+
+def _sub(parent: ET.Element, tag: str, text: str) -> ET.Element:
+    el = ET.SubElement(parent, tag)
+    el.text = text
+    return el
+
+
+def build_cdr(channel: Channel, core_uuid: str, switchname: str) -> str:
+    """The metadata document for ``channel``."""
+    root = ET.Element("cdr", {"core-uuid": core_uuid, "switchname": switchname})
+    cd = ET.SubElement(root, "channel_data")
+    _sub(cd, "state", channel.state)
+    _sub(cd, "direction", channel.direction)
+    _sub(cd, "state_number", str(CS_NUMBERS[channel.state]))
+    _sub(cd, "flags", "0=1;1=1;3=1;38=1;39=1;41=1;54=1;76=1;113=1;114=1;160=1")
+    _sub(cd, "caps", "1=1;2=1;3=1;4=1;5=1;6=1")
+    variables = ET.SubElement(root, "variables")
+    for key, value in channel.variables.items():
+        if key and key[0].isalpha() and all(c.isalnum() or c in "_-" for c in key):
+            _sub(variables, key, value)
+    app_log = ET.SubElement(root, "app_log")
+    for app, data, stamp in channel.app_log:
+        ET.SubElement(
+            app_log,
+            "application",
+            {"app_name": app, "app_data": data, "app_stamp": _usec(stamp)},
+        )
+    flow = ET.SubElement(
+        root,
+        "callflow",
+        {"dialplan": channel.dialplan, "unique-id": channel.uuid, "profile_index": "1"},
+    )
+    ext = ET.SubElement(flow, "extension", {"name": channel.dest, "number": channel.dest})
+    if channel.application:
+        ET.SubElement(
+            ext,
+            "application",
+            {"app_name": channel.application, "app_data": channel.application_data},
+        )
+    cp = ET.SubElement(flow, "caller_profile")
+    for tag, text in (
+        ("username", channel.cid_num),
+        ("dialplan", channel.dialplan),
+        ("caller_id_name", channel.cid_name),
+        ("ani", channel.cid_num),
+        ("aniii", ""),
+        ("caller_id_number", channel.cid_num),
+        ("network_addr", channel.network_addr),
+        ("rdnis", ""),
+        ("destination_number", channel.dest),
+        ("uuid", channel.uuid),
+        ("source", "mod_sofia"),
+        ("context", channel.context),
+        ("chan_name", channel.name),
+    ):
+        _sub(cp, tag, text)
+    times = ET.SubElement(flow, "times")
+    for tag, value in (
+        ("created_time", channel.created),
+        ("profile_created_time", channel.created),
+        ("progress_time", None),
+        ("progress_media_time", None),
+        ("answered_time", channel.answered),
+        ("bridged_time", channel.bridged),
+        ("last_hold_time", None),
+        ("hold_accum_time", None),
+        ("hangup_time", None),
+        ("resurrect_time", None),
+        ("transfer_time", None),
+    ):
+        _sub(times, tag, _usec(value))
+    return '<?xml version="1.0"?>\n' + ET.tostring(root, encoding="unicode")
+
+
+@dataclass(slots=True)
+class CDRInfo:
+    """What recovery needs from a stored CDR."""
+
+    uuid: str
+    direction: str
+    chan_name: str
+    cid_name: str
+    cid_num: str
+    dest: str
+    network_addr: str
+    context: str
+    dialplan: str
+    created: float | None
+    answered: float | None
+    application: str
+    application_data: str
+    variables: dict[str, str]
+
+
+def _epoch(text: str | None) -> float | None:
+    if not text or not text.isdigit() or text == "0":
+        return None
+    return int(text) / 1_000_000
+
+
+def parse_cdr(metadata: str) -> CDRInfo:
+    """Parse a stored CDR; raises :class:`CDRError` (only) on anything unusable."""
+    try:
+        root = ET.fromstring(metadata)
+    except (ET.ParseError, ValueError) as e:
+        raise CDRError(f"metadata is not XML: {e}") from None
+    if root.tag != "cdr":
+        raise CDRError(f"metadata root is <{root.tag}>, not <cdr>")
+    variables: dict[str, str] = {}
+    vs = root.find("variables")
+    if vs is not None:
+        for el in vs:
+            variables[el.tag] = el.text or ""
+    cp = root.find("callflow/caller_profile")
+    times = root.find("callflow/times")
+
+    def cpv(tag: str) -> str:
+        if cp is None:
+            return ""
+        el = cp.find(tag)
+        return (el.text or "") if el is not None else ""
+
+    def tv(tag: str) -> float | None:
+        if times is None:
+            return None
+        el = times.find(tag)
+        return _epoch(el.text) if el is not None else None
+
+    uuid = variables.get("uuid") or cpv("uuid")
+    if not uuid:
+        raise CDRError("metadata has no channel uuid")
+    app_el = root.find("callflow/extension/application")
+    direction_el = root.find("channel_data/direction")
+    direction = (direction_el.text or "") if direction_el is not None else ""
+    return CDRInfo(
+        uuid=uuid,
+        direction=direction or variables.get("direction", "inbound"),
+        chan_name=cpv("chan_name") or variables.get("channel_name", ""),
+        cid_name=cpv("caller_id_name"),
+        cid_num=cpv("caller_id_number"),
+        dest=cpv("destination_number"),
+        network_addr=cpv("network_addr"),
+        context=cpv("context") or "default",
+        dialplan=cpv("dialplan") or "XML",
+        created=tv("created_time"),
+        answered=tv("answered_time"),
+        application=app_el.get("app_name", "") if app_el is not None else "",
+        application_data=app_el.get("app_data", "") if app_el is not None else "",
+        variables=variables,
+    )

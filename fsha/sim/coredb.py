@@ -1,0 +1,229 @@
+"""The simulator's SQLite core DB: the ``recovery`` and ``sip_registrations`` tables.
+
+Same schema, indexes and statements as FreeSWITCH (``switch_core_sqldb.c``, ``mod_sofia``).
+The file is opened in WAL mode with short transactions so that another process (fsha,
+writing a dead master's rows before ``sofia profile P recover``) can write to it while the
+simulator runs; every statement waits at most ``busy_timeout`` seconds for a lock.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+RECOVERY_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS recovery (\n"
+    "   runtime_uuid    VARCHAR(255),\n"
+    "   technology      VARCHAR(255),\n"
+    "   profile_name    VARCHAR(255),\n"
+    "   hostname        VARCHAR(255),\n"
+    "   uuid            VARCHAR(255),\n"
+    "   metadata        text\n"
+    ")"
+)
+RECOVERY_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS recovery1 ON recovery(technology)",
+    "CREATE INDEX IF NOT EXISTS recovery2 ON recovery(profile_name)",
+    "CREATE INDEX IF NOT EXISTS recovery3 ON recovery(uuid)",
+    "CREATE INDEX IF NOT EXISTS recovery4 ON recovery(runtime_uuid)",
+)
+
+# sofia's sip_registrations: 27 columns, in FreeSWITCH's order.
+SIP_REGISTRATIONS_COLUMNS: tuple[str, ...] = (
+    "call_id", "sip_user", "sip_host", "presence_hosts", "contact", "status", "ping_status",
+    "ping_count", "ping_time", "force_ping", "rpid", "expires", "ping_expires", "user_agent",
+    "server_user", "server_host", "profile_name", "hostname", "network_ip", "network_port",
+    "sip_username", "sip_realm", "mwi_user", "mwi_host", "orig_server_host", "orig_hostname",
+    "sub_host",
+)  # fmt: skip
+SIP_REGISTRATIONS_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS sip_registrations (\n"
+    "   call_id          VARCHAR(255),\n"
+    "   sip_user         VARCHAR(255),\n"
+    "   sip_host         VARCHAR(255),\n"
+    "   presence_hosts   VARCHAR(255),\n"
+    "   contact          VARCHAR(1024),\n"
+    "   status           VARCHAR(255),\n"
+    "   ping_status      VARCHAR(255),\n"
+    "   ping_count       INTEGER,\n"
+    "   ping_time        BIGINT,\n"
+    "   force_ping       INTEGER,\n"
+    "   rpid             VARCHAR(255),\n"
+    "   expires          BIGINT,\n"
+    "   ping_expires     INTEGER not null default 0,\n"
+    "   user_agent       VARCHAR(255),\n"
+    "   server_user      VARCHAR(255),\n"
+    "   server_host      VARCHAR(255),\n"
+    "   profile_name     VARCHAR(255),\n"
+    "   hostname         VARCHAR(255),\n"
+    "   network_ip       VARCHAR(255),\n"
+    "   network_port     VARCHAR(6),\n"
+    "   sip_username     VARCHAR(255),\n"
+    "   sip_realm        VARCHAR(255),\n"
+    "   mwi_user         VARCHAR(255),\n"
+    "   mwi_host         VARCHAR(255),\n"
+    "   orig_server_host VARCHAR(255),\n"
+    "   orig_hostname    VARCHAR(255),\n"
+    "   sub_host         VARCHAR(255)\n"
+    ")"
+)
+SIP_REGISTRATIONS_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS sr_call_id ON sip_registrations (call_id)",
+    "CREATE INDEX IF NOT EXISTS sr_sip_user ON sip_registrations (sip_user)",
+    "CREATE INDEX IF NOT EXISTS sr_sip_host ON sip_registrations (sip_host)",
+    "CREATE INDEX IF NOT EXISTS sr_profile_name ON sip_registrations (profile_name)",
+    "CREATE INDEX IF NOT EXISTS sr_hostname ON sip_registrations (hostname)",
+    "CREATE INDEX IF NOT EXISTS sr_expires ON sip_registrations (expires)",
+    "CREATE INDEX IF NOT EXISTS sr_network_ip ON sip_registrations (network_ip)",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryRow:
+    runtime_uuid: str
+    technology: str
+    profile_name: str
+    hostname: str
+    uuid: str
+    metadata: str
+
+
+class CoreDB:
+    """The core DB. ``path`` may be ``":memory:"`` for tests without files."""
+
+    def __init__(self, path: str, busy_timeout: float = 5.0) -> None:
+        self.path = path
+        self._db = sqlite3.connect(
+            path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        self._batch_depth = 0
+        if path != ":memory:":
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        for stmt in (
+            RECOVERY_SCHEMA,
+            *RECOVERY_INDEXES,
+            SIP_REGISTRATIONS_SCHEMA,
+            *SIP_REGISTRATIONS_INDEXES,
+        ):
+            self._db.execute(stmt)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group many writes in one short transaction (placing N calls at once)."""
+        if self._batch_depth == 0:
+            self._db.execute("BEGIN IMMEDIATE")
+        self._batch_depth += 1
+        try:
+            yield
+        except BaseException:
+            self._batch_depth -= 1
+            if self._batch_depth == 0:
+                self._db.execute("ROLLBACK")
+            raise
+        self._batch_depth -= 1
+        if self._batch_depth == 0:
+            self._db.execute("COMMIT")
+
+    # -- recovery ------------------------------------------------------------------------
+
+    def track(
+        self,
+        runtime_uuid: str,
+        profile_name: str,
+        hostname: str,
+        uuid: str,
+        metadata: str,
+        technology: str = "sofia",
+    ) -> None:
+        """``switch_core_recovery_track``: one row per answered channel."""
+        self._db.execute(
+            "insert into recovery (runtime_uuid, technology, profile_name, hostname, uuid, "
+            "metadata) values (?, ?, ?, ?, ?, ?)",
+            (runtime_uuid, technology, profile_name, hostname, uuid, metadata),
+        )
+
+    def update_metadata(self, uuid: str, metadata: str, runtime_uuid: str) -> None:
+        self._db.execute(
+            "update recovery set metadata=? where uuid=? and runtime_uuid=?",
+            (metadata, uuid, runtime_uuid),
+        )
+
+    def untrack(self, uuid: str, runtime_uuid: str) -> None:
+        """``switch_core_recovery_untrack``: hangup deletes the channel's row."""
+        self._db.execute(
+            "delete from recovery where uuid=? and runtime_uuid=?", (uuid, runtime_uuid)
+        )
+
+    def take_for_recovery(
+        self, my_runtime_uuid: str, profile_name: str, technology: str = "sofia"
+    ) -> list[RecoveryRow]:
+        """The real selection, then delete every matched row, in one transaction."""
+        where = "technology=? and runtime_uuid != ? and profile_name=?"
+        args = (technology, my_runtime_uuid, profile_name)
+        with self.batch():
+            cur = self._db.execute(
+                "select runtime_uuid, technology, profile_name, hostname, uuid, metadata "
+                "from recovery where " + where,
+                args,
+            )
+            rows = [RecoveryRow(*(str(v) if v is not None else "" for v in r)) for r in cur]
+            self._db.execute("delete from recovery where " + where, args)
+        return rows
+
+    def recovery_rows(self) -> list[RecoveryRow]:
+        cur = self._db.execute(
+            "select runtime_uuid, technology, profile_name, hostname, uuid, metadata "
+            "from recovery"
+        )
+        return [RecoveryRow(*(str(v) if v is not None else "" for v in r)) for r in cur]
+
+    # -- registrations -------------------------------------------------------------------
+
+    def upsert_registration(self, row: dict[str, object]) -> None:
+        """Replace the registration with the same call_id/user/host/profile (a refresh)."""
+        self._db.execute(
+            "delete from sip_registrations where call_id=? and sip_user=? and sip_host=? "
+            "and profile_name=?",
+            (row["call_id"], row["sip_user"], row["sip_host"], row["profile_name"]),
+        )
+        cols = SIP_REGISTRATIONS_COLUMNS
+        self._db.execute(
+            "insert into sip_registrations (" + ",".join(cols) + ") values ("
+            + ",".join("?" * len(cols)) + ")",
+            tuple(row.get(c) for c in cols),
+        )
+
+    def delete_registration(self, call_id: str, profile_name: str) -> None:
+        self._db.execute(
+            "delete from sip_registrations where call_id=? and profile_name=?",
+            (call_id, profile_name),
+        )
+
+    def registrations(self, profile_name: str | None = None) -> list[dict[str, object]]:
+        cols = SIP_REGISTRATIONS_COLUMNS
+        sql = "select " + ",".join(cols) + " from sip_registrations"
+        args: tuple[str, ...] = ()
+        if profile_name is not None:
+            sql += " where profile_name=?"
+            args = (profile_name,)
+        return [dict(zip(cols, r, strict=True)) for r in self._db.execute(sql, args)]
+
+    def take_expired(self, now: int, hostname: str) -> list[dict[str, object]]:
+        """sofia_reg_check_expire: rows of this hostname with ``expires <= now``, deleted."""
+        cols = SIP_REGISTRATIONS_COLUMNS
+        where = "expires > 0 and expires <= ? and hostname=?"
+        with self.batch():
+            cur = self._db.execute(
+                "select " + ",".join(cols) + " from sip_registrations where " + where,
+                (now, hostname),
+            )
+            rows = [dict(zip(cols, r, strict=True)) for r in cur]
+            if rows:
+                self._db.execute("delete from sip_registrations where " + where, (now, hostname))
+        return rows

@@ -1,0 +1,1174 @@
+"""The simulated switch (no I/O of its own): profiles, channels, registrations, API commands.
+
+Time comes from an injected clock (``IReactorTime``); the core DB and the SIP sockets are
+behind small interfaces (:class:`~fsha.sim.coredb.CoreDB`, :class:`SipBinder`). Events go to
+listeners registered with :meth:`Switch.add_listener` (the ESL server, tests).
+
+API outputs are FreeSWITCH's exact texts (``mod_commands.c``, ``mod_sofia.c``,
+``mod_hash.c``); see ``shared/brief/freeswitch.md`` section 3.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid as uuidlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from fsha.sim.calls import HANGUP_CAUSES, SHOW_CHANNELS_COLUMNS, Channel
+from fsha.sim.cdr import CDRError, build_cdr, parse_cdr
+from fsha.sim.coredb import CoreDB
+from fsha.sim.events import CALLING, EventFactory, SimEvent, format_date_local
+
+log = Logger()
+
+VERSION = "1.10.12-release+fsha-sim~64bit"
+VERSION_HUMAN = "1.10.12-release+fsha-sim 64bit"
+SOFIA_LINE = "=" * 97
+RESTART_GUARD_SECONDS = 10
+
+Listener = Callable[[SimEvent], None]
+
+
+class SimError(ValueError):
+    """A request to the simulator that cannot be done (bad profile, unknown call...)."""
+
+
+@dataclass(slots=True)
+class ProfileConfig:
+    """A sofia profile as defined in the configuration."""
+
+    name: str
+    ip: str
+    port: int
+    autostart: bool = True
+    standby: bool = False
+
+
+@dataclass(slots=True)
+class Profile:
+    name: str
+    ip: str
+    port: int  # configured port (0: any)
+    state: str = "stopped"  # "stopped" | "running" | "failed"
+    standby: bool = False
+    started_at: float = 0.0
+    bound_port: int | None = None  # actual port while running
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    @property
+    def url(self) -> str:
+        port = self.bound_port if self.bound_port is not None else self.port
+        return f"sip:mod_sofia@{self.ip}:{port}"
+
+
+class SipBinder(Protocol):
+    """Binds a profile's SIP socket. ``bind`` returns the bound port or None on failure."""
+
+    def bind(self, profile: Profile) -> int | None: ...
+
+    def unbind(self, profile: Profile) -> None: ...
+
+
+class NullSipBinder:
+    """No sockets: every bind succeeds on the configured port (tests without I/O)."""
+
+    def __init__(self, fail: Iterable[str] = ()) -> None:
+        self.fail = set(fail)
+        self.bound: dict[str, int] = {}
+
+    def bind(self, profile: Profile) -> int | None:
+        if profile.name in self.fail:
+            return None
+        self.bound[profile.name] = profile.port
+        return profile.port
+
+    def unbind(self, profile: Profile) -> None:
+        self.bound.pop(profile.name, None)
+
+
+@dataclass(slots=True)
+class ApiResult:
+    found: bool
+    output: str
+
+    @property
+    def body(self) -> str:
+        """What ``api`` puts in the ``api/response`` body (mod_event_socket ``api_exec``)."""
+        return self.output if self.output else "-ERR no reply\n"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def uptime_text(seconds: float) -> str:
+    """``0 years, 0 days, 0 hours, 1 minute, 5 seconds, 12 milliseconds, 0 microseconds``."""
+    total_us = int(seconds * 1_000_000)
+    us = total_us % 1000
+    ms = (total_us // 1000) % 1000
+    s = int(seconds)
+    years, rem = divmod(s, 365 * 86400)
+    days, rem = divmod(rem, 86400)
+    hours, rem = divmod(rem, 3600)
+    minutes, secs = divmod(rem, 60)
+    return ", ".join(
+        (
+            _plural(years, "year"),
+            _plural(days, "day"),
+            _plural(hours, "hour"),
+            _plural(minutes, "minute"),
+            _plural(secs, "second"),
+            _plural(ms, "millisecond"),
+            _plural(us, "microsecond"),
+        )
+    )
+
+
+@dataclass(slots=True)
+class Registration:
+    profile: str
+    user: str
+    host: str
+    contact: str
+    call_id: str
+    network_ip: str
+    network_port: int
+    expires_at: int
+    user_agent: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Switch:
+    """One run of the simulated FreeSWITCH (a fresh core UUID per instance)."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        db: CoreDB,
+        *,
+        name: str,
+        profiles: Iterable[ProfileConfig] = (),
+        hostname: str | None = None,
+        switchname: str | None = None,
+        ipv4: str = "127.0.0.1",
+        heartbeat_interval: float = 20.0,
+        reg_check_interval: float = 5.0,
+        max_sessions: int = 1000,
+        sip_binder: SipBinder | None = None,
+        core_uuid: str | None = None,
+        rtp_ports: tuple[int, int] = (16384, 32768),
+        on_shutdown: Callable[[], None] | None = None,
+    ) -> None:
+        self.clock = clock
+        self.db = db
+        self.name = name
+        self.hostname = hostname or name
+        self.switchname = switchname or name
+        self.ipv4 = ipv4
+        self.core_uuid = core_uuid or str(uuidlib.uuid4())
+        self.heartbeat_interval = heartbeat_interval
+        self.reg_check_interval = reg_check_interval
+        self.max_sessions = max_sessions
+        self.binder: SipBinder = sip_binder or NullSipBinder()
+        self.on_shutdown = on_shutdown
+        self.events = EventFactory(
+            clock,
+            core_uuid=self.core_uuid,
+            hostname=self.hostname,
+            switchname=self.switchname,
+            ipv4=ipv4,
+        )
+        self.configs: dict[str, ProfileConfig] = {}
+        self.profiles: dict[str, Profile] = {}
+        for cfg in profiles:
+            self.define_profile(cfg)
+        self.channels: dict[str, Channel] = {}
+        self.hashes: dict[str, dict[str, str]] = {}
+        self.listeners: list[Listener] = []
+        self.started_at = clock.seconds()
+        self.sessions_since_startup = 0
+        self.sessions_peak = 0
+        self.ready = False
+        self._rtp_lo, self._rtp_hi = rtp_ports
+        self._rtp_next = self._rtp_lo
+        self._rtp_used: set[int] = set()
+        self._heartbeat: LoopingCall | None = None
+        self._reg_check: LoopingCall | None = None
+        self._commands: dict[str, Callable[[str], str | None]] = {
+            "status": self._api_status,
+            "global_getvar": self._api_global_getvar,
+            "show": self._api_show,
+            "sofia": self._api_sofia,
+            "fsctl": self._api_fsctl,
+            "reloadxml": self._api_reloadxml,
+            "hash": self._api_hash,
+            "uuid_exists": self._api_uuid_exists,
+            "uuid_kill": self._api_uuid_kill,
+            "originate": self._api_originate,
+            "version": self._api_version,
+            "hostname": lambda _a: self.hostname,
+        }
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def define_profile(self, cfg: ProfileConfig) -> None:
+        self.configs[cfg.name] = cfg
+        self.profiles.setdefault(cfg.name, Profile(cfg.name, cfg.ip, cfg.port))
+
+    def start(self) -> None:
+        """Boot: start the profiles marked autostart, then the periodic tasks."""
+        self.started_at = self.clock.seconds()
+        for cfg in self.configs.values():
+            if cfg.autostart:
+                self.start_profile(cfg.name)
+        self.ready = True
+        if self.heartbeat_interval > 0:
+            self._heartbeat = LoopingCall(self.send_heartbeat)
+            self._heartbeat.clock = self.clock
+            self._heartbeat.start(self.heartbeat_interval, now=False).addErrback(
+                lambda f: log.failure("heartbeat loop failed", f)
+            )
+        if self.reg_check_interval > 0:
+            self._reg_check = LoopingCall(self.check_expired_registrations)
+            self._reg_check.clock = self.clock
+            self._reg_check.start(self.reg_check_interval, now=False).addErrback(
+                lambda f: log.failure("registration expiry loop failed", f)
+            )
+
+    def stop(self) -> None:
+        self.ready = False
+        for loop in (self._heartbeat, self._reg_check):
+            if loop is not None and loop.running:
+                loop.stop()
+        for profile in self.profiles.values():
+            if profile.running:
+                self.binder.unbind(profile)
+
+    # -- events --------------------------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        self.listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        if listener in self.listeners:
+            self.listeners.remove(listener)
+
+    def fire(self, event: SimEvent) -> None:
+        for listener in tuple(self.listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.failure("event listener failed on {name}", name=event.name)
+
+    def _channel_event(
+        self,
+        name: str,
+        ch: Channel,
+        extra: Iterable[tuple[str, str]] = (),
+        pre: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        headers = self.events.core_headers(name, CALLING[name])
+        headers.extend(pre)
+        other = self.channels.get(ch.other_leg) if ch.other_leg else None
+        headers.extend(ch.event_headers(other))
+        headers.extend(extra)
+        self.fire(SimEvent(name, None, headers))
+
+    def send_heartbeat(self) -> None:
+        up = self.clock.seconds() - self.started_at
+        count = len(self.channels)
+        self.fire(
+            self.events.make(
+                "HEARTBEAT",
+                CALLING["HEARTBEAT"],
+                [
+                    ("Event-Info", "System Ready" if self.ready else "System Not Ready"),
+                    ("Up-Time", uptime_text(up)),
+                    ("FreeSWITCH-Version", VERSION),
+                    ("Uptime-msec", str(int(up * 1000))),
+                    ("Session-Count", str(count)),
+                    ("Max-Sessions", str(self.max_sessions)),
+                    ("Session-Per-Sec", "30"),
+                    ("Session-Per-Sec-Last", "0"),
+                    ("Session-Per-Sec-Max", "0"),
+                    ("Session-Per-Sec-FiveMin", "0"),
+                    ("Session-Since-Startup", str(self.sessions_since_startup)),
+                    ("Session-Peak-Max", str(self.sessions_peak)),
+                    ("Session-Peak-FiveMin", str(self.sessions_peak)),
+                    ("Idle-CPU", "99.000000"),
+                ],
+            )
+        )
+
+    # -- profiles ------------------------------------------------------------------------
+
+    def start_profile(self, name: str) -> bool:
+        """Start a defined profile; False if it is not defined. Bind failure -> FAILURE."""
+        cfg = self.configs.get(name)
+        if cfg is None:
+            return False
+        profile = self.profiles[name]
+        if profile.running:
+            return True
+        port = self.binder.bind(profile)
+        if port is None:
+            profile.state = "failed"
+            profile.bound_port = None
+            log.error("sofia profile {profile} failed to bind {ip}:{port}",
+                      profile=name, ip=profile.ip, port=profile.port)
+            self.fire(
+                self.events.make(
+                    "FAILURE",
+                    CALLING["FAILURE"],
+                    [
+                        ("module_name", "mod_sofia"),
+                        ("profile_name", name),
+                        ("profile_uri", profile.url),
+                        ("failure_message", "Profile failed to start."),
+                        ("file", "sofia.c"),
+                        ("line", str(CALLING["FAILURE"][2])),
+                    ],
+                )
+            )
+            return True
+        profile.state = "running"
+        profile.bound_port = port
+        profile.started_at = self.clock.seconds()
+        profile.standby = cfg.standby
+        self.fire(
+            self.events.custom(
+                "sofia::profile_start",
+                CALLING["sofia::profile_start"],
+                [("module_name", "mod_sofia"), ("profile_name", name),
+                 ("profile_uri", profile.url)],
+            )
+        )
+        return True
+
+    def stop_profile(self, name: str) -> None:
+        profile = self.profiles[name]
+        for ch in [c for c in self.channels.values() if c.profile == name]:
+            if ch.uuid in self.channels:
+                self.hangup(ch.uuid, "MANAGER_REQUEST")
+        if profile.running:
+            self.binder.unbind(profile)
+        profile.state = "stopped"
+        profile.bound_port = None
+
+    def running_profile(self, name: str) -> Profile:
+        profile = self.profiles.get(name)
+        if profile is None or not profile.running:
+            raise SimError(f"profile {name!r} is not running")
+        return profile
+
+    def profile_calls(self, name: str) -> int:
+        return sum(1 for c in self.channels.values() if c.profile == name)
+
+    # -- channels ------------------------------------------------------------------------
+
+    def _alloc_rtp_port(self) -> int:
+        span = (self._rtp_hi - self._rtp_lo) // 2
+        for _ in range(span):
+            port = self._rtp_next
+            self._rtp_next += 2
+            if self._rtp_next >= self._rtp_hi:
+                self._rtp_next = self._rtp_lo
+            if port not in self._rtp_used:
+                self._rtp_used.add(port)
+                return port
+        raise SimError("no free RTP port")
+
+    def new_channel(
+        self,
+        profile_name: str,
+        *,
+        direction: str = "inbound",
+        caller: str = "1000",
+        caller_name: str | None = None,
+        dest: str = "2000",
+        remote_ip: str = "127.0.0.1",
+        remote_port: int = 5060,
+        uuid: str | None = None,
+        variables: dict[str, str] | None = None,
+    ) -> Channel:
+        """Create a channel (CHANNEL_CREATE). Raises SimError on a bad profile or uuid."""
+        profile = self.running_profile(profile_name)
+        if uuid is None:
+            uuid = str(uuidlib.uuid4())
+        elif uuid in self.channels:
+            raise SimError(f"uuid {uuid} already exists")
+        if len(self.channels) >= self.max_sessions:
+            raise SimError("max sessions reached")
+        now = self.clock.seconds()
+        local_port = profile.bound_port if profile.bound_port is not None else profile.port
+        if direction == "inbound":
+            chan_name = f"sofia/{profile_name}/{caller}@{remote_ip}"
+        else:
+            chan_name = f"sofia/{profile_name}/{dest}@{remote_ip}"
+        ch = Channel(
+            uuid=uuid,
+            profile=profile_name,
+            direction=direction,
+            name=chan_name,
+            cid_name=caller_name if caller_name is not None else caller,
+            cid_num=caller,
+            dest=dest,
+            network_addr=remote_ip,
+            created=now,
+        )
+        media_port = self._alloc_rtp_port()
+        call_id = f"{uuidlib.uuid4().hex}@{remote_ip}"
+        ch.variables.update(
+            {
+                "direction": direction,
+                "uuid": uuid,
+                "session_id": str(self.sessions_since_startup + 1),
+                "sip_from_user": caller,
+                "sip_from_uri": f"{caller}@{remote_ip}",
+                "sip_from_host": remote_ip,
+                "channel_name": chan_name,
+                "sip_call_id": call_id,
+                "sip_local_network_addr": profile.ip,
+                "sip_network_ip": remote_ip,
+                "sip_network_port": str(remote_port),
+                "sip_received_ip": remote_ip,
+                "sip_received_port": str(remote_port),
+                "sip_via_protocol": "udp",
+                "sip_req_user": dest,
+                "sip_req_uri": f"{dest}@{profile.ip}:{local_port}",
+                "sip_req_host": profile.ip,
+                "sip_to_user": dest,
+                "sip_to_uri": f"{dest}@{profile.ip}",
+                "sip_to_host": profile.ip,
+                "sip_contact_user": caller,
+                "sip_contact_port": str(remote_port),
+                "sip_contact_uri": f"{caller}@{remote_ip}:{remote_port}",
+                "sip_contact_host": remote_ip,
+                "sofia_profile_name": profile_name,
+                "sofia_profile_url": profile.url,
+                "recovery_profile_name": profile_name,
+                "sip_profile_name": profile_name,
+                "local_media_ip": profile.ip,
+                "local_media_port": str(media_port),
+                "remote_media_ip": remote_ip,
+                "remote_media_port": str(20000 + (media_port % 10000)),
+                "read_codec": "PCMU",
+                "read_rate": "8000",
+                "write_codec": "PCMU",
+                "write_rate": "8000",
+                "caller_id_name": ch.cid_name,
+                "caller_id_number": caller,
+                "start_epoch": str(int(now)),
+                "start_uepoch": str(int(now * 1_000_000)),
+            }
+        )
+        if variables:
+            ch.variables.update(variables)
+        self.channels[uuid] = ch
+        self.sessions_since_startup += 1
+        self.sessions_peak = max(self.sessions_peak, len(self.channels))
+        self._channel_event("CHANNEL_CREATE", ch)
+        return ch
+
+    def _track(self, ch: Channel) -> None:
+        self.db.track(
+            self.core_uuid,
+            ch.variables.get("recovery_profile_name", ch.profile),
+            self.hostname,
+            ch.uuid,
+            build_cdr(ch, self.core_uuid, self.switchname),
+        )
+
+    def answer(self, uuid: str) -> None:
+        """CHANNEL_ANSWER, and the recovery row (track-calls=true)."""
+        ch = self._get(uuid)
+        if ch.answered is not None:
+            return
+        now = self.clock.seconds()
+        ch.answered = now
+        ch.state = "CS_EXECUTE"
+        ch.callstate = "ACTIVE"
+        ch.answer_state = "answered"
+        ch.variables["endpoint_disposition"] = "ANSWER"
+        ch.variables["answer_epoch"] = str(int(now))
+        ch.variables["answer_uepoch"] = str(int(now * 1_000_000))
+        ch.app_log.append(("answer", "", now))
+        if not ch.application:
+            ch.application, ch.application_data = "answer", ""
+        self._channel_event("CHANNEL_ANSWER", ch)
+        self._track(ch)
+
+    def bridge(self, a_uuid: str, b_uuid: str) -> None:
+        """Bridge two answered channels: CHANNEL_BRIDGE on the A leg, rows updated."""
+        a, b = self._get(a_uuid), self._get(b_uuid)
+        now = self.clock.seconds()
+        for x, y in ((a, b), (b, a)):
+            x.other_leg = y.uuid
+            x.bridged = now
+            x.call_uuid = a.uuid
+            x.variables["bridge_to"] = y.uuid
+            x.variables["signal_bond"] = y.uuid
+            x.variables["last_bridge_to"] = y.uuid
+            x.variables["bridge_channel"] = y.name
+            x.variables["bridge_uuid"] = y.uuid
+        a.application, a.application_data = "bridge", f"sofia/{b.profile}/{b.dest}"
+        a.app_log.append(("bridge", a.application_data, now))
+        b.variables["originator"] = a.uuid
+        self._channel_event(
+            "CHANNEL_BRIDGE",
+            a,
+            [("Bridge-A-Unique-ID", a.uuid), ("Bridge-B-Unique-ID", b.uuid)],
+        )
+        for ch in (a, b):
+            if ch.answered is not None:
+                self.db.update_metadata(
+                    ch.uuid, build_cdr(ch, self.core_uuid, self.switchname), self.core_uuid
+                )
+
+    def hangup(self, uuid: str, cause: str = "NORMAL_CLEARING") -> None:
+        """CHANNEL_HANGUP, row deleted, CHANNEL_HANGUP_COMPLETE, CHANNEL_DESTROY.
+
+        A bridged partner hangs up too (NORMAL_CLEARING), as after a BYE.
+        """
+        ch = self.channels.get(uuid)
+        if ch is None or ch.hangup_cause is not None:
+            return
+        now = self.clock.seconds()
+        other = self.channels.get(ch.other_leg) if ch.other_leg else None
+        if other is not None:
+            self._channel_event(
+                "CHANNEL_UNBRIDGE",
+                ch,
+                [("Bridge-A-Unique-ID", ch.uuid), ("Bridge-B-Unique-ID", other.uuid)],
+            )
+        ch.hangup_cause = cause
+        ch.hangup_time = now
+        ch.callstate = "HANGUP"
+        ch.answer_state = "hangup"
+        ch.variables["hangup_cause"] = cause
+        ch.variables["hangup_cause_q850"] = str(HANGUP_CAUSES.get(cause, 16))
+        ch.variables["end_epoch"] = str(int(now))
+        ch.variables["end_uepoch"] = str(int(now * 1_000_000))
+        self._channel_event("CHANNEL_HANGUP", ch)
+        if ch.answered is not None:
+            self.db.untrack(ch.uuid, self.core_uuid)
+        ch.state = "CS_REPORTING"
+        self._channel_event("CHANNEL_HANGUP_COMPLETE", ch, pre=[("Hangup-Cause", cause)])
+        ch.state = "CS_DESTROY"
+        self._channel_event("CHANNEL_DESTROY", ch)
+        del self.channels[uuid]
+        port = ch.variables.get("local_media_port", "")
+        if port.isdigit():
+            self._rtp_used.discard(int(port))
+        if other is not None:
+            other.other_leg = None
+            self.hangup(other.uuid, "NORMAL_CLEARING")
+
+    def _get(self, uuid: str) -> Channel:
+        ch = self.channels.get(uuid)
+        if ch is None:
+            raise SimError(f"no such channel {uuid}")
+        return ch
+
+    def place_call(
+        self,
+        profile: str,
+        *,
+        caller: str = "1000",
+        dest: str = "2000",
+        answer: bool = True,
+        bridge: bool = False,
+        remote_ip: str = "127.0.0.1",
+    ) -> list[str]:
+        """An inbound call on ``profile``, answered, optionally bridged to an outbound leg
+        on the same profile. Returns the uuids (A leg first)."""
+        a = self.new_channel(profile, caller=caller, dest=dest, remote_ip=remote_ip)
+        uuids = [a.uuid]
+        if answer:
+            self.answer(a.uuid)
+            if bridge:
+                b = self.new_channel(
+                    profile,
+                    direction="outbound",
+                    caller=caller,
+                    dest=dest,
+                    remote_ip=remote_ip,
+                    variables={"originator": a.uuid},
+                )
+                self.answer(b.uuid)
+                self.bridge(a.uuid, b.uuid)
+                uuids.append(b.uuid)
+        return uuids
+
+    # -- recovery ------------------------------------------------------------------------
+
+    def recover_profile(self, name: str) -> int:
+        """``sofia_glue_profile_recover``: take the rows of other runtimes for ``name``,
+        make them live channels with the same UUIDs, track them again under this core
+        UUID; clears the profile's standby. Returns how many were recovered."""
+        profile = self.running_profile(name)
+        rows = self.db.take_for_recovery(self.core_uuid, name)
+        recovered: list[Channel] = []
+        with self.db.batch():
+            for row in rows:
+                try:
+                    info = parse_cdr(row.metadata)
+                except CDRError as e:
+                    log.warn("recovery row {uuid} skipped: {error}", uuid=row.uuid, error=str(e))
+                    continue
+                if info.uuid in self.channels:
+                    log.warn("recovery row {uuid} skipped: channel exists", uuid=info.uuid)
+                    continue
+                variables = dict(info.variables)
+                variables["recovery_profile_name"] = name
+                variables.pop("hangup_cause", None)
+                ip = info.network_addr or variables.get("sip_network_ip", "127.0.0.1")
+                try:
+                    ch = self.new_channel(
+                        name,
+                        direction=info.direction if info.direction == "outbound" else "inbound",
+                        caller=info.cid_num or "0000000000",
+                        caller_name=info.cid_name,
+                        dest=info.dest,
+                        remote_ip=ip,
+                        uuid=info.uuid,
+                        variables=variables,
+                    )
+                except SimError as e:
+                    log.warn("recovery row {uuid} skipped: {error}", uuid=row.uuid, error=str(e))
+                    continue
+                if info.chan_name:
+                    ch.name = info.chan_name
+                    ch.variables["channel_name"] = info.chan_name
+                port = variables.get("local_media_port", "")
+                if port.isdigit():
+                    self._rtp_used.add(int(port))
+                ch.recovered = True
+                ch.application = info.application
+                ch.application_data = info.application_data
+                self.answer(ch.uuid)
+                recovered.append(ch)
+            # re-bridge pairs that were both recovered
+            for ch in recovered:
+                peer_uuid = ch.variables.get("bridge_to") or ch.variables.get("signal_bond")
+                peer = self.channels.get(peer_uuid) if peer_uuid else None
+                if (
+                    peer is not None
+                    and peer.recovered
+                    and ch.other_leg is None
+                    and peer.other_leg is None
+                    and ch.direction == "inbound"
+                ):
+                    self.bridge(ch.uuid, peer.uuid)
+        profile.standby = False
+        return len(recovered)
+
+    # -- registrations -------------------------------------------------------------------
+
+    def register(
+        self,
+        profile: str,
+        user: str,
+        *,
+        host: str | None = None,
+        network_ip: str = "127.0.0.1",
+        network_port: int = 5060,
+        expires: int = 3600,
+        call_id: str | None = None,
+        user_agent: str = "fsha-sim-phone/1.0",
+    ) -> Registration:
+        """A REGISTER: row in sip_registrations and a sofia::register event
+        (``update-reg: true`` when it refreshes an existing one)."""
+        p = self.running_profile(profile)
+        host = host or p.ip
+        call_id = call_id or f"{uuidlib.uuid4().hex}@{network_ip}"
+        now = int(self.clock.seconds())
+        existing = [
+            r
+            for r in self.db.registrations(profile)
+            if r["call_id"] == call_id and r["sip_user"] == user and r["sip_host"] == host
+        ]
+        contact = f'"{user}" <sip:{user}@{network_ip}:{network_port}>'
+        reg = Registration(
+            profile, user, host, contact, call_id, network_ip, network_port, now + expires,
+            user_agent,
+        )
+        self.db.upsert_registration(
+            {
+                "call_id": call_id,
+                "sip_user": user,
+                "sip_host": host,
+                "presence_hosts": host,
+                "contact": contact,
+                "status": "Registered(UDP)",
+                "ping_status": "Reachable",
+                "ping_count": 0,
+                "ping_time": 0,
+                "force_ping": 0,
+                "rpid": "unknown",
+                "expires": now + expires,
+                "ping_expires": 0,
+                "user_agent": user_agent,
+                "server_user": user,
+                "server_host": p.ip,
+                "profile_name": profile,
+                "hostname": self.hostname,
+                "network_ip": network_ip,
+                "network_port": str(network_port),
+                "sip_username": user,
+                "sip_realm": host,
+                "mwi_user": user,
+                "mwi_host": host,
+                "orig_server_host": p.ip,
+                "orig_hostname": self.hostname,
+                "sub_host": host,
+            }
+        )
+        headers = [
+            ("profile-name", profile),
+            ("from-user", user),
+            ("from-host", host),
+            ("presence-hosts", host),
+            ("contact", contact),
+            ("call-id", call_id),
+            ("rpid", "unknown"),
+            ("status", "Registered(UDP)"),
+            ("expires", str(expires)),
+            ("to-user", user),
+            ("to-host", host),
+            ("network-ip", network_ip),
+            ("network-port", str(network_port)),
+            ("username", user),
+            ("realm", host),
+            ("user-agent", user_agent),
+        ]
+        if existing:
+            headers.append(("update-reg", "true"))
+        self.fire(self.events.custom("sofia::register", CALLING["sofia::register"], headers))
+        return reg
+
+    def unregister(self, profile: str, call_id: str) -> bool:
+        rows = [r for r in self.db.registrations(profile) if r["call_id"] == call_id]
+        if not rows:
+            return False
+        self.db.delete_registration(call_id, profile)
+        for r in rows:
+            self.fire(
+                self.events.custom(
+                    "sofia::unregister",
+                    CALLING["sofia::unregister"],
+                    [
+                        ("profile-name", profile),
+                        ("from-user", str(r["sip_user"])),
+                        ("from-host", str(r["sip_host"])),
+                        ("contact", str(r["contact"])),
+                        ("call-id", call_id),
+                        ("rpid", str(r["rpid"])),
+                        ("expires", "0"),
+                        ("to-user", str(r["sip_user"])),
+                        ("to-host", str(r["sip_host"])),
+                        ("network-ip", str(r["network_ip"])),
+                        ("network-port", str(r["network_port"])),
+                        ("username", str(r["sip_username"])),
+                        ("realm", str(r["sip_realm"])),
+                        ("user-agent", str(r["user_agent"])),
+                    ],
+                )
+            )
+        return True
+
+    def check_expired_registrations(self) -> int:
+        """sofia_reg_check_expire on this hostname's rows: delete, fire sofia::expire."""
+        rows = self.db.take_expired(int(self.clock.seconds()), self.hostname)
+        for r in rows:
+            self.fire(
+                self.events.custom(
+                    "sofia::expire",
+                    CALLING["sofia::expire"],
+                    [
+                        ("profile-name", str(r["profile_name"])),
+                        ("call-id", str(r["call_id"])),
+                        ("user", str(r["sip_user"])),
+                        ("host", str(r["sip_host"])),
+                        ("contact", str(r["contact"])),
+                        ("expires", str(r["expires"])),
+                        ("user-agent", str(r["user_agent"])),
+                    ],
+                )
+            )
+        return len(rows)
+
+    # -- ESL helpers ---------------------------------------------------------------------
+
+    def sendevent(self, name: str, headers: list[tuple[str, str]], body: bytes) -> str:
+        """``sendevent NAME``: fire a client-made event; returns its Event-UUID."""
+        subclass = None
+        extra: list[tuple[str, str]] = []
+        event_uuid = None
+        for key, value in headers:
+            lk = key.lower()
+            if lk == "event-name":
+                continue
+            if lk == "event-subclass":
+                subclass = value
+                continue
+            if lk == "event-uuid":
+                event_uuid = value
+            if lk == "content-length":
+                continue
+            extra.append((key, value))
+        if event_uuid is None:
+            event_uuid = str(uuidlib.uuid4())
+            extra.append(("Event-UUID", event_uuid))
+        ev = self.events.make(
+            name.upper(), CALLING["SENDEVENT"], extra, subclass=subclass, body=body
+        )
+        self.fire(ev)
+        return event_uuid
+
+    def sendmsg(self, uuid: str, headers: list[tuple[str, str]]) -> bool:
+        """``sendmsg UUID``: False if there is no such session."""
+        ch = self.channels.get(uuid)
+        if ch is None:
+            return False
+        h = {k.lower(): v for k, v in headers}
+        command = h.get("call-command", "").lower()
+        if command == "hangup":
+            self.hangup(uuid, h.get("hangup-cause", "NORMAL_CLEARING") or "NORMAL_CLEARING")
+        elif command == "execute":
+            app = h.get("execute-app-name", "")
+            arg = h.get("execute-app-arg", "")
+            if app == "hangup":
+                self.hangup(uuid, arg or "NORMAL_CLEARING")
+            elif app == "answer":
+                self.answer(uuid)
+            elif app:
+                ch.application, ch.application_data = app, arg
+                ch.app_log.append((app, arg, self.clock.seconds()))
+        return True
+
+    # -- API -----------------------------------------------------------------------------
+
+    def api(self, line: str) -> ApiResult:
+        """Run ``CMD ARGS``. ``found`` False: no such API (``-ERR CMD Command not found!``)."""
+        line = line.strip(" ")
+        cmd, _, args = line.partition(" ")
+        handler = self._commands.get(cmd.lower())
+        if handler is None:
+            return ApiResult(False, f"-ERR {cmd} Command not found!\n")
+        return ApiResult(True, handler(args.strip(" ")) or "")
+
+    def _api_version(self, args: str) -> str:
+        return f"FreeSWITCH Version {VERSION} (fsha simulator)\n"
+
+    def _api_status(self, args: str) -> str:
+        up = self.clock.seconds() - self.started_at
+        n = len(self.channels)
+        return (
+            f"UP {uptime_text(up)}\n"
+            f"FreeSWITCH (Version {VERSION_HUMAN}) is {'ready' if self.ready else 'not ready'}\n"
+            f"{self.sessions_since_startup} session(s) since startup\n"
+            f"{n} session(s) - peak {self.sessions_peak}, last 5min {self.sessions_peak} \n"
+            f"0 session(s) per Sec out of max 30, peak 0, last 5min 0 \n"
+            f"{self.max_sessions} session(s) max\n"
+            "min idle cpu 0.00/99.00\n"
+            "Current Stack Size/Max 240K/8192K\n"
+        )
+
+    def global_vars(self) -> dict[str, str]:
+        return {
+            "hostname": self.hostname,
+            "switchname": self.switchname,
+            "local_ip_v4": self.ipv4,
+            "core_uuid": self.core_uuid,
+            "domain": self.ipv4,
+            "domain_name": self.ipv4,
+        }
+
+    def _api_global_getvar(self, args: str) -> str:
+        gv = self.global_vars()
+        if not args:
+            return "".join(f"{k}={v}\n" for k, v in gv.items())
+        return gv.get(args, "")
+
+    def _show_rows(self) -> list[dict[str, str]]:
+        rows = []
+        for ch in self.channels.values():
+            row = dict.fromkeys(SHOW_CHANNELS_COLUMNS, "")
+            row.update(
+                uuid=ch.uuid,
+                direction=ch.direction,
+                created=format_date_local(ch.created),
+                created_epoch=str(int(ch.created)),
+                name=ch.name,
+                state=ch.state,
+                cid_name=ch.cid_name,
+                cid_num=ch.cid_num,
+                ip_addr=ch.network_addr,
+                dest=ch.dest,
+                application=ch.application,
+                application_data=ch.application_data,
+                dialplan=ch.dialplan,
+                context=ch.context,
+                read_codec="PCMU",
+                read_rate="8000",
+                read_bit_rate="64000",
+                write_codec="PCMU",
+                write_rate="8000",
+                write_bit_rate="64000",
+                hostname=self.hostname,
+                callstate=ch.callstate,
+                call_uuid=ch.call_uuid or ch.uuid,
+                initial_cid_name=ch.cid_name,
+                initial_cid_num=ch.cid_num,
+                initial_ip_addr=ch.network_addr,
+                initial_dest=ch.dest,
+                initial_dialplan=ch.dialplan,
+                initial_context=ch.context,
+            )
+            rows.append(row)
+        return rows
+
+    def _api_show(self, args: str) -> str:
+        words = args.split()
+        if not words or words[0].lower() != "channels":
+            return (
+                "-USAGE: codec|endpoint|application|api|dialplan|file|timer|calls [count]|"
+                "channels [count|like <match string>]|calls|detailed_calls|bridged_calls|"
+                "detailed_bridged_calls|aliases|complete|chat|management|modules|nat_map|"
+                "say|interfaces|interface_types|tasks|limits|status\n"
+            )
+        rest = [w.lower() for w in words[1:]]
+        if rest[:1] == ["count"]:
+            return f"\n{len(self.channels)} total.\n"
+        rows = self._show_rows()
+        if rest[-2:] == ["as", "json"]:
+            if not rows:
+                return json.dumps({"row_count": 0}, separators=(",", ":"))
+            return json.dumps({"row_count": len(rows), "rows": rows}, separators=(",", ":"))
+        if not rows:
+            return "\n0 total.\n"
+        lines = [",".join(SHOW_CHANNELS_COLUMNS)]
+        lines += [",".join(r[c] for c in SHOW_CHANNELS_COLUMNS) for r in rows]
+        return "\n".join(lines) + f"\n\n{len(rows)} total.\n"
+
+    def _api_sofia(self, args: str) -> str:
+        argv = args.split()
+        if not argv:
+            return "USAGE:\nsofia profile <name> [start | stop | restart | recover]\n"
+        sub = argv[0].lower()
+        if sub == "status":
+            return self._sofia_status()
+        if sub == "profile":
+            return self._sofia_profile(argv[1:])
+        if sub == "global":
+            if len(argv) > 2 and argv[1].lower() == "standby":
+                on = argv[2].lower() in ("on", "true", "yes", "1", "enabled", "active", "allow")
+                for p in self.profiles.values():
+                    if p.running:
+                        p.standby = on
+                return f"+OK Global standby {'on' if on else 'off'}"
+            return (
+                "-ERR Usage: siptrace <on|off>|capture <on|off>|watchdog <on|off>|"
+                "debug <sla|presence|none"
+            )
+        if sub == "recover":
+            if len(argv) > 1 and argv[1].lower() == "flush":
+                for p in self.profiles.values():
+                    if p.running:
+                        self.db.take_for_recovery(self.core_uuid, p.name)
+                return "Flushing recovery database.\n"
+            total = sum(self.recover_profile(p.name) for p in list(self.profiles.values())
+                        if p.running)
+            self.fire(
+                self.events.custom(
+                    "sofia::recovery_recovered",
+                    CALLING["sofia::recovery_recovered"],
+                    [("recovered_calls", str(total))],
+                )
+            )
+            return f"Recovered {total} call(s)\n" if total else "No calls to recover.\n"
+        return f"Unknown Command [{argv[0]}]\n"
+
+    def _sofia_status(self) -> str:
+        out = [f"{'Name':>25}\t{'   Type'}\t  {'Data':>40}\tState", SOFIA_LINE]
+        count = 0
+        for p in self.profiles.values():
+            if p.state == "running":
+                out.append(
+                    f"{p.name:>25}\tprofile\t  {p.url:>40}\tRUNNING ({self.profile_calls(p.name)})"
+                )
+                count += 1
+            elif p.state == "failed":
+                out.append(f"{p.name:>25}\tprofile\t  {p.url:>40}\tFAILED (0)")
+                count += 1
+        out.append(SOFIA_LINE)
+        out.append(f"{count} profile{'' if count == 1 else 's'} 0 aliases")
+        return "\n".join(out) + "\n"
+
+    def _sofia_profile(self, argv: list[str]) -> str:
+        if len(argv) < 2:
+            return "Invalid Args!\n"
+        name, action = argv[0], argv[1].lower()
+        if action == "start":
+            ok = self.start_profile(name)
+            return (
+                "Reload XML [Success]\n"
+                + (f"{name} started successfully\n" if ok else f"Failure starting {name}\n")
+            )
+        profile = self.profiles.get(name)
+        if profile is None or not profile.running:
+            return f"Invalid Profile [{name}]"
+        if action == "recover":
+            if len(argv) > 2 and argv[2].lower() == "flush":
+                self.db.take_for_recovery(self.core_uuid, name)
+                return "Flushing recovery database.\n"
+            n = self.recover_profile(name)
+            return f"Recovered {n} session(s)\n" if n else "No sessions to recover.\n"
+        if action in ("stop", "restart"):
+            diff = int(self.clock.seconds() - profile.started_at)
+            if diff < RESTART_GUARD_SECONDS:
+                remain = RESTART_GUARD_SECONDS - diff
+                return (
+                    f"Profile {name} must be up for at least {RESTART_GUARD_SECONDS} seconds "
+                    f"to stop/restart.\nPlease wait {remain} second{'' if remain == 1 else 's'}\n"
+                )
+            self.stop_profile(name)
+            if action == "stop":
+                return f"Reload XML [Success]\nstopping: {name}"
+            self.start_profile(name)
+            return f"Reload XML [Success]\nrestarting: {name}"
+        return "-ERR Unknown command!\n"
+
+    def _api_fsctl(self, args: str) -> str | None:
+        argv = args.split()
+        if argv[:1] == ["recover"]:
+            total = 0
+            for p in list(self.profiles.values()):
+                if p.running:
+                    total += self.recover_profile(p.name)
+            return f"+OK {total} session(s) recovered in total\n"
+        if argv[:2] == ["shutdown", "now"] and self.on_shutdown is not None:
+            self.on_shutdown()
+            return None
+        return "-ERR INVALID COMMAND\n"
+
+    def _api_reloadxml(self, args: str) -> str:
+        self.fire(self.events.make("RELOADXML", CALLING["RELOADXML"]))
+        return "+OK [Success]\n"
+
+    def _api_hash(self, args: str) -> str:
+        parts = args.split("/", 3)
+        usage = "-ERR Usage: hash [insert|delete|select]/<realm>/<key>/<val>\n"
+        if len(parts) < 3 or not parts[1] or not parts[2]:
+            return usage
+        op, realm, key = parts[0].lower(), parts[1], parts[2]
+        full = f"{realm}_{key}"
+        store = self.hashes.setdefault("", {})
+        if op == "insert":
+            if len(parts) < 4:
+                return usage
+            store[full] = parts[3]
+            return "+OK\n"
+        if op == "select":
+            return store.get(full, "")
+        if op == "delete":
+            if full in store:
+                del store[full]
+                return "+OK\n"
+            return "-ERR Not found\n"
+        return usage
+
+    def _api_uuid_exists(self, args: str) -> str:
+        return "true" if args.split(" ")[0] in self.channels else "false"
+
+    def _api_uuid_kill(self, args: str) -> str:
+        argv = args.split()
+        if not argv:
+            return "-USAGE: <uuid> [cause]\n"
+        if argv[0] not in self.channels:
+            return "-ERR No such channel!\n"
+        cause = argv[1] if len(argv) > 1 else "NORMAL_CLEARING"
+        self.hangup(argv[0], cause)
+        return "+OK\n"
+
+    def _api_originate(self, args: str) -> str:
+        argv = args.split()
+        usage = (
+            "-USAGE: <call url> <exten>|&<application_name>(<app_args>) [<dialplan>] "
+            "[<context>] [<cid_name>] [<cid_num>] [<timeout_sec>]\n"
+        )
+        if len(argv) < 2:
+            return usage
+        url, target = argv[0], argv[1]
+        variables: dict[str, str] = {}
+        if url.startswith("{"):
+            end = url.find("}")
+            if end < 0:
+                return usage
+            for item in url[1:end].split(","):
+                k, sep, v = item.partition("=")
+                if sep and k:
+                    variables[k] = v
+            url = url[end + 1 :]
+        parts = url.split("/", 2)
+        if len(parts) != 3 or parts[0] != "sofia":
+            return "-ERR CHAN_NOT_IMPLEMENTED\n"
+        _, profile_name, dest = parts
+        profile = self.profiles.get(profile_name)
+        if profile is None or not profile.running:
+            return "-ERR DESTINATION_OUT_OF_ORDER\n"
+        if profile.standby:
+            return "-ERR NORMAL_TEMPORARY_FAILURE\n"
+        user, _, host = dest.partition("@")
+        cid_name = argv[4] if len(argv) > 4 else variables.get("origination_caller_id_name", "")
+        cid_num = argv[5] if len(argv) > 5 else variables.get("origination_caller_id_number", "")
+        try:
+            ch = self.new_channel(
+                profile_name,
+                direction="outbound",
+                caller=cid_num or "0000000000",
+                caller_name=cid_name or "FreeSWITCH",
+                dest=user,
+                remote_ip=host or "127.0.0.1",
+                uuid=variables.get("origination_uuid"),
+                variables=variables,
+            )
+        except SimError:
+            return "-ERR DESTINATION_OUT_OF_ORDER\n"
+        self.answer(ch.uuid)
+        if target.startswith("&"):
+            app, _, rest = target[1:].partition("(")
+            ch.application, ch.application_data = app, rest.rstrip(")")
+            ch.app_log.append((app, ch.application_data, self.clock.seconds()))
+        else:
+            ch.application, ch.application_data = "transfer", target
+        return f"+OK {ch.uuid}\n"
+
+    # -- views for the control interface -------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "core_uuid": self.core_uuid,
+            "hostname": self.hostname,
+            "calls": len(self.channels),
+            "profiles": {
+                p.name: {
+                    "state": p.state,
+                    "ip": p.ip,
+                    "port": p.bound_port if p.bound_port is not None else p.port,
+                    "standby": p.standby,
+                }
+                for p in self.profiles.values()
+            },
+        }

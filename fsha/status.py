@@ -1,0 +1,205 @@
+"""Status: the JSON each node serves, and ``fsha status``, which renders it for people.
+
+The node serves ``GET /status`` (JSON) on its configured status address. ``fsha status``
+fetches it (``--url``, or ``--config`` + ``--node`` to find the address) and prints a table
+an operator reads at a glance, with problems spelled out in words.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from twisted.web import resource
+from twisted.web.server import Request
+
+JSON = dict[str, Any]
+
+
+class StatusResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, status: Callable[[], JSON]) -> None:
+        super().__init__()
+        self._status = status
+
+    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(self._status(), indent=1).encode() + b"\n"
+
+
+def status_site_root(status: Callable[[], JSON]) -> resource.Resource:
+    root = resource.Resource()
+    root.putChild(b"status", StatusResource(status))
+    root.putChild(b"", StatusResource(status))
+    return root
+
+
+# -- rendering ------------------------------------------------------------------------------
+
+
+def problems(status: JSON) -> list[str]:
+    """What an operator should look at, in words."""
+    found: list[str] = []
+    quorum = status["quorum"]
+    if not quorum["ok"]:
+        found.append(f"no quorum: {quorum['alive']} of {quorum['required']} required nodes "
+                     "seen; this node will not take over any slot")
+    for node in status["nodes"]:
+        if node["self"]:
+            continue
+        if not node["alive"]:
+            found.append(f"{node['name']} is down"
+                         + (f" (last heard {_age(node)})" if _age(node) else " (never heard)"))
+            continue
+        for net, info in node["networks"].items():
+            if not info["up"]:
+                heard = info["last_heard_ms"]
+                when = f"for {heard / 1000:.1f} s" if heard is not None else "since start"
+                found.append(f"network {net}: {node['name']} unreachable {when}")
+        if not node["view_agrees"]:
+            found.append(f"{node['name']} computes a different view of the cluster "
+                         "(transient during a change; persistent means different inputs)")
+        if "fs_ok" not in node["flags"]:
+            found.append(f"{node['name']}: its FreeSWITCH is not answering")
+    for slot in status["slots"]:
+        if slot["owner"] is None:
+            found.append(f"slot {slot['name']} has no master")
+    me = next(n for n in status["nodes"] if n["self"])
+    if "fs_ok" not in me["flags"]:
+        found.append(f"{me['name']} (this node): its FreeSWITCH is not answering")
+    for net in status.get("networks", []):
+        if net["send_errors"]:
+            found.append(f"network {net['name']}: {net['send_errors']} send errors "
+                         f"(last: {net['last_error']})")
+    if status["drops"].get("config-mismatch"):
+        found.append(f"{status['drops']['config-mismatch']} heartbeats dropped from nodes "
+                     "running a different config file")
+    return found
+
+
+def _age(node: JSON) -> str:
+    heard = [i["last_heard_ms"] for i in node["networks"].values()
+             if i["last_heard_ms"] is not None]
+    return f"{min(heard) / 1000:.1f} s ago" if heard else ""
+
+
+def render(status: JSON) -> str:
+    lines: list[str] = []
+    q = status["quorum"]
+    lines.append(f"cluster {status['cluster']}   seen from {status['node']} "
+                 f"({status['role']}{' of ' + status['slot'] if status['slot'] else ''})   "
+                 f"quorum {q['alive']}/{q['required']} {'ok' if q['ok'] else 'LOST'}   "
+                 f"config {status['config_digest']}")
+    nets = [n["name"] for n in status.get("networks", [])] or \
+        sorted({k for node in status["nodes"] for k in node["networks"]})
+    header = ["NODE", "ROLE", "RANK", "SLOT", "EPOCH", *[f"NET {n}" for n in nets], "FLAGS"]
+    rows = [header]
+    for node in status["nodes"]:
+        role = node["role"] if node["alive"] else "DOWN"
+        rank = "-" if node["rank"] is None else str(node["rank"] + 1)
+        cells = [node["name"] + ("*" if node["self"] else ""), role, rank,
+                 node["slot"] or "-", "-" if not node["slot"] else str(node["epoch"])]
+        for net in nets:
+            if node["self"]:
+                cells.append("self")
+            else:
+                info = node["networks"].get(net, {})
+                heard = info.get("last_heard_ms")
+                state = "up" if info.get("up") else "DOWN"
+                cells.append(f"{state} {heard:.0f}ms" if heard is not None else state)
+        cells.append(",".join(node["flags"]) or "-")
+        rows.append(cells)
+    lines.append("")
+    lines.extend(_table(rows))
+    lines.append("")
+    slot_rows = [["SLOT", "MASTER", "EPOCH", "FLOATING IPS", "PROFILES"]]
+    for slot in status["slots"]:
+        slot_rows.append([slot["name"], slot["owner"] or "NONE", str(slot["epoch"]),
+                          " ".join(slot["ips"]), " ".join(slot["profiles"])])
+    lines.extend(_table(slot_rows))
+    found = problems(status)
+    lines.append("")
+    lines.append("problems: none" if not found else "problems:")
+    lines.extend(f"  ! {p}" for p in found)
+    if status["drops"]:
+        lines.append("dropped datagrams: " + ", ".join(
+            f"{k}={v}" for k, v in sorted(status["drops"].items())))
+    events = status.get("events", [])[-8:]
+    if events:
+        lines.append("recent events:")
+        for e in events:
+            detail = " ".join(f"{k}={v}" for k, v in e.items()
+                              if k not in ("time", "event") and v is not None)
+            lines.append(f"  {time.strftime('%H:%M:%S', time.localtime(e['time']))}"
+                         f".{int(e['time'] * 1000) % 1000:03d} {e['event']} {detail}")
+    return "\n".join(lines)
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in rows]
+
+
+# -- fsha status ------------------------------------------------------------------------------
+
+
+def fetch(url: str, timeout: float = 3.0) -> JSON:
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (operator URL)
+        return json.loads(response.read())
+
+
+def status_url(config_path: str, node: str | None) -> str:
+    from fsha.config import choose_node, load_config
+
+    config = load_config(config_path)
+    me = choose_node(config, node)
+    host = f"[{me.status.host}]" if ":" in me.status.host else me.status.host
+    return f"http://{host}:{me.status.port}/status"
+
+
+def main(argv: list[str]) -> int:
+    from fsha.config import ConfigError
+
+    parser = argparse.ArgumentParser(prog="fsha status",
+                                     description="Show the cluster as one node sees it.")
+    parser.add_argument("--config", help="cluster config file (to find the node's status address)")
+    parser.add_argument("--node", help="which node to ask (default: the local one)")
+    parser.add_argument("--url", help="status URL, e.g. http://127.0.0.1:8080/status")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON")
+    parser.add_argument("--watch", type=float, metavar="SECONDS",
+                        help="refresh every SECONDS until interrupted")
+    parser.add_argument("--timeout", type=float, default=3.0)
+    args = parser.parse_args(argv)
+    if not args.url and not args.config:
+        parser.error("give --url or --config")
+    try:
+        url = args.url or status_url(args.config, args.node)
+    except ConfigError as e:
+        print(e.problems[0], file=sys.stderr)
+        return 2
+    while True:
+        try:
+            status = fetch(url, args.timeout)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            print(f"fsha status: cannot read {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
+            if not args.watch:
+                return 1
+        else:
+            if args.watch:
+                print("\033[2J\033[H", end="")
+            print(json.dumps(status, indent=1) if args.json else render(status))
+        if not args.watch:
+            return 0
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return 0

@@ -1,0 +1,44 @@
+"""Heartbeat transport: one UDP socket per cluster network, bound to this node's address.
+
+Thin on purpose: bytes go to ``ClusterNode.datagram_received`` with the network index and
+the source; the node's send functions go to ``transport.write``. A socket error on one
+network (NIC down, no route) is raised to the node, which counts it and carries on.
+"""
+
+from __future__ import annotations
+
+from twisted.application import internet, service
+from twisted.internet.interfaces import IReactorUDP
+from twisted.internet.protocol import DatagramProtocol
+
+from fsha.config import Network
+from fsha.node import Address, ClusterNode
+
+
+class HeartbeatProtocol(DatagramProtocol):
+    def __init__(self, node: ClusterNode, network: Network) -> None:
+        self.node = node
+        self.network = network
+        self._index = network.index
+
+    def startProtocol(self) -> None:
+        self.node.attach(self.network.name, self.send)
+
+    def datagramReceived(self, datagram: bytes, addr: Address) -> None:  # noqa: N802
+        self.node.datagram_received(self._index, datagram, addr)
+
+    def send(self, data: bytes, address: Address) -> None:
+        if self.transport is None:
+            raise OSError("socket not open")
+        self.transport.write(data, address)
+
+
+def heartbeat_services(node: ClusterNode, reactor: IReactorUDP) -> list[service.Service]:
+    """One UDPServer per network, bound to this node's address on it."""
+    services: list[service.Service] = []
+    for net in node.config.networks:
+        udp = internet.UDPServer(net.port, HeartbeatProtocol(node, net),
+                                 interface=node.me.addresses[net.name], reactor=reactor)
+        udp.setName(f"heartbeat-{net.name}")
+        services.append(udp)
+    return services

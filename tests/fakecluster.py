@@ -1,0 +1,165 @@
+"""An in-memory cluster: real ClusterNodes, a fake clock, a fake network, fake effects.
+
+Datagrams are delivered through ``clock.callLater`` (a small latency), so nothing is
+re-entrant and every step is deterministic. Networks can be cut per node, nodes killed
+(silently: no release) and restarted (new incarnation).
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from fsha.config import ClusterConfig, NodeConfig, SlotConfig, parse_config
+from fsha.node import Address, ClusterNode
+from fsha.wire.heartbeat import Role
+
+DEMO = Path(__file__).resolve().parent.parent / "conf" / "demo.toml"
+SECRET = b"fake-cluster-secret-0123456789"
+LATENCY = 0.001
+
+
+def make_config(nodes: int = 3, slots: int = 2, **cluster: Any) -> ClusterConfig:
+    raw = tomllib.loads(DEMO.read_text())
+    template = raw["node"][0]
+    raw["node"] = []
+    for i in range(1, nodes + 1):
+        node = copy.deepcopy(template)
+        node.update(name=f"fs{i}", priority=100 if i <= slots else 50,
+                    address={"A": f"127.0.1.{i}", "B": f"127.0.2.{i}"},
+                    stream=f"127.0.1.{i}:17410", status=f"127.0.1.{i}:17420")
+        node["esl"]["host"] = f"127.0.3.{i}"
+        raw["node"].append(node)
+    raw["slot"] = [{"name": f"slot{i}", "profiles": [f"slot{i}"],
+                    "ip": [{"address": f"127.0.10.{i}/32", "interface": "lo"}]}
+                   for i in range(1, slots + 1)]
+    raw["cluster"].update(cluster)
+    return parse_config(raw, DEMO)
+
+
+class FakeActions:
+    """Records acquire/release; acquire can be made to fail or to hang."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, int]] = []
+        self.held: set[str] = set()
+        self.fail_acquire = False
+        self.hang_acquire = False
+        self.pending: list[defer.Deferred[None]] = []
+
+    def acquire(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None
+                ) -> defer.Deferred[None]:
+        self.calls.append(("acquire", slot.name, epoch))
+        if self.fail_acquire:
+            return defer.fail(RuntimeError("floating IP refused"))
+        if self.hang_acquire:
+            d: defer.Deferred[None] = defer.Deferred()
+            self.pending.append(d)
+            return d
+        self.held.add(slot.name)
+        return defer.succeed(None)
+
+    def release(self, slot: SlotConfig) -> defer.Deferred[None]:
+        self.calls.append(("release", slot.name, 0))
+        self.held.discard(slot.name)
+        return defer.succeed(None)
+
+
+class FakeHealth:
+    def __init__(self) -> None:
+        self.ok = True
+
+    def is_ok(self) -> bool:
+        return self.ok
+
+
+class FakeCluster:
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.clock = Clock()
+        self.clock.advance(1_000_000)  # a plausible epoch-ish time
+        self.nodes: dict[str, ClusterNode] = {}
+        self.actions: dict[str, FakeActions] = {}
+        self.health: dict[str, FakeHealth] = {}
+        self.dead: set[str] = set()
+        self.cut: set[tuple[str, str]] = set()  # (node, network) pairs that are down
+        self.loss: dict[str, float] = {}
+        self.delivered = 0
+        self._incarnation = 1000
+        self._by_address: dict[tuple[int, str], tuple[str, int]] = {}
+        for node in config.nodes:
+            for net in config.networks:
+                self._by_address[(net.index, node.addresses[net.name])] = (node.name, net.index)
+        for node in config.nodes:
+            self.actions[node.name] = FakeActions()
+            self.health[node.name] = FakeHealth()
+
+    def start(self, name: str) -> ClusterNode:
+        me = self.config.node(name)
+        self._incarnation += 1
+        node = ClusterNode(self.config, me, SECRET, self.clock, self.actions[name],
+                           self.health[name], incarnation=self._incarnation)
+        for net in self.config.networks:
+            node.attach(net.name, self._sender(name, net.index, net.name))
+        self.nodes[name] = node
+        self.dead.discard(name)
+        node.start()
+        return node
+
+    def start_all(self) -> None:
+        for node in self.config.nodes:
+            self.start(node.name)
+
+    def _sender(self, name: str, index: int, network: str) -> Any:
+        source = (self.config.node(name).addresses[network], self.config.networks[index].port)
+
+        def send(data: bytes, address: Address) -> None:
+            if (name, network) in self.cut:
+                raise OSError("Network is unreachable")
+            target = self._by_address.get((index, address[0]))
+            if target is None:
+                return
+            self.clock.callLater(LATENCY, self._deliver, target[0], index, network, data,
+                                 source)
+        return send
+
+    def _deliver(self, target: str, index: int, network: str, data: bytes,
+                 source: Address) -> None:
+        if target in self.dead or target not in self.nodes or (target, network) in self.cut:
+            return
+        self.delivered += 1
+        self.nodes[target].datagram_received(index, data, source)
+
+    def kill(self, name: str) -> None:
+        """Like kill -9: the node stops without releasing anything."""
+        node = self.nodes[name]
+        self.dead.add(name)
+        node.running = False
+        if node._ticker.running:
+            node._ticker.stop()
+
+    def advance(self, seconds: float, step: float = 0.001) -> None:
+        end = self.clock.seconds() + seconds
+        while self.clock.seconds() < end:
+            self.clock.advance(min(step, end - self.clock.seconds()))
+
+    def live(self) -> list[ClusterNode]:
+        return [n for name, n in self.nodes.items() if name not in self.dead]
+
+    def masters(self) -> dict[str, str]:
+        """slot name -> node name, from the nodes' own states."""
+        result: dict[str, str] = {}
+        for node in self.live():
+            if node.role is Role.MASTER:
+                slot = self.config.slots[node.slot].name
+                assert slot not in result, f"two masters of {slot}"
+                result[slot] = node.me.name
+        return result
+
+    def roles_of(self) -> dict[str, str]:
+        return {n.me.name: n.role.name.lower() for n in self.live()}

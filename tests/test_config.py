@@ -1,0 +1,245 @@
+"""The cluster config: the examples load, and every mistake is one line naming file and key."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import tomllib
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from fsha.config import ConfigError, choose_node, load_config, main, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "conf" / "demo.toml"
+PRODUCTION = ROOT / "conf" / "production.example.toml"
+
+
+def demo_raw() -> dict[str, Any]:
+    return tomllib.loads(DEMO.read_text())
+
+
+class ExamplesTests(SynchronousTestCase):
+    def test_demo_loads(self) -> None:
+        config = load_config(DEMO)
+        self.assertEqual(config.name, "demo")
+        self.assertEqual([n.name for n in config.nodes], ["fs1", "fs2", "fs3"])
+        self.assertEqual([s.name for s in config.slots], ["slot1", "slot2"])
+        self.assertEqual(config.quorum, 2)
+        self.assertEqual(config.heartbeat_interval, 0.05)
+        self.assertEqual(config.dead_after, 0.2)
+        self.assertEqual(config.discovery, 0.3)  # default: dead_after + 2 intervals
+        self.assertEqual(config.node("fs2").addresses, {"A": "127.0.1.2", "B": "127.0.2.2"})
+        self.assertEqual(config.secret_file, DEMO.parent / "demo.secret")
+        self.assertEqual(len(config.digest), 8)
+        self.assertEqual(len(config.read_secret()) >= 16, True)
+
+    def test_production_example_loads(self) -> None:
+        config = load_config(PRODUCTION)
+        self.assertEqual(len(config.nodes), 4)
+        self.assertEqual(config.quorum, 3)
+        self.assertEqual(config.floating_ip.backend, "ip")
+        self.assertEqual(config.slot("trunk").profiles, ("trunk-in", "trunk-out"))
+        assert config.tls is not None
+        self.assertEqual(config.tls.cert_for("fs2"), PRODUCTION.parent / "pki" / "fs2.crt")
+
+    def test_digest_is_stable_and_sensitive(self) -> None:
+        a = parse_config(demo_raw(), DEMO)
+        b = parse_config(demo_raw(), DEMO)
+        self.assertEqual(a.digest, b.digest)
+        raw = demo_raw()
+        raw["node"][2]["priority"] = 99
+        self.assertNotEqual(parse_config(raw, DEMO).digest, a.digest)
+        raw = demo_raw()
+        raw["node"][0]["esl"]["password"] = "other"  # node-local secret: not in the digest
+        self.assertEqual(parse_config(raw, DEMO).digest, a.digest)
+
+
+class ValidationTests(SynchronousTestCase):
+    def problems(self, mutate: Any) -> list[str]:
+        raw = copy.deepcopy(demo_raw())
+        mutate(raw)
+        with self.assertRaises(ConfigError) as caught:
+            parse_config(raw, DEMO)
+        for line in caught.exception.problems:
+            self.assertTrue(line.startswith(f"{DEMO}: "), line)
+            self.assertNotIn("\n", line)
+        return caught.exception.problems
+
+    def assertProblem(self, mutate: Any, key: str, text: str) -> None:  # noqa: N802
+        problems = self.problems(mutate)
+        wanted = f"{DEMO}: {key}: "
+        matching = [p for p in problems if p.startswith(wanted)]
+        self.assertTrue(matching, f"no problem for {key!r} in {problems}")
+        self.assertIn(text, matching[0])
+
+    def test_unknown_keys(self) -> None:
+        self.assertProblem(lambda r: r["cluster"].update(hartbeat_interval_ms=5),
+                           "cluster.hartbeat_interval_ms", "unknown key")
+        self.assertProblem(lambda r: r.update(nodes=[]), "nodes", "unknown key")
+        self.assertProblem(lambda r: r["node"][1].update(prio=3), "node.fs2.prio", "unknown key")
+        self.assertProblem(lambda r: r["node"][1]["esl"].update(pass_word="x"),
+                           "node.fs2.esl.pass_word", "unknown key")
+
+    def test_missing_keys(self) -> None:
+        self.assertProblem(lambda r: r["cluster"].pop("name"), "cluster.name", "missing")
+        self.assertProblem(lambda r: r.pop("cluster"), "cluster", "missing")
+        self.assertProblem(lambda r: r.pop("node"), "node", "missing")
+        self.assertProblem(lambda r: r["node"][0].pop("stream"), "node.fs1.stream", "missing")
+        self.assertProblem(lambda r: r["node"][0]["esl"].pop("password"),
+                           "node.fs1.esl.password", "missing")
+        self.assertProblem(lambda r: r["node"][0].pop("esl"), "node.fs1.esl", "missing")
+        self.assertProblem(lambda r: r["slot"][0].pop("profiles"), "slot.slot1.profiles",
+                           "missing")
+
+    def test_wrong_types(self) -> None:
+        self.assertProblem(lambda r: r["cluster"].update(heartbeat_interval_ms="50"),
+                           "cluster.heartbeat_interval_ms", "must be an integer, not a string")
+        self.assertProblem(lambda r: r["network"][0].update(port=True), "network.A.port",
+                           "must be an integer, not a boolean")
+        self.assertProblem(lambda r: r["network"][0].update(port=70000), "network.A.port",
+                           "1-65535")
+        self.assertProblem(lambda r: r["node"][0].update(stream="127.0.1.1"),
+                           "node.fs1.stream", "IP:PORT")
+        self.assertProblem(lambda r: r["node"][0]["address"].update(A="fs1.example"),
+                           "node.fs1.address.A", "not an IP address")
+        self.assertProblem(lambda r: r.update(node={"name": "x"}), "node",
+                           "array of tables")
+        self.assertProblem(lambda r: r["slot"][0]["ip"][0].update(address="127.0.10.1"),
+                           "slot.slot1.ip[0].address", "prefix length")
+
+    def test_duplicates(self) -> None:
+        self.assertProblem(lambda r: r["node"][1].update(name="fs1"), "node.fs1.name",
+                           "duplicate node name fs1")
+        self.assertProblem(lambda r: r["node"][1]["address"].update(B="127.0.2.1"),
+                           "node.fs2.address.B", "duplicate address 127.0.2.1")
+        self.assertProblem(lambda r: r["node"][2].update(stream="127.0.1.1:17410"),
+                           "node.fs3.stream", "duplicate endpoint")
+        self.assertProblem(lambda r: r["slot"][1].update(profiles=["slot1"]),
+                           "slot.slot2.profiles[0]", "duplicate profile")
+        self.assertProblem(lambda r: r["slot"][1]["ip"][0].update(address="127.0.10.1/32"),
+                           "slot.slot2.ip[0].address", "duplicate floating IP")
+        self.assertProblem(lambda r: r["slot"][1]["ip"][0].update(address="127.0.1.3/32"),
+                           "slot.slot2.ip[0].address", "also a node address")
+        self.assertProblem(lambda r: r["network"][1].update(name="A"), "network.A.name",
+                           "duplicate network name")
+
+    def test_node_without_address_on_a_network(self) -> None:
+        self.assertProblem(lambda r: r["node"][2]["address"].pop("B"), "node.fs3.address.B",
+                           "every node needs an address on network B")
+        self.assertProblem(lambda r: r["node"][2]["address"].update(C="127.0.5.3"),
+                           "node.fs3.address.C", "names no configured [[network]]")
+
+    def test_timings(self) -> None:
+        self.assertProblem(lambda r: r["cluster"].update(dead_after_ms=99),
+                           "cluster.dead_after_ms", "shorter than two heartbeat intervals")
+        self.assertProblem(lambda r: r["cluster"].update(heartbeat_interval_ms=1),
+                           "cluster.heartbeat_interval_ms", "must be 5-10000")
+
+    def test_quorum(self) -> None:
+        for value in ("most", 0, 4):
+            self.assertProblem(lambda r, v=value: r["cluster"].update(quorum=v),
+                               "cluster.quorum", "majority")
+        raw = demo_raw()
+        raw["cluster"]["quorum"] = "none"
+        self.assertEqual(parse_config(raw, DEMO).quorum, 1)
+        raw["cluster"]["quorum"] = 3
+        self.assertEqual(parse_config(raw, DEMO).quorum, 3)
+
+    def test_more_slots_than_nodes(self) -> None:
+        def mutate(r: dict[str, Any]) -> None:
+            for i in (3, 4):
+                r["slot"].append({"name": f"slot{i}", "profiles": [f"p{i}"],
+                                  "ip": [{"address": f"127.0.10.{i}/32", "interface": "lo"}]})
+        self.assertProblem(mutate, "slot", "4 slots but only 3 nodes")
+
+    def test_floating_ip_and_tls(self) -> None:
+        self.assertProblem(lambda r: r["floating_ip"].update(backend="vrrp"),
+                           "floating_ip.backend", "must be one of loopback, ip, command")
+        self.assertProblem(lambda r: r["floating_ip"].update(backend="command"),
+                           "floating_ip.command", "needs the argv")
+        self.assertProblem(lambda r: r.update(tls={"ca": "ca", "cert": "x.crt", "key": "{node}"}),
+                           "tls.cert", "must contain {node}")
+
+    def test_collects_every_problem(self) -> None:
+        def mutate(r: dict[str, Any]) -> None:
+            r["cluster"]["quorum"] = "most"
+            r["node"][0]["priority"] = "high"
+            r["slot"][1]["profiles"] = ["has space"]
+        self.assertEqual(len(self.problems(mutate)), 3)
+
+
+class FileTests(SynchronousTestCase):
+    def write(self, text: str, secret: bytes | None = b"0123456789abcdef0123") -> Path:
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        path = folder / "cluster.toml"
+        path.write_text(text)
+        if secret is not None:
+            secret_path = folder / "demo.secret"
+            secret_path.write_bytes(secret)
+            os.chmod(secret_path, 0o600)
+        return path
+
+    def run_check(self, *argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            code = main(list(argv))
+        return code, out.getvalue(), err.getvalue()
+
+    def test_check_config_ok(self) -> None:
+        path = self.write(DEMO.read_text())
+        code, out, err = self.run_check(str(path))
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("OK: cluster 'demo', 3 nodes, 2 slots", out)
+
+    def test_check_config_bad_toml(self) -> None:
+        path = self.write("[cluster\nname = 1\n")
+        code, out, err = self.run_check(str(path))
+        self.assertEqual(code, 2)
+        self.assertEqual(len(err.strip().splitlines()), 1)
+        self.assertIn(f"{path}: not valid TOML", err)
+
+    def test_check_config_missing_file_and_secret(self) -> None:
+        code, _, err = self.run_check("/nonexistent/cluster.toml")
+        self.assertEqual(code, 2)
+        self.assertIn("/nonexistent/cluster.toml: cannot read", err)
+        path = self.write(DEMO.read_text(), secret=b"short")
+        code, _, err = self.run_check(str(path))
+        self.assertEqual(code, 2)
+        self.assertIn("cluster.secret_file", err)
+        self.assertIn("at least 16", err)
+
+    def test_check_config_warns_on_readable_secret(self) -> None:
+        path = self.write(DEMO.read_text())
+        os.chmod(path.parent / "demo.secret", 0o644)
+        code, _, err = self.run_check(str(path))
+        self.assertEqual(code, 0)
+        self.assertIn("chmod 600", err)
+
+    def test_check_config_unknown_node(self) -> None:
+        path = self.write(DEMO.read_text())
+        code, _, err = self.run_check(str(path), "--node", "fs9")
+        self.assertEqual(code, 2)
+        self.assertIn("no node named 'fs9'", err)
+
+
+class ChooseNodeTests(SynchronousTestCase):
+    def test_by_name_and_by_local_address(self) -> None:
+        config = load_config(DEMO)
+        self.assertEqual(choose_node(config, "fs3").name, "fs3")
+        local = {"127.0.1.2", "127.0.2.2"}
+        self.assertEqual(choose_node(config, None, lambda ip: ip in local).name, "fs2")
+
+    def test_ambiguous_or_absent(self) -> None:
+        config = load_config(DEMO)
+        with self.assertRaises(ConfigError) as caught:
+            choose_node(config, None, lambda ip: True)
+        self.assertIn("several nodes", str(caught.exception))
+        with self.assertRaises(ConfigError) as caught:
+            choose_node(config, None, lambda ip: False)
+        self.assertIn("pass --node NAME", str(caught.exception))

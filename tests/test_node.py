@@ -1,0 +1,288 @@
+"""Whole-cluster behaviour of ClusterNode with a fake clock and an in-memory network."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from fsha.detector import FailureDetector, Verdict
+from fsha.wire.heartbeat import NO_NODE, NO_SLOT, Flags, Heartbeat, MessageType, Role
+
+from .fakecluster import SECRET, FakeCluster, make_config
+
+
+def converge(cluster: FakeCluster) -> None:
+    cluster.start_all()
+    cluster.advance(cluster.config.discovery + 10 * cluster.config.heartbeat_interval)
+
+
+class FormationTests(SynchronousTestCase):
+    def test_fresh_cluster_comes_up_with_n_masters_and_x_slaves(self) -> None:
+        cluster = FakeCluster(make_config(nodes=3, slots=2))
+        converge(cluster)
+        self.assertEqual(cluster.masters(), {"slot1": "fs1", "slot2": "fs2"})
+        self.assertEqual(cluster.roles_of()["fs3"], "slave")
+        digests = {n.roles.digest for n in cluster.live()}
+        self.assertEqual(len(digests), 1, "all nodes compute the same view")
+        for node in cluster.live():
+            self.assertEqual(node.roles.ranking, (2,))
+            self.assertEqual(dict(node.drops), {})
+        self.assertEqual(cluster.actions["fs1"].held, {"slot1"})
+        self.assertEqual(cluster.actions["fs2"].held, {"slot2"})
+
+    def test_nothing_is_claimed_during_discovery(self) -> None:
+        cluster = FakeCluster(make_config())
+        cluster.start_all()
+        cluster.advance(cluster.config.discovery * 0.9)
+        self.assertEqual(set(cluster.roles_of().values()), {"starting"})
+        self.assertEqual(cluster.masters(), {})
+
+    def test_staggered_start_converges_without_duplicates(self) -> None:
+        cluster = FakeCluster(make_config(nodes=4, slots=3))
+        for i, name in enumerate(["fs4", "fs2", "fs3", "fs1"]):
+            cluster.start(name)
+            cluster.advance(0.013 * (i + 1))
+        cluster.advance(2.0)
+        masters = cluster.masters()
+        self.assertEqual(sorted(masters), ["slot1", "slot2", "slot3"])
+        self.assertEqual(len(set(masters.values())), 3)
+        self.assertEqual(len({n.roles.digest for n in cluster.live()}), 1)
+
+    def test_no_quorum_no_claim(self) -> None:
+        cluster = FakeCluster(make_config(nodes=3, slots=2))
+        cluster.start("fs1")
+        cluster.advance(2.0)
+        self.assertEqual(cluster.roles_of(), {"fs1": "slave"})
+        self.assertFalse(cluster.nodes["fs1"].sees_quorum())
+        cluster.start("fs2")
+        cluster.advance(2.0)
+        self.assertEqual(len(cluster.masters()), 2)
+
+
+class FailoverTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.cluster = FakeCluster(make_config(nodes=3, slots=2))
+        converge(self.cluster)
+
+    def test_killed_master_is_taken_over_by_primary_candidate(self) -> None:
+        cluster = self.cluster
+        old_epoch = cluster.nodes["fs1"].epoch
+        cluster.kill("fs1")
+        config = cluster.config
+        cluster.advance(config.dead_after - config.heartbeat_interval)
+        self.assertEqual(cluster.masters(), {"slot2": "fs2"}, "not before dead_after")
+        cluster.advance(config.dead_after + 3 * config.heartbeat_interval)
+        self.assertEqual(cluster.masters(), {"slot1": "fs3", "slot2": "fs2"})
+        fs3 = cluster.nodes["fs3"]
+        self.assertEqual(fs3.epoch, old_epoch + 1)
+        self.assertIn(("acquire", "slot1", old_epoch + 1), cluster.actions["fs3"].calls)
+        events = [e["event"] for e in fs3.events]
+        self.assertIn("peer-down", events)
+        self.assertLess(events.index("claim"), events.index("master"))
+        fs2_events = [e for e in cluster.nodes["fs2"].events if e["event"] == "peer-takeover"]
+        self.assertEqual(fs2_events[0]["subject"], "fs1")
+
+    def test_restarted_master_rejoins_as_slave_without_preempting(self) -> None:
+        cluster = self.cluster
+        cluster.kill("fs1")
+        cluster.advance(1.0)
+        self.assertEqual(cluster.masters(), {"slot1": "fs3", "slot2": "fs2"})
+        cluster.start("fs1")
+        cluster.advance(2.0)
+        self.assertEqual(cluster.masters(), {"slot1": "fs3", "slot2": "fs2"})
+        self.assertEqual(cluster.roles_of()["fs1"], "slave")
+        fs2 = cluster.nodes["fs2"]
+        self.assertTrue(any(e["event"] == "peer-up" and e["peer"] == "fs1"
+                            for e in list(fs2.events)[-10:]))
+        # it is the primary candidate again (the only slave)
+        self.assertEqual(fs2.roles.ranking, (0,))
+
+    def test_restart_detected_as_new_incarnation_without_downtime(self) -> None:
+        cluster = self.cluster
+        old = cluster.nodes["fs3"].incarnation
+        cluster.kill("fs3")
+        cluster.start("fs3")  # back before anyone noticed it was gone
+        cluster.advance(0.5)
+        fs1 = cluster.nodes["fs1"]
+        self.assertNotEqual(fs1.detector.peers[2].incarnation, old)
+        self.assertEqual(fs1.detector.peers[2].restarts, 1)
+        self.assertTrue(any(e["event"] == "peer-restarted" for e in fs1.events))
+
+    def test_one_network_down_is_not_a_failover(self) -> None:
+        cluster = self.cluster
+        cluster.cut.add(("fs1", "B"))
+        cluster.advance(2.0)
+        self.assertEqual(cluster.masters(), {"slot1": "fs1", "slot2": "fs2"})
+        fs2 = cluster.nodes["fs2"]
+        now = cluster.clock.seconds()
+        self.assertFalse(fs2.detector.network_up(0, 1, now))
+        self.assertTrue(fs2.detector.network_up(0, 0, now))
+        status = fs2.status()
+        self.assertEqual(status["nodes"][0]["networks"]["B"]["up"], False)
+        self.assertGreater(cluster.nodes["fs1"].status()["networks"][1]["send_errors"], 0)
+
+    def test_all_networks_down_then_healed_resolves_by_epoch(self) -> None:
+        cluster = self.cluster
+        cluster.cut.update({("fs1", "A"), ("fs1", "B")})
+        cluster.advance(1.0)
+        # the majority took slot1 over; the isolated old master still holds it (no quorum
+        # needed to keep serving, only to take over)
+        self.assertEqual(cluster.nodes["fs3"].role, Role.MASTER)
+        self.assertEqual(cluster.nodes["fs1"].role, Role.MASTER)
+        self.assertFalse(cluster.nodes["fs1"].sees_quorum())
+        cluster.cut.clear()
+        cluster.advance(0.5)
+        self.assertEqual(cluster.masters(), {"slot1": "fs3", "slot2": "fs2"})
+        self.assertEqual(cluster.roles_of()["fs1"], "slave")
+        self.assertNotIn("slot1", cluster.actions["fs1"].held)
+        release = [e for e in cluster.nodes["fs1"].events if e["event"] == "release"]
+        self.assertIn("fs3 holds slot by a better claim", release[0]["reason"])
+
+    def test_minority_side_never_takes_over(self) -> None:
+        cluster = FakeCluster(make_config(nodes=5, slots=2))
+        converge(cluster)
+        self.assertEqual(cluster.masters(), {"slot1": "fs1", "slot2": "fs2"})
+        # fs2 and fs5 on one side (minority), fs1 fs3 fs4 on the other
+        for name in ("fs2", "fs5"):
+            cluster.cut.update({(name, "A"), (name, "B")})
+        cluster.advance(1.0)
+        self.assertEqual(cluster.nodes["fs5"].role, Role.SLAVE, "minority slave does not claim")
+        self.assertEqual(cluster.nodes["fs3"].role, Role.MASTER, "majority takes slot2 over")
+        self.assertEqual(cluster.config.slots[cluster.nodes["fs3"].slot].name, "slot2")
+
+    def test_two_masters_die_at_once_both_taken_in_parallel(self) -> None:
+        cluster = FakeCluster(make_config(nodes=5, slots=3))
+        converge(cluster)
+        self.assertEqual(cluster.masters(), {"slot1": "fs1", "slot2": "fs2", "slot3": "fs3"})
+        cluster.kill("fs1")
+        cluster.kill("fs2")
+        cluster.advance(cluster.config.dead_after + 4 * cluster.config.heartbeat_interval)
+        masters = cluster.masters()
+        self.assertEqual(masters, {"slot1": "fs4", "slot2": "fs5", "slot3": "fs3"})
+
+    def test_failed_claim_rolls_back_and_next_candidate_proceeds(self) -> None:
+        cluster = FakeCluster(make_config(nodes=4, slots=2))
+        converge(cluster)
+        self.assertEqual(cluster.nodes["fs3"].roles.ranking, (2, 3))
+        self.assertEqual(cluster.actions["fs3"].calls, [], "a clean formation claims nothing twice")
+        cluster.actions["fs3"].fail_acquire = True
+        cluster.kill("fs1")
+        cluster.advance(1.0)
+        self.assertEqual(cluster.masters(), {"slot1": "fs4", "slot2": "fs2"})
+        fs3 = cluster.nodes["fs3"]
+        self.assertEqual(fs3.role, Role.SLAVE)
+        self.assertIn(Flags.UNFIT, fs3.flags())
+        self.assertEqual([c[0] for c in cluster.actions["fs3"].calls], ["acquire", "release"])
+        self.assertTrue(any(e["event"] == "claim-aborted" for e in fs3.events))
+
+    def test_hung_claim_times_out_and_rolls_back(self) -> None:
+        cluster = self.cluster
+        cluster.actions["fs3"].hang_acquire = True
+        cluster.kill("fs1")
+        cluster.advance(cluster.nodes["fs3"].claim_timeout + 1.0)
+        fs3 = cluster.nodes["fs3"]
+        self.assertEqual(fs3.role, Role.SLAVE)
+        self.assertIn("release", [c[0] for c in cluster.actions["fs3"].calls])
+        self.assertEqual(cluster.masters(), {"slot2": "fs2"})  # nobody else left to claim
+
+    def test_stopped_master_hands_over_before_dead_after(self) -> None:
+        cluster = self.cluster
+        stopped = cluster.nodes["fs1"].stop()
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertEqual(cluster.actions["fs1"].held, set())
+        cluster.dead.add("fs1")
+        # well before fs1 could be declared dead, fs3 holds slot1
+        cluster.advance(cluster.config.dead_after / 2)
+        self.assertEqual(cluster.masters(), {"slot1": "fs3", "slot2": "fs2"})
+
+    def test_candidate_dies_mid_claim_next_candidate_completes(self) -> None:
+        cluster = FakeCluster(make_config(nodes=5, slots=2))  # 3 of 5 left: still a quorum
+        converge(cluster)
+        cluster.actions["fs3"].hang_acquire = True
+        cluster.kill("fs1")
+        cluster.advance(cluster.config.dead_after + 3 * cluster.config.heartbeat_interval)
+        self.assertEqual(cluster.nodes["fs3"].role, Role.CLAIMING)
+        cluster.kill("fs3")
+        cluster.advance(1.0)
+        self.assertEqual(cluster.masters(), {"slot1": "fs4", "slot2": "fs2"})
+        self.assertEqual(cluster.nodes["fs4"].epoch, 3, "epoch past the dead claimant's")
+
+    def test_losing_quorum_to_two_deaths_stops_takeovers(self) -> None:
+        cluster = FakeCluster(make_config(nodes=4, slots=2))
+        converge(cluster)
+        cluster.kill("fs1")
+        cluster.kill("fs3")
+        cluster.advance(1.0)
+        self.assertEqual(cluster.masters(), {"slot2": "fs2"})
+        self.assertFalse(cluster.nodes["fs4"].sees_quorum())
+        self.assertEqual(cluster.actions["fs4"].calls, [])
+
+
+class DatagramHygieneTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.cluster = FakeCluster(make_config())
+        converge(self.cluster)
+        self.fs1 = self.cluster.nodes["fs1"]
+        self.fs2 = self.cluster.nodes["fs2"]
+
+    def heartbeat(self, **fields: object) -> Heartbeat:
+        base = dict(type=MessageType.HEARTBEAT, cluster_id=self.fs2.codec.cluster_id,
+                    node_id=1, incarnation=self.fs2.incarnation, sequence=10**9,
+                    role=Role.SLAVE, flags=Flags.FS_OK, slot=NO_SLOT, epoch=0,
+                    subject=NO_NODE, config_digest=self.fs1.config.digest,
+                    view_digest=bytes(8))
+        base.update(fields)
+        return Heartbeat(**base)  # type: ignore[arg-type]
+
+    def test_drops_are_counted_by_reason(self) -> None:
+        node, codec = self.fs1, self.fs1.codec
+        fs2_a = ("127.0.1.2", 17400)
+        node.datagram_received(0, b"garbage", fs2_a)
+        good = codec.encode(self.heartbeat())
+        node.datagram_received(0, good[:-1] + bytes([good[-1] ^ 1]), fs2_a)
+        node.datagram_received(0, good, ("127.0.1.3", 17400))  # fs3's address
+        node.datagram_received(0, codec.encode(self.heartbeat(node_id=7)), ("127.0.1.7", 1))
+        node.datagram_received(0, codec.encode(self.heartbeat(node_id=0)), ("127.0.1.1", 1))
+        node.datagram_received(0, codec.encode(self.heartbeat(config_digest=b"x" * 8)), fs2_a)
+        node.datagram_received(0, codec.encode(self.heartbeat(incarnation=5)), fs2_a)
+        node.datagram_received(0, codec.encode(self.heartbeat(sequence=1)), fs2_a)
+        self.assertEqual(dict(node.drops), {
+            "short": 1, "tag": 1, "wrong-source": 1, "unknown-node": 1, "self": 1,
+            "config-mismatch": 1, "old-incarnation": 1, "replay": 1})
+        # and nothing changed in the cluster
+        self.assertEqual(self.cluster.masters(), {"slot1": "fs1", "slot2": "fs2"})
+
+    def test_other_cluster_secret_is_dropped(self) -> None:
+        from fsha.wire.heartbeat import HeartbeatCodec
+        other = HeartbeatCodec(b"another-secret-entirely!", self.fs1.codec.cluster_id)
+        self.fs1.datagram_received(0, other.encode(self.heartbeat()), ("127.0.1.2", 17400))
+        self.assertEqual(dict(self.fs1.drops), {"tag": 1})
+        self.assertNotEqual(other.encode(self.heartbeat()), SECRET)
+
+
+class DetectorTests(SynchronousTestCase):
+    def hb(self, seq: int, incarnation: int = 1) -> Heartbeat:
+        return Heartbeat(MessageType.HEARTBEAT, 1, 1, incarnation, seq, Role.SLAVE,
+                         Flags.FS_OK, NO_SLOT, 0, NO_NODE, bytes(8), bytes(8))
+
+    def test_same_heartbeat_on_two_networks_applied_once_refreshes_both(self) -> None:
+        d = FailureDetector([1], networks=2, dead_after=0.2)
+        self.assertEqual(d.observe(0, self.hb(1), 10.0), Verdict.APPLIED)
+        self.assertEqual(d.observe(1, self.hb(1), 10.01), Verdict.DUPLICATE)
+        self.assertEqual(d.peers[1].heard, [10.0, 10.01])
+        self.assertEqual(d.observe(1, self.hb(1), 10.02), Verdict.REPLAY)
+        self.assertEqual(d.observe(1, self.hb(2), 10.03), Verdict.APPLIED)
+        self.assertEqual(d.observe(0, self.hb(2, incarnation=2), 10.04), Verdict.RESTARTED)
+        self.assertEqual(d.observe(0, self.hb(9, incarnation=1), 10.05),
+                         Verdict.OLD_INCARNATION)
+
+    def test_alive_while_any_network_hears(self) -> None:
+        d = FailureDetector([1], networks=2, dead_after=0.2)
+        d.observe(0, self.hb(1), 10.0)
+        for i, t in enumerate((10.1, 10.2, 10.3)):
+            d.observe(1, self.hb(i + 2), t)
+        self.assertEqual(d.check(10.35), [])
+        self.assertFalse(d.network_up(1, 0, 10.35))
+        self.assertTrue(d.network_up(1, 1, 10.35))
+        [change] = d.check(10.51)
+        self.assertEqual((change.node_id, change.alive), (1, False))
+        self.assertEqual(d.alive_ids(), [])
