@@ -317,6 +317,13 @@ class ClusterNode:
         self._evaluate()
         self._send(MessageType.HEARTBEAT)
 
+    def health_changed(self, ok: bool) -> None:
+        """The local FreeSWITCH came up or went away: re-evaluate and tell peers now."""
+        self._event("freeswitch", ok=ok)
+        if self.running:
+            self._evaluate()
+            self._send(MessageType.HEARTBEAT)
+
     def _anyone_starting(self) -> bool:
         return any(p.alive and p.latest is not None and p.latest.role is Role.STARTING
                    for p in self.detector.peers.values())

@@ -16,6 +16,8 @@ from fsha.node import Address, ClusterNode
 
 
 class HeartbeatProtocol(DatagramProtocol):
+    noisy = False
+
     def __init__(self, node: ClusterNode, network: Network) -> None:
         self.node = node
         self.network = network
@@ -24,7 +26,7 @@ class HeartbeatProtocol(DatagramProtocol):
     def startProtocol(self) -> None:
         self.node.attach(self.network.name, self.send)
 
-    def datagramReceived(self, datagram: bytes, addr: Address) -> None:  # noqa: N802
+    def datagramReceived(self, datagram: bytes, addr: Address) -> None:
         self.node.datagram_received(self._index, datagram, addr)
 
     def send(self, data: bytes, address: Address) -> None:

@@ -70,7 +70,7 @@ class ValidationTests(SynchronousTestCase):
             self.assertNotIn("\n", line)
         return caught.exception.problems
 
-    def assertProblem(self, mutate: Any, key: str, text: str) -> None:  # noqa: N802
+    def assertProblem(self, mutate: Any, key: str, text: str) -> None:
         problems = self.problems(mutate)
         wanted = f"{DEMO}: {key}: "
         matching = [p for p in problems if p.startswith(wanted)]
@@ -199,7 +199,7 @@ class FileTests(SynchronousTestCase):
 
     def test_check_config_bad_toml(self) -> None:
         path = self.write("[cluster\nname = 1\n")
-        code, out, err = self.run_check(str(path))
+        code, _out, err = self.run_check(str(path))
         self.assertEqual(code, 2)
         self.assertEqual(len(err.strip().splitlines()), 1)
         self.assertIn(f"{path}: not valid TOML", err)

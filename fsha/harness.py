@@ -1,0 +1,299 @@
+"""A real cluster on loopback: separate fsha and simulator processes, for the demo and tests.
+
+Every node gets its own addresses in 127.0.0.0/8 (network A 127.0.1.N, network B 127.0.2.N,
+its simulator's ESL on 127.0.3.N, floating IPs 127.0.10.S) and free ports, so several
+clusters can run side by side. Everything runs as child processes of this one, and
+``close()`` (or leaving the ``with`` block, also on Ctrl-C) ends every one of them.
+
+This is driver code, not node code: it uses plain ``subprocess`` and blocking HTTP polls,
+each with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+FSHA = [sys.executable, "-m", "fsha"]
+
+
+class HarnessError(Exception):
+    pass
+
+
+def _free_port(kind: int, hosts: list[str]) -> int:
+    """A port free on every one of ``hosts`` (each node binds its own address)."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, kind) as probe:
+            probe.bind((hosts[0], 0))
+            port = probe.getsockname()[1]
+        if port < 20000:
+            continue  # stay clear of ports conventionally used by services
+        try:
+            for host in hosts:
+                with socket.socket(socket.AF_INET, kind) as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise HarnessError("no free port found on " + ", ".join(hosts))
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.01
+             ) -> Any:
+    """Poll ``check`` until it returns something true; HarnessError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except (OSError, ValueError, KeyError) as e:
+            last_error = e
+        if time.monotonic() > deadline:
+            extra = f" (last error: {last_error})" if last_error else ""
+            raise HarnessError(f"timed out after {timeout:.1f}s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+@dataclass
+class NodeProcesses:
+    name: str
+    index: int
+    log_path: Path
+    sim_log_path: Path
+    fsha: subprocess.Popen[bytes] | None = None
+    sim: subprocess.Popen[bytes] | None = None
+    sim_ports: dict[str, Any] = field(default_factory=dict)
+    status_url: str = ""
+    killed_at: float | None = None
+
+
+class LoopbackCluster:
+    """``nodes`` nodes, ``slots`` slots, two networks, each node with its own simulator."""
+
+    def __init__(self, nodes: int = 3, slots: int = 2, *, interval_ms: int = 20,
+                 dead_after_ms: int = 100, workdir: Path | None = None,
+                 keep: bool = False) -> None:
+        if not 1 <= slots <= nodes <= 200:
+            raise ValueError("need 1 <= slots <= nodes <= 200")
+        self.node_count, self.slot_count = nodes, slots
+        self.interval_ms, self.dead_after_ms = interval_ms, dead_after_ms
+        self.keep = keep or workdir is not None
+        self.dir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fsha-demo-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.dir / "cluster.toml"
+        self.nodes = [NodeProcesses(f"fs{i}", i, self.dir / f"fs{i}.log",
+                                    self.dir / f"fs{i}-sim.log") for i in range(1, nodes + 1)]
+        self._closed = False
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def __enter__(self) -> LoopbackCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def address(self, network: int, node: int) -> str:
+        return f"127.0.{network}.{node}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start every simulator, write the config, start every node."""
+        for node in self.nodes:
+            self.start_sim(node)
+        for node in self.nodes:
+            self.wait_sim(node, timeout)
+        self.write_config()
+        for node in self.nodes:
+            self.start_node(node)
+
+    def slot_profile(self, slot: int) -> tuple[str, str, int]:
+        return f"slot{slot}", f"127.0.10.{slot}", 5060
+
+    def start_sim(self, node: NodeProcesses) -> None:
+        ready = self.dir / f"{node.name}-sim.ready"
+        ready.unlink(missing_ok=True)
+        argv = [*FSHA, "sim", "--name", node.name,
+                "--esl", f"{self.address(3, node.index)}:0",
+                "--password", "ClueCon", "--db", str(self.dir / f"{node.name}-core.db"),
+                "--control", f"{self.address(3, node.index)}:0",
+                "--ready-file", str(ready)]
+        for s in range(1, self.slot_count + 1):
+            name, ip, port = self.slot_profile(s)
+            argv += ["--define-profile", f"{name}={ip}:{port}"]
+        with open(node.sim_log_path, "ab") as log:
+            node.sim = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def wait_sim(self, node: NodeProcesses, timeout: float) -> None:
+        ready = self.dir / f"{node.name}-sim.ready"
+
+        def read() -> dict[str, Any] | None:
+            assert node.sim is not None
+            if node.sim.poll() is not None:
+                raise HarnessError(f"simulator of {node.name} exited with {node.sim.returncode}"
+                                   f"; see {node.sim_log_path}")
+            return json.loads(ready.read_text()) if ready.exists() else None
+        node.sim_ports = wait_for(f"simulator of {node.name}", read, timeout)
+
+    def write_config(self) -> None:
+        secret = self.dir / "cluster.secret"
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(24).hex().encode())
+        a_hosts = [self.address(1, n.index) for n in self.nodes]
+        b_hosts = [self.address(2, n.index) for n in self.nodes]
+        port_a = _free_port(socket.SOCK_DGRAM, a_hosts)
+        port_b = _free_port(socket.SOCK_DGRAM, b_hosts)
+        stream_port = _free_port(socket.SOCK_STREAM, a_hosts)
+        status_port = _free_port(socket.SOCK_STREAM, a_hosts)
+        lines = [
+            "# written by fsha.harness: a loopback cluster", "[cluster]",
+            'name = "demo"', f'secret_file = "{secret}"',
+            f"heartbeat_interval_ms = {self.interval_ms}",
+            f"dead_after_ms = {self.dead_after_ms}", 'quorum = "majority"', "",
+            '[floating_ip]', 'backend = "loopback"', "",
+            '[[network]]', 'name = "A"', f"port = {port_a}", "",
+            '[[network]]', 'name = "B"', f"port = {port_b}", ""]
+        for node in self.nodes:
+            esl_host, esl_port = node.sim_ports["esl"]["host"], node.sim_ports["esl"]["port"]
+            lines += ['[[node]]', f'name = "{node.name}"',
+                      f"priority = {100 if node.index <= self.slot_count else 50}",
+                      f'address = {{ A = "{self.address(1, node.index)}", '
+                      f'B = "{self.address(2, node.index)}" }}',
+                      f'stream = "{self.address(1, node.index)}:{stream_port}"',
+                      f'status = "{self.address(1, node.index)}:{status_port}"',
+                      f'esl = {{ host = "{esl_host}", port = {int(esl_port)}, '
+                      f'password = "ClueCon", timeout_ms = 1000, '
+                      f'core_db = "{self.dir / (node.name + "-core.db")}" }}', ""]
+            node.status_url = f"http://{self.address(1, node.index)}:{status_port}/status"
+        for s in range(1, self.slot_count + 1):
+            name, ip, _ = self.slot_profile(s)
+            lines += ['[[slot]]', f'name = "{name}"', f'profiles = ["{name}"]',
+                      f'ip = [{{ address = "{ip}/32", interface = "lo" }}]', ""]
+        self.config_path.write_text("\n".join(lines))
+        check = subprocess.run([*FSHA, "check-config", str(self.config_path)],
+                               capture_output=True, text=True, timeout=60)
+        if check.returncode != 0:
+            raise HarnessError(f"generated config is invalid: {check.stderr.strip()}")
+
+    def start_node(self, node: NodeProcesses) -> None:
+        argv = [*TWISTD, "-n", "--pidfile=", "fsha", "--config", str(self.config_path),
+                "--node", node.name]
+        with open(node.log_path, "ab") as log:
+            node.fsha = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         cwd=self.dir)
+        node.killed_at = None
+
+    # -- observation ----------------------------------------------------------------------
+
+    def status(self, node: NodeProcesses, timeout: float = 1.0) -> dict[str, Any]:
+        with urllib.request.urlopen(node.status_url, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def running(self) -> list[NodeProcesses]:
+        return [n for n in self.nodes if n.fsha is not None and n.fsha.poll() is None]
+
+    def statuses(self) -> dict[str, dict[str, Any]]:
+        return {n.name: self.status(n) for n in self.running()}
+
+    def converged(self) -> dict[str, Any] | None:
+        """The agreed view if every running node agrees and every slot is mastered."""
+        statuses = self.statuses()
+        for node in self.nodes:
+            if node.fsha is not None and node.fsha.poll() is not None and node.killed_at is None:
+                raise HarnessError(f"{node.name} exited with {node.fsha.returncode}; "
+                                   f"see {node.log_path}")
+        if not statuses:
+            return None
+        views = {s["view_digest"] for s in statuses.values()}
+        owners = {tuple((sl["name"], sl["owner"]) for sl in s["slots"])
+                  for s in statuses.values()}
+        if len(views) != 1 or len(owners) != 1:
+            return None
+        first = next(iter(statuses.values()))
+        if any(sl["owner"] is None for sl in first["slots"]):
+            return None
+        if any(s["role"] not in ("master", "slave") for s in statuses.values()):
+            return None
+        return first
+
+    def wait_converged(self, timeout: float = 30.0) -> dict[str, Any]:
+        return wait_for("the cluster to agree on its roles", self.converged, timeout)
+
+    def owner(self, slot: str) -> str | None:
+        view = self.converged()
+        if view is None:
+            return None
+        return next(s["owner"] for s in view["slots"] if s["name"] == slot)
+
+    def node(self, name: str) -> NodeProcesses:
+        return next(n for n in self.nodes if n.name == name)
+
+    # -- faults -----------------------------------------------------------------------------
+
+    def kill(self, name: str, sim_too: bool = False) -> float:
+        """kill -9 the node's fsha (and its simulator); returns the time of the kill."""
+        node = self.node(name)
+        assert node.fsha is not None
+        node.killed_at = time.time()
+        os.kill(node.fsha.pid, signal.SIGKILL)
+        if sim_too and node.sim is not None:
+            os.kill(node.sim.pid, signal.SIGKILL)
+        node.fsha.wait(timeout=10)
+        return node.killed_at
+
+    def restart(self, name: str) -> None:
+        node = self.node(name)
+        if node.sim is None or node.sim.poll() is not None:
+            self.start_sim(node)
+            self.wait_sim(node, 30)
+        self.start_node(node)
+
+    def stop(self, name: str, timeout: float = 10.0) -> None:
+        node = self.node(name)
+        if node.fsha is not None and node.fsha.poll() is None:
+            node.fsha.send_signal(signal.SIGTERM)
+            node.fsha.wait(timeout=timeout)
+
+    # -- tear-down ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        procs = [p for n in self.nodes for p in (n.fsha, n.sim) if p is not None]
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=10)
+        if not self.keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def logs(self, name: str, lines: int = 40) -> str:
+        node = self.node(name)
+        text = node.log_path.read_text(errors="replace") if node.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])

@@ -1,0 +1,137 @@
+"""``twistd fsha``: options and the service tree of one cluster node.
+
+    twistd -n fsha --config /etc/fsha/cluster.toml [--node fs1]
+
+A config problem ends the process with status 2 and one line naming the file and key.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application import internet, service
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.server import Site
+
+from fsha.config import ClusterConfig, ConfigError, NodeConfig, choose_node, load_config
+from fsha.esl import ConnectionState, ESLClient
+from fsha.floating import FloatingIPBackend, make_backend
+from fsha.node import ClusterNode
+from fsha.status import status_site_root
+from fsha.takeover import SlotEffects
+from fsha.transport import heartbeat_services
+
+DEFAULT_CONFIG = "/etc/fsha/cluster.toml"
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--node NAME]"
+    longdesc = ("Run one fsha cluster node beside its FreeSWITCH. Every node reads the same "
+                "cluster config; the node is chosen by --node or by which configured "
+                "addresses are local.")
+    optParameters = [
+        ["config", "c", DEFAULT_CONFIG, "the cluster config file (TOML)"],
+        ["node", "n", None, "this node's name (default: the node whose addresses are local)"],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self.cluster: ClusterConfig = load_config(self["config"])
+            self.me: NodeConfig = choose_node(self.cluster, self["node"])
+            self.secret: bytes = self.cluster.read_secret()
+        except ConfigError as e:
+            print(f"fsha: {e.problems[0]}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+
+class SwitchHealth:
+    """The node's view of its FreeSWITCH: healthy while the ESL client is ready."""
+
+    def __init__(self, esl: ESLClient) -> None:
+        self.esl = esl
+
+    def is_ok(self) -> bool:
+        return self.esl.is_healthy
+
+
+def esl_client(me: NodeConfig, reactor: Any, ping_interval: float) -> ESLClient:
+    endpoint_type = TCP6ClientEndpoint if ":" in me.esl.host else TCP4ClientEndpoint
+    endpoint = endpoint_type(reactor, me.esl.host, me.esl.port, timeout=me.esl.timeout)
+    client = ESLClient(endpoint, me.esl.password, reactor, request_timeout=me.esl.timeout,
+                       setup_timeout=me.esl.timeout, ping_interval=ping_interval,
+                       ping_timeout=me.esl.timeout)
+    client.setName("esl")
+    return client
+
+
+class NodeService(service.Service):
+    """Clears leftovers of a previous run, then runs the node; hands over on stop."""
+
+    log = Logger()
+
+    def __init__(self, node: ClusterNode, floating: FloatingIPBackend) -> None:
+        self.node = node
+        self.floating = floating
+
+    def startService(self) -> None:
+        super().startService()
+        ips = [ip for slot in self.node.config.slots for ip in slot.ips]
+        # A process killed with -9 leaves its floating IPs configured: remove them before
+        # joining, so this (new) slave never answers for a slot it does not hold.
+        d = self.floating.cleanup(ips)
+        d.addTimeout(self.node.config.floating_ip.timeout * 2, self.node.clock)
+
+        def removed(found: list[Any]) -> None:
+            if found:
+                self.log.warn("removed {count} floating address(es) left by a previous run: "
+                              "{addresses}", count=len(found),
+                              addresses=", ".join(str(ip) for ip in found))
+
+        def failed(f: Any) -> None:
+            self.log.failure("start-up cleanup of floating IPs failed; joining anyway", f)
+
+        d.addCallbacks(removed, failed)
+        d.addCallback(lambda _: self.node.start())
+        d.addErrback(lambda f: self.log.failure("node start failed", f))
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        d = self.node.stop() if self.node.running else defer.succeed(None)
+        d.addTimeout(self.node.config.floating_ip.timeout * 2 + 1, self.node.clock)
+        d.addErrback(lambda f: self.log.failure("clean hand-over on stop failed", f))
+        return d
+
+
+def makeService(options: Options, reactor: Any = None) -> service.MultiService:
+    if reactor is None:
+        from twisted.internet import reactor  # the process's reactor, chosen by twistd
+    config, me = options.cluster, options.me
+    top = service.MultiService()
+    top.setName(f"fsha-{me.name}")
+    esl = esl_client(me, reactor, ping_interval=max(0.5, 10 * config.heartbeat_interval))
+    floating = make_backend(config.floating_ip, reactor)
+    node = ClusterNode(config, me, options.secret, reactor, SlotEffects(floating),
+                       SwitchHealth(esl))
+
+    def switch_state(old: ConnectionState, new: ConnectionState) -> None:
+        # Tell the cluster at once rather than at the next tick.
+        node.health_changed(new is ConnectionState.READY)
+
+    esl.add_state_listener(switch_state)
+    # Stopped after the node (services stop in reverse order), so a hand-over on stop can
+    # still use FreeSWITCH.
+    esl.setServiceParent(top)
+    for udp in heartbeat_services(node, reactor):
+        udp.setServiceParent(top)
+    site = Site(status_site_root(node.status))
+    site.noisy = False
+    status = internet.TCPServer(me.status.port, site, interface=me.status.host,
+                                reactor=reactor)
+    status.setName("status")
+    status.setServiceParent(top)
+    NodeService(node, floating).setServiceParent(top)
+    return top

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Prepares this checkout on a fresh machine (Python 3.11 + pip, root for system packages):
+# the system tools tests and the demo use, and a virtualenv in .venv with fsha installed.
+# Sourced by scripts/test.sh and scripts/demo.sh; safe to run again.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+need_packages=()
+command -v ip >/dev/null 2>&1 || need_packages+=(iproute2)
+command -v arping >/dev/null 2>&1 || need_packages+=(iputils-arping)
+if [ ${#need_packages[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing ${need_packages[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${need_packages[@]}" >/dev/null
+    else
+        echo "setup: missing ${need_packages[*]} (not root or no apt-get): tests needing them skip"
+    fi
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 \
+    | grep -v '^WARNING: Location' || true
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat 2>&1 \
+    | grep -v '^WARNING: Location' || true
+.venv/bin/python -c 'import fsha, twisted, automat' # fails loudly if the install did not work
