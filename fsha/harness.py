@@ -81,7 +81,7 @@ class NodeProcesses:
     sim: subprocess.Popen[bytes] | None = None
     sim_ports: dict[str, Any] = field(default_factory=dict)
     status_url: str = ""
-    killed_at: float | None = None
+    down_since: float | None = None  # killed or stopped on purpose at this time
 
 
 class LoopbackCluster:
@@ -200,7 +200,7 @@ class LoopbackCluster:
             node.fsha = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
                                          cwd=self.dir)
-        node.killed_at = None
+        node.down_since = None
 
     # -- observation ----------------------------------------------------------------------
 
@@ -218,7 +218,7 @@ class LoopbackCluster:
         """The agreed view if every running node agrees and every slot is mastered."""
         statuses = self.statuses()
         for node in self.nodes:
-            if node.fsha is not None and node.fsha.poll() is not None and node.killed_at is None:
+            if node.fsha is not None and node.fsha.poll() is not None and node.down_since is None:
                 raise HarnessError(f"{node.name} exited with {node.fsha.returncode}; "
                                    f"see {node.log_path}")
         if not statuses:
@@ -253,12 +253,12 @@ class LoopbackCluster:
         """kill -9 the node's fsha (and its simulator); returns the time of the kill."""
         node = self.node(name)
         assert node.fsha is not None
-        node.killed_at = time.time()
+        node.down_since = time.time()
         os.kill(node.fsha.pid, signal.SIGKILL)
         if sim_too and node.sim is not None:
             os.kill(node.sim.pid, signal.SIGKILL)
         node.fsha.wait(timeout=10)
-        return node.killed_at
+        return node.down_since
 
     def restart(self, name: str) -> None:
         node = self.node(name)
@@ -270,6 +270,7 @@ class LoopbackCluster:
     def stop(self, name: str, timeout: float = 10.0) -> None:
         node = self.node(name)
         if node.fsha is not None and node.fsha.poll() is None:
+            node.down_since = time.time()
             node.fsha.send_signal(signal.SIGTERM)
             node.fsha.wait(timeout=timeout)
 

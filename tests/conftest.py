@@ -1,0 +1,23 @@
+"""pytest glue: run the suite from a scratch directory, as `trial` does (`_trial_temp`).
+
+trial's ``TestCase.mktemp()`` makes paths relative to the working directory; this keeps
+them out of the checkout. Tests never rely on the working directory: they locate the
+project from ``__file__``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _scratch_working_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    previous = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("trial"))
+    try:
+        yield
+    finally:
+        os.chdir(previous)

@@ -1,0 +1,77 @@
+"""Real processes on loopback: three `twistd -n fsha` nodes, each with its simulator."""
+
+from __future__ import annotations
+
+import time
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from fsha.harness import HarnessError, LoopbackCluster, wait_for
+
+
+class LoopbackClusterTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.cluster = LoopbackCluster(nodes=3, slots=2, interval_ms=20, dead_after_ms=100)
+        self.addCleanup(self.cluster.close)
+        try:
+            self.cluster.start()
+            self.view = self.cluster.wait_converged(timeout=60)
+        except HarnessError:
+            for node in self.cluster.nodes:
+                print(f"--- {node.name}\n{self.cluster.logs(node.name)}")
+            raise
+
+    def test_converge_kill_master_rejoin(self) -> None:
+        cluster = self.cluster
+        owners = {s["name"]: s["owner"] for s in self.view["slots"]}
+        self.assertEqual(sorted(owners), ["slot1", "slot2"])
+        self.assertEqual(len(set(owners.values())), 2, "two different masters")
+        [spare] = [n.name for n in cluster.nodes if n.name not in owners.values()]
+        statuses = cluster.statuses()
+        self.assertEqual(statuses[spare]["role"], "slave")
+        for status in statuses.values():
+            self.assertEqual(status["ranking"], [spare])
+            self.assertTrue(status["quorum"]["ok"])
+            self.assertTrue(all("fs_ok" in n["flags"] for n in status["nodes"]))
+            self.assertEqual(status["drops"], {})
+
+        victim = owners["slot1"]
+        killed_at = cluster.kill(victim)
+        new_owner = wait_for("slot1 to be taken over",
+                             lambda: cluster.owner("slot1") not in (None, victim)
+                             and cluster.owner("slot1"), timeout=30)
+        self.assertEqual(new_owner, spare, "the primary candidate takes over")
+        after = cluster.status(cluster.node(spare))
+        self.assertEqual(after["role"], "master")
+        self.assertEqual(after["epoch"], self.epoch_of("slot1") + 1)
+        down = [e for e in after["events"] if e["event"] == "peer-down" and e["peer"] == victim]
+        self.assertTrue(down, after["events"])
+        self.assertGreater(down[0]["time"], killed_at, "not declared dead before it died")
+        victim_node = next(n for n in after["nodes"] if n["name"] == victim)
+        self.assertFalse(victim_node["alive"])
+
+        cluster.restart(victim)
+        wait_for("the killed node to rejoin",
+                 lambda: len(cluster.statuses()) == 3 and cluster.converged(), timeout=60)
+        final = cluster.statuses()
+        self.assertEqual(final[victim]["role"], "slave", "rejoins as a slave")
+        self.assertEqual(cluster.owner("slot1"), spare, "no preemption")
+        self.assertEqual(cluster.owner("slot2"), owners["slot2"])
+        survivor = final[spare]
+        self.assertTrue(any(e["event"] == "peer-up" and e["peer"] == victim
+                            and e["time"] > killed_at for e in survivor["events"]))
+
+    def test_stopped_master_hands_over_cleanly(self) -> None:
+        cluster = self.cluster
+        owners = {s["name"]: s["owner"] for s in self.view["slots"]}
+        [spare] = [n.name for n in cluster.nodes if n.name not in owners.values()]
+        started = time.monotonic()
+        cluster.stop(owners["slot2"])  # SIGTERM: release, announce, exit
+        wait_for("slot2 to move", lambda: cluster.owner("slot2") == spare, timeout=30)
+        status = cluster.status(cluster.node(spare))
+        release = [e for e in status["events"] if e["event"] == "peer-release"]
+        self.assertTrue(release, "the stopping master announced its release")
+        self.assertLess(time.monotonic() - started, 30)
+
+    def epoch_of(self, slot: str) -> int:
+        return next(s["epoch"] for s in self.view["slots"] if s["name"] == slot)
