@@ -33,6 +33,11 @@ Three backends share one small interface (:class:`FloatingIPBackend`):
 Every step has the configured timeout. A failed ``up`` may have acquired some of the
 addresses: the caller rolls back with ``down`` on all of them (``down`` of an address not held
 succeeds).
+
+Host set-up for the ``ip`` backend: ``net.ipv4.conf.IF.promote_secondaries=1`` (else deleting a
+VIP that happens to be the primary address of its subnet deletes the other addresses of that
+subnet too; ``cleanup`` warns), and optionally ``net.ipv4.ip_nonlocal_bind=1`` so sofia
+profiles can be started on a VIP before it is held.
 """
 
 from __future__ import annotations
@@ -108,14 +113,14 @@ def make_backend(config: FloatingIPConfig, reactor: Any,
     """The backend ``config.backend`` names, running its commands through ``runner``."""
     if config.backend == "loopback":
         return LoopbackBackend(reactor)
+    if config.backend not in ("ip", "command"):
+        raise ValueError(f"unknown floating IP backend {config.backend!r}")
     if runner is None:
         runner = ProcessRunner(reactor)
     if config.backend == "ip":
         return IPBackend(runner, reactor, timeout=config.timeout,
                          arping_count=config.arping_count)
-    if config.backend == "command":
-        return CommandBackend(runner, reactor, command=config.command, timeout=config.timeout)
-    raise ValueError(f"unknown floating IP backend {config.backend!r}")
+    return CommandBackend(runner, reactor, command=config.command, timeout=config.timeout)
 
 
 def _cidr(ip: FloatingIP) -> str:
@@ -535,8 +540,29 @@ class IPBackend:
             log.error("{error}", error=error)
             return Failure(error)
 
+        self._check_promote_secondaries(ips)
         d = self._run([self.ip, "-o", "addr", "show"])
         return d.addCallbacks(listed, list_failed)
+
+    def _check_promote_secondaries(self, ips: Sequence[FloatingIP]) -> None:
+        """Warn (once per interface, at start-up) if deleting a VIP may take others along.
+
+        When the kernel deletes the primary IPv4 address of a subnet it also deletes every
+        secondary one in that subnet unless ``promote_secondaries`` is set.
+        """
+        for interface in sorted({ip.interface for ip in ips if _version(ip.address) == 4}):
+            path = f"/proc/sys/net/ipv4/conf/{interface}/promote_secondaries"
+
+            def read(result: ProcessResult, interface: str = interface) -> None:
+                if result.stdout.strip() == b"0":
+                    log.warn("net.ipv4.conf.{interface}.promote_secondaries is 0: releasing a "
+                             "floating IP that is the primary address of its subnet removes "
+                             "every other address of that subnet on {interface}; set it to 1",
+                             interface=interface)
+
+            self._run(["cat", path]).addCallbacks(
+                read, lambda f, path=path: log.debug("cannot read {path}: {error}", path=path,
+                                                     error=_reason(f)))
 
 
 # -- command ----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ class StatusResource(resource.Resource):
         super().__init__()
         self._status = status
 
-    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+    def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(self._status(), indent=1).encode() + b"\n"
@@ -153,7 +153,7 @@ def _table(rows: list[list[str]]) -> list[str]:
 
 
 def fetch(url: str, timeout: float = 3.0) -> JSON:
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (operator URL)
+    with urllib.request.urlopen(url, timeout=timeout) as response:
         return json.loads(response.read())
 
 

@@ -1,14 +1,21 @@
-"""ProcessRunner against real child processes (and a MemoryReactorClock for validation)."""
+"""ProcessRunner against real child processes, and its timers against a fake clock."""
 
 from __future__ import annotations
 
 import os
 import signal
 import sys
+import tempfile
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IReactorProcess
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from fsha.process import (
     ExecutableNotFound,
@@ -191,7 +198,6 @@ def _kill_quietly(pid: int) -> None:
 
 class ValidationTests(SynchronousTestCase):
     def test_needs_a_process_reactor(self) -> None:
-        from twisted.internet.task import Clock
         self.assertRaises(TypeError, ProcessRunner, Clock())
 
     def test_bad_arguments(self) -> None:
@@ -203,8 +209,154 @@ class ValidationTests(SynchronousTestCase):
         self.assertEqual(resolve_executable(SH), SH)
         self.assertTrue(resolve_executable("sh", {"PATH": "/bin:/usr/bin"}).endswith("/sh"))
         self.assertRaises(ValueError, resolve_executable, "sh", {"PATH": "/nonexistent"})
-        plain = self.mktemp()
+        tmp = tempfile.TemporaryDirectory(prefix="fsha-test-")
+        self.addCleanup(tmp.cleanup)
+        plain = os.path.join(tmp.name, "plain")
         with open(plain, "w") as f:
             f.write("#!/bin/sh\n")
         os.chmod(plain, 0o644)
         self.assertRaises(ValueError, resolve_executable, plain)  # not executable
+
+
+@implementer(IReactorProcess)
+class FakeProcessReactor(Clock):
+    """A Clock that records spawnProcess and hands back a controllable transport."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[FakeProcessTransport] = []
+
+    def spawnProcess(self, processProtocol, executable, args=(), env=None, path=None,  # type: ignore[no-untyped-def]
+                     uid=None, gid=None, usePTY=False, childFDs=None):
+        transport = FakeProcessTransport(processProtocol, executable, list(args), env, usePTY)
+        self.spawned.append(transport)
+        processProtocol.makeConnection(transport)
+        return transport
+
+
+class FakeProcessTransport:
+    def __init__(self, proto: Any, executable: str, args: list[str], env: Any,
+                 pty: bool) -> None:
+        self.proto = proto
+        self.executable = executable
+        self.args = args
+        self.env = env
+        self.pty = pty
+        self.pid = 4242
+        self.signals: list[str] = []
+        self.closed: list[int | str] = []
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+    def closeStdin(self) -> None:
+        self.closed.append("stdin")
+
+    def closeChildFD(self, fd: int) -> None:
+        self.closed.append(fd)
+
+    def exit(self, code: int = 0, sig: int | None = None) -> Failure:
+        reason = Failure(ProcessDone(0) if code == 0 and sig is None
+                         else ProcessTerminated(code if sig is None else None, sig))
+        self.proto.processExited(reason)
+        return reason
+
+    def end(self, code: int = 0, sig: int | None = None) -> None:
+        reason = Failure(ProcessDone(0) if code == 0 and sig is None
+                         else ProcessTerminated(code if sig is None else None, sig))
+        self.proto.processExited(reason)
+        self.proto.processEnded(reason)
+
+
+class FakeClockTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = FakeProcessReactor()
+        self.runner = ProcessRunner(self.reactor, kill_grace=1.0, drain=0.5)
+
+    def test_spawn_arguments_and_duration(self) -> None:
+        d = self.runner.run(["sh", "-c", "x"], timeout=5.0, env={"PATH": "/bin:/usr/bin"},
+                            use_pty=True)
+        t = self.reactor.spawned[0]
+        self.assertTrue(t.executable.endswith("/sh"))
+        self.assertEqual(t.args, ["sh", "-c", "x"])
+        self.assertEqual(t.env, {"PATH": "/bin:/usr/bin"})
+        self.assertTrue(t.pty)
+        self.assertEqual(t.closed, ["stdin"])
+        self.assertEqual(self.runner.active, 1)
+        self.reactor.advance(0.25)
+        t.proto.childDataReceived(1, b"hi")
+        t.end(0)
+        result = self.successResultOf(d)
+        self.assertEqual((result.stdout, result.exit_code, result.duration), (b"hi", 0, 0.25))
+        self.assertEqual(self.runner.active, 0)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_term_kill_abandon(self) -> None:
+        d = self.runner.run([SH, "-c", "x"], timeout=3.0)
+        t = self.reactor.spawned[0]
+        self.reactor.advance(2.9)
+        self.assertEqual(t.signals, [])
+        self.reactor.advance(0.1)
+        self.assertEqual(t.signals, ["TERM"])
+        self.assertNoResult(d)
+        self.reactor.advance(1.0)
+        self.assertEqual(t.signals, ["TERM", "KILL"])
+        self.assertNoResult(d)
+        self.reactor.advance(1.0)  # never reaped (e.g. stuck in D state): give up on it
+        error = self.failureResultOf(d, ProcessTimeout).value
+        self.assertEqual(error.timeout, 3.0)
+        self.assertIn(1, t.closed)
+        self.assertEqual(self.runner.active, 0)
+
+    def test_term_is_enough(self) -> None:
+        d = self.runner.run([SH, "-c", "x"], timeout=3.0)
+        t = self.reactor.spawned[0]
+        self.reactor.advance(3.0)
+        t.end(sig=signal.SIGTERM)
+        error = self.failureResultOf(d, ProcessTimeout).value
+        assert error.result is not None
+        self.assertEqual(error.result.exit_code, -signal.SIGTERM)
+        self.assertEqual(t.signals, ["TERM"])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_grandchild_holding_pipes_is_cut_off_after_drain(self) -> None:
+        d = self.runner.run([SH, "-c", "x"], timeout=10.0)
+        t = self.reactor.spawned[0]
+        reason = t.exit(3)
+        self.reactor.advance(0.4)
+        self.assertNoResult(d)
+        self.reactor.advance(0.1)
+        self.assertEqual(t.closed, ["stdin", 1, 2])
+        t.proto.processEnded(reason)  # what Twisted does once the pipes are closed
+        self.assertEqual(self.failureResultOf(d, ProcessFailed).value.exit_code, 3)
+
+    def test_cancel_then_stop(self) -> None:
+        d = self.runner.run([SH, "-c", "x"], timeout=10.0)
+        t = self.reactor.spawned[0]
+        stopped = self.runner.stop()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(t.signals, ["TERM"])
+        self.assertNoResult(stopped)
+        t.end(sig=signal.SIGTERM)
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_spawn_oserror(self) -> None:
+        def broken(*args: Any, **kwargs: Any) -> None:
+            raise PermissionError(13, "Permission denied")
+
+        self.reactor.spawnProcess = broken  # type: ignore[method-assign]
+        d = self.runner.run([SH], timeout=1.0)
+        self.assertIn("Permission denied", str(self.failureResultOf(d, ExecutableNotFound).value))
+        self.assertEqual(self.runner.active, 0)
+
+    def test_output_callback_errors_are_contained(self) -> None:
+        def bad(fd: int, data: bytes) -> None:
+            raise RuntimeError("boom")
+
+        d = self.runner.run([SH], timeout=1.0, on_output=bad)
+        t = self.reactor.spawned[0]
+        t.proto.childDataReceived(2, b"x")
+        t.end(0)
+        self.assertEqual(self.successResultOf(d).stderr, b"x")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
