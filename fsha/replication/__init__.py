@@ -1,0 +1,1 @@
+"""Replication between nodes: the replicated state (no I/O) and the mTLS peer links."""

@@ -1,0 +1,399 @@
+"""The replicated state every node holds: the records of every origin, and their logs.
+
+Model
+-----
+Each node is the *origin* of the records it writes (a master writes its calls,
+registrations, identity and limit usage). An origin numbers its writes: (incarnation,
+sequence), sequence 1, 2, 3... within one incarnation (one run of the process). Every node
+applies every origin's changes in that order, idempotently:
+
+- the next sequence of the current incarnation is applied;
+- an already applied sequence, or an older incarnation, is a duplicate and ignored;
+- sequence 1 of a newer incarnation starts that incarnation: the origin's records of the
+  previous incarnation are *retired* (kept readable for a takeover in progress, dropped after
+  ``retain_retired`` seconds or by :meth:`ReplicatedState.forget_retired`) and the new
+  incarnation starts empty;
+- anything else is a gap: not applied; the link must resume or resynchronise.
+
+Records live in one namespace per origin, keyed by (slot, kind, key). Only the origin orders
+its own writes, so keeping each origin's records apart makes the merged state independent of
+how the origins' streams interleave, with no clock shared between nodes. A record of origin
+O is dropped when O deletes it, when its expiry passes on this node's (injected) clock, or
+when O starts a new incarnation (retired).
+
+Every node keeps the last ``log_limit`` changes of each origin's current incarnation, so any
+node can serve a peer that resumes from a position (:meth:`catch_up`); when the log no
+longer reaches back, the peer gets a snapshot of the origin instead (:meth:`snapshot`,
+:meth:`apply_snapshot`).
+
+:meth:`digest` covers every live record and every origin's position, so two nodes holding
+the same state have equal digests whatever order they received things in. It is maintained
+incrementally (XOR of one BLAKE2b hash per record), so it costs nothing per change beyond
+that hash and can be shown in the status at any time.
+
+This module does no I/O; time comes from an injected ``IReactorTime``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import heapq
+import itertools
+import struct
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Final
+
+from twisted.internet.interfaces import IReactorTime
+
+from fsha.wire import stream
+from fsha.wire.stream import Change, Kind, Op, Position, SnapshotBegin, SnapshotEnd, SnapshotItem
+
+__all__ = [
+    "DEFAULT_LOG_LIMIT",
+    "ApplyResult",
+    "Record",
+    "ReplicatedState",
+    "SnapshotError",
+]
+
+#: Changes kept per origin for resuming peers.
+DEFAULT_LOG_LIMIT: Final = 100_000
+_RECORD_HASH: Final = struct.Struct(">HHBQ")
+_POSITION: Final = struct.Struct(">HQQ")
+
+RecordKey = tuple[int, Kind, str]  # (slot, kind, key)
+
+
+class ApplyResult(enum.Enum):
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"  # already applied, or of an older incarnation: ignored
+    GAP = "gap"  # changes are missing before this one: not applied, resume or resync
+    CONFLICT = "conflict"  # a change of this node's own origin that it did not write
+
+
+class SnapshotError(Exception):
+    """A snapshot whose begin, items and end do not agree."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    origin: int
+    slot: int
+    kind: Kind
+    key: str
+    value: bytes
+    expires_ms: int  # Unix time in milliseconds; 0 = never
+
+
+class _Origin:
+    """One origin's current incarnation: position, records and recent log."""
+
+    __slots__ = ("incarnation", "log", "records", "retired", "retired_at", "sequence")
+
+    def __init__(self, incarnation: int, log_limit: int) -> None:
+        self.incarnation = incarnation
+        self.sequence = 0
+        self.records: dict[RecordKey, tuple[Record, int]] = {}  # -> (record, hash)
+        self.log: deque[Change] = deque(maxlen=log_limit)
+        self.retired: dict[RecordKey, Record] = {}  # records of the previous incarnation
+        self.retired_at = 0.0
+
+    @property
+    def first_logged(self) -> int:
+        """The sequence of the oldest change in the log (sequence + 1 if it is empty)."""
+        return self.sequence - len(self.log) + 1
+
+
+def _record_hash(record: Record) -> int:
+    h = hashlib.blake2b(_RECORD_HASH.pack(record.origin, record.slot, record.kind,
+                                          record.expires_ms), digest_size=16)
+    key = record.key.encode("utf-8")
+    h.update(len(key).to_bytes(2, "big"))
+    h.update(key)
+    h.update(record.value)
+    return int.from_bytes(h.digest(), "big")
+
+
+class ReplicatedState:
+    """All origins' records and logs as this node knows them.
+
+    ``node`` and ``incarnation`` are this node's own origin: :meth:`put` and :meth:`delete`
+    write to it. Changes from peers go through :meth:`apply` / :meth:`apply_snapshot`.
+    """
+
+    def __init__(self, clock: IReactorTime, node: int, incarnation: int, *,
+                 log_limit: int = DEFAULT_LOG_LIMIT, retain_retired: float = 300.0) -> None:
+        if log_limit < 1:
+            raise ValueError("log_limit must be at least 1")
+        if not 0 <= node < stream.NO_NODE:
+            raise ValueError(f"node {node} is not a node id")
+        if incarnation < 1:
+            raise ValueError("incarnation must be at least 1")
+        self._clock = clock
+        self._node = node
+        self._log_limit = log_limit
+        self._retain = retain_retired
+        self._origins: dict[int, _Origin] = {node: _Origin(incarnation, log_limit)}
+        self._xor = 0
+        self._counts: dict[int, dict[Kind, int]] = {}
+        self._expiry: list[tuple[int, int, int, RecordKey]] = []  # (ms, origin, inc, key)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    @property
+    def node(self) -> int:
+        return self._node
+
+    @property
+    def incarnation(self) -> int:
+        return self._origins[self._node].incarnation
+
+    def _now_ms(self) -> int:
+        return int(self._clock.seconds() * 1000)
+
+    def position(self, origin: int) -> Position | None:
+        o = self._origins.get(origin)
+        return None if o is None else Position(origin, o.incarnation, o.sequence)
+
+    def positions(self) -> tuple[Position, ...]:
+        """Every known origin's position, ordered by origin (what a HELLO or ACK carries)."""
+        return tuple(Position(n, o.incarnation, o.sequence)
+                     for n, o in sorted(self._origins.items()))
+
+    def get(self, origin: int, slot: int, kind: Kind, key: str) -> Record | None:
+        o = self._origins.get(origin)
+        entry = None if o is None else o.records.get((slot, kind, key))
+        if entry is None:
+            return None
+        record = entry[0]
+        if record.expires_ms and record.expires_ms <= self._now_ms():
+            return None
+        return record
+
+    def records(self, *, origin: int | None = None, slot: int | None = None,
+                kind: Kind | None = None) -> Iterator[Record]:
+        """Live records, optionally of one origin / slot / kind."""
+        now = self._now_ms()
+        origins = (self._origins.values() if origin is None
+                   else [self._origins[origin]] if origin in self._origins else [])
+        for o in origins:
+            for record, _ in o.records.values():
+                if slot is not None and record.slot != slot:
+                    continue
+                if kind is not None and record.kind != kind:
+                    continue
+                if record.expires_ms and record.expires_ms <= now:
+                    continue
+                yield record
+
+    def retired(self, origin: int) -> list[Record]:
+        """The records ``origin``'s previous incarnation left (e.g. for a takeover)."""
+        o = self._origins.get(origin)
+        return [] if o is None else list(o.retired.values())
+
+    def forget_retired(self, origin: int) -> None:
+        o = self._origins.get(origin)
+        if o is not None:
+            o.retired = {}
+
+    def counts(self) -> dict[int, dict[Kind, int]]:
+        """Records held per slot and kind (all origins; expired ones go at :meth:`expire`)."""
+        return {slot: {kind: n for kind, n in kinds.items() if n}
+                for slot, kinds in self._counts.items() if any(kinds.values())}
+
+    def __len__(self) -> int:
+        return sum(len(o.records) for o in self._origins.values())
+
+    def digest(self) -> bytes:
+        """16 bytes equal on two nodes holding the same records at the same positions."""
+        h = hashlib.blake2b(self._xor.to_bytes(16, "big"), digest_size=16)
+        for n, o in sorted(self._origins.items()):
+            if o.sequence or o.records:  # an origin that never wrote anything is no state
+                h.update(_POSITION.pack(n, o.incarnation, o.sequence))
+        return h.digest()
+
+    # -- record bookkeeping -----------------------------------------------------------------
+
+    def _store(self, o: _Origin, record: Record) -> None:
+        rkey = (record.slot, record.kind, record.key)
+        old = o.records.get(rkey)
+        h = _record_hash(record)
+        if old is not None:
+            self._xor ^= old[1]
+        else:
+            kinds = self._counts.setdefault(record.slot, {})
+            kinds[record.kind] = kinds.get(record.kind, 0) + 1
+        self._xor ^= h
+        o.records[rkey] = (record, h)
+        if record.expires_ms:
+            heapq.heappush(self._expiry,
+                           (record.expires_ms, record.origin, o.incarnation, rkey))
+
+    def _remove(self, o: _Origin, rkey: RecordKey) -> bool:
+        entry = o.records.pop(rkey, None)
+        if entry is None:
+            return False
+        self._xor ^= entry[1]
+        self._counts[rkey[0]][rkey[1]] -= 1
+        return True
+
+    def _clear(self, o: _Origin) -> None:
+        for rkey in list(o.records):
+            self._remove(o, rkey)
+
+    def _new_incarnation(self, origin: int, o: _Origin | None, incarnation: int) -> _Origin:
+        fresh = _Origin(incarnation, self._log_limit)
+        if o is not None:
+            fresh.retired = {k: r for k, (r, _) in o.records.items()}
+            fresh.retired_at = self._clock.seconds()
+            self._clear(o)
+        self._origins[origin] = fresh
+        return fresh
+
+    def _apply_record(self, o: _Origin, change: Change) -> None:
+        if change.op is Op.DELETE:
+            self._remove(o, (change.slot, change.kind, change.key))
+        elif change.expires_ms and change.expires_ms <= self._now_ms():
+            self._remove(o, (change.slot, change.kind, change.key))  # already expired
+        else:
+            self._store(o, Record(change.origin, change.slot, change.kind, change.key,
+                                  change.value, change.expires_ms))
+
+    # -- writing (this node's own origin) ---------------------------------------------------
+
+    def _local(self, slot: int, kind: Kind, key: str, op: Op, value: bytes,
+               expires_ms: int) -> Change:
+        o = self._origins[self._node]
+        change = Change(self._node, o.incarnation, o.sequence + 1, slot, kind, key, op, value,
+                        expires_ms)
+        stream.encode(change)  # validates every field; raises ValueError
+        o.sequence += 1
+        o.log.append(change)
+        self._apply_record(o, change)
+        return change
+
+    def put(self, slot: int, kind: Kind, key: str, value: bytes, expires_ms: int = 0
+            ) -> Change:
+        """Write a record of this node's origin; returns the change to send to peers."""
+        return self._local(slot, kind, key, Op.PUT, value, expires_ms)
+
+    def delete(self, slot: int, kind: Kind, key: str) -> Change | None:
+        """Delete a record of this node's origin; None if there was none."""
+        if (slot, kind, key) not in self._origins[self._node].records:
+            return None
+        return self._local(slot, kind, key, Op.DELETE, b"", 0)
+
+    # -- applying peers' changes ------------------------------------------------------------
+
+    def apply(self, change: Change) -> ApplyResult:
+        """Apply one change received from a peer (any origin, any order, any repetition)."""
+        origin = change.origin
+        o = self._origins.get(origin)
+        if o is not None and change.incarnation == o.incarnation:
+            if change.sequence <= o.sequence:
+                return ApplyResult.DUPLICATE
+            if origin == self._node:
+                return ApplyResult.CONFLICT
+            if change.sequence != o.sequence + 1:
+                return ApplyResult.GAP
+        elif o is not None and change.incarnation < o.incarnation:
+            return ApplyResult.DUPLICATE
+        else:  # unknown origin, or a newer incarnation
+            if origin == self._node:
+                return ApplyResult.CONFLICT
+            if change.sequence != 1:
+                return ApplyResult.GAP
+            o = self._new_incarnation(origin, o, change.incarnation)
+        o.sequence = change.sequence
+        o.log.append(change)
+        self._apply_record(o, change)
+        return ApplyResult.APPLIED
+
+    # -- resuming and snapshots -------------------------------------------------------------
+
+    def catch_up(self, origin: int, peer: Position | None) -> list[Change] | None:
+        """The changes a peer at ``peer`` lacks of ``origin``; None: it needs a snapshot.
+
+        An empty list means the peer has everything this node has of that origin (or more).
+        """
+        o = self._origins.get(origin)
+        if o is None:
+            return []
+        if peer is not None and peer.incarnation > o.incarnation:
+            return []
+        have = peer.sequence if peer is not None and peer.incarnation == o.incarnation else 0
+        if have >= o.sequence:
+            return []
+        first = o.first_logged
+        if have + 1 < first:
+            return None
+        return list(itertools.islice(o.log, have + 1 - first, None))
+
+    def snapshot(self, origin: int) -> tuple[SnapshotBegin, list[SnapshotItem], SnapshotEnd]:
+        """The live records of ``origin`` and its position, as snapshot frames."""
+        o = self._origins[origin]
+        now = self._now_ms()
+        items = [SnapshotItem(r.slot, r.kind, r.key, r.value, r.expires_ms)
+                 for r, _ in o.records.values()
+                 if not r.expires_ms or r.expires_ms > now]
+        return (SnapshotBegin(origin, o.incarnation, o.sequence), items,
+                SnapshotEnd(origin, o.incarnation, o.sequence, len(items)))
+
+    def apply_snapshot(self, begin: SnapshotBegin, items: Iterable[SnapshotItem],
+                       end: SnapshotEnd) -> ApplyResult:
+        """Replace ``begin.origin``'s records with a snapshot; raises SnapshotError."""
+        items = list(items)
+        if (begin.origin, begin.incarnation, begin.sequence) != \
+                (end.origin, end.incarnation, end.sequence):
+            raise SnapshotError(f"snapshot begin {begin} and end {end} disagree")
+        if end.count != len(items):
+            raise SnapshotError(f"snapshot announces {end.count} items, carries {len(items)}")
+        if len({(i.slot, i.kind, i.key) for i in items}) != len(items):
+            raise SnapshotError("snapshot holds a record twice")
+        origin = begin.origin
+        if origin == self._node:
+            return ApplyResult.CONFLICT
+        o = self._origins.get(origin)
+        if o is not None and (begin.incarnation, begin.sequence) <= (o.incarnation, o.sequence):
+            return ApplyResult.DUPLICATE
+        if o is None or begin.incarnation > o.incarnation:
+            o = self._new_incarnation(origin, o, begin.incarnation)
+        else:
+            self._clear(o)
+        o.sequence = begin.sequence
+        o.log.clear()
+        now = self._now_ms()
+        for i in items:
+            if not i.expires_ms or i.expires_ms > now:
+                self._store(o, Record(origin, i.slot, i.kind, i.key, i.value, i.expires_ms))
+        return ApplyResult.APPLIED
+
+    # -- time -------------------------------------------------------------------------------
+
+    def expire(self) -> int:
+        """Drop records whose expiry has passed and stale retired records; returns how many
+        live records were dropped. Call it periodically (e.g. every second)."""
+        now = self._now_ms()
+        dropped = 0
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            expires, origin, incarnation, rkey = heapq.heappop(heap)
+            o = self._origins.get(origin)
+            if o is None or o.incarnation != incarnation:
+                continue
+            entry = o.records.get(rkey)
+            if entry is not None and entry[0].expires_ms == expires:
+                self._remove(o, rkey)
+                dropped += 1
+        seconds = self._clock.seconds()
+        for o in self._origins.values():
+            if o.retired and seconds - o.retired_at >= self._retain:
+                o.retired = {}
+        return dropped
+
+    def next_expiry(self) -> float | None:
+        """When (clock seconds) the earliest pending expiry falls, or None."""
+        return self._expiry[0][0] / 1000 if self._expiry else None
