@@ -74,7 +74,9 @@ def problems(status: JSON) -> list[str]:
             found.append(f"slot {slot['name']} has no master")
     me = next(n for n in status["nodes"] if n["self"])
     if "fs_ok" not in me["flags"]:
-        found.append(f"{me['name']} (this node): its FreeSWITCH is not answering")
+        why = (status.get("freeswitch") or {}).get("last_error")
+        found.append(f"{me['name']} (this node): its FreeSWITCH is not answering"
+                     + (f" ({why})" if why else ""))
     for net in status.get("networks", []):
         if net["send_errors"]:
             found.append(f"network {net['name']}: {net['send_errors']} send errors "

@@ -57,6 +57,12 @@ class SwitchHealth:
     def is_ok(self) -> bool:
         return self.esl.is_healthy
 
+    def status(self) -> dict[str, Any]:
+        esl = self.esl
+        return {"state": esl.state.value, "ok": esl.is_healthy, "core_uuid": esl.core_uuid,
+                "last_error": esl.last_error, "connections": esl.connections,
+                "restarts": esl.restarts}
+
 
 def esl_client(me: NodeConfig, reactor: Any, ping_interval: float) -> ESLClient:
     endpoint_type = TCP6ClientEndpoint if ":" in me.esl.host else TCP4ClientEndpoint
@@ -114,8 +120,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     top.setName(f"fsha-{me.name}")
     esl = esl_client(me, reactor, ping_interval=max(0.5, 10 * config.heartbeat_interval))
     floating = make_backend(config.floating_ip, reactor)
-    node = ClusterNode(config, me, options.secret, reactor, SlotEffects(floating),
-                       SwitchHealth(esl))
+    health = SwitchHealth(esl)
+    node = ClusterNode(config, me, options.secret, reactor, SlotEffects(floating), health)
 
     def switch_state(old: ConnectionState, new: ConnectionState) -> None:
         # Tell the cluster at once rather than at the next tick.
@@ -127,7 +133,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     esl.setServiceParent(top)
     for udp in heartbeat_services(node, reactor):
         udp.setServiceParent(top)
-    site = Site(status_site_root(node.status))
+    site = Site(status_site_root(lambda: {**node.status(), "freeswitch": health.status()}))
     site.noisy = False
     status = internet.TCPServer(me.status.port, site, interface=me.status.host,
                                 reactor=reactor)

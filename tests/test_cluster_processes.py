@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -34,6 +36,13 @@ class LoopbackClusterTests(SynchronousTestCase):
             self.assertTrue(status["quorum"]["ok"])
             self.assertTrue(all("fs_ok" in n["flags"] for n in status["nodes"]))
             self.assertEqual(status["drops"], {})
+
+        table = subprocess.run([sys.executable, "-m", "fsha", "status", "--config",
+                                str(cluster.config_path), "--node", spare],
+                               capture_output=True, text=True, timeout=60)
+        self.assertEqual(table.returncode, 0, table.stderr)
+        self.assertIn(f"seen from {spare} (slave)", table.stdout)
+        self.assertIn("problems: none", table.stdout)
 
         victim = owners["slot1"]
         killed_at = cluster.kill(victim)

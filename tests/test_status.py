@@ -1,0 +1,97 @@
+"""`fsha status`: the table and the problems in words, from real node status dicts."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
+
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.test.requesthelper import DummyRequest
+
+from fsha.status import main, problems, render, status_site_root
+
+from .fakecluster import FakeCluster, make_config
+
+
+def formed() -> FakeCluster:
+    cluster = FakeCluster(make_config(nodes=3, slots=2))
+    cluster.start_all()
+    cluster.advance(cluster.config.discovery + 0.5)
+    return cluster
+
+
+class RenderTests(SynchronousTestCase):
+    def test_healthy_cluster(self) -> None:
+        cluster = formed()
+        status = cluster.nodes["fs3"].status()
+        self.assertEqual(problems(status), [])
+        text = render(status)
+        self.assertIn("cluster demo   seen from fs3 (slave)   quorum 3/2 ok", text)
+        self.assertRegex(text, r"fs1\s+master\s+-\s+slot1\s+1\s+up \d+ms\s+up \d+ms")
+        self.assertRegex(text, r"fs3\*\s+slave\s+1\s+-\s+-\s+self\s+self")
+        self.assertIn("problems: none", text)
+        json.dumps(status)  # serialisable as served
+
+    def test_degraded_network_down_node_and_takeover_in_words(self) -> None:
+        cluster = formed()
+        cluster.cut.add(("fs2", "B"))
+        cluster.advance(3.0)
+        text = render(cluster.nodes["fs3"].status())
+        self.assertRegex(text, r"network B: fs2 unreachable for [23]\.\d s")
+        cluster.kill("fs1")
+        cluster.advance(1.0)
+        status = cluster.nodes["fs3"].status()
+        found = problems(status)
+        self.assertTrue(any(p.startswith("fs1 is down (last heard 1.0 s ago)") for p in found),
+                        found)
+        text = render(status)
+        self.assertRegex(text, r"fs1\s+DOWN")
+        self.assertRegex(text, r"slot1\s+fs3\s+2")
+        self.assertIn("claim slot=slot1 epoch=2 previous=fs1", text)
+
+    def test_no_quorum_and_orphan_slot(self) -> None:
+        cluster = formed()
+        cluster.kill("fs1")
+        cluster.kill("fs3")
+        cluster.advance(1.0)
+        found = problems(cluster.nodes["fs2"].status())
+        self.assertIn("slot slot1 has no master", found)
+        self.assertTrue(any(p.startswith("no quorum: 1 of 2") for p in found), found)
+
+    def test_freeswitch_down_explained(self) -> None:
+        cluster = formed()
+        cluster.health["fs3"].ok = False
+        cluster.advance(0.2)
+        status = cluster.nodes["fs3"].status()
+        status["freeswitch"] = {"last_error": "connection refused"}
+        self.assertIn("fs3 (this node): its FreeSWITCH is not answering (connection refused)",
+                      problems(status))
+        self.assertIn("fs3: its FreeSWITCH is not answering",
+                      problems(cluster.nodes["fs1"].status()))
+        self.assertEqual(cluster.nodes["fs1"].status()["ranking"], [])
+
+
+class ResourceAndCLITests(SynchronousTestCase):
+    def test_resource_serves_json(self) -> None:
+        root = status_site_root(lambda: {"hello": 1})
+        request = DummyRequest([b"status"])
+        resource = root.getChildWithDefault(b"status", request)
+        body = resource.render(request)
+        self.assertEqual(json.loads(body), {"hello": 1})
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"content-type"),
+                         [b"application/json"])
+
+    def test_unreachable_node(self) -> None:
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            code = main(["--url", "http://127.0.0.1:9/status", "--timeout", "2"])
+        self.assertEqual(code, 1)
+        self.assertIn("cannot read http://127.0.0.1:9/status", err.getvalue())
+
+    def test_bad_config(self) -> None:
+        err = io.StringIO()
+        with redirect_stderr(err):
+            code = main(["--config", "/nonexistent.toml"])
+        self.assertEqual(code, 2)
+        self.assertIn("/nonexistent.toml: cannot read", err.getvalue())
