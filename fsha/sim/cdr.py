@@ -7,10 +7,13 @@ back what it needs to rebuild a live channel on recovery.
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from xml.sax.saxutils import escape, quoteattr
 
 from fsha.sim.calls import CS_NUMBERS, Channel
+from fsha.wire.esl import url_decode, url_encode
 
 
 class CDRError(ValueError):
@@ -21,45 +24,47 @@ def _usec(epoch: float | None) -> str:
     return "0" if epoch is None else str(int(epoch * 1_000_000))
 
 
-def _sub(parent: ET.Element, tag: str, text: str) -> ET.Element:
-    el = ET.SubElement(parent, tag)
-    el.text = text
-    return el
+_TAG = re.compile(r"[A-Za-z][A-Za-z0-9_\-]*\Z")
+
+
+def _el(tag: str, text: str) -> str:
+    return f"<{tag}>{escape(text)}</{tag}>"
 
 
 def build_cdr(channel: Channel, core_uuid: str, switchname: str) -> str:
-    """The metadata document for ``channel``."""
-    root = ET.Element("cdr", {"core-uuid": core_uuid, "switchname": switchname})
-    cd = ET.SubElement(root, "channel_data")
-    _sub(cd, "state", channel.state)
-    _sub(cd, "direction", channel.direction)
-    _sub(cd, "state_number", str(CS_NUMBERS[channel.state]))
-    _sub(cd, "flags", "0=1;1=1;3=1;38=1;39=1;41=1;54=1;76=1;113=1;114=1;160=1")
-    _sub(cd, "caps", "1=1;2=1;3=1;4=1;5=1;6=1")
-    variables = ET.SubElement(root, "variables")
-    for key, value in channel.variables.items():
-        if key and key[0].isalpha() and all(c.isalnum() or c in "_-" for c in key):
-            _sub(variables, key, value)
-    app_log = ET.SubElement(root, "app_log")
-    for app, data, stamp in channel.app_log:
-        ET.SubElement(
-            app_log,
-            "application",
-            {"app_name": app, "app_data": data, "app_stamp": _usec(stamp)},
-        )
-    flow = ET.SubElement(
-        root,
-        "callflow",
-        {"dialplan": channel.dialplan, "unique-id": channel.uuid, "profile_index": "1"},
+    """The metadata document for ``channel`` (built as text: this runs on every answer
+    and bridge, so it avoids an element tree)."""
+    out = [
+        '<?xml version="1.0"?>\n',
+        f"<cdr core-uuid={quoteattr(core_uuid)} switchname={quoteattr(switchname)}>",
+        "<channel_data>",
+        _el("state", channel.state),
+        _el("direction", channel.direction),
+        _el("state_number", str(CS_NUMBERS[channel.state])),
+        "<flags>0=1;1=1;3=1;38=1;39=1;41=1;54=1;76=1;113=1;114=1;160=1</flags>",
+        "<caps>1=1;2=1;3=1;4=1;5=1;6=1</caps>",
+        "</channel_data><variables>",
+    ]
+    match = _TAG.match
+    # variables are URL-encoded, as in FreeSWITCH's XML CDR (any byte survives)
+    out.extend(_el(k, url_encode(v, True)) for k, v in channel.variables.items() if match(k))
+    out.append("</variables><app_log>")
+    out.extend(
+        f"<application app_name={quoteattr(app)} app_data={quoteattr(data)} "
+        f'app_stamp="{_usec(stamp)}"></application>'
+        for app, data, stamp in channel.app_log
     )
-    ext = ET.SubElement(flow, "extension", {"name": channel.dest, "number": channel.dest})
+    out.append(
+        f"</app_log><callflow dialplan={quoteattr(channel.dialplan)} "
+        f'unique-id={quoteattr(channel.uuid)} profile_index="1">'
+        f"<extension name={quoteattr(channel.dest)} number={quoteattr(channel.dest)}>"
+    )
     if channel.application:
-        ET.SubElement(
-            ext,
-            "application",
-            {"app_name": channel.application, "app_data": channel.application_data},
+        out.append(
+            f"<application app_name={quoteattr(channel.application)} "
+            f"app_data={quoteattr(channel.application_data)}></application>"
         )
-    cp = ET.SubElement(flow, "caller_profile")
+    out.append("</extension><caller_profile>")
     for tag, text in (
         ("username", channel.cid_num),
         ("dialplan", channel.dialplan),
@@ -75,8 +80,8 @@ def build_cdr(channel: Channel, core_uuid: str, switchname: str) -> str:
         ("context", channel.context),
         ("chan_name", channel.name),
     ):
-        _sub(cp, tag, text)
-    times = ET.SubElement(flow, "times")
+        out.append(_el(tag, text))
+    out.append("</caller_profile><times>")
     for tag, value in (
         ("created_time", channel.created),
         ("profile_created_time", channel.created),
@@ -90,8 +95,9 @@ def build_cdr(channel: Channel, core_uuid: str, switchname: str) -> str:
         ("resurrect_time", None),
         ("transfer_time", None),
     ):
-        _sub(times, tag, _usec(value))
-    return '<?xml version="1.0"?>\n' + ET.tostring(root, encoding="unicode")
+        out.append(f"<{tag}>{_usec(value)}</{tag}>")
+    out.append("</times></callflow></cdr>")
+    return "".join(out)
 
 
 @dataclass(slots=True)
@@ -132,7 +138,7 @@ def parse_cdr(metadata: str) -> CDRInfo:
     vs = root.find("variables")
     if vs is not None:
         for el in vs:
-            variables[el.tag] = el.text or ""
+            variables[el.tag] = url_decode(el.text or "")
     cp = root.find("callflow/caller_profile")
     times = root.find("callflow/times")
 

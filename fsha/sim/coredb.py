@@ -149,16 +149,13 @@ class CoreDB:
         )
 
     def update_metadata(self, uuid: str, metadata: str, runtime_uuid: str) -> None:
-        self._db.execute(
-            "update recovery set metadata=? where uuid=? and runtime_uuid=?",
-            (metadata, uuid, runtime_uuid),
-        )
+        # FreeSWITCH's own statement; runtime_uuid is not a filter (and as a filter it
+        # would make SQLite pick the runtime_uuid index: a scan of all of my rows).
+        self._db.execute("update recovery set metadata=? where uuid=?", (metadata, uuid))
 
     def untrack(self, uuid: str, runtime_uuid: str) -> None:
         """``switch_core_recovery_untrack``: hangup deletes the channel's row."""
-        self._db.execute(
-            "delete from recovery where uuid=? and runtime_uuid=?", (uuid, runtime_uuid)
-        )
+        self._db.execute("delete from recovery where uuid=?", (uuid,))
 
     def take_for_recovery(
         self, my_runtime_uuid: str, profile_name: str, technology: str = "sofia"

@@ -8,12 +8,13 @@ Paused`` in standby) with a header naming the simulator's node.
 
 from __future__ import annotations
 
+import socket
 import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IReactorUDP
+from twisted.internet.interfaces import IListeningPort, IReactorSocket
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
@@ -147,6 +148,8 @@ def respond(
 class SipResponder(DatagramProtocol):
     """Answers datagrams on one profile's socket; malformed ones are counted and dropped."""
 
+    noisy = False
+
     def __init__(self, profile: Profile, node: Callable[[], str], paused: Callable[[], bool]):
         self.profile = profile
         self.node = node
@@ -181,7 +184,7 @@ class UdpSipBinder:
 
     def __init__(
         self,
-        reactor: IReactorUDP,
+        reactor: IReactorSocket,
         node: Callable[[], str],
         paused: Callable[[], bool] = lambda: False,
     ) -> None:
@@ -194,12 +197,20 @@ class UdpSipBinder:
     def bind(self, profile: Profile) -> int | None:
         self.unbind(profile)
         responder = SipResponder(profile, self.node, self.paused)
+        # Bind our own socket and hand it to the reactor: a failed bind is then closed at
+        # once (listenUDP leaves the socket of a failed bind open until collected).
+        family = socket.AF_INET6 if ":" in profile.ip else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            port = self.reactor.listenUDP(profile.port, responder, interface=profile.ip)
-        except CannotListenError as e:
+            sock.bind((profile.ip, profile.port))
+            sock.setblocking(False)
+            port = self.reactor.adoptDatagramPort(sock.fileno(), family, responder)
+        except (OSError, CannotListenError) as e:
             log.error("sip {profile}: cannot bind {ip}:{port}: {error}",
                       profile=profile.name, ip=profile.ip, port=profile.port, error=str(e))
             return None
+        finally:
+            sock.close()  # the reactor works on its own duplicate
         self.ports[profile.name] = port
         self.responders[profile.name] = responder
         return int(port.getHost().port)

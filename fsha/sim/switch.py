@@ -165,7 +165,7 @@ class Switch:
         max_sessions: int = 1000,
         sip_binder: SipBinder | None = None,
         core_uuid: str | None = None,
-        rtp_ports: tuple[int, int] = (16384, 32768),
+        rtp_ports: tuple[int, int] = (10000, 60000),
         on_shutdown: Callable[[], None] | None = None,
     ) -> None:
         self.clock = clock
@@ -1153,6 +1153,27 @@ class Switch:
         else:
             ch.application, ch.application_data = "transfer", target
         return f"+OK {ch.uuid}\n"
+
+    def sample_event(self, name: str = "CHANNEL_ANSWER") -> SimEvent:
+        """A realistic channel event of an answered, bridged call that is not in the
+        channel table (a load source for benchmarks; fires nothing)."""
+        if name not in CALLING or not name.startswith("CHANNEL_"):
+            raise SimError(f"no sample for event {name!r}")
+        now = self.clock.seconds()
+        a = Channel(str(uuidlib.uuid4()), "internal", "inbound", "sofia/internal/1000@127.0.0.1",
+                    "1000", "1000", "2000", "127.0.0.1", now, state="CS_EXECUTE",
+                    callstate="ACTIVE", answer_state="answered", answered=now)
+        b = Channel(str(uuidlib.uuid4()), "internal", "outbound", "sofia/internal/2000@127.0.0.1",
+                    "1000", "1000", "2000", "127.0.0.1", now, state="CS_EXECUTE",
+                    callstate="ACTIVE", answer_state="answered", answered=now)
+        a.variables.update({"direction": "inbound", "uuid": a.uuid, "bridge_to": b.uuid,
+                            "sip_call_id": f"{uuidlib.uuid4().hex}@127.0.0.1",
+                            "recovery_profile_name": "internal", "local_media_port": "16384",
+                            "sip_from_user": "1000", "sip_to_user": "2000",
+                            "endpoint_disposition": "ANSWER"})
+        headers = self.events.core_headers(name, CALLING[name])
+        headers.extend(a.event_headers(b))
+        return SimEvent(name, None, headers)
 
     # -- views for the control interface -------------------------------------------------
 
