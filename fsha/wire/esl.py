@@ -88,6 +88,14 @@ class ESLCommandError(ValueError):
     """A command, header or frame cannot be encoded safely (e.g. CR/LF in an argument)."""
 
 
+def _to_bytes(text: str) -> bytes:
+    """UTF-8, with the bytes a decoder kept as surrogate escapes restored."""
+    try:
+        return text.encode(_ENC, _ERRORS)
+    except UnicodeEncodeError as e:
+        raise ESLCommandError(f"text that cannot be encoded: {e.reason}") from None
+
+
 # ---------------------------------------------------------------------------------------
 # Headers
 
@@ -136,11 +144,13 @@ class Headers:
             # Fast path for the first headers (Event-Name, Event-Subclass, Content-Type are
             # near the top): an exact match with no other spelling of the name before it.
             names = self._names
+            lname = name.lower()
             for i in range(min(4, len(names))):
                 n = names[i]
-                if n == name or n.lower() == name.lower():
+                if n == name or n.lower() == lname:
                     return self._values[i]
             index = self._lower_index()
+            return index.get(lname, default)
         return index.get(name.lower(), default)
 
     def getall(self, name: str) -> list[str]:
@@ -198,12 +208,13 @@ class Frame:
 
     @property
     def content_type(self) -> str:
-        return self.headers.get("Content-Type") or ""
+        # outer Headers are shared between identical frames: the index is built once
+        return self.headers._lower_index().get("content-type") or ""
 
     @property
     def reply_text(self) -> str:
         """``Reply-Text`` of a ``command/reply`` (``""`` if absent)."""
-        return self.headers.get("Reply-Text") or ""
+        return self.headers._lower_index().get("reply-text") or ""
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Frame):
@@ -248,6 +259,9 @@ def _content_length(headers: Headers, max_body: int) -> int:
     return length
 
 
+_BLOCK_CACHE_SIZE: Final = 256
+
+
 class _BlockReader:
     """Shared incremental machinery: header block, then Content-Length bytes of body."""
 
@@ -265,6 +279,9 @@ class _BlockReader:
         self._chunks: list[bytes] = []
         self._have = 0
         self._failed: ESLProtocolError | None = None
+        # Header blocks repeat (an event's is "Content-Length: N" + its Content-Type): parsed
+        # Headers are immutable, so identical blocks share one parse.
+        self._cache: dict[bytes, tuple[Headers, int]] = {}
 
     @property
     def buffered(self) -> int:
@@ -310,6 +327,7 @@ class _BlockReader:
         end = len(buf)
         max_header = self._max_header
         find = buf.find
+        cache = self._cache
         while pos < end:
             # Skip empty lines between messages (never sent by FreeSWITCH; tolerated).
             c = buf[pos]
@@ -340,8 +358,15 @@ class _BlockReader:
             if hend - pos > max_header:
                 raise ESLProtocolError(f"{self._what} header block exceeds {max_header} bytes")
             block = buf[pos : hend + 1]
-            headers = self._parse(block)
-            need = _content_length(headers, self._max_body)
+            cached = cache.get(block)
+            if cached is None:
+                headers = self._parse(block)
+                need = _content_length(headers, self._max_body)
+                if len(cache) >= _BLOCK_CACHE_SIZE:
+                    cache.clear()
+                cache[block] = (headers, need)
+            else:
+                headers, need = cached
             if need == 0:
                 out.append((block, headers, b""))
                 pos = bstart
@@ -487,7 +512,7 @@ def url_encode(value: str, double_encode: bool = False) -> str:
     two *uppercase* hex digits is passed through unencoded (so such a value does not survive
     a round trip; FreeSWITCH has the same property), unless ``double_encode`` is true.
     """
-    raw = value.encode(_ENC, _ERRORS)
+    raw = _to_bytes(value)
     if not raw.translate(None, _SAFE_BYTES):
         return value
     enc = _ENCODED_BYTE
@@ -542,12 +567,16 @@ class Event:
     __slots__ = ("body", "headers", "name")
 
     def __init__(self, headers: Headers, body: bytes = b"") -> None:
-        name = headers.get("Event-Name")
+        names = headers._names
+        if names and names[0] == "Event-Name":
+            name: str | None = headers._values[0]
+        else:
+            name = headers.get("Event-Name")
         if not name:
             raise ESLProtocolError("event without Event-Name")
         self.headers = headers
         self.body = body
-        self.name: str = name
+        self.name = name
 
     @property
     def subclass(self) -> str | None:
@@ -580,35 +609,36 @@ def split_array(value: str) -> list[str]:
 # Fast path of decode_event_plain. Bytes kept by the structure check: the separators and
 # every byte that would make the bulk percent-decoding differ from the line-by-line one.
 _SIG_DELETE: Final = bytes(b for b in range(256) if b not in b": \n%=\r\x01")
-# ':' -> field separator, '\n' -> field separator, ' ' deleted, '%' -> '=' (for a2b_qp)
+# ':', ' ' and '\n' -> 0x01 (field separator); '%' -> '=' (for binascii.a2b_qp)
 _FAST_TABLE: Final = bytes(
-    1 if b in (0x3A, 0x0A) else 0x3D if b == 0x25 else b for b in range(256)
+    1 if b in (0x3A, 0x20, 0x0A) else 0x3D if b == 0x25 else b for b in range(256)
 )
 _SIG_CACHE: dict[int, bytes] = {}
 
 
-def _plain_head_fast(head: bytes) -> tuple[list[str], list[str]] | None:
-    """Decode an encoded header block (every line LF-terminated) in bulk, or None.
+def _plain_head_fast(block: bytes) -> tuple[list[str], list[str]] | None:
+    """Decode an encoded header block in bulk, or None. ``block`` is the header lines
+    followed by the blank line (it ends with ``\n\n`` and contains no other).
 
     Succeeds only if every line is exactly ``name: value`` with no other ':' or ' ' (true of
     everything FreeSWITCH encodes: ':' and ' ' are always %-encoded in values), there is no
     raw '=', CR or 0x01 byte, and every '%' starts a valid escape. Then one translate pass
-    turns separators into 0x01 and '%' into '=', binascii.a2b_qp decodes the escapes in C,
-    and one split produces all the names and values.
+    turns ':', ' ' and LF into 0x01 and '%' into '=', binascii.a2b_qp decodes the escapes in
+    C, and one split yields [name, "", value] for every line.
     """
-    sig = head.translate(None, _SIG_DELETE)
+    sig = block.translate(None, _SIG_DELETE)
     npct = sig.count(b"%")
     if npct:
         sig = sig.replace(b"%", b"")
     n = len(sig) // 3
     expected = _SIG_CACHE.get(n)
     if expected is None:
-        expected = b": \n" * n
+        expected = b": \n" * n + b"\n"
         if n < 1024:
             _SIG_CACHE[n] = expected
-    if sig != expected or head.count(b": ") != n:
+    if sig != expected:
         return None
-    h = head.translate(_FAST_TABLE, b" ")
+    h = block.translate(_FAST_TABLE)
     if npct:
         decoded = binascii.a2b_qp(h)
         if len(decoded) != len(h) - 2 * npct:
@@ -616,9 +646,12 @@ def _plain_head_fast(head: bytes) -> tuple[list[str], list[str]] | None:
     else:
         decoded = h
     parts = decoded.decode(_ENC, _ERRORS).split("\x01")
-    if len(parts) != 2 * n + 1:
-        return None  # a value decoded to contain 0x01
-    return parts[0:-1:2], parts[1::2]
+    # [name, between ':' and ' ', value] per line, then two empty strings (the blank line).
+    # The middle must be empty (": " adjacent); a value that decoded to contain 0x01 would
+    # change the count.
+    if len(parts) != 3 * n + 2 or any(parts[1::3]):
+        return None
+    return parts[0:-2:3], parts[2::3]
 
 
 def _plain_head_slow(head: bytes) -> tuple[list[str], list[str]]:
@@ -647,17 +680,24 @@ def decode_event_plain(body: bytes) -> Event:
     ``Content-Length``, exactly that many bytes of raw event body.
     """
     body = bytes(body)
-    hend = body.find(b"\n\n")
-    if hend < 0:
-        if not body.endswith(b"\n"):
-            raise ESLProtocolError("event-plain body without an end of headers")
-        hend = len(body) - 1
+    fast = None
+    if body.endswith(b"\n\n"):
+        # Most events have no body: then the whole of it is the header block, and the fast
+        # path's structure check proves there is no other blank line (no find needed).
+        fast = _plain_head_fast(body)
         rest_at = len(body)
-    else:
-        rest_at = hend + 2
-    head = body[: hend + 1]
-    fast = _plain_head_fast(head)
-    names, values = fast if fast is not None else _plain_head_slow(head)
+    if fast is None:
+        hend = body.find(b"\n\n")
+        if hend < 0:
+            if not body.endswith(b"\n"):
+                raise ESLProtocolError("event-plain body without an end of headers")
+            hend = len(body) - 1
+            rest_at = len(body)
+            fast = _plain_head_fast(body + b"\n")
+        else:
+            rest_at = hend + 2
+            fast = _plain_head_fast(body[:rest_at])
+    names, values = fast if fast is not None else _plain_head_slow(body[: hend + 1])
     event_body = b""
     if names and names[-1].lower() == "content-length":
         clen = values[-1]
@@ -674,9 +714,22 @@ def decode_event_plain(body: bytes) -> Event:
     return Event(Headers._from_lists(names, values), event_body)
 
 
+class _Pairs(list):  # type: ignore[type-arg]
+    """A JSON object as its (name, value) pairs, duplicates and order kept."""
+
+    __slots__ = ()
+
+
+# One decoder for every event: json.loads(..., object_pairs_hook=...) builds a new decoder
+# and scanner on every call, which costs as much as the parse itself.
+_JSON_DECODER: Final = json.JSONDecoder(object_pairs_hook=_Pairs, strict=False)
+
+
 def _json_value(value: object) -> str:
     if isinstance(value, str):
         return value
+    if isinstance(value, _Pairs):
+        return json.dumps(dict(value))
     if isinstance(value, list):
         return "ARRAY::" + "|:".join(_json_value(v) for v in value)
     return json.dumps(value)
@@ -691,29 +744,36 @@ def decode_event_json(body: bytes) -> Event:
     """
     try:
         text = bytes(body).decode(_ENC, _ERRORS)
-        pairs = json.loads(text, object_pairs_hook=list, strict=False)
+        pairs = _JSON_DECODER.decode(text)
     except (ValueError, RecursionError) as e:
         raise ESLProtocolError(f"event-json body is not JSON: {e}") from None
-    if not isinstance(pairs, list):
+    if type(pairs) is not _Pairs:
         raise ESLProtocolError("event-json body is not a JSON object")
-    names: list[str] = []
-    values: list[str] = []
+    if not pairs:
+        raise ESLProtocolError("event without Event-Name")
+    names_t, values_t = zip(*pairs, strict=True)
+    names: list[str] = list(names_t)
+    values: list[object] = list(values_t)
     event_body = b""
-    for name, value in pairs:
-        if name == "_body":
-            if not isinstance(value, str):
-                raise ESLProtocolError("event-json _body is not a string")
-            try:
-                event_body = value.encode(_ENC, _ERRORS)
-            except UnicodeEncodeError:
-                raise ESLProtocolError("event-json _body is not encodable") from None
-            continue
-        names.append(name)
+    if "_body" in names:
+        i = names.index("_body")
+        value = values[i]
+        if not isinstance(value, str):
+            raise ESLProtocolError("event-json _body is not a string")
         try:
-            values.append(_json_value(value))
+            event_body = value.encode(_ENC, _ERRORS)
+        except UnicodeEncodeError:
+            raise ESLProtocolError("event-json _body is not encodable") from None
+        while "_body" in names:
+            i = names.index("_body")
+            del names[i]
+            del values[i]
+    if set(map(type, values)) - {str}:
+        try:
+            values = [_json_value(v) for v in values]
         except (ValueError, RecursionError):
             raise ESLProtocolError("event-json field with an unusable value") from None
-    return Event(Headers._from_lists(names, values), event_body)
+    return Event(Headers._from_lists(names, values), event_body)  # type: ignore[arg-type]
 
 
 def encode_event_plain(headers: Sequence[tuple[str, str]], body: bytes = b"") -> bytes:
@@ -731,9 +791,9 @@ def encode_event_plain(headers: Sequence[tuple[str, str]], body: bytes = b"") ->
         lines.append(f"{name}: {url_encode(value)}\n")
     if body:
         lines.append(f"Content-Length: {len(body)}\n\n")
-        return "".join(lines).encode(_ENC, _ERRORS) + bytes(body)
+        return _to_bytes("".join(lines)) + bytes(body)
     lines.append("\n")
-    return "".join(lines).encode(_ENC, _ERRORS)
+    return _to_bytes("".join(lines))
 
 
 def encode_event_json(headers: Sequence[tuple[str, str]], body: bytes = b"") -> bytes:
@@ -748,7 +808,7 @@ def encode_event_json(headers: Sequence[tuple[str, str]], body: bytes = b"") -> 
         text = bytes(body).decode(_ENC, _ERRORS)
         fields.append(f'"Content-Length":"{len(body)}"')
         fields.append(f'"_body":{dumps(text, ensure_ascii=False)}')
-    return ("{" + ",".join(fields) + "}").encode(_ENC, _ERRORS)
+    return _to_bytes("{" + ",".join(fields) + "}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -793,7 +853,7 @@ def encode_frame(headers: Sequence[tuple[str, str]], body: bytes = b"") -> bytes
     """
     lines = _header_block(headers, body)
     lines.append("\n")
-    return "".join(lines).encode(_ENC, _ERRORS) + bytes(body)
+    return _to_bytes("".join(lines)) + bytes(body)
 
 
 def encode_command(
@@ -808,4 +868,4 @@ def encode_command(
         raise ESLCommandError("empty command line")
     _check_value(line, "command line")
     lines = [line, "\n", *_header_block(headers, body), "\n"]
-    return "".join(lines).encode(_ENC, _ERRORS) + bytes(body)
+    return _to_bytes("".join(lines)) + bytes(body)
