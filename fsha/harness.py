@@ -129,10 +129,13 @@ class LoopbackCluster:
     def start_sim(self, node: NodeProcesses) -> None:
         ready = self.dir / f"{node.name}-sim.ready"
         ready.unlink(missing_ok=True)
+        # A restarted simulator takes the ports of its first run: the config names them.
+        esl_port = node.sim_ports.get("esl", {}).get("port", 0)
+        control_port = node.sim_ports.get("control", {}).get("port", 0)
         argv = [*FSHA, "sim", "--name", node.name,
-                "--esl", f"{self.address(3, node.index)}:0",
+                "--esl", f"{self.address(3, node.index)}:{esl_port}",
                 "--password", "ClueCon", "--db", str(self.dir / f"{node.name}-core.db"),
-                "--control", f"{self.address(3, node.index)}:0",
+                "--control", f"{self.address(3, node.index)}:{control_port}",
                 "--ready-file", str(ready)]
         for s in range(1, self.slot_count + 1):
             name, ip, port = self.slot_profile(s)

@@ -135,6 +135,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         udp.setServiceParent(top)
     site = Site(status_site_root(lambda: {**node.status(), "freeswitch": health.status()}))
     site.noisy = False
+    site.log = lambda request: None  # type: ignore[method-assign]  # polled: no access log
     status = internet.TCPServer(me.status.port, site, interface=me.status.host,
                                 reactor=reactor)
     status.setName("status")

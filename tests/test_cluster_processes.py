@@ -45,7 +45,7 @@ class LoopbackClusterTests(SynchronousTestCase):
         self.assertIn("problems: none", table.stdout)
 
         victim = owners["slot1"]
-        killed_at = cluster.kill(victim)
+        killed_at = cluster.kill(victim, sim_too=True)
         new_owner = wait_for("slot1 to be taken over",
                              lambda: cluster.owner("slot1") not in (None, victim)
                              and cluster.owner("slot1"), timeout=30)
