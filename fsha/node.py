@@ -391,6 +391,10 @@ class ClusterNode:
             if owner != me:
                 winner = self._name(owner if owner is not None else NO_NODE)
                 self._machine.lost(f"{winner} holds slot by a better claim")
+            elif self.role is Role.MASTER and not self.health.is_ok():
+                # Its calls are gone with it: let the next candidate recover them now rather
+                # than after the others' dead-after time.
+                self._machine.lost("local FreeSWITCH is not answering")
             return
         if self.role is Role.SLAVE and me in roles.assignments and self.sees_quorum():
             slot_id, epoch = roles.assignments[me]

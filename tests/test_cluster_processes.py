@@ -9,6 +9,7 @@ import time
 from twisted.trial.unittest import SynchronousTestCase
 
 from fsha.harness import HarnessError, LoopbackCluster, wait_for
+from fsha.status import render
 
 
 class LoopbackClusterTests(SynchronousTestCase):
@@ -81,6 +82,22 @@ class LoopbackClusterTests(SynchronousTestCase):
         release = [e for e in status["events"] if e["event"] == "peer-release"]
         self.assertTrue(release, "the stopping master announced its release")
         self.assertLess(time.monotonic() - started, 30)
+
+    def test_master_whose_freeswitch_dies_releases(self) -> None:
+        cluster = self.cluster
+        owners = {s["name"]: s["owner"] for s in self.view["slots"]}
+        [spare] = [n.name for n in cluster.nodes if n.name not in owners.values()]
+        victim = cluster.node(owners["slot1"])
+        assert victim.sim is not None
+        victim.sim.kill()  # FreeSWITCH dies; fsha on that host lives on
+        victim.sim.wait(timeout=10)
+        wait_for("slot1 to move", lambda: cluster.owner("slot1") == spare, timeout=30)
+        status = cluster.status(victim)
+        self.assertEqual(status["role"], "slave")
+        self.assertNotIn("fs_ok", next(n for n in status["nodes"] if n["self"])["flags"])
+        release = [e for e in status["events"] if e["event"] == "release"]
+        self.assertEqual(release[-1]["reason"], "local FreeSWITCH is not answering")
+        self.assertIn("its FreeSWITCH is not answering", render(status))
 
     def epoch_of(self, slot: str) -> int:
         return next(s["epoch"] for s in self.view["slots"] if s["name"] == slot)

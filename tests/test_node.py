@@ -194,6 +194,24 @@ class FailoverTests(SynchronousTestCase):
         cluster.advance(cluster.config.dead_after / 2)
         self.assertEqual(cluster.masters(), {"slot1": "fs3", "slot2": "fs2"})
 
+    def test_master_whose_freeswitch_dies_releases_at_once(self) -> None:
+        cluster = self.cluster
+        cluster.health["fs1"].ok = False
+        cluster.nodes["fs1"].health_changed(False)
+        # released and announced synchronously; the spare takes over within an interval or two
+        self.assertEqual(cluster.nodes["fs1"].role, Role.SLAVE)
+        self.assertEqual(cluster.actions["fs1"].held, set())
+        cluster.advance(2 * cluster.config.heartbeat_interval)
+        self.assertEqual(cluster.masters(), {"slot1": "fs3", "slot2": "fs2"})
+        release = [e for e in cluster.nodes["fs1"].events if e["event"] == "release"]
+        self.assertEqual(release[0]["reason"], "local FreeSWITCH is not answering")
+        # and it is no candidate while its FreeSWITCH is down
+        cluster.advance(1.0)
+        self.assertEqual(cluster.nodes["fs2"].roles.ranking, ())
+        cluster.health["fs1"].ok = True
+        cluster.advance(0.2)
+        self.assertEqual(cluster.nodes["fs2"].roles.ranking, (0,))
+
     def test_candidate_dies_mid_claim_next_candidate_completes(self) -> None:
         cluster = FakeCluster(make_config(nodes=5, slots=2))  # 3 of 5 left: still a quorum
         converge(cluster)
