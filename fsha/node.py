@@ -39,6 +39,7 @@ from fsha.wire.heartbeat import (
 
 Address = tuple[str, int]
 SendFunction = Callable[[bytes, Address], None]
+RoleListener = Callable[[Role, Role, SlotConfig | None], object]
 
 # A claim that failed makes the node unfit for this long, so the next candidate proceeds.
 UNFIT_INTERVALS = 40
@@ -196,6 +197,7 @@ class ClusterNode:
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = clock
         self._pending: list[IDelayedCall] = []
+        self._role_listeners: list[RoleListener] = []
         self._claim: defer.Deferred[None] | None = None
         self._evaluating = False
         self.running = False
@@ -409,13 +411,25 @@ class ClusterNode:
 
     # -- outputs of the role machine --------------------------------------------------------
 
+    def add_role_listener(self, callback: RoleListener) -> None:
+        """``callback(old_role, new_role, slot)`` after every change of this node's role;
+        ``slot`` is the slot concerned (the one held, claimed or released), if any."""
+        self._role_listeners.append(callback)
+
     def _set_role(self, role: Role, slot: int, epoch: int) -> None:
-        old = self.role
+        old, old_slot = self.role, self.slot
         self.role, self.slot, self.epoch = role, slot, epoch
         if old is not role:
             self._event("role", role=role.name.lower(),
                         slot=self.config.slots[slot].name if slot != NO_SLOT else None,
                         epoch=epoch)
+            concerned = slot if slot != NO_SLOT else old_slot
+            slot_config = self.config.slots[concerned] if concerned != NO_SLOT else None
+            for callback in list(self._role_listeners):
+                try:
+                    callback(old, role, slot_config)
+                except Exception:
+                    self.log.failure("role listener failed")
 
     def _begin_claim(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None) -> None:
         self._set_role(Role.CLAIMING, slot.slot_id, epoch)

@@ -47,6 +47,21 @@ class FormationTests(SynchronousTestCase):
         self.assertEqual(len(set(masters.values())), 3)
         self.assertEqual(len({n.roles.digest for n in cluster.live()}), 1)
 
+    def test_role_listeners_see_every_change_with_its_slot(self) -> None:
+        cluster = FakeCluster(make_config(nodes=3, slots=2))
+        seen: list[tuple[str, str, str | None]] = []
+        node = cluster.start("fs1")
+        node.add_role_listener(lambda old, new, slot: seen.append(
+            (old.name, new.name, slot.name if slot else None)))
+        cluster.start("fs2")
+        cluster.start("fs3")
+        cluster.advance(cluster.config.discovery + 0.5)
+        node.stop()
+        self.assertEqual(seen, [("STARTING", "SLAVE", None), ("SLAVE", "CLAIMING", "slot1"),
+                                ("CLAIMING", "MASTER", "slot1"),
+                                ("MASTER", "RELEASING", "slot1"),
+                                ("RELEASING", "SLAVE", "slot1")])
+
     def test_no_quorum_no_claim(self) -> None:
         cluster = FakeCluster(make_config(nodes=3, slots=2))
         cluster.start("fs1")
