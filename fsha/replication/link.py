@@ -17,9 +17,9 @@ the handshake each side sends HELLO; the first frame received must be a HELLO fr
 the certificate names with this node's config digest. Later frames go to the
 :class:`FrameHandler`.
 
-What is left for the session logic (catch-up, snapshots, acks, backpressure, keepalives,
-dialling and redialling) is described in the report of issue 4; this module gives the
-authenticated, framed, timed-out transport it runs on.
+The session logic (catch-up, snapshots, acks, backpressure, keepalives) is
+``fsha/replication/session.py``; dialling and redialling ``fsha/replication/service.py``.
+This module gives the authenticated, framed, timed-out transport they run on.
 """
 
 from __future__ import annotations
@@ -205,12 +205,22 @@ class LinkProtocol(Protocol):
         self._timeout: IDelayedCall | None = None
         self._verified = False
         self._closing = False
+        #: Bytes of this link (the factory's LinkStats add up every link of the node).
+        self.bytes_in = 0
+        self.bytes_out = 0
 
     @property
     def is_up(self) -> bool:
         return self.peer_hello is not None and not self._closing
 
     def connectionMade(self) -> None:
+        # Frames are small and latency matters: no Nagle delay (the sessions batch writes).
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass
         self._timeout = self.factory.clock.callLater(self.factory.handshake_timeout,
                                                      self._timed_out)
 
@@ -244,9 +254,18 @@ class LinkProtocol(Protocol):
                         self.factory.config.digest, self.factory.positions()))
 
     def send(self, frame: Frame) -> None:
-        data = stream.encode(frame)
+        self.write(stream.encode(frame))
+
+    def write(self, data: bytes) -> None:
+        """Send already encoded frames (one or several, whole)."""
         self.factory.stats.bytes_out += len(data)
+        self.bytes_out += len(data)
         self.transport.write(data)  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        """Drop the link now (unsent data is discarded: the peer resumes on reconnect)."""
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -255,6 +274,7 @@ class LinkProtocol(Protocol):
             self._refuse(PeerRejected("tls", "data before a verified handshake"))
             return
         self.factory.stats.bytes_in += len(data)
+        self.bytes_in += len(data)
         try:
             frames = self._decoder.feed(data)
         except StreamError as e:

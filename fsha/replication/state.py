@@ -39,9 +39,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import heapq
-import itertools
 import struct
-from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
@@ -88,6 +86,45 @@ class Record:
     expires_ms: int  # Unix time in milliseconds; 0 = never
 
 
+class _Log:
+    """The last ``limit`` changes of one origin, sliceable by index in O(slice length).
+
+    A list with a moving start: appending past the limit drops (and releases) the oldest
+    change; the list is compacted once half of it is released slots, so appends stay O(1)
+    amortised and a slice near the end does not walk the whole log (as a deque would).
+    """
+
+    __slots__ = ("_items", "_limit", "_start")
+
+    def __init__(self, limit: int) -> None:
+        self._items: list[Change | None] = []
+        self._start = 0
+        self._limit = limit
+
+    def __len__(self) -> int:
+        return len(self._items) - self._start
+
+    def append(self, change: Change) -> None:
+        items = self._items
+        items.append(change)
+        if len(items) - self._start > self._limit:
+            items[self._start] = None  # release the oldest change now
+            self._start += 1
+            if self._start >= 64 and self._start * 2 >= len(items):
+                del items[:self._start]
+                self._start = 0
+
+    def clear(self) -> None:
+        self._items = []
+        self._start = 0
+
+    def slice(self, start: int, stop: int | None = None) -> list[Change]:
+        """Changes ``start`` (0 = the oldest held) up to ``stop`` (exclusive, None = all)."""
+        base = self._start
+        end = len(self._items) if stop is None else min(len(self._items), base + stop)
+        return self._items[base + start:end]  # type: ignore[return-value]
+
+
 class _Origin:
     """One origin's current incarnation: position, records and recent log."""
 
@@ -97,7 +134,7 @@ class _Origin:
         self.incarnation = incarnation
         self.sequence = 0
         self.records: dict[RecordKey, tuple[Record, int]] = {}  # -> (record, hash)
-        self.log: deque[Change] = deque(maxlen=log_limit)
+        self.log = _Log(log_limit)
         self.retired: dict[RecordKey, Record] = {}  # records of the previous incarnation
         self.retired_at = 0.0
 
@@ -140,6 +177,8 @@ class ReplicatedState:
         self._xor = 0
         self._counts: dict[int, dict[Kind, int]] = {}
         self._expiry: list[tuple[int, int, int, RecordKey]] = []  # (ms, origin, inc, key)
+        self.last_frame = b""
+        self.last_change: Change | None = None
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -269,7 +308,9 @@ class ReplicatedState:
         o = self._origins[self._node]
         change = Change(self._node, o.incarnation, o.sequence + 1, slot, kind, key, op, value,
                         expires_ms)
-        stream.encode(change)  # validates every field; raises ValueError
+        #: the last local change and its frame, so a sender need not encode it again
+        self.last_frame = stream.encode(change)  # validates every field; raises ValueError
+        self.last_change = change
         o.sequence += 1
         o.log.append(change)
         self._apply_record(o, change)
@@ -314,10 +355,13 @@ class ReplicatedState:
 
     # -- resuming and snapshots -------------------------------------------------------------
 
-    def catch_up(self, origin: int, peer: Position | None) -> list[Change] | None:
+    def catch_up(self, origin: int, peer: Position | None, limit: int | None = None
+                 ) -> list[Change] | None:
         """The changes a peer at ``peer`` lacks of ``origin``; None: it needs a snapshot.
 
         An empty list means the peer has everything this node has of that origin (or more).
+        ``limit`` caps the number of changes returned (the oldest first), so a sender can
+        pull a bounded batch at a time; the cost is proportional to the batch, not the log.
         """
         o = self._origins.get(origin)
         if o is None:
@@ -330,7 +374,24 @@ class ReplicatedState:
         first = o.first_logged
         if have + 1 < first:
             return None
-        return list(itertools.islice(o.log, have + 1 - first, None))
+        start = have + 1 - first
+        return o.log.slice(start, None if limit is None else start + limit)
+
+    def observe_incarnation(self, origin: int, incarnation: int) -> bool:
+        """A peer announced (in its HELLO) that ``origin`` now runs ``incarnation``.
+
+        If that is newer than what this node holds, the origin's records are retired (as
+        when sequence 1 of the new incarnation arrives) and its position becomes
+        (incarnation, 0), so a node that restarted and wrote nothing yet does not leave its
+        previous run's records live on its peers. Returns True if something changed.
+        """
+        if origin == self._node or not 0 <= origin < stream.NO_NODE or incarnation < 1:
+            return False
+        o = self._origins.get(origin)
+        if o is not None and incarnation <= o.incarnation:
+            return False
+        self._new_incarnation(origin, o, incarnation)
+        return True
 
     def snapshot(self, origin: int) -> tuple[SnapshotBegin, list[SnapshotItem], SnapshotEnd]:
         """The live records of ``origin`` and its position, as snapshot frames."""
