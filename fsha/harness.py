@@ -172,6 +172,8 @@ class LoopbackCluster:
             f"heartbeat_interval_ms = {self.interval_ms}",
             f"dead_after_ms = {self.dead_after_ms}", 'quorum = "majority"', "",
             '[floating_ip]', 'backend = "loopback"', "",
+            '[tls]', 'ca = "pki/ca.crt"', 'cert = "pki/{node}.crt"', 'key = "pki/{node}.key"',
+            "",
             '[[network]]', 'name = "A"', f"port = {port_a}", "",
             '[[network]]', 'name = "B"', f"port = {port_b}", ""]
         for node in self.nodes:
@@ -195,6 +197,10 @@ class LoopbackCluster:
                                capture_output=True, text=True, timeout=60)
         if check.returncode != 0:
             raise HarnessError(f"generated config is invalid: {check.stderr.strip()}")
+        from fsha.config import load_config
+        from fsha.pki import ensure_cluster_pki
+
+        ensure_cluster_pki(load_config(self.config_path))  # a throwaway cluster CA
 
     def start_node(self, node: NodeProcesses) -> None:
         argv = [*TWISTD, "-n", "--pidfile=", "fsha", "--config", str(self.config_path),

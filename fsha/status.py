@@ -81,6 +81,13 @@ def problems(status: JSON) -> list[str]:
         if net["send_errors"]:
             found.append(f"network {net['name']}: {net['send_errors']} send errors "
                          f"(last: {net['last_error']})")
+    replication = status.get("replication")
+    alive = {n["name"] for n in status["nodes"] if n["alive"] and not n["self"]}
+    if replication:
+        for name, peer in sorted(replication["peers"].items()):
+            if not peer["up"] and name in alive:
+                why = f": {peer['last_error']}" if peer.get("last_error") else ""
+                found.append(f"replication link to {name} is down{why}")
     if status["drops"].get("config-mismatch"):
         found.append(f"{status['drops']['config-mismatch']} heartbeats dropped from nodes "
                      "running a different config file")
@@ -127,6 +134,22 @@ def render(status: JSON) -> str:
         slot_rows.append([slot["name"], slot["owner"] or "NONE", str(slot["epoch"]),
                           " ".join(slot["ips"]), " ".join(slot["profiles"])])
     lines.extend(_table(slot_rows))
+    replication = status.get("replication")
+    if replication:
+        lines.append("")
+        lines.append(f"replication: {replication['records']} records, digest "
+                     f"{replication['digest'][:16]}")
+        rep_rows = [["PEER", "LINK", "NETWORK", "LAG", "IN", "OUT"]]
+        for name, peer in sorted(replication["peers"].items()):
+            lag = ("-" if peer.get("lag_changes") is None else
+                   f"{peer['lag_changes']} ch / {peer.get('lag_ms') or 0:.1f} ms")
+            rep_rows.append([name, "up" if peer["up"] else "DOWN", peer.get("network") or "-",
+                             lag, _bytes(peer["bytes_in"]), _bytes(peer["bytes_out"])])
+        lines.extend(_table(rep_rows))
+        counts = ", ".join(f"{slot}: " + " ".join(f"{n} {kind}" for kind, n in kinds.items())
+                           for slot, kinds in replication["slots"].items())
+        if counts:
+            lines.append(f"records by slot: {counts}")
     found = problems(status)
     lines.append("")
     lines.append("problems: none" if not found else "problems:")
@@ -143,6 +166,14 @@ def render(status: JSON) -> str:
             lines.append(f"  {time.strftime('%H:%M:%S', time.localtime(e['time']))}"
                          f".{int(e['time'] * 1000) % 1000:03d} {e['event']} {detail}")
     return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 def _table(rows: list[list[str]]) -> list[str]:

@@ -21,6 +21,7 @@ from fsha.config import ClusterConfig, ConfigError, NodeConfig, choose_node, loa
 from fsha.esl import ConnectionState, ESLClient
 from fsha.floating import FloatingIPBackend, make_backend
 from fsha.node import ClusterNode
+from fsha.replication.service import ReplicationService
 from fsha.status import status_site_root
 from fsha.takeover import SlotEffects
 from fsha.transport import heartbeat_services
@@ -43,9 +44,23 @@ class Options(usage.Options):
             self.cluster: ClusterConfig = load_config(self["config"])
             self.me: NodeConfig = choose_node(self.cluster, self["node"])
             self.secret: bytes = self.cluster.read_secret()
+            check_tls_files(self.cluster, self.me)
         except ConfigError as e:
             print(f"fsha: {e.problems[0]}", file=sys.stderr)
             raise SystemExit(2) from None
+
+
+def check_tls_files(config: ClusterConfig, me: NodeConfig) -> None:
+    """The node's replication PKI must be there before it starts (one clear line if not)."""
+    tls = config.tls
+    if tls is None:
+        return
+    for key, path in (("tls.ca", tls.ca), ("tls.cert", tls.cert_for(me.name)),
+                      ("tls.key", tls.key_for(me.name))):
+        if not path.is_file():
+            raise ConfigError([f"{config.path}: {key}: {path} does not exist (make it with "
+                               f"fsha certs init / fsha certs issue {me.name} --config "
+                               f"{config.path})"])
 
 
 class SwitchHealth:
@@ -133,7 +148,21 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     esl.setServiceParent(top)
     for udp in heartbeat_services(node, reactor):
         udp.setServiceParent(top)
-    site = Site(status_site_root(lambda: {**node.status(), "freeswitch": health.status()}))
+    # Replication starts before the node and stops after it, so a hand-over on stop can
+    # still reach the peers.
+    replication: ReplicationService | None = None
+    if config.tls is not None:
+        replication = ReplicationService(config, me, reactor, incarnation=node.incarnation)
+        replication.setName("replication")
+        replication.setServiceParent(top)
+
+    def status() -> dict[str, Any]:
+        result = node.status()
+        result["freeswitch"] = health.status()
+        result["replication"] = replication.status() if replication is not None else None
+        return result
+
+    site = Site(status_site_root(status))
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # polled: no access log
     status = internet.TCPServer(me.status.port, site, interface=me.status.host,

@@ -38,12 +38,20 @@ class LoopbackClusterTests(SynchronousTestCase):
             self.assertTrue(all("fs_ok" in n["flags"] for n in status["nodes"]))
             self.assertEqual(status["drops"], {})
 
+        def links_up() -> bool:
+            return all(peer["up"] for st in cluster.statuses().values()
+                       for peer in st["replication"]["peers"].values())
+        wait_for("every replication link to be up", links_up, timeout=30)
+
         table = subprocess.run([sys.executable, "-m", "fsha", "status", "--config",
                                 str(cluster.config_path), "--node", spare],
                                capture_output=True, text=True, timeout=60)
         self.assertEqual(table.returncode, 0, table.stderr)
         self.assertIn(f"seen from {spare} (slave)", table.stdout)
         self.assertIn("problems: none", table.stdout)
+        self.assertRegex(table.stdout, r"replication: \d+ records")
+        for name in owners.values():
+            self.assertRegex(table.stdout, rf"\n{name}\s+up\s+A\s")
 
         victim = owners["slot1"]
         killed_at = cluster.kill(victim, sim_too=True)
