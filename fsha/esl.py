@@ -402,6 +402,24 @@ class ESLClient(Service):
         self._watchdog: IDelayedCall | None = None
         self._last_heartbeat = 0.0
 
+    @classmethod
+    def tcp(
+        cls,
+        reactor: Any,
+        host: str,
+        port: int,
+        password: str,
+        *,
+        connect_timeout: float = 5.0,
+        **kwargs: Any,
+    ) -> ESLClient:
+        """A client of ``host:port`` over TCP (the usual ``127.0.0.1:8021``), the reactor
+        as its clock, and a timeout on every connection attempt."""
+        from twisted.internet.endpoints import HostnameEndpoint
+
+        endpoint = HostnameEndpoint(reactor, host, port, timeout=connect_timeout)
+        return cls(endpoint, password, reactor, **kwargs)
+
     # -- observation ---------------------------------------------------------------------
 
     @property
@@ -500,6 +518,8 @@ class ESLClient(Service):
         self.connections += 1
         self._set_state(ConnectionState.AUTHENTICATING)
         timer = self.clock.callLater(self.setup_timeout, self._greeting_timeout, proto)
+        sent_events: list[str] = []
+        sent_filters: list[tuple[str, str]] = []
 
         def greeted(frame: Frame) -> Deferred[Frame]:
             if timer.active():
@@ -512,9 +532,11 @@ class ESLClient(Service):
             reply = frame.reply_text
             if not reply.startswith("+OK"):
                 raise ESLAuthError(f"authentication refused: {reply}")
+            sent_events[:] = self._events
+            sent_filters[:] = self._effective_filters()
             d = proto.request(self._event_command(), timeout=self.setup_timeout)
             d.addCallback(_check_reply, "event")
-            for header, value in self._effective_filters():
+            for header, value in sent_filters:
                 d.addCallback(
                     lambda _, h=header, v=value: proto.request(
                         f"filter {h} {v}", timeout=self.setup_timeout
@@ -534,6 +556,7 @@ class ESLClient(Service):
             self.last_error = None
             self._last_heartbeat = self.clock.seconds()
             self._set_state(ConnectionState.READY)
+            self._catch_up(sent_events, sent_filters)
 
         def failed(failure: Failure) -> None:
             if timer.active():
@@ -552,6 +575,29 @@ class ESLClient(Service):
         d.addCallback(ready)
         d.addErrback(failed)
         d.addErrback(_log_failure, "ESL connection setup")
+
+    def _catch_up(self, events: list[str], filters: list[tuple[str, str]]) -> None:
+        """Apply what subscribe()/add_filter() recorded while the setup was in flight."""
+        new_events = [e for e in self._events if e not in events]
+        new_filters = [f for f in self._effective_filters() if f not in filters]
+        if not new_events and not new_filters:
+            return
+        d: Deferred[Any] = succeed(None)
+        if new_events:
+            words = ["event", self.event_format, *_custom_split(new_events)[0]]
+            custom = _custom_split(new_events)[1]
+            if custom:
+                words += ["CUSTOM", *custom]
+            d.addCallback(lambda _: self._checked(" ".join(words)))
+        for h, v in new_filters:
+            d.addCallback(lambda _, h=h, v=v: self._checked(f"filter {h} {v}"))
+        d.addErrback(self._catch_up_failed)
+
+    def _catch_up_failed(self, failure: Failure) -> None:
+        if failure.check(ESLError):
+            log.warn("Could not apply a late subscription: {error}", error=str(failure.value))
+        else:
+            log.failure("Applying a late subscription failed", failure=failure)
 
     def _greeting_timeout(self, proto: ESLProtocol) -> None:
         if not proto.greeting.called:
@@ -625,8 +671,10 @@ class ESLClient(Service):
         listeners = self._event_listeners
         if not listeners:
             return
-        key = event.subclass if name == "CUSTOM" else name
-        for cb in listeners.get(key, ()):
+        if name == "CUSTOM":
+            for cb in listeners.get(event.subclass, ()):
+                _call_listener(cb, event)
+        for cb in listeners.get(name, ()):
             _call_listener(cb, event)
         for cb in listeners.get(None, ()):
             _call_listener(cb, event)
@@ -751,7 +799,9 @@ class ESLClient(Service):
                 if not entry[0].called:
                     entry[0].errback(failure)
 
-        self._checked("bgapi " + command, [("Job-UUID", job)]).addCallbacks(accepted, refused)
+        d = self._checked("bgapi " + command, [("Job-UUID", job)])
+        d.addCallbacks(accepted, refused)
+        d.addErrback(_log_failure, "bgapi")
         return result
 
     def _job_timed_out(self, job: str, command: str, wait: float) -> None:

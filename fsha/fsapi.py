@@ -35,6 +35,7 @@ __all__ = [
     "ProfileTooYoung",
     "RegistrationEvent",
     "RegistrationKind",
+    "SofiaStatusEntry",
     "Status",
     "parse_event",
     "parse_fsctl_recover",
@@ -44,6 +45,7 @@ __all__ = [
     "parse_profile_command",
     "parse_profile_recover",
     "parse_sofia_recover",
+    "parse_sofia_status",
     "parse_status",
     "parse_uuid_exists",
     "parse_var",
@@ -450,6 +452,43 @@ def parse_status(command: str, output: str) -> Status:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class SofiaStatusEntry:
+    """One line of ``sofia status``: a profile, alias or gateway."""
+
+    name: str
+    type: str  # "profile", "alias", "gateway"
+    data: str  # the profile's SIP URL, the aliased profile, the gateway's registrar
+    state: str  # "RUNNING (3)", "RUNNING (3) (TLS)", "ALIASED", "NOREG", ...
+    sessions: int | None  # the "(N)" of a profile line
+
+    @property
+    def running(self) -> bool:
+        return self.type == "profile" and self.state.startswith("RUNNING")
+
+
+_SOFIA_STATE_SESSIONS = re.compile(r"^\w+ \((\d+)\)")
+
+
+def parse_sofia_status(command: str, output: str) -> list[SofiaStatusEntry]:
+    """``sofia status``: one ``NAME\\tTYPE\\t  DATA\\tSTATE`` line per running profile (and
+    its TLS line), alias and gateway, between ``====`` rules, then a ``N profiles M aliases``
+    total. A profile that failed to bind is not listed at all."""
+    if _is_err(output) or "=====" not in output:
+        raise FSApiError(command, output)
+    entries: list[SofiaStatusEntry] = []
+    for line in output.split("\n"):
+        parts = line.split("\t")
+        if len(parts) < 4 or parts[0].strip() == "Name":
+            continue
+        name, kind, data = parts[0].strip(), parts[1].strip(), parts[2].strip()
+        state = "\t".join(parts[3:]).strip()
+        m = _SOFIA_STATE_SESSIONS.match(state)
+        entries.append(SofiaStatusEntry(name, kind, data, state,
+                                        int(m.group(1)) if m else None))
+    return entries
+
+
 # ---------------------------------------------------------------------------------------
 # API calls
 
@@ -515,6 +554,9 @@ class FSApi:
     def sofia_profile_recover(self, profile: str, timeout: float | None = None) -> Deferred[int]:
         p = _token(profile, "profile name")
         return self._call(f"sofia profile {p} recover", parse_profile_recover, timeout)
+
+    def sofia_status(self, timeout: float | None = None) -> Deferred[list[SofiaStatusEntry]]:
+        return self._call("sofia status", parse_sofia_status, timeout)
 
     def sofia_recover(self, timeout: float | None = None) -> Deferred[int]:
         """Unscoped ``sofia recover``: on a shared core DB it steals every node's calls

@@ -436,17 +436,43 @@ class SubscriptionTests(ClientTestBase):
         conn2.api_reply(CORE1)
         self.assertTrue(client.is_healthy)
 
+    def test_subscription_during_setup_is_caught_up(self) -> None:
+        client = self.make()
+        client.startService()
+        conn = self.endpoint.conns[0]
+        conn.send(b"Content-Type: auth/request\n\n")
+        self.assertEqual(conn.lines(), ["auth ClueCon"])
+        conn.reply("+OK accepted")
+        conn.lines()  # the event command, already sent
+        self.successResultOf(client.subscribe("CHANNEL_HANGUP"))  # recorded, not sent yet
+        self.successResultOf(client.add_filter("Unique-ID", "U1"))
+        self.assertEqual(conn.lines(), [])
+        conn.reply("+OK event listener enabled plain")
+        self.assertEqual(conn.lines(), ["api global_getvar core_uuid"])
+        conn.api_reply(CORE1)
+        self.assertTrue(client.is_healthy)
+        self.assertEqual(conn.lines(), ["event plain CHANNEL_HANGUP"])
+        conn.reply("+OK event listener enabled plain")
+        for expected in ("filter Event-Name BACKGROUND_JOB", "filter Event-Name HEARTBEAT",
+                         "filter Unique-ID U1"):
+            self.assertEqual(conn.lines(), [expected])
+            conn.reply("+OK filter added.")
+        self.assertEqual(conn.lines(), [])
+
     def test_custom_listener_and_json(self) -> None:
         client, conn = self.ready_client(event_format="json")
         regs: list[Event] = []
         every: list[str] = []
+        customs: list[str | None] = []
         client.add_event_listener(regs.append, "sofia::register")
+        client.add_event_listener(lambda e: customs.append(e.subclass), "CUSTOM")
         client.add_event_listener(lambda e: every.append(e.name))
         conn.event([("Event-Subclass", "sofia::register"), ("Event-Name", "CUSTOM"),
                     ("from-user", "1000")], fmt="json")
         conn.event([("Event-Name", "HEARTBEAT")], fmt="json")
         self.assertEqual([e.headers["from-user"] for e in regs], ["1000"])
         self.assertEqual(every, ["CUSTOM", "HEARTBEAT"])
+        self.assertEqual(customs, ["sofia::register"])
 
     def test_listener_exception_does_not_break_connection(self) -> None:
         client, conn = self.ready_client()

@@ -38,9 +38,18 @@ import binascii
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Final
+from typing import Any, Final
 
 __all__ = [
+    "CT_API_RESPONSE",
+    "CT_AUTH_REQUEST",
+    "CT_COMMAND_REPLY",
+    "CT_DISCONNECT_NOTICE",
+    "CT_EVENT_JSON",
+    "CT_EVENT_PLAIN",
+    "CT_EVENT_XML",
+    "CT_LOG_DATA",
+    "CT_RUDE_REJECTION",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_HEADER_BYTES",
     "Command",
@@ -291,8 +300,12 @@ class _BlockReader:
     def _parse(self, block: bytes) -> Headers:
         return _parse_header_lines(block, self._what)
 
-    def _blocks(self, data: bytes) -> list[tuple[bytes, Headers, bytes]]:
-        """Feed bytes; return (first header block, headers, body) for each complete message."""
+    # True: emit Frame(headers, body); False: emit (header block, headers, body) tuples.
+    _frames = False
+
+    def _blocks(self, data: bytes) -> list[Any]:
+        """Feed bytes; return a Frame, or a (header block, headers, body) tuple, for each
+        complete message."""
         if self._failed is not None:
             raise self._failed
         try:
@@ -303,8 +316,9 @@ class _BlockReader:
             self._chunks = []
             raise
 
-    def _run(self, data: bytes) -> list[tuple[bytes, Headers, bytes]]:
-        out: list[tuple[bytes, Headers, bytes]] = []
+    def _run(self, data: bytes) -> list[Any]:
+        out: list[Any] = []
+        frames = self._frames
         if self._pending is not None:
             # Waiting for a body: collect chunks without re-joining every time.
             self._chunks.append(data)
@@ -317,7 +331,7 @@ class _BlockReader:
             block, headers = self._pending
             self._pending = None
             need = self._need
-            out.append((block, headers, buf[:need]))
+            out.append(Frame(headers, buf[:need]) if frames else (block, headers, buf[:need]))
             pos = need
         else:
             buf = self._buf + data if self._buf else data
@@ -340,7 +354,7 @@ class _BlockReader:
                 if buf[pos + 1] == 10:
                     pos += 2
                     continue
-            start = max(pos, scan)
+            start = pos if pos >= scan else scan
             scan = 0
             lf = find(b"\n\n", start)
             crlf = find(b"\n\r\n", start, end if lf < 0 else lf + 2)
@@ -368,11 +382,12 @@ class _BlockReader:
             else:
                 headers, need = cached
             if need == 0:
-                out.append((block, headers, b""))
+                out.append(Frame(headers, b"") if frames else (block, headers, b""))
                 pos = bstart
                 continue
             if end - bstart >= need:
-                out.append((block, headers, buf[bstart : bstart + need]))
+                body = buf[bstart : bstart + need]
+                out.append(Frame(headers, body) if frames else (block, headers, body))
                 pos = bstart + need
                 continue
             # Body incomplete: park the headers and collect the rest of the body.
@@ -403,14 +418,18 @@ class FrameDecoder:
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
-        self._reader = _BlockReader(max_header_bytes, max_body_bytes, "frame")
+        self._reader = _FrameReader(max_header_bytes, max_body_bytes, "frame")
 
     @property
     def buffered(self) -> int:
         return self._reader.buffered
 
     def feed(self, data: bytes) -> list[Frame]:
-        return [Frame(h, body) for _block, h, body in self._reader._blocks(bytes(data))]
+        return self._reader._blocks(bytes(data))
+
+
+class _FrameReader(_BlockReader):
+    _frames = True
 
 
 # ---------------------------------------------------------------------------------------
@@ -699,7 +718,7 @@ def decode_event_plain(body: bytes) -> Event:
             fast = _plain_head_fast(body[:rest_at])
     names, values = fast if fast is not None else _plain_head_slow(body[: hend + 1])
     event_body = b""
-    if names and names[-1].lower() == "content-length":
+    if names and len(names[-1]) == 14 and names[-1].lower() == "content-length":
         clen = values[-1]
         if not clen.isascii() or not clen.isdigit():
             raise ESLProtocolError(f"bad inner Content-Length {clen[:40]!r}")
