@@ -158,6 +158,13 @@ class Headers:
                 n = names[i]
                 if n == name or n.lower() == lname:
                     return self._values[i]
+            # Callers ask with FreeSWITCH's own spelling: a C-level scan for it costs a
+            # fraction of building the case-insensitive index (a header spelt two ways in
+            # one event, which FreeSWITCH never sends, would then answer the exact one).
+            try:
+                return self._values[names.index(name)]
+            except ValueError:
+                pass
             index = self._lower_index()
             return index.get(lname, default)
         return index.get(name.lower(), default)
