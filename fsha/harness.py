@@ -256,6 +256,21 @@ class LoopbackCluster:
     def node(self, name: str) -> NodeProcesses:
         return next(n for n in self.nodes if n.name == name)
 
+    def sim_control(self, name: str, path: str, body: dict[str, Any] | None = None,
+                    timeout: float = 30.0) -> dict[str, Any]:
+        """Call the node's simulator control API (GET without a body, POST with one)."""
+        ports = self.node(name).sim_ports["control"]
+        url = f"http://{ports['host']}:{ports['port']}{path}"
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(url, data=data, method="POST" if data else "GET",
+                                         headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            raise HarnessError(f"simulator of {name}: {path}: {e.read().decode(errors='replace')}"
+                               ) from None
+
     # -- faults -----------------------------------------------------------------------------
 
     def kill(self, name: str, sim_too: bool = False) -> float:

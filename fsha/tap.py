@@ -7,6 +7,7 @@ A config problem ends the process with status 2 and one line naming the file and
 
 from __future__ import annotations
 
+import gc
 import sys
 from typing import Any
 
@@ -21,10 +22,12 @@ from fsha.config import ClusterConfig, ConfigError, NodeConfig, choose_node, loa
 from fsha.esl import ConnectionState, ESLClient
 from fsha.floating import FloatingIPBackend, make_backend
 from fsha.node import ClusterNode
+from fsha.replication.feeds import Feeds
 from fsha.replication.service import ReplicationService
 from fsha.status import status_site_root
 from fsha.takeover import SlotEffects
 from fsha.transport import heartbeat_services
+from fsha.wire.heartbeat import Role
 
 DEFAULT_CONFIG = "/etc/fsha/cluster.toml"
 
@@ -127,6 +130,29 @@ class NodeService(service.Service):
         return d
 
 
+class FeedsService(service.Service):
+    """Feeds the replicated state from this node's FreeSWITCH for the slots it masters."""
+
+    def __init__(self, feeds: Feeds) -> None:
+        self.feeds = feeds
+
+    def startService(self) -> None:
+        super().startService()
+        self.feeds.start()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return self.feeds.stop()
+
+    def role_changed(self, old: Role, new: Role, slot: Any) -> None:
+        if slot is None:
+            return
+        if new is Role.MASTER:
+            self.feeds.start_slot(slot)
+        elif old is Role.MASTER:
+            self.feeds.stop_slot(slot)  # its records stay: the successor needs them
+
+
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor  # the process's reactor, chosen by twistd
@@ -155,11 +181,17 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         replication = ReplicationService(config, me, reactor, incarnation=node.incarnation)
         replication.setName("replication")
         replication.setServiceParent(top)
+        feeds = FeedsService(Feeds(esl, replication.state, config, me, reactor,
+                                   publish=replication.publish))
+        feeds.setName("feeds")
+        feeds.setServiceParent(top)
+        node.add_role_listener(feeds.role_changed)
 
     def status() -> dict[str, Any]:
         result = node.status()
         result["freeswitch"] = health.status()
         result["replication"] = replication.status() if replication is not None else None
+        result["feeds"] = feeds.feeds.status() if replication is not None else None
         return result
 
     site = Site(status_site_root(status))
@@ -170,4 +202,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     status.setName("status")
     status.setServiceParent(top)
     NodeService(node, floating).setServiceParent(top)
+    # What exists now lives as long as the process: keep the collector from re-scanning it
+    # (a full collection over a large replicated state stalls the reactor for 100s of ms).
+    gc.freeze()
     return top
