@@ -136,7 +136,7 @@ class LoopbackCluster:
                 "--esl", f"{self.address(3, node.index)}:{esl_port}",
                 "--password", "ClueCon", "--db", str(self.dir / f"{node.name}-core.db"),
                 "--control", f"{self.address(3, node.index)}:{control_port}",
-                "--ready-file", str(ready)]
+                "--ready-file", str(ready), "--profile-guard", "1"]
         for s in range(1, self.slot_count + 1):
             name, ip, port = self.slot_profile(s)
             argv += ["--define-profile", f"{name}={ip}:{port}"]

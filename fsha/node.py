@@ -160,7 +160,8 @@ class ClusterNode:
 
     def __init__(self, config: ClusterConfig, me: NodeConfig, secret: bytes,
                  clock: IReactorTime, actions: SlotActions, health: HealthSource,
-                 incarnation: int | None = None) -> None:
+                 incarnation: int | None = None, claim_timeout: float | None = None
+                 ) -> None:
         self.config = config
         self.me = me
         self.clock = clock
@@ -191,8 +192,10 @@ class ClusterNode:
         self.events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self.started_at = 0.0
         self.claim_started = 0.0
-        # Each effect has its own timeout; this bounds the whole acquisition as well.
-        self.claim_timeout = 2 * config.floating_ip.timeout + config.esl_timeout_total()
+        # Each effect has its own timeout; this bounds the whole acquisition as well, and
+        # must be at least the effects' own budget (or it would cut a sequence short).
+        self.claim_timeout = claim_timeout if claim_timeout is not None else (
+            2 * config.floating_ip.timeout + config.esl_timeout_total())
         self._machine = RoleMachine(self)
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = clock
@@ -558,6 +561,10 @@ class ClusterNode:
 
     def _name(self, node_id: int) -> str:
         return self.config.nodes[node_id].name if node_id < len(self.config.nodes) else "none"
+
+    def record_event(self, kind: str, **fields: Any) -> None:
+        """Add an event to this node's recent events (status, demo timeline)."""
+        self._event(kind, **fields)
 
     def _event(self, kind: str, **fields: Any) -> None:
         self.events.append({"time": round(self.clock.seconds(), 3), "event": kind, **fields})

@@ -1,30 +1,894 @@
-"""What owning a slot means for this node: the effects the role machine asks for.
+"""What owning a slot means for this node: the timed, rolled-back takeover sequence.
 
-``SlotEffects`` implements ``fsha.node.SlotActions``. Acquiring a slot brings up its
-floating IPs (through the configured backend); releasing takes them down. A failed
-acquisition is rolled back by the node (it calls ``release``, which is idempotent).
-The FreeSWITCH steps of a takeover (recovery rows, ``sofia profile P recover``,
-registrations) join this sequence with the takeover work (issue 5).
+:class:`SlotEffects` implements ``fsha.node.SlotActions``. The node calls
+:meth:`SlotEffects.acquire` when it claims a slot (after the self-check and the takeover
+announcement) and :meth:`SlotEffects.release` when it gives the slot up or rolls back a
+failed claim. Every step has its own timeout and its duration is recorded in a
+:class:`TakeoverReport` (``last_report``, ``reports``, :meth:`SlotEffects.add_report_listener`).
+
+Acquire (a failed *fatal* step fails ``acquire``; the node then calls ``release``)
+------------------------------------------------------------------------------------
+
+1. ``floating_ips`` (fatal): the slot's addresses up through the floating-IP backend.
+2. ``records`` (fatal): the dead master's replicated rows (:class:`SlotRecords`), kept only
+   for the slot's profiles (``technology`` ``sofia``; one row per call UUID) and, for
+   registrations, only those not yet expired.
+3. ``recovery_rows`` (fatal): ``global_getvar core_uuid``, then the rows written into the
+   local core DB (``recovery``) in one transaction on the DB thread, keeping the dead
+   master's ``runtime_uuid`` (see :mod:`fsha.fsdb`). A node that cannot write them is not
+   fit to take the calls; the next candidate may be. Without a configured ``core_db`` the
+   step is a *warning* (the slot is served, its calls are not recovered).
+4. ``profiles`` (fatal): ``sofia profile P start`` for each profile (its text is printed
+   even when binding fails), then ``sofia status`` is polled until every profile is listed
+   ``RUNNING`` (FreeSWITCH lists a running profile only; one that failed to bind is
+   missing). A profile whose URL is not on one of the slot's addresses is a warning.
+5. ``recover`` (fatal): ``sofia profile P recover`` per profile (which also clears
+   standby). The reported count is compared with the rows written for ``P``. A mismatch
+   is a *warning*, not a failure: fewer means some rows could not be recovered here (bad
+   metadata, an RTP port in use) and the next candidate would read the same rows; more
+   means the table held older rows of another runtime (e.g. this FreeSWITCH's previous run)
+   that are now live calls. Rolling back would hang up every call just recovered.
+6. ``registrations`` (never fatal: the calls are already up): the rows written into
+   ``sip_registrations`` with this FreeSWITCH's hostname (``global_getvar switchname``,
+   else ``hostname``: sofia expires rows per hostname), then, if ``hash_realm`` is set, one
+   ``hash insert/REALM/USER@HOST/PROFILE`` per registered user (up to ``hash_window``
+   commands in flight). The hash lets this node's dialplan find which slot profile holds a
+   user's registration, e.g. ``sofia_contact ${hash(select/fsha_reg/1000@example.com)}/
+   1000@example.com``. It is per FreeSWITCH; the entries of a slot's users appear on the
+   node that restored them.
+
+Release (never fails; every step bounded, failures logged and reported)
+-----------------------------------------------------------------------
+
+1. ``floating_ips``: the addresses down first, so that nothing a stopping profile sends
+   (BYEs of its calls) leaves from the slot's addresses; the successor recovers the calls.
+2. ``profiles``: ``sofia profile P stop``. ``Invalid Profile`` means it was not running
+   (fine). FreeSWITCH refuses to stop a profile started less than 10 s ago: then
+   ``sofia global standby on`` (new requests get ``503``; FreeSWITCH has no per-profile
+   standby command, so this pauses every profile of this FreeSWITCH until the stop) and
+   the stop is retried once the 10 s are over (at most :data:`STOP_RETRIES` times), then
+   ``sofia global standby off``. Acquiring the slot again cancels the retry (``recover``
+   clears the profile's standby).
+3. ``rollback`` (only when the acquisition did not complete): the recovery rows written and
+   not consumed are deleted (by ``uuid`` and the dead master's ``runtime_uuid``: never a
+   row of this FreeSWITCH), and so are the registrations and hash entries restored.
+   After a completed acquisition the rows are FreeSWITCH's own business.
+
+The report of a release that undoes an incomplete acquisition has the action ``rollback``.
+:meth:`SlotEffects.stop` cancels pending delayed stops (process shutdown).
+
+Every step's timeout is in :class:`TakeoverTimeouts`; :meth:`TakeoverTimeouts.acquire_budget`
+is the sum for a slot (what the node's claim timeout must allow).
 """
 
 from __future__ import annotations
 
-from twisted.internet import defer
-from twisted.logger import Logger
+import re
+from collections import deque
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from fsha.config import NodeConfig, SlotConfig
-from fsha.floating import FloatingIPBackend
+from twisted.internet import defer
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, inlineCallbacks
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from fsha.config import ClusterConfig, NodeConfig, SlotConfig
+from fsha.esl import ESLError
+from fsha.floating import FloatingIPBackend, FloatingIPError
+from fsha.fsapi import ApiRunner, FSApi, FSApiError, ProfileNotFound, ProfileTooYoung
+from fsha.fsdb import (
+    FOREIGN_RUNTIME_PREFIX,
+    CoreDBError,
+    CoreDBWriter,
+    RecoveryRow,
+    RegistrationRow,
+)
+from fsha.process import ProcessError
+
+__all__ = [
+    "FAILED",
+    "OK",
+    "SKIPPED",
+    "STOP_RETRIES",
+    "WARNING",
+    "NoRecords",
+    "RecoveryRow",
+    "RegistrationRow",
+    "ReplicatedRecords",
+    "SlotEffects",
+    "SlotRecords",
+    "StepResult",
+    "TakeoverReport",
+    "TakeoverStepError",
+    "TakeoverTimeouts",
+]
+
+log = Logger(namespace="fsha.takeover")
+
+OK = "ok"
+WARNING = "warning"  # done, with something to look at (counts differ, a part failed)
+FAILED = "failed"
+SKIPPED = "skipped"
+
+STOP_RETRIES = 3
+PROFILE_GUARD_SECONDS = 10.0  # FreeSWITCH: "must be up for at least 10 seconds"
+_PLEASE_WAIT = re.compile(r"Please wait (\d+) second")
+
+
+class TakeoverStepError(Exception):
+    """A fatal step of the acquire sequence failed (the node rolls back)."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        super().__init__(f"{step}: {reason}")
+        self.step = step
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------
+# Reports
+
+
+@dataclass(slots=True)
+class StepResult:
+    name: str
+    outcome: str  # OK, WARNING, FAILED, SKIPPED
+    ms: float
+    counts: dict[str, int] = field(default_factory=dict)
+    error: str | None = None  # what failed, or the warning
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome != FAILED
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "outcome": self.outcome, "ms": round(self.ms, 3),
+                "counts": dict(self.counts), "error": self.error}
+
+
+@dataclass(slots=True)
+class TakeoverReport:
+    """One acquire or release of a slot: per step, name, duration, outcome and counts."""
+
+    action: str  # "acquire" | "release"
+    slot: str
+    epoch: int
+    previous: str | None  # the dead master (acquire)
+    started: float  # clock time
+    steps: list[StepResult] = field(default_factory=list)
+    ok: bool = True
+    error: str | None = None
+    total_ms: float = 0.0
+    finished: bool = False
+
+    def step(self, name: str) -> StepResult | None:
+        for s in self.steps:
+            if s.name == name:
+                return s
+        return None
+
+    @property
+    def warnings(self) -> list[str]:
+        return [f"{s.name}: {s.error}" for s in self.steps if s.outcome == WARNING]
+
+    def count(self, step: str, name: str, default: int = 0) -> int:
+        s = self.step(step)
+        return s.counts.get(name, default) if s is not None else default
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"action": self.action, "slot": self.slot, "epoch": self.epoch,
+                "previous": self.previous, "ok": self.ok, "error": self.error,
+                "total_ms": round(self.total_ms, 3),
+                "steps": [s.as_dict() for s in self.steps]}
+
+    def as_event(self) -> dict[str, Any]:
+        """A compact form for the node's event list and the demo's timeline."""
+        event: dict[str, Any] = {
+            "action": self.action, "slot": self.slot, "epoch": self.epoch, "ok": self.ok,
+            "total_ms": round(self.total_ms, 1),
+            "steps_ms": {s.name: round(s.ms, 1) for s in self.steps}}
+        if self.action == "acquire":
+            event.update(calls_written=self.count("recovery_rows", "written"),
+                         calls_recovered=self.count("recover", "recovered"),
+                         registrations_restored=self.count("registrations", "written"))
+        if self.error is not None:
+            event["error"] = self.error
+        warnings = self.warnings
+        if warnings:
+            event["warnings"] = warnings
+        return event
+
+    def summary(self) -> str:
+        parts = []
+        for s in self.steps:
+            counts = ",".join(f"{k}={v}" for k, v in s.counts.items())
+            parts.append(f"{s.name} {s.outcome} {s.ms:.1f}ms" + (f" [{counts}]" if counts
+                                                                  else ""))
+        return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------
+# Where the dead master's rows come from
+
+
+class SlotRecords(Protocol):
+    """The replicated rows a successor of ``previous`` needs for ``slot``."""
+
+    def rows_for(self, slot: SlotConfig, previous: NodeConfig | None
+                 ) -> tuple[list[RecoveryRow], list[RegistrationRow]]: ...
+
+
+class NoRecords:
+    """No replication (yet): a takeover brings up the slot with no calls to recover."""
+
+    def rows_for(self, slot: SlotConfig, previous: NodeConfig | None
+                 ) -> tuple[list[RecoveryRow], list[RegistrationRow]]:
+        return [], []
+
+
+class ReplicatedRecords:
+    """:class:`SlotRecords` from a :class:`fsha.replication.state.ReplicatedState`.
+
+    The records of origin ``previous`` for the slot: ``Kind.CALL`` values decoded with
+    :func:`fsha.replication.feeds.decode_call_row`, ``Kind.REGISTRATION`` with
+    :func:`~fsha.replication.feeds.decode_registration`; plus the records its previous
+    incarnation left (retired) that the current one does not hold. A value that does not
+    decode is skipped and counted (``rejected``).
+    """
+
+    def __init__(self, state: Any) -> None:
+        self.state = state  # fsha.replication.state.ReplicatedState
+        self.rejected = 0
+
+    def rows_for(self, slot: SlotConfig, previous: NodeConfig | None
+                 ) -> tuple[list[RecoveryRow], list[RegistrationRow]]:
+        if previous is None:
+            return [], []
+        from fsha.replication.feeds import FeedValueError, decode_call_row, decode_registration
+        from fsha.wire.stream import Kind
+
+        origin = previous.node_id
+        live = list(self.state.records(origin=origin, slot=slot.slot_id))
+        held = {(r.kind, r.key) for r in live}
+        retired = [r for r in self.state.retired(origin)
+                   if r.slot == slot.slot_id and (r.kind, r.key) not in held]
+        calls: list[RecoveryRow] = []
+        regs: list[RegistrationRow] = []
+        for record in live + retired:
+            try:
+                if record.kind is Kind.CALL:
+                    c = decode_call_row(record.value)
+                    calls.append(RecoveryRow(c.runtime_uuid, c.technology, c.profile_name,
+                                             c.hostname, c.uuid, c.metadata))
+                elif record.kind is Kind.REGISTRATION:
+                    r = decode_registration(record.value)
+                    regs.append(RegistrationRow(
+                        r.call_id, r.sip_user, r.sip_host, r.presence_hosts, r.contact,
+                        r.status, r.rpid, r.expires, r.user_agent, r.profile_name,
+                        r.network_ip, r.network_port, r.sip_username, r.sip_realm))
+            except FeedValueError as e:
+                self.rejected += 1
+                log.warn("replicated {kind} record {key} of {node} skipped: {error}",
+                         kind=record.kind.name, key=record.key, node=previous.name,
+                         error=str(e))
+        return calls, regs
+
+
+# ---------------------------------------------------------------------------------------
+# Timeouts
+
+
+@dataclass(frozen=True, slots=True)
+class TakeoverTimeouts:
+    floating: float = 5.0  # floating IPs up / down
+    esl: float = 2.0  # one ordinary ESL command (start, stop, status, getvar, hash)
+    records: float = 2.0  # reading the replicated rows
+    db: float = 5.0  # one core-DB write (10,000 rows take ~0.1 s; FreeSWITCH may hold locks)
+    confirm: float = 3.0  # a started profile listed RUNNING in `sofia status`
+    recover: float = 10.0  # one `sofia profile P recover`
+    registrations: float = 5.0  # the whole registrations step
+    poll: float = 0.05  # between two `sofia status` polls
+
+    @classmethod
+    def from_config(cls, config: ClusterConfig, me: NodeConfig, **overrides: float
+                    ) -> TakeoverTimeouts:
+        values: dict[str, float] = {"floating": config.floating_ip.timeout,
+                                    "esl": me.esl.timeout}
+        values.update(overrides)
+        return cls(**values)
+
+    def acquire_budget(self, slot: SlotConfig) -> float:
+        """The longest an acquire of ``slot`` can take with these timeouts."""
+        n = len(slot.profiles)
+        return (self.floating + self.records + self.esl + self.db + self.esl * n
+                + self.confirm + self.recover * n + self.registrations)
+
+    def release_budget(self, slot: SlotConfig) -> float:
+        return self.floating + self.esl * (len(slot.profiles) + 1) + self.db + self.esl
+
+
+# ---------------------------------------------------------------------------------------
+# The effects
+
+
+class _Step:
+    """What a step function fills in as it goes (kept even if it then fails)."""
+
+    __slots__ = ("aborted", "counts", "note", "outcome")
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.note: str | None = None
+        self.outcome = OK
+        self.aborted: str | None = None  # "timed out after ..." / "cancelled"
+
+    def warn(self, note: str) -> None:
+        self.outcome = WARNING
+        self.note = note if self.note is None else f"{self.note}; {note}"
+
+    def check(self) -> None:
+        """Raise if the step was timed out or cancelled (for loops that go on)."""
+        if self.aborted is not None:
+            raise CancelledError(self.aborted)
+
+
+@dataclass(slots=True)
+class _Acquisition:
+    """What an acquire did so far, for its rollback."""
+
+    slot: SlotConfig
+    epoch: int = 0
+    rows: list[RecoveryRow] = field(default_factory=list)
+    registrations: list[RegistrationRow] = field(default_factory=list)
+    hostname: str = ""
+    hash_keys: list[str] = field(default_factory=list)
+    complete: bool = False
+    cancelled: bool = False
+    current: _Step | None = None  # the step running now
+
+
+def _reason(failure: Failure, timeout: float | None = None) -> str:
+    if failure.check(defer.TimeoutError) and timeout is not None:
+        return f"timed out after {timeout:g} s"
+    if failure.check(CancelledError):
+        return "cancelled"
+    return failure.getErrorMessage() or failure.type.__name__  # type: ignore[union-attr]
 
 
 class SlotEffects:
-    log = Logger()
+    """The effects of owning a slot (``fsha.node.SlotActions``); see the module docstring.
 
-    def __init__(self, floating: FloatingIPBackend) -> None:
+    ``floating``: the floating-IP backend. ``clock``: the reactor (defaults to the global
+    one). ``esl``: the node's ESL client (None: only the floating IPs are handled, and the
+    report says the FreeSWITCH steps were skipped). ``db``: the writer of the local core DB
+    (None: calls and registrations are not restored, a warning). ``records``: where the dead
+    master's rows come from (default: none). ``hash_realm``: the realm of the registration
+    hash entries (None: none).
+    """
+
+    def __init__(self, floating: FloatingIPBackend, clock: IReactorTime | None = None, *,
+                 esl: ApiRunner | None = None, db: CoreDBWriter | None = None,
+                 records: SlotRecords | None = None,
+                 timeouts: TakeoverTimeouts | None = None,
+                 hash_realm: str | None = "fsha_reg", hash_window: int = 64,
+                 history: int = 20) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        assert clock is not None
         self.floating = floating
+        self.clock = clock
+        self.esl = esl
+        self.api = FSApi(esl) if esl is not None else None
+        self.db = db
+        self.records: SlotRecords = records if records is not None else NoRecords()
+        self.timeouts = timeouts or TakeoverTimeouts()
+        self.hash_realm = hash_realm
+        self.hash_window = max(1, hash_window)
+        self.reports: deque[TakeoverReport] = deque(maxlen=history)
+        self.last_report: TakeoverReport | None = None
+        self._listeners: list[Callable[[TakeoverReport], object]] = []
+        self._acquisitions: dict[int, _Acquisition] = {}
+        self._stop_retries: dict[int, IDelayedCall] = {}
+        self._standby_on = False
+
+    # -- reporting --------------------------------------------------------------------------
+
+    def add_report_listener(self, listener: Callable[[TakeoverReport], object]) -> None:
+        """Called with every finished report (acquire and release)."""
+        self._listeners.append(listener)
+
+    def status(self) -> dict[str, Any]:
+        return {"last_report": self.last_report.as_dict() if self.last_report else None,
+                "pending_profile_stops": sorted(self._stop_retries),
+                "global_standby": self._standby_on}
+
+    def _publish(self, report: TakeoverReport) -> None:
+        report.finished = True
+        self.last_report = report
+        self.reports.append(report)
+        if report.ok:
+            log.info("{action} of slot {slot} (epoch {epoch}) done in {ms:.1f} ms: {steps}",
+                     action=report.action, slot=report.slot, epoch=report.epoch,
+                     ms=report.total_ms, steps=report.summary())
+        else:
+            log.error("{action} of slot {slot} (epoch {epoch}) failed after {ms:.1f} ms: "
+                      "{error}; {steps}", action=report.action, slot=report.slot,
+                      epoch=report.epoch, ms=report.total_ms, error=report.error,
+                      steps=report.summary())
+        for listener in list(self._listeners):
+            try:
+                listener(report)
+            except Exception:
+                log.failure("takeover report listener failed")
+
+    def _step(self, report: TakeoverReport, name: str,
+              fn: Callable[[_Step], Any], timeout: float, fatal: bool = True,
+              acq: _Acquisition | None = None) -> Deferred[Any]:
+        """Run one step with its own timeout and record it. A failure of a fatal step
+        raises :class:`TakeoverStepError`; of another one, it is recorded and the result
+        is None. A step that ends after its timeout or after the acquisition was cancelled
+        counts as failed whatever it returned (some Deferreds turn a cancellation into a
+        result), and a cancelled acquisition goes no further."""
+        start = self.clock.seconds()
+        step = _Step()
+        if acq is not None:
+            if acq.cancelled:
+                raise TakeoverStepError(name, "cancelled")
+            acq.current = step
+        d = defer.maybeDeferred(fn, step)
+
+        def expire() -> None:
+            step.aborted = f"timed out after {timeout:g} s"
+            d.cancel()
+
+        timer = self.clock.callLater(timeout, expire)
+
+        def ended(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            if acq is not None:
+                acq.current = None
+            if step.aborted is not None and not isinstance(result, Failure):
+                return Failure(CancelledError(step.aborted))
+            return result
+
+        def done(value: Any) -> Any:
+            ms = (self.clock.seconds() - start) * 1000
+            report.steps.append(StepResult(name, step.outcome, ms, step.counts, step.note))
+            if step.outcome == WARNING:
+                log.warn("slot {slot} {action} step {step}: {note} ({ms:.1f} ms)",
+                         slot=report.slot, action=report.action, step=name, note=step.note,
+                         ms=ms)
+            return value
+
+        def failed(failure: Failure) -> Any:
+            ms = (self.clock.seconds() - start) * 1000
+            reason = step.aborted or _reason(failure)
+            error = reason if step.note is None else f"{reason} ({step.note})"
+            report.steps.append(StepResult(name, FAILED, ms, step.counts, error))
+            if step.aborted is None and not failure.check(
+                    FSApiError, TakeoverStepError, CancelledError) and not _expected(failure):
+                log.failure("slot {slot} {action} step {step} failed", failure,
+                            slot=report.slot, action=report.action, step=name)
+            else:
+                log.warn("slot {slot} {action} step {step} failed after {ms:.1f} ms: "
+                         "{reason}", slot=report.slot, action=report.action, step=name,
+                         ms=ms, reason=reason)
+            if fatal or (acq is not None and acq.cancelled):
+                raise TakeoverStepError(name, reason)
+            return None
+
+        return d.addBoth(ended).addCallbacks(done, failed)
+
+    # -- acquire ----------------------------------------------------------------------------
 
     def acquire(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None
-                ) -> defer.Deferred[None]:
-        return self.floating.up(slot.name, slot.ips)
+                ) -> Deferred[None]:
+        self._cancel_stop_retry(slot)
+        report = TakeoverReport("acquire", slot.name, epoch,
+                                previous.name if previous is not None else None,
+                                self.clock.seconds())
+        acq = _Acquisition(slot, epoch)
+        self._acquisitions[slot.slot_id] = acq
+        log.info("acquiring slot {slot} (epoch {epoch}, previous master {previous})",
+                 slot=slot.name, epoch=epoch, previous=report.previous or "none")
+        inner = self._acquire(slot, previous, report, acq)
 
-    def release(self, slot: SlotConfig) -> defer.Deferred[None]:
-        return self.floating.down(slot.name, slot.ips)
+        def cancel(_: Deferred[None]) -> None:
+            # The node gave up (claim timeout, or it lost the slot): stop at once. It
+            # calls release() next, which rolls back what was done.
+            acq.cancelled = True
+            if acq.current is not None:
+                acq.current.aborted = "cancelled"
+            inner.cancel()
+
+        outer: Deferred[None] = Deferred(cancel)
+
+        def finish(result: object) -> None:
+            report.total_ms = (self.clock.seconds() - report.started) * 1000
+            if not isinstance(result, Failure) and acq.cancelled:
+                result = Failure(CancelledError("cancelled"))  # too late: the node gave up
+            if isinstance(result, Failure):
+                report.ok = False
+                report.error = _reason(result)
+            else:
+                acq.complete = True
+            self._publish(report)
+            if not outer.called:
+                outer.callback(result)
+
+        inner.addBoth(finish).addErrback(
+            lambda f: log.failure("acquire bookkeeping failed", f))
+        return outer
+
+    @inlineCallbacks
+    def _acquire(self, slot: SlotConfig, previous: NodeConfig | None,
+                 report: TakeoverReport, acq: _Acquisition) -> Generator[Any, Any, None]:
+        t = self.timeouts
+
+        def ips_up(step: _Step) -> Deferred[None]:
+            step.counts["ips"] = len(slot.ips)
+            return self.floating.up(slot.name, slot.ips)
+
+        yield self._step(report, "floating_ips", ips_up, t.floating, acq=acq)
+        if self.api is None:
+            report.steps.append(StepResult("freeswitch", SKIPPED, 0.0, {},
+                                           "no FreeSWITCH connection configured"))
+            return
+        calls, regs = yield self._step(
+            report, "records", lambda s: self._load(slot, previous, s), t.records, acq=acq)
+        written = yield self._step(
+            report, "recovery_rows", lambda s: self._write_rows(calls, acq, s), t.esl + t.db,
+            acq=acq)
+        n = len(slot.profiles)
+        yield self._step(report, "profiles", lambda s: self._start_profiles(slot, s),
+                         t.esl * n + t.confirm, acq=acq)
+        yield self._step(report, "recover", lambda s: self._recover(slot, written, s),
+                         t.recover * n, acq=acq)
+        yield self._step(report, "registrations",
+                         lambda s: self._restore_registrations(slot, regs, acq, s),
+                         t.registrations, fatal=False, acq=acq)
+
+    def _load(self, slot: SlotConfig, previous: NodeConfig | None, step: _Step
+              ) -> Deferred[tuple[list[RecoveryRow], list[RegistrationRow]]]:
+        d = defer.maybeDeferred(self.records.rows_for, slot, previous)
+
+        def select(rows: tuple[Sequence[RecoveryRow], Sequence[RegistrationRow]]
+                   ) -> tuple[list[RecoveryRow], list[RegistrationRow]]:
+            all_calls, all_regs = rows
+            profiles = set(slot.profiles)
+            calls: dict[str, RecoveryRow] = {}
+            for row in all_calls:
+                if row.profile_name in profiles and row.technology == "sofia":
+                    calls[row.uuid] = row
+            now = self.clock.seconds()
+            regs = [r for r in all_regs if r.profile_name in profiles
+                    and (r.expires == 0 or r.expires > now)]
+            step.counts.update(calls=len(calls), registrations=len(regs),
+                               calls_skipped=len(all_calls) - len(calls),
+                               registrations_skipped=len(all_regs) - len(regs))
+            return list(calls.values()), regs
+
+        return d.addCallback(select)
+
+    @inlineCallbacks
+    def _write_rows(self, calls: list[RecoveryRow], acq: _Acquisition, step: _Step
+                    ) -> Generator[Any, Any, list[RecoveryRow]]:
+        step.counts["rows"] = len(calls)
+        if not calls:
+            return []
+        if self.db is None:
+            step.warn(f"no core_db configured: {len(calls)} call(s) cannot be recovered")
+            return []
+        assert self.api is not None
+        own = yield self.api.core_uuid()
+        rows = [r if r.runtime_uuid != own else
+                RecoveryRow(FOREIGN_RUNTIME_PREFIX + r.runtime_uuid, r.technology,
+                            r.profile_name, r.hostname, r.uuid, r.metadata) for r in calls]
+        mine = sum(1 for r in calls if r.runtime_uuid == own)
+        if mine:
+            step.warn(f"{mine} row(s) carried this FreeSWITCH's own core UUID; "
+                      "written as foreign")
+            step.counts["own_runtime"] = mine
+        acq.rows = rows  # before writing: an abandoned write is still rolled back
+        yield self._db_call(self.db.write_recovery(rows, None))
+        step.counts["written"] = len(rows)
+        return rows
+
+    def _db_call(self, d: Deferred[Any]) -> Deferred[Any]:
+        """``d`` (running on the DB thread) with a canceller that interrupts the query."""
+        db = self.db
+
+        def cancel(_: Deferred[Any]) -> None:
+            if db is not None:
+                db.interrupt()
+
+        outer: Deferred[Any] = Deferred(cancel)
+
+        def relay(result: object) -> None:
+            if not outer.called:
+                outer.callback(result)
+            elif isinstance(result, Failure):
+                log.debug("abandoned core DB operation ended: {error}",
+                          error=result.getErrorMessage())
+
+        d.addBoth(relay)
+        return outer
+
+    @inlineCallbacks
+    def _start_profiles(self, slot: SlotConfig, step: _Step) -> Generator[Any, Any, None]:
+        api = self.api
+        assert api is not None
+        for profile in slot.profiles:
+            yield api.sofia_profile(profile, "start")
+        step.counts["profiles"] = len(slot.profiles)
+        polls = 0
+        while True:
+            entries = yield api.sofia_status()
+            polls += 1
+            step.counts["status_polls"] = polls
+            running = {e.name: e for e in entries if e.running}
+            missing = [p for p in slot.profiles if p not in running]
+            if not missing:
+                break
+            step.note = "not RUNNING in sofia status: " + ", ".join(missing)
+            step.check()
+            yield deferLater(self.clock, self.timeouts.poll, lambda: None)
+        step.note = None
+        addresses = {ip.address for ip in slot.ips}
+        for profile in slot.profiles:
+            if _url_host(running[profile].data) not in addresses:
+                step.warn(f"profile {profile} runs on {running[profile].data}, not on "
+                          "one of the slot's addresses")
+
+    @inlineCallbacks
+    def _recover(self, slot: SlotConfig, written: list[RecoveryRow], step: _Step
+                 ) -> Generator[Any, Any, None]:
+        api = self.api
+        assert api is not None
+        expected: dict[str, int] = dict.fromkeys(slot.profiles, 0)
+        for row in written:
+            expected[row.profile_name] += 1
+        total = 0
+        step.counts.update(expected=len(written), recovered=0)
+        mismatches = []
+        for profile in slot.profiles:
+            n = yield api.sofia_profile_recover(profile, timeout=self.timeouts.recover)
+            total += n
+            step.counts["recovered"] = total
+            if n != expected[profile]:
+                mismatches.append(f"{profile}: {n} recovered, {expected[profile]} written")
+        if mismatches:
+            step.warn("recovered count differs from rows written (" + "; ".join(mismatches)
+                      + ")")
+
+    @inlineCallbacks
+    def _restore_registrations(self, slot: SlotConfig, regs: list[RegistrationRow],
+                               acq: _Acquisition, step: _Step) -> Generator[Any, Any, None]:
+        step.counts["registrations"] = len(regs)
+        if not regs:
+            return
+        if self.db is None:
+            step.warn(f"no core_db configured: {len(regs)} registration(s) not restored")
+            return
+        api = self.api
+        assert api is not None
+        hostname = yield api.global_getvar("switchname")
+        if not hostname:
+            hostname = yield api.global_getvar("hostname")
+        if not hostname:
+            raise FSApiError("global_getvar hostname", "", "FreeSWITCH has no hostname")
+        hostname = hostname.strip()
+        acq.registrations, acq.hostname = regs, hostname
+        server_host = slot.ips[0].address if slot.ips else ""
+        n = yield self._db_call(self.db.write_registrations(regs, hostname, server_host))
+        step.counts["written"] = n
+        if self.hash_realm is None:
+            return
+        entries: dict[str, str] = {}
+        invalid = 0
+        for r in regs:
+            key = f"{r.sip_user}@{r.sip_host}"
+            if _hash_token(key) and "\n" not in r.profile_name and "\r" not in r.profile_name:
+                entries[key] = r.profile_name
+            else:
+                invalid += 1
+        step.counts["hash_entries"] = 0
+        failed = 0
+        items = list(entries.items())
+        for i in range(0, len(items), self.hash_window):
+            step.check()
+            chunk = items[i:i + self.hash_window]
+            acq.hash_keys.extend(k for k, _ in chunk)
+            results = yield DeferredList(
+                [api.hash_insert(self.hash_realm, k, v) for k, v in chunk],
+                consumeErrors=True)
+            ok = sum(1 for success, _ in results if success)
+            failed += len(chunk) - ok
+            step.counts["hash_entries"] += ok
+        if invalid or failed:
+            step.counts["hash_failed"] = failed + invalid
+            step.warn(f"{failed + invalid} hash entr{'y' if failed + invalid == 1 else 'ies'}"
+                      f" not inserted ({invalid} with unusable user@host)")
+
+    # -- release ----------------------------------------------------------------------------
+
+    def release(self, slot: SlotConfig) -> Deferred[None]:
+        acq = self._acquisitions.pop(slot.slot_id, None)
+        action = "rollback" if acq is not None and not acq.complete else "release"
+        report = TakeoverReport(action, slot.name, acq.epoch if acq is not None else 0, None,
+                                self.clock.seconds())
+        d = self._release(slot, acq, report)
+
+        def finish(result: object) -> None:
+            if isinstance(result, Failure):  # a bug: every step handles its own failures
+                log.failure("release of slot {slot} failed", result, slot=slot.name)
+                report.ok = False
+                report.error = _reason(result)
+            failed = [f"{s.name}: {s.error}" for s in report.steps if s.outcome == FAILED]
+            if failed:
+                report.ok = False
+                report.error = report.error or "; ".join(failed)
+            report.total_ms = (self.clock.seconds() - report.started) * 1000
+            self._publish(report)
+
+        d.addBoth(finish)
+        return d
+
+    @inlineCallbacks
+    def _release(self, slot: SlotConfig, acq: _Acquisition | None, report: TakeoverReport
+                 ) -> Generator[Any, Any, None]:
+        t = self.timeouts
+
+        def ips_down(step: _Step) -> Deferred[None]:
+            step.counts["ips"] = len(slot.ips)
+            return self.floating.down(slot.name, slot.ips)
+
+        yield self._step(report, "floating_ips", ips_down, t.floating, fatal=False)
+        if self.api is not None:
+            yield self._step(report, "profiles", lambda s: self._stop_profiles(slot, s),
+                             t.esl * (len(slot.profiles) + 1), fatal=False)
+        if acq is not None and not acq.complete:
+            yield self._step(report, "rollback", lambda s: self._rollback(acq, s),
+                             t.db + t.esl, fatal=False)
+
+    @inlineCallbacks
+    def _stop_profiles(self, slot: SlotConfig, step: _Step) -> Generator[Any, Any, None]:
+        api = self.api
+        assert api is not None
+        stopped = not_running = 0
+        young: list[tuple[str, float]] = []
+        for profile in slot.profiles:
+            try:
+                yield api.sofia_profile(profile, "stop")
+                stopped += 1
+            except ProfileNotFound:
+                not_running += 1
+            except ProfileTooYoung as e:
+                m = _PLEASE_WAIT.search(e.output)
+                young.append((profile, float(m.group(1)) if m else PROFILE_GUARD_SECONDS))
+        step.counts.update(stopped=stopped, not_running=not_running, too_young=len(young))
+        if young:
+            yield api.sofia_global_standby(True)
+            self._standby_on = True
+            wait = max(w for _, w in young) + 0.5
+            self._schedule_stop_retry(slot, [p for p, _ in young], wait, 1)
+            step.warn(f"profile(s) {', '.join(p for p, _ in young)} started less than "
+                      f"{PROFILE_GUARD_SECONDS:g} s ago: global standby on, stop retried in "
+                      f"{wait:g} s")
+
+    def stop(self) -> None:
+        """Cancel the pending delayed profile stops (the process is stopping)."""
+        for slot_id, call in list(self._stop_retries.items()):
+            if call.active():
+                call.cancel()
+            del self._stop_retries[slot_id]
+
+    def _schedule_stop_retry(self, slot: SlotConfig, profiles: list[str], wait: float,
+                             attempt: int) -> None:
+        self._cancel_stop_retry(slot)
+        self._stop_retries[slot.slot_id] = self.clock.callLater(
+            wait, self._retry_stop, slot, profiles, attempt)
+
+    def _cancel_stop_retry(self, slot: SlotConfig) -> None:
+        call = self._stop_retries.pop(slot.slot_id, None)
+        if call is not None and call.active():
+            call.cancel()
+            log.info("slot {slot}: pending profile stop cancelled", slot=slot.name)
+
+    def _retry_stop(self, slot: SlotConfig, profiles: list[str], attempt: int) -> None:
+        self._stop_retries.pop(slot.slot_id, None)
+        api = self.api
+        assert api is not None
+        young: list[str] = []
+        waits: list[float] = []
+
+        @inlineCallbacks
+        def run() -> Generator[Any, Any, None]:
+            for profile in profiles:
+                try:
+                    yield api.sofia_profile(profile, "stop")
+                    log.info("slot {slot}: profile {profile} stopped (delayed stop)",
+                             slot=slot.name, profile=profile)
+                except ProfileNotFound:
+                    pass
+                except ProfileTooYoung as e:
+                    m = _PLEASE_WAIT.search(e.output)
+                    young.append(profile)
+                    waits.append(float(m.group(1)) if m else PROFILE_GUARD_SECONDS)
+
+        d = run()
+        d.addTimeout(self.timeouts.esl * (len(profiles) + 1), self.clock)
+
+        def done(result: object) -> Deferred[Any] | None:
+            if isinstance(result, Failure):
+                log.warn("slot {slot}: delayed stop of {profiles} failed: {error}",
+                         slot=slot.name, profiles=",".join(profiles),
+                         error=_reason(result, self.timeouts.esl))
+            elif young and attempt < STOP_RETRIES:
+                self._schedule_stop_retry(slot, young, max(waits) + 0.5, attempt + 1)
+                return None
+            elif young:
+                log.error("slot {slot}: profile(s) {profiles} still refuse to stop after "
+                          "{n} attempts; left in standby", slot=slot.name,
+                          profiles=",".join(young), n=attempt + 1)
+            if self._standby_on and not self._stop_retries:
+                self._standby_on = False
+                return api.sofia_global_standby(False).addErrback(
+                    lambda f: log.warn("sofia global standby off failed: {error}",
+                                       error=_reason(f)))
+            return None
+
+        d.addBoth(done)
+        d.addErrback(lambda f: log.failure("delayed profile stop failed", f))
+
+    @inlineCallbacks
+    def _rollback(self, acq: _Acquisition, step: _Step) -> Generator[Any, Any, None]:
+        problems = []
+        if acq.rows and self.db is not None:
+            try:
+                n = yield self._db_call(self.db.delete_recovery(acq.rows))
+                step.counts["rows_deleted"] = n
+            except Exception as e:
+                problems.append(f"recovery rows: {e}")
+        if acq.registrations and self.db is not None:
+            try:
+                n = yield self._db_call(
+                    self.db.delete_registrations(acq.registrations, acq.hostname))
+                step.counts["registrations_deleted"] = n
+            except Exception as e:
+                problems.append(f"registrations: {e}")
+        if acq.hash_keys and self.api is not None and self.hash_realm is not None:
+            api = self.api
+            deleted = 0
+            for i in range(0, len(acq.hash_keys), self.hash_window):
+                results = yield DeferredList(
+                    [api.hash_delete(self.hash_realm, k)
+                     for k in acq.hash_keys[i:i + self.hash_window]], consumeErrors=True)
+                deleted += sum(1 for ok, found in results if ok and found)
+                failed = sum(1 for ok, _ in results if not ok)
+                if failed:
+                    problems.append(f"{failed} hash delete(s) failed")
+            step.counts["hash_deleted"] = deleted
+        if problems:
+            step.warn("; ".join(problems))
+
+
+def _url_host(url: str) -> str:
+    """The host of ``sip:mod_sofia@HOST:PORT`` (HOST may be ``[v6]``)."""
+    host = url.rpartition("@")[2].split(";", 1)[0]
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def _hash_token(value: str) -> bool:
+    return bool(value) and "/" not in value and not any(ch.isspace() for ch in value)
+
+
+def _expected(failure: Failure) -> bool:
+    """Errors of the outside world (ESL, DB, floating IPs): logged as warnings, no trace."""
+    return bool(failure.check(ESLError, CoreDBError, FloatingIPError, ProcessError))

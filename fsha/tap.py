@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import time
 from typing import Any
 
 from twisted.application import internet, service
@@ -21,11 +22,12 @@ from twisted.web.server import Site
 from fsha.config import ClusterConfig, ConfigError, NodeConfig, choose_node, load_config
 from fsha.esl import ConnectionState, ESLClient
 from fsha.floating import FloatingIPBackend, make_backend
+from fsha.fsdb import CoreDBWriter, ThreadRunner
 from fsha.node import ClusterNode
 from fsha.replication.feeds import Feeds
 from fsha.replication.service import ReplicationService
 from fsha.status import status_site_root
-from fsha.takeover import SlotEffects
+from fsha.takeover import ReplicatedRecords, SlotEffects, TakeoverTimeouts
 from fsha.transport import heartbeat_services
 from fsha.wire.heartbeat import Role
 
@@ -97,9 +99,12 @@ class NodeService(service.Service):
 
     log = Logger()
 
-    def __init__(self, node: ClusterNode, floating: FloatingIPBackend) -> None:
+    def __init__(self, node: ClusterNode, floating: FloatingIPBackend,
+                 effects: SlotEffects, stop_timeout: float) -> None:
         self.node = node
         self.floating = floating
+        self.effects = effects
+        self.stop_timeout = stop_timeout
 
     def startService(self) -> None:
         super().startService()
@@ -125,8 +130,9 @@ class NodeService(service.Service):
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         d = self.node.stop() if self.node.running else defer.succeed(None)
-        d.addTimeout(self.node.config.floating_ip.timeout * 2 + 1, self.node.clock)
+        d.addTimeout(self.stop_timeout, self.node.clock)
         d.addErrback(lambda f: self.log.failure("clean hand-over on stop failed", f))
+        d.addBoth(lambda _: self.effects.stop())
         return d
 
 
@@ -162,7 +168,22 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     esl = esl_client(me, reactor, ping_interval=max(0.5, 10 * config.heartbeat_interval))
     floating = make_backend(config.floating_ip, reactor)
     health = SwitchHealth(esl)
-    node = ClusterNode(config, me, options.secret, reactor, SlotEffects(floating), health)
+    replication: ReplicationService | None = None
+    incarnation = time.time_ns()
+    if config.tls is not None:
+        replication = ReplicationService(config, me, reactor, incarnation=incarnation)
+        replication.setName("replication")
+    timeouts = TakeoverTimeouts.from_config(config, me)
+    effects = SlotEffects(
+        floating, reactor, esl=esl,
+        db=CoreDBWriter(me.core_db, ThreadRunner(reactor)) if me.core_db else None,
+        records=ReplicatedRecords(replication.state) if replication is not None else None,
+        timeouts=timeouts)
+    budget = max(timeouts.acquire_budget(slot) for slot in config.slots)
+    node = ClusterNode(config, me, options.secret, reactor, effects, health,
+                       incarnation=incarnation, claim_timeout=budget + 1.0)
+    effects.add_report_listener(
+        lambda report: node.record_event("takeover-" + report.action, **report.as_event()))
 
     def switch_state(old: ConnectionState, new: ConnectionState) -> None:
         # Tell the cluster at once rather than at the next tick.
@@ -176,10 +197,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         udp.setServiceParent(top)
     # Replication starts before the node and stops after it, so a hand-over on stop can
     # still reach the peers.
-    replication: ReplicationService | None = None
-    if config.tls is not None:
-        replication = ReplicationService(config, me, reactor, incarnation=node.incarnation)
-        replication.setName("replication")
+    if replication is not None:
         replication.setServiceParent(top)
         feeds = FeedsService(Feeds(esl, replication.state, config, me, reactor,
                                    publish=replication.publish))
@@ -192,6 +210,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         result["freeswitch"] = health.status()
         result["replication"] = replication.status() if replication is not None else None
         result["feeds"] = feeds.feeds.status() if replication is not None else None
+        result["takeover"] = effects.status()
         return result
 
     site = Site(status_site_root(status))
@@ -201,7 +220,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
                                 reactor=reactor)
     status.setName("status")
     status.setServiceParent(top)
-    NodeService(node, floating).setServiceParent(top)
+    release_budget = max(timeouts.release_budget(slot) for slot in config.slots)
+    NodeService(node, floating, effects, release_budget + 1.0).setServiceParent(top)
     # What exists now lives as long as the process: keep the collector from re-scanning it
     # (a full collection over a large replicated state stalls the reactor for 100s of ms).
     gc.freeze()

@@ -22,6 +22,7 @@ def make_switch(
     binder: NullSipBinder | None = None,
     clock: Clock | None = None,
     heartbeat: float = 20.0,
+    profile_guard: int = 10,
 ) -> tuple[Switch, Clock, list[SimEvent]]:
     clock = clock or Clock()
     if clock.seconds() == 0:
@@ -36,6 +37,7 @@ def make_switch(
         ],
         sip_binder=binder,
         heartbeat_interval=heartbeat,
+        profile_guard=profile_guard,
     )
     events: list[SimEvent] = []
     sw.add_listener(events.append)
@@ -74,6 +76,15 @@ class ApiTests(SynchronousTestCase):
             uptime_text(366 * 86400 + 3600 + 1.001),
             "1 year, 1 day, 1 hour, 0 minutes, 1 second, 1 millisecond, 0 microseconds",
         )
+
+    def test_profile_guard_is_configurable(self) -> None:
+        sw, clock, _ = make_switch(profile_guard=1)
+        self.assertEqual(sw.api("sofia profile internal stop").body,
+                         "Profile internal must be up for at least 1 seconds to stop/restart.\n"
+                         "Please wait 1 second\n")
+        clock.advance(1)
+        self.assertEqual(sw.api("sofia profile internal stop").body,
+                         "Reload XML [Success]\nstopping: internal")
 
     def test_sofia_status_lists_running_profiles_only(self) -> None:
         sw, _, _ = make_switch()

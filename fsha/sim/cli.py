@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reg-check", type=float, default=5.0,
                    help="registration expiry check interval, s")
     p.add_argument("--max-sessions", type=int, default=1000)
+    p.add_argument("--profile-guard", type=int, default=10, metavar="SECONDS",
+                   help="a profile must be up this long before stop/restart (FreeSWITCH: 10; "
+                        "loopback clusters use less: all their 'hosts' share one kernel, so a "
+                        "profile left bound blocks the floating IP:port for the next node)")
     p.add_argument("--max-queue", type=int, default=100_000,
                    help="events queued per ESL connection")
     p.add_argument("--ready-file", help="write the actual ports here when listening")
@@ -108,6 +112,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
             raise UsageError(f"--acl {cidr!r} is not a network") from None
     if not args.heartbeat >= 0 or not args.reg_check >= 0:
         raise UsageError("--heartbeat and --reg-check must be >= 0")
+    if args.profile_guard < 0:
+        raise UsageError("--profile-guard must be >= 0")
     if args.max_sessions < 1 or args.max_queue < 1:
         raise UsageError("--max-sessions and --max-queue must be >= 1")
     if not args.password or "\n" in args.password:
@@ -181,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         heartbeat_interval=args.heartbeat,
         reg_check_interval=args.reg_check,
         max_sessions=args.max_sessions,
+        profile_guard=args.profile_guard,
         sip_binder=binder,
         on_shutdown=lambda: os._exit(0),
     )

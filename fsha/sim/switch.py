@@ -163,6 +163,7 @@ class Switch:
         heartbeat_interval: float = 20.0,
         reg_check_interval: float = 5.0,
         max_sessions: int = 1000,
+        profile_guard: int = RESTART_GUARD_SECONDS,
         sip_binder: SipBinder | None = None,
         core_uuid: str | None = None,
         rtp_ports: tuple[int, int] = (10000, 60000),
@@ -178,6 +179,7 @@ class Switch:
         self.heartbeat_interval = heartbeat_interval
         self.reg_check_interval = reg_check_interval
         self.max_sessions = max_sessions
+        self.profile_guard = profile_guard  # FreeSWITCH: 10 s
         self.binder: SipBinder = sip_binder or NullSipBinder()
         self.on_shutdown = on_shutdown
         self.events = EventFactory(
@@ -1036,10 +1038,10 @@ class Switch:
             return f"Recovered {n} session(s)\n" if n else "No sessions to recover.\n"
         if action in ("stop", "restart"):
             diff = int(self.clock.seconds() - profile.started_at)
-            if diff < RESTART_GUARD_SECONDS:
-                remain = RESTART_GUARD_SECONDS - diff
+            if diff < self.profile_guard:
+                remain = self.profile_guard - diff
                 return (
-                    f"Profile {name} must be up for at least {RESTART_GUARD_SECONDS} seconds "
+                    f"Profile {name} must be up for at least {self.profile_guard} seconds "
                     f"to stop/restart.\nPlease wait {remain} second{'' if remain == 1 else 's'}\n"
                 )
             self.stop_profile(name)

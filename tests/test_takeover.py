@@ -1,0 +1,1192 @@
+"""The takeover's FreeSWITCH steps (fsha.takeover, fsha.fsdb, sofia status parsing).
+
+Two layers:
+
+* With fakes and a fake clock: the "FreeSWITCH" answering the ESL commands is the
+  simulator's switch logic in-process (``fsha.sim.switch.Switch``, real API texts, its
+  own SQLite core DB with the real schema); a dead master is another such switch whose
+  recovery rows and registrations are handed to the sequence. Every step fails and times
+  out in turn, and the rollback is checked each time.
+* Through the node: real ``ClusterNode`` objects on the fake cluster (fake network and clock),
+  each with ``SlotEffects`` over its own in-process switch: a master dies, its calls come
+  up on the new master; a candidate whose recover hangs rolls back and the next one
+  takes over.
+* Against real simulator processes on loopback: sim A places calls, is crashed; its rows
+  go through the sequence running against sim B; B recovers them, the call UUIDs are live
+  on B, and B's SIP responder answers OPTIONS at the slot's address.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from fsha.config import Endpoint, ESLConfig, FloatingIP, NodeConfig, SlotConfig
+from fsha.esl import ESLClient, ESLNotConnected
+from fsha.floating import FloatingIPError, LoopbackBackend
+from fsha.fsapi import FSApiError, parse_sofia_status
+from fsha.fsdb import (
+    FOREIGN_RUNTIME_PREFIX,
+    CoreDBError,
+    CoreDBWriter,
+    RecoveryRow,
+    RegistrationRow,
+    ThreadRunner,
+    inline_runner,
+)
+from fsha.sim.coredb import CoreDB
+from fsha.sim.switch import NullSipBinder, ProfileConfig, Switch
+from fsha.takeover import (
+    FAILED,
+    OK,
+    SKIPPED,
+    WARNING,
+    NoRecords,
+    ReplicatedRecords,
+    SlotEffects,
+    TakeoverReport,
+    TakeoverStepError,
+    TakeoverTimeouts,
+)
+
+reactor: Any = _reactor
+
+PROFILE = "slot1"
+VIP = FloatingIP("127.0.10.1", 32, "lo")
+SLOT = SlotConfig("slot1", 0, (VIP,), (PROFILE,))
+DEAD = NodeConfig("fs1", 0, 100, {"A": "127.0.1.1"}, Endpoint("127.0.1.1", 7000),
+                  Endpoint("127.0.0.1", 7001), ESLConfig("127.0.0.1", 8021, "ClueCon", 1.0),
+                  None)
+TIMEOUTS = TakeoverTimeouts(floating=1.0, esl=0.5, records=0.5, db=1.0, confirm=1.0,
+                            recover=2.0, registrations=1.0, poll=0.05)
+ACQUIRE_STEPS = ["floating_ips", "records", "recovery_rows", "profiles", "recover",
+                 "registrations"]
+
+
+# -- fakes ------------------------------------------------------------------------------------
+
+
+class FakeFloating:
+    """A floating-IP backend that records calls; ``behaviour[action]``: None (succeed),
+    "hang" (never answers), or an exception."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.behaviour: dict[str, Any] = {}
+        self.held: set[str] = set()
+
+    def _do(self, action: str, slot: str, ips: Any) -> Deferred[None]:
+        self.calls.append((action, slot))
+        how = self.behaviour.get(action)
+        if how == "hang":
+            return Deferred()
+        if isinstance(how, Exception):
+            return fail(how)
+        if action == "up":
+            self.held.update(ip.address for ip in ips)
+        else:
+            self.held.difference_update(ip.address for ip in ips)
+        return succeed(None)
+
+    def up(self, slot: str, ips: Any) -> Deferred[None]:
+        return self._do("up", slot, ips)
+
+    def down(self, slot: str, ips: Any) -> Deferred[None]:
+        return self._do("down", slot, ips)
+
+    def cleanup(self, ips: Any) -> Deferred[list[FloatingIP]]:
+        return succeed([])
+
+
+class SwitchESL:
+    """``api`` answered by an in-process simulator switch (real output texts).
+
+    ``rules``: command prefix -> "hang" (never answers), an exception, or a text to answer
+    instead. ``down``: every command fails as with no connection.
+    """
+
+    def __init__(self, switch: Switch) -> None:
+        self.switch = switch
+        self.commands: list[str] = []
+        self.rules: dict[str, Any] = {}
+        self.down = False
+
+    def api(self, command: str, timeout: float | None = None) -> Deferred[str]:
+        self.commands.append(command)
+        if self.down:
+            return fail(ESLNotConnected(f"api {command}: no ready connection to FreeSWITCH"))
+        for prefix, how in self.rules.items():
+            if command.startswith(prefix):
+                if how == "hang":
+                    return Deferred()
+                if isinstance(how, Exception):
+                    return fail(how)
+                return succeed(how)
+        return succeed(self.switch.api(command).body)
+
+    def bgapi(self, command: str, timeout: float | None = None,
+              job_uuid: str | None = None) -> Deferred[str]:
+        return fail(NotImplementedError("bgapi"))
+
+
+class StaticRecords:
+    def __init__(self, calls: list[RecoveryRow], regs: list[RegistrationRow]) -> None:
+        self.calls, self.regs = calls, regs
+        self.hang = False
+        self.asked: list[tuple[str, str | None]] = []
+
+    def rows_for(self, slot: SlotConfig, previous: NodeConfig | None) -> Any:
+        self.asked.append((slot.name, previous.name if previous else None))
+        if self.hang:
+            return Deferred()
+        return self.calls, self.regs
+
+
+class HangingRunner:
+    """A DB runner whose operations never finish (a DB locked for ever)."""
+
+    def __init__(self) -> None:
+        self.submitted = 0
+
+    def __call__(self, f: Callable[[], Any]) -> Deferred[Any]:
+        self.submitted += 1
+        return Deferred()
+
+
+def make_switch(clock: Clock, db_path: str, name: str, *, autostart: bool,
+                binder: NullSipBinder | None = None) -> Switch:
+    switch = Switch(clock, CoreDB(db_path), name=name,
+                    profiles=[ProfileConfig(PROFILE, VIP.address, 5060, autostart)],
+                    heartbeat_interval=0, reg_check_interval=0, sip_binder=binder)
+    switch.start()
+    return switch
+
+
+def recovery_rows(db_path: str) -> list[RecoveryRow]:
+    with sqlite3.connect(db_path) as conn:
+        conn.text_factory = bytes
+        rows = conn.execute("select runtime_uuid, technology, profile_name, hostname, uuid, "
+                            "metadata from recovery").fetchall()
+    return [RecoveryRow(*(v.decode() for v in r[:5]), r[5]) for r in rows]
+
+
+def registration_rows(db_path: str) -> list[RegistrationRow]:
+    cols = ("call_id, sip_user, sip_host, presence_hosts, contact, status, rpid, expires, "
+            "user_agent, profile_name, network_ip, network_port, sip_username, sip_realm")
+    with sqlite3.connect(db_path) as conn:
+        rows = conn.execute(f"select {cols} from sip_registrations").fetchall()
+    return [RegistrationRow(*r[:7], int(r[7]), *r[8:]) for r in rows]  # type: ignore[misc]
+
+
+def table(db_path: str, sql: str, *args: object) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(db_path) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+class Scenario:
+    """A dead master A (its rows) and a successor B (in-process switch + DB + effects)."""
+
+    def __init__(self, case: SynchronousTestCase, calls: int = 4, regs: int = 3,
+                 binder: NullSipBinder | None = None) -> None:
+        self.dir = Path(case.mktemp())
+        self.dir.mkdir(parents=True)
+        self.clock = Clock()
+        a = make_switch(self.clock, str(self.dir / "a.db"), "fs1", autostart=True)
+        self.uuids = []
+        for i in range(calls):
+            self.uuids += a.place_call(PROFILE, caller=str(1000 + i), bridge=(i % 2 == 1))
+        for i in range(regs):
+            a.register(PROFILE, str(2000 + i), host="example.com")
+        a.stop()
+        a.db.close()
+        self.a = a
+        self.calls = recovery_rows(str(self.dir / "a.db"))
+        self.regs = registration_rows(str(self.dir / "a.db"))
+        self.b_db = str(self.dir / "b.db")
+        self.b = make_switch(self.clock, self.b_db, "fs2", autostart=False, binder=binder)
+        case.addCleanup(self.b.db.close)
+        self.esl = SwitchESL(self.b)
+        self.floating = FakeFloating()
+        self.records = StaticRecords(self.calls, self.regs)
+        self.writer = CoreDBWriter(self.b_db, inline_runner)
+        case.addCleanup(self.writer.close)
+        self.reports: list[TakeoverReport] = []
+        self.effects = SlotEffects(self.floating, self.clock, esl=self.esl, db=self.writer,
+                                   records=self.records, timeouts=TIMEOUTS)
+        self.effects.add_report_listener(self.reports.append)
+
+    def foreign_rows(self) -> int:
+        return table(self.b_db, "select count(*) from recovery where runtime_uuid=?",
+                     self.a.core_uuid)[0][0]
+
+    def b_registrations(self) -> list[tuple[Any, ...]]:
+        return table(self.b_db, "select sip_user, hostname from sip_registrations")
+
+
+# -- the sequence with fakes ------------------------------------------------------------------
+
+
+class AcquireTests(SynchronousTestCase):
+    def test_recovers_calls_and_registrations(self) -> None:
+        s = Scenario(self, calls=4, regs=3)
+        self.assertEqual(len(s.calls), 6)  # 2 single + 2 bridged pairs
+        self.successResultOf(s.effects.acquire(SLOT, 2, DEAD))
+        report = s.effects.last_report
+        assert report is not None
+        self.assertIs(s.reports[-1], report)
+        self.assertTrue(report.ok, report.as_dict())
+        self.assertEqual([st.name for st in report.steps], ACQUIRE_STEPS)
+        self.assertEqual({st.outcome for st in report.steps}, {OK}, report.as_dict())
+        self.assertEqual((report.action, report.slot, report.epoch, report.previous),
+                         ("acquire", "slot1", 2, "fs1"))
+        self.assertEqual(report.count("records", "calls"), 6)
+        self.assertEqual(report.count("recovery_rows", "written"), 6)
+        self.assertEqual(report.count("recover", "recovered"), 6)
+        self.assertEqual(report.count("recover", "expected"), 6)
+        self.assertEqual(report.count("registrations", "written"), 3)
+        self.assertEqual(report.count("registrations", "hash_entries"), 3)
+        self.assertEqual(s.floating.calls, [("up", "slot1")])
+        self.assertEqual(s.records.asked, [("slot1", "fs1")])
+        # The calls live on B with their UUIDs; the dead master's rows were consumed and
+        # B tracks the calls under its own runtime.
+        for uuid in s.uuids:
+            self.assertEqual(s.b.api(f"uuid_exists {uuid}").body, "true")
+        self.assertEqual(s.foreign_rows(), 0)
+        self.assertEqual(table(s.b_db, "select count(*) from recovery where runtime_uuid=?",
+                               s.b.core_uuid)[0][0], 6)
+        # The sofia commands, in order (profile started and confirmed before recover).
+        sofia = [c for c in s.esl.commands if c.startswith("sofia")]
+        self.assertEqual(sofia, ["sofia profile slot1 start", "sofia status",
+                                 "sofia profile slot1 recover"])
+        # Registrations restored with B's hostname (so B expires them), hash entries.
+        self.assertEqual(sorted(s.b_registrations()),
+                         [("2000", "fs2"), ("2001", "fs2"), ("2002", "fs2")])
+        self.assertEqual(s.b.api("hash select/fsha_reg/2001@example.com").body, "slot1")
+        d = report.as_dict()
+        self.assertEqual(json.loads(json.dumps(d)), d)
+        event = report.as_event()
+        self.assertEqual((event["calls_recovered"], event["registrations_restored"],
+                          event["ok"], list(event["steps_ms"])), (6, 3, True, ACQUIRE_STEPS))
+        self.assertNotIn("warnings", event)
+        self.assertIn("recover ok", report.summary())
+
+    def test_durations_come_from_the_clock(self) -> None:
+        s = Scenario(self, calls=1, regs=0)
+        gate: Deferred[None] = Deferred()
+        s.floating.up = lambda slot, ips: gate  # type: ignore[method-assign]
+        d = s.effects.acquire(SLOT, 1, DEAD)
+        s.clock.advance(0.25)
+        gate.callback(None)
+        self.successResultOf(d)
+        report = s.effects.last_report
+        assert report is not None
+        step = report.step("floating_ips")
+        assert step is not None
+        self.assertAlmostEqual(step.ms, 250.0)
+        self.assertAlmostEqual(report.total_ms, 250.0)
+
+    def test_no_previous_master_and_no_esl(self) -> None:
+        s = Scenario(self, calls=0, regs=0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, None))
+        report = s.effects.last_report
+        assert report is not None
+        self.assertTrue(report.ok)
+        self.assertEqual(report.count("recover", "recovered"), 0)
+        self.assertNotIn("global_getvar core_uuid", s.esl.commands)  # nothing to write
+        # Without an ESL client only the IPs are handled; the report says so.
+        floating = FakeFloating()
+        effects = SlotEffects(floating, s.clock)
+        self.successResultOf(effects.acquire(SLOT, 1, DEAD))
+        assert effects.last_report is not None
+        self.assertEqual([(st.name, st.outcome) for st in effects.last_report.steps],
+                         [("floating_ips", OK), ("freeswitch", SKIPPED)])
+        self.successResultOf(effects.release(SLOT))
+        self.assertEqual(floating.calls, [("up", "slot1"), ("down", "slot1")])
+
+    def test_no_core_db_is_a_warning(self) -> None:
+        s = Scenario(self, calls=2, regs=1)
+        effects = SlotEffects(s.floating, s.clock, esl=s.esl, db=None, records=s.records,
+                              timeouts=TIMEOUTS)
+        self.successResultOf(effects.acquire(SLOT, 1, DEAD))
+        report = effects.last_report
+        assert report is not None
+        self.assertTrue(report.ok)
+        step = report.step("recovery_rows")
+        assert step is not None
+        self.assertEqual(step.outcome, WARNING)
+        self.assertIn("no core_db configured: 3 call(s)", step.error or "")
+        self.assertEqual(report.count("recover", "recovered"), 0)
+        self.assertEqual(len(report.warnings), 2)  # rows and registrations
+
+    def test_rows_of_other_profiles_and_expired_registrations_are_skipped(self) -> None:
+        s = Scenario(self, calls=2, regs=2)
+        other = RecoveryRow("x", "sofia", "other", "h", "u-other", b"<cdr/>")
+        verto = RecoveryRow("x", "verto", PROFILE, "h", "u-verto", b"<cdr/>")
+        expired = RegistrationRow("c", "9", "example.com", "", "", "", "", 5, "", PROFILE,
+                                  "127.0.0.1", "5060", "9", "example.com")
+        s.records.calls = [*s.calls, other, verto, s.calls[0]]  # and a duplicate
+        s.records.regs = [*s.regs, expired]
+        s.clock.advance(10)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        report = s.effects.last_report
+        assert report is not None
+        self.assertEqual(report.count("records", "calls"), 3)
+        self.assertEqual(report.count("records", "calls_skipped"), 3)
+        self.assertEqual(report.count("records", "registrations"), 2)
+        self.assertEqual(report.count("records", "registrations_skipped"), 1)
+        self.assertEqual(report.count("recover", "recovered"), 3)
+        self.assertEqual(table(s.b_db, "select count(*) from recovery where uuid in "
+                               "('u-other','u-verto')")[0][0], 0)
+
+    def test_count_mismatch_is_a_warning_not_a_failure(self) -> None:
+        s = Scenario(self, calls=3, regs=0)
+        # B's table already holds a recoverable row of another runtime (e.g. its own
+        # previous run): recover reports one more than was written.
+        extra = make_switch(s.clock, str(s.dir / "c.db"), "fs3", autostart=True)
+        extra.place_call(PROFILE, caller="7777")
+        extra.db.close()
+        old = recovery_rows(str(s.dir / "c.db"))
+        CoreDBWriter(s.b_db, inline_runner).write_recovery(old, None)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        report = s.effects.last_report
+        assert report is not None
+        self.assertTrue(report.ok)
+        step = report.step("recover")
+        assert step is not None
+        self.assertEqual(len(s.calls), 4)
+        self.assertEqual((step.outcome, step.counts), (WARNING, {"expected": 4,
+                                                                 "recovered": 5}))
+        self.assertIn("slot1: 5 recovered, 4 written", step.error or "")
+
+    def test_a_row_with_our_own_runtime_is_written_as_foreign(self) -> None:
+        s = Scenario(self, calls=2, regs=0)
+        s.records.calls = [RecoveryRow(s.b.core_uuid, r.technology, r.profile_name,
+                                       r.hostname, r.uuid, r.metadata) for r in s.calls]
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        report = s.effects.last_report
+        assert report is not None
+        self.assertEqual(len(s.calls), 3)
+        self.assertEqual(report.count("recovery_rows", "own_runtime"), 3)
+        step = report.step("recovery_rows")
+        assert step is not None
+        self.assertEqual(step.outcome, WARNING)
+        # otherwise FreeSWITCH would skip them as its own: all three are recovered
+        self.assertEqual(report.count("recover", "recovered"), 3)
+
+    def test_profile_listed_elsewhere_is_a_warning(self) -> None:
+        s = Scenario(self, calls=0, regs=0)
+        s.esl.rules["sofia status"] = (
+            f"{'Name':>25}\t{'   Type'}\t  {'Data':>40}\tState\n{'=' * 97}\n"
+            f"{'slot1':>25}\tprofile\t  {'sip:mod_sofia@10.0.0.1:5060':>40}\tRUNNING (0)\n"
+            f"{'=' * 97}\n1 profile 0 aliases\n")
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        report = s.effects.last_report
+        assert report is not None
+        step = report.step("profiles")
+        assert step is not None
+        self.assertEqual(step.outcome, WARNING)
+        self.assertIn("10.0.0.1", step.error or "")
+
+
+class FailureTests(SynchronousTestCase):
+    """Every step failing, and timing out; the rollback after each."""
+
+    def assert_rolled_back(self, s: Scenario, failed_step: str) -> TakeoverReport:
+        """The acquire failed at ``failed_step``; release; nothing is left behind."""
+        acquire = s.effects.last_report
+        assert acquire is not None
+        self.assertFalse(acquire.ok)
+        self.assertEqual(acquire.steps[-1].name, failed_step)
+        self.assertEqual(acquire.steps[-1].outcome, FAILED)
+        self.assertEqual([st.name for st in acquire.steps],
+                         ACQUIRE_STEPS[:ACQUIRE_STEPS.index(failed_step) + 1])
+        self.successResultOf(s.effects.release(SLOT))
+        release = s.effects.last_report
+        assert release is not None
+        self.assertEqual((release.action, release.epoch), ("rollback", 1))
+        self.assertEqual(s.floating.calls[-1], ("down", "slot1"))
+        self.assertEqual(s.floating.held, set())
+        self.assertEqual(s.foreign_rows(), 0)
+        self.assertEqual(s.b_registrations(), [])
+        self.assertEqual(s.b.hashes.get("", {}), {})
+        # a second release changes nothing and still succeeds
+        self.successResultOf(s.effects.release(SLOT))
+        self.assertEqual(s.effects.last_report.action, "release")  # type: ignore[union-attr]
+        return release
+
+    def acquire_fails(self, s: Scenario, step: str, advance: float = 0.0) -> str:
+        d = s.effects.acquire(SLOT, 1, DEAD)
+        if advance:
+            self.assertNoResult(d)
+            ticks = round(advance / 0.01)
+            for _ in range(ticks - 1):
+                s.clock.advance(0.01)
+            self.assertNoResult(d)
+            s.clock.advance(advance - (ticks - 1) * 0.01)
+        failure = self.failureResultOf(d, TakeoverStepError)
+        self.assertEqual(failure.value.step, step)
+        return failure.value.reason
+
+    def test_floating_ips_fail(self) -> None:
+        s = Scenario(self)
+        s.floating.behaviour["up"] = FloatingIPError("up", [(VIP, "RTNETLINK: denied")])
+        self.assertIn("RTNETLINK", self.acquire_fails(s, "floating_ips"))
+        self.assert_rolled_back(s, "floating_ips")
+        self.assertEqual(s.esl.commands[:1], ["sofia profile slot1 stop"])
+
+    def test_floating_ips_time_out(self) -> None:
+        s = Scenario(self)
+        s.floating.behaviour["up"] = "hang"
+        reason = self.acquire_fails(s, "floating_ips", TIMEOUTS.floating)
+        self.assertEqual(reason, "timed out after 1 s")
+        self.assert_rolled_back(s, "floating_ips")
+
+    def test_records_fail_and_time_out(self) -> None:
+        s = Scenario(self)
+        s.records.rows_for = lambda slot, prev: 1 / 0  # type: ignore[method-assign]
+        self.assertIn("division", self.acquire_fails(s, "records"))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)  # a bug: traced
+        self.assert_rolled_back(s, "records")
+        s2 = Scenario(self)
+        s2.records.hang = True
+        self.acquire_fails(s2, "records", TIMEOUTS.records)
+        self.assert_rolled_back(s2, "records")
+
+    def test_core_uuid_fails(self) -> None:
+        s = Scenario(self)
+        s.esl.rules["global_getvar core_uuid"] = "-ERR no reply\n"
+        self.assertIn("core_uuid is not set", self.acquire_fails(s, "recovery_rows"))
+        self.assert_rolled_back(s, "recovery_rows")
+
+    def test_core_db_without_tables(self) -> None:
+        s = Scenario(self)
+        empty = s.dir / "empty.db"
+        sqlite3.connect(empty).close()
+        s.effects.db = CoreDBWriter(empty, inline_runner)
+        reason = self.acquire_fails(s, "recovery_rows")
+        self.assertIn("has no recovery table", reason)
+        s.effects.db = s.writer
+        self.assert_rolled_back(s, "recovery_rows")
+
+    def test_core_db_missing_file(self) -> None:
+        s = Scenario(self)
+        s.effects.db = CoreDBWriter(s.dir / "nowhere.db", inline_runner)
+        self.assertIn("cannot open", self.acquire_fails(s, "recovery_rows"))
+        self.assertFalse((s.dir / "nowhere.db").exists())  # never created
+
+    def test_core_db_write_times_out_and_is_interrupted(self) -> None:
+        s = Scenario(self)
+        runner = HangingRunner()
+        writer = CoreDBWriter(s.b_db, runner)
+        interrupted: list[bool] = []
+        writer.interrupt = lambda: interrupted.append(True)  # type: ignore[method-assign]
+        s.effects.db = writer
+        self.acquire_fails(s, "recovery_rows", TIMEOUTS.esl + TIMEOUTS.db)
+        self.assertEqual(interrupted, [True])
+        self.assertEqual(runner.submitted, 1)
+        s.effects.db = s.writer
+        self.assert_rolled_back(s, "recovery_rows")
+
+    def test_profile_start_fails(self) -> None:
+        s = Scenario(self)
+        s.esl.rules["sofia profile slot1 start"] = "Reload XML [Success]\nFailure starting x\n"
+        self.acquire_fails(s, "profiles")
+        release = self.assert_rolled_back(s, "profiles")
+        step = release.step("rollback")
+        assert step is not None
+        self.assertEqual(step.counts["rows_deleted"], 6)  # written, never recovered
+
+    def test_profile_never_binds(self) -> None:
+        # The start text is printed, but the profile is not RUNNING in sofia status.
+        s = Scenario(self, binder=NullSipBinder(fail=[PROFILE]))
+        reason = self.acquire_fails(s, "profiles", TIMEOUTS.esl + TIMEOUTS.confirm)
+        self.assertEqual(reason, "timed out after 1.5 s")
+        acquire = s.effects.last_report
+        assert acquire is not None
+        step = acquire.step("profiles")
+        assert step is not None
+        self.assertGreater(step.counts["status_polls"], 5)
+        self.assertIn("not RUNNING in sofia status: slot1", step.error or "")
+        self.assert_rolled_back(s, "profiles")
+
+    def test_profile_start_times_out(self) -> None:
+        s = Scenario(self)
+        s.esl.rules["sofia profile slot1 start"] = "hang"
+        self.acquire_fails(s, "profiles", TIMEOUTS.esl + TIMEOUTS.confirm)
+        self.assert_rolled_back(s, "profiles")
+
+    def test_recover_fails(self) -> None:
+        s = Scenario(self)
+        s.esl.rules["sofia profile slot1 recover"] = "-ERR out of sessions\n"
+        self.acquire_fails(s, "recover")
+        release = self.assert_rolled_back(s, "recover")
+        self.assertEqual(release.count("rollback", "rows_deleted"), 6)
+
+    def test_recover_times_out(self) -> None:
+        s = Scenario(self)
+        s.esl.rules["sofia profile slot1 recover"] = "hang"
+        reason = self.acquire_fails(s, "recover", TIMEOUTS.recover)
+        self.assertEqual(reason, "timed out after 2 s")
+        self.assert_rolled_back(s, "recover")
+
+    def test_registrations_fail_without_failing_the_takeover(self) -> None:
+        s = Scenario(self)
+        s.esl.rules["global_getvar switchname"] = "hang"
+        d = s.effects.acquire(SLOT, 1, DEAD)
+        s.clock.advance(TIMEOUTS.registrations)
+        self.successResultOf(d)
+        report = s.effects.last_report
+        assert report is not None
+        self.assertTrue(report.ok)
+        step = report.step("registrations")
+        assert step is not None
+        self.assertEqual((step.outcome, step.error), (FAILED, "timed out after 1 s"))
+        self.assertEqual(report.count("recover", "recovered"), 6)  # the calls are up
+
+    def test_hash_insert_failures_are_a_warning(self) -> None:
+        s = Scenario(self)
+        s.esl.rules["hash insert"] = "-ERR no memory\n"
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        report = s.effects.last_report
+        assert report is not None
+        step = report.step("registrations")
+        assert step is not None
+        self.assertEqual(step.outcome, WARNING)
+        self.assertEqual(step.counts["written"], 3)
+        self.assertEqual(step.counts["hash_failed"], 3)
+
+    def test_rollback_after_registrations_written(self) -> None:
+        # The node's claim timeout cancels the acquire while the hash entries go in.
+        s = Scenario(self)
+        s.esl.rules["hash insert"] = "hang"
+        d = s.effects.acquire(SLOT, 1, DEAD)
+        self.assertEqual(len(s.b_registrations()), 3)
+        d.cancel()
+        self.failureResultOf(d, TakeoverStepError)
+        s.esl.rules.clear()
+        s.b.api("hash insert/fsha_reg/2000@example.com/slot1")  # as if the insert landed
+        self.successResultOf(s.effects.release(SLOT))
+        release = s.effects.last_report
+        assert release is not None
+        self.assertEqual(release.action, "rollback")
+        self.assertEqual(release.count("rollback", "registrations_deleted"), 3)
+        self.assertEqual(release.count("rollback", "hash_deleted"), 1)
+        self.assertEqual(s.b_registrations(), [])
+        self.assertEqual(s.b.hashes.get("", {}), {})
+        # the recovered calls were hung up by the profile stop... or the stop was refused
+        # (the profile is younger than 10 s): standby, and a stop once it may
+        step = release.step("profiles")
+        assert step is not None
+        self.assertEqual(step.counts["too_young"], 1)
+
+    def test_cancel_mid_recover_then_release(self) -> None:
+        s = Scenario(self)
+        s.esl.rules["sofia profile slot1 recover"] = "hang"
+        d = s.effects.acquire(SLOT, 1, DEAD)
+        d.cancel()
+        self.assertIn("cancelled", self.failureResultOf(d).getErrorMessage())
+        s.esl.rules.clear()
+        self.assert_rolled_back(s, "recover")
+
+
+class ReleaseTests(SynchronousTestCase):
+    def test_release_right_after_acquire_uses_standby_then_stops(self) -> None:
+        s = Scenario(self, calls=2, regs=1)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        s.clock.advance(3)
+        self.successResultOf(s.effects.release(SLOT))
+        report = s.effects.last_report
+        assert report is not None
+        self.assertEqual(report.action, "release")
+        self.assertTrue(report.ok, report.as_dict())
+        self.assertEqual([st.name for st in report.steps], ["floating_ips", "profiles"])
+        step = report.step("profiles")
+        assert step is not None
+        self.assertEqual(step.outcome, WARNING)
+        self.assertEqual(step.counts["too_young"], 1)
+        self.assertTrue(s.b.profiles[PROFILE].running)
+        self.assertTrue(s.b.profiles[PROFILE].standby)
+        self.assertEqual(s.effects.status()["pending_profile_stops"], [0])
+        # Restored registrations stay (a completed acquisition is FreeSWITCH's business).
+        self.assertEqual(len(s.b_registrations()), 1)
+        s.clock.advance(7.4)  # "Please wait 7 seconds" + 0.5
+        self.assertTrue(s.b.profiles[PROFILE].running)
+        s.clock.advance(0.2)
+        self.assertFalse(s.b.profiles[PROFILE].running)
+        self.assertEqual(s.esl.commands[-2:], ["sofia profile slot1 stop",
+                                               "sofia global standby off"])
+        self.assertEqual(s.effects.status(), {
+            "last_report": report.as_dict(), "pending_profile_stops": [],
+            "global_standby": False})
+
+    def test_acquire_again_cancels_the_delayed_stop(self) -> None:
+        s = Scenario(self, calls=1, regs=0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        self.successResultOf(s.effects.release(SLOT))
+        self.assertTrue(s.b.profiles[PROFILE].standby)
+        s.records.calls = []
+        self.successResultOf(s.effects.acquire(SLOT, 3, DEAD))
+        self.assertFalse(s.b.profiles[PROFILE].standby)  # recover cleared it
+        s.clock.advance(60)
+        self.assertTrue(s.b.profiles[PROFILE].running)
+        self.assertNotIn("sofia global standby off", s.esl.commands)
+
+    def test_stop_retries_are_bounded(self) -> None:
+        s = Scenario(self, calls=0, regs=0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        too_young = ("Profile slot1 must be up for at least 10 seconds to stop/restart.\n"
+                     "Please wait 2 seconds\n")
+        s.esl.rules["sofia profile slot1 stop"] = too_young
+        self.successResultOf(s.effects.release(SLOT))
+        for _ in range(10):
+            s.clock.advance(3)
+        stops = [c for c in s.esl.commands if c == "sofia profile slot1 stop"]
+        self.assertEqual(len(stops), 1 + 3)  # the release and STOP_RETRIES retries
+        self.assertEqual(s.esl.commands[-1], "sofia global standby off")
+        self.assertEqual(s.effects.status()["pending_profile_stops"], [])
+
+    def test_stop_after_the_guard(self) -> None:
+        s = Scenario(self, calls=2, regs=0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        s.clock.advance(11)
+        self.successResultOf(s.effects.release(SLOT))
+        report = s.effects.last_report
+        assert report is not None
+        self.assertEqual({st.outcome for st in report.steps}, {OK})
+        self.assertEqual(report.count("profiles", "stopped"), 1)
+        self.assertFalse(s.b.profiles[PROFILE].running)
+        self.assertEqual(len(s.b.channels), 0)  # stopping a profile hangs up its calls
+
+    def test_release_with_freeswitch_gone_never_fails(self) -> None:
+        s = Scenario(self)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        s.esl.down = True
+        s.floating.behaviour["down"] = FloatingIPError("down", [(VIP, "busy")])
+        self.successResultOf(s.effects.release(SLOT))
+        report = s.effects.last_report
+        assert report is not None
+        self.assertFalse(report.ok)
+        self.assertEqual([(st.name, st.outcome) for st in report.steps],
+                         [("floating_ips", FAILED), ("profiles", FAILED)])
+        self.assertIn("no ready connection", report.error or "")
+
+    def test_release_steps_time_out(self) -> None:
+        s = Scenario(self)
+        s.floating.behaviour["down"] = "hang"
+        s.esl.rules["sofia profile"] = "hang"
+        d = s.effects.release(SLOT)
+        s.clock.advance(TIMEOUTS.floating)
+        self.assertNoResult(d)
+        s.clock.advance(TIMEOUTS.esl * 2)
+        self.successResultOf(d)
+        report = s.effects.last_report
+        assert report is not None
+        self.assertEqual([(st.name, st.error) for st in report.steps],
+                         [("floating_ips", "timed out after 1 s"),
+                          ("profiles", "timed out after 1 s")])
+
+    def test_listener_errors_do_not_break_the_sequence(self) -> None:
+        s = Scenario(self, calls=1, regs=0)
+        s.effects.add_report_listener(lambda r: 1 / 0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(len(s.reports), 1)
+
+
+class BudgetAndDefaultsTests(SynchronousTestCase):
+    def test_budget_covers_every_step(self) -> None:
+        t = TakeoverTimeouts()
+        two = SlotConfig("s", 0, (VIP,), ("a", "b"))
+        self.assertAlmostEqual(t.acquire_budget(two), 5 + 2 + 2 + 5 + 2 * 2 + 3 + 10 * 2 + 5)
+        self.assertGreater(t.release_budget(two), t.floating)
+
+    def test_no_records(self) -> None:
+        self.assertEqual(NoRecords().rows_for(SLOT, DEAD), ([], []))
+
+
+# -- the core DB writer -----------------------------------------------------------------------
+
+
+class CoreDBWriterTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp())
+        self.dir.mkdir(parents=True)
+        self.path = str(self.dir / "core.db")
+        CoreDB(self.path).close()  # the real schema
+        self.writer = CoreDBWriter(self.path, inline_runner)
+        self.addCleanup(self.writer.close)
+
+    def test_write_is_idempotent_and_byte_exact(self) -> None:
+        meta = b"<cdr>\xff\xfe not utf-8</cdr>"
+        rows = [RecoveryRow("dead", "sofia", "p", "h", f"u{i}", meta) for i in range(3)]
+        self.successResultOf(self.writer.write_recovery(rows, None))
+        self.successResultOf(self.writer.write_recovery(rows, None))
+        self.assertEqual(recovery_rows_raw(self.path), [("dead", f"u{i}", meta, "text")
+                                                        for i in range(3)])
+        self.assertEqual(self.successResultOf(self.writer.count_recovery(rows)), 3)
+        # a row of another runtime with the same uuid is never touched
+        other = RecoveryRow("mine", "sofia", "p", "h", "u0", b"<cdr/>")
+        self.successResultOf(self.writer.write_recovery([other], None))
+        self.assertEqual(self.successResultOf(self.writer.delete_recovery(rows)), 3)
+        self.assertEqual([r[0] for r in recovery_rows_raw(self.path)], ["mine"])
+
+    def test_own_runtime_is_replaced(self) -> None:
+        rows = [RecoveryRow("me", "sofia", "p", "h", "u", "<cdr/>")]  # type: ignore[arg-type]
+        written = self.successResultOf(self.writer.write_recovery(rows, "me"))
+        self.assertEqual(written[0].runtime_uuid, FOREIGN_RUNTIME_PREFIX + "me")
+        self.assertEqual(recovery_rows_raw(self.path)[0][:3],
+                         (FOREIGN_RUNTIME_PREFIX + "me", "u", b"<cdr/>"))
+
+    def test_registrations_replace_and_delete(self) -> None:
+        r = RegistrationRow("cid", "1000", "example.com", "example.com", "<sip:1000@1.2.3.4>",
+                            "Registered(UDP)", "unknown", 4000, "ua", "p", "1.2.3.4", "5060",
+                            "1000", "example.com")
+        self.assertEqual(self.successResultOf(
+            self.writer.write_registrations([r, r], "me", "127.0.10.1")), 1)
+        self.assertEqual(self.successResultOf(
+            self.writer.write_registrations([r], "me", "127.0.10.1")), 1)
+        rows = table(self.path, "select sip_user, hostname, orig_hostname, server_host, "
+                                "ping_status, mwi_host, expires from sip_registrations")
+        self.assertEqual(rows, [("1000", "me", "me", "127.0.10.1", "Reachable",
+                                 "example.com", 4000)])
+        self.assertEqual(self.successResultOf(
+            self.writer.delete_registrations([r], "someone-else")), 0)
+        self.assertEqual(self.successResultOf(self.writer.delete_registrations([r], "me")), 1)
+
+    def test_registration_db_per_profile(self) -> None:
+        other = self.dir / "sofia_reg_p.db"
+        CoreDB(str(other)).close()
+        writer = CoreDBWriter(self.path, inline_runner,
+                              registration_db=lambda p: self.dir / f"sofia_reg_{p}.db")
+        self.addCleanup(writer.close)
+        r = RegistrationRow("cid", "1000", "h", "", "", "", "", 0, "", "p", "", "", "", "")
+        self.successResultOf(writer.write_registrations([r], "me", "x"))
+        self.assertEqual(table(str(other), "select count(*) from sip_registrations"), [(1,)])
+        self.assertEqual(table(self.path, "select count(*) from sip_registrations"), [(0,)])
+
+    def test_errors_are_core_db_errors(self) -> None:
+        sqlite3.connect(self.dir / "plain.db").close()
+        writer = CoreDBWriter(self.dir / "plain.db", inline_runner)
+        self.addCleanup(writer.close)
+        f = self.failureResultOf(writer.write_recovery(
+            [RecoveryRow("a", "sofia", "p", "h", "u", b"")], None), CoreDBError)
+        self.assertIn("no recovery table", f.getErrorMessage())
+        f = self.failureResultOf(writer.delete_registrations(
+            [RegistrationRow("c", "u", "h", "", "", "", "", 0, "", "p", "", "", "", "")], "me"),
+            CoreDBError)
+        self.assertIn("no sip_registrations table", f.getErrorMessage())
+
+
+def recovery_rows_raw(path: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(path) as conn:
+        conn.text_factory = bytes
+        rows = conn.execute("select runtime_uuid, uuid, metadata, typeof(metadata) "
+                            "from recovery order by uuid").fetchall()
+    return [(r[0].decode(), r[1].decode(), r[2], r[3].decode()) for r in rows]
+
+
+# -- sofia status ---------------------------------------------------------------------------
+
+
+def _sofia_line(name: str, kind: str, data: str, state: str) -> str:
+    # mod_sofia: "%25s\t%s\t  %40s\t%s\n"
+    return f"{name:>25}\t{kind}\t  {data:>40}\t{state}\n"
+
+
+SOFIA_STATUS = (
+    _sofia_line("Name", "   Type", "Data", "State") + "=" * 97 + "\n"
+    + _sofia_line("external", "profile", "sip:mod_sofia@198.18.0.5:5080", "RUNNING (0)")
+    + _sofia_line("external::gw1", "gateway", "sip:gw1.example.com", "NOREG")
+    + _sofia_line("slot1", "profile", "sip:mod_sofia@198.18.10.1:5060", "RUNNING (12)")
+    + _sofia_line("slot1", "profile", "sips:mod_sofia@198.18.10.1:5061", "RUNNING (12) (TLS)")
+    + _sofia_line("198.18.10.1", "  alias", "slot1", "ALIASED")
+    + "=" * 97 + "\n2 profiles 1 alias\n"
+)
+
+
+class SofiaStatusTests(SynchronousTestCase):
+    def test_parse(self) -> None:
+        entries = parse_sofia_status("sofia status", SOFIA_STATUS)
+        self.assertEqual([(e.name, e.type, e.running, e.sessions) for e in entries], [
+            ("external", "profile", True, 0), ("external::gw1", "gateway", False, None),
+            ("slot1", "profile", True, 12), ("slot1", "profile", True, 12),
+            ("198.18.10.1", "alias", False, None)])
+        self.assertEqual(entries[2].data, "sip:mod_sofia@198.18.10.1:5060")
+        self.assertEqual(entries[3].state, "RUNNING (12) (TLS)")
+
+    def test_empty_and_errors(self) -> None:
+        rule = "=" * 97
+        self.assertEqual(parse_sofia_status(
+            "sofia status", f"Name\tType\tData\tState\n{rule}\n{rule}\n0 profiles 0 aliases\n"),
+            [])
+        for bad in ("-ERR no reply\n", "", "USAGE: sofia ...\n"):
+            with self.assertRaises(FSApiError):
+                parse_sofia_status("sofia status", bad)
+
+    def test_simulator_output(self) -> None:
+        clock = Clock()
+        path = self.mktemp()
+        switch = make_switch(clock, path, "fs9", autostart=True)
+        self.addCleanup(switch.db.close)
+        entries = parse_sofia_status("sofia status", switch.api("sofia status").body)
+        self.assertEqual([(e.name, e.running, e.data) for e in entries],
+                         [("slot1", True, "sip:mod_sofia@127.0.10.1:5060")])
+
+
+# -- the replicated-state adapter --------------------------------------------------------
+
+
+class ReplicatedRecordsTests(SynchronousTestCase):
+    def test_rows_from_the_replicated_state(self) -> None:
+        from fsha.replication.feeds import (
+            CallRow,
+            encode_call_row,
+            encode_registration,
+        )
+        from fsha.replication.feeds import RegistrationRow as FeedRegistration
+        from fsha.replication.state import ReplicatedState
+        from fsha.wire.stream import Change, Kind, Op
+
+        clock = Clock()
+        state = ReplicatedState(clock, 2, 1)
+        call = CallRow("rt-a", "sofia", PROFILE, "fs1", "u1", b"<cdr>\xff</cdr>")
+        reg = FeedRegistration("cid", "1000", "example.com", "example.com", "<sip:1000@x>",
+                               "Registered(UDP)", "unknown", 5000, "ua", PROFILE,
+                               "1.2.3.4", "5060", "1000", "example.com")
+        values = [(Kind.CALL, "u1", encode_call_row(call)),
+                  (Kind.REGISTRATION, "r1", encode_registration(reg)),
+                  (Kind.CALL, "bad", b"\x09nonsense"),
+                  (Kind.IDENTITY, "identity", b"{}")]
+        for seq, (kind, key, value) in enumerate(values, 1):
+            state.apply(Change(0, 7, seq, 0, kind, key, Op.PUT, value, 0))
+        # another slot and another origin are not this takeover's
+        state.apply(Change(0, 7, 5, 1, Kind.CALL, "u9", Op.PUT, encode_call_row(call), 0))
+        state.apply(Change(1, 3, 1, 0, Kind.CALL, "u8", Op.PUT, encode_call_row(call), 0))
+        records = ReplicatedRecords(state)
+        calls, regs = records.rows_for(SLOT, DEAD)
+        self.assertEqual(calls, [RecoveryRow("rt-a", "sofia", PROFILE, "fs1", "u1",
+                                             b"<cdr>\xff</cdr>")])
+        self.assertEqual(regs, [RegistrationRow(
+            "cid", "1000", "example.com", "example.com", "<sip:1000@x>", "Registered(UDP)",
+            "unknown", 5000, "ua", PROFILE, "1.2.3.4", "5060", "1000", "example.com")])
+        self.assertEqual(records.rejected, 1)
+        self.assertEqual(records.rows_for(SLOT, None), ([], []))
+        # The dead master restarted (new incarnation): its previous records are retired,
+        # still readable for the takeover.
+        state.apply(Change(0, 8, 1, 0, Kind.CALL, "u2", Op.PUT, encode_call_row(
+            CallRow("rt-b", "sofia", PROFILE, "fs1", "u2", b"<cdr/>")), 0))
+        calls, regs = records.rows_for(SLOT, DEAD)
+        self.assertEqual(sorted(c.uuid for c in calls), ["u1", "u2"])
+        self.assertEqual(len(regs), 1)
+
+
+# -- against real simulator processes on loopback -----------------------------------------------
+
+DEADLINE = 30.0
+
+
+def _free_udp_port(host: str) -> int:
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port >= 20000:
+            return port
+    raise AssertionError("no free UDP port")
+
+
+class SimProcess:
+    def __init__(self, case: TestCase, workdir: Path, name: str, profile_arg: str) -> None:
+        self.name = name
+        self.db = workdir / f"{name}-core.db"
+        self.ready_path = workdir / f"{name}.ready"
+        self.log = open(workdir / f"{name}.log", "wb")
+        case.addCleanup(self.log.close)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fsha", "sim", "--name", name, "--esl", "127.0.0.1:0",
+             "--control", "127.0.0.1:0", "--ready-file", str(self.ready_path),
+             "--db", str(self.db), "--heartbeat", "1", "--max-sessions", "100000",
+             *profile_arg.split(" ", 1)],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        case.addCleanup(self.kill)
+        self.ready: dict[str, Any] = {}
+
+    def read_ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"simulator {self.name} exited with {self.proc.returncode}")
+        try:
+            self.ready = json.loads(self.ready_path.read_text())
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def control(self, path: str, body: dict[str, Any]) -> Any:
+        url = f"http://127.0.0.1:{self.ready['control']['port']}{path}"
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=DEADLINE) as resp:
+            return json.loads(resp.read())
+
+    def crash(self) -> None:
+        try:
+            self.control("/crash", {})
+        except OSError:
+            pass  # no response is sent
+        self.proc.wait(timeout=DEADLINE)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=DEADLINE)
+
+
+@inlineCallbacks
+def wait_for(cond: Callable[[], Any], what: str, deadline: float = DEADLINE) -> Any:
+    end = time.monotonic() + deadline
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        yield deferLater(reactor, 0.02, lambda: None)
+
+
+class SipProbe(DatagramProtocol):
+    def __init__(self) -> None:
+        self.responses: list[bytes] = []
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.responses.append(datagram)
+
+    def options(self, host: str, port: int, tag: str) -> None:
+        assert self.transport is not None
+        local = self.transport.getHost()
+        msg = (f"OPTIONS sip:{host}:{port} SIP/2.0\r\n"
+               f"Via: SIP/2.0/UDP {local.host}:{local.port};branch=z9hG4bK{tag}\r\n"
+               f"From: <sip:probe@{local.host}>;tag={tag}\r\nTo: <sip:{host}:{port}>\r\n"
+               f"Call-ID: {tag}@{local.host}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n"
+               "Content-Length: 0\r\n\r\n")
+        self.transport.write(msg.encode(), (host, port))
+
+
+class SimulatorTakeoverTests(TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def test_calls_move_from_a_crashed_simulator(self) -> Any:
+        workdir = Path(self.mktemp())
+        workdir.mkdir(parents=True)
+        rng = random.Random(os.getpid() ^ time.time_ns())
+        vip = f"127.{rng.randint(100, 250)}.{rng.randint(1, 250)}.1"
+        port = _free_udp_port(vip)
+        a = SimProcess(self, workdir, "simA", f"--profile {PROFILE}={vip}:{port}")
+        b = SimProcess(self, workdir, "simB", f"--define-profile {PROFILE}={vip}:{port}")
+        yield wait_for(a.read_ready, "sim A ready")
+        yield wait_for(b.read_ready, "sim B ready")
+        n = 20
+        uuids = a.control("/calls", {"profile": PROFILE, "count": n // 2, "bridge": True})
+        uuids = uuids["uuids"]
+        self.assertEqual(len(uuids), n)
+        a.control("/register", {"profile": PROFILE, "count": 5, "start": 3000,
+                                "host": "example.com"})
+        a.crash()  # like kill -9: its DB file keeps the rows
+        calls = recovery_rows(str(a.db))
+        regs = registration_rows(str(a.db))
+        self.assertEqual(len(calls), n)
+        self.assertEqual(len(regs), 5)
+
+        client = ESLClient(TCP4ClientEndpoint(reactor, "127.0.0.1", b.ready["esl"]["port"],
+                                              timeout=5), "ClueCon", reactor,
+                           request_timeout=5.0, ping_interval=1.0, heartbeat_timeout=None)
+        client.startService()
+        self.addCleanup(client.stopService)
+        yield client.when_ready().addTimeout(DEADLINE, reactor)
+        runner = ThreadRunner(reactor)
+        self.addCleanup(runner.stop)
+        writer = CoreDBWriter(b.db, runner)
+        slot = SlotConfig(PROFILE, 0, (FloatingIP(vip, 32, "lo"),), (PROFILE,))
+        effects = SlotEffects(LoopbackBackend(reactor), reactor, esl=client, db=writer,
+                              records=StaticRecords(calls, regs),
+                              timeouts=TakeoverTimeouts(floating=5, esl=5, db=10,
+                                                        confirm=5, recover=20,
+                                                        registrations=10))
+        yield effects.acquire(slot, 2, DEAD)
+        report = effects.last_report
+        assert report is not None
+        self.assertTrue(report.ok, report.as_dict())
+        self.assertEqual(report.count("recovery_rows", "written"), n)
+        self.assertEqual(report.count("recover", "recovered"), n)
+        self.assertEqual(report.count("registrations", "written"), 5)
+        self.assertEqual(report.warnings, [])
+
+        # the call UUIDs are live on B
+        for uuid in uuids:
+            exists = yield client.api(f"uuid_exists {uuid}")
+            self.assertEqual(exists.strip(), "true", uuid)
+        listing = yield client.api("show channels as json")
+        self.assertEqual(sorted(r["uuid"] for r in json.loads(listing)["rows"]),
+                         sorted(uuids))
+        # B's sip_registrations holds them, under B's hostname
+        self.assertEqual(sorted(table(str(b.db), "select sip_user, hostname from "
+                                                 "sip_registrations")),
+                         [(str(3000 + i), "simB") for i in range(5)])
+
+        # B's SIP responder for the profile answers OPTIONS at the floating IP
+        probe = SipProbe()
+        listening = reactor.listenUDP(0, probe, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        probe.options(vip, port, "t1")
+        yield wait_for(lambda: probe.responses, "an answer to OPTIONS")
+        answer = probe.responses[0].decode()
+        self.assertTrue(answer.startswith("SIP/2.0 200 OK"), answer)
+        self.assertIn("X-FSHA-Node: simB", answer)
+
+        # Released right away: the profile is too young to stop; it is put in standby
+        # (new requests get 503) and stopped later.
+        yield effects.release(slot)
+        release = effects.last_report
+        assert release is not None
+        self.assertEqual(release.count("profiles", "too_young"), 1)
+        probe.options(vip, port, "t2")
+        yield wait_for(lambda: len(probe.responses) > 1, "an answer to the second OPTIONS")
+        self.assertTrue(probe.responses[1].decode().startswith("SIP/2.0 503 System Paused"))
+        self.assertEqual(effects.status()["pending_profile_stops"], [0])
+        effects.stop()
+        self.assertEqual(effects.status()["pending_profile_stops"], [])
+        yield writer.close()
+
+
+# -- through the node: real ClusterNodes, fake network and clock, SlotEffects ------------------
+
+
+class DeadMasterRecords:
+    """Replication stand-in: the rows are read from the dead master's own core DB."""
+
+    def __init__(self, paths: dict[str, str]) -> None:
+        self.paths = paths
+
+    def rows_for(self, slot: SlotConfig, previous: NodeConfig | None
+                 ) -> tuple[list[RecoveryRow], list[RegistrationRow]]:
+        if previous is None:
+            return [], []
+        path = self.paths[previous.name]
+        return recovery_rows(path), registration_rows(path)
+
+
+class NodeTakeoverTests(SynchronousTestCase):
+    def make(self, hang_recover_on: str | None = None) -> Any:
+        from tests.fakecluster import FakeCluster, make_config
+
+        config = make_config(nodes=3, slots=1)
+        cluster = FakeCluster(config)
+        workdir = Path(self.mktemp())
+        workdir.mkdir(parents=True)
+        paths = {n.name: str(workdir / f"{n.name}.db") for n in config.nodes}
+        records = DeadMasterRecords(paths)
+        switches: dict[str, Switch] = {}
+        esls: dict[str, SwitchESL] = {}
+        for node in config.nodes:
+            switch = make_switch(cluster.clock, paths[node.name], node.name, autostart=False)
+            self.addCleanup(switch.db.close)
+            switches[node.name] = switch
+            esls[node.name] = esl = SwitchESL(switch)
+            if node.name == hang_recover_on:
+                esl.rules["sofia profile slot1 recover"] = "hang"
+            writer = CoreDBWriter(paths[node.name], inline_runner)
+            self.addCleanup(writer.close)
+            cluster.actions[node.name] = SlotEffects(  # type: ignore[assignment]
+                FakeFloating(), cluster.clock, esl=esl, db=writer, records=records,
+                timeouts=TakeoverTimeouts.from_config(config, node))
+        return cluster, switches, esls
+
+    def test_failover_recovers_the_calls_on_the_new_master(self) -> None:
+        cluster, switches, _ = self.make()
+        cluster.start_all()
+        cluster.advance(2.0)
+        self.assertEqual(cluster.masters(), {"slot1": "fs1"})
+        self.assertTrue(switches["fs1"].profiles[PROFILE].running)
+        uuids = []
+        for i in range(5):
+            uuids += switches["fs1"].place_call(PROFILE, caller=str(100 + i), bridge=True)
+        switches["fs1"].register(PROFILE, "4000", host="example.com")
+        switches["fs1"].stop()  # its machine dies with it
+        cluster.kill("fs1")
+        cluster.advance(2.0)
+        masters = cluster.masters()
+        new = masters["slot1"]
+        self.assertIn(new, ("fs2", "fs3"))
+        for uuid in uuids:
+            self.assertEqual(switches[new].api(f"uuid_exists {uuid}").body, "true")
+        effects = cluster.actions[new]
+        report = effects.last_report  # type: ignore[attr-defined]
+        self.assertEqual((report.action, report.previous, report.ok), ("acquire", "fs1", True))
+        self.assertEqual(report.count("recover", "recovered"), 10)
+        self.assertEqual(report.count("registrations", "written"), 1)
+
+    def test_a_hanging_candidate_rolls_back_and_the_next_takes_over(self) -> None:
+        cluster, switches, esls = self.make()
+        cluster.start_all()
+        cluster.advance(2.0)
+        self.assertEqual(cluster.masters(), {"slot1": "fs1"})
+        for name in ("fs2", "fs3"):  # whichever claims first hangs in recover
+            esls[name].rules["sofia profile slot1 recover"] = "hang"
+
+        def healed(other: str) -> Callable[[TakeoverReport], None]:
+            def listener(report: TakeoverReport) -> None:
+                if report.action == "rollback":
+                    esls[other].rules.clear()  # the next candidate's FreeSWITCH works
+            return listener
+
+        cluster.actions["fs2"].add_report_listener(healed("fs3"))
+        cluster.actions["fs3"].add_report_listener(healed("fs2"))
+        uuids = switches["fs1"].place_call(PROFILE, caller="555", bridge=True)
+        switches["fs1"].stop()
+        cluster.kill("fs1")
+
+        def rolled_back() -> str | None:
+            for name in ("fs2", "fs3"):
+                if any(r.action == "rollback" for r in cluster.actions[name].reports):
+                    return name
+            return None
+
+        for _ in range(400):
+            cluster.advance(0.1, step=0.005)
+            if rolled_back():
+                break
+        first = rolled_back()
+        assert first is not None, "no candidate rolled back"
+        second = "fs3" if first == "fs2" else "fs2"
+        cluster.advance(2.0, step=0.005)
+        self.assertEqual(cluster.masters(), {"slot1": second})
+        for uuid in uuids:
+            self.assertEqual(switches[second].api(f"uuid_exists {uuid}").body, "true")
+        # the hanging candidate rolled back: no rows of fs1 left in its core DB
+        reports = list(cluster.actions[first].reports)
+        self.assertEqual([r.action for r in reports[:2]], ["acquire", "rollback"])
+        won = cluster.actions[second].last_report
+        self.assertEqual((won.action, won.ok, won.count("recover", "recovered")),
+                         ("acquire", True, 2))
+        self.assertGreaterEqual(won.started, reports[1].started)
+        self.assertFalse(reports[0].ok)
+        self.assertEqual(reports[0].steps[-1].name, "recover")
+        self.assertEqual(table(switches[first].db.path, "select count(*) from recovery "
+                               "where runtime_uuid=?", switches["fs1"].core_uuid), [(0,)])
