@@ -107,5 +107,32 @@ class LoopbackClusterTests(SynchronousTestCase):
         self.assertEqual(release[-1]["reason"], "local FreeSWITCH is not answering")
         self.assertIn("its FreeSWITCH is not answering", render(status))
 
+    def test_calls_replicate_and_are_recovered_after_a_kill(self) -> None:
+        cluster = self.cluster
+        owners = {s["name"]: s["owner"] for s in self.view["slots"]}
+        [spare] = [n.name for n in cluster.nodes if n.name not in owners.values()]
+        master = owners["slot1"]
+        uuids = cluster.sim_control(master, "/calls", {"profile": "slot1", "count": 30,
+                                                       "answer": True})["uuids"]
+        cluster.sim_control(master, "/register", {"profile": "slot1", "count": 10})
+
+        def held(calls: int, registrations: int) -> bool:
+            return all(st["replication"]["slots"].get("slot1", {}).get("call", 0) == calls
+                       and st["replication"]["slots"]["slot1"].get("registration", 0)
+                       == registrations for st in cluster.statuses().values())
+        wait_for("30 calls and 10 registrations on every node", lambda: held(30, 10), 30)
+        cluster.sim_control(master, "/hangup", {"uuids": uuids[:5]})
+        wait_for("the 5 hangups to reach every node", lambda: held(25, 10), 30)
+
+        cluster.kill(master, sim_too=True)
+        wait_for("slot1 to move", lambda: cluster.owner("slot1") == spare, timeout=60)
+        events = cluster.status(cluster.node(spare))["events"]
+        [report] = [e for e in events if e["event"] == "takeover-acquire" and e["ok"]
+                    and e["slot"] == "slot1"]
+        self.assertEqual((report["calls_written"], report["calls_recovered"],
+                          report["registrations_restored"]), (25, 25, 10))
+        live = cluster.sim_control(spare, "/calls")["calls"]
+        self.assertEqual(sorted(c["uuid"] for c in live), sorted(uuids[5:]))
+
     def epoch_of(self, slot: str) -> int:
         return next(s["epoch"] for s in self.view["slots"] if s["name"] == slot)
