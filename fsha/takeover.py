@@ -260,11 +260,9 @@ class ReplicatedRecords:
         for record in live + retired:
             try:
                 if record.kind is Kind.CALL:
-                    c = decode_call_row(record.value)
-                    calls.append(RecoveryRow(c.runtime_uuid, c.technology, c.profile_name,
-                                             c.hostname, c.uuid, c.metadata))
+                    calls.append(decode_call_row(record.value))
                 elif record.kind is Kind.REGISTRATION:
-                    r = decode_registration(record.value)
+                    r = decode_registration(record.value)  # carries derived index fields
                     regs.append(RegistrationRow(
                         r.call_id, r.sip_user, r.sip_host, r.presence_hosts, r.contact,
                         r.status, r.rpid, r.expires, r.user_agent, r.profile_name,

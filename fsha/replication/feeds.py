@@ -126,6 +126,7 @@ from fsha.fsapi import (
     parse_status,
     parse_var,
 )
+from fsha.fsdb import RecoveryRow
 from fsha.replication.state import ReplicatedState
 from fsha.wire import stream
 from fsha.wire.esl import Event, Headers
@@ -191,16 +192,8 @@ class FeedValueError(ValueError):
 # Values
 
 
-@dataclass(frozen=True, slots=True)
-class CallRow:
-    """One row of the ``recovery`` table (``metadata`` as stored: bytes, byte-exact)."""
-
-    runtime_uuid: str
-    technology: str
-    profile_name: str
-    hostname: str
-    uuid: str
-    metadata: bytes
+# One row of the ``recovery`` table; the same type the takeover writes back.
+CallRow = RecoveryRow
 
 
 @dataclass(frozen=True, slots=True)
