@@ -101,6 +101,10 @@ class LoopbackCluster:
         self.nodes = [NodeProcesses(f"fs{i}", i, self.dir / f"fs{i}.log",
                                     self.dir / f"fs{i}-sim.log") for i in range(1, nodes + 1)]
         self._closed = False
+        # The slots' SIP port: free on every floating IP (not 5060: clusters may run side
+        # by side, e.g. the tests and a demo).
+        self.sip_port = _free_port(socket.SOCK_DGRAM,
+                                   [f"127.0.10.{s}" for s in range(1, slots + 1)])
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -124,7 +128,7 @@ class LoopbackCluster:
             self.start_node(node)
 
     def slot_profile(self, slot: int) -> tuple[str, str, int]:
-        return f"slot{slot}", f"127.0.10.{slot}", 5060
+        return f"slot{slot}", f"127.0.10.{slot}", self.sip_port
 
     def start_sim(self, node: NodeProcesses) -> None:
         ready = self.dir / f"{node.name}-sim.ready"
