@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 FSHA = [sys.executable, "-m", "fsha"]
 
@@ -69,6 +72,25 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: floa
             extra = f" (last error: {last_error})" if last_error else ""
             raise HarnessError(f"timed out after {timeout:.1f}s waiting for {what}{extra}")
         time.sleep(interval)
+
+
+def poll_until(condition: Callable[[], Any], what: str, timeout: float = 30.0,
+               interval: float = 0.01, clock: Any = None) -> Deferred[Any]:
+    """The reactor's ``wait_for``: fires with ``condition()``'s first true value, polled
+    every ``interval``, or fails with HarnessError after ``timeout`` seconds."""
+    if clock is None:
+        from twisted.internet import reactor as clock
+    end = clock.seconds() + timeout
+
+    async def poll() -> Any:
+        while True:
+            value = condition()
+            if value:
+                return value
+            if clock.seconds() > end:
+                raise HarnessError(f"timed out after {timeout:.1f}s waiting for {what}")
+            await deferLater(clock, interval, lambda: None)
+    return Deferred.fromCoroutine(poll())
 
 
 @dataclass

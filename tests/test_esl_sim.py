@@ -11,18 +11,16 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from fsha.esl import ConnectionState, ESLClient, ESLConnectionLost, ESLNotConnected
 from fsha.fsapi import ChannelEvent, ChannelEventKind, EventRouter, FSApi
+from fsha.harness import poll_until as wait_for
 
 reactor: Any = _reactor
 
@@ -68,19 +66,6 @@ class Sim:
         req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
         with urllib.request.urlopen(req, timeout=DEADLINE) as resp:
             return json.loads(resp.read())
-
-
-@inlineCallbacks
-def wait_for(cond: Callable[[], Any], what: str, deadline: float = DEADLINE) -> Any:
-    """Poll a condition (every 20 ms of reactor time) until true or the deadline."""
-    end = time.monotonic() + deadline
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        yield deferLater(reactor, 0.02, lambda: None)
 
 
 def state_becomes(client: ESLClient, wanted: ConnectionState) -> Deferred[None]:

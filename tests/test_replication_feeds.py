@@ -20,7 +20,7 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, reactor, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
@@ -28,6 +28,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from fsha.config import ClusterConfig, NodeConfig
 from fsha.esl import ConnectionState, ESLClient
+from fsha.harness import poll_until as wait_for
 from fsha.replication.feeds import (
     IDENTITY_KEY,
     RETRY_DELAYS,
@@ -730,21 +731,6 @@ class IdentityTests(SynchronousTestCase):
 # -- end to end: a real simulator process ----------------------------------------------------
 
 DEADLINE = 20.0
-
-
-def wait_for(cond: Callable[[], Any], what: str, deadline: float = DEADLINE) -> Deferred[Any]:
-    """Poll ``cond`` on the reactor until it is true or the deadline passes."""
-    end = reactor.seconds() + deadline  # type: ignore[attr-defined]
-
-    async def poll() -> Any:
-        while True:
-            value = cond()
-            if value:
-                return value
-            if reactor.seconds() > end:  # type: ignore[attr-defined]
-                raise AssertionError(f"timed out waiting for {what}")
-            await task.deferLater(reactor, 0.01, lambda: None)  # type: ignore[arg-type]
-    return Deferred.fromCoroutine(poll())
 
 
 class SimulatorEndToEndTests(TestCase):

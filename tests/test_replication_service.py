@@ -4,7 +4,6 @@ process (each with its own 127.0.x.y addresses), waiting on conditions with dead
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +14,12 @@ from twisted.trial.unittest import TestCase
 
 from fsha import pki
 from fsha.config import ClusterConfig, load_config
+from fsha.harness import poll_until as wait_for
 from fsha.replication.service import ReplicationService, dial_routes, listen_addresses
 from fsha.replication.session import SessionConfig
 from fsha.wire.stream import Kind
 
 NAMES = ("alpha", "beta", "gamma")
-DEADLINE = 30.0  # seconds; a condition not met by then fails the test
 
 
 def free_port(host: str) -> int:
@@ -51,25 +50,6 @@ def write_cluster(directory: Path, nodes: int = 3) -> ClusterConfig:
     config = load_config(path)
     pki.ensure_cluster_pki(config)
     return config
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = DEADLINE
-             ) -> defer.Deferred[None]:
-    """Fires when ``condition()`` holds (checked every 10 ms); fails after ``timeout``."""
-    d: defer.Deferred[None] = defer.Deferred()
-    start = reactor.seconds()
-
-    def check() -> None:
-        if condition():
-            loop.stop()
-            d.callback(None)
-        elif reactor.seconds() - start > timeout:
-            loop.stop()
-            d.errback(AssertionError(f"timed out waiting for {what}"))
-
-    loop = LoopingCall(check)
-    loop.start(0.01, now=True).addErrback(d.errback)
-    return d
 
 
 FAST = SessionConfig(keepalive_interval=0.5, silence_timeout=3.0)

@@ -35,7 +35,7 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import DatagramProtocol
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from fsha.config import Endpoint, ESLConfig, FloatingIP, NodeConfig, SlotConfig
@@ -51,6 +51,7 @@ from fsha.fsdb import (
     ThreadRunner,
     inline_runner,
 )
+from fsha.harness import poll_until as wait_for
 from fsha.sim.coredb import CoreDB
 from fsha.sim.switch import NullSipBinder, ProfileConfig, Switch
 from fsha.takeover import (
@@ -956,18 +957,6 @@ class SimProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=DEADLINE)
-
-
-@inlineCallbacks
-def wait_for(cond: Callable[[], Any], what: str, deadline: float = DEADLINE) -> Any:
-    end = time.monotonic() + deadline
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        yield deferLater(reactor, 0.02, lambda: None)
 
 
 class SipProbe(DatagramProtocol):
