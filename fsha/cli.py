@@ -1,6 +1,7 @@
 """The ``fsha`` command: one entry point, one module per subcommand.
 
-Each subcommand lives in its own module and exposes ``main(argv: list[str]) -> int``;
+Each subcommand lives in its own module and exposes ``main(argv: list[str]) -> int``
+(or the function named after a colon);
 it is imported only when used, so ``fsha check-config`` stays fast and does not pull
 in the reactor.
 """
@@ -17,6 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("fsha.demo", "run a live demo cluster on loopback"),
     "sim": ("fsha.sim.cli", "run the FreeSWITCH simulator"),
     "certs": ("fsha.pki", "cluster PKI: init a CA, issue and show node certificates"),
+    "maintenance": ("fsha.control:maintenance_main", "drain a node (on) or bring it back (off)"),
+    "switchover": ("fsha.control:switchover_main", "move a slot to the primary candidate"),
 }
 
 
@@ -38,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"fsha: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    target = SUBCOMMANDS[name][0]
+    module_name, _, function = target.partition(":")
+    module = importlib.import_module(module_name)
+    return int(getattr(module, function or "main")(rest) or 0)
 
 
 if __name__ == "__main__":

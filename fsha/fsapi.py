@@ -327,13 +327,14 @@ def parse_uuid_exists(command: str, output: str) -> bool:
 
 
 _INVALID_PROFILE = re.compile(r"^Invalid Profile \[(.*)\]\s*$", re.M)
-_TOO_YOUNG = "must be up for at least 10 seconds"
+# FreeSWITCH says "10 seconds"; the number is matched, not assumed.
+_TOO_YOUNG = re.compile(r"must be up for at least \d+ seconds")
 
 
 def _check_profile(command: str, output: str) -> None:
     if _INVALID_PROFILE.search(output):
         raise ProfileNotFound(command, output)
-    if _TOO_YOUNG in output:
+    if _TOO_YOUNG.search(output):
         raise ProfileTooYoung(command, output)
     if _is_err(output):
         raise FSApiError(command, output)

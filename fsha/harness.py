@@ -156,13 +156,16 @@ class LoopbackCluster:
         ready = self.dir / f"{node.name}-sim.ready"
         ready.unlink(missing_ok=True)
         # A restarted simulator takes the ports of its first run: the config names them.
+        # --profile-guard 0: all these "hosts" share one kernel, so a profile a releasing
+        # node may not stop yet (FreeSWITCH's 10 s rule) would keep the floating IP's SIP
+        # port from the next node; on real hosts the address itself moves.
         esl_port = node.sim_ports.get("esl", {}).get("port", 0)
         control_port = node.sim_ports.get("control", {}).get("port", 0)
         argv = [*FSHA, "sim", "--name", node.name,
                 "--esl", f"{self.address(3, node.index)}:{esl_port}",
                 "--password", "ClueCon", "--db", str(self.dir / f"{node.name}-core.db"),
                 "--control", f"{self.address(3, node.index)}:{control_port}",
-                "--ready-file", str(ready), "--profile-guard", "1"]
+                "--ready-file", str(ready), "--profile-guard", "0"]
         for s in range(1, self.slot_count + 1):
             name, ip, port = self.slot_profile(s)
             argv += ["--define-profile", f"{name}={ip}:{port}"]

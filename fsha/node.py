@@ -322,6 +322,49 @@ class ClusterNode:
         self._evaluate()
         self._send(MessageType.HEARTBEAT)
 
+    # -- operator commands --------------------------------------------------------------
+
+    def set_maintenance(self, on: bool) -> None:
+        """Drain (on) or return (off) this node: in maintenance it holds no slot and is no
+        takeover candidate; a master hands its slot over first."""
+        if on == self.maintenance:
+            return
+        self.maintenance = on
+        self._event("maintenance", on=on)
+        self.log.info("maintenance {state} by operator", state="on" if on else "off")
+        if on and self.role in (Role.MASTER, Role.CLAIMING):
+            self._machine.lost("maintenance: drained by operator")
+        if self.running:
+            self._evaluate()
+            self._send(MessageType.HEARTBEAT)
+
+    def switchover(self, slot_name: str, to: str | None = None) -> str:
+        """Hand a slot this node masters over to the primary candidate (planned move).
+
+        Raises ValueError with an operator-readable reason when it cannot be done.
+        """
+        try:
+            slot = self.config.slot(slot_name)
+        except KeyError:
+            raise ValueError(f"no slot named {slot_name!r}") from None
+        if self.role is not Role.MASTER or self.slot != slot.slot_id:
+            owner = self.roles.owner_of(slot.slot_id)
+            raise ValueError(f"{self.me.name} is not the master of {slot_name}; its master "
+                             f"is {self._name(owner) if owner is not None else 'nobody'}")
+        ranking = self.roles.ranking
+        if not ranking:
+            raise ValueError("no slave is ready to take over (none ranked)")
+        successor = self._name(ranking[0])
+        if to is not None and to != successor:
+            order = ", ".join(self._name(n) for n in ranking)
+            raise ValueError(f"{to} is not the primary candidate (ranking: {order}); put the "
+                             "nodes ranked before it in maintenance first")
+        # Not a candidate for a while, or it would be assigned its own slot straight back.
+        self.unfit_until = self.clock.seconds() + UNFIT_INTERVALS * self.config.heartbeat_interval
+        self._event("switchover", slot=slot_name, to=successor)
+        self._machine.lost(f"switchover to {successor} requested by operator")
+        return successor
+
     def health_changed(self, ok: bool) -> None:
         """The local FreeSWITCH came up or went away: re-evaluate and tell peers now."""
         self._event("freeswitch", ok=ok)

@@ -35,10 +35,13 @@ class StatusResource(resource.Resource):
         return json.dumps(self._status(), indent=1).encode() + b"\n"
 
 
-def status_site_root(status: Callable[[], JSON]) -> resource.Resource:
+def status_site_root(status: Callable[[], JSON],
+                     control: resource.Resource | None = None) -> resource.Resource:
     root = resource.Resource()
     root.putChild(b"status", StatusResource(status))
     root.putChild(b"", StatusResource(status))
+    if control is not None:
+        root.putChild(b"control", control)
     return root
 
 
@@ -69,10 +72,15 @@ def problems(status: JSON) -> list[str]:
                          "(transient during a change; persistent means different inputs)")
         if "fs_ok" not in node["flags"]:
             found.append(f"{node['name']}: its FreeSWITCH is not answering")
+        if "maintenance" in node["flags"]:
+            found.append(f"{node['name']} is in maintenance (holds no slot, no candidate)")
     for slot in status["slots"]:
         if slot["owner"] is None:
             found.append(f"slot {slot['name']} has no master")
     me = next(n for n in status["nodes"] if n["self"])
+    if "maintenance" in me["flags"]:
+        found.append(f"{me['name']} (this node) is in maintenance (holds no slot, no "
+                     "candidate)")
     if "fs_ok" not in me["flags"]:
         why = (status.get("freeswitch") or {}).get("last_error")
         found.append(f"{me['name']} (this node): its FreeSWITCH is not answering"

@@ -20,6 +20,7 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from fsha.config import ClusterConfig, ConfigError, NodeConfig, choose_node, load_config
+from fsha.control import ControlResource, control_token
 from fsha.esl import ConnectionState, ESLClient
 from fsha.floating import FloatingIPBackend, make_backend
 from fsha.fsdb import CoreDBWriter, ThreadRunner
@@ -213,7 +214,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         result["takeover"] = effects.status()
         return result
 
-    site = Site(status_site_root(status))
+    site = Site(status_site_root(status, ControlResource(node, control_token(options.secret))))
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # polled: no access log
     status = internet.TCPServer(me.status.port, site, interface=me.status.host,

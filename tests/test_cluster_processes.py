@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -133,6 +136,45 @@ class LoopbackClusterTests(SynchronousTestCase):
                           report["registrations_restored"]), (25, 25, 10))
         live = cluster.sim_control(spare, "/calls")["calls"]
         self.assertEqual(sorted(c["uuid"] for c in live), sorted(uuids[5:]))
+
+    def fsha(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fsha", *argv, "--config",
+                               str(self.cluster.config_path)],
+                              capture_output=True, text=True, timeout=60)
+
+    def test_operator_switchover_and_maintenance(self) -> None:
+        cluster = self.cluster
+        owners = {s["name"]: s["owner"] for s in self.view["slots"]}
+        [spare] = [n.name for n in cluster.nodes if n.name not in owners.values()]
+        master = owners["slot1"]
+        wrong = self.fsha("switchover", "slot1", "--to", owners["slot2"])
+        self.assertEqual(wrong.returncode, 1)
+        self.assertIn("is not the primary candidate", wrong.stderr)
+
+        moved = self.fsha("switchover", "slot1", "--to", spare)
+        self.assertEqual(moved.returncode, 0, moved.stderr)
+        self.assertEqual(json.loads(moved.stdout), {"slot": "slot1", "from": master,
+                                                    "to": spare})
+        wait_for("slot1 to move", lambda: cluster.owner("slot1") == spare, timeout=30)
+
+        drained = self.fsha("maintenance", owners["slot2"], "on")
+        self.assertEqual(drained.returncode, 0, drained.stderr)
+        wait_for("slot2 to move off the drained node",
+                 lambda: cluster.owner("slot2") == master, timeout=30)
+        status = cluster.status(cluster.node(owners["slot2"]))
+        self.assertIn("maintenance", next(n for n in status["nodes"] if n["self"])["flags"])
+        self.assertEqual(status["role"], "slave")
+
+    def test_control_needs_the_token(self) -> None:
+        node = self.cluster.nodes[0]
+        url = node.status_url.replace("/status", "/control/maintenance")
+        request = urllib.request.Request(url, data=b'{"on": true}', method="POST",
+                                         headers={"authorization": "Bearer nope"})
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=10)
+        self.assertEqual(caught.exception.code, 401)
+        self.assertNotIn("maintenance", next(
+            n for n in self.cluster.status(node)["nodes"] if n["self"])["flags"])
 
     def epoch_of(self, slot: str) -> int:
         return next(s["epoch"] for s in self.view["slots"] if s["name"] == slot)
