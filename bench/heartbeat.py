@@ -256,7 +256,7 @@ def bench_cluster_cpu(nodes: int = 32, networks: int = 2, hz: int = 20,
             return True
 
     class NoEffects:  # the effects of a claim are not part of the heartbeat cost
-        def acquire(self, *args: Any) -> Any:
+        def acquire(self, *args: Any, **kwargs: Any) -> Any:
             from twisted.internet.defer import succeed
             return succeed(None)
 

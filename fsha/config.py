@@ -111,6 +111,19 @@ class FloatingIPConfig:
     timeout: float
 
 
+@dataclass(frozen=True, slots=True)
+class FencingConfig:
+    """``[fencing]``: the command that makes sure a dead master is dead before a takeover.
+
+    Run as ``COMMAND... fence NODE`` (no shell); exit 0 means NODE is fenced. ``required``:
+    a failed fence aborts the takeover (else it is a warning and the takeover goes on).
+    """
+
+    command: tuple[str, ...]
+    timeout: float  # seconds
+    required: bool
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     path: Path
@@ -127,6 +140,7 @@ class ClusterConfig:
     floating_ip: FloatingIPConfig
     tls: TLSConfig | None
     digest: bytes = field(repr=False)  # 8 bytes: equal on every node reading the same file
+    fencing: FencingConfig | None = None  # [fencing]; not in the digest
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:
@@ -263,7 +277,7 @@ def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
 def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
     c = _Checker(path)
     base = path.parent
-    c.table(raw, "", ("cluster", "tls", "floating_ip", "network", "node", "slot"))
+    c.table(raw, "", ("cluster", "tls", "floating_ip", "fencing", "network", "node", "slot"))
 
     cluster = c.table(raw.get("cluster", {}), "cluster",
                       ("name", "secret_file", "heartbeat_interval_ms", "dead_after_ms",
@@ -295,6 +309,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
     slots = _slots(c, raw.get("slot"), nodes)
     floating = _floating_ip(c, raw.get("floating_ip", {}), base)
     tls = _tls(c, raw.get("tls"), base)
+    fencing = _fencing(c, raw.get("fencing"), base)
 
     quorum = 0
     quorum_spec = str(quorum_raw)
@@ -322,7 +337,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
         heartbeat_interval=interval_ms / 1000, dead_after=dead_ms / 1000,
         discovery=discovery_ms / 1000, quorum_spec=quorum_spec, quorum=quorum,
         networks=tuple(networks), nodes=tuple(nodes), slots=tuple(slots),
-        floating_ip=floating, tls=tls, digest=b"")
+        floating_ip=floating, tls=tls, digest=b"", fencing=fencing)
     object.__setattr__(config, "digest", config_digest(config))
     return config
 
@@ -535,6 +550,31 @@ def _floating_ip(c: _Checker, raw: Any, base: Path) -> FloatingIPConfig | None:
     argv = tuple(str(_resolve(base, command[0])) if command and "/" in command[0]
                  else a for a in command[:1]) + tuple(command[1:])
     return FloatingIPConfig(backend, argv, arping, timeout / 1000)
+
+
+def _argv(command: list[str], base: Path) -> tuple[str, ...]:
+    """A configured argv; a relative path in ``argv[0]`` is relative to the config file."""
+    return tuple(str(_resolve(base, command[0])) if command and "/" in command[0]
+                 else a for a in command[:1]) + tuple(command[1:])
+
+
+def _fencing(c: _Checker, raw: Any, base: Path) -> FencingConfig | None:
+    if raw is None:
+        return None
+    t = c.table(raw, "fencing", ("command", "timeout_ms", "required"))
+    if t is None:
+        return None
+    command = c.get(t, "fencing", "command", list,
+                    check=lambda v: None if v else "must not be empty: the argv to run")
+    if command is not None and not all(isinstance(a, str) and a for a in command):
+        c.problem("fencing.command", "must be an array of non-empty strings (argv)")
+        command = None
+    timeout = c.get(t, "fencing", "timeout_ms", int, 10_000,
+                    check=lambda v: None if 10 <= v <= 600_000 else "must be 10-600000")
+    required = c.get(t, "fencing", "required", bool, True)
+    if command is None or timeout is None or required is None:
+        return None
+    return FencingConfig(_argv(command, base), timeout / 1000, required)
 
 
 def _tls(c: _Checker, raw: Any, base: Path) -> TLSConfig | None:

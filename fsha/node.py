@@ -40,6 +40,7 @@ from fsha.wire.heartbeat import (
 Address = tuple[str, int]
 SendFunction = Callable[[bytes, Address], None]
 RoleListener = Callable[[Role, Role, SlotConfig | None], object]
+EventListener = Callable[[dict[str, Any]], object]
 
 # A claim that failed makes the node unfit for this long, so the next candidate proceeds.
 UNFIT_INTERVALS = 40
@@ -51,8 +52,8 @@ RECENT_EVENTS = 100
 class SlotActions(Protocol):
     """The effects of owning a slot. Both calls must finish or fail within their timeout."""
 
-    def acquire(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None
-                ) -> defer.Deferred[None]: ...
+    def acquire(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None, *,
+                fence: bool = True) -> defer.Deferred[None]: ...
 
     def release(self, slot: SlotConfig) -> defer.Deferred[None]: ...
 
@@ -107,8 +108,9 @@ class RoleMachine:
         "The discovery window is over."
 
     @_machine.input()
-    def assigned(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None) -> None:
-        "The role engine gives this node an orphan slot."
+    def assigned(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None,
+                 handed_over: bool) -> None:
+        "The role engine gives this node an orphan slot (its previous master may have let it go)."
 
     @_machine.input()
     def acquired(self) -> None:
@@ -131,8 +133,9 @@ class RoleMachine:
         self._node._set_role(Role.SLAVE, NO_SLOT, 0)
 
     @_machine.output()
-    def _begin_claim(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None) -> None:
-        self._node._begin_claim(slot, epoch, previous)
+    def _begin_claim(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None,
+                     handed_over: bool) -> None:
+        self._node._begin_claim(slot, epoch, previous, handed_over)
 
     @_machine.output()
     def _become_master(self) -> None:
@@ -186,6 +189,9 @@ class ClusterNode:
         self.unfit_until = 0.0
         self.known_epochs: dict[int, int] = {}
         self.last_holder: dict[int, int] = {}  # slot -> node that last mastered it
+        # slot -> node that gave it up itself (hand-over, drain, FreeSWITCH gone): it need
+        # not be fenced by its successor.
+        self.released_by: dict[int, int] = {}
         self.roles: Roles = compute_roles([], [], {})
         self.drops: Counter[str] = Counter()
         self.received = 0
@@ -201,6 +207,7 @@ class ClusterNode:
         self._ticker.clock = clock
         self._pending: list[IDelayedCall] = []
         self._role_listeners: list[RoleListener] = []
+        self._event_listeners: list[EventListener] = []
         self._claim: defer.Deferred[None] | None = None
         self._evaluating = False
         self.running = False
@@ -300,6 +307,9 @@ class ClusterNode:
                 self.known_epochs[hb.slot] = hb.epoch
             if hb.role is Role.MASTER:
                 self.last_holder[hb.slot] = hb.node_id
+                self.released_by.pop(hb.slot, None)
+            elif hb.role is Role.RELEASING and self.last_holder.get(hb.slot) == hb.node_id:
+                self.released_by[hb.slot] = hb.node_id
         if hb.type is not MessageType.HEARTBEAT:
             slot = self.config.slots[hb.slot].name if hb.slot < len(self.config.slots) else "?"
             kind = "takeover" if hb.type is MessageType.TAKEOVER else "release"
@@ -447,13 +457,15 @@ class ClusterNode:
         if self.role is Role.SLAVE and me in roles.assignments and self.sees_quorum():
             slot_id, epoch = roles.assignments[me]
             previous = self.last_holder.get(slot_id)
+            handed_over = previous is not None and self.released_by.get(slot_id) == previous
             if previous is None and epoch == 1 and self._anyone_starting():
                 # A slot never owned (cluster cold start): wait until every live node has
                 # finished discovery, so all rank the same slaves and claims do not collide.
                 # A dead master's slot (known epoch) is taken over at once.
                 return
             self._machine.assigned(self.config.slots[slot_id], epoch,
-                                   self.config.nodes[previous] if previous is not None else None)
+                                   self.config.nodes[previous] if previous is not None else None,
+                                   handed_over)
 
     # -- outputs of the role machine --------------------------------------------------------
 
@@ -477,16 +489,20 @@ class ClusterNode:
                 except Exception:
                     self.log.failure("role listener failed")
 
-    def _begin_claim(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None) -> None:
+    def _begin_claim(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None,
+                     handed_over: bool = False) -> None:
         self._set_role(Role.CLAIMING, slot.slot_id, epoch)
         self.claim_started = self.clock.seconds()
         subject = previous.name if previous is not None else None
         self.log.info("claiming slot {slot} with epoch {epoch} (previous master: {previous})",
                       slot=slot.name, epoch=epoch, previous=subject or "none")
-        self._event("claim", slot=slot.name, epoch=epoch, previous=subject)
+        self._event("claim", slot=slot.name, epoch=epoch, previous=subject,
+                    handed_over=handed_over)
         self._announce(MessageType.TAKEOVER,
                        subject=previous.node_id if previous is not None else self.me.node_id)
-        claim = self._claim = defer.maybeDeferred(self.actions.acquire, slot, epoch, previous)
+        # A master that released the slot itself is alive and well: never fence it.
+        claim = self._claim = defer.maybeDeferred(self.actions.acquire, slot, epoch, previous,
+                                                  fence=not handed_over)
         claim.addTimeout(self.claim_timeout, self.clock)
 
         def done(result: object) -> None:
@@ -609,8 +625,21 @@ class ClusterNode:
         """Add an event to this node's recent events (status, demo timeline)."""
         self._event(kind, **fields)
 
+    def add_event_listener(self, callback: EventListener) -> None:
+        """``callback(event)`` with every event added to :attr:`events` (the same dict:
+        ``time``, ``event`` and its fields; do not modify it). Called synchronously from
+        inside the node's transitions: a listener must be quick and must not call back
+        into the node; an exception it raises is logged and ignored."""
+        self._event_listeners.append(callback)
+
     def _event(self, kind: str, **fields: Any) -> None:
-        self.events.append({"time": round(self.clock.seconds(), 3), "event": kind, **fields})
+        event = {"time": round(self.clock.seconds(), 3), "event": kind, **fields}
+        self.events.append(event)
+        for callback in self._event_listeners:
+            try:
+                callback(event)
+            except Exception:
+                self.log.failure("event listener failed on {kind}", kind=kind)
 
     def status(self) -> dict[str, Any]:
         now = self.clock.seconds()

@@ -1,34 +1,52 @@
 """What owning a slot means for this node: the timed, rolled-back takeover sequence.
 
 :class:`SlotEffects` implements ``fsha.node.SlotActions``. The node calls
-:meth:`SlotEffects.acquire` when it claims a slot (after the self-check and the takeover
-announcement) and :meth:`SlotEffects.release` when it gives the slot up or rolls back a
-failed claim. Every step has its own timeout and its duration is recorded in a
+:meth:`SlotEffects.acquire` when it claims a slot (after its quorum and maintenance checks
+and the takeover announcement) and :meth:`SlotEffects.release` when it gives the slot up or
+rolls back a failed claim. Every step has its own timeout and its duration is recorded in a
 :class:`TakeoverReport` (``last_report``, ``reports``, :meth:`SlotEffects.add_report_listener`).
 
 Acquire (a failed *fatal* step fails ``acquire``; the node then calls ``release``)
 ------------------------------------------------------------------------------------
 
-1. ``floating_ips`` (fatal): the slot's addresses up through the floating-IP backend.
-2. ``records`` (fatal): the dead master's replicated rows (:class:`SlotRecords`), kept only
+1. ``self_check`` (fatal): this node's FreeSWITCH answers ``api status`` within
+   ``TakeoverTimeouts.self_check`` and says ``is ready``. A node whose FreeSWITCH does not is
+   not fit to take the calls: the acquisition fails, the node marks itself unfit and the
+   next candidate proceeds. Skipped without an ESL client.
+2. ``fence`` (fatal if ``[fencing] required``, else a warning): makes sure the previous
+   master is dead before its addresses move here. The contract of the fencing command:
+   it is run once, through the :class:`~fsha.process.ProcessRunner` (never a shell), as
+   ``COMMAND... fence NODE`` where ``NODE`` is the previous master's name, and is given
+   ``[fencing] timeout_ms``; **exit 0 means NODE is fenced** (powered off, isolated from
+   the networks, or its FreeSWITCH killed: whatever the operator's setup guarantees, it can
+   no longer answer on the slot's addresses). Any other exit code, a command that cannot be
+   run, or one still running at the timeout (it is then killed: SIGTERM, then SIGKILL) is a
+   failed fence. Its output is not parsed (the first stderr line appears in the report;
+   the count ``exit_code`` is negative for a signal). The step's own bound is
+   :func:`fence_bound` (the timeout plus the runner's time to kill and reap). Skipped with
+   no command configured, on a fresh claim (no previous master), when the previous master
+   released the slot itself (``acquire(..., fence=False)``: a planned switchover or
+   hand-over), and against this node itself (``me``).
+3. ``floating_ips`` (fatal): the slot's addresses up through the floating-IP backend.
+4. ``records`` (fatal): the dead master's replicated rows (:class:`SlotRecords`), kept only
    for the slot's profiles (``technology`` ``sofia``; one row per call UUID) and, for
    registrations, only those not yet expired.
-3. ``recovery_rows`` (fatal): ``global_getvar core_uuid``, then the rows written into the
+5. ``recovery_rows`` (fatal): ``global_getvar core_uuid``, then the rows written into the
    local core DB (``recovery``) in one transaction on the DB thread, keeping the dead
    master's ``runtime_uuid`` (see :mod:`fsha.fsdb`). A node that cannot write them is not
    fit to take the calls; the next candidate may be. Without a configured ``core_db`` the
    step is a *warning* (the slot is served, its calls are not recovered).
-4. ``profiles`` (fatal): ``sofia profile P start`` for each profile (its text is printed
+6. ``profiles`` (fatal): ``sofia profile P start`` for each profile (its text is printed
    even when binding fails), then ``sofia status`` is polled until every profile is listed
    ``RUNNING`` (FreeSWITCH lists a running profile only; one that failed to bind is
    missing). A profile whose URL is not on one of the slot's addresses is a warning.
-5. ``recover`` (fatal): ``sofia profile P recover`` per profile (which also clears
+7. ``recover`` (fatal): ``sofia profile P recover`` per profile (which also clears
    standby). The reported count is compared with the rows written for ``P``. A mismatch
    is a *warning*, not a failure: fewer means some rows could not be recovered here (bad
    metadata, an RTP port in use) and the next candidate would read the same rows; more
    means the table held older rows of another runtime (e.g. this FreeSWITCH's previous run)
    that are now live calls. Rolling back would hang up every call just recovered.
-6. ``registrations`` (never fatal: the calls are already up): the rows written into
+8. ``registrations`` (never fatal: the calls are already up): the rows written into
    ``sip_registrations`` with this FreeSWITCH's hostname (``global_getvar switchname``,
    else ``hostname``: sofia expires rows per hostname), then, if ``hash_realm`` is set, one
    ``hash insert/REALM/USER@HOST/PROFILE`` per registered user (up to ``hash_window``
@@ -76,10 +94,17 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from fsha.config import ClusterConfig, NodeConfig, SlotConfig
+from fsha.config import ClusterConfig, FencingConfig, NodeConfig, SlotConfig
 from fsha.esl import ESLError
 from fsha.floating import FloatingIPBackend, FloatingIPError
-from fsha.fsapi import ApiRunner, FSApi, FSApiError, ProfileNotFound, ProfileTooYoung
+from fsha.fsapi import (
+    ApiRunner,
+    FSApi,
+    FSApiError,
+    ProfileNotFound,
+    ProfileTooYoung,
+    parse_status,
+)
 from fsha.fsdb import (
     FOREIGN_RUNTIME_PREFIX,
     CoreDBError,
@@ -87,7 +112,14 @@ from fsha.fsdb import (
     RecoveryRow,
     RegistrationRow,
 )
-from fsha.process import ProcessError
+from fsha.process import (
+    DRAIN,
+    KILL_GRACE,
+    ProcessError,
+    ProcessFailed,
+    ProcessRunner,
+    ProcessTimeout,
+)
 
 __all__ = [
     "FAILED",
@@ -105,6 +137,7 @@ __all__ = [
     "TakeoverReport",
     "TakeoverStepError",
     "TakeoverTimeouts",
+    "fence_bound",
 ]
 
 log = Logger(namespace="fsha.takeover")
@@ -279,6 +312,12 @@ class ReplicatedRecords:
 # Timeouts
 
 
+def fence_bound(timeout: float, kill_grace: float = KILL_GRACE, drain: float = DRAIN) -> float:
+    """The longest the fence step can take: the command's ``timeout``, then the runner's
+    SIGTERM-to-SIGKILL grace and its wait for the killed process (see :mod:`fsha.process`)."""
+    return timeout + 2 * kill_grace + drain
+
+
 @dataclass(frozen=True, slots=True)
 class TakeoverTimeouts:
     floating: float = 5.0  # floating IPs up / down
@@ -289,20 +328,24 @@ class TakeoverTimeouts:
     recover: float = 10.0  # one `sofia profile P recover`
     registrations: float = 5.0  # the whole registrations step
     poll: float = 0.05  # between two `sofia status` polls
+    self_check: float = 2.0  # `api status` answered, "is ready"
+    fence: float = 0.0  # the fence step, fence_bound(command timeout); 0: derived, or none
 
     @classmethod
     def from_config(cls, config: ClusterConfig, me: NodeConfig, **overrides: float
                     ) -> TakeoverTimeouts:
         values: dict[str, float] = {"floating": config.floating_ip.timeout,
-                                    "esl": me.esl.timeout}
+                                    "esl": me.esl.timeout, "self_check": me.esl.timeout}
+        if config.fencing is not None:
+            values["fence"] = fence_bound(config.fencing.timeout)
         values.update(overrides)
         return cls(**values)
 
     def acquire_budget(self, slot: SlotConfig) -> float:
         """The longest an acquire of ``slot`` can take with these timeouts."""
         n = len(slot.profiles)
-        return (self.floating + self.records + self.esl + self.db + self.esl * n
-                + self.confirm + self.recover * n + self.registrations)
+        return (self.self_check + self.fence + self.floating + self.records + self.esl
+                + self.db + self.esl * n + self.confirm + self.recover * n + self.registrations)
 
     def release_budget(self, slot: SlotConfig) -> float:
         return self.floating + self.esl * (len(slot.profiles) + 1) + self.db + self.esl
@@ -364,7 +407,9 @@ class SlotEffects:
     report says the FreeSWITCH steps were skipped). ``db``: the writer of the local core DB
     (None: calls and registrations are not restored, a warning). ``records``: where the dead
     master's rows come from (default: none). ``hash_realm``: the realm of the registration
-    hash entries (None: none).
+    hash entries (None: none). ``fencing``: the ``[fencing]`` config (None: no fence step),
+    its command run through ``runner`` (default: a :class:`~fsha.process.ProcessRunner` on
+    ``clock``, which must then be a reactor). ``me``: this node, never fenced.
     """
 
     def __init__(self, floating: FloatingIPBackend, clock: IReactorTime | None = None, *,
@@ -372,10 +417,16 @@ class SlotEffects:
                  records: SlotRecords | None = None,
                  timeouts: TakeoverTimeouts | None = None,
                  hash_realm: str | None = "fsha_reg", hash_window: int = 64,
-                 history: int = 20) -> None:
+                 history: int = 20, fencing: FencingConfig | None = None,
+                 runner: ProcessRunner | None = None, me: NodeConfig | None = None) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         assert clock is not None
+        if fencing is not None and runner is None:
+            runner = ProcessRunner(clock)
+        self.fencing = fencing
+        self.runner = runner
+        self.me = me
         self.floating = floating
         self.clock = clock
         self.esl = esl
@@ -483,8 +534,10 @@ class SlotEffects:
 
     # -- acquire ----------------------------------------------------------------------------
 
-    def acquire(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None
-                ) -> Deferred[None]:
+    def acquire(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None, *,
+                fence: bool = True) -> Deferred[None]:
+        """Take ``slot`` over from ``previous`` (None: a fresh claim). ``fence=False``: the
+        previous master handed the slot over itself (switchover, SIGTERM): not fenced."""
         self._cancel_stop_retry(slot)
         report = TakeoverReport("acquire", slot.name, epoch,
                                 previous.name if previous is not None else None,
@@ -493,7 +546,7 @@ class SlotEffects:
         self._acquisitions[slot.slot_id] = acq
         log.info("acquiring slot {slot} (epoch {epoch}, previous master {previous})",
                  slot=slot.name, epoch=epoch, previous=report.previous or "none")
-        inner = self._acquire(slot, previous, report, acq)
+        inner = self._acquire(slot, previous, report, acq, fence)
 
         def cancel(_: Deferred[None]) -> None:
             # The node gave up (claim timeout, or it lost the slot): stop at once. It
@@ -524,8 +577,21 @@ class SlotEffects:
 
     @inlineCallbacks
     def _acquire(self, slot: SlotConfig, previous: NodeConfig | None,
-                 report: TakeoverReport, acq: _Acquisition) -> Generator[Any, Any, None]:
+                 report: TakeoverReport, acq: _Acquisition, fence: bool
+                 ) -> Generator[Any, Any, None]:
         t = self.timeouts
+        if self.esl is None:
+            report.steps.append(StepResult("self_check", SKIPPED, 0.0, {},
+                                           "no FreeSWITCH connection configured"))
+        else:
+            yield self._step(report, "self_check", self._self_check, t.self_check, acq=acq)
+        skip = self._fence_skipped(previous, fence)
+        if skip is not None:
+            report.steps.append(StepResult("fence", SKIPPED, 0.0, {}, skip))
+        else:
+            assert self.fencing is not None and previous is not None
+            yield self._step(report, "fence", lambda s: self._fence(previous, s),
+                             self._fence_timeout(), fatal=self.fencing.required, acq=acq)
 
         def ips_up(step: _Step) -> Deferred[None]:
             step.counts["ips"] = len(slot.ips)
@@ -549,6 +615,61 @@ class SlotEffects:
         yield self._step(report, "registrations",
                          lambda s: self._restore_registrations(slot, regs, acq, s),
                          t.registrations, fatal=False, acq=acq)
+
+    def _self_check(self, step: _Step) -> Deferred[None]:
+        assert self.esl is not None
+        d = self.esl.api("status", timeout=self.timeouts.self_check)
+
+        def check(output: str) -> None:
+            status = parse_status("status", output)
+            if status.sessions is not None:
+                step.counts["sessions"] = status.sessions
+            if not status.ready:
+                lines = [line.strip() for line in output.splitlines() if "ready" in line]
+                said = lines[0] if lines else output.strip().split("\n", 1)[0]
+                raise FSApiError("status", output, f"FreeSWITCH is not ready: {said[:120]!r}")
+
+        return d.addCallback(check)
+
+    def _fence_skipped(self, previous: NodeConfig | None, fence: bool) -> str | None:
+        """Why the fence step is skipped, or None to run it."""
+        if self.fencing is None:
+            return "no fencing command configured"
+        if previous is None:
+            return "no previous master (fresh claim)"
+        if not fence:
+            return f"{previous.name} handed the slot over itself"
+        if self.me is not None and previous.node_id == self.me.node_id:
+            return f"the previous master {previous.name} is this node"
+        return None
+
+    def _fence_timeout(self) -> float:
+        if self.timeouts.fence > 0:
+            return self.timeouts.fence
+        assert self.fencing is not None and self.runner is not None
+        return fence_bound(self.fencing.timeout, self.runner.kill_grace, self.runner.drain)
+
+    def _fence(self, previous: NodeConfig, step: _Step) -> Deferred[None]:
+        fencing, runner = self.fencing, self.runner
+        assert fencing is not None and runner is not None
+        argv = (*fencing.command, "fence", previous.name)
+        log.info("fencing {node}: {argv}", node=previous.name, argv=" ".join(argv))
+        d = defer.maybeDeferred(runner.run, argv, fencing.timeout)
+
+        def done(result: Any) -> None:
+            step.counts["exit_code"] = result.exit_code
+
+        def failed(failure: Failure) -> Failure | None:
+            result = getattr(failure.value, "result", None)
+            if isinstance(failure.value, (ProcessFailed, ProcessTimeout)) and result is not None:
+                step.counts["exit_code"] = result.exit_code  # -N: killed by signal N
+            if fencing.required or not failure.check(ProcessError):
+                return failure
+            step.warn(f"{previous.name} not fenced ({failure.getErrorMessage()}); "
+                      "takeover goes on ([fencing] required = false)")
+            return None
+
+        return d.addCallbacks(done, failed)
 
     def _load(self, slot: SlotConfig, previous: NodeConfig | None, step: _Step
               ) -> Deferred[tuple[list[RecoveryRow], list[RegistrationRow]]]:

@@ -47,14 +47,16 @@ class FakeActions:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, int]] = []
+        self.fenced: list[bool] = []  # the fence= argument of every acquire
         self.held: set[str] = set()
         self.fail_acquire = False
         self.hang_acquire = False
         self.pending: list[defer.Deferred[None]] = []
 
-    def acquire(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None
-                ) -> defer.Deferred[None]:
+    def acquire(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None, *,
+                fence: bool = True) -> defer.Deferred[None]:
         self.calls.append(("acquire", slot.name, epoch))
+        self.fenced.append(fence)
         if self.fail_acquire:
             return defer.fail(RuntimeError("floating IP refused"))
         if self.hang_acquire:

@@ -12,7 +12,14 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from fsha.config import ConfigError, choose_node, load_config, main, parse_config
+from fsha.config import (
+    ConfigError,
+    FencingConfig,
+    choose_node,
+    load_config,
+    main,
+    parse_config,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "conf" / "demo.toml"
@@ -243,3 +250,62 @@ class ChooseNodeTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as caught:
             choose_node(config, None, lambda ip: False)
         self.assertIn("pass --node NAME", str(caught.exception))
+
+
+class FencingConfigTests(SynchronousTestCase):
+    """The optional ``[fencing]`` section."""
+
+    problems = ValidationTests.problems
+    assertProblem = ValidationTests.assertProblem
+
+    def test_absent_by_default(self) -> None:
+        self.assertIsNone(parse_config(demo_raw(), DEMO).fencing)
+
+    def test_valid_with_defaults_and_relative_path(self) -> None:
+        raw = demo_raw()
+        raw["fencing"] = {"command": ["bin/fence-node", "--via", "ipmi"]}
+        config = parse_config(raw, DEMO)
+        self.assertEqual(config.fencing, FencingConfig(
+            (str(DEMO.parent / "bin" / "fence-node"), "--via", "ipmi"), 10.0, True))
+        raw["fencing"] = {"command": ["fence_ipmi"], "timeout_ms": 2500, "required": False}
+        self.assertEqual(parse_config(raw, DEMO).fencing,
+                         FencingConfig(("fence_ipmi",), 2.5, False))
+
+    def test_not_in_the_digest(self) -> None:
+        raw = demo_raw()
+        raw["fencing"] = {"command": ["/usr/local/bin/fence"], "required": False}
+        self.assertEqual(parse_config(raw, DEMO).digest, parse_config(demo_raw(), DEMO).digest)
+
+    def test_unknown_key(self) -> None:
+        self.assertProblem(lambda r: r.update(fencing={"command": ["x"], "timeout": 5}),
+                           "fencing.timeout", "unknown key (allowed: command, timeout_ms, "
+                           "required)")
+
+    def test_wrong_types(self) -> None:
+        self.assertProblem(lambda r: r.update(fencing={"command": "fence node"}),
+                           "fencing.command", "must be an array, not a string")
+        self.assertProblem(lambda r: r.update(fencing={"command": ["fence", 3]}),
+                           "fencing.command", "array of non-empty strings")
+        self.assertProblem(lambda r: r.update(fencing={"command": ["fence", ""]}),
+                           "fencing.command", "array of non-empty strings")
+        self.assertProblem(lambda r: r.update(fencing={"command": ["f"], "required": "yes"}),
+                           "fencing.required", "must be a boolean, not a string")
+        self.assertProblem(lambda r: r.update(fencing={"command": ["f"], "required": 1}),
+                           "fencing.required", "must be a boolean, not an integer")
+        self.assertProblem(lambda r: r.update(fencing={"command": ["f"], "timeout_ms": 2.5}),
+                           "fencing.timeout_ms", "must be an integer, not a number")
+        self.assertProblem(lambda r: r.update(fencing={"command": ["f"], "timeout_ms": 0}),
+                           "fencing.timeout_ms", "must be 10-600000")
+        self.assertProblem(lambda r: r.update(fencing=["f"]), "fencing",
+                           "must be a table, not an array")
+
+    def test_missing_command(self) -> None:
+        self.assertProblem(lambda r: r.update(fencing={"required": False}),
+                           "fencing.command", "missing")
+        self.assertProblem(lambda r: r.update(fencing={"command": []}),
+                           "fencing.command", "must not be empty")
+
+    def test_every_problem_of_the_section_is_collected(self) -> None:
+        problems = self.problems(lambda r: r.update(
+            fencing={"command": "x", "timeout_ms": -1, "required": "no", "retry": 1}))
+        self.assertEqual(len([p for p in problems if ": fencing." in p]), 4, problems)

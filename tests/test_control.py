@@ -53,6 +53,7 @@ class SwitchoverTests(SynchronousTestCase):
         fs1 = cluster.nodes["fs1"]
         self.assertEqual(fs1.role, Role.SLAVE)
         self.assertEqual(cluster.nodes["fs3"].epoch, 2)
+        self.assertEqual(cluster.actions["fs3"].fenced, [False], "a hand-over is not fenced")
         # it does not take the slot straight back, and is a candidate again later
         cluster.advance(3.0)
         self.assertEqual(cluster.masters(), {"slot1": "fs3", "slot2": "fs2"})

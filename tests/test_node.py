@@ -96,6 +96,21 @@ class FailoverTests(SynchronousTestCase):
         fs2_events = [e for e in cluster.nodes["fs2"].events if e["event"] == "peer-takeover"]
         self.assertEqual(fs2_events[0]["subject"], "fs1")
 
+    def test_dead_master_is_fenced_a_handing_over_one_is_not(self) -> None:
+        cluster = self.cluster
+        cluster.kill("fs1")
+        cluster.advance(1.0)
+        self.assertEqual(cluster.actions["fs3"].fenced, [True])
+        cluster.start("fs1")
+        cluster.advance(2.0)
+        self.successResultOf(cluster.nodes["fs3"].stop())  # SIGTERM: clean hand-over
+        cluster.dead.add("fs3")
+        cluster.advance(0.5)
+        self.assertEqual(cluster.masters()["slot1"], "fs1")
+        self.assertEqual(cluster.actions["fs1"].fenced[-1], False)
+        claim = [e for e in cluster.nodes["fs1"].events if e["event"] == "claim"][-1]
+        self.assertTrue(claim["handed_over"])
+
     def test_restarted_master_rejoins_as_slave_without_preempting(self) -> None:
         cluster = self.cluster
         cluster.kill("fs1")

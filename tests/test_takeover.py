@@ -21,11 +21,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +41,15 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from fsha.config import Endpoint, ESLConfig, FloatingIP, NodeConfig, SlotConfig
+from fsha.config import (
+    Endpoint,
+    ESLConfig,
+    FencingConfig,
+    FloatingIP,
+    NodeConfig,
+    SlotConfig,
+    parse_config,
+)
 from fsha.esl import ESLClient, ESLNotConnected
 from fsha.floating import FloatingIPError, LoopbackBackend
 from fsha.fsapi import FSApiError, parse_sofia_status
@@ -52,6 +63,14 @@ from fsha.fsdb import (
     inline_runner,
 )
 from fsha.harness import poll_until as wait_for
+from fsha.process import (
+    DRAIN,
+    KILL_GRACE,
+    ExecutableNotFound,
+    ProcessFailed,
+    ProcessResult,
+    ProcessRunner,
+)
 from fsha.sim.coredb import CoreDB
 from fsha.sim.switch import NullSipBinder, ProfileConfig, Switch
 from fsha.takeover import (
@@ -65,6 +84,7 @@ from fsha.takeover import (
     TakeoverReport,
     TakeoverStepError,
     TakeoverTimeouts,
+    fence_bound,
 )
 
 reactor: Any = _reactor
@@ -76,9 +96,9 @@ DEAD = NodeConfig("fs1", 0, 100, {"A": "127.0.1.1"}, Endpoint("127.0.1.1", 7000)
                   Endpoint("127.0.0.1", 7001), ESLConfig("127.0.0.1", 8021, "ClueCon", 1.0),
                   None)
 TIMEOUTS = TakeoverTimeouts(floating=1.0, esl=0.5, records=0.5, db=1.0, confirm=1.0,
-                            recover=2.0, registrations=1.0, poll=0.05)
-ACQUIRE_STEPS = ["floating_ips", "records", "recovery_rows", "profiles", "recover",
-                 "registrations"]
+                            recover=2.0, registrations=1.0, poll=0.05, self_check=0.5)
+ACQUIRE_STEPS = ["self_check", "fence", "floating_ips", "records", "recovery_rows", "profiles",
+                 "recover", "registrations"]
 
 
 # -- fakes ------------------------------------------------------------------------------------
@@ -147,6 +167,32 @@ class SwitchESL:
     def bgapi(self, command: str, timeout: float | None = None,
               job_uuid: str | None = None) -> Deferred[str]:
         return fail(NotImplementedError("bgapi"))
+
+
+class FakeRunner:
+    """A ProcessRunner that records the argv it is given in ``log`` (shared with other
+    fakes, for the order of effects). ``behaviour``: None (exit 0), "hang" (runs until
+    cancelled), or an exception to fail with."""
+
+    kill_grace = KILL_GRACE
+    drain = DRAIN
+
+    def __init__(self, log: list[Any]) -> None:
+        self.log = log
+        self.runs: list[tuple[tuple[str, ...], float]] = []
+        self.behaviour: Any = None
+        self.cancelled: list[tuple[str, ...]] = []
+
+    def run(self, argv: Any, timeout: float, env: Any = None, **kw: Any
+            ) -> Deferred[ProcessResult]:
+        argv = tuple(argv)
+        self.log.append(("run", argv))
+        self.runs.append((argv, timeout))
+        if self.behaviour == "hang":
+            return Deferred(lambda _: self.cancelled.append(argv))
+        if isinstance(self.behaviour, Exception):
+            return fail(self.behaviour)
+        return succeed(ProcessResult(argv, 0, b"", b"", 0.01))
 
 
 class StaticRecords:
@@ -256,7 +302,12 @@ class AcquireTests(SynchronousTestCase):
         self.assertIs(s.reports[-1], report)
         self.assertTrue(report.ok, report.as_dict())
         self.assertEqual([st.name for st in report.steps], ACQUIRE_STEPS)
-        self.assertEqual({st.outcome for st in report.steps}, {OK}, report.as_dict())
+        self.assertEqual({st.outcome for st in report.steps if st.name != "fence"}, {OK},
+                         report.as_dict())
+        fence = report.step("fence")
+        assert fence is not None
+        self.assertEqual((fence.outcome, fence.error), (SKIPPED, "no fencing command configured"))
+        self.assertEqual(s.esl.commands[0], "status")  # the self-check, first of all
         self.assertEqual((report.action, report.slot, report.epoch, report.previous),
                          ("acquire", "slot1", 2, "fs1"))
         self.assertEqual(report.count("records", "calls"), 6)
@@ -319,7 +370,8 @@ class AcquireTests(SynchronousTestCase):
         self.successResultOf(effects.acquire(SLOT, 1, DEAD))
         assert effects.last_report is not None
         self.assertEqual([(st.name, st.outcome) for st in effects.last_report.steps],
-                         [("floating_ips", OK), ("freeswitch", SKIPPED)])
+                         [("self_check", SKIPPED), ("fence", SKIPPED), ("floating_ips", OK),
+                          ("freeswitch", SKIPPED)])
         self.successResultOf(effects.release(SLOT))
         self.assertEqual(floating.calls, [("up", "slot1"), ("down", "slot1")])
 
@@ -452,7 +504,7 @@ class FailureTests(SynchronousTestCase):
         s.floating.behaviour["up"] = FloatingIPError("up", [(VIP, "RTNETLINK: denied")])
         self.assertIn("RTNETLINK", self.acquire_fails(s, "floating_ips"))
         self.assert_rolled_back(s, "floating_ips")
-        self.assertEqual(s.esl.commands[:1], ["sofia profile slot1 stop"])
+        self.assertEqual(s.esl.commands[:2], ["status", "sofia profile slot1 stop"])
 
     def test_floating_ips_time_out(self) -> None:
         s = Scenario(self)
@@ -717,11 +769,320 @@ class BudgetAndDefaultsTests(SynchronousTestCase):
     def test_budget_covers_every_step(self) -> None:
         t = TakeoverTimeouts()
         two = SlotConfig("s", 0, (VIP,), ("a", "b"))
-        self.assertAlmostEqual(t.acquire_budget(two), 5 + 2 + 2 + 5 + 2 * 2 + 3 + 10 * 2 + 5)
+        self.assertAlmostEqual(t.acquire_budget(two),
+                               2 + 5 + 2 + 2 + 5 + 2 * 2 + 3 + 10 * 2 + 5)
         self.assertGreater(t.release_budget(two), t.floating)
 
     def test_no_records(self) -> None:
         self.assertEqual(NoRecords().rows_for(SLOT, DEAD), ([], []))
+
+
+class SelfCheckTests(SynchronousTestCase):
+    """Step 1: this node's FreeSWITCH answers `status` in time and says it is ready."""
+
+    def assert_nothing_acquired(self, s: Scenario, step: str, reason: str) -> None:
+        report = s.effects.last_report
+        assert report is not None
+        self.assertFalse(report.ok)
+        self.assertEqual([(st.name, st.outcome) for st in report.steps], [(step, FAILED)])
+        self.assertIn(reason, report.error or "")
+        self.assertEqual(s.floating.calls, [])
+        self.assertEqual(s.records.asked, [])
+        self.assertEqual([c for c in s.esl.commands if c != "status"], [])
+        self.assertEqual(s.foreign_rows(), 0)
+
+    def test_ready(self) -> None:
+        s = Scenario(self, calls=1, regs=0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        report = s.effects.last_report
+        assert report is not None
+        step = report.step("self_check")
+        assert step is not None
+        self.assertEqual((step.outcome, step.counts), (OK, {"sessions": 0}))
+        self.assertEqual(report.steps[0].name, "self_check")
+        self.assertEqual(s.esl.commands[0], "status")
+
+    def test_not_ready(self) -> None:
+        s = Scenario(self)
+        s.b.ready = False
+        reason = FailureTests.acquire_fails(self, s, "self_check")  # type: ignore[arg-type]
+        self.assertIn("FreeSWITCH is not ready", reason)
+        self.assertIn("is not ready", reason)
+        self.assert_nothing_acquired(s, "self_check", "self_check: FreeSWITCH is not ready")
+        FailureTests.assert_rolled_back(self, s, "self_check")  # type: ignore[arg-type]
+
+    def test_unrecognised_answer_and_no_connection(self) -> None:
+        s = Scenario(self)
+        s.esl.rules["status"] = "-ERR no reply\n"
+        FailureTests.acquire_fails(self, s, "self_check")  # type: ignore[arg-type]
+        self.assert_nothing_acquired(s, "self_check", "no reply")
+        s2 = Scenario(self)
+        s2.esl.down = True
+        FailureTests.acquire_fails(self, s2, "self_check")  # type: ignore[arg-type]
+        self.assert_nothing_acquired(s2, "self_check", "no ready connection")
+
+    def test_times_out(self) -> None:
+        s = Scenario(self)
+        s.esl.rules["status"] = "hang"
+        reason = FailureTests.acquire_fails(self, s, "self_check",  # type: ignore[arg-type]
+                                            TIMEOUTS.self_check)
+        self.assertEqual(reason, "timed out after 0.5 s")
+        self.assert_nothing_acquired(s, "self_check", "timed out after 0.5 s")
+        step = s.effects.last_report.steps[0]  # type: ignore[union-attr]
+        self.assertAlmostEqual(step.ms, 500.0)
+
+
+FENCE = FencingConfig(("/usr/local/sbin/fence-node", "--via", "ipmi"), 3.0, True)
+ME = NodeConfig("fs2", 1, 100, {"A": "127.0.1.2"}, Endpoint("127.0.1.2", 7000),
+                Endpoint("127.0.0.1", 7002), ESLConfig("127.0.0.1", 8021, "ClueCon", 1.0),
+                None)
+
+
+class FenceTests(SynchronousTestCase):
+    """Step 2: the previous master fenced by the configured command, with fakes."""
+
+    def fenced(self, s: Scenario, required: bool = True, behaviour: Any = None,
+               **kw: Any) -> FakeRunner:
+        """Replace ``s.effects`` by one with fencing. ``self.order``: the order of every
+        effect (ESL commands, fence runs, floating-IP actions), logged by the fakes."""
+        self.order: list[tuple[str, Any]] = []
+        runner = FakeRunner(self.order)
+        runner.behaviour = behaviour
+        api, do = s.esl.api, s.floating._do
+
+        def logged_api(command: str, timeout: float | None = None) -> Deferred[str]:
+            self.order.append(("api", command))
+            return api(command, timeout)
+
+        def logged_do(action: str, slot: str, ips: Any) -> Deferred[None]:
+            self.order.append((action, slot))
+            return do(action, slot, ips)
+
+        s.esl.api = logged_api  # type: ignore[method-assign]
+        s.floating._do = logged_do  # type: ignore[method-assign]
+        fencing = FencingConfig(FENCE.command, FENCE.timeout, required)
+        s.effects = SlotEffects(s.floating, s.clock, esl=s.esl, db=s.writer,
+                                records=s.records, timeouts=TIMEOUTS, fencing=fencing,
+                                runner=runner, **kw)  # type: ignore[arg-type]
+        return runner
+
+    def test_fence_ok_runs_before_the_floating_ips(self) -> None:
+        s = Scenario(self, calls=2, regs=1)
+        runner = self.fenced(s)
+        self.successResultOf(s.effects.acquire(SLOT, 2, DEAD))
+        report = s.effects.last_report
+        assert report is not None
+        self.assertTrue(report.ok, report.as_dict())
+        self.assertEqual([st.name for st in report.steps], ACQUIRE_STEPS)
+        self.assertEqual({st.outcome for st in report.steps}, {OK}, report.as_dict())
+        self.assertEqual(report.count("fence", "exit_code", -1), 0)
+        argv = ("/usr/local/sbin/fence-node", "--via", "ipmi", "fence", "fs1")
+        self.assertEqual(runner.runs, [(argv, 3.0)])
+        # self-check, then fence, then the addresses, then the rest
+        self.assertEqual(self.order[:3], [("api", "status"), ("run", argv), ("up", "slot1")])
+        self.assertEqual(self.order[3:4], [("api", "global_getvar core_uuid")])
+        self.assertEqual(report.count("recover", "recovered"), len(s.calls))
+
+    def test_failing_required_aborts_before_anything_is_acquired(self) -> None:
+        s = Scenario(self)
+        argv = (*FENCE.command, "fence", "fs1")
+        failure = ProcessFailed(argv, 1, b"ipmi: BMC unreachable\n",
+                                ProcessResult(argv, 1, b"", b"ipmi: BMC unreachable\n", 0.1))
+        self.fenced(s, required=True, behaviour=failure)
+        reason = FailureTests.acquire_fails(self, s, "fence")  # type: ignore[arg-type]
+        self.assertIn("exit code 1", reason)
+        self.assertIn("BMC unreachable", reason)
+        report = s.effects.last_report
+        assert report is not None
+        self.assertFalse(report.ok)
+        self.assertEqual(report.error, f"fence: {reason}")
+        self.assertEqual([(st.name, st.outcome) for st in report.steps],
+                         [("self_check", OK), ("fence", FAILED)])
+        self.assertEqual(report.count("fence", "exit_code"), 1)
+        self.assertEqual(report.as_event()["error"], f"fence: {reason}")
+        # nothing acquired: no address up, no row read or written, no profile touched
+        self.assertEqual(self.order, [("api", "status"), ("run", argv)])
+        self.assertEqual(s.floating.calls, [])
+        self.assertEqual(s.records.asked, [])
+        self.assertEqual(s.esl.commands, ["status"])
+        self.assertEqual(s.foreign_rows(), 0)
+        FailureTests.assert_rolled_back(self, s, "fence")  # type: ignore[arg-type]
+
+    def test_command_missing_is_a_failed_fence(self) -> None:
+        s = Scenario(self)
+        argv = (*FENCE.command, "fence", "fs1")
+        self.fenced(s, behaviour=ExecutableNotFound(argv, "no such file"))
+        reason = FailureTests.acquire_fails(self, s, "fence")  # type: ignore[arg-type]
+        self.assertIn("no such file", reason)
+        self.assertEqual(s.floating.held, set())
+
+    def test_failing_not_required_is_a_warning(self) -> None:
+        s = Scenario(self, calls=2, regs=0)
+        argv = (*FENCE.command, "fence", "fs1")
+        self.fenced(s, required=False,
+                    behaviour=ProcessFailed(argv, 2, b"", ProcessResult(argv, 2, b"", b"", 0)))
+        self.successResultOf(s.effects.acquire(SLOT, 2, DEAD))
+        report = s.effects.last_report
+        assert report is not None
+        self.assertTrue(report.ok, report.as_dict())
+        self.assertEqual([st.name for st in report.steps], ACQUIRE_STEPS)
+        step = report.step("fence")
+        assert step is not None
+        self.assertEqual((step.outcome, step.counts), (WARNING, {"exit_code": 2}))
+        self.assertIn("fs1 not fenced", step.error or "")
+        self.assertIn("exit code 2", step.error or "")
+        self.assertEqual(len(report.as_event()["warnings"]), 1)
+        self.assertEqual(s.floating.held, {VIP.address})
+        self.assertEqual(report.count("recover", "recovered"), len(s.calls))
+
+    def test_step_bound_when_the_command_hangs(self) -> None:
+        # The runner kills at the command's timeout; should it not answer, the step's own
+        # bound (timeout + the runner's kill allowance) cancels it (which kills it too).
+        for required in (True, False):
+            s = Scenario(self, calls=0, regs=0)
+            runner = self.fenced(s, required=required, behaviour="hang")
+            bound = fence_bound(FENCE.timeout, runner.kill_grace, runner.drain)
+            self.assertEqual(bound, 3.0 + 2 * KILL_GRACE + DRAIN)
+            d = s.effects.acquire(SLOT, 1, DEAD)
+            s.clock.advance(bound - 0.01)
+            self.assertNoResult(d)
+            self.assertEqual(runner.cancelled, [])
+            s.clock.advance(0.01)
+            self.assertEqual(len(runner.cancelled), 1)
+            step = s.effects.last_report.step("fence")  # type: ignore[union-attr]
+            if required:
+                f = self.failureResultOf(d, TakeoverStepError)
+                self.assertEqual(f.value.step, "fence")
+                self.assertEqual(self.order[-1][0], "run")
+                self.assertEqual(s.floating.calls, [])
+            else:
+                self.successResultOf(d)
+                self.assertEqual(s.floating.held, {VIP.address})
+            assert step is not None
+            self.assertEqual((step.outcome, step.error),
+                             (FAILED, f"timed out after {bound:g} s"))
+
+    def test_cancelled_mid_fence_kills_it(self) -> None:
+        s = Scenario(self)
+        runner = self.fenced(s, behaviour="hang")
+        d = s.effects.acquire(SLOT, 1, DEAD)
+        d.cancel()
+        self.assertIn("cancelled", self.failureResultOf(d).getErrorMessage())
+        self.assertEqual(len(runner.cancelled), 1)
+        FailureTests.assert_rolled_back(self, s, "fence")  # type: ignore[arg-type]
+
+    def test_skipped(self) -> None:
+        cases: list[tuple[Any, dict[str, Any], str]] = [
+            (None, {}, "no previous master (fresh claim)"),
+            (DEAD, {"fence": False}, "fs1 handed the slot over itself"),
+            (ME, {}, "the previous master fs2 is this node"),
+        ]
+        for previous, kw, why in cases:
+            s = Scenario(self, calls=0, regs=0)
+            runner = self.fenced(s, me=ME)
+            self.successResultOf(s.effects.acquire(SLOT, 1, previous, **kw))
+            report = s.effects.last_report
+            assert report is not None
+            self.assertTrue(report.ok)
+            step = report.step("fence")
+            assert step is not None
+            self.assertEqual((step.outcome, step.error), (SKIPPED, why))
+            self.assertEqual(runner.runs, [])
+        # and without a configured command (the default)
+        s = Scenario(self, calls=0, regs=0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        step = s.effects.last_report.step("fence")  # type: ignore[union-attr]
+        assert step is not None
+        self.assertEqual((step.outcome, step.error), (SKIPPED, "no fencing command configured"))
+
+    def test_timeouts_and_budget_from_config(self) -> None:
+        demo = Path(__file__).resolve().parent.parent / "conf" / "demo.toml"
+        raw = tomllib.loads(demo.read_text())
+        plain = parse_config(raw, demo)
+        raw["fencing"] = {"command": ["/bin/fence"], "timeout_ms": 4000}
+        config = parse_config(raw, demo)
+        me = config.nodes[0]
+        t0 = TakeoverTimeouts.from_config(plain, me)
+        t = TakeoverTimeouts.from_config(config, me)
+        self.assertEqual((t0.self_check, t0.fence), (me.esl.timeout, 0.0))
+        self.assertEqual(t.fence, 4.0 + 2 * KILL_GRACE + DRAIN)
+        slot = config.slots[0]
+        self.assertAlmostEqual(t.acquire_budget(slot) - t0.acquire_budget(slot), t.fence)
+        s = Scenario(self, calls=0, regs=0)
+        runner = self.fenced(s)
+        s.effects.timeouts = t
+        self.assertEqual(s.effects._fence_timeout(), t.fence)
+        self.assertIsInstance(runner, FakeRunner)
+
+
+class FenceProcessTests(TestCase):
+    """The fence step with the real process runner: real commands, real kills."""
+
+    def effects(self, command: tuple[str, ...], timeout: float, required: bool = True
+                ) -> tuple[SlotEffects, FakeFloating, ProcessRunner]:
+        floating = FakeFloating()
+        runner = ProcessRunner(reactor, kill_grace=0.5, drain=0.2)
+        self.addCleanup(runner.stop)
+        effects = SlotEffects(floating, reactor, fencing=FencingConfig(command, timeout,
+                                                                       required),
+                              runner=runner)
+        return effects, floating, runner
+
+    @inlineCallbacks
+    def test_argv_contract(self) -> Any:
+        folder = Path(self.mktemp())
+        folder.mkdir(parents=True)
+        out = folder / "argv"
+        script = folder / "fence.py"
+        script.write_text("import sys\n"
+                          f"open({str(out)!r}, 'w').write('\\n'.join(sys.argv[1:]))\n")
+        effects, floating, _ = self.effects((sys.executable, str(script), "--a b"), 10.0)
+        yield effects.acquire(SLOT, 1, DEAD)
+        report = effects.last_report
+        assert report is not None
+        self.assertTrue(report.ok, report.as_dict())
+        self.assertEqual(out.read_text().split("\n"), ["--a b", "fence", "fs1"])  # no shell
+        self.assertEqual(floating.held, {VIP.address})
+        self.assertEqual(report.count("fence", "exit_code", -1), 0)
+
+    @inlineCallbacks
+    def test_failing_command_aborts(self) -> Any:
+        false = shutil.which("false")
+        assert false is not None
+        effects, floating, _ = self.effects((false,), 10.0)
+        with self.assertRaises(TakeoverStepError) as caught:
+            yield effects.acquire(SLOT, 1, DEAD)
+        self.assertEqual(caught.exception.step, "fence")
+        self.assertIn("exit code 1", caught.exception.reason)
+        self.assertEqual(floating.calls, [])
+
+    @inlineCallbacks
+    def test_timing_out_kills_the_command(self) -> Any:
+        sh = shutil.which("sh")
+        assert sh is not None
+        # a real `sleep` (exec'ed: same pid); "fence fs1" become the script's $1 $2
+        command = (sh, "-c", "exec sleep 30", "fencer")
+        for required in (True, False):
+            effects, floating, runner = self.effects(command, 0.2, required)
+            d = effects.acquire(SLOT, 1, DEAD)
+            self.assertEqual(runner.active, 1)
+            if required:
+                with self.assertRaises(TakeoverStepError) as caught:
+                    yield d
+                self.assertEqual(caught.exception.step, "fence")
+                self.assertIn("still running after 0.2 s: killed", caught.exception.reason)
+                self.assertEqual(floating.calls, [])
+            else:
+                yield d
+                self.assertEqual(floating.held, {VIP.address})
+            report = effects.last_report
+            assert report is not None
+            step = report.step("fence")
+            assert step is not None
+            self.assertEqual(step.outcome, FAILED if required else WARNING)
+            self.assertIn("still running after 0.2 s: killed", step.error or "")
+            self.assertEqual(step.counts["exit_code"], -signal.SIGTERM)  # killed, and reaped
+            self.assertEqual(runner.active, 0)
 
 
 # -- the core DB writer -----------------------------------------------------------------------
