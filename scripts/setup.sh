@@ -8,6 +8,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 need_packages=()
 command -v ip >/dev/null 2>&1 || need_packages+=(iproute2)
 command -v arping >/dev/null 2>&1 || need_packages+=(iputils-arping)
+# for the deployment files' tests: the OCF agent checker, an XML validator, systemd's verifier
+command -v ocf-tester >/dev/null 2>&1 || need_packages+=(resource-agents)
+command -v xmllint >/dev/null 2>&1 || need_packages+=(libxml2-utils)
+command -v systemd-analyze >/dev/null 2>&1 || need_packages+=(systemd)
 if [ ${#need_packages[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "setup: installing ${need_packages[*]}"
