@@ -24,6 +24,8 @@ from fsha.control import ControlResource, control_token
 from fsha.esl import ConnectionState, ESLClient
 from fsha.floating import FloatingIPBackend, make_backend
 from fsha.fsdb import CoreDBWriter, ThreadRunner
+from fsha.fsevents import ClusterEvents
+from fsha.metrics import SessionWatch, metrics_resource
 from fsha.node import ClusterNode
 from fsha.replication.feeds import Feeds
 from fsha.replication.service import ReplicationService
@@ -191,9 +193,15 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         node.health_changed(new is ConnectionState.READY)
 
     esl.add_state_listener(switch_state)
+    sessions = SessionWatch(esl)
+    cluster_events = ClusterEvents(esl, node, clock=reactor, send_timeout=me.esl.timeout)
+    cluster_events.setName("fsevents")
     # Stopped after the node (services stop in reverse order), so a hand-over on stop can
     # still use FreeSWITCH.
     esl.setServiceParent(top)
+    # After the ESL client: started before the node, stopped after its hand-over (whose
+    # events it still sends) and before the ESL client.
+    cluster_events.setServiceParent(top)
     for udp in heartbeat_services(node, reactor):
         udp.setServiceParent(top)
     # Replication starts before the node and stops after it, so a hand-over on stop can
@@ -208,13 +216,16 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
 
     def status() -> dict[str, Any]:
         result = node.status()
-        result["freeswitch"] = health.status()
+        result["freeswitch"] = {**health.status(), **sessions.status()}
         result["replication"] = replication.status() if replication is not None else None
         result["feeds"] = feeds.feeds.status() if replication is not None else None
         result["takeover"] = effects.status()
+        result["fsevents"] = cluster_events.status()
         return result
 
-    site = Site(status_site_root(status, ControlResource(node, control_token(options.secret))))
+    root = status_site_root(status, ControlResource(node, control_token(options.secret)))
+    root.putChild(b"metrics", metrics_resource(status, effects))
+    site = Site(root)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # polled: no access log
     status = internet.TCPServer(me.status.port, site, interface=me.status.host,

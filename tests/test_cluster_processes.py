@@ -53,6 +53,15 @@ class LoopbackClusterTests(SynchronousTestCase):
         self.assertIn(f"seen from {spare} (slave)", table.stdout)
         self.assertIn("problems: none", table.stdout)
         self.assertRegex(table.stdout, r"replication: \d+ records")
+        from prometheus_client.parser import text_string_to_metric_families
+        with urllib.request.urlopen(cluster.node(spare).status_url.replace("/status",
+                                                                         "/metrics"),
+                                    timeout=10) as response:
+            families = {f.name: f for f in text_string_to_metric_families(
+                response.read().decode())}
+        alive = {s.labels["node"]: s.value for s in families["fsha_node_alive"].samples}
+        self.assertEqual(alive, {n.name: 1.0 for n in cluster.nodes})
+        self.assertEqual([s.value for s in families["fsha_freeswitch_up"].samples], [1.0])
         for name in owners.values():
             self.assertRegex(table.stdout, rf"\n{name}\s+up\s+A\s")
 

@@ -1,0 +1,496 @@
+"""Prometheus metrics of one node, served at ``/metrics`` (see docs/monitoring.rst).
+
+Nothing here runs per datagram or per ESL event: :class:`ClusterCollector` reads the
+node's ``status()`` dict (the one ``/status`` serves) at scrape time and turns it into
+metric families. The only state kept between scrapes is what a status dict cannot give:
+the takeover histograms (:class:`TakeoverStats`, fed by ``SlotEffects`` reports) and the
+FreeSWITCH session count (:class:`SessionWatch`, from FreeSWITCH's own ``HEARTBEAT`` event,
+every 20 s by default).
+
+The exposition is generated synchronously in the reactor thread (the status callables are
+not thread-safe; ``prometheus_client.twisted.MetricsResource`` would use a thread). No
+secret is ever exported: only names, counters, states and durations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Protocol
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import CollectorRegistry
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+StatusFunction = Callable[[], Mapping[str, Any]]
+
+# Takeover and step durations, seconds: from a fast bare IP move to a slow core DB write.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ROLES = ("starting", "slave", "claiming", "master", "releasing")
+ESL_STATES = ("stopped", "connecting", "authenticating", "ready")
+
+log = Logger()
+
+
+class _Report(Protocol):
+    action: str
+    slot: str
+    ok: bool
+    total_ms: float
+    steps: Any
+
+
+class ReportSource(Protocol):
+    """What :class:`TakeoverStats` listens to (``fsha.takeover.SlotEffects``)."""
+
+    def add_report_listener(self, listener: Callable[[Any], object]) -> None: ...
+
+
+class _Histogram:
+    __slots__ = ("counts", "n", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(DURATION_BUCKETS)
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, seconds: float) -> None:
+        self.n += 1
+        self.total += seconds
+        for i, bound in enumerate(DURATION_BUCKETS):
+            if seconds <= bound:
+                self.counts[i] += 1
+
+    def buckets(self) -> list[tuple[str, float]]:
+        result = [(_bound(b), float(c)) for b, c in zip(DURATION_BUCKETS, self.counts,
+                                                         strict=True)]
+        result.append(("+Inf", float(self.n)))
+        return result
+
+
+def _bound(value: float) -> str:
+    return repr(float(value))
+
+
+class TakeoverStats:
+    """Counts and duration histograms of every finished takeover report.
+
+    ``TakeoverStats(effects)`` registers itself with ``effects.add_report_listener``; or
+    call :meth:`observe` with each ``TakeoverReport``. Bounded: one entry per
+    (action, slot, result) and per (action, step); no per-report memory.
+    """
+
+    def __init__(self, source: ReportSource | None = None) -> None:
+        self.count: dict[tuple[str, str, str], int] = {}
+        self.total: dict[str, _Histogram] = {}
+        self.steps: dict[tuple[str, str], _Histogram] = {}
+        self.outcomes: dict[tuple[str, str, str], int] = {}
+        self.last_seconds: dict[tuple[str, str], float] = {}
+        if source is not None:
+            source.add_report_listener(self.observe)
+
+    def observe(self, report: _Report) -> None:
+        action = str(report.action)
+        key = (action, str(report.slot), "ok" if report.ok else "failed")
+        self.count[key] = self.count.get(key, 0) + 1
+        seconds = max(0.0, float(report.total_ms)) / 1000.0
+        self.total.setdefault(action, _Histogram()).observe(seconds)
+        self.last_seconds[(action, str(report.slot))] = seconds
+        for step in report.steps:
+            name, outcome = str(step.name), str(step.outcome).lower()
+            okey = (action, name, outcome)
+            self.outcomes[okey] = self.outcomes.get(okey, 0) + 1
+            if outcome == "skipped":
+                continue  # a step not run has no duration worth a bucket
+            self.steps.setdefault((action, name), _Histogram()).observe(
+                max(0.0, float(step.ms)) / 1000.0)
+
+    def collect(self) -> Iterator[Metric]:
+        takeovers = CounterMetricFamily(
+            "fsha_takeovers", "Finished slot acquisitions, releases and rollbacks of this "
+            "node, by result.", labels=["action", "slot", "result"])
+        for (action, slot, result), n in sorted(self.count.items()):
+            takeovers.add_metric([action, slot, result], n)
+        yield takeovers
+        total = HistogramMetricFamily(
+            "fsha_takeover_duration_seconds", "Duration of a whole acquire/release/rollback "
+            "of a slot on this node.", labels=["action"], unit="seconds")
+        for action, h in sorted(self.total.items()):
+            total.add_metric([action], h.buckets(), h.total)
+        yield total
+        last = GaugeMetricFamily(
+            "fsha_takeover_last_duration_seconds", "Duration of the latest "
+            "acquire/release/rollback of each slot on this node.", labels=["action", "slot"],
+            unit="seconds")
+        for (action, slot), seconds in sorted(self.last_seconds.items()):
+            last.add_metric([action, slot], seconds)
+        yield last
+        steps = HistogramMetricFamily(
+            "fsha_takeover_step_duration_seconds", "Duration of each step of a takeover "
+            "(skipped steps are not observed).", labels=["action", "step"], unit="seconds")
+        for (action, step), h in sorted(self.steps.items()):
+            steps.add_metric([action, step], h.buckets(), h.total)
+        yield steps
+        outcomes = CounterMetricFamily(
+            "fsha_takeover_steps", "Takeover steps by outcome (ok, warning, failed, skipped).",
+            labels=["action", "step", "outcome"])
+        for (action, step, outcome), n in sorted(self.outcomes.items()):
+            outcomes.add_metric([action, step, outcome], n)
+        yield outcomes
+
+
+class _EventSource(Protocol):
+    def add_event_listener(self, callback: Callable[[Any], object],
+                           name: str | None = None) -> None: ...
+
+
+class SessionWatch:
+    """FreeSWITCH's session count, from its ``HEARTBEAT`` event (no extra API calls).
+
+    ``SessionWatch(esl)`` listens to ``HEARTBEAT`` (the node's ESL client subscribes to it
+    for its liveness watchdog). :meth:`status` is ``{"sessions": N, "max_sessions": M}``
+    (None until the first heartbeat), merged into the ``freeswitch`` status section.
+    """
+
+    def __init__(self, esl: _EventSource | None = None) -> None:
+        self.sessions: int | None = None
+        self.max_sessions: int | None = None
+        if esl is not None:
+            esl.add_event_listener(self.heartbeat, "HEARTBEAT")
+
+    def heartbeat(self, event: Any) -> None:
+        self.sessions = _int(event.get("Session-Count"))
+        self.max_sessions = _int(event.get("Max-Sessions"))
+
+    def status(self) -> dict[str, int | None]:
+        return {"sessions": self.sessions, "max_sessions": self.max_sessions}
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _num(value: Any) -> float | None:
+    """A finite number, or None (missing, None, text, bool is fine as 0/1)."""
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, int | float) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _map(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+class _Families:
+    """Small helper: families created on first use, samples skipped when not numbers."""
+
+    def __init__(self) -> None:
+        self._families: dict[str, Metric] = {}
+
+    def add(self, kind: str, name: str, doc: str, labels: Mapping[str, str] | None,
+            value: Any, unit: str = "") -> None:
+        number = _num(value)
+        family = self._families.get(name)
+        if family is None:
+            label_names = list(labels) if labels else []
+            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            family = cls(name, doc, labels=label_names, unit=unit)
+            self._families[name] = family
+        if number is not None:
+            family.add_metric([str(v) for v in labels.values()] if labels else [], number)
+
+    def gauge(self, name: str, doc: str, value: Any, unit: str = "", **labels: str) -> None:
+        self.add("gauge", name, doc, labels, value, unit)
+
+    def counter(self, name: str, doc: str, value: Any, **labels: str) -> None:
+        self.add("counter", name, doc, labels, value)
+
+    def declare(self, kind: str, name: str, doc: str, labels: Iterable[str],
+                unit: str = "") -> None:
+        """A family that appears (empty) even before it has a sample."""
+        if name not in self._families:
+            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            self._families[name] = cls(name, doc, labels=list(labels), unit=unit)
+
+    def families(self) -> Iterator[Metric]:
+        yield from self._families.values()
+
+
+class ClusterCollector:
+    """A ``prometheus_client`` collector over a node's ``status()`` callable.
+
+    Sections it reads (any may be missing or None): the node's own keys, ``freeswitch``
+    (``fsha.tap.SwitchHealth.status()`` plus ``sessions``/``max_sessions``),
+    ``replication``, ``feeds``, ``takeover`` and ``fsevents``.
+    """
+
+    def __init__(self, status: StatusFunction, stats: TakeoverStats | None = None) -> None:
+        self.status = status
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.status()
+        f = _Families()
+        self._node(st, f)
+        self._peers(st, f)
+        self._freeswitch(_map(st.get("freeswitch")), f)
+        self._replication(st.get("replication"), f)
+        self._feeds(st.get("feeds"), f)
+        self._takeover(_map(st.get("takeover")), f)
+        self._fsevents(st.get("fsevents"), f)
+        yield from f.families()
+        if self.stats is not None:
+            yield from self.stats.collect()
+
+    # -- sections ---------------------------------------------------------------------
+
+    @staticmethod
+    def _node(st: Mapping[str, Any], f: _Families) -> None:
+        info = InfoMetricFamily("fsha_node", "This node: cluster and node name, incarnation.")
+        info.add_metric([], {"cluster": str(st.get("cluster", "")),
+                             "node": str(st.get("node", "")),
+                             "incarnation": str(st.get("incarnation", ""))})
+        f._families["fsha_node"] = info
+        f.gauge("fsha_uptime_seconds", "Seconds since this node started.",
+                st.get("uptime_s"), unit="seconds")
+        role = str(st.get("role", ""))
+        for r in ROLES:
+            f.gauge("fsha_role", "This node's role (1 for the current one).",
+                    1 if r == role else 0, role=r)
+        f.gauge("fsha_epoch", "Epoch of the slot this node holds or claims (0: none).",
+                st.get("epoch"))
+        quorum = _map(st.get("quorum"))
+        f.gauge("fsha_quorum_required", "Nodes this node must see alive (itself included) "
+                "to take over.", quorum.get("required"))
+        f.gauge("fsha_quorum_alive_nodes", "Nodes this node sees alive, itself included.",
+                quorum.get("alive"))
+        f.gauge("fsha_quorum_ok", "1 if this node sees a quorum.", quorum.get("ok"))
+        interval = _num(st.get("heartbeat_interval_ms"))
+        f.gauge("fsha_heartbeat_interval_seconds", "Configured heartbeat interval.",
+                None if interval is None else interval / 1000, unit="seconds")
+        dead = _num(st.get("dead_after_ms"))
+        f.gauge("fsha_dead_after_seconds", "Silence after which a peer is declared down.",
+                None if dead is None else dead / 1000, unit="seconds")
+        f.counter("fsha_heartbeats_received", "Datagrams received on every network (accepted "
+                  "or dropped).", st.get("received"))
+        f.declare("counter", "fsha_datagrams_dropped", "Datagrams dropped, by reason.",
+                  ["reason"])
+        for reason, n in sorted(_map(st.get("drops")).items()):
+            f.counter("fsha_datagrams_dropped", "", n, reason=str(reason))
+        for net in _list(st.get("networks")):
+            net = _map(net)
+            name = str(net.get("name", ""))
+            f.counter("fsha_heartbeats_sent", "Datagrams sent, per network.", net.get("sent"),
+                      network=name)
+            f.counter("fsha_heartbeat_send_errors", "Datagrams that could not be sent "
+                      "(e.g. NIC down), per network.", net.get("send_errors"), network=name)
+        for slot in _list(st.get("slots")):
+            slot = _map(slot)
+            name = str(slot.get("name", ""))
+            owner = slot.get("owner")
+            f.gauge("fsha_slot_owned", "1 if the slot has a master in this node's view.",
+                    owner is not None, slot=name)
+            f.declare("gauge", "fsha_slot_owner", "The slot's master in this node's view "
+                      "(1 for the owner).", ["slot", "node"])
+            if owner is not None:
+                f.gauge("fsha_slot_owner", "", 1, slot=name, node=str(owner))
+            f.gauge("fsha_slot_epoch", "The slot's epoch in this node's view.",
+                    slot.get("epoch"), slot=name)
+
+    @staticmethod
+    def _peers(st: Mapping[str, Any], f: _Families) -> None:
+        ranking = _list(st.get("ranking"))
+        for node in _list(st.get("nodes")):
+            node = _map(node)
+            name = str(node.get("name", ""))
+            role = str(node.get("role", "unknown"))
+            for r in (*ROLES, "unknown"):
+                f.gauge("fsha_node_role", "Each node's role as this node sees it (1 for the "
+                        "current one; unknown: not heard).", 1 if r == role else 0,
+                        node=name, role=r)
+            f.gauge("fsha_node_alive", "1 if the node is alive in this node's view.",
+                    node.get("alive"), node=name)
+            f.declare("gauge", "fsha_node_rank", "Slave ranking position (0: primary "
+                      "candidate); absent for masters.", ["node"])
+            rank = node.get("rank")
+            if rank is None and name in ranking:
+                rank = ranking.index(name)
+            f.gauge("fsha_node_rank", "", rank, node=name)
+            f.gauge("fsha_node_epoch", "Epoch each node announces for its slot.",
+                    node.get("epoch"), node=name)
+            if node.get("self"):
+                continue
+            f.gauge("fsha_peer_view_agrees", "1 if the peer computed the same roles.",
+                    node.get("view_agrees"), peer=name)
+            f.counter("fsha_peer_restarts", "Restarts (new incarnations) of the peer seen.",
+                      node.get("restarts"), peer=name)
+            for net, h in sorted(_map(node.get("networks")).items()):
+                h = _map(h)
+                f.gauge("fsha_peer_network_up", "1 while the peer's heartbeats arrive on "
+                        "this network.", h.get("up"), peer=name, network=str(net))
+                f.declare("gauge", "fsha_peer_network_last_heard_seconds",
+                          "Age of the peer's latest heartbeat on this network (absent: "
+                          "never heard).", ["peer", "network"], unit="seconds")
+                ms = _num(h.get("last_heard_ms"))
+                f.gauge("fsha_peer_network_last_heard_seconds", "",
+                        None if ms is None else ms / 1000, peer=name, network=str(net))
+
+    @staticmethod
+    def _freeswitch(fs: Mapping[str, Any], f: _Families) -> None:
+        state = str(fs.get("state", ""))
+        for s in ESL_STATES:
+            f.gauge("fsha_freeswitch_esl_state", "ESL connection state to the local "
+                    "FreeSWITCH (1 for the current one).", 1 if s == state else 0, state=s)
+        f.gauge("fsha_freeswitch_up", "1 while the local FreeSWITCH answers over ESL.",
+                fs.get("ok", False))
+        f.counter("fsha_freeswitch_esl_connections", "ESL connections made.",
+                  fs.get("connections"))
+        f.counter("fsha_freeswitch_restarts", "FreeSWITCH restarts seen (new Core-UUID).",
+                  fs.get("restarts"))
+        f.declare("gauge", "fsha_freeswitch_sessions", "Sessions in the local FreeSWITCH "
+                  "(from its HEARTBEAT event).", [])
+        f.gauge("fsha_freeswitch_sessions", "", fs.get("sessions"))
+        f.declare("gauge", "fsha_freeswitch_max_sessions", "FreeSWITCH's max-sessions.", [])
+        f.gauge("fsha_freeswitch_max_sessions", "", fs.get("max_sessions"))
+
+    @staticmethod
+    def _replication(rep: Any, f: _Families) -> None:
+        f.gauge("fsha_replication_enabled", "1 if replication is configured ([tls]).",
+                isinstance(rep, Mapping))
+        if not isinstance(rep, Mapping):
+            return
+        f.declare("gauge", "fsha_replication_records", "Replicated records held, per slot "
+                  "and kind.", ["slot", "kind"])
+        for slot, kinds in sorted(_map(rep.get("slots")).items()):
+            for kind, n in sorted(_map(kinds).items()):
+                f.gauge("fsha_replication_records", "", n, slot=str(slot), kind=str(kind))
+        links = _map(rep.get("links"))
+        f.counter("fsha_replication_links_established", "Replication links established.",
+                  links.get("established"))
+        f.declare("counter", "fsha_replication_links_refused", "Replication links refused, "
+                  "by reason.", ["reason"])
+        for reason, n in sorted(_map(links.get("refused")).items()):
+            f.counter("fsha_replication_links_refused", "", n, reason=str(reason))
+        for peer, p in sorted(_map(rep.get("peers")).items()):
+            p = _map(p)
+            peer = str(peer)
+            f.gauge("fsha_replication_peer_up", "1 while the replication session with the "
+                    "peer is up.", p.get("up"), peer=peer)
+            f.declare("gauge", "fsha_replication_lag_changes", "Changes sent to the peer "
+                      "and not yet acknowledged.", ["peer"])
+            f.gauge("fsha_replication_lag_changes", "", p.get("lag_changes"), peer=peer)
+            f.declare("gauge", "fsha_replication_lag_seconds", "Age of the oldest change "
+                      "not yet acknowledged by the peer.", ["peer"], unit="seconds")
+            ms = _num(p.get("lag_ms"))
+            f.gauge("fsha_replication_lag_seconds", "", None if ms is None else ms / 1000,
+                    unit="seconds", peer=peer)
+            f.declare("gauge", "fsha_replication_rtt_seconds", "Round-trip time of the "
+                      "replication session.", ["peer"], unit="seconds")
+            rtt = _num(p.get("rtt_ms"))
+            f.gauge("fsha_replication_rtt_seconds", "", None if rtt is None else rtt / 1000,
+                    unit="seconds", peer=peer)
+            f.counter("fsha_replication_changes_sent", "Changes sent to the peer.",
+                      p.get("changes_sent", 0), peer=peer)
+            f.counter("fsha_replication_changes_applied", "Changes from the peer applied.",
+                      p.get("changes_applied", 0), peer=peer)
+            f.counter("fsha_replication_received_bytes", "Bytes received from the peer.",
+                      p.get("bytes_in"), peer=peer)
+            f.counter("fsha_replication_sent_bytes", "Bytes sent to the peer.",
+                      p.get("bytes_out"), peer=peer)
+
+    @staticmethod
+    def _feeds(feeds: Any, f: _Families) -> None:
+        if not isinstance(feeds, Mapping):
+            return
+        for slot, s in sorted(_map(feeds.get("slots")).items()):
+            s = _map(s)
+            slot = str(slot)
+            f.gauge("fsha_feed_calls", "Calls of a slot this node masters, fed to the peers.",
+                    s.get("calls"), slot=slot)
+            f.gauge("fsha_feed_registrations", "Registrations of a slot this node masters, "
+                    "fed to the peers.", s.get("registrations"), slot=slot)
+            f.counter("fsha_feed_errors", "Errors reading the local FreeSWITCH's state.",
+                      s.get("errors"), slot=slot)
+            f.counter("fsha_feed_rows_rejected", "Rows not replicated (malformed).",
+                      s.get("rows_rejected"), slot=slot)
+
+    @staticmethod
+    def _takeover(tk: Mapping[str, Any], f: _Families) -> None:
+        f.gauge("fsha_takeover_global_standby", "1 while sofia global standby is on.",
+                tk.get("global_standby", False))
+        f.gauge("fsha_takeover_pending_profile_stops", "Slot profiles whose stop is being "
+                "retried.", len(_list(tk.get("pending_profile_stops"))))
+
+    @staticmethod
+    def _fsevents(ev: Any, f: _Families) -> None:
+        if not isinstance(ev, Mapping):
+            return
+        f.counter("fsha_fsevents_sent", "Cluster events fired into the local FreeSWITCH.",
+                  ev.get("sent"))
+        f.gauge("fsha_fsevents_queued", "Cluster events waiting to be fired.",
+                ev.get("queued"))
+        f.declare("counter", "fsha_fsevents_dropped", "Cluster events not delivered to "
+                  "FreeSWITCH, by reason.", ["reason"])
+        for reason, n in sorted(_map(ev.get("dropped")).items()):
+            f.counter("fsha_fsevents_dropped", "", n, reason=str(reason))
+
+
+def metrics_registry(status: StatusFunction, effects: ReportSource | None = None
+                     ) -> CollectorRegistry:
+    """A registry of its own (never the process-global one) holding one collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    stats = TakeoverStats(effects) if effects is not None else None
+    registry.register(ClusterCollector(status, stats))  # type: ignore[arg-type]
+    return registry
+
+
+class MetricsResource(Resource):
+    """``GET /metrics``: the exposition format (OpenMetrics if the scraper asks for it)."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        accept = request.getHeader("accept") or ""
+        encoder, content_type = choose_encoder(accept)
+        try:
+            output = encoder(self.registry)
+        except Exception:
+            log.failure("generating /metrics failed")
+            request.setResponseCode(500)
+            request.setHeader("content-type", "text/plain; charset=utf-8")
+            return b"metrics unavailable: see the node's log\n"
+        request.setHeader("content-type", content_type)
+        return output
+
+    def render_HEAD(self, request: Request) -> bytes:
+        return self.render_GET(request)
+
+
+def metrics_resource(status: StatusFunction, effects: ReportSource | None) -> Resource:
+    """The ``/metrics`` resource over ``status`` (the node's merged status callable) and
+    ``effects`` (the ``SlotEffects`` whose takeover reports feed the histograms; None: no
+    takeover histograms)."""
+    return MetricsResource(metrics_registry(status, effects))

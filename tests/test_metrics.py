@@ -1,0 +1,300 @@
+"""/metrics: the exposition parsed back with prometheus_client's own parsers."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.test.requesthelper import DummyRequest
+
+from fsha.metrics import (
+    ClusterCollector,
+    SessionWatch,
+    TakeoverStats,
+    metrics_registry,
+    metrics_resource,
+)
+from fsha.takeover import FAILED, OK, SKIPPED, WARNING, StepResult, TakeoverReport
+from fsha.wire.esl import Event, Headers
+
+from .fakecluster import SECRET, FakeCluster, make_config
+
+SAMPLE: dict[str, Any] = {
+    "cluster": "prod", "node": "fs1", "incarnation": 1234, "role": "master",
+    "slot": "slot1", "epoch": 7, "uptime_s": 12.5,
+    "quorum": {"required": 2, "alive": 3, "ok": True, "spec": "majority"},
+    "config_digest": "ab" * 16, "view_digest": "cd" * 16,
+    "heartbeat_interval_ms": 50.0, "dead_after_ms": 200.0,
+    "ranking": ["fs3"],
+    "nodes": [
+        {"name": "fs1", "priority": 100, "rank": None, "self": True, "alive": True,
+         "role": "master", "slot": "slot1", "epoch": 7, "networks": {}},
+        {"name": "fs2", "priority": 100, "rank": None, "self": False, "alive": True,
+         "role": "master", "slot": "slot2", "epoch": 3, "view_agrees": True, "restarts": 2,
+         "networks": {"A": {"up": True, "last_heard_ms": 12.0},
+                      "B": {"up": False, "last_heard_ms": 4500.0}}},
+        {"name": "fs3", "priority": 50, "rank": 0, "self": False, "alive": False,
+         "role": "unknown", "slot": None, "epoch": None, "view_agrees": False, "restarts": 0,
+         "networks": {"A": {"up": False, "last_heard_ms": None},
+                      "B": {"up": False, "last_heard_ms": None}}},
+    ],
+    "slots": [{"name": "slot1", "owner": "fs1", "epoch": 7},
+              {"name": "slot2", "owner": None, "epoch": 3}],
+    "networks": [{"name": "A", "sent": 100, "send_errors": 0, "last_error": ""},
+                 {"name": "B", "sent": 90, "send_errors": 10, "last_error": "unreachable"}],
+    "received": 555, "drops": {"bad-mac": 4, "wrong-source": 1},
+    "events": [{"time": 1.0, "event": "role", "role": "master"}],
+    "freeswitch": {"state": "ready", "ok": True, "core_uuid": "u-1", "last_error": None,
+                   "connections": 3, "restarts": 1, "sessions": 42, "max_sessions": 1000},
+    "replication": {
+        "records": 12, "slots": {"slot1": {"call": 10, "registration": 2}},
+        "links": {"established": 5, "refused": {"bad-cert": 1}, "bytes_in": 1, "bytes_out": 2},
+        "peers": {"fs2": {"up": True, "lag_changes": 3, "lag_ms": 25.0, "rtt_ms": 0.5,
+                          "changes_sent": 100, "changes_applied": 90, "bytes_in": 1000,
+                          "bytes_out": 2000, "identity": "fs2"},
+                  "fs3": {"up": False, "lag_changes": None, "lag_ms": None,
+                          "bytes_in": 0, "bytes_out": 0}}},
+    "feeds": {"slots": {"slot1": {"calls": 10, "registrations": 2, "errors": 1,
+                                  "rows_rejected": 0}}},
+    "takeover": {"last_report": None, "pending_profile_stops": [0], "global_standby": False},
+    "fsevents": {"sent": 9, "queued": 1, "dropped": {"freeswitch-down": 2}},
+}
+
+
+def parse(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """sample name -> {sorted labels: value}."""
+    result: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            result.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = \
+                sample.value
+    return result
+
+
+def scrape(status: Any, effects: Any = None) -> tuple[str, dict[str, Any]]:
+    resource = metrics_resource(lambda: status, effects)
+    request = DummyRequest([b""])
+    body = resource.render(request)
+    text = body.decode() if isinstance(body, bytes) else b"".join(request.written).decode()
+    return text, parse(text)
+
+
+def one(samples: dict[str, Any], name: str, **labels: str) -> float:
+    return samples[name][tuple(sorted(labels.items()))]
+
+
+class FakeEffects:
+    def __init__(self) -> None:
+        self.listeners: list[Any] = []
+
+    def add_report_listener(self, listener: Any) -> None:
+        self.listeners.append(listener)
+
+    def publish(self, report: TakeoverReport) -> None:
+        for listener in self.listeners:
+            listener(report)
+
+
+def report(action: str, slot: str, ok: bool, total_ms: float,
+           steps: list[tuple[str, str, float]]) -> TakeoverReport:
+    r = TakeoverReport(action, slot, 2, "fs1", 0.0, ok=ok, total_ms=total_ms)
+    r.steps = [StepResult(name, outcome, ms) for name, outcome, ms in steps]
+    return r
+
+
+class CollectorTests(SynchronousTestCase):
+    def test_values_from_a_status(self) -> None:
+        text, m = scrape(SAMPLE)
+        self.assertEqual(one(m, "fsha_node_info", cluster="prod", node="fs1",
+                             incarnation="1234"), 1)
+        self.assertEqual(one(m, "fsha_role", role="master"), 1)
+        self.assertEqual(one(m, "fsha_role", role="slave"), 0)
+        self.assertEqual(one(m, "fsha_epoch"), 7)
+        self.assertEqual(one(m, "fsha_quorum_alive_nodes"), 3)
+        self.assertEqual(one(m, "fsha_quorum_ok"), 1)
+        self.assertEqual(one(m, "fsha_dead_after_seconds"), 0.2)
+        # per peer, per network: liveness and age
+        self.assertEqual(one(m, "fsha_peer_network_up", peer="fs2", network="A"), 1)
+        self.assertEqual(one(m, "fsha_peer_network_up", peer="fs2", network="B"), 0)
+        self.assertEqual(one(m, "fsha_peer_network_last_heard_seconds", peer="fs2",
+                             network="B"), 4.5)
+        self.assertNotIn((("network", "A"), ("peer", "fs3")),
+                         m["fsha_peer_network_last_heard_seconds"])  # never heard: absent
+        self.assertEqual(one(m, "fsha_peer_restarts_total", peer="fs2"), 2)
+        self.assertEqual(one(m, "fsha_node_alive", node="fs3"), 0)
+        self.assertEqual(one(m, "fsha_node_role", node="fs3", role="unknown"), 1)
+        self.assertEqual(one(m, "fsha_node_role", node="fs2", role="master"), 1)
+        self.assertEqual(one(m, "fsha_node_rank", node="fs3"), 0)
+        self.assertNotIn((("node", "fs1"),), m["fsha_node_rank"])
+        # drops by reason, datagrams per network
+        self.assertEqual(one(m, "fsha_datagrams_dropped_total", reason="bad-mac"), 4)
+        self.assertEqual(one(m, "fsha_datagrams_dropped_total", reason="wrong-source"), 1)
+        self.assertEqual(one(m, "fsha_heartbeat_send_errors_total", network="B"), 10)
+        self.assertEqual(one(m, "fsha_heartbeats_received_total"), 555)
+        # slots
+        self.assertEqual(one(m, "fsha_slot_owner", slot="slot1", node="fs1"), 1)
+        self.assertEqual(one(m, "fsha_slot_owned", slot="slot2"), 0)
+        self.assertEqual(len(m["fsha_slot_owner"]), 1)
+        self.assertEqual(one(m, "fsha_slot_epoch", slot="slot2"), 3)
+        # FreeSWITCH
+        self.assertEqual(one(m, "fsha_freeswitch_esl_state", state="ready"), 1)
+        self.assertEqual(one(m, "fsha_freeswitch_esl_state", state="connecting"), 0)
+        self.assertEqual(one(m, "fsha_freeswitch_up"), 1)
+        self.assertEqual(one(m, "fsha_freeswitch_sessions"), 42)
+        self.assertEqual(one(m, "fsha_freeswitch_restarts_total"), 1)
+        # replication
+        self.assertEqual(one(m, "fsha_replication_enabled"), 1)
+        self.assertEqual(one(m, "fsha_replication_records", slot="slot1", kind="call"), 10)
+        self.assertEqual(one(m, "fsha_replication_lag_changes", peer="fs2"), 3)
+        self.assertEqual(one(m, "fsha_replication_lag_seconds", peer="fs2"), 0.025)
+        self.assertNotIn((("peer", "fs3"),), m["fsha_replication_lag_seconds"])
+        self.assertEqual(one(m, "fsha_replication_peer_up", peer="fs3"), 0)
+        self.assertEqual(one(m, "fsha_replication_links_refused_total", reason="bad-cert"), 1)
+        self.assertEqual(one(m, "fsha_replication_sent_bytes_total", peer="fs2"), 2000)
+        self.assertEqual(one(m, "fsha_feed_calls", slot="slot1"), 10)
+        self.assertEqual(one(m, "fsha_takeover_pending_profile_stops"), 1)
+        self.assertEqual(one(m, "fsha_fsevents_dropped_total", reason="freeswitch-down"), 2)
+        self.assertEqual(one(m, "fsha_fsevents_sent_total"), 9)
+        # never a digest, a core UUID or a replication identity
+        for leaked in ("abababab", "u-1", "identity"):
+            self.assertNotIn(leaked, text)
+
+    def test_missing_sections_and_odd_values_do_not_break_the_scrape(self) -> None:
+        status = copy.deepcopy(SAMPLE)
+        status["replication"] = None
+        status["feeds"] = None
+        del status["freeswitch"], status["takeover"], status["fsevents"]
+        status["uptime_s"] = "soon"
+        status["drops"] = {"x": None}
+        _, m = scrape(status)
+        self.assertEqual(one(m, "fsha_replication_enabled"), 0)
+        self.assertNotIn("fsha_replication_lag_changes", m)
+        self.assertEqual(one(m, "fsha_freeswitch_up"), 0)
+        self.assertNotIn("fsha_uptime_seconds", m)
+        _, m = scrape({})
+        self.assertEqual(one(m, "fsha_role", role="master"), 0)
+
+    def test_a_real_node_after_a_takeover(self) -> None:
+        cluster = FakeCluster(make_config(nodes=3, slots=2))
+        cluster.start_all()
+        cluster.advance(cluster.config.discovery + 0.5)
+        cluster.kill("fs1")
+        cluster.advance(1.0)
+        node = cluster.nodes["fs3"]
+        status = node.status()
+        status["control_token"] = SECRET.decode()  # whatever is in the dict, never exported
+        text, m = scrape(status)
+        self.assertEqual(one(m, "fsha_role", role="master"), 1)
+        self.assertEqual(one(m, "fsha_slot_owner", slot="slot1", node="fs3"), 1)
+        self.assertEqual(one(m, "fsha_slot_epoch", slot="slot1"), 2)
+        self.assertEqual(one(m, "fsha_node_alive", node="fs1"), 0)
+        self.assertEqual(one(m, "fsha_peer_network_up", peer="fs1", network="A"), 0)
+        self.assertGreaterEqual(one(m, "fsha_peer_network_last_heard_seconds", peer="fs1",
+                                    network="B"), 0.9)
+        self.assertEqual(one(m, "fsha_quorum_alive_nodes"), 2)
+        self.assertNotIn(SECRET.decode(), text)
+
+    def test_takeover_histograms(self) -> None:
+        effects = FakeEffects()
+        status = {"role": "master"}
+        resource = metrics_resource(lambda: status, effects)
+        effects.publish(report("acquire", "slot1", True, 40.0, [
+            ("self_check", OK, 2.0), ("fence", SKIPPED, 0.0), ("floating_ips", OK, 7.0),
+            ("recover", WARNING, 30.0)]))
+        effects.publish(report("acquire", "slot1", False, 1500.0, [
+            ("self_check", OK, 3.0), ("floating_ips", FAILED, 1497.0)]))
+        effects.publish(report("release", "slot2", True, 4.0, [("floating_ips", OK, 4.0)]))
+        request = DummyRequest([b""])
+        m = parse(resource.render(request).decode())
+        self.assertEqual(one(m, "fsha_takeovers_total", action="acquire", slot="slot1",
+                             result="ok"), 1)
+        self.assertEqual(one(m, "fsha_takeovers_total", action="acquire", slot="slot1",
+                             result="failed"), 1)
+        self.assertEqual(one(m, "fsha_takeover_duration_seconds_count", action="acquire"), 2)
+        self.assertAlmostEqual(one(m, "fsha_takeover_duration_seconds_sum", action="acquire"),
+                               1.54)
+        self.assertEqual(one(m, "fsha_takeover_duration_seconds_bucket", action="acquire",
+                             le="0.05"), 1)
+        self.assertEqual(one(m, "fsha_takeover_duration_seconds_bucket", action="acquire",
+                             le="2.5"), 2)
+        self.assertEqual(one(m, "fsha_takeover_duration_seconds_bucket", action="acquire",
+                             le="+Inf"), 2)
+        self.assertEqual(one(m, "fsha_takeover_step_duration_seconds_count",
+                             action="acquire", step="floating_ips"), 2)
+        self.assertEqual(one(m, "fsha_takeover_step_duration_seconds_bucket",
+                             action="acquire", step="floating_ips", le="0.01"), 1)
+        self.assertNotIn((("action", "acquire"), ("le", "+Inf"), ("step", "fence")),
+                         m["fsha_takeover_step_duration_seconds_bucket"])
+        self.assertEqual(one(m, "fsha_takeover_steps_total", action="acquire", step="fence",
+                             outcome="skipped"), 1)
+        self.assertEqual(one(m, "fsha_takeover_steps_total", action="acquire",
+                             step="floating_ips", outcome="failed"), 1)
+        self.assertEqual(one(m, "fsha_takeover_last_duration_seconds", action="release",
+                             slot="slot2"), 0.004)
+
+    def test_takeover_stats_from_real_slot_effects(self) -> None:
+        from twisted.internet.task import Clock
+
+        from fsha.floating import FloatingIPBackend
+        from fsha.takeover import SlotEffects
+
+        class Floating(FloatingIPBackend):  # type: ignore[misc]
+            def __init__(self) -> None:
+                pass
+
+        effects = SlotEffects(Floating(), Clock())
+        stats = TakeoverStats(effects)
+        effects._publish(report("acquire", "slot1", True, 12.0, [("floating_ips", OK, 12.0)]))
+        self.assertEqual(stats.count, {("acquire", "slot1", "ok"): 1})
+
+    def test_session_count_from_freeswitch_heartbeat(self) -> None:
+        watch = SessionWatch()
+        self.assertEqual(watch.status(), {"sessions": None, "max_sessions": None})
+        watch.heartbeat(Event(Headers([("Event-Name", "HEARTBEAT"), ("Session-Count", "17"),
+                                       ("Max-Sessions", "2000")])))
+        self.assertEqual(watch.status(), {"sessions": 17, "max_sessions": 2000})
+        watch.heartbeat(Event(Headers([("Event-Name", "HEARTBEAT"),
+                                       ("Session-Count", "lots")])))
+        self.assertEqual(watch.status(), {"sessions": None, "max_sessions": None})
+
+    def test_collector_alone_in_a_registry(self) -> None:
+        registry = metrics_registry(lambda: SAMPLE)
+        self.assertEqual(registry.get_sample_value("fsha_role", {"role": "master"}), 1.0)
+        names = {f.name for f in ClusterCollector(lambda: SAMPLE).collect()}
+        self.assertIn("fsha_peer_network_up", names)
+
+
+class ResourceTests(SynchronousTestCase):
+    def test_text_format_content_type(self) -> None:
+        resource = metrics_resource(lambda: SAMPLE, None)
+        request = DummyRequest([b""])
+        body = resource.render(request)
+        content_type = request.responseHeaders.getRawHeaders(b"content-type")[0]
+        self.assertTrue(content_type.startswith(b"text/plain; version="), content_type)
+        self.assertIn(b"fsha_role{role=\"master\"} 1.0", body)
+
+    def test_openmetrics_when_asked(self) -> None:
+        resource = metrics_resource(lambda: SAMPLE, None)
+        request = DummyRequest([b""])
+        request.requestHeaders.setRawHeaders(b"accept", [b"application/openmetrics-text"])
+        body = resource.render(request).decode()
+        content_type = request.responseHeaders.getRawHeaders(b"content-type")[0]
+        self.assertTrue(content_type.startswith(b"application/openmetrics-text"))
+        families = {f.name: f for f in openmetrics_families(body)}
+        self.assertEqual(families["fsha_node"].type, "info")
+        self.assertEqual(families["fsha_datagrams_dropped"].type, "counter")
+
+    def test_a_failing_status_is_a_500_and_a_log_line(self) -> None:
+        def broken() -> dict[str, Any]:
+            raise RuntimeError("boom")
+
+        request = DummyRequest([b""])
+        body = metrics_resource(broken, None).render(request)
+        self.assertEqual(request.responseCode, 500)
+        self.assertIn(b"metrics unavailable", body)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
