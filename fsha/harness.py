@@ -111,12 +111,13 @@ class LoopbackCluster:
 
     def __init__(self, nodes: int = 3, slots: int = 2, *, interval_ms: int = 20,
                  dead_after_ms: int = 100, workdir: Path | None = None,
-                 keep: bool = False) -> None:
+                 keep: bool = False, json_logs: bool = False) -> None:
         if not 1 <= slots <= nodes <= 200:
             raise ValueError("need 1 <= slots <= nodes <= 200")
         self.node_count, self.slot_count = nodes, slots
         self.interval_ms, self.dead_after_ms = interval_ms, dead_after_ms
         self.keep = keep or workdir is not None
+        self.json_logs = json_logs
         self.dir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fsha-demo-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.dir / "cluster.toml"
@@ -232,8 +233,9 @@ class LoopbackCluster:
         ensure_cluster_pki(load_config(self.config_path))  # a throwaway cluster CA
 
     def start_node(self, node: NodeProcesses) -> None:
-        argv = [*TWISTD, "-n", "--pidfile=", "fsha", "--config", str(self.config_path),
-                "--node", node.name]
+        logger = ["--logger=fsha.logs.json"] if self.json_logs else []
+        argv = [*TWISTD, "-n", "--pidfile=", *logger, "fsha", "--config",
+                str(self.config_path), "--node", node.name]
         with open(node.log_path, "ab") as log:
             node.fsha = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,

@@ -316,7 +316,8 @@ class ClusterNode:
             self._event(f"peer-{kind}", peer=name, slot=slot, epoch=hb.epoch,
                         subject=self._name(hb.subject))
             self.log.info("peer {peer} announces {kind} of slot {slot} (epoch {epoch})",
-                          peer=name, kind=kind, slot=slot, epoch=hb.epoch)
+                          peer=name, kind=kind, slot=slot, epoch=hb.epoch,
+                          takeover=f"{slot}/{hb.epoch}")
         self._evaluate()
 
     # -- the periodic work ----------------------------------------------------------------
@@ -495,7 +496,8 @@ class ClusterNode:
         self.claim_started = self.clock.seconds()
         subject = previous.name if previous is not None else None
         self.log.info("claiming slot {slot} with epoch {epoch} (previous master: {previous})",
-                      slot=slot.name, epoch=epoch, previous=subject or "none")
+                      slot=slot.name, epoch=epoch, previous=subject or "none",
+                      takeover=f"{slot.name}/{epoch}")
         self._event("claim", slot=slot.name, epoch=epoch, previous=subject,
                     handed_over=handed_over)
         self._announce(MessageType.TAKEOVER,
@@ -527,7 +529,8 @@ class ClusterNode:
         self.known_epochs[self.slot] = max(self.known_epochs.get(self.slot, 0), self.epoch)
         self.last_holder[self.slot] = self.me.node_id
         self.log.info("master of slot {slot} (epoch {epoch}) after {ms:.1f} ms",
-                      slot=slot.name, epoch=self.epoch, ms=took)
+                      slot=slot.name, epoch=self.epoch, ms=took,
+                      takeover=f"{slot.name}/{self.epoch}")
         self._event("master", slot=slot.name, epoch=self.epoch, claim_ms=round(took, 1))
         self._announce(MessageType.HEARTBEAT)
 
@@ -540,7 +543,8 @@ class ClusterNode:
 
     def _begin_release(self, reason: str) -> None:
         slot = self.config.slots[self.slot]
-        self.log.warn("releasing slot {slot}: {reason}", slot=slot.name, reason=reason)
+        self.log.warn("releasing slot {slot}: {reason}", slot=slot.name, reason=reason,
+                      takeover=f"{slot.name}/{self.epoch}")
         self._event("release", slot=slot.name, epoch=self.epoch, reason=reason)
         claim, self._claim = self._claim, None
         if claim is not None:

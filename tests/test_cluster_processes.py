@@ -17,7 +17,8 @@ from fsha.status import render
 
 class LoopbackClusterTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.cluster = LoopbackCluster(nodes=3, slots=2, interval_ms=20, dead_after_ms=100)
+        self.cluster = LoopbackCluster(nodes=3, slots=2, interval_ms=20, dead_after_ms=100,
+                                       json_logs=True)
         self.addCleanup(self.cluster.close)
         try:
             self.cluster.start()
@@ -79,6 +80,15 @@ class LoopbackClusterTests(SynchronousTestCase):
         self.assertGreater(down[0]["time"], killed_at, "not declared dead before it died")
         victim_node = next(n for n in after["nodes"] if n["name"] == victim)
         self.assertFalse(victim_node["alive"])
+        # the takeover is one story across the nodes' JSON logs, joined by its id
+        story = f"slot1/{after['epoch']}"
+        tellers = set()
+        for node in cluster.nodes:
+            for line in node.log_path.read_text().splitlines():
+                if line.startswith("{") and json.loads(line).get("takeover") == story:
+                    tellers.add(node.name)
+        survivors = {n.name for n in cluster.nodes} - {victim}
+        self.assertEqual(tellers, survivors)
 
         cluster.restart(victim)
         wait_for("the killed node to rejoin",
