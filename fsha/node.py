@@ -213,6 +213,8 @@ class ClusterNode:
         self.running = False
         self.stopping = False
         self._stopped_release: defer.Deferred[None] | None = None
+        self._had_quorum = False
+        self._quorum_since = 0.0
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -383,6 +385,22 @@ class ClusterNode:
             self._evaluate()
             self._send(MessageType.HEARTBEAT)
 
+    def _quorum_after(self, dead: int) -> bool:
+        """Quorum counting only peers heard well after ``dead`` was last heard.
+
+        Peers cut off together with the dead master are declared dead one by one (their
+        last heartbeats are up to an interval apart), so for a moment a minority would
+        still count some of them. Those were last heard within an interval of the master;
+        peers on this side of a partition have been heard since.
+        """
+        peer = self.detector.peers.get(dead)
+        if peer is None or peer.alive:  # ourselves, or a master that let the slot go
+            return self.sees_quorum()
+        after = peer.last_heard() + self.config.heartbeat_interval
+        fresh = 1 + sum(1 for p in self.detector.peers.values()
+                        if p.alive and p.last_heard() > after)
+        return fresh >= self.config.quorum
+
     def _anyone_starting(self) -> bool:
         return any(p.alive and p.latest is not None and p.latest.role is Role.STARTING
                    for p in self.detector.peers.values())
@@ -437,6 +455,12 @@ class ClusterNode:
         self.roles = roles = compute_roles(self.members(), range(len(self.config.slots)),
                                            self.known_epochs)
         me = self.me.node_id
+        # Whatever the role: when quorum came back (see the claim below).
+        quorum = self.sees_quorum()
+        now = self.clock.seconds()
+        if quorum and not self._had_quorum:
+            self._quorum_since = now
+        self._had_quorum = quorum
         if self.role is Role.STARTING:
             if self.clock.seconds() - self.started_at >= self.config.discovery:
                 self._machine.discovered()
@@ -455,9 +479,15 @@ class ClusterNode:
                 # than after the others' dead-after time.
                 self._machine.lost("local FreeSWITCH is not answering")
             return
-        if self.role is Role.SLAVE and me in roles.assignments and self.sees_quorum():
+        if self.role is Role.SLAVE and me in roles.assignments and quorum:
+            if now - self._quorum_since < self.config.discovery:
+                # Back from isolation: peers not heard again yet still look dead, and their
+                # slots orphaned. Listen first, as at start-up.
+                return
             slot_id, epoch = roles.assignments[me]
             previous = self.last_holder.get(slot_id)
+            if previous is not None and not self._quorum_after(previous):
+                return  # a dead master's slot: see _quorum_after
             handed_over = previous is not None and self.released_by.get(slot_id) == previous
             if previous is None and epoch == 1 and self._anyone_starting():
                 # A slot never owned (cluster cold start): wait until every live node has

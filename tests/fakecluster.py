@@ -90,6 +90,7 @@ class FakeCluster:
         self.health: dict[str, FakeHealth] = {}
         self.dead: set[str] = set()
         self.cut: set[tuple[str, str]] = set()  # (node, network) pairs that are down
+        self.blocked: set[tuple[str, str]] = set()  # (from, to) node pairs that cannot talk
         self.loss: dict[str, float] = {}
         self.delivered = 0
         self._incarnation = 1000
@@ -124,7 +125,7 @@ class FakeCluster:
             if (name, network) in self.cut:
                 raise OSError("Network is unreachable")
             target = self._by_address.get((index, address[0]))
-            if target is None:
+            if target is None or (name, target[0]) in self.blocked:
                 return
             self.clock.callLater(LATENCY, self._deliver, target[0], index, network, data,
                                  source)
@@ -136,6 +137,13 @@ class FakeCluster:
             return
         self.delivered += 1
         self.nodes[target].datagram_received(index, data, source)
+
+    def partition(self, *sides: set[str]) -> None:
+        """Block every pair of nodes on different sides, in both directions."""
+        for a in sides:
+            for b in sides:
+                if a is not b:
+                    self.blocked.update((x, y) for x in a for y in b)
 
     def kill(self, name: str) -> None:
         """Like kill -9: the node stops without releasing anything."""

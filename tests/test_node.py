@@ -179,6 +179,38 @@ class FailoverTests(SynchronousTestCase):
         self.assertEqual(cluster.nodes["fs3"].role, Role.MASTER, "majority takes slot2 over")
         self.assertEqual(cluster.config.slots[cluster.nodes["fs3"].slot].name, "slot2")
 
+    def test_minority_never_takes_over_while_its_peers_expire_one_by_one(self) -> None:
+        cluster = FakeCluster(make_config(nodes=5, slots=2))
+        for name in ("fs1", "fs2", "fs3", "fs4", "fs5"):
+            cluster.start(name)
+            cluster.advance(0.011)  # heartbeat phases apart: peers expire at different times
+        cluster.advance(1.0)
+        self.assertEqual(cluster.masters(), {"slot1": "fs1", "slot2": "fs2"})
+        self.assertEqual(cluster.nodes["fs3"].roles.ranking, (2, 3, 4))
+        for actions in cluster.actions.values():
+            actions.calls.clear()
+        # the primary candidate ends up in the minority
+        cluster.partition({"fs3", "fs5"}, {"fs1", "fs2", "fs4"})
+        cluster.advance(2.0)
+        self.assertEqual(cluster.actions["fs3"].calls, [])
+        self.assertEqual(cluster.actions["fs5"].calls, [])
+        self.assertEqual(cluster.masters(), {"slot1": "fs1", "slot2": "fs2"})
+
+    def test_back_from_isolation_a_node_listens_before_claiming(self) -> None:
+        cluster = self.cluster
+        cluster.partition({"fs2"}, {"fs1", "fs3"})
+        cluster.advance(1.0)
+        self.assertEqual(cluster.nodes["fs3"].role, Role.MASTER, "the majority took slot2")
+        cluster.actions["fs2"].calls.clear()
+        # fs2 hears fs3 again before fs1: fs1 still looks dead to it, slot1 orphaned
+        cluster.blocked -= {("fs2", "fs3"), ("fs3", "fs2")}
+        cluster.advance(cluster.config.discovery / 2)
+        self.assertEqual(cluster.nodes["fs2"].role, Role.SLAVE)
+        cluster.blocked.clear()
+        cluster.advance(1.0)
+        self.assertNotIn("acquire", [c[0] for c in cluster.actions["fs2"].calls])
+        self.assertEqual(cluster.masters(), {"slot1": "fs1", "slot2": "fs3"})
+
     def test_two_masters_die_at_once_both_taken_in_parallel(self) -> None:
         cluster = FakeCluster(make_config(nodes=5, slots=3))
         converge(cluster)
