@@ -1,4 +1,6 @@
-"""pytest glue: run the suite from a scratch directory, as `trial` does (`_trial_temp`).
+"""pytest glue: a scratch working directory, and hypothesis settings for CI.
+
+The suite runs from a scratch directory, as `trial` does (`_trial_temp`).
 
 trial's ``TestCase.mktemp()`` makes paths relative to the working directory; this keeps
 them out of the checkout. Tests never rely on the working directory: they locate the
@@ -11,6 +13,13 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
+
+# CI is a gate: the same examples every run, so a red build is reproducible. Local runs
+# explore new inputs each time, and the bench env fuzzes the decoders at length.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(autouse=True, scope="session")
