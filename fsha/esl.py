@@ -117,13 +117,32 @@ def _log_failure(failure: Failure, what: str) -> None:
     log.failure("Unexpected error in {what}", failure=failure, what=what)
 
 
-class _Pending:
-    __slots__ = ("deferred", "line", "timer")
+#: ``on_request(command, seconds, result)``: one finished request; ``result`` is one of
+#: :data:`REQUEST_RESULTS`, ``seconds`` the time from sending to the reply (or the failure).
+RequestObserver = Callable[[str, float, str], object]
+REQUEST_RESULTS = ("ok", "timeout", "lost")
 
-    def __init__(self, deferred: Deferred[Frame], line: str, timer: IDelayedCall | None) -> None:
+
+def request_label(line: str) -> str:
+    """The command of a request line, as a low-cardinality label: the verb, and for
+    ``api``/``bgapi`` the API command too (``api status``, ``bgapi originate``), never its
+    arguments (they may hold a password or a UUID)."""
+    words = line.split(" ", 2)
+    verb = words[0]
+    if verb in ("api", "bgapi") and len(words) > 1:
+        return verb + " " + words[1][:40]
+    return verb[:40]
+
+
+class _Pending:
+    __slots__ = ("deferred", "line", "sent_at", "timer")
+
+    def __init__(self, deferred: Deferred[Frame], line: str, timer: IDelayedCall | None,
+                 sent_at: float = 0.0) -> None:
         self.deferred = deferred
         self.line = line
         self.timer = timer
+        self.sent_at = sent_at
 
 
 class ESLProtocol(Protocol):
@@ -145,6 +164,7 @@ class ESLProtocol(Protocol):
         self.on_event = on_event
         self.on_connected: Callable[[ESLProtocol], object] | None = None
         self.on_lost: Callable[[ESLProtocol, Failure], object] | None = None
+        self.on_request: RequestObserver | None = None
         self._decoder = FrameDecoder(max_header_bytes, max_body_bytes)
         self._pending: deque[_Pending] = deque()
         self.greeting: Deferred[Frame] = Deferred()
@@ -188,6 +208,7 @@ class ESLProtocol(Protocol):
         for p in pending:
             if p.timer is not None and p.timer.active():
                 p.timer.cancel()
+            self._observe(p, "lost")
             if not p.deferred.called:
                 p.deferred.errback(ESLConnectionLost(f"{p.line!r}: connection lost ({why})"))
         if not self.greeting.called:
@@ -227,6 +248,7 @@ class ESLProtocol(Protocol):
             p = self._pending.popleft()
             if p.timer is not None and p.timer.active():
                 p.timer.cancel()
+            self._observe(p, "ok")
             if not p.deferred.called:
                 p.deferred.callback(frame)
             return
@@ -269,14 +291,25 @@ class ESLProtocol(Protocol):
         if not self.connected_ok or self.transport is None:
             return fail(ESLNotConnected(f"{line!r}: not connected"))
         d: Deferred[Frame] = Deferred()
-        p = _Pending(d, _describe(line), None)
+        p = _Pending(d, _describe(line), None, self.clock.seconds())
         p.timer = self.clock.callLater(timeout, self._timed_out, p, timeout)
         self._pending.append(p)
         self.transport.write(data)
         return d
 
+    def _observe(self, p: _Pending, result: str) -> None:
+        if self.on_request is None or p.sent_at < 0:
+            return
+        seconds = self.clock.seconds() - p.sent_at
+        p.sent_at = -1.0  # observed once: a timed-out request is not counted lost too
+        try:
+            self.on_request(request_label(p.line), seconds, result)
+        except Exception:
+            log.failure("request observer failed")
+
     def _timed_out(self, p: _Pending, timeout: float) -> None:
         p.timer = None
+        self._observe(p, "timeout")
         if not p.deferred.called:
             p.deferred.errback(ESLTimeout(f"{p.line!r}: no reply in {timeout:g} s"))
         # The reply may still come: it would answer the next request. Poisoned.
@@ -398,6 +431,7 @@ class ESLClient(Service):
         self._event_listeners: dict[str | None, list[EventCallback]] = {}
         self._state_listeners: list[Callable[[ConnectionState, ConnectionState], object]] = []
         self._restart_listeners: list[Callable[[str, str], object]] = []
+        self._request_listeners: list[RequestObserver] = []
         self._ready_waiters: list[Deferred[None]] = []
         self._watchdog: IDelayedCall | None = None
         self._last_heartbeat = 0.0
@@ -505,7 +539,20 @@ class ESLClient(Service):
         proto = ESLProtocol(self.clock, self._on_event, self._max_header, self._max_body)
         proto.on_connected = self._setup
         proto.on_lost = self._on_lost
+        proto.on_request = self._on_request
         return proto
+
+    def add_request_listener(self, listener: RequestObserver) -> None:
+        """Call ``listener(command, seconds, result)`` for every finished request (see
+        :data:`RequestObserver`); used for the request latency metrics."""
+        self._request_listeners.append(listener)
+
+    def _on_request(self, command: str, seconds: float, result: str) -> None:
+        for listener in self._request_listeners:
+            try:
+                listener(command, seconds, result)
+            except Exception:
+                log.failure("request listener failed")
 
     # -- connection setup ----------------------------------------------------------------
 

@@ -36,6 +36,12 @@ StatusFunction = Callable[[], Mapping[str, Any]]
 # Takeover and step durations, seconds: from a fast bare IP move to a slow core DB write.
 DURATION_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# ESL request round trips, seconds: a local FreeSWITCH answers in well under a millisecond;
+# a busy one (or a sofia command) takes longer; the default request timeout is 5 s.
+ESL_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+#: Distinct ESL command labels kept; more (never expected) are counted as "other".
+MAX_ESL_COMMANDS = 64
 ROLES = ("starting", "slave", "claiming", "master", "releasing")
 ESL_STATES = ("stopped", "connecting", "authenticating", "ready")
 
@@ -57,22 +63,23 @@ class ReportSource(Protocol):
 
 
 class _Histogram:
-    __slots__ = ("counts", "n", "total")
+    __slots__ = ("bounds", "counts", "n", "total")
 
-    def __init__(self) -> None:
-        self.counts = [0] * len(DURATION_BUCKETS)
+    def __init__(self, bounds: tuple[float, ...] = DURATION_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
         self.total = 0.0
         self.n = 0
 
     def observe(self, seconds: float) -> None:
         self.n += 1
         self.total += seconds
-        for i, bound in enumerate(DURATION_BUCKETS):
+        for i, bound in enumerate(self.bounds):
             if seconds <= bound:
                 self.counts[i] += 1
 
     def buckets(self) -> list[tuple[str, float]]:
-        result = [(_bound(b), float(c)) for b, c in zip(DURATION_BUCKETS, self.counts,
+        result = [(_bound(b), float(c)) for b, c in zip(self.bounds, self.counts,
                                                          strict=True)]
         result.append(("+Inf", float(self.n)))
         return result
@@ -147,6 +154,53 @@ class TakeoverStats:
         for (action, step, outcome), n in sorted(self.outcomes.items()):
             outcomes.add_metric([action, step, outcome], n)
         yield outcomes
+
+
+class RequestSource(Protocol):
+    """What :class:`ESLRequestStats` listens to (``fsha.esl.ESLClient``)."""
+
+    def add_request_listener(self, listener: Callable[[str, float, str], object]) -> None: ...
+
+
+class ESLRequestStats:
+    """Latency of the requests this node sends to its FreeSWITCH, per command.
+
+    Fed by ``ESLClient.add_request_listener`` (one call per finished request, O(buckets)).
+    Latencies are observed for answered requests only; timeouts and lost connections are
+    counted by result. Bounded: at most :data:`MAX_ESL_COMMANDS` command labels.
+    """
+
+    def __init__(self, source: RequestSource | None = None) -> None:
+        self.latency: dict[str, _Histogram] = {}
+        self.results: dict[tuple[str, str], int] = {}
+        if source is not None:
+            source.add_request_listener(self.observe)
+
+    def observe(self, command: str, seconds: float, result: str) -> None:
+        if command not in self.latency and len(self.latency) >= MAX_ESL_COMMANDS:
+            command = "other"
+        key = (command, result)
+        self.results[key] = self.results.get(key, 0) + 1
+        hist = self.latency.get(command)
+        if hist is None:
+            hist = self.latency[command] = _Histogram(ESL_BUCKETS)
+        if result == "ok":
+            hist.observe(max(0.0, seconds))
+
+    def collect(self) -> Iterator[Metric]:
+        latency = HistogramMetricFamily(
+            "fsha_freeswitch_esl_request_duration_seconds", "Round trip of the requests "
+            "sent to the local FreeSWITCH over ESL (answered ones), per command.",
+            labels=["command"], unit="seconds")
+        for command, h in sorted(self.latency.items()):
+            latency.add_metric([command], h.buckets(), h.total)
+        yield latency
+        results = CounterMetricFamily(
+            "fsha_freeswitch_esl_requests", "Requests sent to the local FreeSWITCH over ESL, "
+            "by command and result (ok, timeout, lost).", labels=["command", "result"])
+        for (command, result), n in sorted(self.results.items()):
+            results.add_metric([command, result], n)
+        yield results
 
 
 class _EventSource(Protocol):
@@ -243,9 +297,11 @@ class ClusterCollector:
     ``replication``, ``feeds``, ``takeover`` and ``fsevents``.
     """
 
-    def __init__(self, status: StatusFunction, stats: TakeoverStats | None = None) -> None:
+    def __init__(self, status: StatusFunction, stats: TakeoverStats | None = None,
+                 esl: ESLRequestStats | None = None) -> None:
         self.status = status
         self.stats = stats
+        self.esl = esl
 
     def collect(self) -> Iterator[Metric]:
         st = self.status()
@@ -260,6 +316,8 @@ class ClusterCollector:
         yield from f.families()
         if self.stats is not None:
             yield from self.stats.collect()
+        if self.esl is not None:
+            yield from self.esl.collect()
 
     # -- sections ---------------------------------------------------------------------
 
@@ -454,12 +512,13 @@ class ClusterCollector:
             f.counter("fsha_fsevents_dropped", "", n, reason=str(reason))
 
 
-def metrics_registry(status: StatusFunction, effects: ReportSource | None = None
-                     ) -> CollectorRegistry:
+def metrics_registry(status: StatusFunction, effects: ReportSource | None = None,
+                     esl: RequestSource | None = None) -> CollectorRegistry:
     """A registry of its own (never the process-global one) holding one collector."""
     registry = CollectorRegistry(auto_describe=False)
     stats = TakeoverStats(effects) if effects is not None else None
-    registry.register(ClusterCollector(status, stats))  # type: ignore[arg-type]
+    requests = ESLRequestStats(esl) if esl is not None else None
+    registry.register(ClusterCollector(status, stats, requests))  # type: ignore[arg-type]
     return registry
 
 
@@ -489,8 +548,9 @@ class MetricsResource(Resource):
         return self.render_GET(request)
 
 
-def metrics_resource(status: StatusFunction, effects: ReportSource | None) -> Resource:
-    """The ``/metrics`` resource over ``status`` (the node's merged status callable) and
+def metrics_resource(status: StatusFunction, effects: ReportSource | None,
+                     esl: RequestSource | None = None) -> Resource:
+    """The ``/metrics`` resource over ``status`` (the node's merged status callable),
     ``effects`` (the ``SlotEffects`` whose takeover reports feed the histograms; None: no
-    takeover histograms)."""
-    return MetricsResource(metrics_registry(status, effects))
+    takeover histograms) and ``esl`` (the ESL client whose requests are timed)."""
+    return MetricsResource(metrics_registry(status, effects, esl))

@@ -224,7 +224,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         return result
 
     root = status_site_root(status, ControlResource(node, control_token(options.secret)))
-    root.putChild(b"metrics", metrics_resource(status, effects))
+    root.putChild(b"metrics", metrics_resource(status, effects, esl))
     site = Site(root)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # polled: no access log

@@ -394,6 +394,57 @@ class RequestTests(ClientTestBase):
         self.assertEqual(self.successResultOf(b), "B")
 
 
+class RequestTimingTests(ClientTestBase):
+    """Every finished request is reported once: command label, round trip, result."""
+
+    def test_answered_timed_out_and_lost_requests(self) -> None:
+        seen: list[tuple[str, float, str]] = []
+        client = self.make(request_timeout=5.0)
+        client.add_request_listener(lambda *a: seen.append(a))
+        client.startService()
+        conn = self.endpoint.conns[-1]
+        self.clock.advance(0.25)
+        self.handshake(conn)  # auth, event, global_getvar: answered at once
+        self.assertEqual([(c, r) for c, _, r in seen],
+                         [("auth", "ok"), ("event", "ok"), ("api global_getvar", "ok")])
+        seen.clear()
+        d = client.api("sofia profile slot1 recover")
+        self.clock.advance(0.125)
+        conn.api_reply("Recovered 3 session(s)\n")
+        self.successResultOf(d)
+        self.assertEqual(seen, [("api sofia", 0.125, "ok")])
+        seen.clear()
+        slow = client.api("status")
+        queued = client.api("uptime", timeout=30)
+        self.clock.advance(5.0)
+        self.failureResultOf(slow)
+        conn.close()
+        self.failureResultOf(queued)
+        # the timed-out request is a timeout (once), the one behind it was lost
+        self.assertEqual(seen, [("api status", 5.0, "timeout"), ("api uptime", 5.0, "lost")])
+
+    def test_labels_never_carry_arguments(self) -> None:
+        from fsha.esl import request_label
+
+        self.assertEqual(request_label("auth ***"), "auth")
+        self.assertEqual(request_label("api hash insert/fsha_reg/1000@x/slot1"), "api hash")
+        self.assertEqual(request_label("bgapi originate {a=b}sofia/x &park"), "bgapi originate")
+        self.assertEqual(request_label("sendevent CUSTOM"), "sendevent")
+        self.assertEqual(request_label("api"), "api")
+
+    def test_a_failing_listener_does_not_break_the_request(self) -> None:
+        client, conn = self.ready_client()
+
+        def boom(*_: Any) -> None:
+            raise RuntimeError("listener bug")
+
+        client.add_request_listener(boom)
+        d = client.api("status")
+        conn.api_reply("UP\n")
+        self.assertEqual(self.successResultOf(d), "UP\n")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
 class SubscriptionTests(ClientTestBase):
     def test_subscribe_and_filters_reapplied_on_reconnect(self) -> None:
         client, conn = self.ready_client()

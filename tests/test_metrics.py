@@ -14,6 +14,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from fsha.metrics import (
     ClusterCollector,
+    ESLRequestStats,
     SessionWatch,
     TakeoverStats,
     metrics_registry,
@@ -261,6 +262,43 @@ class CollectorTests(SynchronousTestCase):
         watch.heartbeat(Event(Headers([("Event-Name", "HEARTBEAT"),
                                        ("Session-Count", "lots")])))
         self.assertEqual(watch.status(), {"sessions": None, "max_sessions": None})
+
+    def test_esl_request_latency(self) -> None:
+        class Source:
+            def __init__(self) -> None:
+                self.listeners: list[Any] = []
+
+            def add_request_listener(self, listener: Any) -> None:
+                self.listeners.append(listener)
+
+        source = Source()
+        resource = metrics_resource(lambda: SAMPLE, None, source)
+        (observe,) = source.listeners
+        observe("api status", 0.0004, "ok")
+        observe("api status", 0.003, "ok")
+        observe("api status", 5.0, "timeout")
+        observe("api sofia", 0.2, "ok")
+        observe("api sofia", 0.1, "lost")
+        request = DummyRequest([b""])
+        text = resource.render(request).decode()
+        samples = parse(text)
+        name = "fsha_freeswitch_esl_request_duration_seconds"
+        self.assertEqual(one(samples, name + "_count", command="api status"), 2)
+        self.assertAlmostEqual(one(samples, name + "_sum", command="api status"), 0.0034)
+        self.assertEqual(one(samples, name + "_bucket", command="api status", le="0.0005"), 1)
+        self.assertEqual(one(samples, name + "_bucket", command="api status", le="0.005"), 2)
+        self.assertEqual(one(samples, name + "_bucket", command="api sofia", le="+Inf"), 1)
+        self.assertEqual(one(samples, "fsha_freeswitch_esl_requests_total",
+                             command="api status", result="timeout"), 1)
+        self.assertEqual(one(samples, "fsha_freeswitch_esl_requests_total",
+                             command="api sofia", result="lost"), 1)
+
+    def test_esl_command_labels_are_bounded(self) -> None:
+        stats = ESLRequestStats()
+        for i in range(200):
+            stats.observe(f"api cmd{i}", 0.001, "ok")
+        self.assertLessEqual(len(stats.latency), 65)
+        self.assertEqual(stats.latency["other"].n, 200 - 64)
 
     def test_collector_alone_in_a_registry(self) -> None:
         registry = metrics_registry(lambda: SAMPLE)
