@@ -12,6 +12,8 @@ command -v arping >/dev/null 2>&1 || need_packages+=(iputils-arping)
 command -v ocf-tester >/dev/null 2>&1 || need_packages+=(resource-agents)
 command -v xmllint >/dev/null 2>&1 || need_packages+=(libxml2-utils)
 command -v systemd-analyze >/dev/null 2>&1 || need_packages+=(systemd)
+# for the limit/Redis tests (they start their own redis-server on a free loopback port)
+command -v redis-server >/dev/null 2>&1 || need_packages+=(redis-server)
 if [ ${#need_packages[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "setup: installing ${need_packages[*]}"
