@@ -1,6 +1,6 @@
 """Cluster events fired into the local FreeSWITCH as CUSTOM events (docs/monitoring.rst).
 
-Every role change, takeover start/finish/abort/report, peer up/down/restart and network
+Every role change, takeover start/step/finish/abort/report, peer up/down/restart and network
 degraded/restored becomes ``sendevent CUSTOM`` with ``Event-Subclass: fsha::<name>`` and
 ``FSHA-*`` headers, so ESL tooling and ``fs_cli`` (``/event custom fsha::role``) see the
 cluster.
@@ -58,6 +58,9 @@ SUBCLASSES: dict[str, str] = {
     "network-degraded": "fsha::network-degraded",
     "network-restored": "fsha::network-restored",
 }
+#: Fired from the takeover sequence itself (:meth:`ClusterEvents.takeover_step`), not from a
+#: node event.
+SUBCLASS_TAKEOVER_STEP = "fsha::takeover-step"
 MAX_VALUE = 1024  # characters of one header value (error texts can be long)
 _UNSAFE = str.maketrans({"\r": " ", "\n": " ", "\0": " "})
 
@@ -231,6 +234,21 @@ class ClusterEvents(Service):
         elif kind == "peer-down":
             self._forget_peer(str(event.get("peer")))
         self.fire(subclass, event)
+
+    def takeover_step(self, report: Any, step: Any) -> None:
+        """One step of an acquire/release/rollback just ended (``SlotEffects``'
+        ``add_step_listener``): ``fsha::takeover-step``, while the sequence goes on."""
+        if not self.accepting:
+            return
+        fields: dict[str, Any] = {
+            "event": "takeover-step", "action": report.action, "slot": report.slot,
+            "epoch": report.epoch, "takeover": f"{report.slot}/{report.epoch}",
+            "step": step.name, "outcome": step.outcome, "ms": round(step.ms, 1)}
+        for key, value in step.counts.items():
+            fields[f"count_{key}"] = value
+        if step.error is not None:
+            fields["error"] = step.error
+        self.fire(SUBCLASS_TAKEOVER_STEP, fields)
 
     def fire(self, subclass: str, fields: dict[str, Any]) -> None:
         """Queue one event (``fields`` become ``FSHA-*`` headers); never raises."""

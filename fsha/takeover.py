@@ -439,6 +439,7 @@ class SlotEffects:
         self.reports: deque[TakeoverReport] = deque(maxlen=history)
         self.last_report: TakeoverReport | None = None
         self._listeners: list[Callable[[TakeoverReport], object]] = []
+        self._step_listeners: list[Callable[[TakeoverReport, StepResult], object]] = []
         self._acquisitions: dict[int, _Acquisition] = {}
         self._stop_retries: dict[int, IDelayedCall] = {}
         self._standby_on = False
@@ -448,6 +449,20 @@ class SlotEffects:
     def add_report_listener(self, listener: Callable[[TakeoverReport], object]) -> None:
         """Called with every finished report (acquire and release)."""
         self._listeners.append(listener)
+
+    def add_step_listener(self, listener: Callable[[TakeoverReport, StepResult], object]
+                          ) -> None:
+        """Called as each step ends (also skipped ones), while the sequence goes on: the
+        live account of a takeover (``fsha::takeover-step`` events)."""
+        self._step_listeners.append(listener)
+
+    def _record(self, report: TakeoverReport, result: StepResult) -> None:
+        report.steps.append(result)
+        for listener in list(self._step_listeners):
+            try:
+                listener(report, result)
+            except Exception:
+                log.failure("takeover step listener failed")
 
     def status(self) -> dict[str, Any]:
         return {"last_report": self.last_report.as_dict() if self.last_report else None,
@@ -506,7 +521,7 @@ class SlotEffects:
 
         def done(value: Any) -> Any:
             ms = (self.clock.seconds() - start) * 1000
-            report.steps.append(StepResult(name, step.outcome, ms, step.counts, step.note))
+            self._record(report, StepResult(name, step.outcome, ms, step.counts, step.note))
             if step.outcome == WARNING:
                 log.warn("slot {slot} {action} step {step}: {note} ({ms:.1f} ms)",
                          slot=report.slot, action=report.action, step=name, note=step.note,
@@ -517,7 +532,7 @@ class SlotEffects:
             ms = (self.clock.seconds() - start) * 1000
             reason = step.aborted or _reason(failure)
             error = reason if step.note is None else f"{reason} ({step.note})"
-            report.steps.append(StepResult(name, FAILED, ms, step.counts, error))
+            self._record(report, StepResult(name, FAILED, ms, step.counts, error))
             if step.aborted is None and not failure.check(
                     FSApiError, TakeoverStepError, CancelledError) and not _expected(failure):
                 log.failure("slot {slot} {action} step {step} failed", failure,
@@ -581,13 +596,13 @@ class SlotEffects:
                  ) -> Generator[Any, Any, None]:
         t = self.timeouts
         if self.esl is None:
-            report.steps.append(StepResult("self_check", SKIPPED, 0.0, {},
-                                           "no FreeSWITCH connection configured"))
+            self._record(report, StepResult("self_check", SKIPPED, 0.0, {},
+                                            "no FreeSWITCH connection configured"))
         else:
             yield self._step(report, "self_check", self._self_check, t.self_check, acq=acq)
         skip = self._fence_skipped(previous, fence)
         if skip is not None:
-            report.steps.append(StepResult("fence", SKIPPED, 0.0, {}, skip))
+            self._record(report, StepResult("fence", SKIPPED, 0.0, {}, skip))
         else:
             assert self.fencing is not None and previous is not None
             yield self._step(report, "fence", lambda s: self._fence(previous, s),
@@ -599,8 +614,8 @@ class SlotEffects:
 
         yield self._step(report, "floating_ips", ips_up, t.floating, acq=acq)
         if self.api is None:
-            report.steps.append(StepResult("freeswitch", SKIPPED, 0.0, {},
-                                           "no FreeSWITCH connection configured"))
+            self._record(report, StepResult("freeswitch", SKIPPED, 0.0, {},
+                                            "no FreeSWITCH connection configured"))
             return
         calls, regs = yield self._step(
             report, "records", lambda s: self._load(slot, previous, s), t.records, acq=acq)

@@ -196,6 +196,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     sessions = SessionWatch(esl)
     cluster_events = ClusterEvents(esl, node, clock=reactor, send_timeout=me.esl.timeout)
     cluster_events.setName("fsevents")
+    effects.add_step_listener(cluster_events.takeover_step)
     # Stopped after the node (services stop in reverse order), so a hand-over on stop can
     # still use FreeSWITCH.
     esl.setServiceParent(top)

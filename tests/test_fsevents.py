@@ -148,6 +148,65 @@ class ClusterEventsTests(SynchronousTestCase):
         self.assertEqual(report["FSHA-Error"], "floating_ips: refused second line")
         self.assertEqual(report["FSHA-Warnings"], "a; b")
 
+    def test_takeover_steps_are_fired_as_they_end(self) -> None:
+        from twisted.internet.task import Clock
+
+        from fsha.takeover import SlotEffects
+
+        class SlowFloating:
+            def __init__(self) -> None:
+                self.pending: list[defer.Deferred[None]] = []
+
+            def up(self, slot: str, ips: Any) -> defer.Deferred[None]:
+                d: defer.Deferred[None] = defer.Deferred()
+                self.pending.append(d)
+                return d
+
+            def down(self, slot: str, ips: Any) -> defer.Deferred[None]:
+                return defer.succeed(None)
+
+        cluster, esl, events = formed()
+        del esl.sent[:]
+        clock = Clock()
+        floating = SlowFloating()
+        effects = SlotEffects(floating, clock)  # type: ignore[arg-type]
+        effects.add_step_listener(events.takeover_step)
+        slot = cluster.config.slots[0]
+        done = effects.acquire(slot, 5, cluster.config.nodes[0])
+        cluster.clock.advance(0)
+        # live: the skipped steps are out while the floating IPs are still coming up
+        self.assertEqual(esl.subclasses(), ["fsha::takeover-step", "fsha::takeover-step"])
+        first = esl.events()[0]
+        self.assertEqual((first["FSHA-Step"], first["FSHA-Outcome"], first["FSHA-Action"]),
+                         ("self_check", "skipped", "acquire"))
+        self.assertEqual(first["FSHA-Takeover"], "slot1/5")
+        self.assertEqual(first["FSHA-Error"], "no FreeSWITCH connection configured")
+        self.assertNoResult(done)
+        clock.advance(0.012)
+        floating.pending[0].callback(None)
+        cluster.clock.advance(0)
+        self.successResultOf(done)
+        ips = esl.events()[2]
+        self.assertEqual((ips["FSHA-Step"], ips["FSHA-Outcome"], ips["FSHA-Ms"]),
+                         ("floating_ips", "ok", "12.0"))
+        self.assertEqual(ips["FSHA-Count-Ips"], str(len(slot.ips)))
+        self.assertEqual(esl.events()[-1]["FSHA-Step"], "freeswitch")
+        # a failed step carries its error; a stopped ClusterEvents fires nothing
+        del esl.sent[:]
+        floating.pending.clear()
+        failing = effects.acquire(slot, 6, cluster.config.nodes[0])
+        floating.pending[0].errback(RuntimeError("no such device"))
+        cluster.clock.advance(0)
+        self.failureResultOf(failing)
+        self.flushLoggedErrors(RuntimeError)
+        failed = [e for e in esl.events() if e.get("FSHA-Outcome") == "failed"]
+        self.assertEqual([e["FSHA-Step"] for e in failed], ["floating_ips"])
+        self.assertIn("no such device", failed[0]["FSHA-Error"])
+        events.accepting = False
+        before = len(esl.sent)
+        events.takeover_step(effects.last_report, effects.last_report.steps[0])
+        self.assertEqual(len(esl.sent), before)
+
     def test_network_degraded_and_restored(self) -> None:
         cluster, esl, events = formed()
         del esl.sent[:]
