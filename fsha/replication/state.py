@@ -40,7 +40,7 @@ import enum
 import hashlib
 import heapq
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -63,6 +63,8 @@ _RECORD_HASH: Final = struct.Struct(">HHBQ")
 _POSITION: Final = struct.Struct(">HQQ")
 
 RecordKey = tuple[int, Kind, str]  # (slot, kind, key)
+#: (op "put" | "delete", origin, slot, kind, key, value)
+Listener = Callable[[str, int, int, Kind, str, bytes], object]
 
 
 class ApplyResult(enum.Enum):
@@ -179,6 +181,14 @@ class ReplicatedState:
         self._expiry: list[tuple[int, int, int, RecordKey]] = []  # (ms, origin, inc, key)
         self.last_frame = b""
         self.last_change: Change | None = None
+        self._listeners: dict[Kind, list[Listener]] = {}
+
+    def add_listener(self, kind: Kind, listener: Listener) -> None:
+        """Call ``listener(op, origin, slot, kind, key, value)`` (op ``"put"`` or
+        ``"delete"``; value ``b""`` for a delete) whenever a record of ``kind`` is stored or
+        dropped, whatever the cause (local write, peer change, snapshot, retirement,
+        expiry). For indexes of small kinds: it runs inside the state's bookkeeping."""
+        self._listeners.setdefault(kind, []).append(listener)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -267,6 +277,10 @@ class ReplicatedState:
             kinds[record.kind] = kinds.get(record.kind, 0) + 1
         self._xor ^= h
         o.records[rkey] = (record, h)
+        if record.kind in self._listeners:
+            for listener in self._listeners[record.kind]:
+                listener("put", record.origin, record.slot, record.kind, record.key,
+                         record.value)
         if record.expires_ms:
             heapq.heappush(self._expiry,
                            (record.expires_ms, record.origin, o.incarnation, rkey))
@@ -277,6 +291,10 @@ class ReplicatedState:
             return False
         self._xor ^= entry[1]
         self._counts[rkey[0]][rkey[1]] -= 1
+        if rkey[1] in self._listeners:
+            record = entry[0]
+            for listener in self._listeners[rkey[1]]:
+                listener("delete", record.origin, record.slot, record.kind, record.key, b"")
         return True
 
     def _clear(self, o: _Origin) -> None:

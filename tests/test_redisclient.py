@@ -1,0 +1,173 @@
+"""fsha.redisclient against a real redis-server: deadlines, reconnect, AUTH, the release
+script (exactly once, whoever asks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial import unittest
+
+from fsha.redisclient import (
+    RedisClient,
+    RedisSettings,
+    RedisTimeout,
+    RedisUnavailable,
+    read_password,
+)
+from tests.redisserver import RedisServer, start_redis
+
+WAIT = 10.0  # seconds a test waits for a state it expects (bounded polling)
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+@inlineCallbacks
+def wait_for(check: Callable[[], bool], what: str, timeout: float = WAIT
+             ) -> Generator[Any, Any, None]:
+    for _ in range(int(timeout / 0.02)):
+        if check():
+            return
+        yield sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def settings(server: RedisServer, **kw: Any) -> RedisSettings:
+    values: dict[str, Any] = {"host": server.host, "port": server.port, "timeout": 0.5,
+                              "connect_timeout": 1.0, "reconnect_min": 0.05,
+                              "reconnect_max": 0.2, "password": server.password}
+    values.update(kw)
+    return RedisSettings(**values)
+
+
+class ClientTests(unittest.TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.server = start_redis(self)
+
+    def client(self, **kw: Any) -> RedisClient:
+        c = RedisClient(settings(self.server, **kw), reactor)
+        c.start()
+        self.addCleanup(c.stop)
+        return c
+
+    @inlineCallbacks
+    def test_commands_and_status(self) -> Generator[Any, Any, None]:
+        c = self.client()
+        yield wait_for(lambda: c.state == "up", "connected")
+        yield c.execute("SET", "k", "5")
+        self.assertEqual((yield c.get("k")), "5")
+        self.assertIsNone((yield c.get("nothing")))
+        status = c.status()
+        self.assertEqual(status["state"], "up")
+        self.assertIsNone(status["last_error"])
+        self.assertNotIn("password", status)
+
+    @inlineCallbacks
+    def test_down_fails_at_once_then_reconnects(self) -> Generator[Any, Any, None]:
+        c = self.client()
+        yield wait_for(lambda: c.state == "up", "connected")
+        self.server.kill()
+        yield wait_for(lambda: c.state == "down", "down")
+        self.assertIn("down", c.status()["state"])
+        yield self.assertFailure(c.get("k"), RedisUnavailable)
+        self.server.start()
+        yield wait_for(lambda: c.state == "up", "reconnected")
+        yield c.execute("SET", "k", "1")
+        self.assertEqual(self.server.call("GET", "k"), "1")
+        self.assertGreaterEqual(c.connects, 2)
+
+    @inlineCallbacks
+    def test_hung_server_times_out_and_recovers(self) -> Generator[Any, Any, None]:
+        c = self.client(timeout=0.3)
+        yield wait_for(lambda: c.state == "up", "connected")
+        assert self.server.proc is not None
+        os.kill(self.server.proc.pid, signal.SIGSTOP)
+        try:
+            yield self.assertFailure(c.get("k"), RedisTimeout)
+            self.assertEqual(c.timeouts >= 1 or c.failures >= 1, True)
+        finally:
+            os.kill(self.server.proc.pid, signal.SIGCONT)
+        yield wait_for(lambda: c.state == "up", "usable again")
+        # the aborted connection is replaced; commands work again
+        for _ in range(50):
+            try:
+                yield c.execute("SET", "after", "1")
+                break
+            except (RedisUnavailable, RedisTimeout):
+                yield sleep(0.05)
+        self.assertEqual(self.server.call("GET", "after"), "1")
+
+    @inlineCallbacks
+    def test_release_once_per_marker(self) -> Generator[Any, Any, None]:
+        c = self.client()
+        yield wait_for(lambda: c.state == "up", "connected")
+        self.server.call("SET", "gw1", "3")
+        self.assertEqual((yield c.release("gw1", "m1")), ("released", "2"))
+        self.assertEqual((yield c.release("gw1", "m1")), ("already", "2"))
+        self.assertEqual((yield c.release("gw1", "m2")), ("released", "1"))
+        self.assertEqual((yield c.release("absent", "m3")), ("missing", ""))
+        self.assertIsNone(self.server.call("GET", "absent"))  # not created at -1
+        self.server.call("SET", "zero", "0")
+        self.assertEqual((yield c.release("zero", "m4")), ("clamped", "0"))
+        self.assertEqual(self.server.call("GET", "zero"), "0")
+        ttl = self.server.call("TTL", "m1")
+        self.assertGreater(ttl, 0)
+
+    @inlineCallbacks
+    def test_release_survives_script_flush(self) -> Generator[Any, Any, None]:
+        c = self.client()
+        yield wait_for(lambda: c.state == "up", "connected")
+        self.server.call("SET", "gw", "2")
+        self.server.call("SCRIPT", "FLUSH")
+        self.assertEqual((yield c.release("gw", "m")), ("released", "1"))
+
+    @inlineCallbacks
+    def test_two_clients_release_each_counter_once(self) -> Generator[Any, Any, None]:
+        a, b = self.client(), self.client()
+        yield wait_for(lambda: a.state == b.state == "up", "both connected")
+        self.server.call("SET", "trunk", "100")
+        markers = [f"rt/call{i}/default/trunk/1" for i in range(60)]
+        results = yield defer.gatherResults(
+            [a.release("trunk", m) for m in markers] + [b.release("trunk", m) for m in markers])
+        outcomes = [r[0] for r in results]
+        self.assertEqual(outcomes.count("released"), 60)
+        self.assertEqual(outcomes.count("already"), 60)
+        self.assertEqual(self.server.call("GET", "trunk"), "40")
+
+
+class AuthTests(unittest.TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_password_and_wrong_password(self) -> Generator[Any, Any, None]:
+        server = start_redis(self, password="s3cret-pw")
+        good = RedisClient(settings(server), reactor)
+        good.start()
+        self.addCleanup(good.stop)
+        yield wait_for(lambda: good.state == "up", "connected with AUTH")
+        yield good.execute("SET", "a", "1")
+        bad = RedisClient(settings(server, password="wrong"), reactor)
+        bad.start()
+        self.addCleanup(bad.stop)
+        yield wait_for(lambda: bad.last_error is not None and "auth" in bad.last_error.lower(),
+                       "auth failure reported")
+        self.assertEqual(bad.state, "down")
+        self.assertNotIn("wrong", repr(bad.status()))
+        self.assertNotIn("s3cret", repr(good.status()))
+
+    def test_read_password(self) -> None:
+        path = Path(self.mktemp())
+        path.write_text("  pw-1 \nignored\n")
+        self.assertEqual(read_password(path), "pw-1")
+        path.write_text("\n")
+        self.assertRaises(ValueError, read_password, path)
