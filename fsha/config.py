@@ -124,6 +124,38 @@ class FencingConfig:
     required: bool
 
 
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """``[limits]``: cluster-wide call-limit usage (see :mod:`fsha.limits`)."""
+
+    poll_interval: float  # seconds between two `hash_dump limit` of the local FreeSWITCH
+    hash_realm: str | None  # realm of the `hash insert` of the totals; None: not written
+    hiredis_realms: tuple[str, ...]  # mod_hiredis profiles whose counters live in [redis]
+    sweep_interval: float  # seconds between two liveness checks of adopted calls
+    reconcile_timeout: float  # bound of one reconciliation attempt after a takeover
+    retry_interval: float  # seconds before a failed reconciliation / release is retried
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """``[redis]``: the Redis server (txredisapi) for hiredis limit counters."""
+
+    host: str
+    port: int
+    db: int
+    username: str | None
+    password_file: Path | None
+    tls: bool
+    ca: Path | None
+    server_name: str | None
+    timeout: float  # seconds, every command
+    connect_timeout: float
+    reconnect_min: float
+    reconnect_max: float
+    key_prefix: str
+    marker_ttl: int  # seconds a release marker is kept
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     path: Path
@@ -141,6 +173,8 @@ class ClusterConfig:
     tls: TLSConfig | None
     digest: bytes = field(repr=False)  # 8 bytes: equal on every node reading the same file
     fencing: FencingConfig | None = None  # [fencing]; not in the digest
+    limits: LimitsConfig | None = None  # [limits]; not in the digest
+    redis: RedisConfig | None = None  # [redis]; not in the digest
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:
@@ -277,7 +311,8 @@ def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
 def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
     c = _Checker(path)
     base = path.parent
-    c.table(raw, "", ("cluster", "tls", "floating_ip", "fencing", "network", "node", "slot"))
+    c.table(raw, "", ("cluster", "tls", "floating_ip", "fencing", "limits", "redis", "network",
+                      "node", "slot"))
 
     cluster = c.table(raw.get("cluster", {}), "cluster",
                       ("name", "secret_file", "heartbeat_interval_ms", "dead_after_ms",
@@ -310,6 +345,11 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
     floating = _floating_ip(c, raw.get("floating_ip", {}), base)
     tls = _tls(c, raw.get("tls"), base)
     fencing = _fencing(c, raw.get("fencing"), base)
+    redis = _redis(c, raw.get("redis"), base)
+    limits = _limits(c, raw.get("limits"))
+    if limits is not None and limits.hiredis_realms and "redis" not in raw:
+        c.problem("limits.hiredis_realms", "needs a [redis] section: the counters to release "
+                                           "live there")
 
     quorum = 0
     quorum_spec = str(quorum_raw)
@@ -337,7 +377,8 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
         heartbeat_interval=interval_ms / 1000, dead_after=dead_ms / 1000,
         discovery=discovery_ms / 1000, quorum_spec=quorum_spec, quorum=quorum,
         networks=tuple(networks), nodes=tuple(nodes), slots=tuple(slots),
-        floating_ip=floating, tls=tls, digest=b"", fencing=fencing)
+        floating_ip=floating, tls=tls, digest=b"", fencing=fencing, limits=limits,
+        redis=redis)
     object.__setattr__(config, "digest", config_digest(config))
     return config
 
@@ -577,6 +618,92 @@ def _fencing(c: _Checker, raw: Any, base: Path) -> FencingConfig | None:
     return FencingConfig(_argv(command, base), timeout / 1000, required)
 
 
+def _ms_range(lo: int, hi: int) -> Callable[[int], str | None]:
+    return lambda v: None if lo <= v <= hi else f"must be {lo}-{hi}"
+
+
+def _limits(c: _Checker, raw: Any) -> LimitsConfig | None:
+    if raw is None:
+        return None
+    t = c.table(raw, "limits", ("poll_interval_ms", "hash_realm", "hiredis_realms",
+                                "sweep_interval_ms", "reconcile_timeout_ms",
+                                "retry_interval_ms"))
+    if t is None:
+        return None
+    poll = c.get(t, "limits", "poll_interval_ms", int, 2000, check=_ms_range(50, 600_000))
+    realm = c.get(t, "limits", "hash_realm", str, "fsha_limit",
+                  check=lambda v: None if v == "" or (
+                      "/" not in v and not any(ch.isspace() for ch in v))
+                  else "must not contain '/' or spaces (\"\" disables it)")
+    realms = c.get(t, "limits", "hiredis_realms", list, [])
+    if realms is not None and not all(
+            isinstance(r, str) and r and not any(ch.isspace() for ch in r) for r in realms):
+        c.problem("limits.hiredis_realms", "must be an array of non-empty strings without "
+                                           "spaces (mod_hiredis profile names)")
+        realms = None
+    sweep = c.get(t, "limits", "sweep_interval_ms", int, 10_000,
+                  check=_ms_range(100, 3_600_000))
+    reconcile = c.get(t, "limits", "reconcile_timeout_ms", int, 10_000,
+                      check=_ms_range(100, 600_000))
+    retry = c.get(t, "limits", "retry_interval_ms", int, 5000, check=_ms_range(50, 600_000))
+    if None in (poll, realm, realms, sweep, reconcile, retry):
+        return None
+    return LimitsConfig(poll / 1000, realm or None, tuple(realms), sweep / 1000,
+                        reconcile / 1000, retry / 1000)
+
+
+def _redis(c: _Checker, raw: Any, base: Path) -> RedisConfig | None:
+    if raw is None:
+        return None
+    t = c.table(raw, "redis", ("address", "db", "username", "password_file", "tls", "ca",
+                               "server_name", "timeout_ms", "connect_timeout_ms",
+                               "reconnect_min_ms", "reconnect_max_ms", "key_prefix",
+                               "marker_ttl_s"))
+    if t is None:
+        return None
+    address = c.get(t, "redis", "address", str, check=_nonempty)
+    host = port = None
+    if address is not None:
+        h, sep, p = address.rpartition(":")
+        h = h.strip("[]")
+        if not sep or not h or not p.isdigit() or _port(int(p)) or any(
+                ch.isspace() or ch == "/" for ch in h):
+            c.problem("redis.address", f"{address!r} must be HOST:PORT with a port 1-65535")
+        else:
+            host, port = h, int(p)
+    db = c.get(t, "redis", "db", int, 0, check=lambda v: None if 0 <= v <= 1_000_000 else
+               "must be >= 0")
+    username = c.get(t, "redis", "username", str, "")
+    password_file = c.get(t, "redis", "password_file", str, "")
+    tls = c.get(t, "redis", "tls", bool, False)
+    ca = c.get(t, "redis", "ca", str, "")
+    if tls and ca == "":
+        c.problem("redis.ca", "missing: tls = true needs the CA that signed the server's "
+                              "certificate (it is verified)")
+        ca = None
+    server_name = c.get(t, "redis", "server_name", str, "")
+    timeout = c.get(t, "redis", "timeout_ms", int, 1000, check=_ms_range(10, 60_000))
+    connect = c.get(t, "redis", "connect_timeout_ms", int, 2000, check=_ms_range(10, 60_000))
+    rmin = c.get(t, "redis", "reconnect_min_ms", int, 500, check=_ms_range(10, 600_000))
+    rmax = c.get(t, "redis", "reconnect_max_ms", int, 10_000, check=_ms_range(10, 600_000))
+    if rmin is not None and rmax is not None and rmax < rmin:
+        c.problem("redis.reconnect_max_ms", f"{rmax} is less than reconnect_min_ms ({rmin})")
+        rmax = None
+    prefix = c.get(t, "redis", "key_prefix", str, "fsha:",
+                   check=lambda v: None if not any(ch.isspace() for ch in v)
+                   else "must not contain spaces")
+    ttl = c.get(t, "redis", "marker_ttl_s", int, 7 * 86400,
+                check=lambda v: None if 60 <= v <= 366 * 86400 else "must be 60-31622400")
+    if None in (host, port, db, username, password_file, tls, ca, server_name, timeout,
+                connect, rmin, rmax, prefix, ttl):
+        return None
+    assert host is not None and port is not None
+    return RedisConfig(host, port, db, username or None,
+                       _resolve(base, password_file) if password_file else None, tls,
+                       _resolve(base, ca) if ca else None, server_name or None,
+                       timeout / 1000, connect / 1000, rmin / 1000, rmax / 1000, prefix, ttl)
+
+
 def _tls(c: _Checker, raw: Any, base: Path) -> TLSConfig | None:
     if raw is None:
         return None
@@ -606,6 +733,27 @@ def _read_secret(config_path: Path, secret_file: Path) -> bytes:
         raise ConfigError([f"{where}: {secret_file} holds {len(secret)} bytes; "
                            f"at least {MIN_SECRET_BYTES} are needed"])
     return secret
+
+
+def read_redis_password(config: ClusterConfig) -> str | None:
+    """The ``[redis] password_file``'s first line (None without one); also checks that the
+    ``ca`` file is there. Raises ConfigError naming the file and key."""
+    redis = config.redis
+    if redis is None:
+        return None
+    if redis.ca is not None and not redis.ca.is_file():
+        raise ConfigError([f"{config.path}: redis.ca: {redis.ca} does not exist"])
+    if redis.password_file is None:
+        return None
+    where = f"{config.path}: redis.password_file"
+    try:
+        lines = redis.password_file.read_text(encoding="utf-8").strip().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError([f"{where}: cannot read {redis.password_file}: {reason}"]) from None
+    if not lines or not lines[0].strip():
+        raise ConfigError([f"{where}: {redis.password_file} is empty"])
+    return lines[0].strip()
 
 
 def secret_file_warnings(config: ClusterConfig) -> list[str]:

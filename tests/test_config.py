@@ -15,10 +15,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from fsha.config import (
     ConfigError,
     FencingConfig,
+    LimitsConfig,
     choose_node,
     load_config,
     main,
     parse_config,
+    read_redis_password,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -309,3 +311,113 @@ class FencingConfigTests(SynchronousTestCase):
         problems = self.problems(lambda r: r.update(
             fencing={"command": "x", "timeout_ms": -1, "required": "no", "retry": 1}))
         self.assertEqual(len([p for p in problems if ": fencing." in p]), 4, problems)
+
+
+class LimitsRedisConfigTests(SynchronousTestCase):
+    """The optional ``[limits]`` and ``[redis]`` sections."""
+
+    problems = ValidationTests.problems
+    assertProblem = ValidationTests.assertProblem
+
+    def test_absent_by_default(self) -> None:
+        config = parse_config(demo_raw(), DEMO)
+        self.assertIsNone(config.limits)
+        self.assertIsNone(config.redis)
+
+    def test_defaults(self) -> None:
+        raw = demo_raw()
+        raw["limits"] = {}
+        raw["redis"] = {"address": "127.0.0.1:6379"}
+        config = parse_config(raw, DEMO)
+        self.assertEqual(config.limits, LimitsConfig(2.0, "fsha_limit", (), 10.0, 10.0, 5.0))
+        redis = config.redis
+        assert redis is not None
+        self.assertEqual((redis.host, redis.port, redis.db, redis.tls, redis.timeout,
+                          redis.reconnect_min, redis.reconnect_max, redis.key_prefix,
+                          redis.marker_ttl), ("127.0.0.1", 6379, 0, False, 1.0, 0.5, 10.0,
+                                              "fsha:", 7 * 86400))
+        self.assertIsNone(redis.password_file)
+        self.assertEqual(config.digest, parse_config(demo_raw(), DEMO).digest)
+
+    def test_full(self) -> None:
+        raw = demo_raw()
+        raw["limits"] = {"poll_interval_ms": 500, "hash_realm": "", "hiredis_realms":
+                         ["default", "trunks"], "sweep_interval_ms": 1000,
+                         "reconcile_timeout_ms": 3000, "retry_interval_ms": 700}
+        raw["redis"] = {"address": "redis.example.net:6380", "db": 2, "username": "fsha",
+                        "password_file": "redis.pw", "tls": True, "ca": "pki/redis-ca.crt",
+                        "server_name": "redis", "timeout_ms": 250, "connect_timeout_ms": 900,
+                        "reconnect_min_ms": 100, "reconnect_max_ms": 100,
+                        "key_prefix": "c1:", "marker_ttl_s": 3600}
+        config = parse_config(raw, DEMO)
+        self.assertEqual(config.limits, LimitsConfig(0.5, None, ("default", "trunks"), 1.0,
+                                                     3.0, 0.7))
+        redis = config.redis
+        assert redis is not None
+        self.assertEqual((redis.host, redis.port, redis.db, redis.username), (
+            "redis.example.net", 6380, 2, "fsha"))
+        self.assertEqual(redis.password_file, DEMO.parent / "redis.pw")
+        self.assertEqual(redis.ca, DEMO.parent / "pki" / "redis-ca.crt")
+        self.assertEqual((redis.tls, redis.server_name, redis.timeout, redis.connect_timeout,
+                          redis.key_prefix, redis.marker_ttl),
+                         (True, "redis", 0.25, 0.9, "c1:", 3600))
+
+    def test_problems(self) -> None:
+        red = {"address": "127.0.0.1:6379"}
+        self.assertProblem(lambda r: r.update(limits={"poll": 1}), "limits.poll",
+                           "unknown key")
+        self.assertProblem(lambda r: r.update(limits={"poll_interval_ms": "1s"}),
+                           "limits.poll_interval_ms", "must be an integer, not a string")
+        self.assertProblem(lambda r: r.update(limits={"poll_interval_ms": 10}),
+                           "limits.poll_interval_ms", "must be 50-600000")
+        self.assertProblem(lambda r: r.update(limits={"hash_realm": "a/b"}),
+                           "limits.hash_realm", "must not contain")
+        self.assertProblem(lambda r: r.update(limits={"hiredis_realms": "default"}),
+                           "limits.hiredis_realms", "must be an array, not a string")
+        self.assertProblem(lambda r: r.update(limits={"hiredis_realms": ["a b"]}, redis=red),
+                           "limits.hiredis_realms", "non-empty strings")
+        self.assertProblem(lambda r: r.update(limits={"hiredis_realms": ["default"]}),
+                           "limits.hiredis_realms", "needs a [redis] section")
+        self.assertProblem(lambda r: r.update(limits=3), "limits", "must be a table")
+        self.assertProblem(lambda r: r.update(redis={}), "redis.address", "missing")
+        self.assertProblem(lambda r: r.update(redis={"address": "localhost"}),
+                           "redis.address", "must be HOST:PORT")
+        self.assertProblem(lambda r: r.update(redis={"address": "h:70000"}),
+                           "redis.address", "must be HOST:PORT")
+        self.assertProblem(lambda r: r.update(redis={**red, "tls": True}), "redis.ca",
+                           "missing: tls = true")
+        self.assertProblem(lambda r: r.update(redis={**red, "tls": "yes"}), "redis.tls",
+                           "must be a boolean")
+        self.assertProblem(lambda r: r.update(redis={**red, "timeout_ms": 0}),
+                           "redis.timeout_ms", "must be 10-60000")
+        self.assertProblem(lambda r: r.update(redis={**red, "reconnect_min_ms": 500,
+                                                     "reconnect_max_ms": 100}),
+                           "redis.reconnect_max_ms", "less than reconnect_min_ms")
+        self.assertProblem(lambda r: r.update(redis={**red, "password": "x"}),
+                           "redis.password", "unknown key")
+        self.assertProblem(lambda r: r.update(redis={**red, "marker_ttl_s": 1}),
+                           "redis.marker_ttl_s", "must be 60-31622400")
+        self.assertProblem(lambda r: r.update(redis={**red, "db": -1}), "redis.db",
+                           "must be >= 0")
+
+    def test_password_file(self) -> None:
+        base = Path(self.mktemp())
+        base.mkdir()
+        raw = demo_raw()
+        raw["redis"] = {"address": "127.0.0.1:6379", "password_file": "pw"}
+        path = base / "cluster.toml"
+        config = parse_config(raw, path)
+        with self.assertRaises(ConfigError) as caught:
+            read_redis_password(config)
+        self.assertIn(f"{path}: redis.password_file: cannot read", str(caught.exception))
+        (base / "pw").write_text("\n")
+        with self.assertRaises(ConfigError) as caught:
+            read_redis_password(config)
+        self.assertIn("is empty", str(caught.exception))
+        (base / "pw").write_text("top-secret\n")
+        self.assertEqual(read_redis_password(config), "top-secret")
+        raw["redis"] = {"address": "127.0.0.1:6379", "tls": True, "ca": "nope.crt"}
+        with self.assertRaises(ConfigError) as caught:
+            read_redis_password(parse_config(raw, path))
+        self.assertIn("redis.ca:", str(caught.exception))
+        self.assertIsNone(read_redis_password(parse_config(demo_raw(), path)))
