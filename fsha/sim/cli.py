@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "profile left bound blocks the floating IP:port for the next node)")
     p.add_argument("--max-queue", type=int, default=100_000,
                    help="events queued per ESL connection")
+    p.add_argument("--hiredis", metavar="HOST:PORT[:PASSWORD]",
+                   help="Redis of the 'hiredis' limit backend (mod_hiredis; any realm); "
+                        "without it, hiredis limits are refused")
+    p.add_argument("--hiredis-timeout", type=float, default=2.0, metavar="SECONDS",
+                   help="timeout of each Redis command (mod_hiredis timeout_ms)")
     p.add_argument("--ready-file", help="write the actual ports here when listening")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warn", "error", "critical"])
@@ -118,6 +123,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise UsageError("--max-sessions and --max-queue must be >= 1")
     if not args.password or "\n" in args.password:
         raise UsageError("--password must be a non-empty single line")
+    args.hiredis_target = None
+    if args.hiredis is not None:
+        from fsha.sim.limits import LimitError, RedisTarget
+
+        try:
+            args.hiredis_target = RedisTarget.parse(args.hiredis)
+            ipaddress.ip_address(args.hiredis_target.host)
+        except LimitError as e:
+            raise UsageError(f"--hiredis: {e}") from None
+        except ValueError:
+            raise UsageError(f"--hiredis: {args.hiredis_target.host!r} is not an IP address"
+                             ) from None
+    if not 0 < args.hiredis_timeout <= 3600:
+        raise UsageError("--hiredis-timeout must be in (0, 3600]")
     return args
 
 
@@ -155,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
     from fsha.sim.control import ControlResource
     from fsha.sim.coredb import CoreDB
     from fsha.sim.esl_server import ESLServerFactory
+    from fsha.sim.limits import HiredisBackend
     from fsha.sim.sip import UdpSipBinder
     from fsha.sim.switch import ProfileConfig, Switch
 
@@ -190,6 +210,11 @@ def run(args: argparse.Namespace) -> int:
         profile_guard=args.profile_guard,
         sip_binder=binder,
         on_shutdown=lambda: os._exit(0),
+        hiredis=(
+            HiredisBackend(reactor, args.hiredis_target, timeout=args.hiredis_timeout)
+            if args.hiredis_target is not None
+            else None
+        ),
     )
     holder["switch"] = switch
     esl = ESLServerFactory(switch, args.password, reactor, acl=args.acl, max_queue=args.max_queue)

@@ -6,7 +6,14 @@ method   path                what
 GET      /status             name, core UUID, profiles, call count, hung or not
 GET      /calls              the live channels
 POST     /calls              ``{"profile", "count"=1, "answer"=true, "bridge"=false,
-                             "caller"="1000", "dest"="2000"}`` -> ``{"uuids": [...]}``
+                             "caller"="1000", "dest"="2000"}`` -> ``{"uuids": [...]}``;
+                             with ``"limits": ["hash realm res 5", {"backend",
+                             "realm", "resource", "max"=-1, "interval"=0}, ...]`` and
+                             ``"exceeded_cause"="CALL_REJECTED"`` each call runs the
+                             ``limit`` app first -> ``{"uuids", "refused": n,
+                             "refused_uuids"}`` (a refused call is hung up)
+GET      /limits             the limit table: hash items, what each call holds, the
+                             hiredis target (never its password)
 POST     /hangup             ``{"uuids": [...]}`` or ``{"all": true}``, ``"cause"``
                              -> ``{"hungup": n}``
 POST     /register           ``{"profile", "count"=1, "start"=1000, "expires"=3600,
@@ -34,12 +41,15 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from fsha.sim.esl_server import ESLServerFactory
-from fsha.sim.switch import SimError, Switch
+from fsha.sim.limits import LimitError, LimitSpec
+from fsha.sim.switch import CallOutcome, SimError, Switch
 
 log = Logger()
 
@@ -99,6 +109,8 @@ class ControlResource(Resource):
             return self._reply(request, 200, snap)
         if path == "/calls":
             return self._reply(request, 200, {"calls": [c.summary() for c in sw.channels.values()]})
+        if path == "/limits":
+            return self._reply(request, 200, sw.limits.table())
         if path == "/registrations":
             args = request.args or {}
             profile = args.get(b"profile", [None])[0]
@@ -121,10 +133,32 @@ class ControlResource(Resource):
             return self._reply(request, 400, {"error": str(e)})
         if result is None:
             return self._reply(request, 404, {"error": f"no such path {path}"})
+        if isinstance(result, defer.Deferred):
+            finished = [False]
+            request.notifyFinish().addBoth(lambda _: finished.__setitem__(0, True))
+
+            def done(obj: dict[str, Any]) -> None:
+                log.info("control {path}: {result}", path=path, result=str(obj)[:200])
+                if not finished[0]:
+                    request.write(self._reply(request, 200, obj))
+                    request.finish()
+
+            def failed(f: Failure) -> None:
+                log.failure("control {path} failed", f, path=path)
+                if not finished[0]:
+                    request.write(self._reply(request, 500, {"error": f.getErrorMessage()}))
+                    request.finish()
+
+            result.addCallbacks(done, failed).addErrback(
+                lambda f: log.failure("control {path}: reply failed", f, path=path)
+            )
+            return NOT_DONE_YET
         log.info("control {path}: {result}", path=path, result=str(result)[:200])
         return self._reply(request, 200, result)
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    def _post(
+        self, path: str, body: dict[str, Any]
+    ) -> dict[str, Any] | defer.Deferred[dict[str, Any]] | None:
         sw = self.switch
         if path == "/calls":
             profile = _str(body, "profile")
@@ -134,6 +168,19 @@ class ControlResource(Resource):
             caller = _str(body, "caller", "1000")
             dest = _str(body, "dest", "2000")
             sw.running_profile(profile)
+            if body.get("limits") is not None:
+                raw = body["limits"]
+                if not isinstance(raw, list) or not raw:
+                    raise ControlError("limits must be a non-empty list")
+                try:
+                    specs = [LimitSpec.from_obj(x) for x in raw]
+                except LimitError as e:
+                    raise ControlError(str(e)) from None
+                cause = _str(body, "exceeded_cause", "CALL_REJECTED")
+                return defer.ensureDeferred(
+                    self._limited_calls(profile, count, specs, cause, answer=answer,
+                                        bridge=bridge, caller=caller, dest=dest)
+                )  # fmt: skip
             uuids: list[str] = []
             with sw.db.batch():
                 for _ in range(count):
@@ -191,6 +238,10 @@ class ControlResource(Resource):
             if "\n" in command or "\r" in command:
                 raise ControlError("command must be one line")
             res = sw.api(command)
+            if res.pending is not None:
+                return res.pending.addCallback(
+                    lambda text: {"output": text or "-ERR no reply\n", "found": True}
+                )
             return {"output": res.body, "found": res.found}
         if path == "/flood":
             count = _int(body, "count", 1000, 1, 100_000_000)
@@ -218,3 +269,19 @@ class ControlResource(Resource):
             self.crash()
             return {"ok": True}
         return None
+
+    async def _limited_calls(
+        self, profile: str, count: int, specs: list[LimitSpec], cause: str, **kw: Any
+    ) -> dict[str, Any]:
+        uuids: list[str] = []
+        refused: list[str] = []
+        for _ in range(count):
+            try:
+                out: CallOutcome = await self.switch.place_call_async(
+                    profile, limits=specs, exceeded_cause=cause, **kw
+                )
+            except SimError as e:
+                return {"uuids": uuids, "refused": len(refused), "refused_uuids": refused,
+                        "error": str(e)}
+            (refused if out.refused else uuids).extend(out.uuids)
+        return {"uuids": uuids, "refused": len(refused), "refused_uuids": refused}

@@ -165,6 +165,7 @@ class ESLServerProtocol(Protocol):
         self._subscribed = False
         self._greeted = False
         self.in_command = False
+        self.awaiting = False  # an api waits for its output (limit_usage hiredis ...)
         self.flood_frame = b""
         self.flood_left = 0
 
@@ -253,7 +254,7 @@ class ESLServerProtocol(Protocol):
         self._run_pending()
 
     def _run_pending(self) -> None:
-        while self.pending and not self.closing and not self.factory.hung:
+        while self.pending and not self.closing and not self.factory.hung and not self.awaiting:
             cmd = self.pending.popleft()
             # As in FreeSWITCH, a command runs on the connection's only thread: events
             # fired meanwhile (by an api, a bgapi's BACKGROUND_JOB) follow its reply.
@@ -264,7 +265,7 @@ class ESLServerProtocol(Protocol):
                 log.failure("esl: command {line!r} failed", line=cmd.line[:200])
                 self.write(reply_frame("-ERR command failed"))
             finally:
-                self.in_command = False
+                self.in_command = self.awaiting
             self._flush()
 
     def write(self, data: bytes) -> None:
@@ -301,24 +302,52 @@ class ESLServerProtocol(Protocol):
         if not rest:
             self.write(api_frame("-ERR no reply\n"))
             return
-        self.write(api_frame(self.factory.switch.api(rest).body))
+        res = self.factory.switch.api(rest)
+        if res.pending is None:
+            self.write(api_frame(res.body))
+            return
+        # like the connection's thread blocked in the api: later commands and events wait
+        self.awaiting = True
+
+        def failed(f: Failure) -> str:
+            log.failure("esl: api {line!r} failed", f, line=rest[:200])
+            return ""
+
+        def reply(text: str) -> None:
+            self.awaiting = self.in_command = False
+            self.write(api_frame(text or "-ERR no reply\n"))
+            self._flush()
+            self._run_pending()
+
+        res.pending.addErrback(failed).addCallback(reply).addErrback(
+            lambda f: log.failure("esl: api reply failed", f)
+        )
 
     def cmd_bgapi(self, rest: str, cmd: Command) -> None:
         job = cmd.headers.get("Job-UUID") or str(uuidlib.uuid4())
         self.write(reply_frame(f"+OK Job-UUID: {job}", [("Job-UUID", job)]))
         switch = self.factory.switch
-        result = switch.api(rest).body if rest else "-ERR no reply\n"
         command, _, args = rest.partition(" ")
         extra = [("Job-UUID", job), ("Job-Command", command)]
         if args:
             extra.append(("Job-Command-Arg", args))
-        switch.fire(
-            switch.events.make(
-                "BACKGROUND_JOB",
-                CALLING["BACKGROUND_JOB"],
-                extra,
-                body=result.encode("utf-8", "surrogateescape"),
+
+        def fire(result: str) -> None:
+            switch.fire(
+                switch.events.make(
+                    "BACKGROUND_JOB",
+                    CALLING["BACKGROUND_JOB"],
+                    extra,
+                    body=result.encode("utf-8", "surrogateescape"),
+                )
             )
+
+        res = switch.api(rest) if rest else None
+        if res is None or res.pending is None:
+            fire(res.body if res is not None else "-ERR no reply\n")
+            return
+        res.pending.addCallback(lambda text: fire(text or "-ERR no reply\n")).addErrback(
+            lambda f: log.failure("esl: bgapi {line!r} failed", f, line=rest[:200])
         )
 
     def _set_events(self, words: Iterable[str], on: bool) -> int:

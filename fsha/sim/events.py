@@ -181,6 +181,7 @@ CALLING: dict[str, tuple[str, str, int]] = {
     "sofia::expire": ("sofia_reg.c", "sofia_reg_del_callback", 640),
     "sofia::profile_start": ("sofia.c", "sofia_profile_thread_run", 3412),
     "sofia::recovery_recovered": ("mod_sofia.c", "sofia_function", 4418),
+    "limit::usage": ("switch_limit.c", "switch_limit_fire_event", 70),
     "FAILURE": ("sofia.c", "sofia_profile_thread_run", 3380),
     "RELOADXML": ("switch_xml.c", "switch_xml_open_root", 2410),
     "SENDEVENT": ("mod_event_socket.c", "parse_command", 2033),

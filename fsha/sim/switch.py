@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import json
 import uuid as uuidlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from fsha.sim.calls import HANGUP_CAUSES, SHOW_CHANNELS_COLUMNS, Channel
 from fsha.sim.cdr import CDRError, build_cdr, parse_cdr
 from fsha.sim.coredb import CoreDB
 from fsha.sim.events import CALLING, EventFactory, SimEvent, format_date_local
+from fsha.sim.limits import HiredisBackend, LimitError, Limits, LimitSpec
 
 log = Logger()
 
@@ -99,6 +102,9 @@ class NullSipBinder:
 class ApiResult:
     found: bool
     output: str
+    # an API that waits for something (``limit_usage hiredis ...``: a Redis GET): the
+    # output comes from this Deferred; ``output`` is empty meanwhile
+    pending: defer.Deferred[str] | None = None
 
     @property
     def body(self) -> str:
@@ -147,6 +153,14 @@ class Registration:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class CallOutcome:
+    """What ``place_call_async`` did: the uuids (A leg first); ``refused`` by a limit."""
+
+    uuids: list[str]
+    refused: bool = False
+
+
 class Switch:
     """One run of the simulated FreeSWITCH (a fresh core UUID per instance)."""
 
@@ -168,6 +182,7 @@ class Switch:
         core_uuid: str | None = None,
         rtp_ports: tuple[int, int] = (10000, 60000),
         on_shutdown: Callable[[], None] | None = None,
+        hiredis: HiredisBackend | None = None,
     ) -> None:
         self.clock = clock
         self.db = db
@@ -195,6 +210,7 @@ class Switch:
             self.define_profile(cfg)
         self.channels: dict[str, Channel] = {}
         self.hashes: dict[str, dict[str, str]] = {}
+        self.limits = Limits(clock, hiredis=hiredis, on_usage=self._fire_limit_usage)
         self.listeners: list[Listener] = []
         self.started_at = clock.seconds()
         self.sessions_since_startup = 0
@@ -205,7 +221,7 @@ class Switch:
         self._rtp_used: set[int] = set()
         self._heartbeat: LoopingCall | None = None
         self._reg_check: LoopingCall | None = None
-        self._commands: dict[str, Callable[[str], str | None]] = {
+        self._commands: dict[str, Callable[[str], str | defer.Deferred[str] | None]] = {
             "status": self._api_status,
             "global_getvar": self._api_global_getvar,
             "show": self._api_show,
@@ -213,6 +229,8 @@ class Switch:
             "fsctl": self._api_fsctl,
             "reloadxml": self._api_reloadxml,
             "hash": self._api_hash,
+            "hash_dump": lambda a: self.limits.api_hash_dump(a, self.hashes.get("", {})),
+            "limit_usage": self.limits.api_limit_usage,
             "uuid_exists": self._api_uuid_exists,
             "uuid_kill": self._api_uuid_kill,
             "originate": self._api_originate,
@@ -561,6 +579,9 @@ class Switch:
         ch.variables["end_epoch"] = str(int(now))
         ch.variables["end_uepoch"] = str(int(now * 1_000_000))
         self._channel_event("CHANNEL_HANGUP", ch)
+        if self.limits.release_call(uuid):
+            # switch_limit.c's state hook: released, then limit_backend unset
+            ch.variables.pop("limit_backend", None)
         if ch.answered is not None:
             self.db.untrack(ch.uuid, self.core_uuid)
         ch.state = "CS_REPORTING"
@@ -590,10 +611,74 @@ class Switch:
         answer: bool = True,
         bridge: bool = False,
         remote_ip: str = "127.0.0.1",
+        limits: Sequence[LimitSpec] = (),
+        exceeded_cause: str = "CALL_REJECTED",
     ) -> list[str]:
         """An inbound call on ``profile``, answered, optionally bridged to an outbound leg
-        on the same profile. Returns the uuids (A leg first)."""
+        on the same profile. Returns the uuids (A leg first).
+
+        ``limits``: ``hash`` limits only (they are synchronous; ``place_call_async`` takes
+        hiredis ones too). A refused call returns ``[]`` (see ``place_call_async``)."""
+        if limits:
+            if any(spec.backend != "hash" for spec in limits):
+                raise SimError("hiredis limits need place_call_async")
+            box: list[Any] = []
+            self.place_call_async(
+                profile, caller=caller, dest=dest, answer=answer, bridge=bridge,
+                remote_ip=remote_ip, limits=limits, exceeded_cause=exceeded_cause,
+            ).addBoth(box.append)  # fmt: skip
+            if not box or not isinstance(box[0], CallOutcome):
+                raise SimError(f"limited call failed: {box[0] if box else 'pending'}")
+            return [] if box[0].refused else box[0].uuids
+        return self._connect_call(
+            self.new_channel(profile, caller=caller, dest=dest, remote_ip=remote_ip),
+            answer=answer, bridge=bridge, caller=caller, dest=dest, remote_ip=remote_ip,
+        )  # fmt: skip
+
+    def place_call_async(
+        self,
+        profile: str,
+        *,
+        caller: str = "1000",
+        dest: str = "2000",
+        answer: bool = True,
+        bridge: bool = False,
+        remote_ip: str = "127.0.0.1",
+        limits: Sequence[LimitSpec] = (),
+        exceeded_cause: str = "CALL_REJECTED",
+    ) -> defer.Deferred[CallOutcome]:
+        """``place_call`` whose dialplan runs ``limit`` for each of ``limits`` first (the
+        ``limit ... !<exceeded_cause>`` form): CHANNEL_CREATE, the limits in order (hash
+        at once, hiredis after Redis replies), then answer/bridge; at the first refusal the
+        call is hung up with ``exceeded_cause`` (``refused``, ``uuids`` = [A leg])."""
         a = self.new_channel(profile, caller=caller, dest=dest, remote_ip=remote_ip)
+
+        def limited(ok: bool) -> CallOutcome:
+            if a.uuid not in self.channels:  # hung up meanwhile
+                return CallOutcome([a.uuid], refused=not ok)
+            if not ok:
+                self.hangup(a.uuid, exceeded_cause)
+                return CallOutcome([a.uuid], refused=True)
+            uuids = self._connect_call(
+                a, answer=answer, bridge=bridge, caller=caller, dest=dest, remote_ip=remote_ip
+            )
+            return CallOutcome(uuids, refused=False)
+
+        return self.limits.apply(
+            a.uuid, a.variables, limits, lambda: a.uuid in self.channels
+        ).addCallback(limited)
+
+    def _connect_call(
+        self,
+        a: Channel,
+        *,
+        answer: bool,
+        bridge: bool,
+        caller: str,
+        dest: str,
+        remote_ip: str,
+    ) -> list[str]:
+        profile = a.profile
         uuids = [a.uuid]
         if answer:
             self.answer(a.uuid)
@@ -867,7 +952,22 @@ class Switch:
         handler = self._commands.get(cmd.lower())
         if handler is None:
             return ApiResult(False, f"-ERR {cmd} Command not found!\n")
-        return ApiResult(True, handler(args.strip(" ")) or "")
+        out = handler(args.strip(" "))
+        if isinstance(out, defer.Deferred):
+            box: list[Any] = []
+
+            def peek(result: Any) -> Any:
+                box.append(result)
+                return result
+
+            out.addBoth(peek)
+            if not box:
+                return ApiResult(True, "", pending=out)
+            if isinstance(box[0], Failure):
+                log.failure("api {cmd} failed", box[0], cmd=cmd)
+                out.addErrback(lambda _f: None)
+            out = box[0] if isinstance(box[0], str) else ""
+        return ApiResult(True, out or "")
 
     def _api_version(self, args: str) -> str:
         return f"FreeSWITCH Version {VERSION} (fsha simulator)\n"
@@ -1090,6 +1190,44 @@ class Switch:
             return "-ERR Not found\n"
         return usage
 
+    def _limits_of(self, variables: dict[str, str]) -> tuple[list[LimitSpec], str]:
+        """``limit`` apps in ``execute_on_answer``/``execute_on_originate`` (the only app
+        the simulator runs there): ``limit <backend> <realm> <res> [<max>[/<s>]] [!CAUSE]``."""
+        specs: list[LimitSpec] = []
+        cause = "CALL_REJECTED"
+        for var in ("execute_on_originate", "execute_on_answer"):
+            app, _, data = variables.get(var, "").strip().partition(" ")
+            if app != "limit":
+                continue
+            words = data.split()
+            if len(words) > 4 and words[4].startswith("!"):
+                cause = words[4][1:] or cause
+                words = words[:4]
+            try:
+                specs.append(LimitSpec.parse(" ".join(words)))
+            except LimitError as e:
+                log.warn("originate: {var} ignored: {error}", var=var, error=str(e))
+        return specs, cause
+
+    def _run_answered_limits(self, ch: Channel, specs: list[LimitSpec], cause: str) -> None:
+        def done(ok: bool) -> None:
+            if ch.uuid not in self.channels:
+                return
+            if not ok:
+                self.hangup(ch.uuid, cause)
+                return
+            self.db.update_metadata(
+                ch.uuid, build_cdr(ch, self.core_uuid, self.switchname), self.core_uuid
+            )
+
+        self.limits.apply(ch.uuid, ch.variables, specs, lambda: ch.uuid in self.channels)\
+            .addCallback(done)\
+            .addErrback(lambda f: log.failure("originate: limits of {uuid} failed", f,
+                                              uuid=ch.uuid))
+
+    def _fire_limit_usage(self, headers: list[tuple[str, str]]) -> None:
+        self.fire(self.events.custom("limit::usage", CALLING["limit::usage"], headers))
+
     def _api_uuid_exists(self, args: str) -> str:
         return "true" if args.split(" ")[0] in self.channels else "false"
 
@@ -1109,6 +1247,12 @@ class Switch:
             "-USAGE: <call url> <exten>|&<application_name>(<app_args>) [<dialplan>] "
             "[<context>] [<cid_name>] [<cid_num>] [<timeout_sec>]\n"
         )
+        if args.startswith("{") and "}" in args:
+            # {vars} may hold spaces in 'quoted' values (execute_on_answer='limit ...')
+            end = args.find("}")
+            argv = args[end + 1 :].split()
+            if argv:
+                argv[0] = args[: end + 1] + argv[0]
         if len(argv) < 2:
             return usage
         url, target = argv[0], argv[1]
@@ -1120,6 +1264,8 @@ class Switch:
             for item in url[1:end].split(","):
                 k, sep, v = item.partition("=")
                 if sep and k:
+                    if len(v) > 1 and v[0] == v[-1] == "'":
+                        v = v[1:-1]
                     variables[k] = v
             url = url[end + 1 :]
         parts = url.split("/", 2)
@@ -1147,7 +1293,10 @@ class Switch:
             )
         except SimError:
             return "-ERR DESTINATION_OUT_OF_ORDER\n"
+        specs, cause = self._limits_of(variables)
         self.answer(ch.uuid)
+        if specs:
+            self._run_answered_limits(ch, specs, cause)
         if target.startswith("&"):
             app, _, rest = target[1:].partition("(")
             ch.application, ch.application_data = app, rest.rstrip(")")
