@@ -12,7 +12,7 @@ Layout (``P`` is a per-run prefix such as ``fe3k9q``; every name is unique per r
 Only 198.18.0.0/15 is used, only inside these namespaces; the root namespace gets no address
 and no route. Each node host has its own loopback, where its status API, its simulator's
 ESL and control API listen (the test reads them by entering the namespace, see
-:func:`in_netns`). All fsha ports are chosen at random above 20000: the namespaces are new,
+:func:`in_netns`). All fsha ports are chosen at random in 20000-31999: the namespaces are new,
 so nothing else listens there.
 
 Tear-down is certain: :meth:`NetnsCluster.close` (context manager, ``addCleanup``) kills the
@@ -54,9 +54,38 @@ NETNS_DIR = Path("/run/netns")
 REGISTRY = Path("/run/fsha-e2e")  # one file per live run: prefix -> owner pid
 CLIENT_ADDRESS = "198.18.0.250"
 PROBE = Path(__file__).with_name("probe.py")
+LINKEMU = Path(__file__).with_name("linkemu.py")
 NETWORK_NAMES = ("A", "B", "D")  # cluster networks; "C" is the client network
 SIP_PORT = 5060
 CMD_TIMEOUT = 20.0
+
+# One OPTIONS per sipp "call"; a 200 within TIMEOUT ms logs the answering node, else the
+# call fails.
+SIPP_OPTIONS = """<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="fsha e2e OPTIONS">
+  <send>
+    <![CDATA[
+      OPTIONS sip:probe@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: <sip:sipp@[local_ip]:[local_port]>;tag=[pid]SIPpTag[call_number]
+      To: <sip:probe@[remote_ip]:[remote_port]>
+      Call-ID: [call_id]
+      CSeq: 1 OPTIONS
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <recv response="200" timeout="TIMEOUT">
+    <action>
+      <ereg regexp="[A-Za-z0-9_.-]+" search_in="hdr" header="X-FSHA-Node:"
+            check_it="true" assign_to="node"/>
+      <gettimeofday assign_to="sec,usec"/>
+      <log message="answered [$sec] [$usec] [$node]"/>
+    </action>
+  </recv>
+</scenario>
+"""
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _live: dict[str, NetnsCluster] = {}
@@ -277,7 +306,9 @@ class NetnsCluster(LoopbackCluster):
     def __init__(self, nodes: int = 3, slots: int = 2, *, networks: int = 2,
                  interval_ms: int = 20, dead_after_ms: int = 100, profile_guard: int = 0,
                  arping_count: int = 3, workdir: Path | None = None,
-                 keep: bool = False) -> None:
+                 keep: bool = False, emulated: tuple[str, ...] = (),
+                 fence_command: list[str] | None = None, fence_timeout_ms: int = 10_000
+                 ) -> None:
         if not 1 <= slots <= nodes <= 100:
             raise ValueError("need 1 <= slots <= nodes <= 100")
         if not 2 <= networks <= len(NETWORK_NAMES):
@@ -286,6 +317,12 @@ class NetnsCluster(LoopbackCluster):
         self.interval_ms, self.dead_after_ms = interval_ms, dead_after_ms
         self.networks = list(NETWORK_NAMES[:networks])
         self.profile_guard, self.arping_count = profile_guard, arping_count
+        unknown = set(emulated) - set(self.networks)
+        if unknown:
+            raise ValueError(f"cannot emulate networks {sorted(unknown)}: not in the cluster")
+        # Cables of these networks run through tests/e2e/linkemu.py (see impair()).
+        self.emulated = tuple(emulated)
+        self.fence_command, self.fence_timeout_ms = fence_command, fence_timeout_ms
         self.keep = keep or workdir is not None
         self.dir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fsha-e2e-"))
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -300,6 +337,10 @@ class NetnsCluster(LoopbackCluster):
         self.switch_ns, self.client_ns = f"{self.prefix}-sw", f"{self.prefix}-cl"
         self.probes: list[Probe] = []
         self.islands: set[tuple[str, int]] = set()
+        self.linkemu: subprocess.Popen[str] | None = None
+        self.helpers: list[subprocess.Popen[bytes]] = []  # CPU hogs, NIC flappers
+        self.flapping: list[tuple[str, str]] = []
+        self.stopped_sims: set[str] = set()
 
     # -- names and addresses -------------------------------------------------------------
 
@@ -339,12 +380,16 @@ class NetnsCluster(LoopbackCluster):
         sw.append("link set lo up")
         for node in self.nodes:
             for b in bridges:
+                if b in self.emulated:
+                    continue
                 sw.append(f"link add {self.port_name(node.index, b)} type veth "
                           f"peer name eth{b} netns {self.ns(node)}")
                 sw.append(f"link set {self.port_name(node.index, b)} master br{b} up")
         sw.append(f"link add icl type veth peer name ethC netns {self.client_ns}")
         sw.append("link set icl master brC up")
         _batch(sw, self.switch_ns)
+        if self.emulated:
+            self._start_linkemu()
         for node in self.nodes:
             ns = self.ns(node)
             run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w",
@@ -360,6 +405,31 @@ class NetnsCluster(LoopbackCluster):
                  "net.ipv4.conf.ethC.promote_secondaries=1"])
         _batch(["link set lo up", f"addr add {CLIENT_ADDRESS}/24 dev ethC",
                 "link set ethC up"], self.client_ns)
+
+    def _start_linkemu(self) -> None:
+        links = [f"{node.index}{net}:{self.ns(node)}:eth{net}:{self.switch_ns}:"
+                 f"{self.port_name(node.index, net)}"
+                 for net in self.emulated for node in self.nodes]
+        argv = [sys.executable, str(LINKEMU), "--seed", str(random.randrange(1 << 30)),
+                "--max-seconds", "3600", *links]
+        with open(self.dir / "linkemu.err", "ab") as err:
+            self.linkemu = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=err, text=True, bufsize=1,
+                                            start_new_session=True)
+        if self._linkemu_line(30.0) != "ready":
+            raise HarnessError(f"the link emulator did not start; see {self.dir / 'linkemu.err'}")
+        _batch([f"link set {self.port_name(node.index, net)} master br{net} up"
+                for net in self.emulated for node in self.nodes], self.switch_ns)
+
+    def _linkemu_line(self, timeout: float) -> str:
+        import select
+
+        emu = self.linkemu
+        assert emu is not None and emu.stdout is not None
+        ready, _, _ = select.select([emu.stdout], [], [], timeout)
+        if not ready:
+            raise HarnessError(f"the link emulator did not answer within {timeout:.0f}s")
+        return emu.stdout.readline().strip()
 
     def start(self, timeout: float = 30.0) -> None:
         if not self._built:
@@ -388,8 +458,11 @@ class NetnsCluster(LoopbackCluster):
         fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(os.urandom(24).hex().encode())
-        # New namespaces: nothing listens anywhere yet, so any distinct ports are free.
-        hb_port, stream_port, status_port = random.sample(range(20000, 60000), 3)
+        # New namespaces: nothing listens anywhere yet, so any distinct ports are free. Below
+        # the ephemeral range (32768-60999): polling a port nobody listens on yet (a node
+        # restarting) must not end in a TCP self-connect, which a source port equal to
+        # the destination port would give.
+        hb_port, stream_port, status_port = random.sample(range(20000, 32000), 3)
         lines = [
             "# written by tests.e2e.netns: a cluster of network namespaces", "[cluster]",
             'name = "e2e"', f'secret_file = "{secret}"',
@@ -397,6 +470,10 @@ class NetnsCluster(LoopbackCluster):
             f"dead_after_ms = {self.dead_after_ms}", 'quorum = "majority"', "",
             "[floating_ip]", 'backend = "ip"', f"arping_count = {self.arping_count}",
             "timeout_ms = 5000", "",
+            *(["[fencing]", "command = [" + ", ".join(json.dumps(a) for a in
+                                                     self.fence_command) + "]",
+               f"timeout_ms = {self.fence_timeout_ms}", "required = true", ""]
+              if self.fence_command else []),
             "[tls]", 'ca = "pki/ca.crt"', 'cert = "pki/{node}.crt"', 'key = "pki/{node}.key"',
             ""]
         for net in self.networks:
@@ -554,6 +631,148 @@ class NetnsCluster(LoopbackCluster):
         """kill -9 both fsha and the simulator of ``name``; returns the time of the kill."""
         return self.kill(name, sim_too=True)
 
+    def impair(self, name: str, network: str, *, loss: float = 0.0, delay_ms: float = 0.0,
+               jitter_ms: float = 0.0, direction: str = "both") -> None:
+        """netem's loss, delay and jitter on node ``name``'s cable on ``network`` (one of the
+        cluster's ``emulated`` networks): ``loss`` in 0-1, each frame delayed by
+        ``delay_ms`` +- uniform ``jitter_ms``; ``direction`` out (from the host), in or
+        both. All zero: a plain cable again. Gone with the cluster."""
+        if network not in self.emulated or self.linkemu is None:
+            raise HarnessError(f"network {network} is not emulated: build the cluster with "
+                               f"emulated=({network!r},)")
+        emu = self.linkemu
+        assert emu.stdin is not None
+        command = {"link": f"{self.node(name).index}{network}", "direction": direction,
+                   "loss": loss, "delay_ms": delay_ms, "jitter_ms": jitter_ms}
+        emu.stdin.write(json.dumps(command) + "\n")
+        emu.stdin.flush()
+        answer = self._linkemu_line(10.0)
+        if answer != "ok":
+            raise HarnessError(f"link emulator: {answer}")
+
+    def link_stats(self) -> dict[str, Any]:
+        """Frames each emulated cable carried and dropped, by link ("1A") and direction."""
+        emu = self.linkemu
+        if emu is None or emu.stdin is None:
+            return {}
+        emu.stdin.write("stats\n")
+        emu.stdin.flush()
+        return json.loads(self._linkemu_line(10.0))
+
+    def cpu_hog(self, name: str, seconds: float, workers: int | None = None
+                ) -> list[subprocess.Popen[bytes]]:
+        """Busy loops inside host ``name`` (one per CPU by default), each ending by itself
+        after ``seconds`` (at most 600) and killed at tear-down anyway."""
+        if not 0 < seconds <= 600:
+            raise ValueError("a CPU hog lasts at most 600 s")
+        code = ("import sys, time\nend = time.monotonic() + float(sys.argv[1])\n"
+                "while time.monotonic() < end:\n    sum(range(1000))\n")
+        hogs = []
+        for _ in range(workers or os.cpu_count() or 1):
+            hogs.append(subprocess.Popen(["ip", "netns", "exec", self.ns(name), sys.executable,
+                                          "-c", code, str(seconds)], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, start_new_session=True))
+        self.helpers += hogs
+        return hogs
+
+    def flap_nic(self, name: str, network: str, period_ms: int = 300, seconds: float = 10.0
+                 ) -> subprocess.Popen[bytes]:
+        """Host ``name``'s own NIC on ``network`` goes down, then up, then down... changing
+        every ``period_ms`` for ``seconds`` (bounded), and is left up. Each change's time is
+        a line in ``flap-<name><network>.log``. Wait for it with ``.wait()``."""
+        if not 50 <= period_ms <= 10_000 or not 0 < seconds <= 600:
+            raise ValueError("period 50-10000 ms, at most 600 s")
+        dev, log = f"eth{network}", self.dir / f"flap-{name}{network}.log"
+        code = (
+            "import subprocess, sys, time\n"
+            "dev, period, changes, log = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), "
+            "sys.argv[4]\n"
+            "start = time.monotonic()\n"
+            "with open(log, 'a') as out:\n"
+            "    try:\n"
+            "        for k in range(changes):\n"
+            "            time.sleep(max(0.0, start + k * period - time.monotonic()))\n"
+            "            state = 'down' if k % 2 == 0 else 'up'\n"
+            "            subprocess.run(['ip', 'link', 'set', dev, state], timeout=5)\n"
+            "            out.write('%.6f %s\\n' % (time.time(), state))\n"
+            "    finally:\n"
+            "        subprocess.run(['ip', 'link', 'set', dev, 'up'], timeout=5)\n"
+            "        out.write('%.6f up\\n' % time.time())\n")
+        changes = int(seconds * 1000 / period_ms)
+        flapper = subprocess.Popen(["ip", "netns", "exec", self.ns(name), sys.executable, "-c",
+                                    code, dev, str(period_ms / 1000), str(changes), str(log)],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   start_new_session=True)
+        self.helpers.append(flapper)
+        self.flapping.append((name, network))
+        return flapper
+
+    def flap_log(self, name: str, network: str) -> list[tuple[float, str]]:
+        path = self.dir / f"flap-{name}{network}.log"
+        text = path.read_text() if path.exists() else ""
+        return [(float(t), state) for t, state in (line.split() for line in text.splitlines())]
+
+    def stop_sim(self, name: str) -> float:
+        """Hang the simulator of ``name`` (SIGSTOP): its sockets stay open, nothing answers."""
+        node = self.node(name)
+        assert node.sim is not None
+        at = time.time()
+        os.kill(node.sim.pid, signal.SIGSTOP)
+        self.stopped_sims.add(name)
+        return at
+
+    def cont_sim(self, name: str) -> float:
+        node = self.node(name)
+        assert node.sim is not None
+        at = time.time()
+        os.kill(node.sim.pid, signal.SIGCONT)
+        self.stopped_sims.discard(name)
+        return at
+
+    def kill_sim(self, name: str) -> float:
+        """kill -9 only the simulator (FreeSWITCH) of ``name``."""
+        node = self.node(name)
+        assert node.sim is not None
+        at = time.time()
+        os.kill(node.sim.pid, signal.SIGKILL)
+        node.sim.wait(timeout=10)
+        return at
+
+    def kill_when(self, name: str, what: str, check: Any, timeout: float = 30.0,
+                  sim_too: bool = True) -> tuple[float, dict[str, Any]]:
+        """kill -9 ``name`` (and its simulator) the moment ``check(its status)`` is true,
+        e.g. in the middle of a takeover; returns the kill time and the status seen."""
+        seen = wait_for(what, lambda: (lambda st: st if check(st) else None)(
+            self.status(self.node(name), timeout=0.5)), timeout, interval=0.005)
+        return self.kill(name, sim_too=sim_too), seen
+
+    def run_sipp(self, slot: int, calls: int, rate: int, timeout_ms: int = 200,
+                 seconds: float = 120.0) -> dict[str, Any]:
+        """An independent client: sipp (Debian sip-tester) sends ``calls`` OPTIONS to the
+        slot's floating IP at ``rate``/s from the client host, each waiting ``timeout_ms``
+        for its 200. Blocks; returns {"exit", "answers": [{"time", "node"}], "failed"}."""
+        if not 0 < calls <= 100_000 or not 0 < rate <= 1000:
+            raise ValueError("1-100000 calls at 1-1000/s")
+        scenario = self.dir / "sipp-options.xml"
+        scenario.write_text(SIPP_OPTIONS.replace("TIMEOUT", str(timeout_ms)))
+        log = self.dir / f"sipp-{slot}.log"
+        log.unlink(missing_ok=True)
+        argv = ["ip", "netns", "exec", self.client_ns, "sipp", "-sf", str(scenario),
+                "-m", str(calls), "-r", str(rate), "-l", str(rate), "-i", CLIENT_ADDRESS,
+                "-p", "5070", "-nostdin", "-trace_logs", "-log_file", str(log),
+                "-timeout", f"{int(seconds)}s", "-timeout_error",
+                f"{self.floating_ip(slot)}:{self.sip_port}"]
+        done = run(argv, timeout=seconds + 30, check=False)
+        answers = []
+        text = log.read_text(errors="replace") if log.exists() else ""
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) == 4 and parts[0] == "answered":
+                answers.append({"time": float(parts[1]) + float(parts[2]) / 1e6,
+                                "node": parts[3]})
+        return {"exit": done.returncode, "answers": answers, "calls": calls,
+                "failed": calls - len(answers), "stderr": done.stderr[-2000:]}
+
     # -- tear-down -----------------------------------------------------------------------
 
     def close(self) -> None:
@@ -563,6 +782,22 @@ class NetnsCluster(LoopbackCluster):
             if probe.process.poll() is None:
                 probe.process.kill()
                 probe.process.wait(timeout=10)
+        for helper in self.helpers:  # CPU hogs, NIC flappers
+            if helper.poll() is None:
+                helper.kill()
+                helper.wait(timeout=10)
+        for name in list(self.stopped_sims):  # a stopped process would ignore SIGTERM
+            try:
+                self.cont_sim(name)
+            except (ProcessLookupError, AssertionError):
+                pass
+        if self.linkemu is not None and self.linkemu.poll() is None:
+            self.linkemu.terminate()
+            try:
+                self.linkemu.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.linkemu.kill()
+                self.linkemu.wait(timeout=10)
         keep = self.keep
         self.keep = True  # the parent must not remove the logs before we are done
         try:

@@ -32,7 +32,7 @@ class ScenarioBase(SynchronousTestCase):
 
     def setUp(self) -> None:
         skip_unless_possible()
-        self.cluster = NetnsCluster(nodes=self.nodes, slots=self.slots)
+        self.cluster = self.make_cluster()
         self.addCleanup(self.cluster.close)
         self.addCleanup(self._logs_on_failure)
         self._failed = True
@@ -47,6 +47,9 @@ class ScenarioBase(SynchronousTestCase):
         self.ranking: list[str] = self.view["ranking"]
         self.started = time.monotonic()
 
+    def make_cluster(self) -> NetnsCluster:
+        return NetnsCluster(nodes=self.nodes, slots=self.slots)
+
     def _logs_on_failure(self) -> None:
         if self._failed:  # keep the files for a post-mortem
             self.cluster.keep = True
@@ -58,9 +61,9 @@ class ScenarioBase(SynchronousTestCase):
         figures["test_seconds"] = round(time.monotonic() - self.started, 1)
         print(f"{self.id()}: {figures}")
 
-    def probe_until_serving(self) -> Probe:
+    def probe_until_serving(self, duration: float = PROBE_SECONDS) -> Probe:
         """Probe every floating IP; wait until each answers from its owner."""
-        probe = self.cluster.start_probe(duration=PROBE_SECONDS)
+        probe = self.cluster.start_probe(duration=duration)
         wanted = {self.cluster.floating_ip(int(s[4:])): o for s, o in self.owners.items()}
 
         def serving() -> bool:
