@@ -1,4 +1,5 @@
-"""Failure detector: who is alive, on which network, and which incarnation.
+"""Failure detector: who is alive, on which network, and which incarnation; and the
+round-trip time to each peer on each network (:class:`RoundTrips`).
 
 No I/O and no clock of its own: every call takes ``now`` (seconds). A peer is alive while
 any network heard it within ``dead_after``; each network's state is kept so an operator sees
@@ -8,9 +9,10 @@ any network heard it within ``dead_after``; each network's state is kept so an o
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fsha.wire.heartbeat import Heartbeat
+from fsha.wire.heartbeat import MAX_ECHO_DELAY_US, Heartbeat
 
 NEVER = float("-inf")
 
@@ -110,3 +112,90 @@ class FailureDetector:
 
     def alive_ids(self) -> list[int]:
         return [p.node_id for p in self.peers.values() if p.alive]
+
+
+#: Send times of this many of our latest sequences are kept to match echoes against.
+ECHO_HISTORY = 64
+#: Weight of a new round-trip sample in the smoothed value (RFC 6298's alpha).
+RTT_GAIN = 0.125
+
+
+class RoundTrips:
+    """Round-trip times per peer and network, from the echo fields of heartbeats.
+
+    No I/O and no clock of its own. The sending side calls :meth:`sent` with each sequence
+    it sends and :meth:`echo_for` to choose which peer a datagram on a network echoes
+    (peers take turns among those heard there recently, speaking version 2); the receiving
+    side calls :meth:`echoed` when a peer's datagram echoes one of our sequences. See
+    ``docs/protocol/heartbeat.rst`` ("Echo and round-trip time").
+    """
+
+    __slots__ = ("_cursor", "_detector", "_order", "_sent_at", "_sent_seq", "last",
+                 "samples", "smoothed")
+
+    def __init__(self, detector: FailureDetector) -> None:
+        self._detector = detector
+        self._order = sorted(detector.peers)
+        self._cursor = [0] * detector.networks
+        self._sent_at = [0.0] * ECHO_HISTORY
+        self._sent_seq = [-1] * ECHO_HISTORY
+        # node id -> per network: seconds, or None before the first sample
+        self.last: dict[int, list[float | None]] = {
+            n: [None] * detector.networks for n in detector.peers}
+        self.smoothed: dict[int, list[float | None]] = {
+            n: [None] * detector.networks for n in detector.peers}
+        self.samples = 0
+
+    def sent(self, sequence: int, now: float) -> None:
+        i = sequence % ECHO_HISTORY
+        self._sent_seq[i] = sequence
+        self._sent_at[i] = now
+
+    def echo_for(self, network: int, now: float, speaks_echo: Callable[[int], bool]
+                 ) -> tuple[int, int, int] | None:
+        """(peer, its latest sequence heard on ``network``, microseconds since) for the next
+        peer in turn heard there within the dead-after time; None if there is none."""
+        order = self._order
+        n = len(order)
+        if not n:
+            return None
+        start = self._cursor[network]
+        horizon = now - self._detector.dead_after
+        peers = self._detector.peers
+        for step in range(n):
+            node_id = order[(start + step) % n]
+            peer = peers[node_id]
+            heard = peer.heard[network]
+            if peer.net_sequence[network] >= 0 and heard > horizon and speaks_echo(node_id):
+                self._cursor[network] = (start + step + 1) % n
+                delay = max(0, min(MAX_ECHO_DELAY_US, round((now - heard) * 1_000_000)))
+                return node_id, peer.net_sequence[network], delay
+        return None
+
+    def echoed(self, node_id: int, network: int, sequence: int, delay_us: int, now: float
+               ) -> float | None:
+        """A datagram from ``node_id`` on ``network`` echoes our ``sequence``: the sample
+        (seconds), or None if that sequence is not one we remember sending."""
+        i = sequence % ECHO_HISTORY
+        if self._sent_seq[i] != sequence:
+            return None
+        rtt = now - self._sent_at[i] - delay_us / 1_000_000
+        if rtt < 0.0:
+            rtt = 0.0  # clock granularity
+        elif rtt > self._detector.dead_after:
+            return None  # not a round trip worth the name: a stale or confused echo
+        last = self.last.get(node_id)
+        if last is None:
+            return None
+        last[network] = rtt
+        smoothed = self.smoothed[node_id]
+        old = smoothed[network]
+        smoothed[network] = rtt if old is None else old + RTT_GAIN * (rtt - old)
+        self.samples += 1
+        return rtt
+
+    def forget(self, node_id: int) -> None:
+        """The peer restarted or went down: its old round trips say nothing now."""
+        if node_id in self.last:
+            self.last[node_id] = [None] * self._detector.networks
+            self.smoothed[node_id] = [None] * self._detector.networks

@@ -411,6 +411,17 @@ class ClusterCollector:
                 ms = _num(h.get("last_heard_ms"))
                 f.gauge("fsha_peer_network_last_heard_seconds", "",
                         None if ms is None else ms / 1000, peer=name, network=str(net))
+                f.declare("gauge", "fsha_peer_network_rtt_seconds",
+                          "Round trip to the peer on this network, smoothed, from heartbeat "
+                          "echoes (absent: no sample yet).", ["peer", "network"],
+                          unit="seconds")
+                rtt = _num(h.get("rtt_ms"))
+                f.gauge("fsha_peer_network_rtt_seconds", "",
+                        None if rtt is None else rtt / 1000, peer=name, network=str(net))
+            f.declare("gauge", "fsha_peer_heartbeat_version", "Heartbeat protocol version "
+                      "the peer was last heard speaking.", ["peer"])
+            f.gauge("fsha_peer_heartbeat_version", "", node.get("heartbeat_version"),
+                    peer=name)
 
     @staticmethod
     def _freeswitch(fs: Mapping[str, Any], f: _Families) -> None:

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from fsha.config import ClusterConfig, NodeConfig, SlotConfig
-from fsha.detector import FailureDetector
+from fsha.detector import FailureDetector, RoundTrips
 from fsha.roles import Member, Roles, compute_roles
 from fsha.wire.heartbeat import (
     NO_NODE,
@@ -36,6 +36,7 @@ from fsha.wire.heartbeat import (
     Role,
     cluster_id_for,
 )
+from fsha.wire.heartbeat import VERSION as HEARTBEAT_VERSION
 
 Address = tuple[str, int]
 SendFunction = Callable[[bytes, Address], None]
@@ -178,8 +179,12 @@ class ClusterNode:
         # Where each peer must send from, per network (a datagram from elsewhere is dropped).
         self._sources = [{n.addresses[net.name]: n.node_id for n in config.nodes}
                          for net in config.networks]
-        self._peer_addresses = [[(n.addresses[net.name], net.port) for n in config.nodes
-                                 if n is not me] for net in config.networks]
+        self._peer_addresses = [[(n.node_id, (n.addresses[net.name], net.port))
+                                 for n in config.nodes if n is not me]
+                                for net in config.networks]
+        self.round_trips = RoundTrips(self.detector)
+        # The heartbeat version each peer was last heard speaking: it is sent that version.
+        self.peer_versions = [HEARTBEAT_VERSION] * len(config.nodes)
         self._state_keys: dict[int, tuple[Any, ...]] = {}
         self.sequence = 0
         self.role = Role.STARTING
@@ -282,10 +287,15 @@ class ClusterNode:
             return
         peer = self.detector.peers[node_id]
         was_alive = peer.alive
-        verdict = self.detector.observe(network, hb, self.clock.seconds())
+        now = self.clock.seconds()
+        verdict = self.detector.observe(network, hb, now)
+        if verdict.dropped:
+            self.drops[verdict.value] += 1
+            return
+        self.peer_versions[node_id] = hb.version
+        if hb.echo_node == self.me.node_id:
+            self.round_trips.echoed(node_id, network, hb.echo_sequence, hb.echo_delay_us, now)
         if not verdict.applied:
-            if verdict.dropped:
-                self.drops[verdict.value] += 1
             return
         key = (hb.role, hb.flags, hb.slot, hb.epoch, hb.incarnation)
         if key == self._state_keys.get(node_id) and was_alive \
@@ -301,6 +311,7 @@ class ClusterNode:
             self.log.info("peer {peer} is up (incarnation {incarnation})",
                           peer=name, incarnation=hb.incarnation)
         elif verdict == "restarted":
+            self.round_trips.forget(hb.node_id)
             self._event("peer-restarted", peer=name, incarnation=hb.incarnation)
             self.log.warn("peer {peer} restarted (new incarnation {incarnation})",
                           peer=name, incarnation=hb.incarnation)
@@ -329,6 +340,7 @@ class ClusterNode:
         for change in self.detector.check(now):
             name = self.config.nodes[change.node_id].name
             self._state_keys.pop(change.node_id, None)
+            self.round_trips.forget(change.node_id)
             self._event("peer-down", peer=name)
             self.log.warn("peer {peer} is down: no heartbeat on any network for {ms:.0f} ms",
                           peer=name, ms=self.config.dead_after * 1000)
@@ -632,15 +644,33 @@ class ClusterNode:
         elif subject is None:
             subject = self.me.node_id
         self.sequence += 1
-        data = self.codec.encode(Heartbeat(
+        now = self.clock.seconds()
+        self.round_trips.sent(self.sequence, now)
+        fields = dict(
             type=kind, cluster_id=self.codec.cluster_id, node_id=self.me.node_id,
             incarnation=self.incarnation, sequence=self.sequence, role=role,
             flags=self.flags(), slot=slot, epoch=epoch, subject=subject,
-            config_digest=self.config.digest, view_digest=self.roles.digest))
+            config_digest=self.config.digest, view_digest=self.roles.digest)
+        versions = self.peer_versions
+        old_data: bytes | None = None  # version 1, for peers that only speak it
         for link in self.links:
-            for address in self._peer_addresses[link.index]:
+            # Each network's copy echoes one peer heard there (peers take turns).
+            echo = self.round_trips.echo_for(link.index, now,
+                                             lambda n: versions[n] >= HEARTBEAT_VERSION)
+            if echo is None:
+                data = self.codec.encode(Heartbeat(**fields))
+            else:
+                data = self.codec.encode(Heartbeat(
+                    **fields, echo_node=echo[0], echo_sequence=echo[1],
+                    echo_delay_us=echo[2]))
+            for node_id, address in self._peer_addresses[link.index]:
+                payload = data
+                if versions[node_id] < HEARTBEAT_VERSION:
+                    if old_data is None:
+                        old_data = self.codec.encode(Heartbeat(**fields, version=1))
+                    payload = old_data
                 try:
-                    link.send(data, address)
+                    link.send(payload, address)
                     link.sent += 1
                 except OSError as e:
                     # A dead NIC must not stop the loop, nor the other networks.
@@ -699,9 +729,12 @@ class ClusterNode:
                     flags=_flag_names(hb.flags) if hb and peer.alive else [],
                     view_agrees=bool(hb and peer.alive and hb.view_digest == roles.digest),
                     restarts=peer.restarts,
+                    heartbeat_version=self.peer_versions[node.node_id]
+                    if peer.incarnation >= 0 else None,
                     networks={net.name: {
                         "up": self.detector.network_up(node.node_id, net.index, now),
-                        "last_heard_ms": _ms_since(now, peer.heard[net.index])}
+                        "last_heard_ms": _ms_since(now, peer.heard[net.index]),
+                        "rtt_ms": _ms(self.round_trips.smoothed[node.node_id][net.index])}
                         for net in self.config.networks})
             nodes.append(entry)
         slots = [{"name": s.name, "owner": self._name(roles.owners[s.slot_id])
@@ -734,6 +767,10 @@ class ClusterNode:
 
 def _ms_since(now: float, then: float) -> float | None:
     return None if then == float("-inf") else round((now - then) * 1000, 1)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
 
 
 def _flag_names(flags: Flags) -> list[str]:

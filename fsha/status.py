@@ -130,8 +130,12 @@ def render(status: JSON) -> str:
             else:
                 info = node["networks"].get(net, {})
                 heard = info.get("last_heard_ms")
+                rtt = info.get("rtt_ms")
                 state = "up" if info.get("up") else "DOWN"
-                cells.append(f"{state} {heard:.0f}ms" if heard is not None else state)
+                cell = f"{state} {heard:.0f}ms" if heard is not None else state
+                if rtt is not None and info.get("up"):
+                    cell += f" rtt {rtt:.2f}ms"
+                cells.append(cell)
         cells.append(",".join(node["flags"]) or "-")
         rows.append(cells)
     lines.append("")

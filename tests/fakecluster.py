@@ -92,6 +92,7 @@ class FakeCluster:
         self.cut: set[tuple[str, str]] = set()  # (node, network) pairs that are down
         self.blocked: set[tuple[str, str]] = set()  # (from, to) node pairs that cannot talk
         self.loss: dict[str, float] = {}
+        self.latency: dict[str, float] = {}  # per network name; LATENCY otherwise
         self.delivered = 0
         self._incarnation = 1000
         self._by_address: dict[tuple[int, str], tuple[str, int]] = {}
@@ -127,8 +128,8 @@ class FakeCluster:
             target = self._by_address.get((index, address[0]))
             if target is None or (name, target[0]) in self.blocked:
                 return
-            self.clock.callLater(LATENCY, self._deliver, target[0], index, network, data,
-                                 source)
+            self.clock.callLater(self.latency.get(network, LATENCY), self._deliver, target[0],
+                                 index, network, data, source)
         return send
 
     def _deliver(self, target: str, index: int, network: str, data: bytes,

@@ -37,8 +37,9 @@ SAMPLE: dict[str, Any] = {
          "role": "master", "slot": "slot1", "epoch": 7, "networks": {}},
         {"name": "fs2", "priority": 100, "rank": None, "self": False, "alive": True,
          "role": "master", "slot": "slot2", "epoch": 3, "view_agrees": True, "restarts": 2,
-         "networks": {"A": {"up": True, "last_heard_ms": 12.0},
-                      "B": {"up": False, "last_heard_ms": 4500.0}}},
+         "heartbeat_version": 2,
+         "networks": {"A": {"up": True, "last_heard_ms": 12.0, "rtt_ms": 0.25},
+                      "B": {"up": False, "last_heard_ms": 4500.0, "rtt_ms": None}}},
         {"name": "fs3", "priority": 50, "rank": 0, "self": False, "alive": False,
          "role": "unknown", "slot": None, "epoch": None, "view_agrees": False, "restarts": 0,
          "networks": {"A": {"up": False, "last_heard_ms": None},
@@ -126,6 +127,11 @@ class CollectorTests(SynchronousTestCase):
                              network="B"), 4.5)
         self.assertNotIn((("network", "A"), ("peer", "fs3")),
                          m["fsha_peer_network_last_heard_seconds"])  # never heard: absent
+        self.assertEqual(one(m, "fsha_peer_network_rtt_seconds", peer="fs2", network="A"),
+                         0.00025)
+        self.assertNotIn((("network", "B"), ("peer", "fs2")),
+                         m["fsha_peer_network_rtt_seconds"])  # no sample: absent
+        self.assertEqual(one(m, "fsha_peer_heartbeat_version", peer="fs2"), 2)
         self.assertEqual(one(m, "fsha_peer_restarts_total", peer="fs2"), 2)
         self.assertEqual(one(m, "fsha_node_alive", node="fs3"), 0)
         self.assertEqual(one(m, "fsha_node_role", node="fs3", role="unknown"), 1)
@@ -198,6 +204,8 @@ class CollectorTests(SynchronousTestCase):
         self.assertGreaterEqual(one(m, "fsha_peer_network_last_heard_seconds", peer="fs1",
                                     network="B"), 0.9)
         self.assertEqual(one(m, "fsha_quorum_alive_nodes"), 2)
+        self.assertGreater(one(m, "fsha_peer_network_rtt_seconds", peer="fs2", network="A"),
+                           0)  # a real node's echoes, through the fake network
         self.assertNotIn(SECRET.decode(), text)
 
     def test_takeover_histograms(self) -> None:

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from fsha.detector import FailureDetector, Verdict
-from fsha.wire.heartbeat import NO_NODE, NO_SLOT, Flags, Heartbeat, MessageType, Role
+from fsha.wire.heartbeat import (
+    NO_NODE,
+    NO_SLOT,
+    Flags,
+    Heartbeat,
+    MessageType,
+    Role,
+    cluster_id_for,
+)
 
 from .fakecluster import SECRET, FakeCluster, make_config
 
@@ -366,3 +376,128 @@ class DetectorTests(SynchronousTestCase):
         [change] = d.check(10.51)
         self.assertEqual((change.node_id, change.alive), (1, False))
         self.assertEqual(d.alive_ids(), [])
+
+
+class RoundTripTests(SynchronousTestCase):
+    """Heartbeat echoes give each node the round trip to each peer on each network."""
+
+    def test_round_trip_per_network(self) -> None:
+        cluster = FakeCluster(make_config(nodes=3, slots=1))
+        nets = [n.name for n in cluster.config.networks]
+        cluster.latency[nets[0]] = 0.002
+        cluster.latency[nets[1]] = 0.010
+        cluster.start_all()
+        cluster.advance(2.0)
+        fs1 = cluster.nodes["fs1"]
+        for peer in ("fs2", "fs3"):
+            info = next(n for n in fs1.status()["nodes"] if n["name"] == peer)
+            self.assertEqual(info["heartbeat_version"], 2)
+            # twice the one-way latency; the fake clock moves in 1 ms steps
+            self.assertLess(abs(info["networks"][nets[0]]["rtt_ms"] - 4.0), 1.5)
+            self.assertLess(abs(info["networks"][nets[1]]["rtt_ms"] - 20.0), 1.5)
+        me = next(n for n in fs1.status()["nodes"] if n["self"])
+        self.assertEqual(me["networks"], {})
+        self.assertGreater(fs1.round_trips.samples, 20)
+
+    def test_latency_change_is_followed_and_a_dead_peer_forgotten(self) -> None:
+        cluster = FakeCluster(make_config(nodes=3, slots=1))
+        net = cluster.config.networks[0].name
+        cluster.start_all()
+        cluster.advance(1.0)
+        fs1 = cluster.nodes["fs1"]
+        fs2_id = cluster.config.node("fs2").node_id
+        cluster.latency[net] = 0.020
+        cluster.advance(3.0)
+        self.assertLess(abs((fs1.round_trips.smoothed[fs2_id][0] or 0) - 0.040), 0.003)
+        cluster.kill("fs2")
+        cluster.advance(1.0)
+        self.assertEqual(fs1.round_trips.smoothed[fs2_id], [None, None])
+
+    def test_version_1_peer_is_heard_and_spoken_to_in_version_1(self) -> None:
+        """A node of an older fsha (heartbeat version 1 only) stays in the cluster."""
+        import dataclasses
+
+        from fsha.wire.heartbeat import HeartbeatCodec
+
+        cluster = FakeCluster(make_config(nodes=3, slots=1))
+        codec = HeartbeatCodec(SECRET, cluster_id_for(cluster.config.name))
+        legacy = cluster.config.node("fs3")
+        legacy_addresses = set(legacy.addresses.values())
+        deliver = cluster._deliver
+        received_by_legacy: list[int] = []
+
+        def old_fsha(target: str, index: int, network: str, data: bytes,
+                     source: Any) -> None:
+            if target == "fs3":
+                received_by_legacy.append(data[2])
+                if data[2] != 1:
+                    return  # a version 1 node drops it (reason "version")
+            if source[0] in legacy_addresses:
+                hb = codec.decode(data)  # what fs3 would have sent: version 1
+                data = codec.encode(dataclasses.replace(
+                    hb, version=1, echo_node=NO_NODE, echo_sequence=0, echo_delay_us=0))
+            deliver(target, index, network, data, source)
+
+        cluster._deliver = old_fsha  # type: ignore[method-assign]
+        cluster.start_all()
+        cluster.advance(2.0)
+        self.assertEqual(set(cluster.roles_of().values()) - {"slave"}, {"master"})
+        fs1 = cluster.nodes["fs1"]
+        status = {n["name"]: n for n in fs1.status()["nodes"]}
+        self.assertTrue(status["fs3"]["alive"])
+        self.assertEqual(status["fs3"]["heartbeat_version"], 1)
+        self.assertEqual(status["fs2"]["heartbeat_version"], 2)
+        self.assertIsNone(status["fs3"]["networks"]["A"]["rtt_ms"])
+        self.assertIsNotNone(status["fs2"]["networks"]["A"]["rtt_ms"])
+        # fs3 got version 2 only until it was heard, then version 1 only
+        self.assertIn(2, received_by_legacy[:10])
+        self.assertEqual(set(received_by_legacy[-20:]), {1})
+        # and fs1 never echoes fs3 (it could not read the echo)
+        fs3_id = legacy.node_id
+        self.assertEqual(fs1.round_trips.smoothed[fs3_id], [None, None])
+
+
+class RoundTripsLogicTests(SynchronousTestCase):
+    def detector(self) -> FailureDetector:
+        d = FailureDetector([1, 2, 3], networks=2, dead_after=0.2)
+        for node in (1, 2, 3):
+            d.observe(0, Heartbeat(MessageType.HEARTBEAT, 1, node, 1, 10 * node, Role.SLAVE,
+                                   Flags.FS_OK, NO_SLOT, 0, NO_NODE, bytes(8), bytes(8)),
+                      100.0)
+        return d
+
+    def test_peers_take_turns_among_those_heard(self) -> None:
+        from fsha.detector import RoundTrips
+
+        d = self.detector()
+        rt = RoundTrips(d)
+        everyone = lambda n: True  # noqa: E731
+        got = [rt.echo_for(0, 100.05, everyone) for _ in range(4)]
+        self.assertEqual(got, [(1, 10, 50000), (2, 20, 50000), (3, 30, 50000),
+                               (1, 10, 50000)])
+        self.assertIsNone(rt.echo_for(1, 100.05, everyone))  # nobody heard on network 1
+        self.assertEqual(rt.echo_for(0, 100.05, lambda n: n == 3), (3, 30, 50000))
+        self.assertIsNone(rt.echo_for(0, 100.3, everyone))  # heard too long ago
+
+    def test_samples_match_sent_sequences_only(self) -> None:
+        from fsha.detector import ECHO_HISTORY, RoundTrips
+
+        rt = RoundTrips(self.detector())
+        rt.sent(7, 50.0)
+        self.assertAlmostEqual(rt.echoed(2, 1, 7, 3000, 50.010) or 0, 0.007)
+        self.assertEqual(rt.last[2][0], None)
+        self.assertAlmostEqual(rt.last[2][1] or 0, 0.007)
+        self.assertIsNone(rt.echoed(2, 1, 8, 0, 50.02))  # never sent
+        rt.sent(7 + ECHO_HISTORY, 60.0)
+        self.assertIsNone(rt.echoed(2, 1, 7, 0, 60.01))  # forgotten: slot reused
+        self.assertEqual(rt.echoed(2, 0, 7 + ECHO_HISTORY, 20000, 60.01), 0.0)  # clamped
+        self.assertIsNone(rt.echoed(2, 0, 7 + ECHO_HISTORY, 0, 61.0))  # beyond dead-after
+        self.assertIsNone(rt.echoed(9, 0, 7 + ECHO_HISTORY, 0, 60.01))  # not a peer
+        # smoothing: 1/8 of each new sample
+        rt.sent(100, 70.0)
+        rt.echoed(3, 0, 100, 0, 70.008)
+        rt.sent(101, 71.0)
+        rt.echoed(3, 0, 101, 0, 71.016)
+        self.assertAlmostEqual(rt.smoothed[3][0] or 0, 0.008 + (0.016 - 0.008) / 8)
+        rt.forget(3)
+        self.assertEqual((rt.last[3], rt.smoothed[3]), ([None, None], [None, None]))

@@ -28,7 +28,8 @@ class RenderTests(SynchronousTestCase):
         self.assertEqual(problems(status), [])
         text = render(status)
         self.assertIn("cluster demo   seen from fs3 (slave)   quorum 3/2 ok", text)
-        self.assertRegex(text, r"fs1\s+master\s+-\s+slot1\s+1\s+up \d+ms\s+up \d+ms")
+        self.assertRegex(text, r"fs1\s+master\s+-\s+slot1\s+1\s+up \d+ms rtt \d+\.\d\dms"
+                               r"\s+up \d+ms rtt \d+\.\d\dms")
         self.assertRegex(text, r"fs3\*\s+slave\s+1\s+-\s+-\s+self\s+self")
         self.assertIn("problems: none", text)
         json.dumps(status)  # serialisable as served

@@ -6,7 +6,7 @@ things first (length, magic, version, message type, cluster id), then the HMAC-S
 in constant time, and only then builds a :class:`Heartbeat`. It raises nothing but
 :class:`HeartbeatError`, whose ``reason`` is a short stable token meant for a drop counter.
 
-Layout (version 1, big-endian, 89 bytes; ``docs/protocol/heartbeat.rst`` has the full
+Layout (version 2, big-endian, 103 bytes; ``docs/protocol/heartbeat.rst`` has the full
 specification and the golden vectors)::
 
     off size type  field
@@ -24,11 +24,19 @@ specification and the golden vectors)::
      40    1 u8    role          (Role)
      41    8 bytes config digest
      49    8 bytes view digest
-     57   32 bytes HMAC-SHA256(secret, bytes 0..56)
+     57    8 u64   echo sequence (the latest sequence heard from the echo node here)
+     65    4 u32   echo delay    (microseconds between hearing it and sending this)
+     69    2 u16   echo node     (NO_NODE = no echo)
+     71   32 bytes HMAC-SHA256(secret, bytes 0..70)
 
-The fields are ordered (compared with the order of the design notes) so that every integer
-is naturally aligned without any padding byte, and the four fields the decoder checks
-before the tag sit together in the first 8 bytes.
+Version 1 (89 bytes) is the same without the three echo fields (the tag over bytes 0..56
+at offset 57). It is still decoded, and encoded on request (``version=1``), so nodes of
+both versions keep hearing each other during a rolling upgrade. The echo fields give the
+sender of the echoed heartbeat a round-trip time per network, as RTCP's LSR/DLSR do.
+
+The first 57 bytes are ordered (compared with the order of the design notes) so that every
+integer is naturally aligned without any padding byte, and the four fields the decoder
+checks before the tag sit together in the first 8 bytes.
 
 This module does no I/O.
 """
@@ -40,20 +48,24 @@ import hashlib
 import struct
 from dataclasses import dataclass
 from hmac import compare_digest
-from typing import Final
+from typing import Final, NoReturn
 
 __all__ = [
     "BODY_SIZE",
+    "BODY_SIZE_V1",
     "DIGEST_SIZE",
     "MAGIC",
+    "MAX_ECHO_DELAY_US",
     "MIN_SECRET_SIZE",
     "NO_NODE",
     "NO_SLOT",
     "PREFIX_SIZE",
     "REASONS",
     "SIZE",
+    "SIZE_V1",
     "TAG_SIZE",
     "VERSION",
+    "VERSIONS",
     "Flags",
     "Heartbeat",
     "HeartbeatCodec",
@@ -64,7 +76,9 @@ __all__ = [
 ]
 
 MAGIC: Final = b"FH"
-VERSION: Final = 1
+VERSION: Final = 2
+#: The versions this codec decodes (and encodes).
+VERSIONS: Final = (1, 2)
 NO_SLOT: Final = 0xFFFF
 NO_NODE: Final = 0xFFFF
 DIGEST_SIZE: Final = 8
@@ -72,15 +86,21 @@ TAG_SIZE: Final = 32
 #: The shortest secret :class:`HeartbeatCodec` accepts, in bytes.
 MIN_SECRET_SIZE: Final = 16
 
-_BODY: Final = struct.Struct(">2sBBIQQQHHHHB8s8s")
-#: Bytes covered by the tag.
+_BODY_V1: Final = struct.Struct(">2sBBIQQQHHHHB8s8s")
+_BODY: Final = struct.Struct(">2sBBIQQQHHHHB8s8sQIH")
+#: Bytes covered by the tag (version 2, and version 1).
 BODY_SIZE: Final = _BODY.size
-#: Size of a version 1 datagram.
+BODY_SIZE_V1: Final = _BODY_V1.size
+#: Size of a datagram (version 2, and version 1).
 SIZE: Final = BODY_SIZE + TAG_SIZE
+SIZE_V1: Final = BODY_SIZE_V1 + TAG_SIZE
+_SIZES: Final = {1: SIZE_V1, 2: SIZE}
 #: Magic, version, type and cluster id: what decode checks before the tag.
 PREFIX_SIZE: Final = 8
 
 _U16: Final = 0xFFFF
+#: The largest echo delay (about 71 minutes); longer delays are sent as this.
+MAX_ECHO_DELAY_US: Final = 0xFFFF_FFFF
 _U32: Final = 0xFFFF_FFFF
 _U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 
@@ -147,6 +167,12 @@ class Heartbeat:
     subject: int
     config_digest: bytes
     view_digest: bytes
+    # The echo (version 2): the latest sequence this sender heard from ``echo_node`` on the
+    # network this datagram is sent on, and how long ago (microseconds).
+    echo_node: int = NO_NODE
+    echo_sequence: int = 0
+    echo_delay_us: int = 0
+    version: int = VERSION
 
 
 def cluster_id_for(name: str) -> int:
@@ -164,10 +190,17 @@ _ROLES: Final = {int(r): r for r in Role}
 _FLAG_VALUES: Final = tuple(Flags(v) for v in range(_FLAGS_MASK + 1))
 
 
-def _check_relations(msg_type: int, node_id: int, slot: int, subject: int) -> str | None:
+def _check_relations(msg_type: int, node_id: int, slot: int, subject: int,
+                     echo_node: int = NO_NODE, echo_sequence: int = 0, echo_delay: int = 0
+                     ) -> str | None:
     """The cross-field rules; returns a description of the first one broken, or None."""
     if node_id == NO_NODE:
         return f"node id {NO_NODE:#06x} is reserved for 'no node'"
+    if echo_node == NO_NODE:
+        if echo_sequence or echo_delay:
+            return "an echo sequence or delay without an echo node"
+    elif echo_node == node_id:
+        return "a node echoes its own heartbeat"
     if msg_type == MessageType.HEARTBEAT:
         if subject != NO_NODE:
             return f"a HEARTBEAT has subject {subject}, expected none ({NO_NODE:#06x})"
@@ -187,7 +220,7 @@ class HeartbeatCodec:
     saves two compression rounds and the stdlib ``hmac`` wrapper on the hot path.
     """
 
-    __slots__ = ("_cluster_id", "_inner", "_outer", "_prefixes")
+    __slots__ = ("_cluster_id", "_inner", "_outer", "_prefixes", "_prefixes_v1")
 
     def __init__(self, secret: bytes, cluster_id: int) -> None:
         if not isinstance(secret, bytes | bytearray):
@@ -206,10 +239,11 @@ class HeartbeatCodec:
         key = key.ljust(block, b"\x00")
         self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
-        # The only 8-byte prefixes a valid datagram for this cluster can start with.
-        self._prefixes = frozenset(
-            MAGIC + bytes((VERSION, t)) + cluster_id.to_bytes(4, "big") for t in _TYPES
-        )
+        # The only 8-byte prefixes a valid datagram for this cluster can start with, per
+        # version.
+        cid = cluster_id.to_bytes(4, "big")
+        self._prefixes = frozenset(MAGIC + bytes((VERSION, t)) + cid for t in _TYPES)
+        self._prefixes_v1 = frozenset(MAGIC + bytes((1, t)) + cid for t in _TYPES)
 
     @property
     def cluster_id(self) -> int:
@@ -244,6 +278,9 @@ class HeartbeatCodec:
             ("slot", msg.slot, _U16),
             ("epoch", msg.epoch, _U64),
             ("subject", msg.subject, _U16),
+            ("echo node", msg.echo_node, _U16),
+            ("echo sequence", msg.echo_sequence, _U64),
+            ("echo delay", msg.echo_delay_us, _U32),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
                 raise ValueError(f"{name} {value!r} is out of range 0..{top}")
@@ -253,25 +290,27 @@ class HeartbeatCodec:
         ):
             if not isinstance(digest, bytes) or len(digest) != DIGEST_SIZE:
                 raise ValueError(f"{name} must be {DIGEST_SIZE} bytes, got {digest!r}")
-        problem = _check_relations(msg_type, msg.node_id, msg.slot, msg.subject)
+        problem = _check_relations(msg_type, msg.node_id, msg.slot, msg.subject,
+                                   msg.echo_node, msg.echo_sequence, msg.echo_delay_us)
         if problem is not None:
             raise ValueError(problem)
-        body = _BODY.pack(
-            MAGIC,
-            VERSION,
-            msg_type,
-            self._cluster_id,
-            msg.incarnation,
-            msg.sequence,
-            msg.epoch,
-            msg.node_id,
-            msg.slot,
-            msg.subject,
-            int(flags),
-            role,
-            msg.config_digest,
-            msg.view_digest,
-        )
+        if msg.version == VERSION:
+            body = _BODY.pack(
+                MAGIC, VERSION, msg_type, self._cluster_id, msg.incarnation, msg.sequence,
+                msg.epoch, msg.node_id, msg.slot, msg.subject, int(flags), role,
+                msg.config_digest, msg.view_digest,
+                msg.echo_sequence, msg.echo_delay_us, msg.echo_node,
+            )
+        elif msg.version == 1:
+            if msg.echo_node != NO_NODE:
+                raise ValueError("a version 1 heartbeat has no echo")
+            body = _BODY_V1.pack(
+                MAGIC, 1, msg_type, self._cluster_id, msg.incarnation, msg.sequence,
+                msg.epoch, msg.node_id, msg.slot, msg.subject, int(flags), role,
+                msg.config_digest, msg.view_digest,
+            )
+        else:
+            raise ValueError(f"version {msg.version!r} is not one of {VERSIONS}")
         return body + self._tag(body)
 
     def decode(self, data: bytes) -> Heartbeat:
@@ -280,33 +319,34 @@ class HeartbeatCodec:
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise HeartbeatError("short", f"not a byte string: {type(data).__name__}")
             data = bytes(data)
-        if len(data) != SIZE or data[:PREFIX_SIZE] not in self._prefixes:
+        if len(data) == SIZE and data[:PREFIX_SIZE] in self._prefixes:
+            body = data[:BODY_SIZE]
+            if not compare_digest(self._tag(body), data[BODY_SIZE:]):
+                raise HeartbeatError("tag", "the HMAC tag does not match")
+            (
+                _magic, version, msg_type, cluster_id, incarnation, sequence, epoch, node_id,
+                slot, subject, flag_bits, role_value, config_digest, view_digest,
+                echo_sequence, echo_delay, echo_node,
+            ) = _BODY.unpack(body)
+        elif len(data) == SIZE_V1 and data[:PREFIX_SIZE] in self._prefixes_v1:
+            body = data[:BODY_SIZE_V1]
+            if not compare_digest(self._tag(body), data[BODY_SIZE_V1:]):
+                raise HeartbeatError("tag", "the HMAC tag does not match")
+            (
+                _magic, version, msg_type, cluster_id, incarnation, sequence, epoch, node_id,
+                slot, subject, flag_bits, role_value, config_digest, view_digest,
+            ) = _BODY_V1.unpack(body)
+            echo_sequence = echo_delay = 0
+            echo_node = NO_NODE
+        else:
             self._raise_prefix_error(data)
-        body = data[:BODY_SIZE]
-        if not compare_digest(self._tag(body), data[BODY_SIZE:]):
-            raise HeartbeatError("tag", "the HMAC tag does not match")
-        (
-            _magic,
-            _version,
-            msg_type,
-            cluster_id,
-            incarnation,
-            sequence,
-            epoch,
-            node_id,
-            slot,
-            subject,
-            flag_bits,
-            role_value,
-            config_digest,
-            view_digest,
-        ) = _BODY.unpack(body)
         role = _ROLES.get(role_value)
         if role is None:
             raise HeartbeatError("field", f"unknown role {role_value}")
         if flag_bits & ~_FLAGS_MASK:
             raise HeartbeatError("field", f"undefined flag bits {flag_bits:#06x}")
-        problem = _check_relations(msg_type, node_id, slot, subject)
+        problem = _check_relations(msg_type, node_id, slot, subject, echo_node, echo_sequence,
+                                   echo_delay)
         if problem is not None:
             raise HeartbeatError("field", problem)
         return Heartbeat(
@@ -322,18 +362,24 @@ class HeartbeatCodec:
             subject,
             config_digest,
             view_digest,
+            echo_node,
+            echo_sequence,
+            echo_delay,
+            version,
         )
 
-    def _raise_prefix_error(self, data: bytes) -> None:
+    def _raise_prefix_error(self, data: bytes) -> NoReturn:
         """Explain why ``data`` failed the fast length/prefix check (slow path)."""
         if len(data) < PREFIX_SIZE:
             raise HeartbeatError("short", f"{len(data)} bytes, a heartbeat has {SIZE}")
         if data[:2] != MAGIC:
             raise HeartbeatError("magic", f"magic {data[:2].hex()}, expected {MAGIC.hex()}")
-        if data[2] != VERSION:
-            raise HeartbeatError("version", f"version {data[2]}, only {VERSION} is known")
-        if len(data) != SIZE:
-            raise HeartbeatError("length", f"{len(data)} bytes, a version 1 heartbeat has {SIZE}")
+        size = _SIZES.get(data[2])
+        if size is None:
+            raise HeartbeatError("version", f"version {data[2]}, only {VERSIONS} are known")
+        if len(data) != size:
+            raise HeartbeatError(
+                "length", f"{len(data)} bytes, a version {data[2]} heartbeat has {size}")
         if data[3] not in _TYPES:
             raise HeartbeatError("type", f"unknown message type {data[3]}")
         cluster_id = int.from_bytes(data[4:8], "big")
