@@ -313,6 +313,8 @@ class ClusterCollector:
         self._feeds(st.get("feeds"), f)
         self._takeover(_map(st.get("takeover")), f)
         self._fsevents(st.get("fsevents"), f)
+        self._limits(st.get("limits"), f)
+        self._redis(st.get("redis"), f)
         yield from f.families()
         if self.stats is not None:
             yield from self.stats.collect()
@@ -485,6 +487,20 @@ class ClusterCollector:
                       p.get("bytes_in"), peer=peer)
             f.counter("fsha_replication_sent_bytes", "Bytes sent to the peer.",
                       p.get("bytes_out"), peer=peer)
+            f.declare("counter", "fsha_replication_sessions_closed", "Replication sessions "
+                      "with the peer dropped, by reason (a gap in the changes, silence, a "
+                      "bad frame...).", ["peer", "reason"])
+            for reason, n in sorted(_map(p.get("closed")).items()):
+                f.counter("fsha_replication_sessions_closed", "", n, peer=peer,
+                          reason=str(reason))
+            f.declare("counter", "fsha_replication_dial_failures", "Failed dials to the peer, "
+                      "by network or reason.", ["peer", "reason"])
+            for reason, n in sorted(_map(p.get("dial_failures")).items()):
+                f.counter("fsha_replication_dial_failures", "", n, peer=peer,
+                          reason=str(reason))
+            f.declare("counter", "fsha_replication_duplicate_changes", "Changes from the peer "
+                      "already applied (dropped as duplicates).", ["peer"])
+            f.counter("fsha_replication_duplicate_changes", "", p.get("duplicates"), peer=peer)
 
     @staticmethod
     def _feeds(feeds: Any, f: _Families) -> None:
@@ -521,6 +537,47 @@ class ClusterCollector:
                   "FreeSWITCH, by reason.", ["reason"])
         for reason, n in sorted(_map(ev.get("dropped")).items()):
             f.counter("fsha_fsevents_dropped", "", n, reason=str(reason))
+
+
+    @staticmethod
+    def _limits(lim: Any, f: _Families) -> None:
+        if not isinstance(lim, Mapping):
+            return
+        f.declare("gauge", "fsha_limit_usage", "Cluster-wide usage of a hash limit key "
+                  "(realm_resource): every node's FreeSWITCH plus adopted calls.", ["key"])
+        for key, n in sorted(_map(lim.get("totals")).items()):
+            f.gauge("fsha_limit_usage", "", n, key=str(key))
+        f.declare("gauge", "fsha_limit_node_usage", "A node's share of a hash limit key.",
+                  ["node", "key"])
+        for node, share in sorted(_map(lim.get("per_node")).items()):
+            for key, n in sorted(_map(share).items()):
+                f.gauge("fsha_limit_node_usage", "", n, node=str(node), key=str(key))
+        f.gauge("fsha_limit_adopted_calls", "Calls this node recovered from a dead master "
+                "and releases itself at hangup.", lim.get("adopted"))
+        f.gauge("fsha_limit_pending_releases", "Hiredis units waiting to be released in "
+                "Redis by this node.", lim.get("pending_releases"))
+        f.declare("counter", "fsha_limit_releases", "Hiredis units released in Redis, by "
+                  "outcome (released, already: another node did it, missing, clamped).",
+                  ["outcome"])
+        for outcome, n in sorted(_map(lim.get("released")).items()):
+            f.counter("fsha_limit_releases", "", n, outcome=str(outcome))
+        f.counter("fsha_limit_release_errors", "Releases that failed (retried).",
+                  lim.get("release_errors"))
+        f.counter("fsha_limit_poll_errors", "Failed polls of hash_dump limit.",
+                  lim.get("poll_errors"))
+
+    @staticmethod
+    def _redis(r: Any, f: _Families) -> None:
+        if not isinstance(r, Mapping):
+            return
+        f.gauge("fsha_redis_up", "1 while the Redis connection is usable.",
+                r.get("state") == "up")
+        f.counter("fsha_redis_commands", "Redis commands sent.", r.get("commands"))
+        f.counter("fsha_redis_failures", "Redis commands that failed (incl. not sent while "
+                  "down).", r.get("failures"))
+        f.counter("fsha_redis_timeouts", "Redis commands past their deadline.",
+                  r.get("timeouts"))
+        f.counter("fsha_redis_connects", "Redis connections made.", r.get("connects"))
 
 
 def metrics_registry(status: StatusFunction, effects: ReportSource | None = None,

@@ -58,7 +58,9 @@ SAMPLE: dict[str, Any] = {
         "links": {"established": 5, "refused": {"bad-cert": 1}, "bytes_in": 1, "bytes_out": 2},
         "peers": {"fs2": {"up": True, "lag_changes": 3, "lag_ms": 25.0, "rtt_ms": 0.5,
                           "changes_sent": 100, "changes_applied": 90, "bytes_in": 1000,
-                          "bytes_out": 2000, "identity": "fs2"},
+                          "bytes_out": 2000, "identity": "fs2", "duplicates": 4,
+                          "closed": {"gap": 1, "silent": 2},
+                          "dial_failures": {"A": 3}},
                   "fs3": {"up": False, "lag_changes": None, "lag_ms": None,
                           "bytes_in": 0, "bytes_out": 0}}},
     "feeds": {"slots": {"slot1": {"calls": 10, "registrations": 2, "errors": 1,
@@ -133,6 +135,11 @@ class CollectorTests(SynchronousTestCase):
                          m["fsha_peer_network_rtt_seconds"])  # no sample: absent
         self.assertEqual(one(m, "fsha_peer_heartbeat_version", peer="fs2"), 2)
         self.assertEqual(one(m, "fsha_peer_restarts_total", peer="fs2"), 2)
+        self.assertEqual(one(m, "fsha_replication_sessions_closed_total", peer="fs2",
+                             reason="silent"), 2)
+        self.assertEqual(one(m, "fsha_replication_dial_failures_total", peer="fs2",
+                             reason="A"), 3)
+        self.assertEqual(one(m, "fsha_replication_duplicate_changes_total", peer="fs2"), 4)
         self.assertEqual(one(m, "fsha_node_alive", node="fs3"), 0)
         self.assertEqual(one(m, "fsha_node_role", node="fs3", role="unknown"), 1)
         self.assertEqual(one(m, "fsha_node_role", node="fs2", role="master"), 1)
