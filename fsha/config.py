@@ -347,6 +347,8 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
     fencing = _fencing(c, raw.get("fencing"), base)
     redis = _redis(c, raw.get("redis"), base)
     limits = _limits(c, raw.get("limits"))
+    if "limits" in raw and "tls" not in raw:
+        c.problem("limits", "needs [tls]: limit usage is replicated between the nodes")
     if limits is not None and limits.hiredis_realms and "redis" not in raw:
         c.problem("limits.hiredis_realms", "needs a [redis] section: the counters to release "
                                            "live there")

@@ -96,10 +96,29 @@ def problems(status: JSON) -> list[str]:
             if not peer["up"] and name in alive:
                 why = f": {peer['last_error']}" if peer.get("last_error") else ""
                 found.append(f"replication link to {name} is down{why}")
+    redis = status.get("redis")
+    if redis and redis.get("state") != "up":
+        why = f" ({redis['last_error']})" if redis.get("last_error") else ""
+        found.append(f"redis: down since {_clock(redis.get('since'))}{why}; hiredis "
+                     "releases wait, takeovers go on")
+    limits = status.get("limits")
+    if limits:
+        if limits.get("pending_releases"):
+            found.append(f"limits: {limits['pending_releases']} hiredis unit(s) waiting to "
+                         "be released in Redis")
+        if limits.get("reconciles_waiting"):
+            found.append(f"limits: {limits['reconciles_waiting']} takeover reconciliation(s) "
+                         f"not done yet ({limits.get('last_error')})")
     if status["drops"].get("config-mismatch"):
         found.append(f"{status['drops']['config-mismatch']} heartbeats dropped from nodes "
                      "running a different config file")
     return found
+
+
+def _clock(t: Any) -> str:
+    if not isinstance(t, (int, float)):
+        return "?"
+    return time.strftime("%H:%M:%S", time.localtime(t))
 
 
 def _age(node: JSON) -> str:
@@ -162,6 +181,21 @@ def render(status: JSON) -> str:
                            for slot, kinds in replication["slots"].items())
         if counts:
             lines.append(f"records by slot: {counts}")
+    limits = status.get("limits")
+    if limits:
+        lines.append("")
+        totals = limits.get("totals") or {}
+        shown = ", ".join(f"{k} {n}" for k, n in list(totals.items())[:12])
+        more = f" (+{len(totals) - 12} more)" if len(totals) > 12 else ""
+        lines.append(f"limits: {shown or 'no usage'}{more}; adopted calls "
+                     f"{limits.get('adopted', 0)} here / {limits.get('adopted_cluster', 0)} "
+                     f"cluster; pending releases {limits.get('pending_releases', 0)}")
+    redis = status.get("redis")
+    if redis:
+        state = ("up" if redis.get("state") == "up"
+                 else f"down since {_clock(redis.get('since'))}")
+        lines.append(f"redis: {redis.get('address')} {state}"
+                     + (" (tls)" if redis.get("tls") else ""))
     found = problems(status)
     lines.append("")
     lines.append("problems: none" if not found else "problems:")

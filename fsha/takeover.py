@@ -196,6 +196,7 @@ class TakeoverReport:
     error: str | None = None
     total_ms: float = 0.0
     finished: bool = False
+    handover: bool = False  # acquire: the previous master handed the slot over itself
 
     def step(self, name: str) -> StepResult | None:
         for s in self.steps:
@@ -556,7 +557,7 @@ class SlotEffects:
         self._cancel_stop_retry(slot)
         report = TakeoverReport("acquire", slot.name, epoch,
                                 previous.name if previous is not None else None,
-                                self.clock.seconds())
+                                self.clock.seconds(), handover=previous is not None and not fence)
         acq = _Acquisition(slot, epoch)
         self._acquisitions[slot.slot_id] = acq
         log.info("acquiring slot {slot} (epoch {epoch}, previous master {previous})",

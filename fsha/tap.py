@@ -19,14 +19,23 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
-from fsha.config import ClusterConfig, ConfigError, NodeConfig, choose_node, load_config
+from fsha.config import (
+    ClusterConfig,
+    ConfigError,
+    NodeConfig,
+    choose_node,
+    load_config,
+    read_redis_password,
+)
 from fsha.control import ControlResource, control_token
 from fsha.esl import ConnectionState, ESLClient
 from fsha.floating import FloatingIPBackend, make_backend
 from fsha.fsdb import CoreDBWriter, ThreadRunner
 from fsha.fsevents import ClusterEvents
+from fsha.limitsvc import LimitService
 from fsha.metrics import SessionWatch, metrics_resource
 from fsha.node import ClusterNode
+from fsha.redisclient import RedisClient, RedisSettings
 from fsha.replication.feeds import Feeds
 from fsha.replication.service import ReplicationService
 from fsha.status import status_site_root
@@ -53,6 +62,7 @@ class Options(usage.Options):
             self.me: NodeConfig = choose_node(self.cluster, self["node"])
             self.secret: bytes = self.cluster.read_secret()
             check_tls_files(self.cluster, self.me)
+            self.redis_password: str | None = read_redis_password(self.cluster)
         except ConfigError as e:
             print(f"fsha: {e.problems[0]}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -139,6 +149,37 @@ class NodeService(service.Service):
         return d
 
 
+class LimitsService(service.Service):
+    """Cluster-wide limits (``[limits]``) and the Redis connection (``[redis]``)."""
+
+    def __init__(self, limits: LimitService | None, redis: RedisClient | None) -> None:
+        self.limits = limits
+        self.redis = redis
+
+    def startService(self) -> None:
+        super().startService()
+        if self.redis is not None:
+            self.redis.start()
+        if self.limits is not None:
+            self.limits.start()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        if self.limits is not None:
+            self.limits.stop()
+        return self.redis.stop() if self.redis is not None else defer.succeed(None)
+
+
+def redis_client(config: ClusterConfig, password: str | None, reactor: Any
+                 ) -> RedisClient | None:
+    r = config.redis
+    if r is None:
+        return None
+    return RedisClient(RedisSettings(
+        r.host, r.port, r.db, r.username, password, r.tls, r.ca, r.server_name, r.timeout,
+        r.connect_timeout, r.reconnect_min, r.reconnect_max, r.marker_ttl), reactor)
+
+
 class FeedsService(service.Service):
     """Feeds the replicated state from this node's FreeSWITCH for the slots it masters."""
 
@@ -214,6 +255,19 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         feeds.setName("feeds")
         feeds.setServiceParent(top)
         node.add_role_listener(feeds.role_changed)
+    # [limits] (needs the replicated state) and [redis]: after replication, before the node
+    redis = redis_client(config, getattr(options, "redis_password", None), reactor)
+    limits: LimitService | None = None
+    if config.limits is not None and replication is not None:
+        limits = LimitService(esl, replication.state, config, me, reactor, config.limits,
+                              redis=redis, publish=replication.publish,
+                              api_timeout=me.esl.timeout)
+        # after the takeover, never part of it: a slow or dead Redis cannot delay a claim
+        effects.add_report_listener(limits.takeover_done)
+    if limits is not None or redis is not None:
+        limits_service = LimitsService(limits, redis)
+        limits_service.setName("limits")
+        limits_service.setServiceParent(top)
 
     def status() -> dict[str, Any]:
         result = node.status()
@@ -222,6 +276,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         result["feeds"] = feeds.feeds.status() if replication is not None else None
         result["takeover"] = effects.status()
         result["fsevents"] = cluster_events.status()
+        result["limits"] = limits.status() if limits is not None else None
+        result["redis"] = redis.status() if redis is not None else None
         return result
 
     root = status_site_root(status, ControlResource(node, control_token(options.secret)))

@@ -313,6 +313,9 @@ class FencingConfigTests(SynchronousTestCase):
         self.assertEqual(len([p for p in problems if ": fencing." in p]), 4, problems)
 
 
+TLS = {"ca": "pki/ca.crt", "cert": "pki/{node}.crt", "key": "pki/{node}.key"}
+
+
 class LimitsRedisConfigTests(SynchronousTestCase):
     """The optional ``[limits]`` and ``[redis]`` sections."""
 
@@ -326,6 +329,7 @@ class LimitsRedisConfigTests(SynchronousTestCase):
 
     def test_defaults(self) -> None:
         raw = demo_raw()
+        raw["tls"] = TLS
         raw["limits"] = {}
         raw["redis"] = {"address": "127.0.0.1:6379"}
         config = parse_config(raw, DEMO)
@@ -337,10 +341,13 @@ class LimitsRedisConfigTests(SynchronousTestCase):
                           redis.marker_ttl), ("127.0.0.1", 6379, 0, False, 1.0, 0.5, 10.0,
                                               "fsha:", 7 * 86400))
         self.assertIsNone(redis.password_file)
-        self.assertEqual(config.digest, parse_config(demo_raw(), DEMO).digest)
+        no_limits = demo_raw()
+        no_limits["tls"] = TLS
+        self.assertEqual(config.digest, parse_config(no_limits, DEMO).digest)
 
     def test_full(self) -> None:
         raw = demo_raw()
+        raw["tls"] = TLS
         raw["limits"] = {"poll_interval_ms": 500, "hash_realm": "", "hiredis_realms":
                          ["default", "trunks"], "sweep_interval_ms": 1000,
                          "reconcile_timeout_ms": 3000, "retry_interval_ms": 700}
@@ -364,6 +371,7 @@ class LimitsRedisConfigTests(SynchronousTestCase):
 
     def test_problems(self) -> None:
         red = {"address": "127.0.0.1:6379"}
+        self.assertProblem(lambda r: r.update(limits={}), "limits", "needs [tls]")
         self.assertProblem(lambda r: r.update(limits={"poll": 1}), "limits.poll",
                            "unknown key")
         self.assertProblem(lambda r: r.update(limits={"poll_interval_ms": "1s"}),

@@ -1,0 +1,512 @@
+"""The node's side of cluster-wide limits: polling, totals, adoption, reconciliation.
+
+:class:`LimitService` runs on every node with a ``[limits]`` section (logic and record
+formats: :mod:`fsha.limits`):
+
+- every ``poll_interval``: ``hash_dump limit`` of the local FreeSWITCH -> this node's
+  ``u/`` records (only changes are written); then the cluster totals are computed from every
+  node's records and each changed total is written into the local FreeSWITCH with
+  ``hash insert/<hash_realm>/<realm>_<resource>/<total>`` (a dialplan reads it with
+  ``${hash(select/fsha_limit/<realm>_<resource>)}``);
+- after this node took a slot over (a ``takeover-acquire`` report), :meth:`reconcile`: the
+  dead master's calls holding limits are looked up here (``uuid_exists``); those alive are
+  adopted (``a/`` records, counted in the totals, released by this node when they hang up),
+  the others released; the dead master's own usage is superseded (``s/`` record). The whole
+  step is bounded (``reconcile_timeout``) and never fatal: the takeover is done before it
+  starts, and a failed attempt is retried every ``retry_interval``;
+- hiredis units to release become ``p/`` records first (replicated: a successor of this
+  node finishes them), then are released in Redis by the exactly-once script and deleted.
+  Redis down: they wait (status shows them) and go when it is back;
+- adopted calls: ``CHANNEL_HANGUP_COMPLETE`` (and a sweep every ``sweep_interval`` with
+  ``uuid_exists``, for missed events and a FreeSWITCH restart) releases them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterable
+from typing import Any, Protocol
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from fsha.config import ClusterConfig, LimitsConfig, NodeConfig, SlotConfig
+from fsha.fsapi import FSApi, parse_uuid_exists
+from fsha.limits import (
+    ADOPT_PREFIX,
+    PENDING_PREFIX,
+    SUPERSEDE_PREFIX,
+    USAGE_PREFIX,
+    Adoption,
+    CallHolding,
+    LimitBook,
+    dead_master_calls,
+    encode_adoption,
+    encode_pending,
+    parse_hash_dump,
+    plan_reconcile,
+    release_markers,
+)
+from fsha.redisclient import RedisClient, RedisError
+from fsha.replication.feeds import FeedValueError, decode_call_row
+from fsha.replication.state import ReplicatedState
+from fsha.wire.esl import Event
+from fsha.wire.stream import NO_SLOT, Change, Kind
+
+__all__ = ["LimitService"]
+
+log = Logger(namespace="fsha.limits")
+
+HANGUP_EVENT = "CHANNEL_HANGUP_COMPLETE"
+WINDOW = 64  # ESL commands in flight at once
+RELEASE_WINDOW = 64  # Redis releases in flight at once
+GONE_TTL = 120.0  # seconds a hung-up UUID is remembered (an adoption racing its hangup)
+
+
+class LimitESL(Protocol):
+    core_uuid: str | None
+
+    def api(self, command: str, timeout: float | None = None) -> Deferred[str]: ...
+
+    def add_event_listener(self, callback: Callable[[Event], object],
+                           name: str | None = None) -> None: ...
+
+    def subscribe(self, *names: str) -> Deferred[None]: ...
+
+
+class LimitService:
+    """See the module doc. ``publish`` streams this node's changes to its peers."""
+
+    def __init__(self, esl: LimitESL, state: ReplicatedState, config: ClusterConfig,
+                 me: NodeConfig, clock: IReactorTime, limits: LimitsConfig, *,
+                 redis: RedisClient | None = None,
+                 publish: Callable[[Change], object] | None = None,
+                 api_timeout: float = 2.0) -> None:
+        self.esl = esl
+        self.api = FSApi(esl, api_timeout)
+        self.state = state
+        self.config = config
+        self.me = me
+        self.clock = clock
+        self.limits = limits
+        self.redis = redis
+        self.publish = publish
+        self.api_timeout = api_timeout
+        self.prefix = config.redis.key_prefix if config.redis is not None else "fsha:"
+        self.book = LimitBook(self._incarnation_of)
+        state.add_listener(Kind.LIMIT, self.book.listener)
+        self._names = {n.node_id: n.name for n in config.nodes}
+        self._running = False
+        self._poll_timer: IDelayedCall | None = None
+        self._sweep_timer: IDelayedCall | None = None
+        self._retry_timer: IDelayedCall | None = None
+        self._polling = False
+        self._sweeping = False
+        self._releasing = False
+        self._pushed: dict[str, int] = {}  # totals written into the local FreeSWITCH
+        self._gone: dict[str, float] = {}  # hung-up UUIDs -> when
+        self._todo: dict[tuple[int, str], Any] = {}  # (slot, previous) -> reconcile wanted
+        self._reconciling = False
+        # status counters
+        self.polls = 0
+        self.poll_errors = 0
+        self.last_poll: float | None = None
+        self.last_error: str | None = None
+        self.hash_writes = 0
+        self.hash_errors = 0
+        self.released: dict[str, int] = {}  # outcome -> count
+        self.release_errors = 0
+        self.adopted_released = 0
+        self.reports: list[dict[str, Any]] = []
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def _incarnation_of(self, node: int) -> int | None:
+        p = self.state.position(node)
+        return None if p is None else p.incarnation
+
+    def start(self) -> None:
+        if self._running:
+            return
+        self._running = True
+        self.esl.add_event_listener(self._on_hangup, HANGUP_EVENT)
+        self.esl.subscribe(HANGUP_EVENT).addErrback(
+            lambda f: log.warn("limits: subscribing to hangups failed: {error}",
+                               error=f.getErrorMessage()))
+        add_restart = getattr(self.esl, "add_restart_listener", None)
+        if add_restart is not None:
+            add_restart(lambda old, new: self._pushed.clear())
+        if self.redis is not None:
+            self.redis.add_up_listener(self.kick_releases)
+        self._poll_timer = self.clock.callLater(0, self._poll)
+        self._sweep_timer = self.clock.callLater(self.limits.sweep_interval, self._sweep)
+
+    def stop(self) -> None:
+        self._running = False
+        for timer in (self._poll_timer, self._sweep_timer, self._retry_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._poll_timer = self._sweep_timer = self._retry_timer = None
+
+    # -- writing records --------------------------------------------------------------------
+
+    def _put(self, slot: int, key: str, value: bytes) -> None:
+        change = self.state.put(slot, Kind.LIMIT, key, value)
+        if self.publish is not None:
+            self.publish(change)
+
+    def _delete(self, slot: int, key: str) -> None:
+        change = self.state.delete(slot, Kind.LIMIT, key)
+        if change is not None and self.publish is not None:
+            self.publish(change)
+
+    def _own(self, table: dict[int, dict[Any, Any]]) -> dict[Any, Any]:
+        return table.get(self.me.node_id, {})
+
+    # -- polling and totals -----------------------------------------------------------------
+
+    def _schedule_poll(self) -> None:
+        if self._running:
+            self._poll_timer = self.clock.callLater(self.limits.poll_interval, self._poll)
+
+    def _poll(self) -> None:
+        self._poll_timer = None
+        if self._polling:
+            return self._schedule_poll()
+        self._polling = True
+        d = self.poll_once()
+
+        def done(result: object) -> None:
+            self._polling = False
+            if isinstance(result, Failure):
+                log.failure("limits poll failed", result)
+            self._schedule_poll()
+
+        d.addBoth(done)
+
+    @inlineCallbacks
+    def poll_once(self) -> Generator[Any, Any, None]:
+        """``hash_dump limit`` -> own usage records; then totals -> the local hash."""
+        try:
+            output = yield self.esl.api("hash_dump limit", timeout=self.api_timeout)
+        except Exception as e:
+            self.poll_errors += 1
+            self.last_error = f"hash_dump limit: {e}"
+        else:
+            self.polls += 1
+            self.last_poll = self.clock.seconds()
+            self._write_usage(parse_hash_dump(output))
+        yield self.push_totals()
+
+    def _write_usage(self, usage: dict[str, int]) -> None:
+        current = self._own(self.book.usage)
+        for key, n in usage.items():
+            if current.get(key) != n and len(key) + 2 <= 1024:
+                self._put(NO_SLOT, USAGE_PREFIX + key, str(n).encode())
+        for key in [k for k in current if k not in usage]:
+            self._delete(NO_SLOT, USAGE_PREFIX + key)
+
+    @inlineCallbacks
+    def push_totals(self) -> Generator[Any, Any, None]:
+        realm = self.limits.hash_realm
+        if realm is None:
+            return
+        totals = self.book.totals()
+        changes = {k: n for k, n in totals.items() if self._pushed.get(k) != n}
+        changes.update({k: 0 for k in self._pushed if k not in totals and self._pushed[k]})
+        items = [(k, n) for k, n in changes.items() if _hash_token(k)]
+        for i in range(0, len(items), WINDOW):
+            chunk = items[i:i + WINDOW]
+            results = yield DeferredList(
+                [self.api.hash_insert(realm, k, str(n)) for k, n in chunk], consumeErrors=True)
+            for (k, n), (ok, result) in zip(chunk, results, strict=True):
+                if ok:
+                    self._pushed[k] = n
+                    self.hash_writes += 1
+                else:
+                    self.hash_errors += 1
+                    self.last_error = f"hash insert {realm}/{k}: {result.getErrorMessage()}"
+
+    # -- takeover ---------------------------------------------------------------------------
+
+    def takeover_done(self, report: Any) -> None:
+        """A :class:`fsha.takeover.TakeoverReport` listener: reconcile after an acquire of
+        a slot that had a previous master."""
+        if report.action != "acquire" or not report.ok or report.previous is None:
+            return
+        try:
+            slot = self.config.slot(report.slot)
+            previous = self.config.node(report.previous)
+        except KeyError:
+            return
+        if previous.node_id == self.me.node_id:
+            return
+        handover = bool(getattr(report, "handover", False))
+        self._todo[(slot.slot_id, previous.name)] = (slot, previous, handover)
+        self._run_reconciles()
+
+    def _run_reconciles(self) -> None:
+        if self._reconciling or not self._todo or not self._running:
+            return
+        key = next(iter(self._todo))
+        slot, previous, handover = self._todo[key]
+        self._reconciling = True
+        d = self.reconcile(slot, previous, handover=handover)
+        d.addTimeout(self.limits.reconcile_timeout, self.clock)
+
+        def done(result: object) -> None:
+            self._reconciling = False
+            if isinstance(result, Failure):
+                error = ("timed out" if result.check(defer.TimeoutError)
+                         else result.getErrorMessage())
+                self.last_error = f"reconcile of {previous.name}: {error}"
+                log.warn("limits: reconciling {node}'s slot {slot} failed ({error}); "
+                         "retried in {s:g} s", node=previous.name, slot=slot.name,
+                         error=error, s=self.limits.retry_interval)
+                self._schedule_retry()
+            else:
+                self._todo.pop(key, None)
+                self._run_reconciles()
+
+        d.addBoth(done).addErrback(lambda f: log.failure("limits reconcile bookkeeping", f))
+
+    def _schedule_retry(self) -> None:
+        if self._retry_timer is None and self._running:
+            self._retry_timer = self.clock.callLater(self.limits.retry_interval, self._retry)
+
+    def _retry(self) -> None:
+        self._retry_timer = None
+        self._run_reconciles()
+        self.kick_releases()
+
+    def _dead_calls(self, slot: SlotConfig, previous: NodeConfig
+                    ) -> tuple[list[CallHolding], int]:
+        origin = previous.node_id
+        live = [r for r in self.state.records(origin=origin, slot=slot.slot_id,
+                                              kind=Kind.CALL)]
+        held = {r.key for r in live}
+        retired = [r for r in self.state.retired(origin)
+                   if r.slot == slot.slot_id and r.kind is Kind.CALL and r.key not in held]
+        rows: list[tuple[int, str, str, bytes]] = []
+        rejected = 0
+        for record in live + retired:
+            try:
+                row = decode_call_row(record.value)
+            except FeedValueError:
+                rejected += 1
+                continue
+            rows.append((record.slot, row.uuid, row.runtime_uuid, row.metadata))
+        adoptions = {u: a for u, a in self.book.adopted.get(origin, {}).items()}
+        slots = {u: s for s, u, _, _ in rows}
+        calls, bad = dead_master_calls(rows, adoptions, lambda u: slots.get(u, slot.slot_id))
+        return [c for c in calls if c.slot == slot.slot_id], rejected + bad
+
+    @inlineCallbacks
+    def reconcile(self, slot: SlotConfig, previous: NodeConfig, *, handover: bool = False
+                  ) -> Generator[Any, Any, dict[str, Any]]:
+        """See the module doc. Returns the report (also kept for the status)."""
+        start = self.clock.seconds()
+        calls, rejected = self._dead_calls(slot, previous)
+        incarnation = self._incarnation_of(previous.node_id)
+        own_runtime = self.esl.core_uuid
+        if own_runtime is None:
+            own_runtime = yield self.api.core_uuid()
+        alive: dict[str, bool] = {}
+        queried = [c.uuid for c in calls]
+        for i in range(0, len(queried), WINDOW):
+            chunk = queried[i:i + WINDOW]
+            results = yield defer.gatherResults(
+                [self.esl.api(f"uuid_exists {u}", timeout=self.api_timeout)
+                 .addCallback(lambda out: parse_uuid_exists("uuid_exists", out))
+                 for u in chunk], consumeErrors=True)
+            alive.update(zip(chunk, results, strict=True))
+        now = self.clock.seconds()
+        self._expire_gone(now)
+        realms = self.limits.hiredis_realms
+        plan = plan_reconcile(calls, lambda u: alive.get(u, False) and u not in self._gone,
+                              hiredis_realms=() if handover else realms, prefix=self.prefix)
+        # one reactor turn: the totals never count a call twice nor miss it
+        for call in plan.moved:
+            holdings = call.holdings
+            if handover:  # the previous FreeSWITCH released its hiredis units itself
+                holdings = type(holdings)(holdings.hash, ())
+            if holdings:
+                self._put(call.slot, ADOPT_PREFIX + call.uuid, encode_adoption(
+                    Adoption(call.uuid, own_runtime, previous.name, holdings)))
+        for r in plan.releases:
+            self._put(NO_SLOT, PENDING_PREFIX + r.marker, encode_pending(r.realm, r.key))
+        inherited = 0
+        if not handover:
+            for marker, (realm, key) in list(self.book.pending.get(previous.node_id,
+                                                                   {}).items()):
+                if marker not in self._own(self.book.pending):
+                    self._put(NO_SLOT, PENDING_PREFIX + marker, encode_pending(realm, key))
+                    inherited += 1
+            if incarnation is not None:
+                self._put(NO_SLOT, SUPERSEDE_PREFIX + str(previous.node_id),
+                          str(incarnation).encode())
+        report = {"slot": slot.name, "previous": previous.name, "handover": handover,
+                  "time": now, "ms": round((now - start) * 1000, 1), **plan.counts(),
+                  "rejected": plan.rejected + rejected, "inherited_releases": inherited}
+        self.reports = [*self.reports[-9:], report]
+        log.info("limits: slot {slot} from {node}: {moved} call(s) adopted, {released} "
+                 "released ({hiredis} hiredis unit(s) to release, {unmanaged} in other "
+                 "realms)", slot=slot.name, node=previous.name, moved=len(plan.moved),
+                 released=len(plan.released), hiredis=len(plan.releases) + inherited,
+                 unmanaged=plan.unmanaged)
+        self.kick_releases()
+        return report
+
+    # -- adopted calls ----------------------------------------------------------------------
+
+    def _expire_gone(self, now: float) -> None:
+        if len(self._gone) > 1000 or any(now - t > GONE_TTL for t in self._gone.values()):
+            self._gone = {u: t for u, t in self._gone.items() if now - t <= GONE_TTL}
+
+    def _on_hangup(self, event: Event) -> None:
+        uuid = event.headers.get("Unique-ID")
+        if not uuid:
+            return
+        if uuid in self._own(self.book.adopted):
+            self._release_adopted([uuid])
+        else:
+            self._gone[uuid] = self.clock.seconds()
+
+    def _release_adopted(self, uuids: Iterable[str]) -> None:
+        own = self._own(self.book.adopted)
+        realms = set(self.limits.hiredis_realms)
+        n = 0
+        for uuid in uuids:
+            a = own.get(uuid)
+            if a is None:
+                continue
+            for r in release_markers(self.prefix, a.runtime, uuid, a.holdings):
+                if r.realm in realms:
+                    self._put(NO_SLOT, PENDING_PREFIX + r.marker, encode_pending(r.realm, r.key))
+            slot = self._adoption_slot(uuid)
+            self._delete(slot, ADOPT_PREFIX + uuid)
+            n += 1
+        if n:
+            self.adopted_released += n
+            self.kick_releases()
+
+    def _adoption_slot(self, uuid: str) -> int:
+        for s in self.config.slots:
+            if self.state.get(self.me.node_id, s.slot_id, Kind.LIMIT, ADOPT_PREFIX + uuid):
+                return s.slot_id
+        return NO_SLOT
+
+    def _sweep(self) -> None:
+        self._sweep_timer = None
+        if not self._sweeping and self._own(self.book.adopted):
+            self._sweeping = True
+            d = self.sweep_once()
+
+            def done(result: object) -> None:
+                self._sweeping = False
+                if isinstance(result, Failure):
+                    self.last_error = f"adopted calls sweep: {result.getErrorMessage()}"
+                    log.warn("limits: sweep of adopted calls failed: {error}",
+                             error=result.getErrorMessage())
+
+            d.addBoth(done)
+        if self._running:
+            self._sweep_timer = self.clock.callLater(self.limits.sweep_interval, self._sweep)
+
+    @inlineCallbacks
+    def sweep_once(self) -> Generator[Any, Any, int]:
+        """Release adopted calls that no longer exist here; returns how many."""
+        uuids = list(self._own(self.book.adopted))
+        gone: list[str] = []
+        for i in range(0, len(uuids), WINDOW):
+            chunk = uuids[i:i + WINDOW]
+            results = yield defer.gatherResults(
+                [self.esl.api(f"uuid_exists {u}", timeout=self.api_timeout)
+                 .addCallback(lambda out: parse_uuid_exists("uuid_exists", out))
+                 for u in chunk], consumeErrors=True)
+            gone.extend(u for u, exists in zip(chunk, results, strict=True) if not exists)
+        self._release_adopted(gone)
+        return len(gone)
+
+    # -- Redis releases ---------------------------------------------------------------------
+
+    def kick_releases(self) -> None:
+        """Release the pending hiredis units (this node's ``p/`` records) now."""
+        if self._releasing or not self._own(self.book.pending) or not self._running:
+            return
+        if self.redis is None:
+            return
+        self._releasing = True
+        d = self._release_pending()
+
+        def done(result: object) -> None:
+            self._releasing = False
+            if isinstance(result, Failure):
+                log.failure("limits release loop failed", result)
+            if self._own(self.book.pending):
+                self._schedule_retry()
+
+        d.addBoth(done)
+
+    @inlineCallbacks
+    def _release_pending(self) -> Generator[Any, Any, None]:
+        redis = self.redis
+        assert redis is not None
+        while self._running and redis.state == "up":
+            pending = list(self._own(self.book.pending).items())[:RELEASE_WINDOW]
+            if not pending:
+                return
+            results = yield DeferredList(
+                [redis.release(key, marker) for marker, (_realm, key) in pending],
+                consumeErrors=True)
+            failed = 0
+            for (marker, (realm, key)), (ok, result) in zip(pending, results, strict=True):
+                if ok:
+                    outcome, _value = result
+                    self.released[outcome] = self.released.get(outcome, 0) + 1
+                    if outcome in ("missing", "clamped"):
+                        log.warn("limits: release of {realm} {key}: {outcome} (counter "
+                                 "drifted)", realm=realm, key=key, outcome=outcome)
+                    self._delete(NO_SLOT, PENDING_PREFIX + marker)
+                else:
+                    failed += 1
+                    self.release_errors += 1
+                    self.last_error = f"redis release: {result.getErrorMessage()}"
+                    if not result.check(RedisError):
+                        log.failure("limits: release failed", result)
+            if failed:
+                return  # retried later (Redis back, or the retry timer)
+
+    # -- status -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        book = self.book
+        names = self._names
+        per_node = {names.get(o, str(o)): share for o, share in book.per_origin().items()}
+        return {
+            "totals": dict(sorted(book.totals().items())),
+            "per_node": per_node,
+            "superseded": sorted(names.get(o, str(o)) for o in book.superseded()),
+            "adopted": len(self._own(book.adopted)),
+            "adopted_cluster": sum(len(v) for o, v in book.adopted.items()
+                                   if o in set(book.counted_origins())),
+            "hiredis_held": {f"{r}/{k}": n for (r, k), n in
+                             sorted(book.hiredis_held().items())},
+            "pending_releases": len(self._own(book.pending)),
+            "pending_releases_cluster": sum(len(v) for v in book.pending.values()),
+            "released": dict(self.released),
+            "release_errors": self.release_errors,
+            "adopted_released": self.adopted_released,
+            "polls": self.polls, "poll_errors": self.poll_errors, "last_poll": self.last_poll,
+            "hash_realm": self.limits.hash_realm, "hash_writes": self.hash_writes,
+            "hash_errors": self.hash_errors, "rejected_records": book.rejected,
+            "reconciles_waiting": len(self._todo), "last_reconciles": list(self.reports),
+            "last_error": self.last_error,
+            "redis": self.redis.status() if self.redis is not None else None,
+        }
+
+
+def _hash_token(value: str) -> bool:
+    return bool(value) and "/" not in value and not any(ch.isspace() for ch in value)
