@@ -495,3 +495,51 @@ class FlappingNIC(FaultScenario):
         self.passed({"changes": len(changes), "samples_network_a_down": seen_down,
                      "max_gap_ms": round(gap * 1000, 1),
                      "replication_connects": {p: v["connects"] for p, v in repl.items()}})
+
+
+class CandidateKilledAfterItsIPs(FaultScenario):
+    """Scenario 8, later in the takeover: the candidate's fsha alone is killed once its
+    floating IP is up and while its FreeSWITCH recovers thousands of calls; its host and
+    FreeSWITCH live on. The next candidate completes the takeover, and the client is served
+    by it alone. Full set only (thousands of calls)."""
+
+    nodes = 5
+    slots = 2
+    calls = 3000
+
+    def setUp(self) -> None:
+        full_only()
+        super().setUp()
+
+    def test_next_candidate_completes_the_takeover(self) -> None:
+        cluster = self.cluster
+        master, candidate, successor = self.owners["slot1"], self.ranking[0], self.ranking[1]
+        ip = cluster.floating_ip(1)
+        self.links_up()
+        self.place_calls("slot1", self.calls)
+        probe = self.probe_until_serving()
+
+        killed_master = cluster.kill_host(master)
+
+        def ips_up(status: dict[str, Any]) -> bool:
+            return status["role"] == "claiming" and ip in cluster.held_addresses(candidate)
+        killed, seen = cluster.kill_when(candidate, "the candidate's floating IP to be up",
+                                         ips_up, timeout=30, sim_too=False)
+        wait_for("the next candidate to master slot1",
+                 lambda: self.is_master(successor, "slot1"), timeout=60)
+        status = cluster.status(cluster.node(successor))
+        self.assertGreater(status["epoch"], seen["epoch"])
+        report = self.acquire_report(successor, "slot1")
+        self.assertEqual(report["calls_recovered"], self.calls)
+        owners = {**self.owners, "slot1": successor}
+        wait_for("the survivors to agree", lambda: all(
+            self.slot_view(n.name)[0] == owners for n in cluster.running()), timeout=30)
+        wait_for("the client to reach the next candidate",
+                 lambda: probe.last_node(ip) == successor, timeout=20)
+        self.assert_one_answerer_per_ip(probe, owners)
+        downtime, _ = outage(probe.answers_for(ip), killed_master)
+        self.passed({"downtime_ms": round(downtime * 1000, 1),
+                     "candidate_killed_after_ms": round((killed - killed_master) * 1000, 1),
+                     "successor_steps_ms": report["steps_ms"],
+                     "dead_claimer_still_holds_ip": ip in cluster.held_addresses(candidate),
+                     "dead_claimers_profile": cluster.sim_control(candidate, "/status")})
