@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -54,7 +54,8 @@ class SlotActions(Protocol):
     """The effects of owning a slot. Both calls must finish or fail within their timeout."""
 
     def acquire(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None, *,
-                fence: bool = True) -> defer.Deferred[None]: ...
+                fence: bool = True, claimers: Sequence[NodeConfig] = ()
+                ) -> defer.Deferred[None]: ...
 
     def release(self, slot: SlotConfig) -> defer.Deferred[None]: ...
 
@@ -110,7 +111,7 @@ class RoleMachine:
 
     @_machine.input()
     def assigned(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None,
-                 handed_over: bool) -> None:
+                 handed_over: bool, claimers: tuple[NodeConfig, ...] = ()) -> None:
         "The role engine gives this node an orphan slot (its previous master may have let it go)."
 
     @_machine.input()
@@ -135,8 +136,8 @@ class RoleMachine:
 
     @_machine.output()
     def _begin_claim(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None,
-                     handed_over: bool) -> None:
-        self._node._begin_claim(slot, epoch, previous, handed_over)
+                     handed_over: bool, claimers: tuple[NodeConfig, ...] = ()) -> None:
+        self._node._begin_claim(slot, epoch, previous, handed_over, claimers)
 
     @_machine.output()
     def _become_master(self) -> None:
@@ -197,6 +198,10 @@ class ClusterNode:
         # slot -> node that gave it up itself (hand-over, drain, FreeSWITCH gone): it need
         # not be fenced by its successor.
         self.released_by: dict[int, int] = {}
+        # slot -> (node, epoch) of a peer last seen claiming it and not since seen to let it
+        # go: if it died mid-takeover, its floating IPs and profiles may be up, so the next
+        # candidate fences it as well as the previous master.
+        self.claimers: dict[int, tuple[int, int]] = {}
         self.roles: Roles = compute_roles([], [], {})
         self.drops: Counter[str] = Counter()
         self.received = 0
@@ -323,6 +328,7 @@ class ClusterNode:
                 self.released_by.pop(hb.slot, None)
             elif hb.role is Role.RELEASING and self.last_holder.get(hb.slot) == hb.node_id:
                 self.released_by[hb.slot] = hb.node_id
+        self._track_claimers(hb)
         if hb.type is not MessageType.HEARTBEAT:
             slot = self.config.slots[hb.slot].name if hb.slot < len(self.config.slots) else "?"
             kind = "takeover" if hb.type is MessageType.TAKEOVER else "release"
@@ -332,6 +338,17 @@ class ClusterNode:
                           peer=name, kind=kind, slot=slot, epoch=hb.epoch,
                           takeover=f"{slot}/{hb.epoch}")
         self._evaluate()
+
+    def _track_claimers(self, hb: Heartbeat) -> None:
+        if hb.role is Role.CLAIMING and hb.slot != NO_SLOT:
+            self.claimers[hb.slot] = (hb.node_id, hb.epoch)
+        for slot, (node_id, epoch) in list(self.claimers.items()):
+            if node_id == hb.node_id and hb.slot == slot \
+                    and hb.role in (Role.CLAIMING, Role.RELEASING):
+                continue  # still claiming, or rolling back: not done with the slot yet
+            if node_id == hb.node_id or (hb.slot == slot and hb.role is Role.MASTER
+                                         and hb.epoch >= epoch):
+                del self.claimers[slot]  # it let the slot go, or the slot has a master
 
     # -- the periodic work ----------------------------------------------------------------
 
@@ -501,6 +518,9 @@ class ClusterNode:
             if previous is not None and not self._quorum_after(previous):
                 return  # a dead master's slot: see _quorum_after
             handed_over = previous is not None and self.released_by.get(slot_id) == previous
+            claimer = self.claimers.get(slot_id)
+            claimers = (self.config.nodes[claimer[0]],) \
+                if claimer is not None and claimer[0] != me else ()
             if previous is None and epoch == 1 and self._anyone_starting():
                 # A slot never owned (cluster cold start): wait until every live node has
                 # finished discovery, so all rank the same slaves and claims do not collide.
@@ -508,7 +528,7 @@ class ClusterNode:
                 return
             self._machine.assigned(self.config.slots[slot_id], epoch,
                                    self.config.nodes[previous] if previous is not None else None,
-                                   handed_over)
+                                   handed_over, claimers)
 
     # -- outputs of the role machine --------------------------------------------------------
 
@@ -533,7 +553,7 @@ class ClusterNode:
                     self.log.failure("role listener failed")
 
     def _begin_claim(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None,
-                     handed_over: bool = False) -> None:
+                     handed_over: bool = False, claimers: tuple[NodeConfig, ...] = ()) -> None:
         self._set_role(Role.CLAIMING, slot.slot_id, epoch)
         self.claim_started = self.clock.seconds()
         subject = previous.name if previous is not None else None
@@ -541,12 +561,13 @@ class ClusterNode:
                       slot=slot.name, epoch=epoch, previous=subject or "none",
                       takeover=f"{slot.name}/{epoch}")
         self._event("claim", slot=slot.name, epoch=epoch, previous=subject,
-                    handed_over=handed_over)
+                    handed_over=handed_over, dead_claimers=[c.name for c in claimers])
         self._announce(MessageType.TAKEOVER,
                        subject=previous.node_id if previous is not None else self.me.node_id)
-        # A master that released the slot itself is alive and well: never fence it.
+        # A master that released the slot itself is alive and well: never fence it. A node
+        # that died claiming the slot may hold its resources: fence it too.
         claim = self._claim = defer.maybeDeferred(self.actions.acquire, slot, epoch, previous,
-                                                  fence=not handed_over)
+                                                  fence=not handed_over, claimers=claimers)
         claim.addTimeout(self.claim_timeout, self.clock)
 
         def done(result: object) -> None:
@@ -570,6 +591,7 @@ class ClusterNode:
         self._set_role(Role.MASTER, self.slot, self.epoch)
         self.known_epochs[self.slot] = max(self.known_epochs.get(self.slot, 0), self.epoch)
         self.last_holder[self.slot] = self.me.node_id
+        self.claimers.pop(self.slot, None)
         self.log.info("master of slot {slot} (epoch {epoch}) after {ms:.1f} ms",
                       slot=slot.name, epoch=self.epoch, ms=took,
                       takeover=f"{slot.name}/{self.epoch}")

@@ -26,7 +26,10 @@ Acquire (a failed *fatal* step fails ``acquire``; the node then calls ``release`
    :func:`fence_bound` (the timeout plus the runner's time to kill and reap). Skipped with
    no command configured, on a fresh claim (no previous master), when the previous master
    released the slot itself (``acquire(..., fence=False)``: a planned switchover or
-   hand-over), and against this node itself (``me``).
+   hand-over), and against this node itself (``me``). A node that died claiming the slot
+   (``acquire(..., claimers=[...])``: it may hold the addresses and a started profile) is
+   fenced too, side by side with the previous master, in the same step and bound; it is
+   fenced even when the previous master handed the slot over.
 3. ``floating_ips`` (fatal): the slot's addresses up through the floating-IP backend.
 4. ``records`` (fatal): the dead master's replicated rows (:class:`SlotRecords`), kept only
    for the slot's profiles (``technology`` ``sofia``; one row per call UUID) and, for
@@ -551,9 +554,11 @@ class SlotEffects:
     # -- acquire ----------------------------------------------------------------------------
 
     def acquire(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None, *,
-                fence: bool = True) -> Deferred[None]:
+                fence: bool = True, claimers: Sequence[NodeConfig] = ()) -> Deferred[None]:
         """Take ``slot`` over from ``previous`` (None: a fresh claim). ``fence=False``: the
-        previous master handed the slot over itself (switchover, SIGTERM): not fenced."""
+        previous master handed the slot over itself (switchover, SIGTERM): not fenced.
+        ``claimers``: nodes that died claiming the slot (they may hold its floating IPs
+        and profiles): fenced too, in the same step."""
         self._cancel_stop_retry(slot)
         report = TakeoverReport("acquire", slot.name, epoch,
                                 previous.name if previous is not None else None,
@@ -562,7 +567,7 @@ class SlotEffects:
         self._acquisitions[slot.slot_id] = acq
         log.info("acquiring slot {slot} (epoch {epoch}, previous master {previous})",
                  slot=slot.name, epoch=epoch, previous=report.previous or "none")
-        inner = self._acquire(slot, previous, report, acq, fence)
+        inner = self._acquire(slot, previous, report, acq, fence, tuple(claimers))
 
         def cancel(_: Deferred[None]) -> None:
             # The node gave up (claim timeout, or it lost the slot): stop at once. It
@@ -593,8 +598,8 @@ class SlotEffects:
 
     @inlineCallbacks
     def _acquire(self, slot: SlotConfig, previous: NodeConfig | None,
-                 report: TakeoverReport, acq: _Acquisition, fence: bool
-                 ) -> Generator[Any, Any, None]:
+                 report: TakeoverReport, acq: _Acquisition, fence: bool,
+                 claimers: tuple[NodeConfig, ...] = ()) -> Generator[Any, Any, None]:
         t = self.timeouts
         if self.esl is None:
             self._record(report, StepResult("self_check", SKIPPED, 0.0, {},
@@ -602,11 +607,15 @@ class SlotEffects:
         else:
             yield self._step(report, "self_check", self._self_check, t.self_check, acq=acq)
         skip = self._fence_skipped(previous, fence)
-        if skip is not None:
+        targets = [] if skip is not None else [previous]
+        if self.fencing is not None:
+            targets += [c for c in claimers if c not in targets
+                        and (self.me is None or c.node_id != self.me.node_id)]
+        if not targets:
             self._record(report, StepResult("fence", SKIPPED, 0.0, {}, skip))
         else:
-            assert self.fencing is not None and previous is not None
-            yield self._step(report, "fence", lambda s: self._fence(previous, s),
+            assert self.fencing is not None
+            yield self._step(report, "fence", lambda s: self._fence_all(targets, s),
                              self._fence_timeout(), fatal=self.fencing.required, acq=acq)
 
         def ips_up(step: _Step) -> Deferred[None]:
@@ -664,6 +673,15 @@ class SlotEffects:
             return self.timeouts.fence
         assert self.fencing is not None and self.runner is not None
         return fence_bound(self.fencing.timeout, self.runner.kill_grace, self.runner.drain)
+
+    def _fence_all(self, nodes: list[NodeConfig | None], step: _Step) -> Deferred[None]:
+        """Fence every one of ``nodes`` at once; fails with the first failure."""
+        fences = [self._fence(n, step) for n in nodes if n is not None]
+        if len(fences) == 1:
+            return fences[0]
+        d = defer.DeferredList(fences, fireOnOneErrback=True, consumeErrors=True)
+        d.addErrback(lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
+        return d.addCallback(lambda _: None)
 
     def _fence(self, previous: NodeConfig, step: _Step) -> Deferred[None]:
         fencing, runner = self.fencing, self.runner

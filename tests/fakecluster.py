@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +49,18 @@ class FakeActions:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, int]] = []
         self.fenced: list[bool] = []  # the fence= argument of every acquire
+        self.claimers: list[list[str]] = []  # the claimers= argument of every acquire
         self.held: set[str] = set()
         self.fail_acquire = False
         self.hang_acquire = False
         self.pending: list[defer.Deferred[None]] = []
 
     def acquire(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None, *,
-                fence: bool = True) -> defer.Deferred[None]:
+                fence: bool = True, claimers: Sequence[NodeConfig] = ()
+                ) -> defer.Deferred[None]:
         self.calls.append(("acquire", slot.name, epoch))
         self.fenced.append(fence)
+        self.claimers.append([c.name for c in claimers])
         if self.fail_acquire:
             return defer.fail(RuntimeError("floating IP refused"))
         if self.hang_acquire:

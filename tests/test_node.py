@@ -121,6 +121,36 @@ class FailoverTests(SynchronousTestCase):
         claim = [e for e in cluster.nodes["fs1"].events if e["event"] == "claim"][-1]
         self.assertTrue(claim["handed_over"])
 
+    def test_a_candidate_that_dies_claiming_is_fenced_by_the_next(self) -> None:
+        # 5 nodes: with the master and the candidate dead, 3 still make a majority.
+        cluster = FakeCluster(make_config(nodes=5, slots=2))
+        converge(cluster)
+        ranking = [cluster.config.nodes[i].name for i in cluster.nodes["fs1"].roles.ranking]
+        candidate, successor = ranking[0], ranking[1]
+        cluster.actions[candidate].hang_acquire = True  # stuck mid-takeover
+        cluster.kill("fs1")
+        cluster.advance(1.0)
+        self.assertEqual(cluster.roles_of()[candidate], "claiming")
+        self.assertEqual(cluster.nodes[successor].claimers, {0: (
+            cluster.config.node(candidate).node_id, cluster.nodes[candidate].epoch)})
+        cluster.kill(candidate)
+        cluster.advance(1.0)
+        self.assertEqual(cluster.masters()["slot1"], successor)
+        self.assertEqual(cluster.actions[successor].claimers, [[candidate]])
+        self.assertEqual(cluster.actions[successor].fenced, [True])
+        claim = [e for e in cluster.nodes[successor].events if e["event"] == "claim"][-1]
+        self.assertEqual(claim["dead_claimers"], [candidate])
+        for node in cluster.live():  # the slot has a master again: nobody else to fence
+            self.assertEqual(node.claimers, {}, node.me.name)
+
+    def test_a_claim_that_completes_leaves_nobody_to_fence(self) -> None:
+        cluster = self.cluster
+        cluster.kill("fs1")
+        cluster.advance(1.0)
+        self.assertEqual(cluster.actions["fs3"].claimers, [[]])
+        for node in cluster.live():
+            self.assertEqual(node.claimers, {}, node.me.name)
+
     def test_restarted_master_rejoins_as_slave_without_preempting(self) -> None:
         cluster = self.cluster
         cluster.kill("fs1")

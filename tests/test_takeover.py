@@ -971,6 +971,32 @@ class FenceTests(SynchronousTestCase):
         self.assertEqual(len(runner.cancelled), 1)
         FailureTests.assert_rolled_back(self, s, "fence")  # type: ignore[arg-type]
 
+    def test_a_node_that_died_claiming_the_slot_is_fenced_too(self) -> None:
+        # It may hold the floating IPs and a started profile: fenced in the same step.
+        claimer = NodeConfig("fs3", 2, 50, {"A": "127.0.1.3"}, Endpoint("127.0.1.3", 7000),
+                             Endpoint("127.0.0.1", 7002), ESLConfig("127.0.0.1", 8021,
+                                                                    "ClueCon", 1.0), None)
+        both = [(*FENCE.command, "fence", "fs1"), (*FENCE.command, "fence", "fs3")]
+        for kw, fenced in [({}, both), ({"fence": False}, both[1:])]:
+            s = Scenario(self, calls=1, regs=0)
+            runner = self.fenced(s, me=ME)
+            self.successResultOf(s.effects.acquire(SLOT, 3, DEAD, claimers=[claimer, ME],
+                                                   **kw))
+            report = s.effects.last_report
+            assert report is not None
+            self.assertTrue(report.ok, report.as_dict())
+            self.assertEqual([argv for argv, _ in runner.runs], fenced, "never itself")
+            self.assertEqual(self.order[1:len(fenced) + 2],
+                             [*(("run", argv) for argv in fenced), ("up", "slot1")])
+        # a failed fence of the claimer aborts the takeover like any failed fence
+        s = Scenario(self)
+        argv = both[1]
+        self.fenced(s, behaviour=ProcessFailed(argv, 1, b"", ProcessResult(argv, 1, b"", b"",
+                                                                           0.1)))
+        d = s.effects.acquire(SLOT, 3, None, claimers=[claimer])
+        self.assertEqual(self.failureResultOf(d, TakeoverStepError).value.step, "fence")
+        self.assertEqual(s.floating.calls, [])
+
     def test_skipped(self) -> None:
         cases: list[tuple[Any, dict[str, Any], str]] = [
             (None, {}, "no previous master (fresh claim)"),
