@@ -51,7 +51,7 @@ import json
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 from urllib.parse import unquote_to_bytes
 
@@ -189,6 +189,7 @@ class Adoption:
     runtime: str  # the FreeSWITCH runtime holding the call (the adopter's)
     origin: str  # the node it was adopted from
     holdings: Holdings
+    slot: int = -1  # the record's slot (not in the value)
 
 
 def encode_adoption(a: Adoption) -> bytes:
@@ -277,7 +278,8 @@ class LimitBook:
             if key.startswith(USAGE_PREFIX):
                 self.usage.setdefault(origin, {})[key[2:]] = int(value)
             elif key.startswith(ADOPT_PREFIX):
-                self.adopted.setdefault(origin, {})[key[2:]] = decode_adoption(key[2:], value)
+                self.adopted.setdefault(origin, {})[key[2:]] = replace(
+                    decode_adoption(key[2:], value), slot=slot)
             elif key.startswith(SUPERSEDE_PREFIX):
                 self.supersedes.setdefault(origin, {})[int(key[2:])] = int(value)
             elif key.startswith(PENDING_PREFIX):
@@ -421,8 +423,7 @@ def plan_reconcile(calls: Iterable[CallHolding], alive: Callable[[str], bool], *
 
 
 def dead_master_calls(call_rows: Iterable[tuple[int, str, str, bytes]],
-                      adoptions: Mapping[str, Adoption], slot_of: Callable[[str], int],
-                      ) -> tuple[list[CallHolding], int]:
+                      adoptions: Mapping[str, Adoption]) -> tuple[list[CallHolding], int]:
     """The calls a dead master held, with their holdings: its call records
     ``(slot, uuid, runtime_uuid, metadata)`` and the calls it had adopted (those not also in
     its records; an adoption takes precedence). Returns them and how many records could
@@ -439,6 +440,6 @@ def dead_master_calls(call_rows: Iterable[tuple[int, str, str, bytes]],
     for uuid, a in adoptions.items():
         # the adoption wins: its runtime is the one the adopter releases under
         previous = out.get(uuid)
-        slot = previous.slot if previous is not None else slot_of(uuid)
+        slot = previous.slot if previous is not None else a.slot
         out[uuid] = CallHolding(uuid, slot, a.runtime, a.holdings)
     return list(out.values()), rejected

@@ -284,8 +284,7 @@ class LimitService:
     def _dead_calls(self, slot: SlotConfig, previous: NodeConfig
                     ) -> tuple[list[CallHolding], int]:
         origin = previous.node_id
-        live = [r for r in self.state.records(origin=origin, slot=slot.slot_id,
-                                              kind=Kind.CALL)]
+        live = list(self.state.records(origin=origin, slot=slot.slot_id, kind=Kind.CALL))
         held = {r.key for r in live}
         retired = [r for r in self.state.retired(origin)
                    if r.slot == slot.slot_id and r.kind is Kind.CALL and r.key not in held]
@@ -298,9 +297,8 @@ class LimitService:
                 rejected += 1
                 continue
             rows.append((record.slot, row.uuid, row.runtime_uuid, row.metadata))
-        adoptions = {u: a for u, a in self.book.adopted.get(origin, {}).items()}
-        slots = {u: s for s, u, _, _ in rows}
-        calls, bad = dead_master_calls(rows, adoptions, lambda u: slots.get(u, slot.slot_id))
+        adoptions = dict(self.book.adopted.get(origin, {}))
+        calls, bad = dead_master_calls(rows, adoptions)
         return [c for c in calls if c.slot == slot.slot_id], rejected + bad
 
     @inlineCallbacks
