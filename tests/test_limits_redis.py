@@ -1,0 +1,146 @@
+"""LimitService with a real redis-server: two nodes reconciling the same dead master, Redis
+killed in the middle of the releases, Redis hung (SIGSTOP) during a takeover."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Generator
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.trial import unittest
+
+from fsha.config import LimitsConfig
+from fsha.limitsvc import LimitService
+from fsha.redisclient import RedisClient
+from fsha.replication.feeds import encode_call_row
+from fsha.replication.state import ReplicatedState
+from fsha.takeover import RecoveryRow
+from fsha.wire.stream import Change, Kind
+from tests.redisserver import RedisServer, start_redis
+from tests.test_limits import CONFIG, FakeFS, _Report, cdr
+from tests.test_redisclient import settings, wait_for
+
+LIMITS = LimitsConfig(60.0, "fsha_limit", ("default",), 60.0, 5.0, 0.1)
+
+
+class Node:
+    """One node: a fake FreeSWITCH, a replicated state, a LimitService, a Redis client."""
+
+    def __init__(self, index: int, server: RedisServer, peers: list[Node]) -> None:
+        self.config = CONFIG.nodes[index]
+        self.fs = FakeFS(f"runtime-{index}")
+        self.state = ReplicatedState(reactor, self.config.node_id, 1)
+        self.peers = peers
+        self.redis = RedisClient(settings(server, timeout=0.3), reactor)
+        self.svc = LimitService(self.fs, self.state, CONFIG, self.config, reactor, LIMITS,
+                                redis=self.redis, publish=self.publish)
+        peers.append(self)
+
+    def publish(self, change: Change) -> None:
+        for peer in self.peers:
+            if peer is not self:
+                peer.state.apply(change)
+
+    def start(self) -> None:
+        self.redis.start()
+        self.svc.start()
+
+    def stop(self) -> Deferred[None]:
+        self.svc.stop()
+        return self.redis.stop()
+
+
+class ServiceRedisTests(unittest.TestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.server = start_redis(self)
+        self.nodes: list[Node] = []
+        self.dead, self.a, self.b = (Node(i, self.server, self.nodes) for i in range(3))
+        for n in (self.a, self.b):
+            n.start()
+            self.addCleanup(n.stop)
+
+    def dead_master_calls(self, count: int, units: int = 1) -> None:
+        """``count`` calls on the dead master (slot 0), each holding ``units`` units of
+        the hiredis key ``trunk`` and the hash key ``gw_out``; Redis counts them."""
+        for i in range(count):
+            row = RecoveryRow(self.dead.fs.core_uuid or "", "sofia",
+                              CONFIG.slots[0].profiles[0], "h", f"call-{i}",
+                              cdr(["gw_out"], ["default trunk 100000"] * units))
+            self.dead.publish(self.dead.state.put(0, Kind.CALL, f"call-{i}",
+                                                  encode_call_row(row)))
+        self.server.call("SET", "trunk", str(count * units))
+
+    def report(self) -> _Report:
+        return _Report("acquire", CONFIG.slots[0].name, self.dead.config.name)
+
+    @inlineCallbacks
+    def test_two_nodes_reconcile_the_same_dead_master(self) -> Generator[Any, Any, None]:
+        self.dead_master_calls(150, units=2)
+        yield wait_for(lambda: self.a.redis.state == self.b.redis.state == "up", "connected")
+        self.a.svc.takeover_done(self.report())
+        self.b.svc.takeover_done(self.report())
+        yield wait_for(lambda: not self.a.svc.status()["pending_releases"]
+                       and not self.b.svc.status()["pending_releases"], "releases done",
+                       timeout=30)
+        self.assertEqual(self.server.call("GET", "trunk"), "0")
+        released = [n.svc.released for n in (self.a, self.b)]
+        self.assertEqual(sum(r.get("released", 0) for r in released), 300)
+        self.assertEqual(sum(r.get("already", 0) for r in released), 300)
+        self.assertEqual(sum(r.get("clamped", 0) + r.get("missing", 0) for r in released), 0)
+        for n in (self.a, self.b):
+            self.assertEqual(n.svc.book.totals(), {})
+
+    @inlineCallbacks
+    def test_redis_killed_in_the_middle(self) -> Generator[Any, Any, None]:
+        self.dead_master_calls(400)
+        yield wait_for(lambda: self.a.redis.state == "up", "connected")
+        self.server.call("SAVE")
+        calls = [0]
+        release = self.a.redis.release
+
+        def counting(counter: str, marker: str, value: str = "1") -> Deferred[Any]:
+            calls[0] += 1
+            if calls[0] == 100:  # a quarter done: Redis crashes (the SAVE keeps the counts)
+                self.server.call("SAVE")
+                self.server.kill()
+            return release(counter, marker, value)
+
+        self.a.redis.release = counting  # type: ignore[method-assign]
+        self.a.svc.takeover_done(self.report())
+        # the takeover's bookkeeping is done whatever Redis does: the releases wait
+        self.assertEqual(self.a.svc.book.totals(), {})
+        yield wait_for(lambda: self.a.redis.state == "down", "Redis down")
+        self.assertGreater(self.a.svc.status()["pending_releases"], 0)
+        self.assertIn("down", self.a.svc.status()["redis"]["state"])
+        self.server.start()
+        yield wait_for(lambda: not self.a.svc.status()["pending_releases"],
+                       "releases finished after Redis came back", timeout=30)
+        self.assertEqual(self.server.call("GET", "trunk"), "0")
+        outcomes = self.a.svc.released
+        self.assertEqual(outcomes.get("clamped", 0) + outcomes.get("missing", 0), 0)
+        self.assertGreater(self.a.svc.release_errors, 0)  # some were cut off, then retried
+        self.assertGreater(calls[0], 400)
+        self.assertGreaterEqual(self.a.redis.connects, 2)
+
+    @inlineCallbacks
+    def test_hung_redis_never_blocks_the_takeover(self) -> Generator[Any, Any, None]:
+        self.dead_master_calls(50)
+        yield wait_for(lambda: self.a.redis.state == "up", "connected")
+        assert self.server.proc is not None
+        os.kill(self.server.proc.pid, signal.SIGSTOP)
+        try:
+            d = self.a.svc.reconcile(CONFIG.slots[0], self.dead.config)
+            self.assertTrue(d.called)  # no Redis round trip in the reconciliation itself
+            self.assertEqual((yield d)["released"], 50)
+            yield wait_for(lambda: self.a.svc.release_errors > 0, "releases timing out")
+            self.assertEqual(self.a.svc.status()["pending_releases"], 50)
+        finally:
+            os.kill(self.server.proc.pid, signal.SIGCONT)
+        yield wait_for(lambda: not self.a.svc.status()["pending_releases"], "released",
+                       timeout=30)
+        self.assertEqual(self.server.call("GET", "trunk"), "0")
