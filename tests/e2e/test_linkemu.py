@@ -123,6 +123,7 @@ class RealCables(SynchronousTestCase):
         c.impair("fs1", "A")
         self.assertEqual(len(self.exchange(20)), 20, "a plain cable again")
         stats = c.link_stats()
-        self.assertEqual(stats["1A"]["out"]["dropped"], 20)
+        # the 20 datagrams, and whatever else the host sent meanwhile (ARP, IPv6 ND)
+        self.assertGreaterEqual(stats["1A"]["out"]["dropped"], 20)
         with self.assertRaises(HarnessError):
             c.impair("fs1", "B", loss=0.1)  # B is a veth pair: not emulated
