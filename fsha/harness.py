@@ -22,7 +22,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,13 +111,16 @@ class LoopbackCluster:
 
     def __init__(self, nodes: int = 3, slots: int = 2, *, interval_ms: int = 20,
                  dead_after_ms: int = 100, workdir: Path | None = None,
-                 keep: bool = False, json_logs: bool = False) -> None:
+                 keep: bool = False, json_logs: bool = False, extra_config: str = "",
+                 sim_args: Sequence[str] = ()) -> None:
         if not 1 <= slots <= nodes <= 200:
             raise ValueError("need 1 <= slots <= nodes <= 200")
         self.node_count, self.slot_count = nodes, slots
         self.interval_ms, self.dead_after_ms = interval_ms, dead_after_ms
         self.keep = keep or workdir is not None
         self.json_logs = json_logs
+        self.extra_config = extra_config  # TOML appended to the config (e.g. [limits])
+        self.sim_args = list(sim_args)  # more arguments of every `fsha sim`
         self.dir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fsha-demo-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.dir / "cluster.toml"
@@ -166,7 +169,7 @@ class LoopbackCluster:
                 "--esl", f"{self.address(3, node.index)}:{esl_port}",
                 "--password", "ClueCon", "--db", str(self.dir / f"{node.name}-core.db"),
                 "--control", f"{self.address(3, node.index)}:{control_port}",
-                "--ready-file", str(ready), "--profile-guard", "0"]
+                "--ready-file", str(ready), "--profile-guard", "0", *self.sim_args]
         for s in range(1, self.slot_count + 1):
             name, ip, port = self.slot_profile(s)
             argv += ["--define-profile", f"{name}={ip}:{port}"]
@@ -203,7 +206,7 @@ class LoopbackCluster:
             f"dead_after_ms = {self.dead_after_ms}", 'quorum = "majority"', "",
             '[floating_ip]', 'backend = "loopback"', "",
             '[tls]', 'ca = "pki/ca.crt"', 'cert = "pki/{node}.crt"', 'key = "pki/{node}.key"',
-            "",
+            "", self.extra_config, "",
             '[[network]]', 'name = "A"', f"port = {port_a}", "",
             '[[network]]', 'name = "B"', f"port = {port_b}", ""]
         for node in self.nodes:
