@@ -664,9 +664,20 @@ class Switch:
             )
             return CallOutcome(uuids, refused=False)
 
+        self._log_limit_apps(a, limits)
         return self.limits.apply(
             a.uuid, a.variables, limits, lambda: a.uuid in self.channels
         ).addCallback(limited)
+
+    def _log_limit_apps(self, ch: Channel, specs: Sequence[LimitSpec]) -> None:
+        """The ``limit`` apps in the channel's app log, as the XML CDR lists every executed
+        application with its (expanded) argument; fsha reads hiredis holdings from it."""
+        now = self.clock.seconds()
+        for spec in specs:
+            arg = f"{spec.backend} {spec.realm} {spec.resource}"
+            if spec.max >= 0:
+                arg += f" {spec.max}" + (f"/{spec.interval}" if spec.interval else "")
+            ch.app_log.append(("limit", arg, now))
 
     def _connect_call(
         self,
@@ -1220,6 +1231,7 @@ class Switch:
                 ch.uuid, build_cdr(ch, self.core_uuid, self.switchname), self.core_uuid
             )
 
+        self._log_limit_apps(ch, specs)
         self.limits.apply(ch.uuid, ch.variables, specs, lambda: ch.uuid in self.channels)\
             .addCallback(done)\
             .addErrback(lambda f: log.failure("originate: limits of {uuid} failed", f,
