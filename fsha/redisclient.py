@@ -126,8 +126,21 @@ class _ReportingEndpoint:
         return d.addErrback(failed)
 
 
+class _Protocol(txredisapi.RedisProtocol):  # type: ignore[misc]
+    """Keeps why the connection was lost (a TLS verification error, a reset...)."""
+
+    def connectionLost(self, why: Failure) -> None:
+        factory = getattr(self, "factory", None)
+        if factory is not None:
+            factory.lost_reason = why.getErrorMessage()
+        super().connectionLost(why)
+
+
 class _Factory(txredisapi.RedisFactory):  # type: ignore[misc]
     """txredisapi's pool factory (one connection) that reports its connection's life."""
+
+    protocol = _Protocol
+    lost_reason: str | None = None
 
     def __init__(self, owner: RedisClient, settings: RedisSettings) -> None:
         super().__init__(None, settings.db or None, 1, isLazy=True,
@@ -140,12 +153,29 @@ class _Factory(txredisapi.RedisFactory):  # type: ignore[misc]
 
     def addConnection(self, conn: Any) -> None:
         super().addConnection(conn)
-        if conn in self.pool:
-            self.owner._connected(self)
+        if conn not in self.pool:
+            return
+        # Usable once the server answers (with TLS, the handshake is over by then: a
+        # certificate that does not verify never counts as connected).
+        d = conn.execute_command("PING")
+
+        def answered(reply: Any) -> None:
+            if isinstance(reply, Exception):
+                raise reply
+            if conn.connected and conn in self.pool:
+                self.owner._connected(self)
+
+        def failed(f: Failure) -> None:
+            if self.owner._factory is self:
+                reason = self.lost_reason or f.getErrorMessage()
+                self.owner._set_down(f"no answer to PING: {reason}")
+
+        d.addCallbacks(answered, failed).addErrback(failed)
 
     def delConnection(self, conn: Any) -> None:
         super().delConnection(conn)
-        self.owner._disconnected(self, "connection lost")
+        self.owner._disconnected(self, f"connection lost: {self.lost_reason}"
+                                 if self.lost_reason else "connection lost")
 
     def connectionError(self, why: str) -> None:
         super().connectionError(why)

@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
+from fsha.pki import create_ca, issue_cert
 from fsha.redisclient import (
     RedisClient,
     RedisSettings,
@@ -21,7 +22,13 @@ from fsha.redisclient import (
     RedisUnavailable,
     read_password,
 )
-from tests.redisserver import RedisServer, start_redis
+from tests.redisserver import (
+    SKIP_MESSAGE,
+    RedisServer,
+    free_port,
+    redis_server_path,
+    start_redis,
+)
 
 WAIT = 10.0  # seconds a test waits for a state it expects (bounded polling)
 
@@ -171,3 +178,71 @@ class AuthTests(unittest.TestCase):
         self.assertEqual(read_password(path), "pw-1")
         path.write_text("\n")
         self.assertRaises(ValueError, read_password, path)
+
+
+class _TLSRedis(RedisServer):
+    """The test server with a TLS port too (the plain port stays, for ``call``)."""
+
+    def __init__(self, executable: str, directory: Path) -> None:
+        super().__init__(executable)
+        self.certs = directory
+        self.tls_port = free_port()
+
+    def _argv(self) -> list[str]:
+        return [*super()._argv(), "--tls-port", str(self.tls_port),
+                "--tls-cert-file", str(self.certs / "redis.crt"),
+                "--tls-key-file", str(self.certs / "redis.key"),
+                "--tls-ca-cert-file", str(self.certs / "ca.crt"),
+                "--tls-auth-clients", "no"]
+
+
+class TLSTests(unittest.TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        exe = redis_server_path()
+        if exe is None:
+            raise unittest.SkipTest(SKIP_MESSAGE)
+        certs = Path(self.mktemp()).resolve()
+        ca, ca_key = create_ca(certs, "redis-test")
+        issue_cert(ca, ca_key, "redis-test", "redis", ["127.0.0.1"], certs / "redis.crt",
+                   certs / "redis.key")
+        other = certs / "other"
+        create_ca(other, "other")
+        self.ca, self.other_ca = ca, other / "ca.crt"
+        self.server = _TLSRedis(exe, certs)
+        self.addCleanup(self.server.cleanup)
+        try:
+            self.server.start()
+        except RuntimeError as e:
+            text = str(e).lower()
+            if "bad directive" in text or "unrecognized" in text:  # built without TLS
+                raise unittest.SkipTest(f"redis-server without TLS support: {e}") from None
+            raise
+
+    def client(self, **kw: Any) -> RedisClient:
+        c = RedisClient(settings(self.server, port=self.server.tls_port, tls=True, **kw),
+                        reactor)
+        c.start()
+        self.addCleanup(c.stop)
+        return c
+
+    @inlineCallbacks
+    def test_verified_server(self) -> Generator[Any, Any, None]:
+        c = self.client(ca=self.ca, server_name="redis")
+        yield wait_for(lambda: c.state == "up", "TLS connection")
+        yield c.execute("SET", "over-tls", "1")
+        self.assertEqual(self.server.call("GET", "over-tls"), "1")
+        self.assertTrue(c.status()["tls"])
+
+    @inlineCallbacks
+    def test_unknown_ca_or_wrong_name_refused(self) -> Generator[Any, Any, None]:
+        wrong_ca = self.client(ca=self.other_ca, server_name="redis")
+        wrong_name = self.client(ca=self.ca, server_name="not-redis")
+        yield sleep(1.0)  # several attempts at the short backoff
+        for c in (wrong_ca, wrong_name):
+            self.assertEqual(c.state, "down")
+            self.assertEqual(c.connects, 0)
+            yield self.assertFailure(c.get("k"), RedisUnavailable)
+        self.assertIn("certificate verify failed", wrong_ca.last_error or "")
+        self.assertIn("not-redis", wrong_name.last_error or "")
