@@ -495,3 +495,48 @@ class ClusterTests(SynchronousTestCase):
                              {f"fsha_limit/{k}": n for k, n in want.items()})
         self.assertEqual({k: v for k, v in cl.redis.counters.items() if v},
                          cl.expected_redis())
+
+
+class StatusAndMetricsTests(SynchronousTestCase):
+    def test_status_lines_problems_and_metrics(self) -> None:
+        from fsha.status import problems, render
+        from tests.fakecluster import FakeCluster, make_config
+        from tests.test_metrics import one, scrape
+
+        cl = Cluster()
+        n1, _n2, n3 = (n.node_id for n in cl.nodes)
+        cl.write_call(n1, 0, Call("c0", frozenset({"realm_a"}), ("trunk",)))
+        cl.write_call(n1, 0, Call("c1", frozenset({"realm_a"}), ("trunk",)))
+        cl.kill(n1)
+        cl.redis.state = "down"
+        cl.takeover(n1, n3, 0, ["c0"])
+        cl.fs[n1].calls = {}
+        cl.poll()
+        lim = cl.svcs[n3].status()
+        self.assertEqual(lim["totals"], {"realm_a": 1})
+        self.assertEqual(lim["superseded"], [cl.nodes[0].name])
+        self.assertEqual(lim["hiredis_held"], {"default/trunk": 1})
+        self.assertEqual(lim["pending_releases"], 1)
+        fake = FakeCluster(make_config(nodes=3, slots=2))
+        fake.start_all()
+        fake.advance(fake.config.discovery + 0.5)
+        status = fake.nodes["fs3"].status()
+        status["limits"] = lim
+        status["redis"] = {"address": "10.0.0.5:6379", "tls": True, "state": "down",
+                           "since": 1_700_000_000.0, "last_error": "cannot connect: refused",
+                           "commands": 3, "failures": 2, "timeouts": 1, "connects": 1}
+        text = render(status)
+        self.assertIn("limits: realm_a 1; adopted calls 1 here / 1 cluster; pending "
+                      "releases 1", text)
+        self.assertRegex(text, r"redis: 10\.0\.0\.5:6379 down since \d\d:\d\d:\d\d")
+        found = problems(status)
+        self.assertTrue(any(p.startswith("redis: down since") and "cannot connect" in p
+                            for p in found), found)
+        self.assertIn("limits: 1 hiredis unit(s) waiting to be released in Redis", found)
+        _, samples = scrape(status)
+        self.assertEqual(one(samples, "fsha_limit_usage", key="realm_a"), 1.0)
+        self.assertEqual(one(samples, "fsha_limit_adopted_calls"), 1.0)
+        self.assertEqual(one(samples, "fsha_limit_pending_releases"), 1.0)
+        self.assertEqual(one(samples, "fsha_redis_up"), 0.0)
+        self.assertEqual(one(samples, "fsha_limit_node_usage", node=cl.nodes[2].name,
+                             key="realm_a"), 1.0)
