@@ -144,6 +144,15 @@ class LimitService:
         self._sweep_timer = self.clock.callLater(self.limits.sweep_interval, self._sweep)
 
     def stop(self) -> None:
+        """Stop; this node's usage and adoptions leave the cluster totals (its slot was
+        handed over before: the successor adopts the calls it recovers). Its pending
+        releases and supersede records stay: a successor finishes the former, and the
+        latter keep dead nodes from counting again."""
+        if self._running:
+            for key in list(self._own(self.book.usage)):
+                self._delete(NO_SLOT, USAGE_PREFIX + key)
+            for uuid in list(self._own(self.book.adopted)):
+                self._delete(self._adoption_slot(uuid), ADOPT_PREFIX + uuid)
         self._running = False
         for timer in (self._poll_timer, self._sweep_timer, self._retry_timer):
             if timer is not None and timer.active():

@@ -267,6 +267,8 @@ class Cluster:
         svc.start()
 
     def publish(self, origin: int, change: Change) -> None:
+        if origin not in self.alive:
+            return  # killed: nothing it writes gets out
         for nid in self.alive:
             if nid != origin:
                 result = self.states[nid].apply(change)
@@ -427,6 +429,16 @@ class ClusterTests(SynchronousTestCase):
         cl.poll()
         self.assertEqual(cl.svcs[n2].book.totals(), {})
         self.assertEqual(cl.redis.counters["trunk"], 0)
+
+    def test_a_stopping_node_leaves_the_totals(self) -> None:
+        cl = Cluster()
+        n1, n2, _n3 = (n.node_id for n in cl.nodes)
+        cl.write_call(n1, 0, Call("c0", frozenset({"realm_a"}), ()))
+        cl.write_call(n2, 1, Call("d0", frozenset({"realm_a"}), ()))
+        cl.poll()
+        self.assertEqual(cl.svcs[n2].book.totals(), {"realm_a": 2})
+        cl.svcs[n1].stop()  # SIGTERM: its slot was handed over, its calls with it
+        self.assertEqual(cl.svcs[n2].book.totals(), {"realm_a": 1})
 
     def test_sweep_releases_adopted_calls_whose_event_was_missed(self) -> None:
         cl = Cluster()
