@@ -154,6 +154,8 @@ class RedisConfig:
     reconnect_max: float
     key_prefix: str
     marker_ttl: int  # seconds a release marker is kept
+    durable_state: bool = False  # this node's replicated records kept in Redis (fsha.durable)
+    durable_flush: float = 0.2  # seconds between two writes of the durable store
 
 
 @dataclass(frozen=True)
@@ -349,6 +351,9 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
     limits = _limits(c, raw.get("limits"))
     if "limits" in raw and "tls" not in raw:
         c.problem("limits", "needs [tls]: limit usage is replicated between the nodes")
+    if redis is not None and redis.durable_state and "tls" not in raw:
+        c.problem("redis.durable_state", "needs [tls]: the durable store keeps the replicated "
+                                         "state")
     if limits is not None and limits.hiredis_realms and "redis" not in raw:
         c.problem("limits.hiredis_realms", "needs a [redis] section: the counters to release "
                                            "live there")
@@ -660,7 +665,7 @@ def _redis(c: _Checker, raw: Any, base: Path) -> RedisConfig | None:
     t = c.table(raw, "redis", ("address", "db", "username", "password_file", "tls", "ca",
                                "server_name", "timeout_ms", "connect_timeout_ms",
                                "reconnect_min_ms", "reconnect_max_ms", "key_prefix",
-                               "marker_ttl_s"))
+                               "marker_ttl_s", "durable_state", "durable_flush_ms"))
     if t is None:
         return None
     address = c.get(t, "redis", "address", str, check=_nonempty)
@@ -696,14 +701,17 @@ def _redis(c: _Checker, raw: Any, base: Path) -> RedisConfig | None:
                    else "must not contain spaces")
     ttl = c.get(t, "redis", "marker_ttl_s", int, 7 * 86400,
                 check=lambda v: None if 60 <= v <= 366 * 86400 else "must be 60-31622400")
+    durable = c.get(t, "redis", "durable_state", bool, False)
+    flush = c.get(t, "redis", "durable_flush_ms", int, 200, check=_ms_range(10, 60_000))
     if None in (host, port, db, username, password_file, tls, ca, server_name, timeout,
-                connect, rmin, rmax, prefix, ttl):
+                connect, rmin, rmax, prefix, ttl, durable, flush):
         return None
     assert host is not None and port is not None
     return RedisConfig(host, port, db, username or None,
                        _resolve(base, password_file) if password_file else None, tls,
                        _resolve(base, ca) if ca else None, server_name or None,
-                       timeout / 1000, connect / 1000, rmin / 1000, rmax / 1000, prefix, ttl)
+                       timeout / 1000, connect / 1000, rmin / 1000, rmax / 1000, prefix, ttl,
+                       durable, flush / 1000)
 
 
 def _tls(c: _Checker, raw: Any, base: Path) -> TLSConfig | None:

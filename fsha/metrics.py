@@ -315,6 +315,7 @@ class ClusterCollector:
         self._fsevents(st.get("fsevents"), f)
         self._limits(st.get("limits"), f)
         self._redis(st.get("redis"), f)
+        self._durable(st.get("durable"), f)
         yield from f.families()
         if self.stats is not None:
             yield from self.stats.collect()
@@ -578,6 +579,24 @@ class ClusterCollector:
         f.counter("fsha_redis_timeouts", "Redis commands past their deadline.",
                   r.get("timeouts"))
         f.counter("fsha_redis_connects", "Redis connections made.", r.get("connects"))
+
+
+    @staticmethod
+    def _durable(d: Any, f: _Families) -> None:
+        if not isinstance(d, Mapping):
+            return
+        f.gauge("fsha_durable_in_sync", "1 while Redis holds this node's origin at its "
+                "current position (durable store).", d.get("state") == "in-sync")
+        f.gauge("fsha_durable_lag_changes", "Changes of this node's origin not yet in Redis "
+                "(absent while a full resync is due).", d.get("lag_changes"))
+        f.counter("fsha_durable_writes", "Writes of the durable store (incremental and full).",
+                  d.get("flushes"))
+        f.counter("fsha_durable_resyncs", "Full resyncs of this node's origin into Redis.",
+                  d.get("resyncs"))
+        f.counter("fsha_durable_write_errors", "Durable store writes that failed.",
+                  d.get("write_errors"))
+        f.gauge("fsha_durable_loaded_records", "Records loaded from Redis at start.",
+                (d.get("load") or {}).get("records"))
 
 
 def metrics_registry(status: StatusFunction, effects: ReportSource | None = None,

@@ -225,6 +225,9 @@ class ClusterNode:
         self._stopped_release: defer.Deferred[None] | None = None
         self._had_quorum = False
         self._quorum_since = 0.0
+        # False while something this node needs before a cold-start claim is not settled
+        # (the durable store's load, bounded by the store): see fsha.durable.
+        self.cold_start_gate: Callable[[], bool] | None = None
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -521,10 +524,13 @@ class ClusterNode:
             claimer = self.claimers.get(slot_id)
             claimers = (self.config.nodes[claimer[0]],) \
                 if claimer is not None and claimer[0] != me else ()
-            if previous is None and epoch == 1 and self._anyone_starting():
+            if previous is None and epoch == 1 and (
+                    self._anyone_starting()
+                    or (self.cold_start_gate is not None and not self.cold_start_gate())):
                 # A slot never owned (cluster cold start): wait until every live node has
                 # finished discovery, so all rank the same slaves and claims do not collide.
-                # A dead master's slot (known epoch) is taken over at once.
+                # A dead master's slot (known epoch) is taken over at once. The durable
+                # store (if any) may still name the slot's master before the restart.
                 return
             self._machine.assigned(self.config.slots[slot_id], epoch,
                                    self.config.nodes[previous] if previous is not None else None,

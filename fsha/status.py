@@ -101,6 +101,16 @@ def problems(status: JSON) -> list[str]:
         why = f" ({redis['last_error']})" if redis.get("last_error") else ""
         found.append(f"redis: down since {_clock(redis.get('since'))}{why}; hiredis "
                      "releases wait, takeovers go on")
+    durable = status.get("durable")
+    if durable:
+        if durable.get("state") == "dirty" and (durable.get("last_error") or
+                                                (redis and redis.get("state") != "up")):
+            found.append(f"durable state: not written since {_clock(durable.get('dirty_since'))}"
+                         f" ({durable.get('last_error') or 'redis down'}); full resync when "
+                         "Redis answers, a whole-cluster restart would load older state")
+        load = durable.get("load") or {}
+        if load.get("state") == "failed":
+            found.append(f"durable state: nothing loaded at start ({load.get('error')})")
     limits = status.get("limits")
     if limits:
         if limits.get("pending_releases"):
@@ -113,6 +123,32 @@ def problems(status: JSON) -> list[str]:
         found.append(f"{status['drops']['config-mismatch']} heartbeats dropped from nodes "
                      "running a different config file")
     return found
+
+
+def durable_line(d: dict[str, Any]) -> str:
+    """``fsha status``'s line for the durable store (``[redis] durable_state``)."""
+    state = d.get("state")
+    if state == "in-sync":
+        written = d.get("written") or [0, 0]
+        text = f"in sync (sequence {written[1]})"
+    elif state == "behind":
+        text = f"behind by {d.get('lag_changes')} change(s)"
+    elif state == "dirty":
+        why = f" ({d['last_error']})" if d.get("last_error") else ""
+        text = f"dirty since {_clock(d.get('dirty_since'))}{why}: full resync due"
+    else:
+        text = str(state)
+    load = d.get("load") or {}
+    if load.get("state") == "applied":
+        slots = ", ".join(f"slot {s} from node {v['master']}"
+                          for s, v in sorted((load.get("slots") or {}).items()))
+        loaded = (f"loaded {load.get('records', 0)} record(s) of "
+                  f"{len(load.get('origins') or {})} origin(s)" + (f", {slots}" if slots else ""))
+    elif load.get("state") == "failed":
+        loaded = f"nothing loaded ({load.get('error')})"
+    else:
+        loaded = f"load {load.get('state')}"
+    return f"durable state: {text}; {loaded}"
 
 
 def _clock(t: Any) -> str:
@@ -196,6 +232,9 @@ def render(status: JSON) -> str:
                  else f"down since {_clock(redis.get('since'))}")
         lines.append(f"redis: {redis.get('address')} {state}"
                      + (" (tls)" if redis.get("tls") else ""))
+    durable = status.get("durable")
+    if durable:
+        lines.append(durable_line(durable))
     found = problems(status)
     lines.append("")
     lines.append("problems: none" if not found else "problems:")

@@ -28,6 +28,7 @@ from fsha.config import (
     read_redis_password,
 )
 from fsha.control import ControlResource, control_token
+from fsha.durable import DurableStore, key_prefix
 from fsha.esl import ConnectionState, ESLClient
 from fsha.floating import FloatingIPBackend, make_backend
 from fsha.fsdb import CoreDBWriter, ThreadRunner
@@ -268,6 +269,19 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         limits_service = LimitsService(limits, redis)
         limits_service.setName("limits")
         limits_service.setServiceParent(top)
+    # [redis] durable_state: after the Redis client (started before it, stopped after its
+    # last write), before the node (which waits for its load before a cold-start claim)
+    durable: DurableStore | None = None
+    if redis is not None and replication is not None and config.redis is not None \
+            and config.redis.durable_state:
+        peers = node.detector.peers
+        durable = DurableStore(
+            redis, replication.state, node, [n.node_id for n in config.nodes],
+            lambda n: n in peers and peers[n].alive, reactor,
+            prefix=key_prefix(config.redis.key_prefix, config.name),
+            flush_interval=config.redis.durable_flush)
+        durable.setName("durable")
+        durable.setServiceParent(top)
 
     def status() -> dict[str, Any]:
         result = node.status()
@@ -278,6 +292,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         result["fsevents"] = cluster_events.status()
         result["limits"] = limits.status() if limits is not None else None
         result["redis"] = redis.status() if redis is not None else None
+        result["durable"] = durable.status() if durable is not None else None
         return result
 
     root = status_site_root(status, ControlResource(node, control_token(options.secret)))

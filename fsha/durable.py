@@ -1,0 +1,578 @@
+"""The durable store: this node's replicated records in Redis, so a restarted cluster
+starts warm (``[redis] durable_state = true``).
+
+The replicated state lives in the nodes' memory; when every node stops (a power cut, a
+whole-cluster upgrade) it is gone, and the first master of each slot starts with no calls to
+recover and no registrations. With a durable store each node also keeps its *own origin*
+(every record it writes: calls, registrations, identity, limit usage) in Redis, with the
+origin's position, and a node that starts loads the origins nobody else can give it.
+
+Writing (own origin only)
+-------------------------
+A record listener marks each changed key dirty; every ``flush_interval`` the dirty keys are
+read back from the state (coalesced: a key changed 100 times is written once, with its
+current value or deleted) and written in **one** script (``EVAL``: atomic, one round trip)
+together with the origin's position ``(incarnation, sequence)``, so Redis always holds the
+origin exactly as it was at that position. The script writes only over the same
+incarnation; otherwise, and whenever the incremental path cannot be trusted, the origin is
+*resynchronised in full*: its records at one position are written in chunks into a scratch
+key, then a final script renames it over the origin's records and sets the position
+(atomic). Memory is bounded: at most ``max_pending`` dirty keys are kept; past that, or
+while Redis is down or a write fails, the keys are dropped and the origin is only marked
+*dirty* (one full resync when Redis answers again). At most one write is in flight.
+
+The slot table (``slots``: slot id -> ``epoch:node:time_ms``) is written by a node when it
+becomes a slot's master, so a restarted cluster knows which origin's calls a slot held.
+
+Keys (``P`` = ``[redis] key_prefix`` + ``{cluster name}:``; the braces keep every key of a
+cluster in one Redis Cluster hash slot)::
+
+    P origin:N:meta     hash: incarnation, sequence, written_ms, node
+    P origin:N:records  hash: "slot/kind/key" -> "expires_ms:" + value (bytes)
+    P origin:N:resync   scratch key of a full resync
+    P slots             hash: slot id -> "epoch:node_id:written_ms"
+
+Records with an expiry (registrations) carry it; expired ones are deleted when the state
+expires them and skipped at load (Redis per-field TTLs need Redis 7.4).
+
+Loading (at start)
+------------------
+At start the node reads every other node's origin and the slot table (each command has the
+Redis deadline; the whole load is bounded by ``load_wait``). When discovery is over (the node
+knows which peers are alive and has heard their replication HELLOs), each loaded origin is
+applied as a replication snapshot (:meth:`ReplicatedState.apply_snapshot`) **only** if its
+node is not alive and this node holds nothing at an equal or newer position of it: a record
+from Redis never overrides newer replicated data, and what is loaded is ordered by the same
+positions as replication (a peer that supplies a newer position later simply supersedes
+it). A slot whose master is not known from heartbeats gets the stored epoch and master
+(``known_epochs`` / ``last_holder``) when that master is not alive, so the slot is taken
+over from it and the takeover reads its loaded rows exactly as replicated ones. A node waits
+for the load (at most ``load_wait``) before a cold-start claim of a never-owned slot
+(``ClusterNode.cold_start_gate``); a load that fails or times out is skipped (status) and
+nothing else waits for Redis. Writes of this node's origin start after the load, so a node
+that restarts does not overwrite its previous run before the others could load it.
+
+Limits: a node does not load its own previous run (it restarts with a new incarnation; its
+peers load it), nor the previous run of a node that is alive again. An origin loaded after
+the replication links came up is served to a peer only when its link restarts; every node
+loads on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any, Final, Protocol
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from fsha.redisclient import RedisClient, RedisError
+from fsha.replication.state import ApplyResult, ReplicatedState
+from fsha.wire.heartbeat import Role
+from fsha.wire.stream import Kind, SnapshotBegin, SnapshotEnd, SnapshotItem
+
+__all__ = [
+    "DEFAULT_FLUSH_INTERVAL",
+    "DEFAULT_MAX_PENDING",
+    "DurableStore",
+    "decode_field",
+    "decode_value",
+    "encode_field",
+    "encode_value",
+    "key_prefix",
+]
+
+log = Logger(namespace="fsha.durable")
+
+DEFAULT_FLUSH_INTERVAL: Final = 0.2
+DEFAULT_MAX_PENDING: Final = 5000  # dirty keys kept before falling back to a full resync
+CHUNK_RECORDS: Final = 500  # records per HSET of a full resync
+CHUNK_BYTES: Final = 1 << 20
+
+#: KEYS meta, records; ARGV incarnation, sequence, written_ms, node, ndel, del fields...,
+#: then field/value pairs. 'resync' when Redis holds another incarnation (or nothing).
+WRITE_SCRIPT: Final = """
+if redis.call('HGET', KEYS[1], 'incarnation') ~= ARGV[1] then return 'resync' end
+local n = tonumber(ARGV[5])
+for i = 6, 5 + n do redis.call('HDEL', KEYS[2], ARGV[i]) end
+for i = 6 + n, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], 'sequence', ARGV[2], 'written_ms', ARGV[3], 'node', ARGV[4])
+return 'ok'
+"""
+#: KEYS meta, records, scratch; ARGV incarnation, sequence, written_ms, node.
+FINISH_SCRIPT: Final = """
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('RENAME', KEYS[3], KEYS[2])
+else
+  redis.call('DEL', KEYS[2])
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'incarnation', ARGV[1], 'sequence', ARGV[2],
+           'written_ms', ARGV[3], 'node', ARGV[4])
+return 'ok'
+"""
+#: KEYS meta, records: {meta pairs, record pairs} read atomically ({} if no meta).
+READ_SCRIPT: Final = """
+local meta = redis.call('HGETALL', KEYS[1])
+if #meta == 0 then return {} end
+return {meta, redis.call('HGETALL', KEYS[2])}
+"""
+
+
+class NodeView(Protocol):
+    """What the store needs of :class:`fsha.node.ClusterNode`."""
+
+    role: Role
+    epoch: int
+    known_epochs: dict[int, int]
+    last_holder: dict[int, int]
+    cold_start_gate: Any
+
+    def add_role_listener(self, callback: Any) -> None: ...
+
+
+def key_prefix(prefix: str, cluster: str) -> str:
+    return f"{prefix}{{{cluster}}}:"
+
+
+def encode_field(slot: int, kind: Kind, key: str) -> str:
+    return f"{slot}/{int(kind)}/{key}"
+
+
+def decode_field(field: str) -> tuple[int, Kind, str]:
+    """Raises ValueError for a field this module did not write."""
+    slot, kind, key = field.split("/", 2)
+    return int(slot), Kind(int(kind)), key
+
+
+def encode_value(expires_ms: int, value: bytes) -> bytes:
+    return b"%d:" % expires_ms + value
+
+
+def decode_value(data: bytes) -> tuple[int, bytes]:
+    expires, sep, value = data.partition(b":")
+    if not sep or not expires.isdigit():
+        raise ValueError("not an expiry and a value")
+    return int(expires), value
+
+
+def _bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode("utf-8")  # txredisapi decodes valid UTF-8: exact round trip
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _pairs(flat: Any) -> list[tuple[Any, Any]]:
+    if not isinstance(flat, list) or len(flat) % 2:
+        raise ValueError(f"not a list of pairs: {type(flat).__name__}")
+    return list(zip(flat[0::2], flat[1::2], strict=True))
+
+
+class _Loaded:
+    __slots__ = ("incarnation", "items", "rejected", "sequence", "written_ms")
+
+    def __init__(self, incarnation: int, sequence: int, written_ms: int,
+                 items: list[SnapshotItem], rejected: int) -> None:
+        self.incarnation, self.sequence, self.written_ms = incarnation, sequence, written_ms
+        self.items, self.rejected = items, rejected
+
+
+class DurableStore(service.Service):
+    """This node's origin written to Redis; other origins loaded at start (module doc)."""
+
+    def __init__(self, redis: RedisClient, state: ReplicatedState, node: NodeView,
+                 node_ids: list[int], alive: Any, clock: IReactorTime, *,
+                 prefix: str, flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+                 max_pending: int = DEFAULT_MAX_PENDING, load_wait: float | None = None
+                 ) -> None:
+        """``alive(node_id) -> bool`` says whether a peer is heard now; ``node_ids`` are
+        every configured node's id (this one included)."""
+        self.redis = redis
+        self.state = state
+        self.node = node
+        self.me = state.node
+        self.others = [n for n in node_ids if n != self.me]
+        self.alive = alive
+        self.clock = clock
+        self.prefix = prefix
+        self.flush_interval = flush_interval
+        self.max_pending = max_pending
+        settings = redis.settings
+        self.load_wait = (load_wait if load_wait is not None else
+                          settings.connect_timeout + (len(self.others) + 2) * settings.timeout)
+        # writing
+        self._dirty: set[tuple[int, Kind, str]] = set()
+        self._full = True  # the first write of a run is a full resync (a new incarnation)
+        self._behind_since: float | None = None
+        self._slots: dict[int, str] = {}  # slot table entries to write
+        self._timer: IDelayedCall | None = None
+        self._busy = False
+        self._writing = False  # after the load: see the module doc
+        self.written: tuple[int, int] | None = None  # position last written
+        self.written_at: float | None = None
+        self.flushes = 0
+        self.resyncs = 0
+        self.overflows = 0
+        self.write_errors = 0
+        self.records_written = 0
+        self.last_error: str | None = None
+        # loading
+        self.load_state = "waiting"  # waiting, loading, loaded, applied, failed
+        self._load_started: float | None = None
+        self._load_timer: IDelayedCall | None = None
+        self._loaded: dict[int, _Loaded] | None = None
+        self._slot_table: dict[int, tuple[int, int]] = {}
+        self.load_report: dict[str, Any] = {}
+        self.load_error: str | None = None
+        self._running = False
+        self._listening = False
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._running = True
+        if not self._listening:
+            self._listening = True
+            for kind in Kind:
+                self.state.add_listener(kind, self._changed)
+            self.node.add_role_listener(self._role_changed)
+            self.redis.add_up_listener(self._redis_up)
+        self.node.cold_start_gate = self.ready
+        self._load_started = self.clock.seconds()
+        self._load_timer = self.clock.callLater(self.load_wait, self._load_expired)
+        self._try_load()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self._running = False
+        for timer in (self._timer, self._load_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._load_timer = None
+        if not self._writing or self._busy or self.redis.state != "up":
+            return defer.succeed(None)
+        # a last write of what changed (bounded by the Redis deadlines): a stopped node's
+        # origin then matches what its peers hold
+        d = self._flush()
+        d.addErrback(lambda f: None)
+        return d
+
+    def ready(self) -> bool:
+        """True once a cold-start claim need not wait for the load any more."""
+        return self.load_state in ("applied", "failed")
+
+    # -- loading ----------------------------------------------------------------------------
+
+    def _redis_up(self) -> None:
+        if self.load_state == "waiting":
+            self._try_load()
+        self._schedule(0.0)
+
+    def _try_load(self) -> None:
+        if not self._running or self.load_state != "waiting" or self.redis.state != "up":
+            return
+        self.load_state = "loading"
+        d = self._load()
+        d.addErrback(self._load_failed)
+        d.addErrback(lambda f: log.failure("durable store: load bookkeeping failed", f))
+
+    def _load_expired(self) -> None:
+        self._load_timer = None
+        if self.load_state in ("waiting", "loading"):
+            self._give_up(f"no load within {self.load_wait:g} s"
+                          + (f" ({self.redis.last_error})" if self.redis.state != "up"
+                             and self.redis.last_error else ""))
+
+    def _load_failed(self, f: Failure) -> None:
+        if self.load_state != "loading":
+            return
+        self._give_up(f.getErrorMessage() if f.check(RedisError, ValueError)
+                      else repr(f.value))
+
+    def _give_up(self, why: str) -> None:
+        self.load_state = "failed"
+        self.load_error = why
+        log.warn("durable store: nothing loaded from Redis ({why}); starting without it",
+                 why=why)
+        self._start_writing()
+
+    @inlineCallbacks
+    def _load(self) -> Generator[Deferred[Any], Any, None]:
+        p = self.prefix
+        table = yield self.redis.execute("HGETALL", p + "slots")
+        slots: dict[int, tuple[int, int]] = {}
+        for field, value in _pairs(table or []):
+            try:
+                epoch, holder, _ = _text(value).split(":", 2)
+                slots[int(_text(field))] = (int(epoch), int(holder))
+            except ValueError:
+                log.warn("durable store: slot entry {field}={value} skipped",
+                         field=_text(field), value=_text(value))
+        loaded: dict[int, _Loaded] = {}
+        for origin in self.others:
+            reply = yield self.redis.execute("EVAL", READ_SCRIPT, 2,
+                                             f"{p}origin:{origin}:meta",
+                                             f"{p}origin:{origin}:records")
+            if not reply:
+                continue
+            meta = {_text(k): _text(v) for k, v in _pairs(reply[0])}
+            items: list[SnapshotItem] = []
+            rejected = 0
+            for field, value in _pairs(reply[1]):
+                try:
+                    slot, kind, key = decode_field(_text(field))
+                    expires, data = decode_value(_bytes(value))
+                except ValueError:
+                    rejected += 1
+                    continue
+                items.append(SnapshotItem(slot, kind, key, data, expires))
+            loaded[origin] = _Loaded(int(meta["incarnation"]), int(meta["sequence"]),
+                                     int(meta.get("written_ms", "0")), items, rejected)
+        if self.load_state != "loading":
+            return  # given up meanwhile (load_wait): too late to matter, nothing applied
+        self._loaded, self._slot_table = loaded, slots
+        self.load_state = "loaded"
+        if self.node.role is not Role.STARTING:
+            self._apply()
+
+    def _role_changed(self, old: Role, new: Role, slot: Any) -> None:
+        if old is Role.STARTING and self.load_state == "loaded":
+            self._apply()  # discovery is over: apply before the first claim is evaluated
+        if new is Role.MASTER and slot is not None:
+            self._slots[slot.slot_id] = \
+                f"{self.node.epoch}:{self.me}:{int(self.clock.seconds() * 1000)}"
+            self._schedule(0.0)
+
+    def _apply(self) -> None:
+        """Apply what was loaded: only origins not alive, only over older positions."""
+        loaded, self._loaded = self._loaded or {}, None
+        report: dict[str, Any] = {"origins": {}, "records": 0, "skipped": {},
+                                  "slots": {}, "rejected": 0}
+        for origin, data in sorted(loaded.items()):
+            report["rejected"] += data.rejected
+            pos = self.state.position(origin)
+            if self.alive(origin):
+                report["skipped"][str(origin)] = "alive"
+                continue
+            if pos is not None and (pos.incarnation, pos.sequence) >= \
+                    (data.incarnation, data.sequence):
+                report["skipped"][str(origin)] = "newer here"
+                continue
+            begin = SnapshotBegin(origin, data.incarnation, data.sequence)
+            end = SnapshotEnd(origin, data.incarnation, data.sequence, len(data.items))
+            try:
+                result = self.state.apply_snapshot(begin, data.items, end)
+            except Exception as e:  # a snapshot that does not hold together: skip it
+                report["skipped"][str(origin)] = f"invalid: {e}"
+                continue
+            if result is ApplyResult.APPLIED:
+                count = sum(1 for _ in self.state.records(origin=origin))
+                report["origins"][str(origin)] = {
+                    "incarnation": data.incarnation, "sequence": data.sequence,
+                    "records": count, "written_ms": data.written_ms}
+                report["records"] += count
+            else:
+                report["skipped"][str(origin)] = result.value
+        for slot, (epoch, holder) in sorted(self._slot_table.items()):
+            if slot in self.node.known_epochs or slot in self.node.last_holder:
+                continue  # heard of from the cluster itself: that is newer
+            if holder == self.me or self.alive(holder):
+                continue  # its master is back: it is no dead master to take over from
+            self.node.known_epochs[slot] = epoch
+            self.node.last_holder[slot] = holder
+            report["slots"][str(slot)] = {"epoch": epoch, "master": holder}
+        self.load_report = report
+        self.load_state = "applied"
+        if self._load_timer is not None and self._load_timer.active():
+            self._load_timer.cancel()
+        self._load_timer = None
+        log.info("durable store: loaded {records} record(s) of {origins} origin(s) from "
+                 "Redis; slots seeded: {slots}; skipped: {skipped}", records=report["records"],
+                 origins=len(report["origins"]), slots=report["slots"] or "none",
+                 skipped=report["skipped"] or "none")
+        self._start_writing()
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def _start_writing(self) -> None:
+        if not self._writing:
+            self._writing = True
+            self._mark_full()
+            self._schedule(0.0)
+
+    def _mark_full(self) -> None:
+        self._dirty.clear()
+        self._full = True
+        if self._behind_since is None:
+            self._behind_since = self.clock.seconds()
+
+    def _changed(self, op: str, origin: int, slot: int, kind: Kind, key: str,
+                 value: bytes) -> None:
+        if origin != self.me or self._full:
+            return
+        if self.redis.state != "up":
+            self._mark_full()  # stop queueing: one full resync when Redis is back
+            return
+        dirty = self._dirty
+        dirty.add((slot, kind, key))
+        if len(dirty) > self.max_pending:
+            self.overflows += 1
+            self._mark_full()
+        self._schedule(self.flush_interval)
+
+    def _schedule(self, delay: float) -> None:
+        if (not self._running or not self._writing or self._busy or self._timer is not None
+                or not (self._full or self._dirty or self._slots)
+                or self.redis.state != "up"):
+            return
+        self._timer = self.clock.callLater(delay, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self._flush().addErrback(
+            lambda f: log.failure("durable store: flush bookkeeping failed", f))
+
+    def _flush(self) -> Deferred[None]:
+        if self._busy:
+            return defer.succeed(None)
+        self._busy = True
+        d = self._write_once()
+
+        def done(result: object) -> None:
+            self._busy = False
+            if isinstance(result, Failure):
+                self.write_errors += 1
+                self.last_error = result.getErrorMessage()
+                log.warn("durable store: write to Redis failed ({error}); full resync "
+                         "when it answers", error=self.last_error)
+                self._mark_full()
+            self._schedule(self.flush_interval)
+        d.addBoth(done)
+        return d
+
+    @inlineCallbacks
+    def _write_once(self) -> Generator[Deferred[Any], Any, None]:
+        if self.redis.state != "up":
+            self._mark_full()
+            return
+        slots, self._slots = self._slots, {}
+        if slots:
+            try:
+                yield self.redis.execute("HSET", self.prefix + "slots",
+                                         *[x for s, v in slots.items() for x in (str(s), v)])
+            except Exception:
+                for s, v in slots.items():
+                    self._slots.setdefault(s, v)
+                raise
+        if self._full:
+            yield self._resync()
+        elif self._dirty:
+            yield self._incremental()
+
+    def _keys(self) -> tuple[str, str, str]:
+        base = f"{self.prefix}origin:{self.me}:"
+        return base + "meta", base + "records", base + "resync"
+
+    def _incremental(self) -> Deferred[None]:
+        dirty, self._dirty = self._dirty, set()
+        pos = self.state.position(self.me)
+        assert pos is not None
+        deletes: list[str] = []
+        puts: list[Any] = []
+        for slot, kind, key in dirty:
+            record = self.state.get(self.me, slot, kind, key)
+            field = encode_field(slot, kind, key)
+            if record is None:
+                deletes.append(field)
+            else:
+                puts += [field, encode_value(record.expires_ms, record.value)]
+        meta, records, _ = self._keys()
+        d = self.redis.execute("EVAL", WRITE_SCRIPT, 2, meta, records, str(pos.incarnation),
+                               str(pos.sequence), str(int(self.clock.seconds() * 1000)),
+                               str(self.me), str(len(deletes)), *deletes, *puts)
+
+        def written(reply: Any) -> None:
+            if _text(reply) == "resync":
+                self._mark_full()
+                self._schedule(0.0)
+                return
+            self.flushes += 1
+            self.records_written += len(dirty)
+            self._written(pos.incarnation, pos.sequence)
+        return d.addCallback(written)
+
+    @inlineCallbacks
+    def _resync(self) -> Generator[Deferred[Any], Any, None]:
+        # the origin at one position; later changes go to the dirty set meanwhile
+        pos = self.state.position(self.me)
+        assert pos is not None
+        records = list(self.state.records(origin=self.me))
+        self._full = False
+        self._dirty.clear()
+        meta, main, scratch = self._keys()
+        yield self.redis.execute("DEL", scratch)
+        chunk: list[Any] = []
+        size = 0
+        for i, record in enumerate(records):
+            value = encode_value(record.expires_ms, record.value)
+            chunk += [encode_field(record.slot, record.kind, record.key), value]
+            size += len(value)
+            if len(chunk) >= 2 * CHUNK_RECORDS or size >= CHUNK_BYTES or i == len(records) - 1:
+                yield self.redis.execute("HSET", scratch, *chunk)
+                chunk, size = [], 0
+        yield self.redis.execute("EVAL", FINISH_SCRIPT, 3, meta, main, scratch,
+                                 str(pos.incarnation), str(pos.sequence),
+                                 str(int(self.clock.seconds() * 1000)), str(self.me))
+        self.resyncs += 1
+        self.flushes += 1
+        self.records_written += len(records)
+        if not self._full:
+            self._behind_since = None
+        self._written(pos.incarnation, pos.sequence)
+
+    def _written(self, incarnation: int, sequence: int) -> None:
+        self.written = (incarnation, sequence)
+        self.written_at = self.clock.seconds()
+        self.last_error = None
+
+    # -- status -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        pos = self.state.position(self.me)
+        current = (pos.incarnation, pos.sequence) if pos is not None else None
+        if not self._writing:
+            state = "loading"
+        elif self._full or self.written is None or self.written[0] != (current or (0,))[0]:
+            state = "dirty"  # a full resync is due (Redis down, overflow, new run)
+        elif current is not None and self.written < current:
+            state = "behind"
+        else:
+            state = "in-sync"
+        lag = None
+        if current is not None and self.written is not None and \
+                self.written[0] == current[0]:
+            lag = current[1] - self.written[1]
+        return {
+            "state": state, "written": list(self.written) if self.written else None,
+            "position": list(current) if current else None, "lag_changes": lag,
+            "written_at": self.written_at, "dirty_since": self._behind_since,
+            "pending": len(self._dirty), "max_pending": self.max_pending,
+            "flushes": self.flushes, "resyncs": self.resyncs, "overflows": self.overflows,
+            "records_written": self.records_written, "write_errors": self.write_errors,
+            "last_error": self.last_error, "load": {
+                "state": self.load_state, "error": self.load_error,
+                "origins": self.load_report.get("origins", {}),
+                "records": self.load_report.get("records", 0),
+                "skipped": self.load_report.get("skipped", {}),
+                "slots": self.load_report.get("slots", {}),
+                "rejected": self.load_report.get("rejected", 0)},
+        }
