@@ -341,6 +341,7 @@ class LimitsRedisConfigTests(SynchronousTestCase):
                           redis.marker_ttl), ("127.0.0.1", 6379, 0, False, 1.0, 0.5, 10.0,
                                               "fsha:", 7 * 86400))
         self.assertIsNone(redis.password_file)
+        self.assertEqual((redis.durable_state, redis.durable_flush), (False, 0.2))
         no_limits = demo_raw()
         no_limits["tls"] = TLS
         self.assertEqual(config.digest, parse_config(no_limits, DEMO).digest)
@@ -355,7 +356,8 @@ class LimitsRedisConfigTests(SynchronousTestCase):
                         "password_file": "redis.pw", "tls": True, "ca": "pki/redis-ca.crt",
                         "server_name": "redis", "timeout_ms": 250, "connect_timeout_ms": 900,
                         "reconnect_min_ms": 100, "reconnect_max_ms": 100,
-                        "key_prefix": "c1:", "marker_ttl_s": 3600}
+                        "key_prefix": "c1:", "marker_ttl_s": 3600, "durable_state": True,
+                        "durable_flush_ms": 500}
         config = parse_config(raw, DEMO)
         self.assertEqual(config.limits, LimitsConfig(0.5, None, ("default", "trunks"), 1.0,
                                                      3.0, 0.7))
@@ -368,6 +370,7 @@ class LimitsRedisConfigTests(SynchronousTestCase):
         self.assertEqual((redis.tls, redis.server_name, redis.timeout, redis.connect_timeout,
                           redis.key_prefix, redis.marker_ttl),
                          (True, "redis", 0.25, 0.9, "c1:", 3600))
+        self.assertEqual((redis.durable_state, redis.durable_flush), (True, 0.5))
 
     def test_problems(self) -> None:
         red = {"address": "127.0.0.1:6379"}
@@ -407,6 +410,12 @@ class LimitsRedisConfigTests(SynchronousTestCase):
                            "redis.marker_ttl_s", "must be 60-31622400")
         self.assertProblem(lambda r: r.update(redis={**red, "db": -1}), "redis.db",
                            "must be >= 0")
+        self.assertProblem(lambda r: r.update(redis={**red, "durable_state": 1}),
+                           "redis.durable_state", "must be a boolean")
+        self.assertProblem(lambda r: r.update(redis={**red, "durable_state": True}),
+                           "redis.durable_state", "needs [tls]")
+        self.assertProblem(lambda r: r.update(redis={**red, "durable_flush_ms": 5}),
+                           "redis.durable_flush_ms", "must be 10-60000")
 
     def test_password_file(self) -> None:
         base = Path(self.mktemp())

@@ -413,3 +413,20 @@ class StoreRedisTests(unittest.TestCase):
         yield wait_for(lambda: d.store.status()["state"] == "in-sync", "written when back",
                        timeout=20)
         self.assertEqual(stored(self.server, 1)[0]["sequence"], "1")
+
+
+class StatusLineTests(unittest.SynchronousTestCase):
+    def test_the_fsha_status_line(self) -> None:
+        from fsha.status import durable_line
+
+        load = {"state": "applied", "records": 52, "origins": {"0": {}},
+                "slots": {"0": {"epoch": 3, "master": 0}}}
+        self.assertEqual(durable_line({"state": "in-sync", "written": [7, 12], "load": load}),
+                         "durable state: in sync (sequence 12); loaded 52 record(s) of 1 "
+                         "origin(s), slot 0 from node 0")
+        line = durable_line({"state": "dirty", "dirty_since": None, "last_error": "down",
+                             "load": {"state": "failed", "error": "no load within 3 s"}})
+        self.assertEqual(line, "durable state: dirty since ? (down): full resync due; "
+                               "nothing loaded (no load within 3 s)")
+        self.assertIn("behind by 4 change(s)", durable_line(
+            {"state": "behind", "lag_changes": 4, "load": {"state": "loading"}}))
