@@ -37,9 +37,11 @@ expires them and skipped at load (Redis per-field TTLs need Redis 7.4).
 
 Loading (at start)
 ------------------
-At start the node reads every other node's origin and the slot table (each command has the
-Redis deadline; the whole load is bounded by ``load_wait``). When discovery is over (the node
-knows which peers are alive and has heard their replication HELLOs), each loaded origin is
+At start the node reads every other node's origin (its position, then its records in
+``HSCAN`` pages, then its position again: an origin that changed meanwhile is skipped) and
+the slot table; each command has the Redis deadline and the whole load is bounded by
+``load_wait`` (default: the larger of 5 s and ``connect_timeout`` + 4 ``timeout``). When
+discovery is over (the node knows which peers are alive), each loaded origin is
 applied as a replication snapshot (:meth:`ReplicatedState.apply_snapshot`) **only** if its
 node is not alive and this node holds nothing at an equal or newer position of it: a record
 from Redis never overrides newer replicated data, and what is loaded is ordered by the same
@@ -115,12 +117,8 @@ redis.call('HSET', KEYS[1], 'incarnation', ARGV[1], 'sequence', ARGV[2],
            'written_ms', ARGV[3], 'node', ARGV[4])
 return 'ok'
 """
-#: KEYS meta, records: {meta pairs, record pairs} read atomically ({} if no meta).
-READ_SCRIPT: Final = """
-local meta = redis.call('HGETALL', KEYS[1])
-if #meta == 0 then return {} end
-return {meta, redis.call('HGETALL', KEYS[2])}
-"""
+SCAN_COUNT: Final = 1000  # fields per HSCAN page of a load
+MAX_PAGES: Final = 100_000  # bound of one origin's HSCAN loop
 
 
 class NodeView(Protocol):
@@ -207,7 +205,7 @@ class DurableStore(service.Service):
         self.max_pending = max_pending
         settings = redis.settings
         self.load_wait = (load_wait if load_wait is not None else
-                          settings.connect_timeout + (len(self.others) + 2) * settings.timeout)
+                          max(5.0, settings.connect_timeout + 4 * settings.timeout))
         # writing
         self._dirty: set[tuple[int, Kind, str]] = set()
         self._full = True  # the first write of a run is a full resync (a new incarnation)
@@ -232,6 +230,7 @@ class DurableStore(service.Service):
         self._slot_table: dict[int, tuple[int, int]] = {}
         self.load_report: dict[str, Any] = {}
         self.load_error: str | None = None
+        self._changed_while_loading: list[int] = []
         self._running = False
         self._listening = False
 
@@ -263,7 +262,9 @@ class DurableStore(service.Service):
         # a last write of what changed (bounded by the Redis deadlines): a stopped node's
         # origin then matches what its peers hold
         d = self._flush()
-        d.addErrback(lambda f: None)
+        d.addTimeout(3 * self.redis.settings.timeout, self.clock)
+        d.addErrback(lambda f: log.warn("durable store: last write not done: {error}",
+                                        error=f.getErrorMessage()))
         return d
 
     def ready(self) -> bool:
@@ -319,30 +320,55 @@ class DurableStore(service.Service):
                          field=_text(field), value=_text(value))
         loaded: dict[int, _Loaded] = {}
         for origin in self.others:
-            reply = yield self.redis.execute("EVAL", READ_SCRIPT, 2,
-                                             f"{p}origin:{origin}:meta",
-                                             f"{p}origin:{origin}:records")
-            if not reply:
-                continue
-            meta = {_text(k): _text(v) for k, v in _pairs(reply[0])}
-            items: list[SnapshotItem] = []
-            rejected = 0
-            for field, value in _pairs(reply[1]):
-                try:
-                    slot, kind, key = decode_field(_text(field))
-                    expires, data = decode_value(_bytes(value))
-                except ValueError:
-                    rejected += 1
-                    continue
-                items.append(SnapshotItem(slot, kind, key, data, expires))
-            loaded[origin] = _Loaded(int(meta["incarnation"]), int(meta["sequence"]),
-                                     int(meta.get("written_ms", "0")), items, rejected)
+            data = yield self._load_origin(origin)
+            if data is not None:
+                loaded[origin] = data
         if self.load_state != "loading":
             return  # given up meanwhile (load_wait): too late to matter, nothing applied
         self._loaded, self._slot_table = loaded, slots
         self.load_state = "loaded"
         if self.node.role is not Role.STARTING:
             self._apply()
+
+    @inlineCallbacks
+    def _load_origin(self, origin: int) -> Generator[Deferred[Any], Any, _Loaded | None]:
+        """One origin, paged (HSCAN: no reply is larger than a page, each has the Redis
+        deadline); its position is read before and after, and an origin that changed in
+        between (its node is running after all) is not loaded."""
+        meta_key = f"{self.prefix}origin:{origin}:meta"
+        records_key = f"{self.prefix}origin:{origin}:records"
+        before = yield self.redis.execute("HGETALL", meta_key)
+        if not before:
+            return None
+        fields: dict[str, bytes] = {}
+        cursor = "0"
+        for _ in range(MAX_PAGES):
+            reply = yield self.redis.execute("HSCAN", records_key, cursor, "COUNT",
+                                             str(SCAN_COUNT))
+            cursor = _text(reply[0])
+            for field, value in _pairs(reply[1]):
+                fields[_text(field)] = _bytes(value)
+            if cursor == "0":
+                break
+        else:
+            raise ValueError(f"origin {origin}: more than {MAX_PAGES} pages")
+        after = yield self.redis.execute("HGETALL", meta_key)
+        meta = {_text(k): _text(v) for k, v in _pairs(before)}
+        if {_text(k): _text(v) for k, v in _pairs(after or [])} != meta:
+            self._changed_while_loading.append(origin)
+            return None
+        items: list[SnapshotItem] = []
+        rejected = 0
+        for field, value in fields.items():
+            try:
+                slot, kind, key = decode_field(field)
+                expires, data = decode_value(value)
+            except ValueError:
+                rejected += 1
+                continue
+            items.append(SnapshotItem(slot, kind, key, data, expires))
+        return _Loaded(int(meta["incarnation"]), int(meta["sequence"]),
+                       int(meta.get("written_ms", "0")), items, rejected)
 
     def _role_changed(self, old: Role, new: Role, slot: Any) -> None:
         if old is Role.STARTING and self.load_state == "loaded":
@@ -357,6 +383,8 @@ class DurableStore(service.Service):
         loaded, self._loaded = self._loaded or {}, None
         report: dict[str, Any] = {"origins": {}, "records": 0, "skipped": {},
                                   "slots": {}, "rejected": 0}
+        for origin in self._changed_while_loading:
+            report["skipped"][str(origin)] = "changed while loading"
         for origin, data in sorted(loaded.items()):
             report["rejected"] += data.rejected
             pos = self.state.position(origin)

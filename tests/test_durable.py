@@ -76,7 +76,7 @@ class ScriptedRedis:
 
     @staticmethod
     def default(args: tuple[Any, ...]) -> Any:
-        if args[0] == "EVAL" and "HGETALL" in args[1]:
+        if args[0] == "HGETALL":
             return []  # nothing stored
         if args[0] == "EVAL" and "'resync'" in args[1]:
             return "ok"
@@ -209,6 +209,29 @@ class StoreLogicTests(unittest.TestCase):
         self.redis.answer = ScriptedRedis.default
         self.clock.advance(0.2)
         self.assertEqual(self.store.status()["state"], "in-sync")
+
+    def test_loading_is_paged_and_skips_an_origin_that_changes(self) -> None:
+        metas = {f"{PREFIX}origin:1:meta": [["incarnation", "3", "sequence", "5"],
+                                            ["incarnation", "3", "sequence", "6"]],
+                 f"{PREFIX}origin:2:meta": [["incarnation", "4", "sequence", "2"]] * 2}
+        pages = {"0": ["17", [encode_field(0, Kind.CALL, "a"), b"0:A"]],
+                 "17": ["0", [encode_field(0, Kind.CALL, "b"), b"0:B", "bad", "0:x"]]}
+
+        def answer(args: tuple[Any, ...]) -> Any:
+            if args[0] == "HGETALL" and args[1] in metas:
+                return metas[args[1]].pop(0)
+            if args[0] == "HSCAN":
+                return pages[args[2]] if "origin:2" in args[1] else ["0", []]
+            return ScriptedRedis.default(args)
+        self.redis.answer = answer
+        self.redis.up()
+        self.assertEqual(self.store.load_state, "loaded")
+        self.node.set_role(Role.SLAVE)
+        load = self.store.status()["load"]
+        self.assertEqual(load["skipped"], {"1": "changed while loading"})
+        self.assertEqual((load["records"], load["rejected"]), (2, 1))
+        self.assertEqual(sorted(r.value for r in self.state.records(origin=2)), [b"A", b"B"])
+        self.assertIsNone(self.state.position(1))
 
     def test_a_master_writes_its_slot(self) -> None:
         self.synced()
