@@ -15,6 +15,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from fsha.harness import HarnessError, LoopbackCluster, wait_for
+from fsha.status import render
 from tests.redisserver import start_redis
 
 CALLS = 40
@@ -101,5 +102,8 @@ class DurableClusterTests(SynchronousTestCase):
         # the new master's own origin now holds them, and is written in turn
         wait_for("the new master's origin in Redis", lambda: cluster.status(
             cluster.node(new))["durable"]["state"] == "in-sync", 30)
+        text = render(cluster.status(cluster.node(new)))
+        self.assertIn("durable state: in sync (sequence ", text)
+        self.assertIn(f"slot 0 from node {master_id}", text)
         print(f"whole-cluster restart from the durable store: "
               f"{time.monotonic() - started:.1f} s")
