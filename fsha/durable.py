@@ -21,16 +21,19 @@ key, then a final script renames it over the origin's records and sets the posit
 while Redis is down or a write fails, the keys are dropped and the origin is only marked
 *dirty* (one full resync when Redis answers again). At most one write is in flight.
 
-The slot table (``slots``: slot id -> ``epoch:node:time_ms``) is written by a node when it
+The slot table (``slots``: slot id -> ``epoch:node:time_ms:name``) is written by a node when it
 becomes a slot's master, so a restarted cluster knows which origin's calls a slot held.
 
 Keys (``P`` = ``[redis] key_prefix`` + ``{cluster name}:``; the braces keep every key of a
 cluster in one Redis Cluster hash slot)::
 
-    P origin:N:meta     hash: incarnation, sequence, written_ms, node
+    P origin:N:meta     hash: incarnation, sequence, written_ms, node (its name)
     P origin:N:records  hash: "slot/kind/key" -> "expires_ms:" + value (bytes)
     P origin:N:resync   scratch key of a full resync
-    P slots             hash: slot id -> "epoch:node_id:written_ms"
+    P slots             hash: slot id -> "epoch:node_id:written_ms:name"
+
+A node's origin is the node's position in the config (its id): an entry whose name is not
+the configured name of that id (the node list was reordered) is not loaded.
 
 Records with an expiry (registrations) carry it; expired ones are deleted when the state
 expires them and skipped at load (Redis per-field TTLs need Redis 7.4).
@@ -189,15 +192,17 @@ class DurableStore(service.Service):
     def __init__(self, redis: RedisClient, state: ReplicatedState, node: NodeView,
                  node_ids: list[int], alive: Any, clock: IReactorTime, *,
                  prefix: str, flush_interval: float = DEFAULT_FLUSH_INTERVAL,
-                 max_pending: int = DEFAULT_MAX_PENDING, load_wait: float | None = None
-                 ) -> None:
+                 max_pending: int = DEFAULT_MAX_PENDING, load_wait: float | None = None,
+                 names: dict[int, str] | None = None) -> None:
         """``alive(node_id) -> bool`` says whether a peer is heard now; ``node_ids`` are
-        every configured node's id (this one included)."""
+        every configured node's id (this one included), ``names`` their names."""
         self.redis = redis
         self.state = state
         self.node = node
         self.me = state.node
         self.others = [n for n in node_ids if n != self.me]
+        self.names = names or {}
+        self.node_name = self.names.get(self.me, str(self.me))
         self.alive = alive
         self.clock = clock
         self.prefix = prefix
@@ -230,7 +235,7 @@ class DurableStore(service.Service):
         self._slot_table: dict[int, tuple[int, int]] = {}
         self.load_report: dict[str, Any] = {}
         self.load_error: str | None = None
-        self._changed_while_loading: list[int] = []
+        self._changed_while_loading: list[tuple[int, str]] = []
         self._running = False
         self._listening = False
 
@@ -313,7 +318,12 @@ class DurableStore(service.Service):
         slots: dict[int, tuple[int, int]] = {}
         for field, value in _pairs(table or []):
             try:
-                epoch, holder, _ = _text(value).split(":", 2)
+                epoch, holder, rest = _text(value).split(":", 2)
+                _, _, name = rest.partition(":")
+                if name and self.names and self.names.get(int(holder)) != name:
+                    log.warn("durable store: slot entry {field}={value} is of another "
+                             "node list; skipped", field=_text(field), value=_text(value))
+                    continue
                 slots[int(_text(field))] = (int(epoch), int(holder))
             except ValueError:
                 log.warn("durable store: slot entry {field}={value} skipped",
@@ -355,7 +365,12 @@ class DurableStore(service.Service):
         after = yield self.redis.execute("HGETALL", meta_key)
         meta = {_text(k): _text(v) for k, v in _pairs(before)}
         if {_text(k): _text(v) for k, v in _pairs(after or [])} != meta:
-            self._changed_while_loading.append(origin)
+            self._changed_while_loading.append((origin, "changed while loading"))
+            return None
+        writer = meta.get("node")
+        want = self.names.get(origin)
+        if want is not None and writer is not None and writer != want:
+            self._changed_while_loading.append((origin, f"written by {writer}, not {want}"))
             return None
         items: list[SnapshotItem] = []
         rejected = 0
@@ -375,7 +390,7 @@ class DurableStore(service.Service):
             self._apply()  # discovery is over: apply before the first claim is evaluated
         if new is Role.MASTER and slot is not None:
             self._slots[slot.slot_id] = \
-                f"{self.node.epoch}:{self.me}:{int(self.clock.seconds() * 1000)}"
+                f"{self.node.epoch}:{self.me}:{int(self.clock.seconds() * 1000)}:{self.node_name}"
             self._schedule(0.0)
 
     def _apply(self) -> None:
@@ -383,8 +398,8 @@ class DurableStore(service.Service):
         loaded, self._loaded = self._loaded or {}, None
         report: dict[str, Any] = {"origins": {}, "records": 0, "skipped": {},
                                   "slots": {}, "rejected": 0}
-        for origin in self._changed_while_loading:
-            report["skipped"][str(origin)] = "changed while loading"
+        for origin, why in self._changed_while_loading:
+            report["skipped"][str(origin)] = why
         for origin, data in sorted(loaded.items()):
             report["rejected"] += data.rejected
             pos = self.state.position(origin)
@@ -526,7 +541,7 @@ class DurableStore(service.Service):
         meta, records, _ = self._keys()
         d = self.redis.execute("EVAL", WRITE_SCRIPT, 2, meta, records, str(pos.incarnation),
                                str(pos.sequence), str(int(self.clock.seconds() * 1000)),
-                               str(self.me), str(len(deletes)), *deletes, *puts)
+                               self.node_name, str(len(deletes)), *deletes, *puts)
 
         def written(reply: Any) -> None:
             if _text(reply) == "resync":
@@ -559,7 +574,7 @@ class DurableStore(service.Service):
                 chunk, size = [], 0
         yield self.redis.execute("EVAL", FINISH_SCRIPT, 3, meta, main, scratch,
                                  str(pos.incarnation), str(pos.sequence),
-                                 str(int(self.clock.seconds() * 1000)), str(self.me))
+                                 str(int(self.clock.seconds() * 1000)), self.node_name)
         self.resyncs += 1
         self.flushes += 1
         self.records_written += len(records)

@@ -279,7 +279,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             redis, replication.state, node, [n.node_id for n in config.nodes],
             lambda n: n in peers and peers[n].alive, reactor,
             prefix=key_prefix(config.redis.key_prefix, config.name),
-            flush_interval=config.redis.durable_flush)
+            flush_interval=config.redis.durable_flush,
+            names={n.node_id: n.name for n in config.nodes})
         durable.setName("durable")
         durable.setServiceParent(top)
 

@@ -233,6 +233,19 @@ class StoreLogicTests(unittest.TestCase):
         self.assertEqual(sorted(r.value for r in self.state.records(origin=2)), [b"A", b"B"])
         self.assertIsNone(self.state.position(1))
 
+    def test_an_origin_of_another_node_list_is_not_loaded(self) -> None:
+        self.store.names = {0: "fs1", 1: "fs2", 2: "fs3"}
+        metas = {f"{PREFIX}origin:1:meta": ["incarnation", "3", "sequence", "5", "node",
+                                            "fs9"],
+                 f"{PREFIX}slots": ["0", "4:1:0:fs9", "1", "2:2:0:fs3"]}
+        self.redis.answer = lambda args: metas.get(args[1], []) if args[0] == "HGETALL" \
+            else ["0", []] if args[0] == "HSCAN" else ScriptedRedis.default(args)
+        self.redis.up()
+        self.node.set_role(Role.SLAVE)
+        load = self.store.status()["load"]
+        self.assertEqual(load["skipped"], {"1": "written by fs9, not fs2"})
+        self.assertEqual(load["slots"], {"1": {"epoch": 2, "master": 2}})
+
     def test_a_master_writes_its_slot(self) -> None:
         self.synced()
         self.node.set_role(Role.MASTER, CONFIG.slots[0], epoch=4)
@@ -265,7 +278,7 @@ class Side:
         self.store = DurableStore(self.redis, self.state, self.node, [0, 1, 2],
                                   self.alive.__contains__, reactor, prefix=PREFIX,
                                   flush_interval=0.05, max_pending=max_pending,
-                                  load_wait=5.0)
+                                  load_wait=5.0, names={0: "fs1", 1: "fs2", 2: "fs3"})
 
     def start(self) -> None:
         self.redis.start()
@@ -337,15 +350,15 @@ class StoreRedisTests(unittest.TestCase):
         yield wait_for(lambda: a.store.status()["written"] == [11, pos.sequence], "written")
         meta, records = stored(self.server, 0)
         self.assertEqual((meta["incarnation"], meta["sequence"], meta["node"]),
-                         ("11", str(pos.sequence), "0"))
+                         ("11", str(pos.sequence), "fs1"))
         want = {encode_field(r.slot, r.kind, r.key):
                 encode_value(r.expires_ms, r.value).decode()
                 for r in a.state.records(origin=0)}
         self.assertEqual(records, want)
         self.assertEqual(len(records), 43)
         self.assertLess(a.store.status()["flushes"], 20, "changes were not coalesced")
-        self.assertEqual(self.server.call("HGET", f"{PREFIX}slots", "0").split(":")[:2],
-                         ["3", "0"])
+        entry = self.server.call("HGET", f"{PREFIX}slots", "0").split(":")
+        self.assertEqual((entry[:2], entry[3]), (["3", "0"], "fs1"))
 
     @inlineCallbacks
     def test_redis_down_bounded_then_full_resync(self) -> Generator[Any, Any, None]:
@@ -374,7 +387,7 @@ class StoreRedisTests(unittest.TestCase):
         yield a.stop()
         # node 2 (alive again) left an origin too: it must not be loaded
         self.server.call("HSET", f"{PREFIX}origin:2:meta", "incarnation", "5", "sequence",
-                         "1", "written_ms", "0", "node", "2")
+                         "1", "written_ms", "0", "node", "fs3")
         self.server.call("HSET", f"{PREFIX}origin:2:records",
                          encode_field(1, Kind.CALL, "old"), "0:x")
         # the short registration expires (Redis still holds it: nothing changed since)
