@@ -53,8 +53,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
-from urllib.parse import unquote_to_bytes
 
+from fsha.wire.esl import url_decode
 from fsha.wire.stream import Kind
 
 __all__ = [
@@ -108,10 +108,6 @@ def _backends(value: str | None) -> set[str]:
     return {b.strip() for b in (value or "").split(",") if b.strip()}
 
 
-def _url_decode(text: str) -> str:
-    return unquote_to_bytes(text.replace("+", " ")).decode("utf-8", "surrogateescape")
-
-
 def holdings_from_metadata(metadata: bytes | str) -> Holdings:
     """The limits a call holds, from its recovery metadata (see the module doc). Raises
     :class:`LimitValueError` if the document is not an XML CDR."""
@@ -133,7 +129,7 @@ def holdings_from_metadata(metadata: bytes | str) -> Holdings:
     vs = root.find("variables")
     if vs is not None:
         for el in vs:
-            variables[el.tag] = _url_decode(el.text or "")
+            variables[el.tag] = url_decode(el.text or "")
     backends = _backends(variables.get("limit_backend"))
     hash_keys: set[str] = set()
     if "hash" in backends:
