@@ -239,7 +239,9 @@ class TLSTests(unittest.TestCase):
     def test_unknown_ca_or_wrong_name_refused(self) -> Generator[Any, Any, None]:
         wrong_ca = self.client(ca=self.other_ca, server_name="redis")
         wrong_name = self.client(ca=self.ca, server_name="not-redis")
-        yield sleep(1.0)  # several attempts at the short backoff
+        yield wait_for(lambda: "certificate verify failed" in (wrong_ca.last_error or "")
+                       and "not-redis" in (wrong_name.last_error or ""),
+                       "both handshakes refused")
         for c in (wrong_ca, wrong_name):
             self.assertEqual(c.state, "down")
             self.assertEqual(c.connects, 0)
