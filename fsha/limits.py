@@ -27,6 +27,17 @@ What a node uses (``Kind.LIMIT`` records of the node's own origin, slot ``NO_SLO
     incarnation) are superseded: it died and this node reconciled its slot.
     ``p/<marker>`` -> a pending hiredis release (JSON ``{"realm", "key"}``), deleted once
     done; a successor of this node finishes what it left.
+    ``h/<uuid>`` (slot: the call's slot) -> the hiredis units a call of this node's own
+    FreeSWITCH holds, from its ``CHANNEL_EXECUTE_COMPLETE`` events of the ``limit`` app
+    (same JSON as ``a/``; the runtime is the event's ``Core-UUID``): written when a
+    ``limit hiredis`` unit is taken, also before the call is answered (a ringing call has no
+    recovery row), deleted at the call's ``CHANNEL_HANGUP_COMPLETE`` (FreeSWITCH released
+    the units itself) or when a sweep finds it gone. Not counted in the totals (the node's
+    FreeSWITCH counts its own calls).
+    ``t/<marker>`` -> a pending hiredis *retake* (``INCR``, JSON ``{"realm", "key"}``): after
+    a hand-over the previous FreeSWITCH gave the recovered calls' units back when it
+    stopped the profile; the adopter takes them again, once per ``<prefix>retaken/<runtime>/
+    <call>/<realm>/<key>/<n>`` marker.
 
 Cluster totals (:class:`LimitBook`)
     For every hash key, the sum over origins not superseded of their ``u/`` usage plus their
@@ -59,7 +70,9 @@ from fsha.wire.stream import Kind
 
 __all__ = [
     "ADOPT_PREFIX",
+    "HELD_PREFIX",
     "PENDING_PREFIX",
+    "RETAKE_PREFIX",
     "SUPERSEDE_PREFIX",
     "USAGE_PREFIX",
     "Adoption",
@@ -72,6 +85,7 @@ __all__ = [
     "decode_pending",
     "encode_adoption",
     "encode_pending",
+    "held_unit",
     "holdings_from_metadata",
     "marker_key",
     "parse_hash_dump",
@@ -82,6 +96,8 @@ USAGE_PREFIX: Final = "u/"
 ADOPT_PREFIX: Final = "a/"
 SUPERSEDE_PREFIX: Final = "s/"
 PENDING_PREFIX: Final = "p/"
+HELD_PREFIX: Final = "h/"
+RETAKE_PREFIX: Final = "t/"
 _VAR_PREFIX: Final = "limit_usage_"
 
 
@@ -153,6 +169,31 @@ def holdings_from_metadata(metadata: bytes | str) -> Holdings:
         if variables.get("hiredis_limit_exceeded", "").lower() == "true" and units:
             units.pop()  # the last one was refused (and taken back by FreeSWITCH)
     return Holdings(frozenset(hash_keys), tuple(u for u in units if u[0]))
+
+
+def held_unit(app_data: str, limit_backend: str | None, exceeded: str | None,
+              raw_response: str | None) -> tuple[str, str] | None:
+    """The hiredis unit (realm, key) one completed ``limit`` application took, from its
+    ``CHANNEL_EXECUTE_COMPLETE`` event (``Application-Data`` and the channel variables
+    ``limit_backend``, ``hiredis_limit_exceeded``, ``hiredis_raw_response``), or None: not
+    hiredis, a rate limit (its key expires), not counted (``limit_backend`` does not list
+    ``hiredis``), or refused (over max: mod_hiredis already took it back). The exceeded
+    flag stays set once a call was refused, so a later ``limit`` counts as refused only
+    when its own INCR reply is over its max."""
+    words = app_data.split()
+    if len(words) < 3 or words[0] != "hiredis" or "hiredis" not in _backends(limit_backend):
+        return None
+    maximum = -1
+    if len(words) >= 4:
+        head, _, tail = words[3].partition("/")
+        if tail.isdigit() and int(tail) > 0:
+            return None
+        maximum = int(head) if head.isdigit() else -1
+    if (exceeded or "").lower() == "true" and maximum > 0:  # (no max: never refused)
+        raw = (raw_response or "").strip()
+        if not raw.lstrip("-").isdigit() or int(raw) > maximum:
+            return None
+    return words[1], words[2]
 
 
 def parse_hash_dump(output: str) -> dict[str, int]:
@@ -229,20 +270,33 @@ def decode_pending(value: bytes) -> tuple[str, str]:
     return obj["realm"], obj["key"]
 
 
-def marker_key(prefix: str, runtime: str, uuid: str, realm: str, key: str, n: int) -> str:
-    return f"{prefix}released/{runtime}/{uuid}/{realm}/{key}/{n}"
+def marker_key(prefix: str, runtime: str, uuid: str, realm: str, key: str, n: int, *,
+               what: str = "released") -> str:
+    return f"{prefix}{what}/{runtime}/{uuid}/{realm}/{key}/{n}"
 
 
-def release_markers(prefix: str, runtime: str, uuid: str, holdings: Holdings
-                    ) -> list[Release]:
-    """One :class:`Release` per hiredis unit of a call (the n-th unit of a key gets ``n``)."""
+def release_markers(prefix: str, runtime: str, uuid: str, holdings: Holdings, *,
+                    what: str = "released") -> list[Release]:
+    """One :class:`Release` per hiredis unit of a call (the n-th unit of a key gets ``n``);
+    ``what="retaken"`` gives the markers of the re-takes after a hand-over."""
     seen: Counter[tuple[str, str]] = Counter()
     out = []
     for realm, key in holdings.hiredis:
         seen[(realm, key)] += 1
         out.append(Release(realm, key, marker_key(prefix, runtime, uuid, realm, key,
-                                                  seen[(realm, key)])))
+                                                  seen[(realm, key)], what=what)))
     return out
+
+
+def merge_holdings(a: Holdings, b: Holdings) -> Holdings:
+    """What a call holds known two ways (its recovery row and its ``h/`` record): the hash
+    keys of both, and per hiredis key the larger count (both number the units of a key in
+    the order they were taken, so the markers of the common units are the same)."""
+    ca, cb = Counter(a.hiredis), Counter(b.hiredis)
+    units: list[tuple[str, str]] = list(a.hiredis)
+    for unit, n in cb.items():
+        units.extend([unit] * max(0, n - ca[unit]))
+    return Holdings(a.hash | b.hash, tuple(units))
 
 
 # ---------------------------------------------------------------------------------------
@@ -263,6 +317,8 @@ class LimitBook:
         self.adopted: dict[int, dict[str, Adoption]] = {}  # origin -> uuid -> adoption
         self.supersedes: dict[int, dict[int, int]] = {}  # writer -> node id -> incarnation
         self.pending: dict[int, dict[str, tuple[str, str]]] = {}  # origin -> marker -> rk
+        self.held: dict[int, dict[str, Adoption]] = {}  # origin -> uuid -> units held
+        self.retakes: dict[int, dict[str, tuple[str, str]]] = {}  # origin -> marker -> rk
         self.rejected = 0
         self.version = 0  # bumped on every change (cheap "did anything change")
 
@@ -280,6 +336,11 @@ class LimitBook:
                 self.supersedes.setdefault(origin, {})[int(key[2:])] = int(value)
             elif key.startswith(PENDING_PREFIX):
                 self.pending.setdefault(origin, {})[key[2:]] = decode_pending(value)
+            elif key.startswith(HELD_PREFIX):
+                self.held.setdefault(origin, {})[key[2:]] = replace(
+                    decode_adoption(key[2:], value), slot=slot)
+            elif key.startswith(RETAKE_PREFIX):
+                self.retakes.setdefault(origin, {})[key[2:]] = decode_pending(value)
         except (ValueError, LimitValueError):
             self.rejected += 1
 
@@ -287,7 +348,8 @@ class LimitBook:
         self.version += 1
         table: dict[int, dict[Any, Any]] | None = {
             USAGE_PREFIX: self.usage, ADOPT_PREFIX: self.adopted,
-            SUPERSEDE_PREFIX: self.supersedes, PENDING_PREFIX: self.pending}.get(key[:2])
+            SUPERSEDE_PREFIX: self.supersedes, PENDING_PREFIX: self.pending,
+            HELD_PREFIX: self.held, RETAKE_PREFIX: self.retakes}.get(key[:2])
         if table is None or origin not in table:
             return
         name: Any = key[2:]
@@ -419,10 +481,14 @@ def plan_reconcile(calls: Iterable[CallHolding], alive: Callable[[str], bool], *
 
 
 def dead_master_calls(call_rows: Iterable[tuple[int, str, str, bytes]],
-                      adoptions: Mapping[str, Adoption]) -> tuple[list[CallHolding], int]:
+                      adoptions: Mapping[str, Adoption],
+                      held: Mapping[str, Adoption] | None = None
+                      ) -> tuple[list[CallHolding], int]:
     """The calls a dead master held, with their holdings: its call records
-    ``(slot, uuid, runtime_uuid, metadata)`` and the calls it had adopted (those not also in
-    its records; an adoption takes precedence). Returns them and how many records could
+    ``(slot, uuid, runtime_uuid, metadata)``, its ``h/`` records (``held``: calls that took
+    hiredis units, answered or not; a call known both ways under the same runtime gets
+    :func:`merge_holdings`) and the calls it had adopted (an adoption takes precedence).
+    One entry per UUID, so no unit is listed twice. Returns them and how many records could
     not be read."""
     out: dict[str, CallHolding] = {}
     rejected = 0
@@ -433,6 +499,12 @@ def dead_master_calls(call_rows: Iterable[tuple[int, str, str, bytes]],
             rejected += 1
             continue
         out[uuid] = CallHolding(uuid, slot, runtime, holdings)
+    for uuid, h in (held or {}).items():
+        row = out.get(uuid)
+        if row is None:
+            out[uuid] = CallHolding(uuid, h.slot, h.runtime, h.holdings)
+        elif row.runtime == h.runtime:
+            out[uuid] = replace(row, holdings=merge_holdings(row.holdings, h.holdings))
     for uuid, a in adoptions.items():
         # the adoption wins: its runtime is the one the adopter releases under
         previous = out.get(uuid)

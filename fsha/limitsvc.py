@@ -18,7 +18,14 @@ formats: :mod:`fsha.limits`):
   node finishes them), then are released in Redis by the exactly-once script and deleted.
   Redis down: they wait (status shows them) and go when it is back;
 - adopted calls: ``CHANNEL_HANGUP_COMPLETE`` (and a sweep every ``sweep_interval`` with
-  ``uuid_exists``, for missed events and a FreeSWITCH restart) releases them.
+  ``uuid_exists``, for missed events and a FreeSWITCH restart) releases them;
+- the local FreeSWITCH's calls that take hiredis units (``CHANNEL_EXECUTE_COMPLETE`` of the
+  ``limit`` app, answered or still ringing) get an ``h/`` record until they hang up, so a
+  successor can release the units of a call that was not recovered (a ringing call has no
+  recovery row);
+- after a hand-over (the previous FreeSWITCH gave the units back when it stopped the
+  profile) the adopted calls' hiredis units are taken again (``t/`` records, then the
+  exactly-once ``INCR`` script), before any release.
 """
 
 from __future__ import annotations
@@ -36,15 +43,19 @@ from fsha.config import ClusterConfig, LimitsConfig, NodeConfig, SlotConfig
 from fsha.fsapi import FSApi, parse_uuid_exists
 from fsha.limits import (
     ADOPT_PREFIX,
+    HELD_PREFIX,
     PENDING_PREFIX,
+    RETAKE_PREFIX,
     SUPERSEDE_PREFIX,
     USAGE_PREFIX,
     Adoption,
     CallHolding,
+    Holdings,
     LimitBook,
     dead_master_calls,
     encode_adoption,
     encode_pending,
+    held_unit,
     parse_hash_dump,
     plan_reconcile,
     release_markers,
@@ -60,6 +71,7 @@ __all__ = ["LimitService"]
 log = Logger(namespace="fsha.limits")
 
 HANGUP_EVENT = "CHANNEL_HANGUP_COMPLETE"
+EXECUTE_EVENT = "CHANNEL_EXECUTE_COMPLETE"  # Application: limit -> the units a call took
 WINDOW = 64  # ESL commands in flight at once
 RELEASE_WINDOW = 64  # Redis releases in flight at once
 GONE_TTL = 120.0  # seconds a hung-up UUID is remembered (an adoption racing its hangup)
@@ -98,6 +110,7 @@ class LimitService:
         self.book = LimitBook(self._incarnation_of)
         state.add_listener(Kind.LIMIT, self.book.listener)
         self._names = {n.node_id: n.name for n in config.nodes}
+        self._profile_slot = {p: s.slot_id for s in config.slots for p in s.profiles}
         self._running = False
         self._poll_timer: IDelayedCall | None = None
         self._sweep_timer: IDelayedCall | None = None
@@ -106,7 +119,8 @@ class LimitService:
         self._sweeping = False
         self._releasing = False
         self._pushed: dict[str, int] = {}  # totals written into the local FreeSWITCH
-        self._gone: dict[str, float] = {}  # hung-up UUIDs -> when
+        self._gone: dict[str, tuple[float, int]] = {}  # hung-up UUIDs -> (when, serial)
+        self._hangups = 0  # serial of the hangups seen
         self._todo: dict[tuple[int, str], Any] = {}  # (slot, previous) -> reconcile wanted
         self._reconciling = False
         # status counters
@@ -119,6 +133,9 @@ class LimitService:
         self.released: dict[str, int] = {}  # outcome -> count
         self.release_errors = 0
         self.adopted_released = 0
+        self.retaken: dict[str, int] = {}  # retake outcome -> count
+        self.retake_errors = 0
+        self.held_events = 0  # limit apps seen taking a hiredis unit
         self.reports: list[dict[str, Any]] = []
 
     # -- life cycle -------------------------------------------------------------------------
@@ -132,7 +149,8 @@ class LimitService:
             return
         self._running = True
         self.esl.add_event_listener(self._on_hangup, HANGUP_EVENT)
-        self.esl.subscribe(HANGUP_EVENT).addErrback(
+        self.esl.add_event_listener(self._on_execute, EXECUTE_EVENT)
+        self.esl.subscribe(HANGUP_EVENT, EXECUTE_EVENT).addErrback(
             lambda f: log.warn("limits: subscribing to hangups failed: {error}",
                                error=f.getErrorMessage()))
         add_restart = getattr(self.esl, "add_restart_listener", None)
@@ -153,6 +171,9 @@ class LimitService:
                 self._delete(NO_SLOT, USAGE_PREFIX + key)
             for uuid in list(self._own(self.book.adopted)):
                 self._delete(self._adoption_slot(uuid), ADOPT_PREFIX + uuid)
+            # handed over: the profile stop hung these calls up, FreeSWITCH released them
+            for uuid, h in list(self._own(self.book.held).items()):
+                self._delete(h.slot, HELD_PREFIX + uuid)
         self._running = False
         for timer in (self._poll_timer, self._sweep_timer, self._retry_timer):
             if timer is not None and timer.active():
@@ -253,16 +274,18 @@ class LimitService:
         if previous.node_id == self.me.node_id:
             return
         handover = bool(getattr(report, "handover", False))
-        self._todo[(slot.slot_id, previous.name)] = (slot, previous, handover)
+        epoch = getattr(report, "epoch", 0)
+        self._todo[(slot.slot_id, previous.name)] = (slot, previous, handover,
+                                                     epoch if isinstance(epoch, int) else 0)
         self._run_reconciles()
 
     def _run_reconciles(self) -> None:
         if self._reconciling or not self._todo or not self._running:
             return
         key = next(iter(self._todo))
-        slot, previous, handover = self._todo[key]
+        slot, previous, handover, epoch = self._todo[key]
         self._reconciling = True
-        d = self.reconcile(slot, previous, handover=handover)
+        d = self.reconcile(slot, previous, handover=handover, epoch=epoch)
         d.addTimeout(self.limits.reconcile_timeout, self.clock)
 
         def done(result: object) -> None:
@@ -307,14 +330,19 @@ class LimitService:
                 continue
             rows.append((record.slot, row.uuid, row.runtime_uuid, row.metadata))
         adoptions = dict(self.book.adopted.get(origin, {}))
-        calls, bad = dead_master_calls(rows, adoptions)
+        held = {u: h for u, h in self.book.held.get(origin, {}).items()
+                if h.slot == slot.slot_id}
+        calls, bad = dead_master_calls(rows, adoptions, held)
         return [c for c in calls if c.slot == slot.slot_id], rejected + bad
 
     @inlineCallbacks
-    def reconcile(self, slot: SlotConfig, previous: NodeConfig, *, handover: bool = False
-                  ) -> Generator[Any, Any, dict[str, Any]]:
-        """See the module doc. Returns the report (also kept for the status)."""
+    def reconcile(self, slot: SlotConfig, previous: NodeConfig, *, handover: bool = False,
+                  epoch: int = 0) -> Generator[Any, Any, dict[str, Any]]:
+        """See the module doc. Returns the report (also kept for the status). ``epoch``
+        (the takeover's) makes this adoption's markers its own: a call handed over to this
+        FreeSWITCH, away and back again is taken and released again, under new markers."""
         start = self.clock.seconds()
+        first_hangup = self._hangups + 1
         calls, rejected = self._dead_calls(slot, previous)
         incarnation = self._incarnation_of(previous.node_id)
         own_runtime = self.esl.core_uuid
@@ -332,54 +360,105 @@ class LimitService:
         now = self.clock.seconds()
         self._expire_gone(now)
         realms = self.limits.hiredis_realms
-        plan = plan_reconcile(calls, lambda u: alive.get(u, False) and u not in self._gone,
+        # a call that hung up here while its lookup was in flight is gone (one that hung
+        # up here before, e.g. a hand-over back and forth, may be alive again)
+        plan = plan_reconcile(calls, lambda u: alive.get(u, False) and
+                              self._gone.get(u, (0.0, -1))[1] < first_hangup,
                               hiredis_realms=() if handover else realms, prefix=self.prefix)
         # one reactor turn: the totals never count a call twice nor miss it
+        retakes = 0
+        holder = f"{own_runtime}.{epoch}"  # the markers' runtime part for these adoptions
         for call in plan.moved:
-            holdings = call.holdings
-            if handover:  # the previous FreeSWITCH released its hiredis units itself
-                holdings = type(holdings)(holdings.hash, ())
-            if holdings:
-                self._put(call.slot, ADOPT_PREFIX + call.uuid, encode_adoption(
-                    Adoption(call.uuid, own_runtime, previous.name, holdings)))
+            self._put(call.slot, ADOPT_PREFIX + call.uuid, encode_adoption(
+                Adoption(call.uuid, holder, previous.name, call.holdings)))
+            if handover:  # the previous FreeSWITCH gave the units back at the profile stop
+                for r in release_markers(self.prefix, holder, call.uuid,
+                                         call.holdings, what="retaken"):
+                    if r.realm in realms:
+                        self._put(NO_SLOT, RETAKE_PREFIX + r.marker,
+                                  encode_pending(r.realm, r.key))
+                        retakes += 1
         for r in plan.releases:
             self._put(NO_SLOT, PENDING_PREFIX + r.marker, encode_pending(r.realm, r.key))
+        # what the previous master had not finished (on a hand-over it may still finish
+        # it itself: the markers make it happen once whoever does it)
         inherited = 0
-        if not handover:
-            for marker, (realm, key) in list(self.book.pending.get(previous.node_id,
-                                                                   {}).items()):
-                if marker not in self._own(self.book.pending):
-                    self._put(NO_SLOT, PENDING_PREFIX + marker, encode_pending(realm, key))
+        for prefix, table in ((RETAKE_PREFIX, self.book.retakes),
+                              (PENDING_PREFIX, self.book.pending)):
+            own = self._own(table)
+            for marker, (realm, key) in list(table.get(previous.node_id, {}).items()):
+                if marker not in own:
+                    self._put(NO_SLOT, prefix + marker, encode_pending(realm, key))
                     inherited += 1
+        if not handover:
             if incarnation is not None:
                 self._put(NO_SLOT, SUPERSEDE_PREFIX + str(previous.node_id),
                           str(incarnation).encode())
         report = {"slot": slot.name, "previous": previous.name, "handover": handover,
                   "time": now, "ms": round((now - start) * 1000, 1), **plan.counts(),
-                  "rejected": plan.rejected + rejected, "inherited_releases": inherited}
+                  "rejected": plan.rejected + rejected, "inherited_releases": inherited,
+                  "hiredis_retakes": retakes}
         self.reports = [*self.reports[-9:], report]
         log.info("limits: slot {slot} from {node}: {moved} call(s) adopted, {released} "
                  "released ({hiredis} hiredis unit(s) to release, {unmanaged} in other "
                  "realms)", slot=slot.name, node=previous.name, moved=len(plan.moved),
                  released=len(plan.released), hiredis=len(plan.releases) + inherited,
                  unmanaged=plan.unmanaged)
+        if retakes:
+            log.info("limits: hand-over of slot {slot}: {n} hiredis unit(s) of the adopted "
+                     "calls to take again", slot=slot.name, n=retakes)
         self.kick_releases()
         return report
 
     # -- adopted calls ----------------------------------------------------------------------
 
     def _expire_gone(self, now: float) -> None:
-        if len(self._gone) > 1000 or any(now - t > GONE_TTL for t in self._gone.values()):
-            self._gone = {u: t for u, t in self._gone.items() if now - t <= GONE_TTL}
+        if len(self._gone) > 1000 or any(now - t > GONE_TTL for t, _ in self._gone.values()):
+            self._gone = {u: v for u, v in self._gone.items() if now - v[0] <= GONE_TTL}
 
     def _on_hangup(self, event: Event) -> None:
         uuid = event.headers.get("Unique-ID")
         if not uuid:
             return
+        held = self._own(self.book.held).get(uuid)
+        if held is not None:  # FreeSWITCH released them itself
+            self._delete(held.slot, HELD_PREFIX + uuid)
         if uuid in self._own(self.book.adopted):
             self._release_adopted([uuid])
         else:
-            self._gone[uuid] = self.clock.seconds()
+            self._hangups += 1
+            self._gone[uuid] = (self.clock.seconds(), self._hangups)
+
+    def _on_execute(self, event: Event) -> None:
+        """``CHANNEL_EXECUTE_COMPLETE``: a ``limit hiredis`` that took a unit -> the call's
+        ``h/`` record. Every application's completion comes here: the first test is the
+        cheap one."""
+        headers = event.headers
+        if headers.get("Application") != "limit":
+            return
+        uuid = headers.get("Unique-ID")
+        if not uuid or uuid in self._gone or uuid in self._own(self.book.adopted):
+            return  # (an adopted call's units are in its adoption)
+        unit = held_unit(headers.get("Application-Data") or "",
+                         headers.get("variable_limit_backend"),
+                         headers.get("variable_hiredis_limit_exceeded"),
+                         headers.get("variable_hiredis_raw_response"))
+        if unit is None:
+            return
+        name = headers.get("Channel-Name") or ""
+        parts = name.split("/", 2)
+        slot = self._profile_slot.get(parts[1]) if len(parts) == 3 else None
+        profile = headers.get("variable_sofia_profile_name")
+        if slot is None and profile:
+            slot = self._profile_slot.get(profile)
+        runtime = headers.get("Core-UUID") or self.esl.core_uuid
+        if slot is None or not runtime:
+            return  # not a call of a slot's profile: no successor will look for it
+        self.held_events += 1
+        current = self._own(self.book.held).get(uuid)
+        units = current.holdings.hiredis if current is not None else ()
+        record = Adoption(uuid, runtime, self.me.name, Holdings(frozenset(), (*units, unit)))
+        self._put(slot, HELD_PREFIX + uuid, encode_adoption(record))
 
     def _release_adopted(self, uuids: Iterable[str]) -> None:
         own = self._own(self.book.adopted)
@@ -407,7 +486,7 @@ class LimitService:
 
     def _sweep(self) -> None:
         self._sweep_timer = None
-        if not self._sweeping and self._own(self.book.adopted):
+        if not self._sweeping and (self._own(self.book.adopted) or self._own(self.book.held)):
             self._sweeping = True
             d = self.sweep_once()
 
@@ -424,8 +503,12 @@ class LimitService:
 
     @inlineCallbacks
     def sweep_once(self) -> Generator[Any, Any, int]:
-        """Release adopted calls that no longer exist here; returns how many."""
-        uuids = list(self._own(self.book.adopted))
+        """Release adopted calls that no longer exist here, and forget the ``h/`` records
+        of calls gone (FreeSWITCH released those itself); returns how many calls."""
+        # a held call with a recovery row here is alive (the row goes at its hangup)
+        ringing = [u for u, h in self._own(self.book.held).items()
+                   if self.state.get(self.me.node_id, h.slot, Kind.CALL, u) is None]
+        uuids = list(dict.fromkeys([*self._own(self.book.adopted), *ringing]))
         gone: list[str] = []
         for i in range(0, len(uuids), WINDOW):
             chunk = uuids[i:i + WINDOW]
@@ -434,14 +517,20 @@ class LimitService:
                  .addCallback(lambda out: parse_uuid_exists("uuid_exists", out))
                  for u in chunk], consumeErrors=True)
             gone.extend(u for u, exists in zip(chunk, results, strict=True) if not exists)
+        for uuid in gone:
+            held = self._own(self.book.held).get(uuid)
+            if held is not None:
+                self._delete(held.slot, HELD_PREFIX + uuid)
         self._release_adopted(gone)
         return len(gone)
 
     # -- Redis releases ---------------------------------------------------------------------
 
     def kick_releases(self) -> None:
-        """Release the pending hiredis units (this node's ``p/`` records) now."""
-        if self._releasing or not self._own(self.book.pending) or not self._running:
+        """Take again the pending retakes (``t/``), then release the pending hiredis units
+        (``p/``), of this node, now."""
+        if self._releasing or not self._running or not (
+                self._own(self.book.pending) or self._own(self.book.retakes)):
             return
         if self.redis is None:
             return
@@ -452,7 +541,7 @@ class LimitService:
             self._releasing = False
             if isinstance(result, Failure):
                 log.failure("limits release loop failed", result)
-            if self._own(self.book.pending):
+            if self._own(self.book.pending) or self._own(self.book.retakes):
                 self._schedule_retry()
 
         d.addBoth(done)
@@ -461,6 +550,28 @@ class LimitService:
     def _release_pending(self) -> Generator[Any, Any, None]:
         redis = self.redis
         assert redis is not None
+        # retakes first: a unit released before it was taken again could be clamped at 0
+        while self._running and redis.state == "up":
+            retakes = list(self._own(self.book.retakes).items())[:RELEASE_WINDOW]
+            if not retakes:
+                break
+            results = yield DeferredList(
+                [redis.retake(key, marker) for marker, (_realm, key) in retakes],
+                consumeErrors=True)
+            failed = 0
+            for (marker, _rk), (ok, result) in zip(retakes, results, strict=True):
+                if ok:
+                    outcome, _value = result
+                    self.retaken[outcome] = self.retaken.get(outcome, 0) + 1
+                    self._delete(NO_SLOT, RETAKE_PREFIX + marker)
+                else:
+                    failed += 1
+                    self.retake_errors += 1
+                    self.last_error = f"redis retake: {result.getErrorMessage()}"
+                    if not result.check(RedisError):
+                        log.failure("limits: retake failed", result)
+            if failed:
+                return
         while self._running and redis.state == "up":
             pending = list(self._own(self.book.pending).items())[:RELEASE_WINDOW]
             if not pending:
@@ -503,6 +614,10 @@ class LimitService:
                              sorted(book.hiredis_held().items())},
             "pending_releases": len(self._own(book.pending)),
             "pending_releases_cluster": sum(len(v) for v in book.pending.values()),
+            "pending_retakes": len(self._own(book.retakes)),
+            "retaken": dict(self.retaken), "retake_errors": self.retake_errors,
+            "held_calls": len(self._own(book.held)),
+            "held_calls_cluster": sum(len(v) for v in book.held.values()),
             "released": dict(self.released),
             "release_errors": self.release_errors,
             "adopted_released": self.adopted_released,

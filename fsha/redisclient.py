@@ -20,7 +20,8 @@ since when, the last error and counters, for ``fsha status`` (``redis: down sinc
 :meth:`RedisClient.release` runs :data:`RELEASE_SCRIPT`: decrement a counter once per
 marker, whoever asks and however often (``SET marker NX EX ttl``, then ``DECR`` only if the
 marker was new; a counter that does not exist is not created at -1, and one that would go
-below 0 is set to 0 and reported).
+below 0 is set to 0 and reported). :meth:`RedisClient.retake` runs :data:`RETAKE_SCRIPT`, its
+mirror after a hand-over: increment once per marker.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from twisted.python.failure import Failure
 
 __all__ = [
     "RELEASE_SCRIPT",
+    "RETAKE_SCRIPT",
     "RedisClient",
     "RedisError",
     "RedisSettings",
@@ -68,6 +70,16 @@ end
 return {'released', tostring(v)}
 """
 RELEASE_SHA: Final = hashlib.sha1(RELEASE_SCRIPT.encode()).hexdigest()
+
+#: KEYS[1] counter, KEYS[2] marker; ARGV[1] marker TTL (s), ARGV[2] marker value.
+#: Returns {outcome, counter after}: retaken | already.
+RETAKE_SCRIPT: Final = """
+if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', tonumber(ARGV[1])) then
+  return {'already', redis.call('GET', KEYS[1]) or ''}
+end
+return {'retaken', tostring(redis.call('INCR', KEYS[1]))}
+"""
+RETAKE_SHA: Final = hashlib.sha1(RETAKE_SCRIPT.encode()).hexdigest()
 
 
 class RedisError(Exception):
@@ -354,12 +366,20 @@ class RedisClient:
 
     def release(self, counter: str, marker: str, value: str = "1") -> Deferred[tuple[str, str]]:
         """Run :data:`RELEASE_SCRIPT`; fires with (outcome, counter value after)."""
+        return self._marked(RELEASE_SCRIPT, RELEASE_SHA, counter, marker, value)
+
+    def retake(self, counter: str, marker: str, value: str = "1") -> Deferred[tuple[str, str]]:
+        """Run :data:`RETAKE_SCRIPT`; fires with (outcome, counter value after)."""
+        return self._marked(RETAKE_SCRIPT, RETAKE_SHA, counter, marker, value)
+
+    def _marked(self, script: str, sha: str, counter: str, marker: str, value: str
+                ) -> Deferred[tuple[str, str]]:
         args = (2, counter, marker, str(self.settings.marker_ttl), value)
-        d = self.execute("EVALSHA", RELEASE_SHA, *args)
+        d = self.execute("EVALSHA", sha, *args)
 
         def noscript(f: Failure) -> Deferred[Any] | Failure:
             if f.check(RedisError) and "NOSCRIPT" in f.getErrorMessage():
-                return self.execute("EVAL", RELEASE_SCRIPT, *args)
+                return self.execute("EVAL", script, *args)
             return f
 
         d.addErrback(noscript)

@@ -147,6 +147,7 @@ class Call:
     units: tuple[str, ...]  # hiredis resources (realm "default")
     recovered: bool = False
     slot: int = 0
+    answered: bool = True  # a ringing call has no recovery row (it cannot be recovered)
 
 
 class FakeFS:
@@ -158,7 +159,7 @@ class FakeFS:
         self.core_uuid: str | None = runtime
         self.calls: dict[str, Call] = {}
         self.hash: dict[str, str] = {}
-        self.listeners: list[Callable[[Event], object]] = []
+        self.listeners: list[tuple[str | None, Callable[[Event], object]]] = []
         self.failing = False
 
     def usage(self) -> Counter[str]:
@@ -186,18 +187,38 @@ class FakeFS:
 
     def add_event_listener(self, callback: Callable[[Event], object],
                            name: str | None = None) -> None:
-        self.listeners.append(callback)
+        self.listeners.append((name, callback))
+
+    def fire(self, event: Event) -> None:
+        for name, listener in list(self.listeners):
+            if name in (None, event.name):
+                listener(event)
 
     def subscribe(self, *names: str) -> Deferred[None]:
         return defer.succeed(None)
 
     def hangup(self, uuid: str) -> Call:
         call = self.calls.pop(uuid)
-        event = Event(Headers([("Event-Name", "CHANNEL_HANGUP_COMPLETE"),
-                               ("Unique-ID", uuid)]))
-        for listener in list(self.listeners):
-            listener(event)
+        self.fire(Event(Headers([("Event-Name", "CHANNEL_HANGUP_COMPLETE"),
+                                 ("Unique-ID", uuid)])))
         return call
+
+    def run_limits(self, call: Call, profile: str) -> None:
+        """The dialplan's ``limit hiredis default <unit> 100`` apps, one
+        CHANNEL_EXECUTE_COMPLETE each (as switch_core_session_exec fires it), plus another
+        application's completion (ignored)."""
+        for i, unit in enumerate(call.units):
+            headers = [("Event-Name", "CHANNEL_EXECUTE_COMPLETE"),
+                       ("Core-UUID", self.core_uuid or ""),
+                       ("Channel-Name", f"sofia/{profile}/1000@127.0.0.1"),
+                       ("Unique-ID", call.uuid), ("variable_limit_backend", "hiredis"),
+                       ("variable_hiredis_raw_response", str(i + 1)),
+                       ("Application", "limit"),
+                       ("Application-Data", f"hiredis default {unit} 100"),
+                       ("Application-Response", "_none_")]
+            for app in ("limit", "answer"):
+                h = [(k, app if k == "Application" else v) for k, v in headers]
+                self.fire(Event(Headers(h)))
 
 
 class FakeRedis:
@@ -209,9 +230,22 @@ class FakeRedis:
         self.counters: Counter[str] = Counter()
         self.markers: set[str] = set()
         self.listeners: list[Callable[[], object]] = []
+        self.retakes: list[str] = []
+        self.clamped = 0  # releases that found the counter at 0 (a double release)
 
     def add_up_listener(self, listener: Callable[[], object]) -> None:
         self.listeners.append(listener)
+
+    def retake(self, counter: str, marker: str) -> Deferred[tuple[str, str]]:
+        if self.state != "up":
+            from fsha.redisclient import RedisUnavailable
+            return defer.fail(RedisUnavailable("down"))
+        self.retakes.append(counter)
+        if marker in self.markers:
+            return defer.succeed(("already", str(self.counters[counter])))
+        self.markers.add(marker)
+        self.counters[counter] += 1
+        return defer.succeed(("retaken", str(self.counters[counter])))
 
     def release(self, counter: str, marker: str) -> Deferred[tuple[str, str]]:
         if self.state != "up":
@@ -220,6 +254,9 @@ class FakeRedis:
         if marker in self.markers:
             return defer.succeed(("already", str(self.counters[counter])))
         self.markers.add(marker)
+        if self.counters[counter] <= 0:
+            self.clamped += 1
+            return defer.succeed(("clamped", "0"))
         self.counters[counter] -= 1
         return defer.succeed(("released", str(self.counters[counter])))
 
@@ -240,6 +277,7 @@ class Cluster:
         self.states: dict[int, ReplicatedState] = {}
         self.svcs: dict[int, LimitService] = {}
         self.serial = 0
+        self.epoch = 0  # takeovers
         for node in self.nodes:
             self.boot(node.node_id)
 
@@ -274,10 +312,19 @@ class Cluster:
                 result = self.states[nid].apply(change)
                 assert result is ApplyResult.APPLIED, result
 
+    def ring(self, nid: int, slot: int, call: Call) -> None:
+        """A call that ran its limits and is not answered yet (no recovery row)."""
+        call.slot, call.answered = slot, False
+        self.fs[nid].calls[call.uuid] = call
+        self.redis.counters.update(call.units)
+        self.fs[nid].run_limits(call, CONFIG.slots[slot].profiles[0])
+
     def write_call(self, nid: int, slot: int, call: Call) -> None:
         call.slot = slot
         fs = self.fs[nid]
         fs.calls[call.uuid] = call
+        if not call.recovered:  # the limit apps ran at setup, before the answer
+            fs.run_limits(call, CONFIG.slots[slot].profiles[0])
         row = RecoveryRow(fs.core_uuid or "", "sofia", CONFIG.slots[slot].profiles[0], "h",
                           call.uuid, cdr(sorted(call.keys), [f"default {u} 100"
                                                              for u in call.units]))
@@ -293,6 +340,28 @@ class Cluster:
         change = self.states[nid].delete(call.slot, Kind.CALL, uuid)
         if change is not None:
             self.publish(nid, change)
+
+    def handover(self, old: int, new: int, slot: int) -> None:
+        """``old`` hands ``slot`` over: its FreeSWITCH stops the profile (every call of
+        the slot hangs up there: it releases what it took itself, fsha what it adopted;
+        the replicated rows stay), the answered calls are recovered on ``new``."""
+        calls = [c for c in self.fs[old].calls.values() if c.slot == slot]
+        for c in calls:
+            self.fs[old].hangup(c.uuid)
+            if not c.recovered:
+                self.redis.counters.subtract(c.units)
+        for c in calls:
+            if c.answered:
+                self.write_call(new, slot, Call(c.uuid, c.keys, c.units, recovered=True))
+        self.epoch += 1
+        report = _Report("acquire", CONFIG.slots[slot].name,
+                         next(n.name for n in self.nodes if n.node_id == old), handover=True,
+                         epoch=self.epoch)
+        self.svcs[new].takeover_done(report)
+        for c in calls:  # the old node's feed forgets the rows (gone from its table)
+            change = self.states[old].delete(slot, Kind.CALL, c.uuid)
+            if change is not None:
+                self.publish(old, change)
 
     def slot_of(self, nid: int, uuid: str) -> int:
         for r in self.states[nid].records(origin=nid, kind=Kind.CALL):
@@ -311,10 +380,12 @@ class Cluster:
         calls = self.fs[dead].calls
         for uuid in recover:
             c = calls[uuid]
-            if c.slot == slot:
+            if c.slot == slot and c.answered:
                 self.write_call(new, slot, Call(c.uuid, c.keys, c.units, recovered=True))
+        self.epoch += 1
         report = _Report("acquire", CONFIG.slots[slot].name,
-                         next(n.name for n in self.nodes if n.node_id == dead))
+                         next(n.name for n in self.nodes if n.node_id == dead),
+                         epoch=self.epoch)
         self.svcs[new].takeover_done(report)
 
     def poll(self) -> None:
@@ -344,6 +415,7 @@ class _Report:
     previous: str | None
     ok: bool = True
     handover: bool = False
+    epoch: int = 0
 
 
 KEYS = ["realm_a", "realm_b", "x_c"]
@@ -466,10 +538,114 @@ class ClusterTests(SynchronousTestCase):
         cl.poll()
         self.assertEqual(cl.svcs[n3].book.totals(), {})
 
+    def test_ringing_calls_of_a_dead_master_are_released_once(self) -> None:
+        cl = Cluster()
+        n1, n2, n3 = (n.node_id for n in cl.nodes)
+        cl.write_call(n1, 0, Call("c0", frozenset({"realm_a"}), ("trunk",)))
+        cl.write_call(n1, 0, Call("c1", frozenset(), ("trunk", "trunk")))
+        cl.ring(n1, 0, Call("r0", frozenset({"realm_a"}), ("trunk", "gw")))
+        cl.ring(n1, 0, Call("r1", frozenset(), ("trunk",)))
+        cl.ring(n1, 0, Call("r2", frozenset(), ("gw",)))
+        cl.fs[n1].hangup("r2")  # hung up while ringing: FreeSWITCH released it
+        cl.redis.counters.subtract(["gw"])
+        for nid in (n2, n3):  # every node knows what the calls hold, ringing or not
+            self.assertEqual(set(cl.svcs[nid].book.held[n1]), {"c0", "c1", "r0", "r1"})
+        self.assertEqual(dict(cl.redis.counters), {"trunk": 5, "gw": 1})
+        cl.kill(n1)
+        cl.takeover(n1, n3, 0, ["c0"])
+        cl.fs[n1].calls = {}
+        self.assertEqual({k: v for k, v in cl.redis.counters.items() if v}, {"trunk": 1})
+        report = cl.svcs[n3].reports[-1]
+        self.assertEqual((report["moved"], report["released"], report["hiredis_releases"]),
+                         (1, 3, 5))
+        # the same reconciliation again (a retry) releases nothing more
+        cl.svcs[n3].takeover_done(_Report("acquire", CONFIG.slots[0].name, cl.nodes[0].name,
+                                          epoch=cl.epoch))
+        self.assertEqual(cl.svcs[n3].released, {"released": 5, "already": 5})
+        # a node that also saw n3's adoption of c0 releases the same markers
+        cl.svcs[n2].takeover_done(_Report("acquire", CONFIG.slots[1].name, cl.nodes[0].name))
+        self.assertEqual(cl.svcs[n2].released, {})
+        cl.hangup(n3, "c0")
+        self.assertEqual({k: v for k, v in cl.redis.counters.items() if v}, {})
+        self.assertEqual(cl.redis.clamped, 0)
+
+    def test_held_record_follows_the_call(self) -> None:
+        cl = Cluster()
+        n1, n2, _n3 = (n.node_id for n in cl.nodes)
+        cl.ring(n1, 0, Call("r0", frozenset(), ("trunk",)))
+        cl.ring(n1, 1, Call("r1", frozenset(), ("trunk",)))
+        held = cl.svcs[n2].book.held[n1]
+        self.assertEqual((held["r0"].slot, held["r1"].slot), (0, 1))
+        self.assertEqual(held["r0"].runtime, cl.fs[n1].core_uuid)
+        cl.fs[n1].hangup("r0")
+        self.assertNotIn("r0", cl.svcs[n2].book.held[n1])
+        del cl.fs[n1].calls["r1"]  # gone without an event: the sweep forgets it
+        cl.clock.advance(cl.limits.sweep_interval)
+        self.assertNotIn(n1, cl.svcs[n2].book.held)
+
+    def test_held_unit_from_the_event(self) -> None:
+        from fsha.limits import held_unit
+        self.assertEqual(held_unit("hiredis default trunk 10", "hash,hiredis", None, "3"),
+                         ("default", "trunk"))
+        self.assertEqual(held_unit("hiredis default trunk", "hiredis", None, None),
+                         ("default", "trunk"))
+        self.assertIsNone(held_unit("hiredis default trunk 10/60", "hiredis", None, "3"))
+        self.assertIsNone(held_unit("hash realm res 10", "hash,hiredis", None, None))
+        self.assertIsNone(held_unit("hiredis default trunk 10", "hash", None, "3"))
+        self.assertIsNone(held_unit("hiredis default trunk 2", "hiredis", "true", "3"))
+        # refused earlier (the flag stays): this one's own reply is within its max
+        self.assertEqual(held_unit("hiredis default gw 5", "hiredis", "true", "1"),
+                         ("default", "gw"))
+
+    def test_handover_takes_the_units_again_once(self) -> None:
+        cl = Cluster()
+        n1, n2, n3 = (n.node_id for n in cl.nodes)
+        cl.write_call(n1, 0, Call("c0", frozenset({"realm_a"}), ("trunk",)))
+        cl.write_call(n1, 0, Call("c1", frozenset(), ("trunk", "trunk")))
+        cl.write_call(n1, 0, Call("c2", frozenset(), ()))
+        cl.ring(n1, 0, Call("r0", frozenset(), ("trunk",)))  # hung up by the profile stop
+        cl.handover(n1, n3, 0)
+        self.assertEqual(dict(cl.redis.counters), {"trunk": 3})
+        report = cl.svcs[n3].reports[-1]
+        self.assertEqual((report["moved"], report["hiredis_retakes"]), (2, 3))
+        self.assertEqual(cl.svcs[n3].book.hiredis_held(), {("default", "trunk"): 3})
+        cl.poll()
+        self.assertEqual(cl.svcs[n2].book.totals(), {"realm_a": 1})
+        # the reconciliation again (a retry): nothing taken twice
+        cl.svcs[n3].takeover_done(_Report("acquire", CONFIG.slots[0].name,
+                                          cl.nodes[0].name, handover=True, epoch=cl.epoch))
+        self.assertEqual(dict(cl.redis.counters), {"trunk": 3})
+        # then a hand-over to n2: n3's adopted calls hang up there (released by fsha)
+        # and n2 takes them again
+        cl.handover(n3, n2, 0)
+        self.assertEqual(dict(cl.redis.counters), {"trunk": 3})
+        cl.handover(n2, n3, 0)  # and back: n3 takes them under markers of this takeover
+        self.assertEqual(dict(cl.redis.counters), {"trunk": 3})
+        for uuid in ("c0", "c1"):
+            cl.hangup(n3, uuid)
+        self.assertEqual(dict(cl.redis.counters), {"trunk": 0})
+        self.assertEqual(cl.redis.clamped, 0)
+
+    def test_handover_with_redis_down_retakes_before_releasing(self) -> None:
+        cl = Cluster()
+        n1, _n2, n3 = (n.node_id for n in cl.nodes)
+        cl.write_call(n1, 0, Call("c0", frozenset(), ("trunk",)))
+        cl.redis.state = "down"
+        cl.handover(n1, n3, 0)
+        self.assertEqual(cl.svcs[n3].status()["pending_retakes"], 1)
+        cl.hangup(n3, "c0")  # ends before Redis is back
+        self.assertEqual(cl.svcs[n3].status()["pending_releases"], 1)
+        cl.redis.state = "up"
+        cl.clock.advance(1.0)
+        self.assertEqual(cl.redis.counters["trunk"], 0)
+        self.assertEqual((cl.svcs[n3].retaken, cl.svcs[n3].released),
+                         ({"retaken": 1}, {"released": 1}))
+        self.assertEqual(cl.redis.clamped, 0)
+
     @settings(max_examples=100, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow])
-    @given(st.lists(st.tuples(st.sampled_from(["call", "hangup", "failover", "poll",
-                                               "restart"]),
+    @given(st.lists(st.tuples(st.sampled_from(["call", "ring", "hangup", "failover", "poll",
+                                               "restart", "handover"]),
                               st.integers(0, 2), st.integers(0, 7),
                               st.sets(st.sampled_from(KEYS), max_size=3),
                               st.lists(st.sampled_from(["t1", "t2"]), max_size=2),
@@ -484,6 +660,13 @@ class ClusterTests(SynchronousTestCase):
                 serial += 1
                 slot = 0 if who != 1 else 1
                 cl.write_call(nid, slot, Call(f"u{serial}", frozenset(keys), tuple(units)))
+            elif op == "ring" and nid in cl.alive:
+                serial += 1
+                cl.ring(nid, 0 if who != 1 else 1, Call(f"u{serial}", frozenset(), tuple(units)))
+            elif op == "handover" and nid in cl.alive and len(cl.alive) >= 2:
+                new = next(i for i in ids if i in cl.alive and i != nid)
+                cl.handover(nid, new, 0)
+                cl.handover(nid, new, 1)
             elif op == "hangup" and nid in cl.alive and cl.fs[nid].calls:
                 cl.hangup(nid, sorted(cl.fs[nid].calls)[mask % len(cl.fs[nid].calls)])
             elif op == "failover" and nid in cl.alive and len(cl.alive) >= 2:
@@ -507,6 +690,7 @@ class ClusterTests(SynchronousTestCase):
                              {f"fsha_limit/{k}": n for k, n in want.items()})
         self.assertEqual({k: v for k, v in cl.redis.counters.items() if v},
                          cl.expected_redis())
+        self.assertEqual(cl.redis.clamped, 0)  # nothing released twice
 
 
 class StatusAndMetricsTests(SynchronousTestCase):

@@ -20,7 +20,7 @@ from fsha.replication.state import ReplicatedState
 from fsha.takeover import RecoveryRow
 from fsha.wire.stream import Change, Kind
 from tests.redisserver import RedisServer, start_redis
-from tests.test_limits import CONFIG, FakeFS, _Report, cdr
+from tests.test_limits import CONFIG, Call, FakeFS, _Report, cdr
 from tests.test_redisclient import settings, wait_for
 
 LIMITS = LimitsConfig(60.0, "fsha_limit", ("default",), 60.0, 5.0, 0.1)
@@ -94,6 +94,33 @@ class ServiceRedisTests(unittest.TestCase):
         self.assertEqual(sum(r.get("clamped", 0) + r.get("missing", 0) for r in released), 0)
         for n in (self.a, self.b):
             self.assertEqual(n.svc.book.totals(), {})
+
+    @inlineCallbacks
+    def test_handover_retakes_once_then_releases(self) -> Generator[Any, Any, None]:
+        """A hand-over: the old FreeSWITCH gave the units back (counter 0), the calls live
+        on, recovered, on ``a``: it takes them again (once, even when asked twice), then
+        releases them when they end."""
+        self.dead_master_calls(100, units=2)
+        self.server.call("SET", "trunk", "0")
+        for i in range(100):
+            self.a.fs.calls[f"call-{i}"] = Call(f"call-{i}", frozenset(), (), recovered=True)
+        yield wait_for(lambda: self.a.redis.state == "up", "connected")
+        report = _Report("acquire", CONFIG.slots[0].name, self.dead.config.name,
+                         handover=True, epoch=7)
+        self.a.svc.takeover_done(report)
+        yield wait_for(lambda: not self.a.svc.status()["pending_retakes"], "retakes done",
+                       timeout=30)
+        self.a.svc.takeover_done(report)  # again: every marker is there
+        yield wait_for(lambda: self.a.svc.retaken.get("already") == 200, "second pass",
+                       timeout=30)
+        self.assertEqual(self.server.call("GET", "trunk"), "200")
+        self.assertEqual(self.a.svc.retaken, {"retaken": 200, "already": 200})
+        for i in range(100):
+            self.a.fs.hangup(f"call-{i}")
+        yield wait_for(lambda: not self.a.svc.status()["pending_releases"], "releases done",
+                       timeout=30)
+        self.assertEqual(self.server.call("GET", "trunk"), "0")
+        self.assertEqual(self.a.svc.released, {"released": 200})
 
     @inlineCallbacks
     def test_redis_killed_in_the_middle(self) -> Generator[Any, Any, None]:

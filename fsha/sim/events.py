@@ -174,6 +174,8 @@ CALLING: dict[str, tuple[str, str, int]] = {
         946,
     ),
     "CHANNEL_DESTROY": ("switch_core_session.c", "switch_core_session_perform_destroy", 1741),
+    "CHANNEL_EXECUTE": ("switch_core_session.c", "switch_core_session_exec", 2841),
+    "CHANNEL_EXECUTE_COMPLETE": ("switch_core_session.c", "switch_core_session_exec", 2866),
     "HEARTBEAT": ("switch_core.c", "send_heartbeat", 95),
     "BACKGROUND_JOB": ("mod_event_socket.c", "api_exec", 1575),
     "sofia::register": ("sofia_reg.c", "sofia_reg_handle_register_token", 2004),

@@ -346,6 +346,7 @@ class HiredisBackend:
 
 
 UsageListener = Callable[[list[tuple[str, str]]], None]
+ExecuteListener = Callable[[str, "LimitSpec", str], None]
 
 
 @dataclass(slots=True)
@@ -362,11 +363,15 @@ class Limits:
         *,
         hiredis: HiredisBackend | None = None,
         on_usage: UsageListener | None = None,
+        on_execute: ExecuteListener | None = None,
     ) -> None:
         self.clock = clock
         self.hash = HashBackend()
         self.hiredis = hiredis
         self.on_usage = on_usage
+        # (uuid, spec, phase "start" | "complete"): the switch fires CHANNEL_EXECUTE and
+        # CHANNEL_EXECUTE_COMPLETE around each ``limit`` (switch_core_session_exec)
+        self.on_execute = on_execute
         self.held: dict[str, list[Holding]] = {}
         # calls with the core's release hook (a successful incr); not a recovered call
         self.hooked: set[str] = set()
@@ -414,6 +419,8 @@ class Limits:
         alive: Callable[[], bool],
     ) -> bool:
         for spec in specs:
+            if self.on_execute is not None:
+                self.on_execute(uuid, spec, "start")
             if spec.backend == "hash":
                 ok = self._incr_hash(uuid, variables, spec)
             else:
@@ -428,7 +435,9 @@ class Limits:
                     variables["limit_backend"] = spec.backend
                 elif spec.backend not in backends:
                     variables["limit_backend"] = f"{backends},{spec.backend}"
-            else:
+            if self.on_execute is not None:
+                self.on_execute(uuid, spec, "complete")
+            if not ok:
                 self.refused += 1
                 return False
         return True

@@ -210,7 +210,9 @@ class Switch:
             self.define_profile(cfg)
         self.channels: dict[str, Channel] = {}
         self.hashes: dict[str, dict[str, str]] = {}
-        self.limits = Limits(clock, hiredis=hiredis, on_usage=self._fire_limit_usage)
+        self.limits = Limits(clock, hiredis=hiredis, on_usage=self._fire_limit_usage,
+                             on_execute=self._limit_executed)
+        self._app_uuids: dict[str, str] = {}  # channel -> Application-UUID of its limit app
         self.listeners: list[Listener] = []
         self.started_at = clock.seconds()
         self.sessions_since_startup = 0
@@ -579,6 +581,7 @@ class Switch:
         ch.variables["end_epoch"] = str(int(now))
         ch.variables["end_uepoch"] = str(int(now * 1_000_000))
         self._channel_event("CHANNEL_HANGUP", ch)
+        self._app_uuids.pop(uuid, None)
         if self.limits.release_call(uuid):
             # switch_limit.c's state hook: released, then limit_backend unset
             ch.variables.pop("limit_backend", None)
@@ -674,10 +677,25 @@ class Switch:
         application with its (expanded) argument; fsha reads hiredis holdings from it."""
         now = self.clock.seconds()
         for spec in specs:
-            arg = f"{spec.backend} {spec.realm} {spec.resource}"
-            if spec.max >= 0:
-                arg += f" {spec.max}" + (f"/{spec.interval}" if spec.interval else "")
-            ch.app_log.append(("limit", arg, now))
+            ch.app_log.append(("limit", _limit_app_data(spec), now))
+
+    def _limit_executed(self, uuid: str, spec: LimitSpec, phase: str) -> None:
+        """``switch_core_session_exec`` around the ``limit`` app: CHANNEL_EXECUTE before,
+        CHANNEL_EXECUTE_COMPLETE after (the channel's variables as the app left them, then
+        ``Application``, ``Application-Data`` (expanded), ``Application-Response``
+        (``_none_``: limit sets no response) and ``Application-UUID``)."""
+        ch = self.channels.get(uuid)
+        if ch is None:
+            self._app_uuids.pop(uuid, None)
+            return
+        data = [("Application", "limit"), ("Application-Data", _limit_app_data(spec))]
+        if phase == "start":
+            app_uuid = self._app_uuids[uuid] = str(uuidlib.uuid4())
+            self._channel_event("CHANNEL_EXECUTE", ch, [*data, ("Application-UUID", app_uuid)])
+            return
+        app_uuid = self._app_uuids.pop(uuid, None) or str(uuidlib.uuid4())
+        self._channel_event("CHANNEL_EXECUTE_COMPLETE", ch, [
+            *data, ("Application-Response", "_none_"), ("Application-UUID", app_uuid)])
 
     def _connect_call(
         self,
@@ -1356,3 +1374,11 @@ class Switch:
                 for p in self.profiles.values()
             },
         }
+
+
+def _limit_app_data(spec: LimitSpec) -> str:
+    """The ``limit`` application's (expanded) argument for ``spec``."""
+    arg = f"{spec.backend} {spec.realm} {spec.resource}"
+    if spec.max >= 0:
+        arg += f" {spec.max}" + (f"/{spec.interval}" if spec.interval else "")
+    return arg
