@@ -225,6 +225,8 @@ class LimitService:
             self.poll_errors += 1
             self.last_error = f"hash_dump limit: {e}"
         else:
+            if not self._running:  # stopped meanwhile: its usage has left the totals
+                return
             self.polls += 1
             self.last_poll = self.clock.seconds()
             self._write_usage(parse_hash_dump(output))

@@ -204,11 +204,31 @@ class FeedsService(service.Service):
             self.feeds.stop_slot(slot)  # its records stay: the successor needs them
 
 
+_log = Logger(namespace="fsha.tap")
+
+
+class OrderedServices(service.MultiService):
+    """Stops its children one after the other, the last added first, each once the previous
+    one's stop has finished (``MultiService`` stops them all at once: the ESL client and the
+    replication links would go while the node's hand-over still needs them)."""
+
+    def stopService(self) -> defer.Deferred[None]:
+        service.Service.stopService(self)
+        d: defer.Deferred[Any] = defer.succeed(None)
+        for child in reversed(list(self)):
+            def stop(_: object, child: Any = child) -> defer.Deferred[Any]:
+                return defer.maybeDeferred(child.stopService).addErrback(
+                    lambda f: _log.failure("stopping {name} failed", f,
+                                          name=getattr(child, "name", None) or child))
+            d.addCallback(stop)
+        return d.addCallback(lambda _: None)
+
+
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor  # the process's reactor, chosen by twistd
     config, me = options.cluster, options.me
-    top = service.MultiService()
+    top = OrderedServices()
     top.setName(f"fsha-{me.name}")
     esl = esl_client(me, reactor, ping_interval=max(0.5, 10 * config.heartbeat_interval))
     floating = make_backend(config.floating_ip, reactor)

@@ -2,10 +2,15 @@
 (``limit`` app with ``hash`` and ``hiredis`` backends) and a real redis-server.
 
 Many calls each take a hash limit (``gw_out``) and a hiredis limit (``trunk``); some hang
-up; the master is killed (fsha and its FreeSWITCH, ``kill -9``); the calls are recovered
-on the new master. The cluster-wide usage must be exact on every node, in every node's
-FreeSWITCH hash and in Redis, before and after, and nothing may leak or be released twice
-when the recovered calls end.
+up; some more are still ringing (not answered: no recovery row); the master is killed
+(fsha and its FreeSWITCH, ``kill -9``); the answered calls are recovered on the new master.
+The cluster-wide usage must be exact on every node, in every node's FreeSWITCH hash and in
+Redis, before and after (the ringing calls' units released, once), and nothing may leak or
+be released twice when the recovered calls end.
+
+A hand-over (``SIGTERM`` of the master): its FreeSWITCH gives the units back when the
+profile stops, the successor takes the recovered calls' units again: Redis equals the live
+calls, and 0 once they end.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from fsha.harness import HarnessError, LoopbackCluster, wait_for
 from tests.redisserver import start_redis
 
 CALLS = int(os.environ.get("FSHA_LIMIT_CALLS", "1000"))
+RINGING = 50
+HANDOVER_CALLS = 200
+LIMITS = ["hash gw out 1000000", "hiredis default trunk 1000000"]
 
 
 class LimitsClusterTests(SynchronousTestCase):
@@ -74,7 +82,7 @@ class LimitsClusterTests(SynchronousTestCase):
         started = time.monotonic()
         placed = cluster.sim_control(master, "/calls", {
             "profile": "slot1", "count": CALLS,
-            "limits": ["hash gw out 1000000", "hiredis default trunk 1000000"]}, timeout=120)
+            "limits": LIMITS}, timeout=120)
         self.assertEqual(placed["refused"], 0)
         uuids = placed["uuids"]
         self.assertEqual(self.redis_count(), CALLS)
@@ -91,6 +99,16 @@ class LimitsClusterTests(SynchronousTestCase):
                      lambda node=node: self.hash_select(node.name, "gw_out") == str(live),
                      timeout=30)
 
+        # calls still ringing: they took their units, they have no recovery row
+        ringing = cluster.sim_control(master, "/calls", {
+            "profile": "slot1", "count": RINGING, "answer": False, "limits": LIMITS},
+            timeout=60)
+        self.assertEqual(ringing["refused"], 0)
+        self.assertEqual(self.redis_count(), live + RINGING)
+        wait_for("every node to know what the calls hold, ringing or not", lambda: all(
+            lim["held_calls_cluster"] == live + RINGING for lim in self.limits().values()),
+            timeout=60)
+
         def replicated() -> bool:
             digests = {st["replication"]["digest"] for st in cluster.statuses().values()}
             return len(digests) == 1
@@ -101,6 +119,9 @@ class LimitsClusterTests(SynchronousTestCase):
                        (None, master) and cluster.owner("slot1"), timeout=60)
         wait_for("the calls adopted and the dead master's usage superseded",
                  lambda: self.limits()[new]["adopted"] == live, timeout=60)
+        wait_for("the ringing calls' units released",
+                 lambda: self.limits()[new]["pending_releases"] == 0
+                 and self.redis_count() == live, timeout=60)
         wait_for("exact totals on every node after the failover",
                  lambda: self.totals_everywhere({"gw_out": live}), timeout=60)
         for name, lim in self.limits().items():
@@ -108,7 +129,9 @@ class LimitsClusterTests(SynchronousTestCase):
             self.assertEqual(lim["hiredis_held"], {"default/trunk": live}, name)
         self.assertEqual(self.redis_count(), live, "recovered calls still hold their units")
         report = self.limits()[new]["last_reconciles"][-1]
-        self.assertEqual((report["moved"], report["released"]), (live, 0))
+        self.assertEqual((report["moved"], report["released"], report["hiredis_releases"]),
+                         (live, RINGING, RINGING))
+        self.assertEqual(self.limits()[new]["released"], {"released": RINGING})
         for node in cluster.running():
             wait_for(f"{node.name}'s FreeSWITCH hash after the failover",
                      lambda node=node: self.hash_select(node.name, "gw_out") == str(live),
@@ -122,10 +145,58 @@ class LimitsClusterTests(SynchronousTestCase):
         wait_for("no usage left anywhere", lambda: self.totals_everywhere({}), timeout=60)
         self.assertEqual(self.redis_count(), 0)
         released = self.limits()[new]["released"]
-        self.assertEqual(released, {"released": live})
+        self.assertEqual(released, {"released": live + RINGING})
         for node in cluster.running():
             wait_for(f"{node.name}'s FreeSWITCH hash back to 0",
                      lambda node=node: self.hash_select(node.name, "gw_out") == "0",
                      timeout=30)
         print(f"limits cluster scenario with {CALLS} calls: "
               f"{time.monotonic() - started:.1f} s")
+
+    def test_handover_keeps_redis_exact(self) -> None:
+        try:
+            self._handover(self.cluster)
+        except AssertionError:
+            self.dump()
+            raise
+
+    def _handover(self, cluster: LoopbackCluster) -> None:
+        master = cluster.owner("slot1")
+        assert master is not None
+        placed = cluster.sim_control(master, "/calls", {
+            "profile": "slot1", "count": HANDOVER_CALLS, "limits": LIMITS}, timeout=120)
+        self.assertEqual(placed["refused"], 0)
+        ringing = cluster.sim_control(master, "/calls", {
+            "profile": "slot1", "count": 10, "answer": False, "limits": LIMITS}, timeout=60)
+        self.assertEqual(ringing["refused"], 0)
+        self.assertEqual(self.redis_count(), HANDOVER_CALLS + 10)
+
+        def replicated() -> bool:
+            digests = {st["replication"]["digest"] for st in cluster.statuses().values()}
+            return len(digests) == 1
+        wait_for("the replicated state to agree", replicated, timeout=60)
+        cluster.stop(master, timeout=60)  # SIGTERM: a clean hand-over
+        new = wait_for("slot1 handed over", lambda: cluster.owner("slot1") not in
+                       (None, master) and cluster.owner("slot1"), timeout=60)
+        wait_for("the recovered calls adopted and their units taken again",
+                 lambda: self.limits()[new]["adopted"] == HANDOVER_CALLS
+                 and self.limits()[new]["pending_retakes"] == 0
+                 and self.limits()[new]["pending_releases_cluster"] == 0, timeout=60)
+        report = self.limits()[new]["last_reconciles"][-1]
+        self.assertTrue(report["handover"], report)
+        self.assertEqual((report["moved"], report["hiredis_retakes"]),
+                         (HANDOVER_CALLS, HANDOVER_CALLS))
+        # the old FreeSWITCH gave back every unit (ringing calls too); fsha took back
+        # those of the calls that live on
+        self.assertEqual(self.redis_count(), HANDOVER_CALLS)
+        self.assertEqual(self.limits()[new]["retaken"], {"retaken": HANDOVER_CALLS})
+        # the stopped master's usage left the totals (its last changes reached the peers)
+        wait_for("exact totals after the hand-over",
+                 lambda: self.totals_everywhere({"gw_out": HANDOVER_CALLS}), timeout=60)
+        cluster.sim_control(new, "/hangup", {"all": True})
+        wait_for("the adopted calls released",
+                 lambda: self.limits()[new]["adopted"] == 0
+                 and self.limits()[new]["pending_releases"] == 0, timeout=60)
+        self.assertEqual(self.redis_count(), 0)
+        self.assertEqual(self.limits()[new]["released"], {"released": HANDOVER_CALLS})
+        wait_for("no usage left anywhere", lambda: self.totals_everywhere({}), timeout=60)

@@ -63,6 +63,8 @@ from fsha.wire.stream import NO_SLOT, Change, Frame, Hello, Kind
 __all__ = ["ReplicationService", "dial_routes", "listen_addresses"]
 
 log = Logger()
+#: Seconds a stopping node waits for a link to close cleanly before dropping it.
+STOP_GRACE = 0.5
 
 
 def _unspecified(host: str) -> bool:
@@ -272,8 +274,10 @@ class ReplicationService(service.Service):
                 self._dial(peer)
 
     def stopService(self) -> defer.Deferred[None]:
-        """Stop dialling and listening, drop every link; fires when all are closed."""
+        """Stop dialling and listening, drop every link; fires when all are closed. What
+        was written and not sent yet (a stopping node's last changes) goes first."""
         super().stopService()
+        self._flush()
         if self._expire.running:
             self._expire.stop()
         if self._flush_call is not None and self._flush_call.active():
@@ -293,7 +297,14 @@ class ReplicationService(service.Service):
             d: defer.Deferred[None] = defer.Deferred()
             self._lost[link] = d
             waits.append(d)
-            link.close()
+            if link.transport is not None:
+                # what was written goes out first (a stopping node's last changes); a peer
+                # that does not close its side is dropped after STOP_GRACE
+                link.transport.loseConnection()
+                timer = self.clock.callLater(STOP_GRACE, link.close)
+                d.addBoth(lambda r, t=timer: (t.cancel() if t.active() else None, r)[1])
+            else:
+                link.close()
         done = defer.DeferredList(waits, consumeErrors=True)
         done.addTimeout(self.connect_timeout + self.handshake_timeout, self.clock)
 
