@@ -52,7 +52,8 @@ Takeover (:func:`plan_reconcile`)
     hiredis units are DECR'd in Redis exactly once, whoever tries, by a script that sets a
     marker ``<prefix>released/<runtime uuid>/<call uuid>/<realm>/<key>/<n>`` (NX, with a TTL)
     and decrements only if it was not there. ``runtime uuid`` is the FreeSWITCH runtime that
-    held the call (the row's ``runtime_uuid``; for an adopted call, the adopter's), so the
+    held the call (the row's ``runtime_uuid``; for an adopted call, the adopter's run and
+    the takeover's epoch, ``<core uuid>.<epoch>``, the adoption's ``runtime`` field), so the
     adopter releasing at hangup and a later successor releasing it use the same marker.
 """
 
