@@ -111,6 +111,10 @@ class LimitService:
         state.add_listener(Kind.LIMIT, self.book.listener)
         self._names = {n.node_id: n.name for n in config.nodes}
         self._profile_slot = {p: s.slot_id for s in config.slots for p in s.profiles}
+        # a peer's FreeSWITCH usable, from its heartbeats (the node's): a master that gave
+        # its slot up because its FreeSWITCH stopped answering did not stop the profile,
+        # so that FreeSWITCH gave nothing back
+        self.peer_fs_ok: Callable[[int], bool | None] | None = None
         self._running = False
         self._poll_timer: IDelayedCall | None = None
         self._sweep_timer: IDelayedCall | None = None
@@ -276,18 +280,23 @@ class LimitService:
         if previous.node_id == self.me.node_id:
             return
         handover = bool(getattr(report, "handover", False))
+        supersede = not handover
+        if handover and self.peer_fs_ok is not None and \
+                self.peer_fs_ok(previous.node_id) is False:
+            handover = False  # released like a dead master's; not superseded: it lives
         epoch = getattr(report, "epoch", 0)
-        self._todo[(slot.slot_id, previous.name)] = (slot, previous, handover,
-                                                     epoch if isinstance(epoch, int) else 0)
+        self._todo[(slot.slot_id, previous.name)] = (
+            slot, previous, handover, epoch if isinstance(epoch, int) else 0, supersede)
         self._run_reconciles()
 
     def _run_reconciles(self) -> None:
         if self._reconciling or not self._todo or not self._running:
             return
         key = next(iter(self._todo))
-        slot, previous, handover, epoch = self._todo[key]
+        slot, previous, handover, epoch, supersede = self._todo[key]
         self._reconciling = True
-        d = self.reconcile(slot, previous, handover=handover, epoch=epoch)
+        d = self.reconcile(slot, previous, handover=handover, epoch=epoch,
+                           supersede=supersede)
         d.addTimeout(self.limits.reconcile_timeout, self.clock)
 
         def done(result: object) -> None:
@@ -315,7 +324,7 @@ class LimitService:
         self._run_reconciles()
         self.kick_releases()
 
-    def _dead_calls(self, slot: SlotConfig, previous: NodeConfig
+    def _dead_calls(self, slot: SlotConfig, previous: NodeConfig, adopted: bool = True
                     ) -> tuple[list[CallHolding], int]:
         origin = previous.node_id
         live = list(self.state.records(origin=origin, slot=slot.slot_id, kind=Kind.CALL))
@@ -331,21 +340,29 @@ class LimitService:
                 rejected += 1
                 continue
             rows.append((record.slot, row.uuid, row.runtime_uuid, row.metadata))
-        adoptions = dict(self.book.adopted.get(origin, {}))
+        adoptions = dict(self.book.adopted.get(origin, {})) if adopted else {}
         held = {u: h for u, h in self.book.held.get(origin, {}).items()
                 if h.slot == slot.slot_id}
         calls, bad = dead_master_calls(rows, adoptions, held)
-        return [c for c in calls if c.slot == slot.slot_id], rejected + bad
+        theirs = set() if adopted else set(self.book.adopted.get(origin, {}))
+        return [c for c in calls if c.slot == slot.slot_id and c.uuid not in theirs], \
+            rejected + bad
 
     @inlineCallbacks
     def reconcile(self, slot: SlotConfig, previous: NodeConfig, *, handover: bool = False,
-                  epoch: int = 0) -> Generator[Any, Any, dict[str, Any]]:
+                  epoch: int = 0, supersede: bool | None = None
+                  ) -> Generator[Any, Any, dict[str, Any]]:
         """See the module doc. Returns the report (also kept for the status). ``epoch``
         (the takeover's) makes this adoption's markers its own: a call handed over to this
         FreeSWITCH, away and back again is taken and released again, under new markers."""
         start = self.clock.seconds()
         first_hangup = self._hangups + 1
-        calls, rejected = self._dead_calls(slot, previous)
+        if supersede is None:
+            supersede = not handover
+        # a master whose FreeSWITCH stopped answering lives on: the calls it had adopted
+        # stay its own to release (its sweep does it when they are gone)
+        calls, rejected = self._dead_calls(slot, previous,
+                                           adopted=handover or supersede)
         incarnation = self._incarnation_of(previous.node_id)
         own_runtime = self.esl.core_uuid
         if own_runtime is None:
@@ -392,7 +409,7 @@ class LimitService:
                 if marker not in own:
                     self._put(NO_SLOT, prefix + marker, encode_pending(realm, key))
                     inherited += 1
-        if not handover:
+        if supersede:
             if incarnation is not None:
                 self._put(NO_SLOT, SUPERSEDE_PREFIX + str(previous.node_id),
                           str(incarnation).encode())

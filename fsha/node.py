@@ -455,6 +455,12 @@ class ClusterNode:
             flags |= Flags.UNFIT
         return flags
 
+    def peer_fs_ok(self, node_id: int) -> bool | None:
+        """The FS_OK flag of a peer's last heartbeat (None: never heard)."""
+        peer = self.detector.peers.get(node_id)
+        hb = peer.latest if peer is not None else None
+        return None if hb is None else bool(hb.flags & Flags.FS_OK)
+
     def members(self) -> list[Member]:
         nodes = self.config.nodes
         result = [Member(self.me.node_id, self.me.name, self.me.priority, self.incarnation,

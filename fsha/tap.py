@@ -285,6 +285,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
                               api_timeout=me.esl.timeout)
         # after the takeover, never part of it: a slow or dead Redis cannot delay a claim
         effects.add_report_listener(limits.takeover_done)
+        limits.peer_fs_ok = node.peer_fs_ok
     if limits is not None or redis is not None:
         limits_service = LimitsService(limits, redis)
         limits_service.setName("limits")

@@ -642,6 +642,31 @@ class ClusterTests(SynchronousTestCase):
                          ({"retaken": 1}, {"released": 1}))
         self.assertEqual(cl.redis.clamped, 0)
 
+    def test_master_whose_freeswitch_died_gave_nothing_back(self) -> None:
+        """A master gives its slot up because its FreeSWITCH stopped answering (a hand-over
+        for the cluster, but that FreeSWITCH stopped no profile): its calls' units are
+        still in Redis. The ringing ones are released, the recovered ones adopted with
+        their units (not taken again) and released when they end."""
+        cl = Cluster()
+        n1, _n2, n3 = (n.node_id for n in cl.nodes)
+        cl.write_call(n1, 0, Call("c0", frozenset(), ("trunk",)))
+        cl.ring(n1, 0, Call("r0", frozenset(), ("trunk",)))
+        cl.svcs[n3].peer_fs_ok = lambda nid: nid != n1
+        calls, cl.fs[n1].calls = cl.fs[n1].calls, {}
+        cl.fs[n1].failing = True
+        cl.write_call(n3, 0, Call("c0", calls["c0"].keys, calls["c0"].units, recovered=True))
+        cl.epoch += 1
+        cl.svcs[n3].takeover_done(_Report("acquire", CONFIG.slots[0].name, cl.nodes[0].name,
+                                          handover=True, epoch=cl.epoch))
+        self.assertEqual(cl.redis.counters["trunk"], 1)
+        report = cl.svcs[n3].reports[-1]
+        self.assertEqual((report["handover"], report["moved"], report["hiredis_releases"],
+                          report["hiredis_retakes"]), (False, 1, 1, 0))
+        self.assertEqual(cl.svcs[n3].book.superseded(), set())  # n1 lives on
+        cl.hangup(n3, "c0")
+        self.assertEqual(cl.redis.counters["trunk"], 0)
+        self.assertEqual(cl.redis.clamped, 0)
+
     @settings(max_examples=100, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow])
     @given(st.lists(st.tuples(st.sampled_from(["call", "ring", "hangup", "failover", "poll",
