@@ -153,8 +153,13 @@ class LimitService:
             return
         self._running = True
         self.esl.add_event_listener(self._on_hangup, HANGUP_EVENT)
-        self.esl.add_event_listener(self._on_execute, EXECUTE_EVENT)
-        self.esl.subscribe(HANGUP_EVENT, EXECUTE_EVENT).addErrback(
+        events = [HANGUP_EVENT]
+        if self.limits.hiredis_realms:
+            # Every application's completion, with all the channel's variables: only worth
+            # its cost where there are hiredis units of ringing calls to follow.
+            self.esl.add_event_listener(self._on_execute, EXECUTE_EVENT)
+            events.append(EXECUTE_EVENT)
+        self.esl.subscribe(*events).addErrback(
             lambda f: log.warn("limits: subscribing to hangups failed: {error}",
                                error=f.getErrorMessage()))
         add_restart = getattr(self.esl, "add_restart_listener", None)
