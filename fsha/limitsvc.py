@@ -30,6 +30,7 @@ formats: :mod:`fsha.limits`):
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Generator, Iterable
 from typing import Any, Protocol
 
@@ -135,10 +136,9 @@ class LimitService:
         self.hash_writes = 0
         self.hash_errors = 0
         self.released: dict[str, int] = {}  # outcome -> count
-        self.release_errors = 0
+        self.errors: Counter[str] = Counter()  # "release" / "retake" -> failures (retried)
         self.adopted_released = 0
         self.retaken: dict[str, int] = {}  # retake outcome -> count
-        self.retake_errors = 0
         self.held_events = 0  # limit apps seen taking a hiredis unit
         self.reports: list[dict[str, Any]] = []
 
@@ -575,51 +575,53 @@ class LimitService:
         redis = self.redis
         assert redis is not None
         # retakes first: a unit released before it was taken again could be clamped at 0
+        done = yield self._drain("retake", lambda: self.book.retakes, redis.retake,
+                                 RETAKE_PREFIX, self.retaken)
+        if done:
+            yield self._drain("release", lambda: self.book.pending, redis.release,
+                              PENDING_PREFIX, self.released)
+
+    @inlineCallbacks
+    def _drain(self, what: str, table: Callable[[], dict[int, dict[str, tuple[str, str]]]],
+               send: Callable[[str, str], Deferred[tuple[str, str]]], prefix: str,
+               outcomes: dict[str, int]) -> Generator[Any, Any, bool]:
+        """Send this node's ``table`` records (marker -> (realm, key)) to Redis, a window at a
+        time, deleting each one Redis answered. True once none is left; False when one
+        failed (retried later: Redis back, or the retry timer) or Redis went down."""
+        redis = self.redis
+        assert redis is not None
         while self._running and redis.state == "up":
-            retakes = list(self._own(self.book.retakes).items())[:RELEASE_WINDOW]
-            if not retakes:
-                break
-            results = yield DeferredList(
-                [redis.retake(key, marker) for marker, (_realm, key) in retakes],
-                consumeErrors=True)
+            batch = list(self._own(table()).items())[:RELEASE_WINDOW]
+            if not batch:
+                return True
+            results = yield DeferredList([send(key, marker) for marker, (_realm, key) in batch],
+                                         consumeErrors=True)
             failed = 0
-            for (marker, _rk), (ok, result) in zip(retakes, results, strict=True):
+            for (marker, (realm, key)), (ok, result) in zip(batch, results, strict=True):
                 if ok:
                     outcome, _value = result
-                    self.retaken[outcome] = self.retaken.get(outcome, 0) + 1
-                    self._delete(NO_SLOT, RETAKE_PREFIX + marker)
-                else:
-                    failed += 1
-                    self.retake_errors += 1
-                    self.last_error = f"redis retake: {result.getErrorMessage()}"
-                    if not result.check(RedisError):
-                        log.failure("limits: retake failed", result)
-            if failed:
-                return
-        while self._running and redis.state == "up":
-            pending = list(self._own(self.book.pending).items())[:RELEASE_WINDOW]
-            if not pending:
-                return
-            results = yield DeferredList(
-                [redis.release(key, marker) for marker, (_realm, key) in pending],
-                consumeErrors=True)
-            failed = 0
-            for (marker, (realm, key)), (ok, result) in zip(pending, results, strict=True):
-                if ok:
-                    outcome, _value = result
-                    self.released[outcome] = self.released.get(outcome, 0) + 1
+                    outcomes[outcome] = outcomes.get(outcome, 0) + 1
                     if outcome in ("missing", "clamped"):
-                        log.warn("limits: release of {realm} {key}: {outcome} (counter "
-                                 "drifted)", realm=realm, key=key, outcome=outcome)
-                    self._delete(NO_SLOT, PENDING_PREFIX + marker)
+                        log.warn("limits: {what} of {realm} {key}: {outcome} (counter "
+                                 "drifted)", what=what, realm=realm, key=key, outcome=outcome)
+                    self._delete(NO_SLOT, prefix + marker)
                 else:
                     failed += 1
-                    self.release_errors += 1
-                    self.last_error = f"redis release: {result.getErrorMessage()}"
+                    self.errors[what] += 1
+                    self.last_error = f"redis {what}: {result.getErrorMessage()}"
                     if not result.check(RedisError):
-                        log.failure("limits: release failed", result)
+                        log.failure("limits: {what} failed", result, what=what)
             if failed:
-                return  # retried later (Redis back, or the retry timer)
+                return False
+        return False
+
+    @property
+    def release_errors(self) -> int:
+        return self.errors["release"]
+
+    @property
+    def retake_errors(self) -> int:
+        return self.errors["retake"]
 
     # -- status -----------------------------------------------------------------------------
 
