@@ -60,13 +60,12 @@ Takeover (:func:`plan_reconcile`)
 from __future__ import annotations
 
 import json
-import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
-from fsha.wire.esl import url_decode
+from fsha.cdr import CDRError, read_cdr
 from fsha.wire.stream import Kind
 
 __all__ = [
@@ -137,16 +136,9 @@ def holdings_from_metadata(metadata: bytes | str) -> Holdings:
         if "limit" not in text:
             return NOTHING
     try:
-        root = ET.fromstring(text.encode("utf-8", "surrogateescape"))
-    except (ET.ParseError, ValueError) as e:
-        raise LimitValueError(f"metadata is not XML: {e}") from None
-    if root.tag != "cdr":
-        raise LimitValueError(f"metadata root is <{root.tag}>, not <cdr>")
-    variables: dict[str, str] = {}
-    vs = root.find("variables")
-    if vs is not None:
-        for el in vs:
-            variables[el.tag] = url_decode(el.text or "")
+        root, variables = read_cdr(text.encode("utf-8", "surrogateescape"))
+    except CDRError as e:
+        raise LimitValueError(str(e)) from None
     backends = _backends(variables.get("limit_backend"))
     hash_keys: set[str] = set()
     if "hash" in backends:

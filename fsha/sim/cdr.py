@@ -8,16 +8,12 @@ back what it needs to rebuild a live channel on recovery.
 from __future__ import annotations
 
 import re
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
+from fsha.cdr import CDRError, read_cdr
 from fsha.sim.calls import CS_NUMBERS, Channel
-from fsha.wire.esl import url_decode, url_encode
-
-
-class CDRError(ValueError):
-    """The metadata is not a usable XML CDR."""
+from fsha.wire.esl import url_encode
 
 
 def _usec(epoch: float | None) -> str:
@@ -128,17 +124,7 @@ def _epoch(text: str | None) -> float | None:
 
 def parse_cdr(metadata: str) -> CDRInfo:
     """Parse a stored CDR; raises :class:`CDRError` (only) on anything unusable."""
-    try:
-        root = ET.fromstring(metadata)
-    except (ET.ParseError, ValueError) as e:
-        raise CDRError(f"metadata is not XML: {e}") from None
-    if root.tag != "cdr":
-        raise CDRError(f"metadata root is <{root.tag}>, not <cdr>")
-    variables: dict[str, str] = {}
-    vs = root.find("variables")
-    if vs is not None:
-        for el in vs:
-            variables[el.tag] = url_decode(el.text or "")
+    root, variables = read_cdr(metadata)
     cp = root.find("callflow/caller_profile")
     times = root.find("callflow/times")
 
