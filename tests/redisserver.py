@@ -236,3 +236,32 @@ def start_redis(testcase: Any, password: str | None = None) -> RedisServer:
     testcase.addCleanup(server.cleanup)
     server.start()
     return server
+
+
+def redis_config(server: RedisServer, *lines: str) -> str:
+    """A ``[redis]`` section for ``server`` (short timeouts for tests), plus ``lines``."""
+    return "\n".join([
+        "[redis]", f'address = "127.0.0.1:{server.port}"', "timeout_ms = 1000",
+        "reconnect_min_ms = 50", "reconnect_max_ms = 500", *lines, ""])
+
+
+def start_cluster(testcase: Any, extra_config: str, **kwargs: Any) -> Any:
+    """A converged 3-node, 1-slot LoopbackCluster with ``extra_config``; its nodes' logs are
+    printed if it does not come up. Closed at the test's cleanup."""
+    from fsha.harness import HarnessError, LoopbackCluster
+
+    cluster = LoopbackCluster(nodes=3, slots=1, interval_ms=20, dead_after_ms=100,
+                              extra_config=extra_config, **kwargs)
+    testcase.addCleanup(cluster.close)
+    try:
+        cluster.start()
+        cluster.wait_converged(timeout=60)
+    except HarnessError:
+        dump_logs(cluster)
+        raise
+    return cluster
+
+
+def dump_logs(cluster: Any) -> None:
+    for node in cluster.nodes:
+        print(f"--- {node.name}\n{cluster.logs(node.name, 60)}")

@@ -14,9 +14,9 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from fsha.harness import HarnessError, LoopbackCluster, wait_for
+from fsha.harness import HarnessError, wait_for
 from fsha.status import render
-from tests.redisserver import start_redis
+from tests.redisserver import dump_logs, redis_config, start_cluster, start_redis
 
 CALLS = 40
 REGISTRATIONS = 10
@@ -25,23 +25,11 @@ REGISTRATIONS = 10
 class DurableClusterTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.redis = start_redis(self)
-        extra = "\n".join([
-            "[redis]", f'address = "127.0.0.1:{self.redis.port}"', "timeout_ms = 1000",
-            "reconnect_min_ms = 50", "reconnect_max_ms = 500", "durable_state = true",
-            "durable_flush_ms = 50", ""])
-        self.cluster = LoopbackCluster(nodes=3, slots=1, interval_ms=20, dead_after_ms=100,
-                                       extra_config=extra)
-        self.addCleanup(self.cluster.close)
-        try:
-            self.cluster.start()
-            self.cluster.wait_converged(timeout=60)
-        except HarnessError:
-            self.dump()
-            raise
+        self.cluster = start_cluster(self, redis_config(
+            self.redis, "durable_state = true", "durable_flush_ms = 50"))
 
     def dump(self) -> None:
-        for node in self.cluster.nodes:
-            print(f"--- {node.name}\n{self.cluster.logs(node.name, 60)}")
+        dump_logs(self.cluster)
 
     def test_a_restarted_cluster_recovers_the_calls_from_redis(self) -> None:
         try:

@@ -21,8 +21,8 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from fsha.harness import HarnessError, LoopbackCluster, wait_for
-from tests.redisserver import start_redis
+from fsha.harness import LoopbackCluster, wait_for
+from tests.redisserver import dump_logs, redis_config, start_cluster, start_redis
 
 CALLS = int(os.environ.get("FSHA_LIMIT_CALLS", "1000"))
 RINGING = 50
@@ -36,22 +36,12 @@ class LimitsClusterTests(SynchronousTestCase):
         extra = "\n".join([
             "[limits]", "poll_interval_ms = 200", "sweep_interval_ms = 2000",
             "retry_interval_ms = 200", 'hiredis_realms = ["default"]', "",
-            "[redis]", f'address = "127.0.0.1:{self.redis.port}"', "timeout_ms = 1000",
-            "reconnect_min_ms = 50", "reconnect_max_ms = 500", ""])
-        self.cluster = LoopbackCluster(nodes=3, slots=1, interval_ms=20, dead_after_ms=100,
-                                       extra_config=extra,
-                                       sim_args=["--hiredis", f"127.0.0.1:{self.redis.port}"])
-        self.addCleanup(self.cluster.close)
-        try:
-            self.cluster.start()
-            self.cluster.wait_converged(timeout=60)
-        except HarnessError:
-            self.dump()
-            raise
+            redis_config(self.redis)])
+        self.cluster = start_cluster(self, extra,
+                                     sim_args=["--hiredis", f"127.0.0.1:{self.redis.port}"])
 
     def dump(self) -> None:
-        for node in self.cluster.nodes:
-            print(f"--- {node.name}\n{self.cluster.logs(node.name, 60)}")
+        dump_logs(self.cluster)
 
     def limits(self) -> dict[str, dict[str, Any]]:
         return {name: st["limits"] for name, st in self.cluster.statuses().items()}
