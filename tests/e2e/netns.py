@@ -712,30 +712,31 @@ class NetnsCluster(LoopbackCluster):
         text = path.read_text() if path.exists() else ""
         return [(float(t), state) for t, state in (line.split() for line in text.splitlines())]
 
-    def stop_sim(self, name: str) -> float:
-        """Hang the simulator of ``name`` (SIGSTOP): its sockets stay open, nothing answers."""
+    def _signal_sim(self, name: str, sig: signal.Signals) -> float:
+        """Send ``sig`` to the simulator of ``name``; when (wall clock) it was sent."""
         node = self.node(name)
         assert node.sim is not None
         at = time.time()
-        os.kill(node.sim.pid, signal.SIGSTOP)
+        os.kill(node.sim.pid, sig)
+        return at
+
+    def stop_sim(self, name: str) -> float:
+        """Hang the simulator of ``name`` (SIGSTOP): its sockets stay open, nothing answers."""
+        at = self._signal_sim(name, signal.SIGSTOP)
         self.stopped_sims.add(name)
         return at
 
     def cont_sim(self, name: str) -> float:
-        node = self.node(name)
-        assert node.sim is not None
-        at = time.time()
-        os.kill(node.sim.pid, signal.SIGCONT)
+        at = self._signal_sim(name, signal.SIGCONT)
         self.stopped_sims.discard(name)
         return at
 
     def kill_sim(self, name: str) -> float:
         """kill -9 only the simulator (FreeSWITCH) of ``name``."""
-        node = self.node(name)
-        assert node.sim is not None
-        at = time.time()
-        os.kill(node.sim.pid, signal.SIGKILL)
-        node.sim.wait(timeout=10)
+        at = self._signal_sim(name, signal.SIGKILL)
+        sim = self.node(name).sim
+        assert sim is not None
+        sim.wait(timeout=10)
         return at
 
     def kill_when(self, name: str, what: str, check: Any, timeout: float = 30.0,
