@@ -30,7 +30,7 @@ formats: :mod:`fsha.limits`):
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterable
 from typing import Any, Protocol
 
@@ -125,6 +125,7 @@ class LimitService:
         self._releasing = False
         self._pushed: dict[str, int] = {}  # totals written into the local FreeSWITCH
         self._gone: dict[str, tuple[float, int]] = {}  # hung-up UUIDs -> (when, serial)
+        self._gone_order: deque[tuple[float, str]] = deque()  # the same, oldest first
         self._hangups = 0  # serial of the hangups seen
         self._todo: dict[tuple[int, str], Any] = {}  # (slot, previous) -> reconcile wanted
         self._reconciling = False
@@ -437,8 +438,13 @@ class LimitService:
     # -- adopted calls ----------------------------------------------------------------------
 
     def _expire_gone(self, now: float) -> None:
-        if len(self._gone) > 1000 or any(now - t > GONE_TTL for t, _ in self._gone.values()):
-            self._gone = {u: v for u, v in self._gone.items() if now - v[0] <= GONE_TTL}
+        # Hangups arrive in time order: forgetting the old ones is O(1) per hangup.
+        order, gone = self._gone_order, self._gone
+        while order and now - order[0][0] > GONE_TTL:
+            at, uuid = order.popleft()
+            entry = gone.get(uuid)
+            if entry is not None and entry[0] == at:
+                del gone[uuid]
 
     def _on_hangup(self, event: Event) -> None:
         uuid = event.headers.get("Unique-ID")
@@ -451,7 +457,10 @@ class LimitService:
             self._release_adopted([uuid])
         else:
             self._hangups += 1
-            self._gone[uuid] = (self.clock.seconds(), self._hangups)
+            now = self.clock.seconds()
+            self._gone[uuid] = (now, self._hangups)
+            self._gone_order.append((now, uuid))
+            self._expire_gone(now)
 
     def _on_execute(self, event: Event) -> None:
         """``CHANNEL_EXECUTE_COMPLETE``: a ``limit hiredis`` that took a unit -> the call's

@@ -718,6 +718,24 @@ class ClusterTests(SynchronousTestCase):
         self.assertEqual(cl.redis.clamped, 0)  # nothing released twice
 
 
+class HangupMemoryTests(SynchronousTestCase):
+    def test_hung_up_calls_are_forgotten_after_their_ttl(self) -> None:
+        """A master's every hangup is remembered for GONE_TTL only, without a takeover."""
+        from fsha.limitsvc import GONE_TTL
+
+        cl = Cluster()
+        nid = cl.nodes[0].node_id
+        svc = cl.svcs[nid]
+        for i in range(3000):
+            cl.write_call(nid, 0, Call(f"g{i}", frozenset(KEYS[:1]), ()))
+            cl.hangup(nid, f"g{i}")
+            cl.clock.advance(0.1)  # 10 hangups a second for 300 s
+        self.assertLessEqual(len(svc._gone), GONE_TTL * 10 + 1)
+        self.assertLessEqual(len(svc._gone_order), GONE_TTL * 10 + 1)
+        self.assertIn("g2999", svc._gone)
+        self.assertNotIn("g0", svc._gone)
+
+
 class StatusAndMetricsTests(SynchronousTestCase):
     def test_status_lines_problems_and_metrics(self) -> None:
         from fsha.status import problems, render
