@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import random
+import re
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -121,6 +122,9 @@ def _log_failure(failure: Failure, what: str) -> None:
 #: :data:`REQUEST_RESULTS`, ``seconds`` the time from sending to the reply (or the failure).
 RequestObserver = Callable[[str, float, str], object]
 REQUEST_RESULTS = ("ok", "timeout", "lost")
+# FreeSWITCH's Core-UUID is a canonical UUID; anything else (a corrupt event, a header an
+# originator set) must not count as a restart, which drops every call's bookkeeping.
+_CORE_UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 
 
 def request_label(line: str) -> str:
@@ -425,6 +429,7 @@ class ESLClient(Service):
         self.last_error: str | None = None
         self.connections = 0
         self.restarts = 0
+        self.malformed_core_uuids = 0  # Core-UUIDs seen that are not UUIDs (ignored)
         self._proto: ESLProtocol | None = None
         self._service: ClientService | None = None
         self._jobs: dict[str, tuple[Deferred[str], IDelayedCall]] = {}
@@ -691,6 +696,11 @@ class ESLClient(Service):
             return
         old = self.core_uuid
         if old == value:
+            return
+        if _CORE_UUID.fullmatch(value) is None:
+            self.malformed_core_uuids += 1
+            log.warn("ignored a Core-UUID that is not a UUID: {value!r} ({count} so far)",
+                     value=value[:80], count=self.malformed_core_uuids)
             return
         self.core_uuid = value
         if old is None:

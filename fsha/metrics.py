@@ -438,6 +438,8 @@ class ClusterCollector:
                   fs.get("connections"))
         f.counter("fsha_freeswitch_restarts", "FreeSWITCH restarts seen (new Core-UUID).",
                   fs.get("restarts"))
+        f.counter("fsha_freeswitch_malformed_core_uuids", "Core-UUIDs received that are "
+                  "not UUIDs (ignored, not taken as a restart).", fs.get("malformed_core_uuids"))
         f.declare("gauge", "fsha_freeswitch_sessions", "Sessions in the local FreeSWITCH "
                   "(from its HEARTBEAT event).", [])
         f.gauge("fsha_freeswitch_sessions", "", fs.get("sessions"))

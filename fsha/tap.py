@@ -95,7 +95,7 @@ class SwitchHealth:
         esl = self.esl
         return {"state": esl.state.value, "ok": esl.is_healthy, "core_uuid": esl.core_uuid,
                 "last_error": esl.last_error, "connections": esl.connections,
-                "restarts": esl.restarts}
+                "restarts": esl.restarts, "malformed_core_uuids": esl.malformed_core_uuids}
 
 
 def esl_client(me: NodeConfig, reactor: Any, ping_interval: float) -> ESLClient:

@@ -592,6 +592,16 @@ class WatchdogTests(ClientTestBase):
         self.endpoint.conns[1].event([("Event-Name", "HEARTBEAT"), ("Core-UUID", CORE1)])
         self.assertEqual(self.restarts, [(CORE1, CORE2), (CORE2, CORE1)])
 
+    def test_malformed_core_uuid_is_counted_not_a_restart(self) -> None:
+        client, conn = self.ready_client()
+        for bad in ("not-a-uuid", "1" * 36, CORE2 + "x", CORE2[:-1], "\x00"):
+            conn.event([("Event-Name", "HEARTBEAT"), ("Core-UUID", bad)])
+        self.assertEqual(self.restarts, [])
+        self.assertEqual((client.core_uuid, client.restarts), (CORE1, 0))
+        self.assertEqual(client.malformed_core_uuids, 5)
+        conn.event([("Event-Name", "HEARTBEAT"), ("Core-UUID", CORE2)])
+        self.assertEqual(self.restarts, [(CORE1, CORE2)], "a real change still counts")
+
 
 class ProtocolTests(SynchronousTestCase):
     def test_disconnect_notice_reason(self) -> None:

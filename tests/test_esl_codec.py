@@ -32,6 +32,19 @@ from fsha.wire.esl import (
     url_encode,
 )
 
+# Bytes that make header blocks interesting: NUL, separators, line ends, escapes.
+HOSTILE_BYTES = "Ab-_:% =\r\x00\x01\xe9"
+
+
+def probe_headers(headers: Headers) -> None:
+    """Use decoded headers the way callers do (lookups build the case-insensitive index)."""
+    headers.get("Content-Type")
+    headers.get("content-length")
+    for name in headers.names():
+        headers.get(name.upper())
+        _ = name in headers
+
+
 CORE_UUID = "0f6d1e2a-9b3c-4d5e-8f70-1a2b3c4d5e6f"
 CALL_UUID = "7c0e9a52-3d1f-4b6a-9e8d-2f4a6b8c0d1e"
 JOB_UUID = "5b8f0c3e-2a4d-4e6f-8a1b-3c5d7e9f1a2b"
@@ -609,6 +622,49 @@ class PropertyTests(SynchronousTestCase):
                 fn(data)
             except ESLProtocolError:
                 pass
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(st.text(alphabet=HOSTILE_BYTES, max_size=12), min_size=1, max_size=6),
+           st.sampled_from(["Content-Type: text/event-plain\n", "api x\n", ""]),
+           st.lists(st.integers(0, 200), max_size=4))
+    def test_header_shaped_bytes_only_protocol_error(self, lines: list[str], first: str,
+                                                     cuts: list[int]) -> None:
+        """Header-shaped input (NUL, colons, CR, '%' in names): the decoders, and the
+        headers they return, raise nothing but ESLProtocolError (a NUL in a header name
+        used to escape as ValueError)."""
+        data = (first + "\n".join(lines) + "\n\n").encode("latin-1")
+        for make in (FrameDecoder, CommandDecoder):
+            dec = make()
+            try:
+                for chunk in chunked(data, cuts):
+                    for message in dec.feed(chunk):
+                        probe_headers(message.headers)
+            except ESLProtocolError:
+                pass
+        for fn in (decode_event_plain, decode_event_json):
+            try:
+                probe_headers(fn(data).headers)
+            except ESLProtocolError:
+                pass
+        try:
+            probe_headers(decode_event_json(json.dumps(
+                {"Event-Name": "X", **{line: "v" for line in lines}}).encode()).headers)
+        except ESLProtocolError:
+            pass
+
+    def test_nul_in_a_header_name(self) -> None:
+        for decoder, data in ((FrameDecoder(), b"Content-Type: y\nA\x00b: 1\n\n"),
+                              (CommandDecoder(), b"api x\nA\x00b: 1\n\n")):
+            with self.assertRaises(ESLProtocolError) as caught:
+                decoder.feed(data)
+            self.assertIn("NUL", str(caught.exception))
+        # inside an event body a name may decode to NUL (%00): kept, and looked up fine
+        event = decode_event_plain(b"Event-Name: X\nA%00b: 1\n\n")
+        self.assertEqual(event.headers.get("a\x00B"), "1")
+        self.assertEqual(event.headers.get("event-name"), "X")
+        event = decode_event_json(b'{"Event-Name": "X", "A\\u0000b": "1"}')
+        self.assertEqual((event.headers.get("EVENT-NAME"), event.headers.get("a\x00b")),
+                         ("X", "1"))
 
     @settings(max_examples=300, deadline=None)
     @given(st.lists(st.tuples(st.text(alphabet="Ab-_:%= \r\x01", min_size=1, max_size=5),

@@ -52,7 +52,8 @@ SAMPLE: dict[str, Any] = {
     "received": 555, "drops": {"bad-mac": 4, "wrong-source": 1},
     "events": [{"time": 1.0, "event": "role", "role": "master"}],
     "freeswitch": {"state": "ready", "ok": True, "core_uuid": "u-1", "last_error": None,
-                   "connections": 3, "restarts": 1, "sessions": 42, "max_sessions": 1000},
+                   "connections": 3, "restarts": 1, "malformed_core_uuids": 2,
+                   "sessions": 42, "max_sessions": 1000},
     "replication": {
         "records": 12, "slots": {"slot1": {"call": 10, "registration": 2}},
         "links": {"established": 5, "refused": {"bad-cert": 1}, "bytes_in": 1, "bytes_out": 2},
@@ -161,6 +162,7 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(one(m, "fsha_freeswitch_up"), 1)
         self.assertEqual(one(m, "fsha_freeswitch_sessions"), 42)
         self.assertEqual(one(m, "fsha_freeswitch_restarts_total"), 1)
+        self.assertEqual(one(m, "fsha_freeswitch_malformed_core_uuids_total"), 2)
         # replication
         self.assertEqual(one(m, "fsha_replication_enabled"), 1)
         self.assertEqual(one(m, "fsha_replication_records", slot="slot1", kind="call"), 10)

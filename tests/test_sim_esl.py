@@ -462,6 +462,26 @@ class OrderingRobustnessTests(SynchronousTestCase):
             proto.connectionLost(None)
             self.assertNotIn(proto.on_event, h.switch.listeners)
 
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.text(alphabet="Ab-_:% =\r\x00\x01", max_size=12), min_size=1,
+                    max_size=5),
+           st.sampled_from(["api status\n", "sendevent CUSTOM\n", "auth ClueCon\n", ""]),
+           st.booleans())
+    def test_header_shaped_commands_never_crash(self, lines: list[str], first: str,
+                                                authed: bool) -> None:
+        """A NUL in a command header name is the codec's protocol error: the connection
+        is closed, the switch unharmed (it used to escape as ValueError)."""
+        h = Harness()
+        proto, tr = h.authed() if authed else h.connect()
+        proto.dataReceived((first + "\n".join(lines) + "\n\n").encode("latin-1"))
+        FrameDecoder().feed(tr.value())
+
+    def test_nul_in_a_command_header_name_closes(self) -> None:
+        h = Harness()
+        proto, tr = h.authed()
+        proto.dataReceived(b"sendevent CUSTOM\nA\x00b: 1\n\n")
+        self.assertTrue(tr.disconnecting)
+
     def test_flood_is_paced_by_backpressure_and_never_dropped(self) -> None:
         h = Harness(max_queue=10)
         proto, tr = h.authed()

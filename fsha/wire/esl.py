@@ -141,6 +141,9 @@ class Headers:
         if index is None:
             names = self._names
             lowered = "\x00".join(names).lower().split("\x00") if names else []
+            if len(lowered) != len(names):
+                # A name holding NUL itself (a decoded %00): lower them one by one.
+                lowered = [n.lower() for n in names]
             # reversed so that the first occurrence of a name wins
             index = dict(zip(reversed(lowered), reversed(self._values), strict=True))
             self._index = index
@@ -258,6 +261,9 @@ def _parse_header_lines(block: bytes, what: str) -> Headers:
         name, sep, value = line.partition(b":")
         if not sep or not name:
             raise ESLProtocolError(f"malformed {what} header line {bytes(line[:80])!r}")
+        if b"\x00" in name:
+            # FreeSWITCH's C reader would cut the name there: not a peer worth parsing.
+            raise ESLProtocolError(f"NUL byte in {what} header name {bytes(name[:80])!r}")
         names.append(name.decode(_ENC, _ERRORS))
         values.append(value.lstrip(b" ").decode(_ENC, _ERRORS))
     return Headers._from_lists(names, values)
