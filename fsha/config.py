@@ -472,6 +472,11 @@ def _nodes(c: _Checker, raw: Any, networks: list[Network], base: Path) -> list[N
             ok = False
         stream = _endpoint(c, t, key, "stream")
         status = _endpoint(c, t, key, "status")
+        if status is not None and ipaddress.ip_address(status.host).is_unspecified:
+            # The control API listens there too: never on every interface by accident.
+            c.problem(f"{key}.status", f"{status.host!r} listens on every interface, the "
+                      "control API with it: give this node's loopback or management address")
+            status = None
         for ep, what in ((stream, "stream"), (status, "status")):
             # Peers reach a node at these; a loopback status address is per host, and
             # may repeat (each node has its own 127.0.0.1).

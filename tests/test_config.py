@@ -94,6 +94,15 @@ class ValidationTests(SynchronousTestCase):
         self.assertProblem(lambda r: r["node"][1]["esl"].update(pass_word="x"),
                            "node.fs2.esl.pass_word", "unknown key")
 
+    def test_status_on_every_interface_refused(self) -> None:
+        for host in ("0.0.0.0", "[::]"):
+            def mutate(r: Any, host: str = host) -> None:
+                r["node"][1]["status"] = f"{host}:17420"
+            self.assertProblem(mutate, "node.fs2.status", "listens on every interface")
+        raw = demo_raw()
+        raw["node"][1]["status"] = "[::1]:17420"  # loopback v6 is fine
+        parse_config(raw, DEMO)
+
     def test_missing_keys(self) -> None:
         self.assertProblem(lambda r: r["cluster"].pop("name"), "cluster.name", "missing")
         self.assertProblem(lambda r: r.pop("cluster"), "cluster", "missing")
