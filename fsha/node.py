@@ -249,6 +249,9 @@ class ClusterNode:
     def stop(self) -> defer.Deferred[None]:
         """Hand a held slot over cleanly (release, then announce it), then stop."""
         self.stopping = True
+        # Leaving: never a candidate again (its last heartbeat, after the release, must not
+        # rank it first for the slot it gave up).
+        self.unfit_until = float("inf")
         if self.role in (Role.MASTER, Role.CLAIMING):
             d: defer.Deferred[None] = defer.Deferred()
             self._stopped_release = d
@@ -329,8 +332,15 @@ class ClusterNode:
             if hb.role is Role.MASTER:
                 self.last_holder[hb.slot] = hb.node_id
                 self.released_by.pop(hb.slot, None)
-            elif hb.role is Role.RELEASING and self.last_holder.get(hb.slot) == hb.node_id:
-                self.released_by[hb.slot] = hb.node_id
+            elif hb.type is MessageType.RELEASE and self.last_holder.get(hb.slot) == hb.node_id:
+                self.released_by[hb.slot] = hb.node_id  # done releasing, said so itself
+        elif hb.role is Role.SLAVE and was_alive and verdict != "restarted":
+            # The same incarnation went from holding to holding nothing: it released (its
+            # role machine has no other way). A master that dies while releasing, or comes
+            # back as a new incarnation, is not taken at its word: it is fenced.
+            for slot, holder in self.last_holder.items():
+                if holder == hb.node_id:
+                    self.released_by[slot] = holder
         self._track_claimers(hb)
         if hb.type is not MessageType.HEARTBEAT:
             slot = self.config.slots[hb.slot].name if hb.slot < len(self.config.slots) else "?"
@@ -631,6 +641,8 @@ class ClusterNode:
     def _released(self, slot: SlotConfig) -> None:
         self._announce(MessageType.RELEASE, burst=not self.stopping)
         self._machine.released()
+        # Successors wait for this (a slot being released is no orphan): tell them now.
+        self._send(MessageType.HEARTBEAT)
         waiter, self._stopped_release = self._stopped_release, None
         if waiter is not None:
             waiter.callback(None)
@@ -638,8 +650,13 @@ class ClusterNode:
 
     def _release_resources(self, slot: SlotConfig, reason: str) -> defer.Deferred[None]:
         d = defer.maybeDeferred(self.actions.release, slot)
-        d.addErrback(lambda f: self.log.failure(
-            "releasing slot {slot} ({reason}) failed", f, slot=slot.name, reason=reason))
+
+        def failed(f: Failure) -> None:
+            self._event("release-failed", slot=slot.name, reason=reason,
+                        error=f.getErrorMessage() or f.type.__name__)
+            self.log.failure("releasing slot {slot} ({reason}) failed", f, slot=slot.name,
+                             reason=reason)
+        d.addErrback(failed)
         return d
 
     # -- sending --------------------------------------------------------------------------

@@ -54,6 +54,8 @@ class FakeActions:
         self.fail_acquire = False
         self.hang_acquire = False
         self.pending: list[defer.Deferred[None]] = []
+        self.hang_release = False  # release waits until a test fires its Deferred
+        self.pending_releases: list[defer.Deferred[None]] = []
 
     def acquire(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None, *,
                 fence: bool = True, claimers: Sequence[NodeConfig] = ()
@@ -72,6 +74,11 @@ class FakeActions:
 
     def release(self, slot: SlotConfig) -> defer.Deferred[None]:
         self.calls.append(("release", slot.name, 0))
+        if self.hang_release:
+            d: defer.Deferred[None] = defer.Deferred()
+            d.addCallback(lambda _: self.held.discard(slot.name))
+            self.pending_releases.append(d)
+            return d
         self.held.discard(slot.name)
         return defer.succeed(None)
 

@@ -114,3 +114,59 @@ class EndpointTests(SynchronousTestCase):
         self.assertEqual(self.cluster.masters()["slot1"], "fs3")
         code, body = self.post("/control/maintenance", {"on": True}, token)
         self.assertEqual((code, body["maintenance"]), (200, True))
+
+
+class PlannedMoveOrderTests(SynchronousTestCase):
+    """A planned move releases on the old master before the new one claims."""
+
+    def holders(self, cluster: FakeCluster, slot: str) -> set[str]:
+        return {name for name, a in cluster.actions.items() if slot in a.held}
+
+    def run_move(self, move: str) -> tuple[FakeCluster, list[set[str]]]:
+        cluster = formed()
+        self.assertEqual(cluster.masters(), {"slot1": "fs1", "slot2": "fs2"})
+        fs1 = cluster.nodes["fs1"]
+        cluster.actions["fs1"].hang_release = True
+        if move == "switchover":
+            fs1.switchover("slot1")
+        elif move == "maintenance":
+            fs1.set_maintenance(True)
+        else:
+            fs1.stop()
+        samples: list[set[str]] = []
+        for _ in range(1000):  # 1 s: five dead-after times of a release that hangs
+            cluster.advance(0.001)
+            samples.append(self.holders(cluster, "slot1"))
+        self.assertEqual(fs1.role, Role.RELEASING)
+        self.assertEqual([c for c in cluster.actions["fs3"].calls if c[0] == "acquire"], [],
+                         f"{move}: fs3 claimed while fs1 was still releasing")
+        self.assertNotIn("slot1", cluster.masters())
+        cluster.actions["fs1"].pending_releases.pop().callback(None)
+        samples.append(self.holders(cluster, "slot1"))
+        for _ in range(200):
+            cluster.advance(0.001)
+            samples.append(self.holders(cluster, "slot1"))
+        return cluster, samples
+
+    def test_release_done_before_the_successor_claims(self) -> None:
+        for move in ("switchover", "maintenance", "sigterm"):
+            cluster, samples = self.run_move(move)
+            self.assertEqual(cluster.masters()["slot1"], "fs3", move)
+            self.assertTrue(all(len(s) <= 1 for s in samples),
+                            f"{move}: two holders of slot1 at once")
+            # the order, as the holders were sampled: fs1 alone, nobody, then fs3 alone
+            order = [next(iter(s), None) for i, s in enumerate(samples)
+                     if i == 0 or s != samples[i - 1]]
+            self.assertEqual(order, ["fs1", None, "fs3"], move)
+            self.assertEqual(cluster.actions["fs3"].fenced, [False],
+                             f"{move}: a finished hand-over is not fenced")
+
+    def test_master_dying_mid_release_is_fenced(self) -> None:
+        cluster = formed()
+        cluster.actions["fs1"].hang_release = True
+        cluster.nodes["fs1"].switchover("slot1")
+        cluster.advance(0.2)
+        cluster.kill("fs1")  # its floating IP may still be up: not a hand-over
+        cluster.advance(1.0)
+        self.assertEqual(cluster.masters()["slot1"], "fs3")
+        self.assertEqual(cluster.actions["fs3"].fenced, [True])

@@ -63,7 +63,18 @@ class RulesTests(SynchronousTestCase):
                    member(5)]
         roles = compute_roles(members, [0], {0: 2})
         self.assertEqual(roles.ranking, (5,))
+        # slot 0 is still being released by node 4: not an orphan until that is done
+        self.assertEqual(roles.assignments, {})
+        roles = compute_roles([m for m in members if m.node_id != 4], [0, 1], {0: 2})
         self.assertEqual(roles.assignments, {5: (0, 3)})
+
+    def test_slot_being_released_is_not_assigned(self) -> None:
+        members = [member(0, role=Role.RELEASING, slot=0, epoch=2), member(1), member(2)]
+        roles = compute_roles(members, [0, 1], {0: 2})
+        self.assertEqual(roles.assignments, {1: (1, 1)}, "only the real orphan")
+        released = [member(0), member(1), member(2)]
+        self.assertEqual(compute_roles(released, [0, 1], {0: 2}).assignments,
+                         {0: (0, 3), 1: (1, 1)})
 
     def test_restarted_node_ranks_last_in_its_priority_class(self) -> None:
         members = [member(0, incarnation=900), member(1, incarnation=100),
