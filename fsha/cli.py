@@ -18,8 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("fsha.demo", "run a live demo cluster on loopback"),
     "sim": ("fsha.sim.cli", "run the FreeSWITCH simulator"),
     "certs": ("fsha.pki", "cluster PKI: init a CA, issue and show node certificates"),
-    "maintenance": ("fsha.control:maintenance_main", "drain a node (on) or bring it back (off)"),
-    "switchover": ("fsha.control:switchover_main", "move a slot to the primary candidate"),
+    "maintenance": ("fsha.controlcli:maintenance_main", "drain a node (on) or bring it back (off)"),
+    "switchover": ("fsha.controlcli:switchover_main", "move a slot to the primary candidate"),
 }
 
 

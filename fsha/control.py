@@ -1,83 +1,105 @@
-"""Operator commands: ``fsha maintenance`` and ``fsha switchover``, and the endpoint they use.
+"""The control endpoint each node serves beside its status: maintenance and switchover.
 
-Each node serves ``POST /control/maintenance`` and ``POST /control/switchover`` on its
-status address. A request must carry ``Authorization: Bearer TOKEN``, where the token is
-derived from the cluster secret file (HMAC-SHA256 of a fixed label), so whoever can read
-that file on a node (root, usually) can steer the cluster, and the secret itself never
-travels. A wrong or missing token gets 401 and a log line, and changes nothing. Keep the
-status address on loopback or a management network.
+``POST /control/maintenance`` (``{"on": true|false}``) and ``POST /control/switchover``
+(``{"slot": NAME, "to": NODE|null}``) on the node's status address. Every request is
+signed for one node (:mod:`fsha.controlauth`): a node refuses one meant for another node
+(421), an old bearer token, a replay, a stale or forged signature (401), and changes
+nothing. The commands that send them are in :mod:`fsha.controlcli`.
 
-    fsha maintenance fs2 on  --config /etc/fsha/cluster.toml   # drain fs2
-    fsha maintenance fs2 off --config /etc/fsha/cluster.toml   # back as a slave
-    fsha switchover pbx-a [--to fs4] --config /etc/fsha/cluster.toml
+The status site reads a request's headers before its body: :class:`StatusSite` makes
+requests that check a control request's signature, and any request's announced length,
+as soon as the headers are in, answer at once and close the connection when they refuse
+(an unauthenticated body is never read), and bound every body, chunked ones included.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import hmac
+import io
 import json
-import sys
-import urllib.error
-import urllib.request
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web import resource
-from twisted.web.server import Request
+from twisted.web import http, resource
+from twisted.web.server import Request, Site
 
+from fsha.controlauth import Accepted, ControlAuth, Refusal, body_digest
 from fsha.node import ClusterNode
+from fsha.wire.heartbeat import Role
 
-MAX_BODY = 64 * 1024
+MAX_BODY = 16 * 1024  # control bodies are a few dozen bytes; status and metrics have none
 log = Logger()
 
 
-def control_token(secret: bytes) -> str:
-    return hmac.new(secret, b"fsha control token v1", hashlib.sha256).hexdigest()
+def _is_control(path: bytes) -> bool:
+    return path == b"/control" or path.startswith(b"/control/")
 
 
 class ControlResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self, node: ClusterNode, token: str) -> None:
+    def __init__(self, node: ClusterNode, auth: ControlAuth, clock: IReactorTime) -> None:
         super().__init__()
         self.node = node
-        self._expected = f"Bearer {token}".encode()
+        self.auth = auth
+        self.clock = clock
+
+    def authenticate(self, header: bytes | None, method: bytes, path: bytes
+                     ) -> Accepted | Refusal:
+        verdict = self.auth.check(header.decode("latin-1") if header else None,
+                                  method.decode("latin-1"), path.decode("latin-1"),
+                                  self.clock.seconds())
+        if isinstance(verdict, Refusal):
+            log.warn("control request {method} {path} refused ({code}): {why}",
+                     method=method.decode("latin-1"), path=path.decode("latin-1"),
+                     code=verdict.code, why=verdict.message)
+        return verdict
+
+    def render(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        if request.method != b"POST":
+            request.setHeader(b"allow", b"POST")
+            return self._answer(request, 405, {"error": "control commands are POST only"})
+        return self.render_POST(request)
 
     def render_POST(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
-        given = request.getHeader(b"authorization") or b""
-        peer = request.getClientAddress()
-        if not hmac.compare_digest(given, self._expected):
-            log.warn("control request {path} from {peer} refused: bad or missing token",
-                     path=request.path.decode(errors="replace"),
-                     peer=getattr(peer, "host", "?"))
-            return self._answer(request, 401, {"error": "bad or missing token"})
+        path = request.path.split(b"?", 1)[0]
+        verdict = getattr(request, "fsha_control", None)
+        if verdict is None:  # not through StatusSite's early check (a unit test)
+            verdict = self.authenticate(request.getHeader(b"authorization"), request.method,
+                                        path)
+        if isinstance(verdict, Refusal):
+            return self._answer(request, verdict.code, {"error": verdict.message})
+        raw = request.content.read(MAX_BODY + 1) if request.content else b""
+        if len(raw) > MAX_BODY:
+            return self._answer(request, 413, {"error": "request body too large"})
+        if not hmac.compare_digest(body_digest(raw), verdict.body):
+            return self._answer(request, 400, {"error": "the body does not match its "
+                                                        "signature"})
         try:
-            raw = request.content.read(MAX_BODY + 1) if request.content else b""
-            if len(raw) > MAX_BODY:
-                raise ValueError("request body too large")
             body = json.loads(raw or b"{}")
             if not isinstance(body, dict):
                 raise ValueError("the body must be a JSON object")
         except ValueError as e:
             return self._answer(request, 400, {"error": f"bad request: {e}"})
-        path = request.path
+        node = self.node
         try:
             if path == b"/control/maintenance":
                 on = body.get("on")
                 if not isinstance(on, bool):
                     raise ValueError('"on" must be true or false')
-                self.node.set_maintenance(on)
-                result: dict[str, Any] = {"node": self.node.me.name, "maintenance": on,
-                                          "role": self.node.role.name.lower()}
+                held = node.config.slots[node.slot].name \
+                    if node.role in (Role.MASTER, Role.CLAIMING) else None
+                node.set_maintenance(on)
+                result: dict[str, Any] = {"node": node.me.name, "maintenance": on,
+                                          "role": node.role.name.lower(), "held": held}
             elif path == b"/control/switchover":
                 slot, to = body.get("slot"), body.get("to")
                 if not isinstance(slot, str) or not (to is None or isinstance(to, str)):
                     raise ValueError('"slot" must be a slot name, "to" a node name or null')
-                successor = self.node.switchover(slot, to)
-                result = {"slot": slot, "from": self.node.me.name, "to": successor}
+                successor = node.switchover(slot, to)
+                result = {"slot": slot, "from": node.me.name, "to": successor}
             else:
                 return self._answer(request, 404, {"error": "no such control command"})
         except ValueError as e:
@@ -92,106 +114,77 @@ class ControlResource(resource.Resource):
         return json.dumps(body).encode() + b"\n"
 
 
-# -- the commands -----------------------------------------------------------------------------
+class _Discard:
+    """Where a refused request's body goes (nowhere)."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def seek(self, *args: Any) -> int:
+        return 0
+
+    def read(self, *args: Any) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
 
 
-def _post(url: str, token: str, body: dict[str, Any], timeout: float) -> tuple[int, Any]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"content-type": "application/json",
-                                              "authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        try:
-            return e.code, json.loads(e.read())
-        except ValueError:
-            return e.code, {"error": e.reason}
+class StatusRequest(Request):
+    """A request judged on its headers: control signature, then the announced length."""
+
+    fsha_control: Accepted | None = None
+    _refused = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        # The request line is parsed, the headers are in, not a byte of body yet.
+        method = getattr(self.channel, "_command", b"")
+        path = getattr(self.channel, "_path", b"").split(b"?", 1)[0]
+        control = getattr(getattr(self.channel, "site", None), "control", None)
+        if _is_control(path) and control is not None:
+            if method != b"POST":
+                return self._refuse(405, "control commands are POST only", b"Allow: POST\r\n")
+            verdict = control.authenticate(self.requestHeaders.getRawHeaders(
+                b"authorization", [None])[0], method, path)
+            if isinstance(verdict, Refusal):
+                return self._refuse(verdict.code, verdict.message)
+            self.fsha_control = verdict
+        if length is not None and length > MAX_BODY:
+            return self._refuse(413, f"request body of {length} bytes: at most {MAX_BODY}")
+        self.content = io.BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > MAX_BODY:  # chunked: no length announced
+            self._refuse(413, f"request body over {MAX_BODY} bytes")
+            return
+        self.content.write(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if not self._refused:
+            super().requestReceived(command, path, version)
+
+    def _refuse(self, code: int, message: str, extra: bytes = b"") -> None:
+        """Answer now, before the body, and close (the client may still be sending it)."""
+        self._refused = True
+        self.content = _Discard()
+        self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" after this
+        body = json.dumps({"error": message}).encode() + b"\n"
+        reason = http.RESPONSES.get(code, b"Error")
+        self.channel.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n%s\r\n%s" % (code, reason, len(body), extra, body))
+        self.channel.loseConnection()
 
 
-def _base_url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+class StatusSite(Site):
+    """The status address's site: status, metrics and (``control``) the control API."""
 
+    requestFactory = StatusRequest
 
-def _common(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", default="/etc/fsha/cluster.toml",
-                        help="the cluster config file (its secret file gives the token)")
-    parser.add_argument("--timeout", type=float, default=5.0)
-    return parser
-
-
-def _load(path: str) -> Any:
-    from fsha.config import load_config
-
-    config = load_config(path)
-    return config, control_token(config.read_secret())
-
-
-def _run(url: str, token: str, body: dict[str, Any], timeout: float) -> int:
-    try:
-        code, answer = _post(url, token, body, timeout)
-    except (urllib.error.URLError, OSError) as e:
-        print(f"fsha: cannot reach {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
-        return 1
-    if code != 200:
-        print(f"fsha: {answer.get('error', answer)}", file=sys.stderr)
-        return 1
-    print(json.dumps(answer))
-    return 0
-
-
-def maintenance_main(argv: list[str]) -> int:
-    from fsha.config import ConfigError
-
-    parser = _common("fsha maintenance", "Drain a node (on) or bring it back (off).")
-    parser.add_argument("node")
-    parser.add_argument("state", choices=("on", "off"))
-    args = parser.parse_args(argv)
-    try:
-        config, token = _load(args.config)
-        node = config.node(args.node)
-    except ConfigError as e:
-        print(e.problems[0], file=sys.stderr)
-        return 2
-    except KeyError:
-        print(f"fsha maintenance: no node named {args.node!r}", file=sys.stderr)
-        return 2
-    url = _base_url(node.status.host, node.status.port) + "/control/maintenance"
-    return _run(url, token, {"on": args.state == "on"}, args.timeout)
-
-
-def switchover_main(argv: list[str]) -> int:
-    from fsha.config import ConfigError
-    from fsha.status import fetch
-
-    parser = _common("fsha switchover",
-                     "Move a slot from its master to the primary candidate (planned).")
-    parser.add_argument("slot")
-    parser.add_argument("--to", help="the node expected to take it (must be the primary "
-                                     "candidate)")
-    args = parser.parse_args(argv)
-    try:
-        config, token = _load(args.config)
-    except ConfigError as e:
-        print(e.problems[0], file=sys.stderr)
-        return 2
-    # Ask the nodes, in config order, who masters the slot; the first that answers decides.
-    owner = None
-    for node in config.nodes:
-        try:
-            status = fetch(_base_url(node.status.host, node.status.port) + "/status",
-                           args.timeout)
-        except (urllib.error.URLError, OSError, ValueError):
-            continue
-        owner = next((s["owner"] for s in status["slots"] if s["name"] == args.slot), None)
-        if not any(s["name"] == args.slot for s in status["slots"]):
-            print(f"fsha switchover: no slot named {args.slot!r}", file=sys.stderr)
-            return 2
-        break
-    if owner is None:
-        print(f"fsha switchover: no node reports a master for {args.slot}", file=sys.stderr)
-        return 1
-    master = config.node(owner)
-    url = _base_url(master.status.host, master.status.port) + "/control/switchover"
-    return _run(url, token, {"slot": args.slot, "to": args.to}, args.timeout)
+    def __init__(self, root: resource.Resource, control: ControlResource | None) -> None:
+        super().__init__(root)
+        self.control = control

@@ -17,7 +17,6 @@ from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Site
 
 from fsha.config import (
     ClusterConfig,
@@ -27,7 +26,8 @@ from fsha.config import (
     load_config,
     read_redis_password,
 )
-from fsha.control import ControlResource, control_token
+from fsha.control import ControlResource, StatusSite
+from fsha.controlauth import ControlAuth
 from fsha.durable import DurableStore, key_prefix
 from fsha.esl import ConnectionState, ESLClient
 from fsha.floating import FloatingIPBackend, make_backend
@@ -317,9 +317,10 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         result["durable"] = durable.status() if durable is not None else None
         return result
 
-    root = status_site_root(status, ControlResource(node, control_token(options.secret)))
+    control = ControlResource(node, ControlAuth(options.secret, config.name, me.name), reactor)
+    root = status_site_root(status, control)
     root.putChild(b"metrics", metrics_resource(status, effects, esl))
-    site = Site(root)
+    site = StatusSite(root, control)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # polled: no access log
     status = internet.TCPServer(me.status.port, site, interface=me.status.host,

@@ -8,6 +8,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -156,10 +157,10 @@ class LoopbackClusterTests(SynchronousTestCase):
         live = cluster.sim_control(spare, "/calls")["calls"]
         self.assertEqual(sorted(c["uuid"] for c in live), sorted(uuids[5:]))
 
-    def fsha(self, *argv: str) -> subprocess.CompletedProcess[str]:
+    def fsha(self, *argv: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "fsha", *argv, "--config",
-                               str(self.cluster.config_path)],
-                              capture_output=True, text=True, timeout=60)
+                               str(config or self.cluster.config_path)],
+                              capture_output=True, text=True, timeout=90)
 
     def test_operator_switchover_and_maintenance(self) -> None:
         cluster = self.cluster
@@ -170,30 +171,60 @@ class LoopbackClusterTests(SynchronousTestCase):
         self.assertEqual(wrong.returncode, 1)
         self.assertIn("is not the primary candidate", wrong.stderr)
 
-        moved = self.fsha("switchover", "slot1", "--to", spare)
+        moved = self.fsha("switchover", "slot1", "--to", spare, "--wait", "30")
         self.assertEqual(moved.returncode, 0, moved.stderr)
-        self.assertEqual(json.loads(moved.stdout), {"slot": "slot1", "from": master,
-                                                    "to": spare})
-        wait_for("slot1 to move", lambda: cluster.owner("slot1") == spare, timeout=30)
+        self.assertEqual(moved.stdout.splitlines()[0],
+                         f"slot1: {master} is handing it over to {spare}")
+        self.assertRegex(moved.stdout, rf"slot1 is mastered by {spare} \(epoch \d+\); "
+                                       rf"{master} holds it no more \(after [\d.]+ s\)")
+        self.assertEqual(cluster.owner("slot1"), spare)
 
-        drained = self.fsha("maintenance", owners["slot2"], "on")
+        drained = self.fsha("maintenance", owners["slot2"], "on", "--wait", "30", "--json")
         self.assertEqual(drained.returncode, 0, drained.stderr)
-        wait_for("slot2 to move off the drained node",
-                 lambda: cluster.owner("slot2") == master, timeout=30)
+        result = json.loads(drained.stdout)
+        self.assertEqual((result["ok"], result["answer"]["node"], result["answer"]["held"]),
+                         (True, owners["slot2"], "slot2"))
+        self.assertIn(f"slot2 is mastered by {master}", result["wait"]["done"])
         status = cluster.status(cluster.node(owners["slot2"]))
         self.assertIn("maintenance", next(n for n in status["nodes"] if n["self"])["flags"])
-        self.assertEqual(status["role"], "slave")
+        self.assertEqual((status["role"], cluster.owner("slot2")), ("slave", master))
 
-    def test_control_needs_the_token(self) -> None:
-        node = self.cluster.nodes[0]
+        back = self.fsha("maintenance", owners["slot2"], "off", "--wait", "30")
+        self.assertEqual(back.returncode, 0, back.stderr)
+        self.assertRegex(back.stdout, rf"{owners['slot2']} is back as a slave, ranked \d")
+
+    def test_control_acts_on_the_named_node_only(self) -> None:
+        cluster = self.cluster
+        fs1, fs2 = cluster.nodes[0], cluster.nodes[1]
+        node = fs1
         url = node.status_url.replace("/status", "/control/maintenance")
         request = urllib.request.Request(url, data=b'{"on": true}', method="POST",
                                          headers={"authorization": "Bearer nope"})
         with self.assertRaises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(request, timeout=10)
         self.assertEqual(caught.exception.code, 401)
-        self.assertNotIn("maintenance", next(
-            n for n in self.cluster.status(node)["nodes"] if n["self"])["flags"])
+        self.assertIn(b"static bearer tokens are no longer accepted", caught.exception.read())
+        # As on a host whose config gives every node the same loopback status address:
+        # from here, fs2's status address leads to fs1. The request names fs2: fs1 refuses.
+        shared = cluster.config_path.with_name("shared-status.toml")
+        text = cluster.config_path.read_text()
+        fs1_status = fs1.status_url.removeprefix("http://").removesuffix("/status")
+        fs2_status = fs2.status_url.removeprefix("http://").removesuffix("/status")
+        shared.write_text(text.replace(f'status = "{fs2_status}"',
+                                       f'status = "{fs1_status}"'))
+        refused = self.fsha("maintenance", fs2.name, "on", "--wait", "10", config=shared)
+        self.assertEqual(refused.returncode, 1, refused.stdout)
+        self.assertIn(f"this request is for {fs2.name}, it reached {fs1.name}", refused.stderr)
+        for n in (fs1, fs2):
+            self.assertNotIn("maintenance", next(
+                e for e in cluster.status(n)["nodes"] if e["self"])["flags"], n.name)
+        # with the real addresses, the named node and only it is drained
+        drained = self.fsha("maintenance", fs2.name, "on", "--wait", "30")
+        self.assertEqual(drained.returncode, 0, drained.stderr)
+        flags = {n.name: next(e for e in cluster.status(n)["nodes"] if e["self"])["flags"]
+                 for n in (fs1, fs2)}
+        self.assertIn("maintenance", flags[fs2.name])
+        self.assertNotIn("maintenance", flags[fs1.name])
 
     def epoch_of(self, slot: str) -> int:
         return next(s["epoch"] for s in self.view["slots"] if s["name"] == slot)
