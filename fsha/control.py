@@ -2,7 +2,7 @@
 
 ``POST /control/maintenance`` (``{"on": true|false}``) and ``POST /control/switchover``
 (``{"slot": NAME, "to": NODE|null}``) on the node's status address. Every request is
-signed for one node (:mod:`fsha.controlauth`): a node refuses one meant for another node
+signed for one node (:mod:`fsha.wire.control`): a node refuses one meant for another node
 (421), an old bearer token, a replay, a stale or forged signature (401), and changes
 nothing. The commands that send them are in :mod:`fsha.controlcli`.
 
@@ -24,8 +24,8 @@ from twisted.logger import Logger
 from twisted.web import http, resource
 from twisted.web.server import Request, Site
 
-from fsha.controlauth import Accepted, ControlAuth, Refusal, body_digest
 from fsha.node import ClusterNode
+from fsha.wire.control import Accepted, ControlAuth, Refusal, body_digest
 from fsha.wire.heartbeat import Role
 
 MAX_BODY = 16 * 1024  # control bodies are a few dozen bytes; status and metrics have none

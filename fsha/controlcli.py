@@ -4,7 +4,7 @@
     fsha maintenance fs2 off [--wait [SECONDS]]   # back as a ranked slave
     fsha switchover pbx-a [--to fs4] [--wait [SECONDS]]
 
-Each request is signed for the node it is meant for (:mod:`fsha.controlauth`), with the
+Each request is signed for the node it is meant for (:mod:`fsha.wire.control`), with the
 cluster secret named by ``--config``; a node that is not that one refuses it, so a status
 address shared by several nodes (``127.0.0.1:7420`` on every host) can never drain the
 wrong node. ``switchover`` first asks the nodes' status who masters the slot, and sends the
@@ -26,7 +26,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from fsha.controlauth import sign
+from fsha.wire.control import sign
 
 JSON = dict[str, Any]
 DEFAULT_WAIT = 30.0  # seconds, for a bare --wait

@@ -27,7 +27,6 @@ from fsha.config import (
     read_redis_password,
 )
 from fsha.control import ControlResource, StatusSite
-from fsha.controlauth import ControlAuth
 from fsha.durable import DurableStore, key_prefix
 from fsha.esl import ConnectionState, ESLClient
 from fsha.floating import FloatingIPBackend, make_backend
@@ -42,6 +41,7 @@ from fsha.replication.service import ReplicationService
 from fsha.status import status_site_root
 from fsha.takeover import ReplicatedRecords, SlotEffects, TakeoverTimeouts
 from fsha.transport import heartbeat_services
+from fsha.wire.control import ControlAuth
 from fsha.wire.heartbeat import Role
 
 DEFAULT_CONFIG = "/etc/fsha/cluster.toml"

@@ -1,4 +1,4 @@
-"""Operator commands: maintenance and switchover, and the token-protected endpoint."""
+"""Operator commands: maintenance and switchover, the signed endpoint, planned-move order."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from fsha.control import ControlResource, StatusSite
-from fsha.controlauth import ControlAuth, sign
 from fsha.controlcli import (
     Failed,
     get_status,
@@ -27,6 +26,7 @@ from fsha.controlcli import (
     wait_until,
 )
 from fsha.status import status_site_root
+from fsha.wire.control import ControlAuth, sign
 from fsha.wire.heartbeat import Flags, Role
 
 from .fakecluster import SECRET, FakeCluster, make_config
