@@ -138,7 +138,10 @@ class StatusRequest(Request):
     _received = 0
 
     def gotLength(self, length: int | None) -> None:
-        # The request line is parsed, the headers are in, not a byte of body yet.
+        # The request line is parsed, the headers are in, not a byte of body yet. The
+        # channel keeps the request line in these (private) attributes until the body is
+        # in; without them the check happens at render time, after the bounded body
+        # (tests/test_control.py's loopback tests fail then).
         method = getattr(self.channel, "_command", b"")
         path = getattr(self.channel, "_path", b"").split(b"?", 1)[0]
         control = getattr(getattr(self.channel, "site", None), "control", None)

@@ -195,6 +195,8 @@ def _send(url: str, path: str, secret: bytes, cluster: str, node: str, body: JSO
         code, answer = post(url, path, secret, cluster, node, body, timeout)
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise Failed(f"cannot reach {node} at {url}: {getattr(e, 'reason', e)}") from None
+    if code == 421:  # another node answered at this address
+        raise Failed(f"refused at {url} (421): {answer.get('error', answer)}")
     if code != 200:
         raise Failed(f"{node} refused ({code}): {answer.get('error', answer)}")
     return answer
