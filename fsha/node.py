@@ -332,15 +332,8 @@ class ClusterNode:
             if hb.role is Role.MASTER:
                 self.last_holder[hb.slot] = hb.node_id
                 self.released_by.pop(hb.slot, None)
-            elif hb.type is MessageType.RELEASE and self.last_holder.get(hb.slot) == hb.node_id:
-                self.released_by[hb.slot] = hb.node_id  # done releasing, said so itself
-        elif hb.role is Role.SLAVE and was_alive and verdict != "restarted":
-            # The same incarnation went from holding to holding nothing: it released (its
-            # role machine has no other way). A master that dies while releasing, or comes
-            # back as a new incarnation, is not taken at its word: it is fenced.
-            for slot, holder in self.last_holder.items():
-                if holder == hb.node_id:
-                    self.released_by[slot] = holder
+            elif hb.role is Role.RELEASING and self.last_holder.get(hb.slot) == hb.node_id:
+                self.released_by[hb.slot] = hb.node_id
         self._track_claimers(hb)
         if hb.type is not MessageType.HEARTBEAT:
             slot = self.config.slots[hb.slot].name if hb.slot < len(self.config.slots) else "?"
@@ -371,6 +364,13 @@ class ClusterNode:
             name = self.config.nodes[change.node_id].name
             self._state_keys.pop(change.node_id, None)
             self.round_trips.forget(change.node_id)
+            latest = self.detector.peers[change.node_id].latest
+            if latest is not None and latest.role is Role.RELEASING \
+                    and latest.type is not MessageType.RELEASE:
+                # It died releasing: its floating IPs may still be up. Not a hand-over:
+                # its successor fences it.
+                for slot in [s for s, n in self.released_by.items() if n == change.node_id]:
+                    del self.released_by[slot]
             self._event("peer-down", peer=name)
             self.log.warn("peer {peer} is down: no heartbeat on any network for {ms:.0f} ms",
                           peer=name, ms=self.config.dead_after * 1000)

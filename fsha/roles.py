@@ -14,8 +14,8 @@ set of members and fixed rules:
 * **Assignment**: slots without a live owner, in config order, go to the ranked slaves in
   order: the first orphan to the primary candidate, the second to the secondary, so two
   masters dying at once are taken over in parallel. A slot a live member is still
-  releasing (role RELEASING) is not an orphan: a planned move releases before the next
-  master claims.
+  releasing (role RELEASING, its FreeSWITCH up) is not an orphan: a planned move releases
+  before the next master claims.
 """
 
 from __future__ import annotations
@@ -97,7 +97,10 @@ def compute_roles(members: Iterable[Member], slot_ids: Iterable[int],
     ranking = tuple(m.node_id for m in sorted((m for m in members if m.eligible), key=_rank_key))
     # A slot its master is still releasing is not an orphan yet: its floating IPs may still
     # be up there. The successor claims once it hears the release done (or the node dead).
-    releasing = {m.slot for m in members if m.role is Role.RELEASING}
+    # Not if its FreeSWITCH is gone: its calls are lost anyway, and waiting for a release
+    # that talks to a hung FreeSWITCH would only delay the takeover.
+    releasing = {m.slot for m in members
+                 if m.role is Role.RELEASING and m.flags & Flags.FS_OK}
     orphans = [s for s in slot_ids if s not in owners and s not in releasing]
     assignments = {node: (slot, max(known_epochs.get(slot, 0), epochs.get(slot, 0)) + 1)
                    for node, slot in zip(ranking, orphans, strict=False)}

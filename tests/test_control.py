@@ -378,3 +378,15 @@ class WaitConditionTests(SynchronousTestCase):
             wait_until(lambda: {"x": 1}, lambda s: None, lambda s: "fs1 is releasing", 0)
         self.assertEqual(str(caught.exception),
                          "timed out after 0 s; last seen: fs1 is releasing")
+
+
+class UnplannedReleaseTests(SynchronousTestCase):
+    def test_a_dead_freeswitch_release_is_not_waited_for(self) -> None:
+        cluster = formed()
+        cluster.actions["fs1"].hang_release = True  # stopping profiles on a hung switch
+        cluster.health["fs1"].ok = False
+        cluster.nodes["fs1"].health_changed(False)
+        cluster.advance(0.1)
+        self.assertEqual(cluster.nodes["fs1"].role, Role.RELEASING)
+        self.assertEqual(cluster.masters()["slot1"], "fs3", "taken over at once, as before")
+        self.assertEqual(cluster.actions["fs3"].fenced, [False])

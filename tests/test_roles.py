@@ -72,6 +72,10 @@ class RulesTests(SynchronousTestCase):
         members = [member(0, role=Role.RELEASING, slot=0, epoch=2), member(1), member(2)]
         roles = compute_roles(members, [0, 1], {0: 2})
         self.assertEqual(roles.assignments, {1: (1, 1)}, "only the real orphan")
+        fs_gone = [member(0, role=Role.RELEASING, slot=0, epoch=2, flags=Flags.SEES_QUORUM),
+                   member(1), member(2)]
+        self.assertEqual(compute_roles(fs_gone, [0, 1], {0: 2}).assignments,
+                         {1: (0, 3), 2: (1, 1)}, "no waiting on a dead FreeSWITCH's release")
         released = [member(0), member(1), member(2)]
         self.assertEqual(compute_roles(released, [0, 1], {0: 2}).assignments,
                          {0: (0, 3), 1: (1, 1)})
