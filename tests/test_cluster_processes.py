@@ -218,6 +218,19 @@ class LoopbackClusterTests(SynchronousTestCase):
         for n in (fs1, fs2):
             self.assertNotIn("maintenance", next(
                 e for e in cluster.status(n)["nodes"] if e["self"])["flags"], n.name)
+        # the same for a switchover: its master is found from the status, and a master
+        # whose address answers as another node is not sent anything
+        master = cluster.node(cluster.owner("slot1"))
+        other = next(n for n in cluster.nodes if n is not master)
+        master_status = master.status_url.removeprefix("http://").removesuffix("/status")
+        other_status = other.status_url.removeprefix("http://").removesuffix("/status")
+        shared.write_text(text.replace(f'status = "{master_status}"',
+                                       f'status = "{other_status}"'))
+        refused = self.fsha("switchover", "slot1", config=shared)
+        self.assertEqual(refused.returncode, 1, refused.stdout)
+        self.assertIn(f"slot1's master is {master.name}, but {master.name}'s status address "
+                      f"{other_status} answers as {other.name} from here", refused.stderr)
+        self.assertEqual(cluster.owner("slot1"), master.name)
         # with the real addresses, the named node and only it is drained
         drained = self.fsha("maintenance", fs2.name, "on", "--wait", "30")
         self.assertEqual(drained.returncode, 0, drained.stderr)
