@@ -91,9 +91,14 @@ class ControlResource(resource.Resource):
                     raise ValueError('"on" must be true or false')
                 held = node.config.slots[node.slot].name \
                     if node.role in (Role.MASTER, Role.CLAIMING) else None
+                # Nobody ranked to take over: say so (the drain goes on: it was asked for).
+                orphaned = on and held is not None and not node.roles.ranking
                 node.set_maintenance(on)
                 result: dict[str, Any] = {"node": node.me.name, "maintenance": on,
                                           "role": node.role.name.lower(), "held": held}
+                if orphaned:
+                    result["warning"] = (f"no slave is ready to take {held} over (none "
+                                         f"ranked): {held} has no master until one is")
             elif path == b"/control/switchover":
                 slot, to = body.get("slot"), body.get("to")
                 if not isinstance(slot, str) or not (to is None or isinstance(to, str)):

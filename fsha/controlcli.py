@@ -232,6 +232,8 @@ def _maintenance(args: argparse.Namespace) -> tuple[str, JSON]:
     if on:
         text = f"{name}: maintenance on; " + (f"it was master of {held}, handing it over"
                                                if held else "it held no slot")
+        if answer.get("warning"):
+            text += f"\nwarning: {answer['warning']}"
     else:
         text = f"{name}: maintenance off; back as a slave (it never preempts a master)"
     result: JSON = {"answer": answer}

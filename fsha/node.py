@@ -257,6 +257,9 @@ class ClusterNode:
             self._stopped_release = d
             self.log.info("stopping: handing slot {slot} over",
                           slot=self.config.slots[self.slot].name)
+            if not self.roles.ranking:
+                self.log.warn("stopping: no slave is ranked to take slot {slot} over; it has "
+                              "no master until one is", slot=self.config.slots[self.slot].name)
             self._machine.lost("node stopping")
         elif self.role is Role.RELEASING and self._stopped_release is None:
             self._stopped_release = d = defer.Deferred()

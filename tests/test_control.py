@@ -159,6 +159,15 @@ class EndpointTests(SynchronousTestCase):
     def test_maintenance_of_a_master_says_what_it_held(self) -> None:
         code, body = self.post("/control/maintenance", {"on": True})
         self.assertEqual((code, body["held"]), (200, "slot1"))
+        self.assertNotIn("warning", body, "fs3 takes it over")
+
+    def test_maintenance_with_nobody_to_take_over_warns(self) -> None:
+        self.cluster.nodes["fs3"].set_maintenance(True)
+        self.cluster.advance(0.2)
+        code, body = self.post("/control/maintenance", {"on": True})
+        self.assertEqual((code, body["held"]), (200, "slot1"))
+        self.assertEqual(body["warning"], "no slave is ready to take slot1 over (none "
+                                          "ranked): slot1 has no master until one is")
 
 
 class PlannedMoveOrderTests(SynchronousTestCase):
