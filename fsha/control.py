@@ -18,6 +18,7 @@ import hmac
 import io
 import json
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -33,7 +34,10 @@ log = Logger()
 
 
 def _is_control(path: bytes) -> bool:
-    return path == b"/control" or path.startswith(b"/control/")
+    """Would the site route ``path`` to the control API? (It unquotes segments: so do we;
+    a false positive only asks a status request for a signature.)"""
+    segments = [s for s in unquote_to_bytes(path).split(b"/") if s]
+    return bool(segments) and segments[0] == b"control"
 
 
 class ControlResource(resource.Resource):

@@ -289,6 +289,13 @@ class LoopbackHTTPTests(TestCase):
         self.assertFalse(self.node.maintenance)
 
     @inlineCallbacks
+    def test_encoded_control_path_is_gated_too(self) -> Generator[Any, Any, None]:
+        data = (self.head("/%63ontrol/maintenance", "Bearer x")
+                + b"Content-Length: 419430400\r\n\r\n")
+        response = yield self.run_blocking(_exchange, self.port.getHost().port, data)
+        self.assertEqual(_status_line(response), 401, response)
+
+    @inlineCallbacks
     def test_authenticated_bodies_are_bounded(self) -> Generator[Any, Any, None]:
         port = self.port.getHost().port
         auth = sign(SECRET, self.cluster_name, "fs1", "POST", "/control/maintenance", b"",
