@@ -83,9 +83,16 @@ def compute_roles(members: Iterable[Member], slot_ids: Iterable[int],
     members = sorted(members, key=lambda m: m.node_id)
     slot_ids = list(slot_ids)
     claims: dict[int, list[Member]] = {}
+    # A slot its master is still releasing is not an orphan yet: its floating IPs may still
+    # be up there. The successor claims once it hears the release done (or the node dead).
+    # Not if its FreeSWITCH is gone: its calls are lost anyway, and waiting for a release
+    # that talks to a hung FreeSWITCH would only delay the takeover.
+    releasing: set[int] = set()
     for m in members:
         if m.role in _CLAIMING_ROLES and m.slot != NO_SLOT:
             claims.setdefault(m.slot, []).append(m)
+        elif m.role is Role.RELEASING and m.flags & Flags.FS_OK:
+            releasing.add(m.slot)
     owners: dict[int, int] = {}
     epochs: dict[int, int] = {}
     losers: list[tuple[int, int]] = []
@@ -95,12 +102,6 @@ def compute_roles(members: Iterable[Member], slot_ids: Iterable[int],
         epochs[slot] = claimants[0].epoch
         losers.extend((m.node_id, slot) for m in claimants[1:])
     ranking = tuple(m.node_id for m in sorted((m for m in members if m.eligible), key=_rank_key))
-    # A slot its master is still releasing is not an orphan yet: its floating IPs may still
-    # be up there. The successor claims once it hears the release done (or the node dead).
-    # Not if its FreeSWITCH is gone: its calls are lost anyway, and waiting for a release
-    # that talks to a hung FreeSWITCH would only delay the takeover.
-    releasing = {m.slot for m in members
-                 if m.role is Role.RELEASING and m.flags & Flags.FS_OK}
     orphans = [s for s in slot_ids if s not in owners and s not in releasing]
     assignments = {node: (slot, max(known_epochs.get(slot, 0), epochs.get(slot, 0)) + 1)
                    for node, slot in zip(ranking, orphans, strict=False)}
