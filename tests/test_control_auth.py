@@ -122,6 +122,23 @@ class ControlAuthTests(SynchronousTestCase):
         header = sign(SECRET, "a,b=c d", "n,1=x", "POST", PATH, b"", NOW)
         self.assertIsInstance(auth.check(header, "POST", PATH, NOW), Accepted)
 
+    @settings(max_examples=200, deadline=None)
+    @given(st.text(min_size=1, max_size=20), st.text(min_size=1, max_size=20),
+           st.sampled_from(["/control/maintenance", "/control/switchover"]),
+           st.binary(max_size=100), st.floats(-SKEW, SKEW))
+    def test_sign_then_check(self, cluster: str, node: str, path: str, body: bytes,
+                             drift: float) -> None:
+        """Whatever the names and body: accepted exactly by the node it names, once."""
+        header = sign(SECRET, cluster, node, "POST", path, body, NOW + drift)
+        auth = ControlAuth(SECRET, cluster, node)
+        verdict = auth.check(header, "POST", path, NOW)
+        self.assertEqual(verdict, Accepted(verdict.nonce if isinstance(verdict, Accepted)
+                                           else "", body_digest(body)))
+        self.assertIsInstance(auth.check(header, "POST", path, NOW), Refusal)
+        other = ControlAuth(SECRET, cluster, node + "x")
+        refused = other.check(header, "POST", path, NOW)
+        self.assertEqual(refused.code if isinstance(refused, Refusal) else None, 421)
+
     @settings(max_examples=300, deadline=None)
     @given(st.text(max_size=300))
     def test_arbitrary_headers_never_raise(self, header: str) -> None:
