@@ -17,6 +17,7 @@ from __future__ import annotations
 import hmac
 import io
 import json
+from collections import Counter
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -48,6 +49,13 @@ class ControlResource(resource.Resource):
         self.node = node
         self.auth = auth
         self.clock = clock
+        self.accepted = 0  # authentic requests for this node
+        self.refused: Counter[int] = Counter()  # refusals by HTTP status, before any change
+
+    def status(self) -> dict[str, Any]:
+        return {"accepted": self.accepted, "refused": {str(k): v for k, v in
+                                                        sorted(self.refused.items())},
+                "nonces": self.auth.remembered}
 
     def authenticate(self, header: bytes | None, method: bytes, path: bytes
                      ) -> Accepted | Refusal:
@@ -55,9 +63,12 @@ class ControlResource(resource.Resource):
                                   method.decode("latin-1"), path.decode("latin-1"),
                                   self.clock.seconds())
         if isinstance(verdict, Refusal):
+            self.refused[verdict.code] += 1
             log.warn("control request {method} {path} refused ({code}): {why}",
                      method=method.decode("latin-1"), path=path.decode("latin-1"),
                      code=verdict.code, why=verdict.message)
+        else:
+            self.accepted += 1
         return verdict
 
     def render(self, request: Request) -> bytes:

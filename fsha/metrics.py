@@ -316,6 +316,7 @@ class ClusterCollector:
         self._limits(st.get("limits"), f)
         self._redis(st.get("redis"), f)
         self._durable(st.get("durable"), f)
+        self._control(st.get("control"), f)
         yield from f.families()
         if self.stats is not None:
             yield from self.stats.collect()
@@ -582,6 +583,16 @@ class ClusterCollector:
                   r.get("timeouts"))
         f.counter("fsha_redis_connects", "Redis connections made.", r.get("connects"))
 
+
+    @staticmethod
+    def _control(c: Any, f: _Families) -> None:
+        if not isinstance(c, Mapping):
+            return
+        f.declare("counter", "fsha_control_requests", "Control requests (fsha maintenance, "
+                  "switchover) judged: accepted, or refused by HTTP status.", ["result"])
+        f.counter("fsha_control_requests", "", c.get("accepted"), result="accepted")
+        for code, n in _map(c.get("refused")).items():
+            f.counter("fsha_control_requests", "", n, result=str(code))
 
     @staticmethod
     def _durable(d: Any, f: _Families) -> None:

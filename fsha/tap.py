@@ -305,8 +305,11 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         durable.setName("durable")
         durable.setServiceParent(top)
 
+    control = ControlResource(node, ControlAuth(options.secret, config.name, me.name), reactor)
+
     def status() -> dict[str, Any]:
         result = node.status()
+        result["control"] = control.status()
         result["freeswitch"] = {**health.status(), **sessions.status()}
         result["replication"] = replication.status() if replication is not None else None
         result["feeds"] = feeds.feeds.status() if replication is not None else None
@@ -317,7 +320,6 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         result["durable"] = durable.status() if durable is not None else None
         return result
 
-    control = ControlResource(node, ControlAuth(options.secret, config.name, me.name), reactor)
     root = status_site_root(status, control)
     root.putChild(b"metrics", metrics_resource(status, effects, esl))
     site = StatusSite(root, control)

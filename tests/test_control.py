@@ -127,6 +127,9 @@ class EndpointTests(SynchronousTestCase):
             self.assertEqual(got, code)
             self.assertIn(text, body["error"])
         self.assertFalse(self.node.maintenance, "a refused request changes nothing")
+        self.assertEqual(self.resource.status(), {"accepted": 0, "refused": {"401": 2,
+                                                                             "421": 1},
+                                                  "nonces": 0})
 
     def test_body_must_match_its_signature(self) -> None:
         auth = sign(SECRET, self.name, "fs1", "POST", "/control/maintenance", b'{"on": false}',

@@ -51,6 +51,7 @@ SAMPLE: dict[str, Any] = {
                  {"name": "B", "sent": 90, "send_errors": 10, "last_error": "unreachable"}],
     "received": 555, "drops": {"bad-mac": 4, "wrong-source": 1},
     "events": [{"time": 1.0, "event": "role", "role": "master"}],
+    "control": {"accepted": 3, "refused": {"401": 2, "421": 1}, "nonces": 3},
     "freeswitch": {"state": "ready", "ok": True, "core_uuid": "u-1", "last_error": None,
                    "connections": 3, "restarts": 1, "malformed_core_uuids": 2,
                    "sessions": 42, "max_sessions": 1000},
@@ -163,6 +164,10 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(one(m, "fsha_freeswitch_sessions"), 42)
         self.assertEqual(one(m, "fsha_freeswitch_restarts_total"), 1)
         self.assertEqual(one(m, "fsha_freeswitch_malformed_core_uuids_total"), 2)
+        # control requests
+        self.assertEqual(one(m, "fsha_control_requests_total", result="accepted"), 3)
+        self.assertEqual(one(m, "fsha_control_requests_total", result="401"), 2)
+        self.assertEqual(one(m, "fsha_control_requests_total", result="421"), 1)
         # replication
         self.assertEqual(one(m, "fsha_replication_enabled"), 1)
         self.assertEqual(one(m, "fsha_replication_records", slot="slot1", kind="call"), 10)
