@@ -218,6 +218,9 @@ class LoopbackClusterTests(SynchronousTestCase):
         for n in (fs1, fs2):
             self.assertNotIn("maintenance", next(
                 e for e in cluster.status(n)["nodes"] if e["self"])["flags"], n.name)
+        refused = cluster.status(fs1)["control"]["refused"]
+        self.assertGreaterEqual(refused.get("401", 0), 1, refused)  # the bearer token
+        self.assertGreaterEqual(refused.get("421", 0), 1, refused)  # the request for fs2
         # the same for a switchover: its master is found from the status, and a master
         # whose address answers as another node is not sent anything
         master = cluster.node(cluster.owner("slot1"))
