@@ -23,7 +23,7 @@ from typing import Any
 MIN_INTERVAL_MS = 5
 MAX_INTERVAL_MS = 10_000
 MIN_SECRET_BYTES = 16
-MAX_NODES = 0xFFFE  # 0xFFFF is "no node" on the wire
+MAX_NODES = 2040  # node ids 0..2039: what a heartbeat's heard bitmap (255 bytes) can name
 MAX_SLOTS = 0xFFFE  # 0xFFFF is "no slot" on the wire
 FLOATING_IP_BACKENDS = ("loopback", "ip", "command")
 
