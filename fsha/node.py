@@ -9,6 +9,7 @@ in tests with a fake clock and fake effects, and for real under twistd.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -24,10 +25,21 @@ from twisted.python.failure import Failure
 
 from fsha.config import ClusterConfig, NodeConfig, SlotConfig
 from fsha.detector import FailureDetector, RoundTrips
+from fsha.quorum import (
+    NEVER,
+    PeerView,
+    config_group_is_quorum,
+    deaf_to,
+    lease_expires_at,
+    lease_for,
+    live_count,
+    view_agreement,
+)
 from fsha.roles import Member, Roles, compute_roles
 from fsha.wire.heartbeat import (
     NO_NODE,
     NO_SLOT,
+    EchoEncoder,
     Flags,
     Heartbeat,
     HeartbeatCodec,
@@ -48,6 +60,8 @@ UNFIT_INTERVALS = 40
 # Announcements go out as a burst: now and at these fractions of an interval later.
 BURST_DELAYS = (0.0, 0.25, 0.5)
 RECENT_EVENTS = 100
+# Sequences of an incarnation start below this, at random (see ClusterNode.sequence).
+FIRST_SEQUENCE_RANGE = 1 << 62
 
 
 class SlotActions(Protocol):
@@ -165,8 +179,8 @@ class ClusterNode:
 
     def __init__(self, config: ClusterConfig, me: NodeConfig, secret: bytes,
                  clock: IReactorTime, actions: SlotActions, health: HealthSource,
-                 incarnation: int | None = None, claim_timeout: float | None = None
-                 ) -> None:
+                 incarnation: int | None = None, claim_timeout: float | None = None,
+                 first_sequence: int | None = None) -> None:
         self.config = config
         self.me = me
         self.clock = clock
@@ -187,7 +201,19 @@ class ClusterNode:
         # The heartbeat version each peer was last heard speaking: it is sent that version.
         self.peer_versions = [HEARTBEAT_VERSION] * len(config.nodes)
         self._state_keys: dict[int, tuple[Any, ...]] = {}
-        self.sequence = 0
+        # A random start per incarnation: an echo captured in an earlier incarnation cannot
+        # match a sequence of this one by number (replay of a dead peer's heartbeats).
+        self.sequence = secrets.randbelow(FIRST_SEQUENCE_RANGE) \
+            if first_sequence is None else first_sequence
+        # Quorum (fsha.quorum): peer -> its incarnation once it echoed one of our sequences
+        # (live now, not a replay); peer -> our send time of the newest sequence it echoed
+        # while hearing us (a master's lease); peers heard running another config file.
+        self.lease = lease_for(config.heartbeat_interval, config.dead_after)
+        self._verified: dict[int, int] = {}
+        self._support: dict[int, float] = {}
+        self.foreign: set[int] = set()
+        self._lease_call: IDelayedCall | None = None
+        self.claim_hold = ""  # why an assigned claim waits (status), "" when none
         self.role = Role.STARTING
         self.slot = NO_SLOT
         self.epoch = 0
@@ -290,9 +316,6 @@ class ClusterNode:
         if self._sources[network].get(source[0]) != node_id:
             self.drops["wrong-source"] += 1
             return
-        if hb.config_digest != self.config.digest:
-            self.drops["config-mismatch"] += 1
-            return
         peer = self.detector.peers[node_id]
         was_alive = peer.alive
         now = self.clock.seconds()
@@ -301,16 +324,50 @@ class ClusterNode:
             self.drops[verdict.value] += 1
             return
         self.peer_versions[node_id] = hb.version
+        newly_live = False
         if hb.echo_node == self.me.node_id:
             self.round_trips.echoed(node_id, network, hb.echo_sequence, hb.echo_delay_us, now)
+            newly_live = self._echoed(hb, now)
+        elif hb.version == 1 and self._verified.get(node_id) != hb.incarnation:
+            # It cannot echo: heard is the best it can show (the rule before version 2).
+            self._verified[node_id] = hb.incarnation
+            newly_live = True
+        if hb.version == 1:
+            self._support[node_id] = now - self.config.heartbeat_interval
         if not verdict.applied:
+            if newly_live:
+                self._evaluate()
             return
-        key = (hb.role, hb.flags, hb.slot, hb.epoch, hb.incarnation)
-        if key == self._state_keys.get(node_id) and was_alive \
+        # Another config file (a rollout under way): alive all the same, see fsha.quorum.
+        foreign = hb.config_digest != self.config.digest
+        if foreign != (node_id in self.foreign):
+            if foreign:
+                self.foreign.add(node_id)
+            else:
+                self.foreign.discard(node_id)
+        key = (hb.role, hb.flags, hb.slot, hb.epoch, hb.incarnation, hb.heard,
+               hb.view_digest, foreign)
+        if key == self._state_keys.get(node_id) and was_alive and not newly_live \
                 and hb.type is MessageType.HEARTBEAT:
             return  # nothing the role engine cares about changed: the common case
         self._state_keys[node_id] = key
         self._peer_changed(hb, was_alive, verdict.value)
+
+    def _echoed(self, hb: Heartbeat, now: float) -> bool:
+        """``hb`` echoes one of our sequences: its sender is live now (True the first time
+        in its incarnation) and, if it lists us as heard, supports our lease from the time
+        we sent that sequence."""
+        sent_at = self.round_trips.sent_at(hb.echo_sequence)
+        if sent_at is None or now - sent_at > self.config.dead_after:
+            return False  # not ours, or too old to say anything about now
+        node_id = hb.node_id
+        if hb.version < 3 or hb.heard >> self.me.node_id & 1:
+            if sent_at > self._support.get(node_id, NEVER):
+                self._support[node_id] = sent_at
+        if self._verified.get(node_id) == hb.incarnation:
+            return False
+        self._verified[node_id] = hb.incarnation
+        return True
 
     def _peer_changed(self, hb: Heartbeat, was_alive: bool, verdict: str) -> None:
         name = self.config.nodes[hb.node_id].name
@@ -360,6 +417,7 @@ class ClusterNode:
         for change in self.detector.check(now):
             name = self.config.nodes[change.node_id].name
             self._state_keys.pop(change.node_id, None)
+            self._verified.pop(change.node_id, None)
             self.round_trips.forget(change.node_id)
             self._event("peer-down", peer=name)
             self.log.warn("peer {peer} is down: no heartbeat on any network for {ms:.0f} ms",
@@ -417,28 +475,79 @@ class ClusterNode:
             self._evaluate()
             self._send(MessageType.HEARTBEAT)
 
-    def _quorum_after(self, dead: int) -> bool:
-        """Quorum counting only peers heard well after ``dead`` was last heard.
+    # -- quorum (the decisions are fsha.quorum's) -------------------------------------------
 
-        Peers cut off together with the dead master are declared dead one by one (their
-        last heartbeats are up to an interval apart), so for a moment a minority would
-        still count some of them. Those were last heard within an interval of the master;
-        peers on this side of a partition have been heard since.
-        """
-        peer = self.detector.peers.get(dead)
-        if peer is None or peer.alive:  # ourselves, or a master that let the slot go
-            return self.sees_quorum()
-        after = peer.last_heard() + self.config.heartbeat_interval
-        fresh = 1 + sum(1 for p in self.detector.peers.values()
-                        if p.alive and p.last_heard() > after)
-        return fresh >= self.config.quorum
+    def peer_views(self) -> list[PeerView]:
+        """What this node knows of each peer, for fsha.quorum."""
+        views = []
+        verified, support, foreign = self._verified, self._support, self.foreign
+        for peer in self.detector.peers.values():
+            hb = peer.latest
+            views.append(PeerView(
+                peer.node_id,
+                live=peer.alive and verified.get(peer.node_id) == peer.incarnation,
+                hears=hb.heard if hb is not None and hb.version >= 3 else None,
+                voting=hb is not None and hb.role is not Role.STARTING,
+                same_config=peer.node_id not in foreign,
+                support_at=support.get(peer.node_id, NEVER)))
+        return views
+
+    def _heard_bits(self) -> int:
+        """The heard bitmap of our heartbeats: the peers live now."""
+        bits = 0
+        verified = self._verified
+        for peer in self.detector.peers.values():
+            if peer.alive and verified.get(peer.node_id) == peer.incarnation:
+                bits |= 1 << peer.node_id
+        return bits
+
+    def lease_expires_at(self) -> float:
+        return lease_expires_at(self.peer_views(), self.config.quorum, self.lease)
+
+    def _claim_hold(self, slot_id: int, roles: Roles, now: float) -> str:
+        """Why this node may not claim its assigned ``slot_id`` yet ("" when it may)."""
+        views = self.peer_views()
+        quorum = self.config.quorum
+        if not config_group_is_quorum(views, quorum):
+            return "the nodes running this config file are not a quorum (rollout?)"
+        previous = self.last_holder.get(slot_id)
+        me = self.me.node_id
+        if previous is not None and previous != me:
+            peer = self.detector.peers[previous]
+            # Heard: it let the slot go itself (or restarted). Not heard: dead only when a
+            # quorum of live nodes no longer hear it either.
+            voting = now - self.started_at >= self.config.dead_after
+            if not peer.alive and deaf_to(previous, False, voting, views) < quorum:
+                return (f"{self._name(previous)} is still heard by part of the cluster: "
+                        "no quorum of nodes has lost it")
+        peers = self.detector.peers
+        digests = (peers[v.node_id].latest.view_digest for v in views  # type: ignore[union-attr]
+                   if v.live and v.voting and v.same_config)
+        if view_agreement(roles.digest, digests) < quorum:
+            return "no quorum of nodes sees the same cluster view yet"
+        return ""
+
+    def _check_lease(self, now: float) -> bool:
+        """Does this master (or claimant) still hold its lease? If so, make sure it is
+        checked again right when it would end."""
+        expires = self.lease_expires_at()
+        if now >= expires:
+            return False
+        if expires - now < self.config.heartbeat_interval:  # before the next tick
+            call = self._lease_call
+            if call is not None and call.active():
+                call.reset(expires - now)
+            else:
+                self._lease_call = self.clock.callLater(expires - now, self._evaluate)
+        return True
 
     def _anyone_starting(self) -> bool:
         return any(p.alive and p.latest is not None and p.latest.role is Role.STARTING
                    for p in self.detector.peers.values())
 
     def alive_count(self) -> int:
-        return 1 + sum(1 for p in self.detector.peers.values() if p.alive)
+        """This node and its live peers: heard and proven live now (fsha.quorum)."""
+        return live_count(self.peer_views())
 
     def sees_quorum(self) -> bool:
         return self.alive_count() >= self.config.quorum
@@ -470,7 +579,8 @@ class ClusterNode:
             if peer.alive and hb is not None:
                 node = nodes[peer.node_id]
                 result.append(Member(node.node_id, node.name, node.priority, hb.incarnation,
-                                     hb.role, hb.flags, hb.slot, hb.epoch))
+                                     hb.role, hb.flags, hb.slot, hb.epoch,
+                                     foreign=peer.node_id in self.foreign))
         return result
 
     def _evaluate(self) -> None:
@@ -516,6 +626,12 @@ class ClusterNode:
                 # Its calls are gone with it: let the next candidate recover them now rather
                 # than after the others' dead-after time.
                 self._machine.lost("local FreeSWITCH is not answering")
+            elif not self._check_lease(now):
+                # No quorum has heard us lately: the others may soon declare us dead and
+                # claim. Let go first (addresses down first, as every release does).
+                self._event("lease-expired", slot=self._slot_name(self.slot))
+                self._machine.lost(f"lease expired: no quorum heard this node within "
+                                   f"{self.lease * 1000:.0f} ms")
             return
         if self.role is Role.SLAVE and me in roles.assignments and quorum:
             if now - self._quorum_since < self.config.discovery:
@@ -523,9 +639,15 @@ class ClusterNode:
                 # slots orphaned. Listen first, as at start-up.
                 return
             slot_id, epoch = roles.assignments[me]
+            hold = self._claim_hold(slot_id, roles, now)
+            if hold != self.claim_hold:
+                self.claim_hold = hold
+                if hold:
+                    self.log.info("not claiming slot {slot} yet: {reason}",
+                                  slot=self.config.slots[slot_id].name, reason=hold)
+            if hold:
+                return
             previous = self.last_holder.get(slot_id)
-            if previous is not None and not self._quorum_after(previous):
-                return  # a dead master's slot: see _quorum_after
             handed_over = previous is not None and self.released_by.get(slot_id) == previous
             claimer = self.claimers.get(slot_id)
             claimers = (self.config.nodes[claimer[0]],) \
@@ -680,29 +802,28 @@ class ClusterNode:
         self.sequence += 1
         now = self.clock.seconds()
         self.round_trips.sent(self.sequence, now)
+        heard = self._heard_bits()
         fields = dict(
             type=kind, cluster_id=self.codec.cluster_id, node_id=self.me.node_id,
             incarnation=self.incarnation, sequence=self.sequence, role=role,
             flags=self.flags(), slot=slot, epoch=epoch, subject=subject,
             config_digest=self.config.digest, view_digest=self.roles.digest)
         versions = self.peer_versions
-        old_data: bytes | None = None  # version 1, for peers that only speak it
+        # One encoder per version spoken; every copy echoes its destination (fsha.quorum:
+        # how a peer shows it is live now, and how a master keeps its lease).
+        encoders: dict[int, EchoEncoder] = {}
+        echo_to = self.round_trips.echo_to
         for link in self.links:
-            # Each network's copy echoes one peer heard there (peers take turns).
-            echo = self.round_trips.echo_for(link.index, now,
-                                             lambda n: versions[n] >= HEARTBEAT_VERSION)
-            if echo is None:
-                data = self.codec.encode(Heartbeat(**fields))
-            else:
-                data = self.codec.encode(Heartbeat(
-                    **fields, echo_node=echo[0], echo_sequence=echo[1],
-                    echo_delay_us=echo[2]))
             for node_id, address in self._peer_addresses[link.index]:
-                payload = data
-                if versions[node_id] < HEARTBEAT_VERSION:
-                    if old_data is None:
-                        old_data = self.codec.encode(Heartbeat(**fields, version=1))
-                    payload = old_data
+                version = versions[node_id]
+                encode = encoders.get(version)
+                if encode is None:
+                    encode = encoders[version] = self.codec.prepare(Heartbeat(
+                        **fields, version=version,
+                        heard=heard if version >= HEARTBEAT_VERSION else 0))
+                echo = echo_to(node_id, link.index, now) if version >= 2 else None
+                payload = encode(NO_NODE, 0, 0) if echo is None \
+                    else encode(node_id, echo[0], echo[1])
                 try:
                     link.send(payload, address)
                     link.sent += 1
