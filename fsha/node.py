@@ -28,7 +28,6 @@ from fsha.detector import FailureDetector, RoundTrips
 from fsha.quorum import (
     NEVER,
     PeerView,
-    config_group_is_quorum,
     deaf_to,
     lease_expires_at,
     lease_for,
@@ -480,7 +479,7 @@ class ClusterNode:
     def peer_views(self) -> list[PeerView]:
         """What this node knows of each peer, for fsha.quorum."""
         views = []
-        verified, support, foreign = self._verified, self._support, self.foreign
+        verified, support = self._verified, self._support
         for peer in self.detector.peers.values():
             hb = peer.latest
             views.append(PeerView(
@@ -488,7 +487,6 @@ class ClusterNode:
                 live=peer.alive and verified.get(peer.node_id) == peer.incarnation,
                 hears=hb.heard if hb is not None and hb.version >= 3 else None,
                 voting=hb is not None and hb.role is not Role.STARTING,
-                same_config=peer.node_id not in foreign,
                 support_at=support.get(peer.node_id, NEVER)))
         return views
 
@@ -508,8 +506,6 @@ class ClusterNode:
         """Why this node may not claim its assigned ``slot_id`` yet ("" when it may)."""
         views = self.peer_views()
         quorum = self.config.quorum
-        if not config_group_is_quorum(views, quorum):
-            return "the nodes running this config file are not a quorum (rollout?)"
         previous = self.last_holder.get(slot_id)
         me = self.me.node_id
         if previous is not None and previous != me:
@@ -522,7 +518,7 @@ class ClusterNode:
                         "no quorum of nodes has lost it")
         peers = self.detector.peers
         digests = (peers[v.node_id].latest.view_digest for v in views  # type: ignore[union-attr]
-                   if v.live and v.voting and v.same_config)
+                   if v.live and v.voting)
         if view_agreement(roles.digest, digests) < quorum:
             return "no quorum of nodes sees the same cluster view yet"
         return ""
@@ -579,8 +575,7 @@ class ClusterNode:
             if peer.alive and hb is not None:
                 node = nodes[peer.node_id]
                 result.append(Member(node.node_id, node.name, node.priority, hb.incarnation,
-                                     hb.role, hb.flags, hb.slot, hb.epoch,
-                                     foreign=peer.node_id in self.foreign))
+                                     hb.role, hb.flags, hb.slot, hb.epoch))
         return result
 
     def _evaluate(self) -> None:
@@ -868,7 +863,10 @@ class ClusterNode:
             entry: dict[str, Any] = {"name": node.name, "priority": node.priority,
                                      "rank": roles.rank_of(node.node_id)}
             if node is self.me:
-                entry.update(self=True, alive=True, role=self.role.name.lower(),
+                entry.update(self=True, alive=True, live=True, config="same",
+                             hears=sorted(self._name(n) for n in range(len(self.config.nodes))
+                                          if self._heard_bits() >> n & 1),
+                             role=self.role.name.lower(),
                              slot=self._slot_name(self.slot), epoch=self.epoch,
                              incarnation=self.incarnation, flags=_flag_names(self.flags()),
                              view_agrees=True, networks={})
@@ -877,6 +875,12 @@ class ClusterNode:
                 hb = peer.latest
                 entry.update(
                     self=False, alive=peer.alive,
+                    # heard and proven live now: counts toward quorum (fsha.quorum)
+                    live=peer.alive and self._verified.get(node.node_id) == peer.incarnation,
+                    config="other" if node.node_id in self.foreign else "same",
+                    hears=sorted(self._name(n) for n in range(len(self.config.nodes))
+                                 if hb.heard >> n & 1)
+                    if hb is not None and hb.version >= 3 and peer.alive else None,
                     role=hb.role.name.lower() if hb and peer.alive else "unknown",
                     slot=self._slot_name(hb.slot) if hb and peer.alive else None,
                     epoch=hb.epoch if hb and peer.alive else None,
@@ -903,7 +907,10 @@ class ClusterNode:
             "slot": self._slot_name(self.slot), "epoch": self.epoch,
             "uptime_s": round(now - self.started_at, 3),
             "quorum": {"required": self.config.quorum, "alive": self.alive_count(),
-                       "ok": self.sees_quorum(), "spec": self.config.quorum_spec},
+                       "ok": self.sees_quorum(), "spec": self.config.quorum_spec,
+                       "lease_ms": round(self.lease * 1000, 3),
+                       "lease_left_ms": self._lease_left_ms(now),
+                       "claim_hold": self.claim_hold or None},
             "config_digest": self.config.digest.hex(), "view_digest": roles.digest.hex(),
             "heartbeat_interval_ms": round(self.config.heartbeat_interval * 1000, 3),
             "dead_after_ms": round(self.config.dead_after * 1000, 3),
@@ -915,6 +922,15 @@ class ClusterNode:
             "received": self.received, "drops": dict(self.drops),
             "events": list(self.events),
         }
+
+    def _lease_left_ms(self, now: float) -> float | None:
+        """How long this master's lease still runs (None when it holds no slot)."""
+        if self.role not in (Role.MASTER, Role.CLAIMING):
+            return None
+        expires = self.lease_expires_at()
+        if expires == float("inf"):
+            return None
+        return round(max(0.0, expires - now) * 1000, 1)
 
     def _slot_name(self, slot: int) -> str | None:
         return self.config.slots[slot].name if slot < len(self.config.slots) else None

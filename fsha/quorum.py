@@ -21,14 +21,17 @@ never let two nodes hold a slot beyond the bounded overlap:
   when the master *sent* that sequence (on its own clock), a lower bound of when the peer
   last heard it; the peer cannot stop hearing it before a dead-after time after that. With
   ``lease < dead_after`` a master lets go before any quorum can have declared it dead.
-* **Agreement before a claim.** A claimant also needs a quorum of live nodes running its
-  config file (itself included) that computed the same view (their view digest equals
-  its own): a node that never heard the master (restarted inside a partition) does not
-  know the slot has one, but the nodes that hear the master see it as the owner.
+* **Agreement before a claim.** A claimant also needs a quorum of live voting nodes
+  (itself included) that computed the same view (their view digest equals its own: the
+  same owners, epochs and ranking, hence the same assignment). A node that never heard
+  the master (restarted inside a partition) does not know the slot has one, but the nodes
+  that hear the master see it as the owner and disagree. Two different views cannot both
+  gather a quorum, so two claimants never both proceed on two views.
 * **Config rollouts.** A node heard (authenticated, from its configured address) but
-  running another config file is alive: it votes, supports and its claims are respected.
-  A node may *take over* a slot only while the live nodes running its own config file are
-  a quorum by themselves, so two groups with different files never both claim.
+  running another config file is alive like any other: it votes, supports, its claims are
+  respected, and it is ranked. While the files give the same views (same nodes, slots and
+  priorities: a change of addresses or timings, say) takeovers proceed as usual; while
+  they do not, views differ and claims wait for a quorum to agree (safe, not live).
 """
 
 from __future__ import annotations
@@ -52,8 +55,6 @@ class PeerView:
     hears: int | None = None
     # Past its discovery: its "I do not hear X" counts.
     voting: bool = True
-    # Runs the same config file as this node.
-    same_config: bool = True
     # Send time (this node's clock) of the newest sequence of ours the peer echoed while
     # listing us as heard; NEVER if none.
     support_at: float = NEVER
@@ -102,14 +103,8 @@ def lease_holds(now: float, peers: Iterable[PeerView], quorum: int, lease: float
 
 
 def live_count(peers: Iterable[PeerView]) -> int:
-    """Nodes this one counts toward quorum: itself and its live peers (any config)."""
+    """Nodes this one counts toward quorum: itself and its live peers (any config file)."""
     return 1 + sum(1 for p in peers if p.live)
-
-
-def config_group_is_quorum(peers: Iterable[PeerView], quorum: int) -> bool:
-    """Are the live nodes running this node's config file (itself included) a quorum by
-    themselves? Only then may it take a slot over (see the module docstring)."""
-    return 1 + sum(1 for p in peers if p.live and p.same_config) >= quorum
 
 
 def lease_for(interval: float, dead_after: float) -> float:
@@ -122,6 +117,5 @@ def lease_for(interval: float, dead_after: float) -> float:
 
 def view_agreement(my_digest: bytes, digests: Iterable[bytes]) -> int:
     """How many nodes, this one included, computed the same view (owners, epochs,
-    ranking): ``digests`` are the view digests of the live, voting peers running this
-    node's config file."""
+    ranking): ``digests`` are the view digests of the live, voting peers."""
     return 1 + sum(1 for d in digests if d == my_digest)

@@ -9,7 +9,7 @@ set of members and fixed rules:
   highest epoch wins; a tie goes to higher priority, then the smaller node name. Any
   other claimant has lost and must release at once.
 * **Ranking of slaves**: live members in role SLAVE whose FreeSWITCH is up, that see a
-  quorum, run this node's config file, and are not in maintenance nor unfit, ordered by
+  quorum, and are not in maintenance nor unfit, ordered by
   priority (high first), then incarnation (older first: a restarted node joins at the end
   of its priority class), then name.
 * **Assignment**: slots without a live owner, in config order, go to the ranked slaves in
@@ -44,14 +44,11 @@ class Member:
     flags: Flags
     slot: int
     epoch: int
-    # Heard running another config file (a rollout under way): alive, its claims are
-    # respected, but it is no takeover candidate here (fsha.quorum).
-    foreign: bool = False
 
     @property
     def eligible(self) -> bool:
         return (self.role is Role.SLAVE and self.flags & _READY == _READY
-                and not self.flags & _UNFIT and not self.foreign)
+                and not self.flags & _UNFIT)
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,10 +110,13 @@ class FakeCluster:
             self.actions[node.name] = FakeActions()
             self.health[node.name] = FakeHealth()
 
-    def start(self, name: str) -> ClusterNode:
-        me = self.config.node(name)
+    def start(self, name: str, config: ClusterConfig | None = None) -> ClusterNode:
+        """Start (or restart) ``name``, with the cluster's config or another file's (a
+        rollout: same nodes and addresses, another digest)."""
+        config = config or self.config
+        me = config.node(name)
         self._incarnation += 1
-        node = ClusterNode(self.config, me, SECRET, self.clock, self.actions[name],
+        node = ClusterNode(config, me, SECRET, self.clock, self.actions[name],
                            self.health[name], incarnation=self._incarnation,
                            first_sequence=self._incarnation * 7919 % 1_000_003 * 1000)
         for net in self.config.networks:
@@ -217,7 +220,7 @@ class FakeCluster:
         """slot name -> node name, from the nodes' own states."""
         result: dict[str, str] = {}
         for node in self.live():
-            if node.role is Role.MASTER:
+            if node.role is Role.MASTER and node.me.name not in self.paused:
                 slot = self.config.slots[node.slot].name
                 assert slot not in result, f"two masters of {slot}"
                 result[slot] = node.me.name
