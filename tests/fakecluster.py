@@ -115,6 +115,8 @@ class FakeCluster:
         rollout: same nodes and addresses, another digest)."""
         config = config or self.config
         me = config.node(name)
+        # A starting node clears what an earlier incarnation left (start-up clean-up).
+        self.actions[name].held.clear()
         self._incarnation += 1
         node = ClusterNode(config, me, SECRET, self.clock, self.actions[name],
                            self.health[name], incarnation=self._incarnation,
