@@ -212,6 +212,7 @@ class ClusterNode:
         self._support: dict[int, float] = {}
         self.foreign: set[int] = set()
         self._lease_call: IDelayedCall | None = None
+        self._lease_verdict: IDelayedCall | None = None
         self.claim_hold = ""  # why an assigned claim waits (status), "" when none
         self.role = Role.STARTING
         self.slot = NO_SLOT
@@ -523,6 +524,24 @@ class ClusterNode:
             return "no quorum of nodes sees the same cluster view yet"
         return ""
 
+    def _lease_expired(self, now: float) -> bool:
+        """Has this master's lease run out? Asked twice: the first time it looks expired,
+        the verdict waits for one turn of the reactor, which reads the datagrams that
+        arrived before the next timed call runs: after a stall of this process the echoes
+        renewing the lease may be waiting in the socket (they can only renew it up to the
+        send times they echo, so waiting never extends a lease past its bound)."""
+        if self._check_lease(now):
+            self._lease_verdict = None
+            return False
+        verdict = self._lease_verdict
+        if verdict is None:
+            self._lease_verdict = self.clock.callLater(0, self._evaluate)
+            return False
+        if verdict.active():
+            return False
+        self._lease_verdict = None
+        return True
+
     def _check_lease(self, now: float) -> bool:
         """Does this master (or claimant) still hold its lease? If so, make sure it is
         checked again right when it would end."""
@@ -621,7 +640,7 @@ class ClusterNode:
                 # Its calls are gone with it: let the next candidate recover them now rather
                 # than after the others' dead-after time.
                 self._machine.lost("local FreeSWITCH is not answering")
-            elif not self._check_lease(now):
+            elif self._lease_expired(now):
                 # No quorum has heard us lately: the others may soon declare us dead and
                 # claim. Let go first (addresses down first, as every release does).
                 self._event("lease-expired", slot=self._slot_name(self.slot))
