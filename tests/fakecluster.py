@@ -116,7 +116,9 @@ class FakeCluster:
         config = config or self.config
         me = config.node(name)
         # A starting node clears what an earlier incarnation left (start-up clean-up).
-        self.actions[name].held.clear()
+        held = getattr(self.actions[name], "held", None)  # FakeActions (not real effects)
+        if held is not None:
+            held.clear()
         self._incarnation += 1
         node = ClusterNode(config, me, SECRET, self.clock, self.actions[name],
                            self.health[name], incarnation=self._incarnation,
@@ -214,7 +216,7 @@ class FakeCluster:
         for name in self.nodes:
             if name in self.dead or name in self.paused:
                 continue
-            for slot in self.actions[name].held:
+            for slot in getattr(self.actions[name], "held", ()):
                 result.setdefault(slot, set()).add(name)
         return result
 
