@@ -31,6 +31,7 @@ from fsha.quorum import (
     deaf_to,
     lease_expires_at,
     lease_for,
+    lease_holds,
     live_count,
     view_agreement,
 )
@@ -522,6 +523,9 @@ class ClusterNode:
                    if v.live and v.voting)
         if view_agreement(roles.digest, digests) < quorum:
             return "no quorum of nodes sees the same cluster view yet"
+        if not lease_holds(now, views, quorum, self.lease):
+            # the claim would be given up at once: no quorum has shown it hears this node
+            return "no quorum has echoed this node's heartbeats lately (its lease)"
         return ""
 
     def _lease_expired(self, now: float) -> bool:

@@ -46,15 +46,15 @@ class RuleTests(SynchronousTestCase):
 
     def test_lease(self) -> None:
         lease = lease_for(0.02, 0.1)
-        self.assertAlmostEqual(lease, 0.08)
+        self.assertAlmostEqual(lease, 0.09)
         peers = [PeerView(1, live=True, support_at=10.0), PeerView(2, live=True,
                                                                    support_at=10.05)]
-        self.assertAlmostEqual(lease_expires_at(peers, 2, lease), 10.13)
-        self.assertAlmostEqual(lease_expires_at(peers, 3, lease), 10.08)
+        self.assertAlmostEqual(lease_expires_at(peers, 2, lease), 10.14)
+        self.assertAlmostEqual(lease_expires_at(peers, 3, lease), 10.09)
         self.assertEqual(lease_expires_at(peers, 4, lease), NEVER)
         self.assertEqual(lease_expires_at(peers, 1, lease), FOREVER)
-        self.assertTrue(lease_holds(10.12, peers, 2, lease))
-        self.assertFalse(lease_holds(10.13, peers, 2, lease))
+        self.assertTrue(lease_holds(10.13, peers, 2, lease))
+        self.assertFalse(lease_holds(10.14, peers, 2, lease))
 
     def test_counts(self) -> None:
         peers = [PeerView(1, live=True), PeerView(2, live=False), PeerView(3, live=True)]

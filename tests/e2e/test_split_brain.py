@@ -17,77 +17,12 @@ import threading
 import time
 
 from fsha.harness import wait_for
-from tests.e2e.netns import NetnsCluster, in_netns, run
+from tests.e2e.nemesis import HolderSampler, drop_from, restore_from
+from tests.e2e.netns import NetnsCluster, in_netns
 from tests.e2e.test_scenarios import ScenarioBase
 
 IP_TRANSPARENT = 19  # linux/in.h
 WATCH_SECONDS = 3.0  # how long a fault that must move nothing is watched
-SAMPLER_LIMIT = 120.0  # every sampler stops by itself after this
-
-
-class HolderSampler:
-    """Reads the floating IPs held by every host, over and over, in a thread, and keeps
-    the longest stretch during which one IP was on two hosts (between two samples that
-    both saw it doubled; a single doubled sample counts as the time since the previous
-    sample)."""
-
-    def __init__(self, cluster: NetnsCluster) -> None:
-        self.cluster = cluster
-        self.samples = 0
-        self.worst = 0.0  # seconds
-        self.doubled: list[tuple[float, int, list[str]]] = []  # (when, slot, holders)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        cluster = self.cluster
-        since: dict[int, float] = {}
-        previous = time.time()
-        deadline = time.monotonic() + SAMPLER_LIMIT
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            held = {n.name: cluster.held_addresses(n.name) for n in cluster.nodes}
-            now = time.time()
-            self.samples += 1
-            for slot in range(1, cluster.slot_count + 1):
-                ip = cluster.floating_ip(slot)
-                holders = [name for name, ips in held.items() if ip in ips]
-                if len(holders) > 1:
-                    start = since.setdefault(slot, previous)
-                    self.worst = max(self.worst, now - start)
-                    self.doubled.append((now, slot, holders))
-                else:
-                    since.pop(slot, None)
-            previous = now
-
-    def stop(self) -> float:
-        """Stop sampling; the worst stretch with two holders, in seconds."""
-        self._stop.set()
-        self._thread.join(timeout=10)
-        return self.worst
-
-
-def drop_from(cluster: NetnsCluster, receiver: str, sender: str) -> None:
-    """``receiver`` stops receiving anything ``sender`` sends on the cluster networks
-    (``sender`` still hears ``receiver``): policy rules that blackhole the sender's
-    addresses, ahead of the ``local`` table."""
-    ns = cluster.ns(receiver)
-    index = cluster.node(sender).index
-    rules = run(["ip", "-n", ns, "rule", "show"]).stdout
-    if "lookup local" in rules.split("\n", 1)[0] or rules.startswith("0:"):
-        run(["ip", "-n", ns, "rule", "add", "pref", "100", "table", "local"])
-        run(["ip", "-n", ns, "rule", "del", "pref", "0"])
-    for net in cluster.networks:
-        run(["ip", "-n", ns, "rule", "add", "pref", "10", "from",
-             cluster.net_address(net, index), "blackhole"])
-
-
-def restore_from(cluster: NetnsCluster, receiver: str, sender: str) -> None:
-    ns = cluster.ns(receiver)
-    index = cluster.node(sender).index
-    for net in cluster.networks:
-        run(["ip", "-n", ns, "rule", "del", "pref", "10", "from",
-             cluster.net_address(net, index), "blackhole"])
 
 
 class SplitBrainScenario(ScenarioBase):
