@@ -349,14 +349,10 @@ class HeartbeatCodec:
         pack_echo = _ECHO.pack
 
         def with_echo(echo_node: int, echo_sequence: int, echo_delay_us: int) -> bytes:
-            for name, value, top in (
-                ("echo node", echo_node, _U16),
-                ("echo sequence", echo_sequence, _U64),
-                ("echo delay", echo_delay_us, _U32),
-            ):
-                if not isinstance(value, int) or isinstance(value, bool) \
-                        or not 0 <= value <= top:
-                    raise ValueError(f"{name} {value!r} is out of range 0..{top}")
+            # Once per destination: ranges are left to struct.pack (a ValueError below).
+            if echo_node.__class__ is not int or echo_sequence.__class__ is not int \
+                    or echo_delay_us.__class__ is not int:
+                raise ValueError("the echo fields must be ints")
             if echo_node == NO_NODE:
                 if echo_sequence or echo_delay_us:
                     raise ValueError("an echo sequence or delay without an echo node")
@@ -367,7 +363,12 @@ class HeartbeatCodec:
                 raise ValueError("a node echoes its own heartbeat")
             elif version == 1:
                 raise ValueError("a version 1 heartbeat has no echo")
-            body = head + pack_echo(echo_sequence, echo_delay_us, echo_node) + tail
+            try:
+                echo = pack_echo(echo_sequence, echo_delay_us, echo_node)
+            except struct.error:
+                raise ValueError(f"echo out of range: node {echo_node}, sequence "
+                                 f"{echo_sequence}, delay {echo_delay_us}") from None
+            body = head + echo + tail
             return body + tag(body)
 
         return with_echo
