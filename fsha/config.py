@@ -339,6 +339,13 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
                          check=lambda v: None if v >= 0 else "must be >= 0")
     if discovery_ms is None and dead_ms and interval_ms:
         discovery_ms = dead_ms + 2 * interval_ms
+    elif discovery_ms is not None and dead_ms and discovery_ms < dead_ms:
+        # A node in discovery casts no "dead" vote: the lease argument (docs/design.rst)
+        # needs a restarted node to have listened for a dead-after time before it votes.
+        c.problem("cluster.discovery_ms",
+                  f"{discovery_ms} ms is shorter than dead_after_ms ({dead_ms} ms): a "
+                  "starting node must listen at least that long")
+        discovery_ms = None
     quorum_raw = c.get(cluster, "cluster", "quorum", (str, int), "majority")
 
     networks = _networks(c, raw.get("network"))

@@ -291,8 +291,8 @@ class ClusterNode:
             self.running = False
             if self._ticker.running:
                 self._ticker.stop()
-            for call in self._pending:
-                if call.active():
+            for call in (*self._pending, self._lease_call, self._lease_verdict):
+                if call is not None and call.active():
                     call.cancel()
             self._pending.clear()
         d.addBoth(halt)
@@ -661,8 +661,11 @@ class ClusterNode:
             if hold != self.claim_hold:
                 self.claim_hold = hold
                 if hold:
-                    self.log.info("not claiming slot {slot} yet: {reason}",
-                                  slot=self.config.slots[slot_id].name, reason=hold)
+                    # A held claim is news when the master is heard elsewhere (a partial
+                    # fault); waiting for agreement is part of every takeover.
+                    log = self.log.info if "still heard" in hold else self.log.debug
+                    log("not claiming slot {slot} yet: {reason}",
+                        slot=self.config.slots[slot_id].name, reason=hold)
             if hold:
                 return
             previous = self.last_holder.get(slot_id)

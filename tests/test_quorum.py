@@ -205,7 +205,7 @@ class FaultTests(SynchronousTestCase):
         """Restart the nodes one by one with another file (the documented procedure,
         SIGTERM hand-over for a master): every slot keeps a master, nobody is dead."""
         c = converged(nodes=3, slots=2)
-        new = make_config(nodes=3, slots=2, discovery_ms=150)
+        new = make_config(nodes=3, slots=2, discovery_ms=350)
         self.assertNotEqual(new.digest, c.config.digest)
         w = Watch(c)
         for name in ("fs3", "fs2", "fs1"):
@@ -227,7 +227,7 @@ class FaultTests(SynchronousTestCase):
         c = converged(nodes=3, slots=1)
         c.nodes["fs3"].stop()
         c.kill("fs3")
-        c.start("fs3", make_config(nodes=3, slots=1, discovery_ms=150))
+        c.start("fs3", make_config(nodes=3, slots=1, discovery_ms=350))
         c.advance(1.0)
         fs1 = c.nodes["fs1"]
         status = {n["name"]: n for n in fs1.status()["nodes"]}
