@@ -60,6 +60,8 @@ UNFIT_INTERVALS = 40
 # Announcements go out as a burst: now and at these fractions of an interval later.
 BURST_DELAYS = (0.0, 0.25, 0.5)
 RECENT_EVENTS = 100
+# Roles whose heartbeats are answered at once (their lease counts on our echoes).
+_HOLDING = (Role.MASTER, Role.CLAIMING)
 # Sequences of an incarnation start below this, at random (see ClusterNode.sequence).
 FIRST_SEQUENCE_RANGE = 1 << 62
 
@@ -214,6 +216,7 @@ class ClusterNode:
         self.foreign: set[int] = set()
         self._lease_call: IDelayedCall | None = None
         self._lease_verdict: IDelayedCall | None = None
+        self._answered: dict[int, float] = {}  # peer -> when we last answered it at once
         self.claim_hold = ""  # why an assigned claim waits (status), "" when none
         self.role = Role.STARTING
         self.slot = NO_SLOT
@@ -339,6 +342,8 @@ class ClusterNode:
             if newly_live:
                 self._evaluate()
             return
+        if hb.role in _HOLDING and hb.type is MessageType.HEARTBEAT:
+            self._answer_holder(node_id, network, now)
         # Another config file (a rollout under way): alive all the same, see fsha.quorum.
         foreign = hb.config_digest != self.config.digest
         if foreign != (node_id in self.foreign):
@@ -353,6 +358,20 @@ class ClusterNode:
             return  # nothing the role engine cares about changed: the common case
         self._state_keys[node_id] = key
         self._peer_changed(hb, was_alive, verdict.value)
+
+    def _answer_holder(self, node_id: int, network: int, now: float) -> None:
+        """A master's (or claimant's) new heartbeat: echo it at once, on the network it
+        came by, rather than at our next tick. Its lease counts from the send time of the
+        sequences echoed, so an echo waiting for our tick would age it by up to an
+        interval: answered at once, the lease tolerates stalls nearly as long as the
+        dead-after time. At most one answer per peer per interval (two masters answering
+        each other do not ping-pong)."""
+        if not self.running or self.stopping or self.role is Role.STARTING:
+            return
+        if now - self._answered.get(node_id, NEVER) < self.config.heartbeat_interval * 0.9:
+            return
+        self._answered[node_id] = now
+        self._send(MessageType.HEARTBEAT, only=(node_id, network))
 
     def _echoed(self, hb: Heartbeat, now: float) -> bool:
         """``hb`` echoes one of our sequences: its sender is live now (True the first time
@@ -812,7 +831,10 @@ class ClusterNode:
             self._send(kind, subject, state)
 
     def _send(self, kind: MessageType, subject: int | None = None,
-              state: tuple[Role, int, int] | None = None) -> None:
+              state: tuple[Role, int, int] | None = None,
+              only: tuple[int, int] | None = None) -> None:
+        """Send ``kind`` with ``state`` (default: the current one) to every peer on every
+        network, or only to ``only`` = (peer, network): an answer (see _answer_holder)."""
         role, slot, epoch = state if state is not None else (self.role, self.slot, self.epoch)
         if kind is MessageType.HEARTBEAT:
             subject = NO_NODE
@@ -835,7 +857,11 @@ class ClusterNode:
         encoders: dict[int, EchoEncoder] = {}
         echo_to = self.round_trips.echo_to
         for link in self.links:
+            if only is not None and link.index != only[1]:
+                continue
             for node_id, address in self._peer_addresses[link.index]:
+                if only is not None and node_id != only[0]:
+                    continue
                 version = versions[node_id]
                 encode = encoders.get(version)
                 if encode is None:
