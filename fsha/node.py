@@ -28,6 +28,7 @@ from fsha.detector import FailureDetector, RoundTrips
 from fsha.quorum import (
     NEVER,
     PeerView,
+    QuorumTracker,
     deaf_to,
     lease_expires_at,
     lease_for,
@@ -207,13 +208,10 @@ class ClusterNode:
         # match a sequence of this one by number (replay of a dead peer's heartbeats).
         self.sequence = secrets.randbelow(FIRST_SEQUENCE_RANGE) \
             if first_sequence is None else first_sequence
-        # Quorum (fsha.quorum): peer -> its incarnation once it echoed one of our sequences
-        # (live now, not a replay); peer -> our send time of the newest sequence it echoed
-        # while hearing us (a master's lease); peers heard running another config file.
+        # Who is live now, who supports our lease, who runs another config (fsha.quorum).
+        self.quorum = QuorumTracker(self.detector, me.node_id, config.heartbeat_interval,
+                                    config.dead_after)
         self.lease = lease_for(config.heartbeat_interval, config.dead_after)
-        self._verified: dict[int, int] = {}
-        self._support: dict[int, float] = {}
-        self.foreign: set[int] = set()
         self._lease_call: IDelayedCall | None = None
         self._lease_verdict: IDelayedCall | None = None
         self._answered: dict[int, float] = {}  # peer -> when we last answered it at once
@@ -328,29 +326,18 @@ class ClusterNode:
             self.drops[verdict.value] += 1
             return
         self.peer_versions[node_id] = hb.version
-        newly_live = False
+        sent_at = None
         if hb.echo_node == self.me.node_id:
             self.round_trips.echoed(node_id, network, hb.echo_sequence, hb.echo_delay_us, now)
-            newly_live = self._echoed(hb, now)
-        elif hb.version == 1 and self._verified.get(node_id) != hb.incarnation:
-            # It cannot echo: heard is the best it can show (the rule before version 2).
-            self._verified[node_id] = hb.incarnation
-            newly_live = True
-        if hb.version == 1:
-            self._support[node_id] = now - self.config.heartbeat_interval
+            sent_at = self.round_trips.sent_at(hb.echo_sequence)
+        foreign = hb.config_digest != self.config.digest  # alive all the same: fsha.quorum
+        newly_live = self.quorum.heard(hb, sent_at, now, not foreign)
         if not verdict.applied:
             if newly_live:
                 self._evaluate()
             return
         if hb.role in _HOLDING and hb.type is MessageType.HEARTBEAT:
             self._answer_holder(node_id, network, now)
-        # Another config file (a rollout under way): alive all the same, see fsha.quorum.
-        foreign = hb.config_digest != self.config.digest
-        if foreign != (node_id in self.foreign):
-            if foreign:
-                self.foreign.add(node_id)
-            else:
-                self.foreign.discard(node_id)
         key = (hb.role, hb.flags, hb.slot, hb.epoch, hb.incarnation, hb.heard,
                hb.view_digest, foreign)
         if key == self._state_keys.get(node_id) and was_alive and not newly_live \
@@ -372,22 +359,6 @@ class ClusterNode:
             return
         self._answered[node_id] = now
         self._send(MessageType.HEARTBEAT, only=(node_id, network))
-
-    def _echoed(self, hb: Heartbeat, now: float) -> bool:
-        """``hb`` echoes one of our sequences: its sender is live now (True the first time
-        in its incarnation) and, if it lists us as heard, supports our lease from the time
-        we sent that sequence."""
-        sent_at = self.round_trips.sent_at(hb.echo_sequence)
-        if sent_at is None or now - sent_at > self.config.dead_after:
-            return False  # not ours, or too old to say anything about now
-        node_id = hb.node_id
-        if hb.version < 3 or hb.heard >> self.me.node_id & 1:
-            if sent_at > self._support.get(node_id, NEVER):
-                self._support[node_id] = sent_at
-        if self._verified.get(node_id) == hb.incarnation:
-            return False
-        self._verified[node_id] = hb.incarnation
-        return True
 
     def _peer_changed(self, hb: Heartbeat, was_alive: bool, verdict: str) -> None:
         name = self.config.nodes[hb.node_id].name
@@ -437,7 +408,7 @@ class ClusterNode:
         for change in self.detector.check(now):
             name = self.config.nodes[change.node_id].name
             self._state_keys.pop(change.node_id, None)
-            self._verified.pop(change.node_id, None)
+            self.quorum.forget(change.node_id)
             self.round_trips.forget(change.node_id)
             self._event("peer-down", peer=name)
             self.log.warn("peer {peer} is down: no heartbeat on any network for {ms:.0f} ms",
@@ -499,26 +470,7 @@ class ClusterNode:
 
     def peer_views(self) -> list[PeerView]:
         """What this node knows of each peer, for fsha.quorum."""
-        views = []
-        verified, support = self._verified, self._support
-        for peer in self.detector.peers.values():
-            hb = peer.latest
-            views.append(PeerView(
-                peer.node_id,
-                live=peer.alive and verified.get(peer.node_id) == peer.incarnation,
-                hears=hb.heard if hb is not None and hb.version >= 3 else None,
-                voting=hb is not None and hb.role is not Role.STARTING,
-                support_at=support.get(peer.node_id, NEVER)))
-        return views
-
-    def _heard_bits(self) -> int:
-        """The heard bitmap of our heartbeats: the peers live now."""
-        bits = 0
-        verified = self._verified
-        for peer in self.detector.peers.values():
-            if peer.alive and verified.get(peer.node_id) == peer.incarnation:
-                bits |= 1 << peer.node_id
-        return bits
+        return self.quorum.views()
 
     def lease_expires_at(self) -> float:
         return lease_expires_at(self.peer_views(), self.config.quorum, self.lease)
@@ -845,7 +797,7 @@ class ClusterNode:
         self.sequence += 1
         now = self.clock.seconds()
         self.round_trips.sent(self.sequence, now)
-        heard = self._heard_bits()
+        heard = self.quorum.heard_bits()
         fields = dict(
             type=kind, cluster_id=self.codec.cluster_id, node_id=self.me.node_id,
             incarnation=self.incarnation, sequence=self.sequence, role=role,
@@ -917,7 +869,7 @@ class ClusterNode:
             if node is self.me:
                 entry.update(self=True, alive=True, live=True, config="same",
                              hears=sorted(self._name(n) for n in range(len(self.config.nodes))
-                                          if self._heard_bits() >> n & 1),
+                                          if self.quorum.heard_bits() >> n & 1),
                              role=self.role.name.lower(),
                              slot=self._slot_name(self.slot), epoch=self.epoch,
                              incarnation=self.incarnation, flags=_flag_names(self.flags()),
@@ -928,8 +880,8 @@ class ClusterNode:
                 entry.update(
                     self=False, alive=peer.alive,
                     # heard and proven live now: counts toward quorum (fsha.quorum)
-                    live=peer.alive and self._verified.get(node.node_id) == peer.incarnation,
-                    config="other" if node.node_id in self.foreign else "same",
+                    live=self.quorum.is_live(node.node_id),
+                    config="other" if node.node_id in self.quorum.foreign else "same",
                     hears=sorted(self._name(n) for n in range(len(self.config.nodes))
                                  if hb.heard >> n & 1)
                     if hb is not None and hb.version >= 3 and peer.alive else None,

@@ -1,6 +1,7 @@
 """Quorum decisions: when a master is dead for a claimant, and how long a master may hold.
 
-Pure functions over what one node knows (no I/O, no clock: every call takes ``now``).
+Pure functions over what one node knows (no I/O, no clock: every call takes ``now``), and
+:class:`QuorumTracker`, which gathers those facts from the heartbeats.
 ``docs/design.rst`` ("Quorum, leases and the timing argument") explains why these rules
 never let two nodes hold a slot beyond the bounded overlap:
 
@@ -38,6 +39,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from fsha.detector import FailureDetector
+from fsha.wire.heartbeat import Heartbeat, Role
 
 NEVER = float("-inf")
 FOREVER = float("inf")
@@ -119,3 +123,89 @@ def view_agreement(my_digest: bytes, digests: Iterable[bytes]) -> int:
     """How many nodes, this one included, computed the same view (owners, epochs,
     ranking): ``digests`` are the view digests of the live, voting peers."""
     return 1 + sum(1 for d in digests if d == my_digest)
+
+
+class QuorumTracker:
+    """What a node learns from heartbeats for the decisions above, per peer: whether it is
+    live now, when it last supported this node's lease, whether it runs another config
+    file. No I/O and no clock: every call takes ``now``. The liveness itself (heard within
+    the dead-after time) is the failure detector's."""
+
+    __slots__ = (
+        "_dead_after",
+        "_detector",
+        "_interval",
+        "_me",
+        "foreign",
+        "support",
+        "verified",
+    )
+
+    def __init__(self, detector: FailureDetector, me: int, interval: float,
+                 dead_after: float) -> None:
+        self._detector = detector
+        self._me = me
+        self._interval = interval
+        self._dead_after = dead_after
+        self.verified: dict[int, int] = {}  # peer -> its incarnation that echoed us
+        self.support: dict[int, float] = {}  # peer -> our send time it last supported
+        self.foreign: set[int] = set()  # peers heard running another config file
+
+    def heard(self, hb: Heartbeat, sent_at: float | None, now: float,
+              same_config: bool) -> bool:
+        """Account a heartbeat of a peer, not a replay; ``sent_at`` is when we sent the
+        sequence it echoes to us (None: no echo of ours, or one we do not remember).
+        True when the peer became live now (first proof in its incarnation)."""
+        node_id = hb.node_id
+        if same_config:
+            self.foreign.discard(node_id)
+        else:
+            self.foreign.add(node_id)
+        if hb.version == 1:
+            # It cannot echo: heard is the best it can show (the rule before version 2),
+            # and it is taken to have heard us an interval ago.
+            self.support[node_id] = now - self._interval
+            if self.verified.get(node_id) == hb.incarnation:
+                return False
+            self.verified[node_id] = hb.incarnation
+            return True
+        if sent_at is None or now - sent_at > self._dead_after:
+            return False  # no echo of ours, or too old to say anything about now
+        if hb.version < 3 or hb.heard >> self._me & 1:
+            if sent_at > self.support.get(node_id, NEVER):
+                self.support[node_id] = sent_at
+        if self.verified.get(node_id) == hb.incarnation:
+            return False
+        self.verified[node_id] = hb.incarnation
+        return True
+
+    def forget(self, node_id: int) -> None:
+        """The peer went down: it must show it is live again. (Its supports stay: they
+        are bounds on when it last heard us, true whatever happened since.)"""
+        self.verified.pop(node_id, None)
+
+    def is_live(self, node_id: int) -> bool:
+        peer = self._detector.peers[node_id]
+        return peer.alive and self.verified.get(node_id) == peer.incarnation
+
+    def heard_bits(self) -> int:
+        """The heard bitmap of this node's heartbeats: its live peers."""
+        bits = 0
+        verified = self.verified
+        for peer in self._detector.peers.values():
+            if peer.alive and verified.get(peer.node_id) == peer.incarnation:
+                bits |= 1 << peer.node_id
+        return bits
+
+    def views(self) -> list[PeerView]:
+        verified, support = self.verified, self.support
+        views = []
+        for peer in self._detector.peers.values():
+            hb = peer.latest
+            views.append(PeerView(
+                peer.node_id,
+                live=peer.alive and verified.get(peer.node_id) == peer.incarnation,
+                hears=hb.heard if hb is not None and hb.version >= 3 else None,
+                voting=hb is not None and hb.role is not Role.STARTING,
+                support_at=support.get(peer.node_id, NEVER)))
+        return views
