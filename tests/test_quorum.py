@@ -237,3 +237,25 @@ class FaultTests(SynchronousTestCase):
         self.assertEqual(status["fs2"]["config"], "same")
         self.assertEqual(fs1.status()["quorum"]["alive"], 3)
         self.assertEqual(c.nodes["fs3"].role, Role.SLAVE)
+
+
+class LeaseSupportTests(SynchronousTestCase):
+    def test_a_masters_heartbeats_are_answered_at_once(self) -> None:
+        """Peers echo a master's heartbeat on arrival, not at their next tick: its lease
+        support is never older than its own sending period plus a round trip."""
+        c = converged()
+        fs1 = c.nodes["fs1"]
+        self.assertEqual(fs1.role, Role.MASTER)
+        interval = c.config.heartbeat_interval
+        worst = 0.0
+        for _ in range(1000):
+            c.clock.advance(0.001)
+            now = c.clock.seconds()
+            age = now - (fs1.lease_expires_at() - fs1.lease)
+            worst = max(worst, age)
+        # sending period + 2 x 1 ms latency + the 1 ms step (without the answers: up to
+        # two periods)
+        self.assertLessEqual(worst, interval + 0.0035)
+        # only holders are answered: the slaves answer fs1, fs1 (no other holder) nobody
+        self.assertEqual(fs1._answered, {})
+        self.assertEqual(set(c.nodes["fs3"]._answered), {fs1.me.node_id})
