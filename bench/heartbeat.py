@@ -178,7 +178,10 @@ def fuzz_decode(seconds: float, seed: int) -> dict[str, Any]:
             pick = rng.randrange(5)
             signed = pick == 4
             if signed:
-                body = rng.choice(prefixes) + rng.randbytes(SIZE - 8 - 32)
+                # (version 3: the heard length, byte 71, says what follows)
+                heard = rng.randbytes(rng.randrange(0, 5))
+                body = (rng.choice(prefixes) + rng.randbytes(SIZE - 8 - 32 - 1)
+                        + bytes((len(heard),)) + heard)
                 data = body + hmac.new(SECRET, body, hashlib.sha256).digest()
             elif pick == 0:
                 data = rng.randbytes(rng.randrange(0, 300))

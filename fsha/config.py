@@ -23,7 +23,7 @@ from typing import Any
 MIN_INTERVAL_MS = 5
 MAX_INTERVAL_MS = 10_000
 MIN_SECRET_BYTES = 16
-MAX_NODES = 0xFFFE  # 0xFFFF is "no node" on the wire
+MAX_NODES = 2040  # node ids 0..2039: what a heartbeat's heard bitmap (255 bytes) can name
 MAX_SLOTS = 0xFFFE  # 0xFFFF is "no slot" on the wire
 FLOATING_IP_BACKENDS = ("loopback", "ip", "command")
 
@@ -339,6 +339,13 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
                          check=lambda v: None if v >= 0 else "must be >= 0")
     if discovery_ms is None and dead_ms and interval_ms:
         discovery_ms = dead_ms + 2 * interval_ms
+    elif discovery_ms is not None and dead_ms and discovery_ms < dead_ms:
+        # A node in discovery casts no "dead" vote: the lease argument (docs/design.rst)
+        # needs a restarted node to have listened for a dead-after time before it votes.
+        c.problem("cluster.discovery_ms",
+                  f"{discovery_ms} ms is shorter than dead_after_ms ({dead_ms} ms): a "
+                  "starting node must listen at least that long")
+        discovery_ms = None
     quorum_raw = c.get(cluster, "cluster", "quorum", (str, int), "majority")
 
     networks = _networks(c, raw.get("network"))

@@ -9,7 +9,6 @@ any network heard it within ``dead_after``; each network's state is kept so an o
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fsha.wire.heartbeat import MAX_ECHO_DELAY_US, Heartbeat
@@ -124,19 +123,16 @@ class RoundTrips:
     """Round-trip times per peer and network, from the echo fields of heartbeats.
 
     No I/O and no clock of its own. The sending side calls :meth:`sent` with each sequence
-    it sends and :meth:`echo_for` to choose which peer a datagram on a network echoes
-    (peers take turns among those heard there recently, speaking version 2); the receiving
-    side calls :meth:`echoed` when a peer's datagram echoes one of our sequences. See
+    it sends and :meth:`echo_to` for the echo of the copy it sends a peer on a network (each
+    copy echoes its destination); the receiving side calls :meth:`echoed` when a peer's
+    datagram echoes one of our sequences. See
     ``docs/protocol/heartbeat.rst`` ("Echo and round-trip time").
     """
 
-    __slots__ = ("_cursor", "_detector", "_order", "_sent_at", "_sent_seq", "last",
-                 "samples", "smoothed")
+    __slots__ = ("_detector", "_sent_at", "_sent_seq", "last", "samples", "smoothed")
 
     def __init__(self, detector: FailureDetector) -> None:
         self._detector = detector
-        self._order = sorted(detector.peers)
-        self._cursor = [0] * detector.networks
         self._sent_at = [0.0] * ECHO_HISTORY
         self._sent_seq = [-1] * ECHO_HISTORY
         # node id -> per network: seconds, or None before the first sample
@@ -151,26 +147,21 @@ class RoundTrips:
         self._sent_seq[i] = sequence
         self._sent_at[i] = now
 
-    def echo_for(self, network: int, now: float, speaks_echo: Callable[[int], bool]
-                 ) -> tuple[int, int, int] | None:
-        """(peer, its latest sequence heard on ``network``, microseconds since) for the next
-        peer in turn heard there within the dead-after time; None if there is none."""
-        order = self._order
-        n = len(order)
-        if not n:
+    def echo_to(self, node_id: int, network: int, now: float) -> tuple[int, int] | None:
+        """(its latest sequence heard on ``network``, microseconds since) for the datagram
+        sent to ``node_id`` there: every copy echoes its destination; None when that peer
+        was not heard there within the dead-after time."""
+        peer = self._detector.peers[node_id]
+        heard = peer.heard[network]
+        if peer.net_sequence[network] < 0 or heard <= now - self._detector.dead_after:
             return None
-        start = self._cursor[network]
-        horizon = now - self._detector.dead_after
-        peers = self._detector.peers
-        for step in range(n):
-            node_id = order[(start + step) % n]
-            peer = peers[node_id]
-            heard = peer.heard[network]
-            if peer.net_sequence[network] >= 0 and heard > horizon and speaks_echo(node_id):
-                self._cursor[network] = (start + step + 1) % n
-                delay = max(0, min(MAX_ECHO_DELAY_US, round((now - heard) * 1_000_000)))
-                return node_id, peer.net_sequence[network], delay
-        return None
+        return peer.net_sequence[network], \
+            max(0, min(MAX_ECHO_DELAY_US, round((now - heard) * 1_000_000)))
+
+    def sent_at(self, sequence: int) -> float | None:
+        """When we sent ``sequence`` (None: not one of our latest ECHO_HISTORY)."""
+        i = sequence % ECHO_HISTORY
+        return self._sent_at[i] if self._sent_seq[i] == sequence else None
 
     def echoed(self, node_id: int, network: int, sequence: int, delay_us: int, now: float
                ) -> float | None:

@@ -343,9 +343,15 @@ class ClusterCollector:
         quorum = _map(st.get("quorum"))
         f.gauge("fsha_quorum_required", "Nodes this node must see alive (itself included) "
                 "to take over.", quorum.get("required"))
-        f.gauge("fsha_quorum_alive_nodes", "Nodes this node sees alive, itself included.",
+        f.gauge("fsha_quorum_alive_nodes", "Nodes this node counts toward quorum (heard and "
+                "live now), itself included.",
                 quorum.get("alive"))
         f.gauge("fsha_quorum_ok", "1 if this node sees a quorum.", quorum.get("ok"))
+        f.declare("gauge", "fsha_lease_remaining_seconds", "How long this master's lease "
+                  "runs without another quorum support (absent: no slot held, or quorum 1).",
+                  [], unit="seconds")
+        left = _num(quorum.get("lease_left_ms"))
+        f.gauge("fsha_lease_remaining_seconds", "", None if left is None else left / 1000)
         interval = _num(st.get("heartbeat_interval_ms"))
         f.gauge("fsha_heartbeat_interval_seconds", "Configured heartbeat interval.",
                 None if interval is None else interval / 1000, unit="seconds")
@@ -403,6 +409,12 @@ class ClusterCollector:
                 continue
             f.gauge("fsha_peer_view_agrees", "1 if the peer computed the same roles.",
                     node.get("view_agrees"), peer=name)
+            f.gauge("fsha_peer_live", "1 if the peer is heard and has shown it is live now "
+                    "(counts toward quorum).", node.get("live"), peer=name)
+            f.gauge("fsha_peer_same_config", "1 if the peer runs this node's config file "
+                    "(0: a rollout under way).",
+                    None if node.get("config") is None else node.get("config") == "same",
+                    peer=name)
             f.counter("fsha_peer_restarts", "Restarts (new incarnations) of the peer seen.",
                       node.get("restarts"), peer=name)
             for net, h in sorted(_map(node.get("networks")).items()):

@@ -9,6 +9,7 @@ in tests with a fake clock and fake effects, and for real under twistd.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -24,10 +25,22 @@ from twisted.python.failure import Failure
 
 from fsha.config import ClusterConfig, NodeConfig, SlotConfig
 from fsha.detector import FailureDetector, RoundTrips
+from fsha.quorum import (
+    NEVER,
+    PeerView,
+    QuorumTracker,
+    deaf_to,
+    lease_expires_at,
+    lease_for,
+    lease_holds,
+    live_count,
+    view_agreement,
+)
 from fsha.roles import Member, Roles, compute_roles
 from fsha.wire.heartbeat import (
     NO_NODE,
     NO_SLOT,
+    EchoEncoder,
     Flags,
     Heartbeat,
     HeartbeatCodec,
@@ -48,6 +61,10 @@ UNFIT_INTERVALS = 40
 # Announcements go out as a burst: now and at these fractions of an interval later.
 BURST_DELAYS = (0.0, 0.25, 0.5)
 RECENT_EVENTS = 100
+# Roles whose heartbeats are answered at once (their lease counts on our echoes).
+_HOLDING = (Role.MASTER, Role.CLAIMING)
+# Sequences of an incarnation start below this, at random (see ClusterNode.sequence).
+FIRST_SEQUENCE_RANGE = 1 << 62
 
 
 class SlotActions(Protocol):
@@ -165,8 +182,8 @@ class ClusterNode:
 
     def __init__(self, config: ClusterConfig, me: NodeConfig, secret: bytes,
                  clock: IReactorTime, actions: SlotActions, health: HealthSource,
-                 incarnation: int | None = None, claim_timeout: float | None = None
-                 ) -> None:
+                 incarnation: int | None = None, claim_timeout: float | None = None,
+                 first_sequence: int | None = None) -> None:
         self.config = config
         self.me = me
         self.clock = clock
@@ -187,7 +204,18 @@ class ClusterNode:
         # The heartbeat version each peer was last heard speaking: it is sent that version.
         self.peer_versions = [HEARTBEAT_VERSION] * len(config.nodes)
         self._state_keys: dict[int, tuple[Any, ...]] = {}
-        self.sequence = 0
+        # A random start per incarnation: an echo captured in an earlier incarnation cannot
+        # match a sequence of this one by number (replay of a dead peer's heartbeats).
+        self.sequence = secrets.randbelow(FIRST_SEQUENCE_RANGE) \
+            if first_sequence is None else first_sequence
+        # Who is live now, who supports our lease, who runs another config (fsha.quorum).
+        self.quorum = QuorumTracker(self.detector, me.node_id, config.heartbeat_interval,
+                                    config.dead_after)
+        self.lease = lease_for(config.heartbeat_interval, config.dead_after)
+        self._lease_call: IDelayedCall | None = None
+        self._lease_verdict: IDelayedCall | None = None
+        self._answered: dict[int, float] = {}  # peer -> when we last answered it at once
+        self.claim_hold = ""  # why an assigned claim waits (status), "" when none
         self.role = Role.STARTING
         self.slot = NO_SLOT
         self.epoch = 0
@@ -270,8 +298,8 @@ class ClusterNode:
             self.running = False
             if self._ticker.running:
                 self._ticker.stop()
-            for call in self._pending:
-                if call.active():
+            for call in (*self._pending, self._lease_call, self._lease_verdict):
+                if call is not None and call.active():
                     call.cancel()
             self._pending.clear()
         d.addBoth(halt)
@@ -296,9 +324,6 @@ class ClusterNode:
         if self._sources[network].get(source[0]) != node_id:
             self.drops["wrong-source"] += 1
             return
-        if hb.config_digest != self.config.digest:
-            self.drops["config-mismatch"] += 1
-            return
         peer = self.detector.peers[node_id]
         was_alive = peer.alive
         now = self.clock.seconds()
@@ -307,16 +332,39 @@ class ClusterNode:
             self.drops[verdict.value] += 1
             return
         self.peer_versions[node_id] = hb.version
+        sent_at = None
         if hb.echo_node == self.me.node_id:
             self.round_trips.echoed(node_id, network, hb.echo_sequence, hb.echo_delay_us, now)
+            sent_at = self.round_trips.sent_at(hb.echo_sequence)
+        foreign = hb.config_digest != self.config.digest  # alive all the same: fsha.quorum
+        newly_live = self.quorum.heard(hb, sent_at, now, not foreign)
         if not verdict.applied:
+            if newly_live:
+                self._evaluate()
             return
-        key = (hb.role, hb.flags, hb.slot, hb.epoch, hb.incarnation)
-        if key == self._state_keys.get(node_id) and was_alive \
+        if hb.role in _HOLDING and hb.type is MessageType.HEARTBEAT:
+            self._answer_holder(node_id, network, now)
+        key = (hb.role, hb.flags, hb.slot, hb.epoch, hb.incarnation, hb.heard,
+               hb.view_digest, foreign)
+        if key == self._state_keys.get(node_id) and was_alive and not newly_live \
                 and hb.type is MessageType.HEARTBEAT:
             return  # nothing the role engine cares about changed: the common case
         self._state_keys[node_id] = key
         self._peer_changed(hb, was_alive, verdict.value)
+
+    def _answer_holder(self, node_id: int, network: int, now: float) -> None:
+        """A master's (or claimant's) new heartbeat: echo it at once, on the network it
+        came by, rather than at our next tick. Its lease counts from the send time of the
+        sequences echoed, so an echo waiting for our tick would age it by up to an
+        interval: answered at once, the lease tolerates stalls nearly as long as the
+        dead-after time. At most one answer per peer per interval (two masters answering
+        each other do not ping-pong)."""
+        if not self.running or self.stopping or self.role is Role.STARTING:
+            return
+        if now - self._answered.get(node_id, NEVER) < self.config.heartbeat_interval * 0.9:
+            return
+        self._answered[node_id] = now
+        self._send(MessageType.HEARTBEAT, only=(node_id, network))
 
     def _peer_changed(self, hb: Heartbeat, was_alive: bool, verdict: str) -> None:
         name = self.config.nodes[hb.node_id].name
@@ -366,6 +414,7 @@ class ClusterNode:
         for change in self.detector.check(now):
             name = self.config.nodes[change.node_id].name
             self._state_keys.pop(change.node_id, None)
+            self.quorum.forget(change.node_id)
             self.round_trips.forget(change.node_id)
             latest = self.detector.peers[change.node_id].latest
             if latest is not None and latest.role is Role.RELEASING \
@@ -430,28 +479,78 @@ class ClusterNode:
             self._evaluate()
             self._send(MessageType.HEARTBEAT)
 
-    def _quorum_after(self, dead: int) -> bool:
-        """Quorum counting only peers heard well after ``dead`` was last heard.
+    # -- quorum (the decisions are fsha.quorum's) -------------------------------------------
 
-        Peers cut off together with the dead master are declared dead one by one (their
-        last heartbeats are up to an interval apart), so for a moment a minority would
-        still count some of them. Those were last heard within an interval of the master;
-        peers on this side of a partition have been heard since.
-        """
-        peer = self.detector.peers.get(dead)
-        if peer is None or peer.alive:  # ourselves, or a master that let the slot go
-            return self.sees_quorum()
-        after = peer.last_heard() + self.config.heartbeat_interval
-        fresh = 1 + sum(1 for p in self.detector.peers.values()
-                        if p.alive and p.last_heard() > after)
-        return fresh >= self.config.quorum
+    def peer_views(self) -> list[PeerView]:
+        """What this node knows of each peer, for fsha.quorum."""
+        return self.quorum.views()
+
+    def lease_expires_at(self) -> float:
+        return lease_expires_at(self.peer_views(), self.config.quorum, self.lease)
+
+    def _claim_hold(self, slot_id: int, roles: Roles, now: float) -> str:
+        """Why this node may not claim its assigned ``slot_id`` yet ("" when it may)."""
+        views = self.peer_views()
+        quorum = self.config.quorum
+        previous = self.last_holder.get(slot_id)
+        me = self.me.node_id
+        if previous is not None and previous != me:
+            peer = self.detector.peers[previous]
+            # Heard: it let the slot go itself (or restarted). Not heard: dead only when a
+            # quorum of live nodes no longer hear it either.
+            voting = now - self.started_at >= self.config.dead_after
+            if not peer.alive and deaf_to(previous, False, voting, views) < quorum:
+                return (f"{self._name(previous)} is still heard by part of the cluster: "
+                        "no quorum of nodes has lost it")
+        peers = self.detector.peers
+        digests = (peers[v.node_id].latest.view_digest for v in views  # type: ignore[union-attr]
+                   if v.live and v.voting)
+        if view_agreement(roles.digest, digests) < quorum:
+            return "no quorum of nodes sees the same cluster view yet"
+        if not lease_holds(now, views, quorum, self.lease):
+            # the claim would be given up at once: no quorum has shown it hears this node
+            return "no quorum has echoed this node's heartbeats lately (its lease)"
+        return ""
+
+    def _lease_expired(self, now: float) -> bool:
+        """Has this master's lease run out? Asked twice: the first time it looks expired,
+        the verdict waits for one turn of the reactor, which reads the datagrams that
+        arrived before the next timed call runs: after a stall of this process the echoes
+        renewing the lease may be waiting in the socket (they can only renew it up to the
+        send times they echo, so waiting never extends a lease past its bound)."""
+        if self._check_lease(now):
+            self._lease_verdict = None
+            return False
+        verdict = self._lease_verdict
+        if verdict is None:
+            self._lease_verdict = self.clock.callLater(0, self._evaluate)
+            return False
+        if verdict.active():
+            return False
+        self._lease_verdict = None
+        return True
+
+    def _check_lease(self, now: float) -> bool:
+        """Does this master (or claimant) still hold its lease? If so, make sure it is
+        checked again right when it would end."""
+        expires = self.lease_expires_at()
+        if now >= expires:
+            return False
+        if expires - now < self.config.heartbeat_interval:  # before the next tick
+            call = self._lease_call
+            if call is not None and call.active():
+                call.reset(expires - now)
+            else:
+                self._lease_call = self.clock.callLater(expires - now, self._evaluate)
+        return True
 
     def _anyone_starting(self) -> bool:
         return any(p.alive and p.latest is not None and p.latest.role is Role.STARTING
                    for p in self.detector.peers.values())
 
     def alive_count(self) -> int:
-        return 1 + sum(1 for p in self.detector.peers.values() if p.alive)
+        """This node and its live peers: heard and proven live now (fsha.quorum)."""
+        return live_count(self.peer_views())
 
     def sees_quorum(self) -> bool:
         return self.alive_count() >= self.config.quorum
@@ -529,6 +628,12 @@ class ClusterNode:
                 # Its calls are gone with it: let the next candidate recover them now rather
                 # than after the others' dead-after time.
                 self._machine.lost("local FreeSWITCH is not answering")
+            elif self._lease_expired(now):
+                # No quorum has heard us lately: the others may soon declare us dead and
+                # claim. Let go first (addresses down first, as every release does).
+                self._event("lease-expired", slot=self._slot_name(self.slot))
+                self._machine.lost(f"lease expired: no quorum heard this node within "
+                                   f"{self.lease * 1000:.0f} ms")
             return
         if self.role is Role.SLAVE and me in roles.assignments and quorum:
             if now - self._quorum_since < self.config.discovery:
@@ -536,9 +641,18 @@ class ClusterNode:
                 # slots orphaned. Listen first, as at start-up.
                 return
             slot_id, epoch = roles.assignments[me]
+            hold = self._claim_hold(slot_id, roles, now)
+            if hold != self.claim_hold:
+                self.claim_hold = hold
+                if hold:
+                    # A held claim is news when the master is heard elsewhere (a partial
+                    # fault); waiting for agreement is part of every takeover.
+                    log = self.log.info if "still heard" in hold else self.log.debug
+                    log("not claiming slot {slot} yet: {reason}",
+                        slot=self.config.slots[slot_id].name, reason=hold)
+            if hold:
+                return
             previous = self.last_holder.get(slot_id)
-            if previous is not None and not self._quorum_after(previous):
-                return  # a dead master's slot: see _quorum_after
             handed_over = previous is not None and self.released_by.get(slot_id) == previous
             claimer = self.claimers.get(slot_id)
             claimers = (self.config.nodes[claimer[0]],) \
@@ -689,7 +803,10 @@ class ClusterNode:
             self._send(kind, subject, state)
 
     def _send(self, kind: MessageType, subject: int | None = None,
-              state: tuple[Role, int, int] | None = None) -> None:
+              state: tuple[Role, int, int] | None = None,
+              only: tuple[int, int] | None = None) -> None:
+        """Send ``kind`` with ``state`` (default: the current one) to every peer on every
+        network, or only to ``only`` = (peer, network): an answer (see _answer_holder)."""
         role, slot, epoch = state if state is not None else (self.role, self.slot, self.epoch)
         if kind is MessageType.HEARTBEAT:
             subject = NO_NODE
@@ -700,29 +817,32 @@ class ClusterNode:
         self.sequence += 1
         now = self.clock.seconds()
         self.round_trips.sent(self.sequence, now)
+        heard = self.quorum.heard_bits()
         fields = dict(
             type=kind, cluster_id=self.codec.cluster_id, node_id=self.me.node_id,
             incarnation=self.incarnation, sequence=self.sequence, role=role,
             flags=self.flags(), slot=slot, epoch=epoch, subject=subject,
             config_digest=self.config.digest, view_digest=self.roles.digest)
         versions = self.peer_versions
-        old_data: bytes | None = None  # version 1, for peers that only speak it
+        # One encoder per version spoken; every copy echoes its destination (fsha.quorum:
+        # how a peer shows it is live now, and how a master keeps its lease).
+        encoders: dict[int, EchoEncoder] = {}
+        echo_to = self.round_trips.echo_to
         for link in self.links:
-            # Each network's copy echoes one peer heard there (peers take turns).
-            echo = self.round_trips.echo_for(link.index, now,
-                                             lambda n: versions[n] >= HEARTBEAT_VERSION)
-            if echo is None:
-                data = self.codec.encode(Heartbeat(**fields))
-            else:
-                data = self.codec.encode(Heartbeat(
-                    **fields, echo_node=echo[0], echo_sequence=echo[1],
-                    echo_delay_us=echo[2]))
+            if only is not None and link.index != only[1]:
+                continue
             for node_id, address in self._peer_addresses[link.index]:
-                payload = data
-                if versions[node_id] < HEARTBEAT_VERSION:
-                    if old_data is None:
-                        old_data = self.codec.encode(Heartbeat(**fields, version=1))
-                    payload = old_data
+                if only is not None and node_id != only[0]:
+                    continue
+                version = versions[node_id]
+                encode = encoders.get(version)
+                if encode is None:
+                    encode = encoders[version] = self.codec.prepare(Heartbeat(
+                        **fields, version=version,
+                        heard=heard if version >= HEARTBEAT_VERSION else 0))
+                echo = echo_to(node_id, link.index, now) if version >= 2 else None
+                payload = encode(NO_NODE, 0, 0) if echo is None \
+                    else encode(node_id, echo[0], echo[1])
                 try:
                     link.send(payload, address)
                     link.sent += 1
@@ -767,7 +887,10 @@ class ClusterNode:
             entry: dict[str, Any] = {"name": node.name, "priority": node.priority,
                                      "rank": roles.rank_of(node.node_id)}
             if node is self.me:
-                entry.update(self=True, alive=True, role=self.role.name.lower(),
+                entry.update(self=True, alive=True, live=True, config="same",
+                             hears=sorted(self._name(n) for n in range(len(self.config.nodes))
+                                          if self.quorum.heard_bits() >> n & 1),
+                             role=self.role.name.lower(),
                              slot=self._slot_name(self.slot), epoch=self.epoch,
                              incarnation=self.incarnation, flags=_flag_names(self.flags()),
                              view_agrees=True, networks={})
@@ -776,6 +899,12 @@ class ClusterNode:
                 hb = peer.latest
                 entry.update(
                     self=False, alive=peer.alive,
+                    # heard and proven live now: counts toward quorum (fsha.quorum)
+                    live=self.quorum.is_live(node.node_id),
+                    config="other" if node.node_id in self.quorum.foreign else "same",
+                    hears=sorted(self._name(n) for n in range(len(self.config.nodes))
+                                 if hb.heard >> n & 1)
+                    if hb is not None and hb.version >= 3 and peer.alive else None,
                     role=hb.role.name.lower() if hb and peer.alive else "unknown",
                     slot=self._slot_name(hb.slot) if hb and peer.alive else None,
                     epoch=hb.epoch if hb and peer.alive else None,
@@ -802,7 +931,10 @@ class ClusterNode:
             "slot": self._slot_name(self.slot), "epoch": self.epoch,
             "uptime_s": round(now - self.started_at, 3),
             "quorum": {"required": self.config.quorum, "alive": self.alive_count(),
-                       "ok": self.sees_quorum(), "spec": self.config.quorum_spec},
+                       "ok": self.sees_quorum(), "spec": self.config.quorum_spec,
+                       "lease_ms": round(self.lease * 1000, 3),
+                       "lease_left_ms": self._lease_left_ms(now),
+                       "claim_hold": self.claim_hold or None},
             "config_digest": self.config.digest.hex(), "view_digest": roles.digest.hex(),
             "heartbeat_interval_ms": round(self.config.heartbeat_interval * 1000, 3),
             "dead_after_ms": round(self.config.dead_after * 1000, 3),
@@ -814,6 +946,15 @@ class ClusterNode:
             "received": self.received, "drops": dict(self.drops),
             "events": list(self.events),
         }
+
+    def _lease_left_ms(self, now: float) -> float | None:
+        """How long this master's lease still runs (None when it holds no slot)."""
+        if self.role not in (Role.MASTER, Role.CLAIMING):
+            return None
+        expires = self.lease_expires_at()
+        if expires == float("inf"):
+            return None
+        return round(max(0.0, expires - now) * 1000, 1)
 
     def _slot_name(self, slot: int) -> str | None:
         return self.config.slots[slot].name if slot < len(self.config.slots) else None

@@ -8,9 +8,10 @@ set of members and fixed rules:
 * **Owner of a slot**: among live members claiming it (role MASTER or CLAIMING), the
   highest epoch wins; a tie goes to higher priority, then the smaller node name. Any
   other claimant has lost and must release at once.
-* **Ranking of slaves**: live members in role SLAVE whose FreeSWITCH is up, not in
-  maintenance and not unfit, ordered by priority (high first), then incarnation (older
-  first: a restarted node joins at the end of its priority class), then name.
+* **Ranking of slaves**: live members in role SLAVE whose FreeSWITCH is up, that see a
+  quorum, and are not in maintenance nor unfit, ordered by
+  priority (high first), then incarnation (older first: a restarted node joins at the end
+  of its priority class), then name.
 * **Assignment**: slots without a live owner, in config order, go to the ranked slaves in
   order: the first orphan to the primary candidate, the second to the secondary, so two
   masters dying at once are taken over in parallel. A slot a live member is still
@@ -29,6 +30,8 @@ from fsha.wire.heartbeat import NO_SLOT, Flags, Role
 
 _CLAIMING_ROLES = (Role.MASTER, Role.CLAIMING)
 _UNFIT = Flags.MAINTENANCE | Flags.UNFIT
+# A slave without quorum would never claim what it is assigned: it is not ranked.
+_READY = Flags.FS_OK | Flags.SEES_QUORUM
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +49,7 @@ class Member:
 
     @property
     def eligible(self) -> bool:
-        return (self.role is Role.SLAVE and bool(self.flags & Flags.FS_OK)
+        return (self.role is Role.SLAVE and self.flags & _READY == _READY
                 and not self.flags & _UNFIT)
 
 

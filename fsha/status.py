@@ -67,6 +67,13 @@ def problems(status: JSON) -> list[str]:
                 heard = info["last_heard_ms"]
                 when = f"for {heard / 1000:.1f} s" if heard is not None else "since start"
                 found.append(f"network {net}: {node['name']} unreachable {when}")
+        if node.get("config") == "other":
+            found.append(f"{node['name']} runs a different config file (a rollout under "
+                         "way? finish it: takeovers wait while the files give different "
+                         "views)")
+        if node.get("live") is False:
+            found.append(f"{node['name']} is heard but has not shown it is live now (no "
+                         "echo of this node's heartbeats yet: counts for no quorum)")
         if not node["view_agrees"]:
             found.append(f"{node['name']} computes a different view of the cluster "
                          "(transient during a change; persistent means different inputs)")
@@ -119,9 +126,9 @@ def problems(status: JSON) -> list[str]:
         if limits.get("reconciles_waiting"):
             found.append(f"limits: {limits['reconciles_waiting']} takeover reconciliation(s) "
                          f"not done yet ({limits.get('last_error')})")
-    if status["drops"].get("config-mismatch"):
-        found.append(f"{status['drops']['config-mismatch']} heartbeats dropped from nodes "
-                     "running a different config file")
+    hold = (status.get("quorum") or {}).get("claim_hold")
+    if hold:
+        found.append(f"{me['name']} (this node) waits to take a slot over: {hold}")
     return found
 
 

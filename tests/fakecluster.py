@@ -1,8 +1,10 @@
 """An in-memory cluster: real ClusterNodes, a fake clock, a fake network, fake effects.
 
 Datagrams are delivered through ``clock.callLater`` (a small latency), so nothing is
-re-entrant and every step is deterministic. Networks can be cut per node, nodes killed
-(silently: no release) and restarted (new incarnation).
+re-entrant and every step is deterministic. Networks can be cut per node, links blocked
+one way (``block``) or both (``partition``, ``unblock``), nodes killed (silently: no
+release), paused (like SIGSTOP: no timer runs, datagrams wait in the socket buffer) and
+restarted (new incarnation).
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class FakeCluster:
         self.actions: dict[str, FakeActions] = {}
         self.health: dict[str, FakeHealth] = {}
         self.dead: set[str] = set()
+        self.paused: dict[str, list[tuple[int, str, bytes, Address]]] = {}
         self.cut: set[tuple[str, str]] = set()  # (node, network) pairs that are down
         self.blocked: set[tuple[str, str]] = set()  # (from, to) node pairs that cannot talk
         self.loss: dict[str, float] = {}
@@ -114,15 +117,24 @@ class FakeCluster:
             self.actions[node.name] = FakeActions()
             self.health[node.name] = FakeHealth()
 
-    def start(self, name: str) -> ClusterNode:
-        me = self.config.node(name)
+    def start(self, name: str, config: ClusterConfig | None = None) -> ClusterNode:
+        """Start (or restart) ``name``, with the cluster's config or another file's (a
+        rollout: same nodes and addresses, another digest)."""
+        config = config or self.config
+        me = config.node(name)
+        # A starting node clears what an earlier incarnation left (start-up clean-up).
+        held = getattr(self.actions[name], "held", None)  # FakeActions (not real effects)
+        if held is not None:
+            held.clear()
         self._incarnation += 1
-        node = ClusterNode(self.config, me, SECRET, self.clock, self.actions[name],
-                           self.health[name], incarnation=self._incarnation)
+        node = ClusterNode(config, me, SECRET, self.clock, self.actions[name],
+                           self.health[name], incarnation=self._incarnation,
+                           first_sequence=self._incarnation * 7919 % 1_000_003 * 1000)
         for net in self.config.networks:
             node.attach(net.name, self._sender(name, net.index, net.name))
         self.nodes[name] = node
         self.dead.discard(name)
+        self.paused.pop(name, None)
         node.start()
         return node
 
@@ -147,6 +159,11 @@ class FakeCluster:
                  source: Address) -> None:
         if target in self.dead or target not in self.nodes or (target, network) in self.cut:
             return
+        queue = self.paused.get(target)
+        if queue is not None:
+            if len(queue) < 1000:  # a socket buffer: full, the rest is lost
+                queue.append((index, network, data, source))
+            return
         self.delivered += 1
         self.nodes[target].datagram_received(index, data, source)
 
@@ -156,6 +173,33 @@ class FakeCluster:
             for b in sides:
                 if a is not b:
                     self.blocked.update((x, y) for x in a for y in b)
+
+    def block(self, sender: str, receiver: str) -> None:
+        """One way: ``receiver`` no longer hears ``sender`` (``sender`` still hears it)."""
+        self.blocked.add((sender, receiver))
+
+    def unblock(self, a: str, b: str) -> None:
+        self.blocked.discard((a, b))
+        self.blocked.discard((b, a))
+
+    def pause(self, name: str) -> None:
+        """Like SIGSTOP: the node runs nothing until :meth:`resume`."""
+        node = self.nodes[name]
+        self.paused[name] = []
+        node.running = False
+        if node._ticker.running:
+            node._ticker.stop()
+
+    def resume(self, name: str) -> None:
+        """Like SIGCONT: the late timer runs first, then the datagrams that waited."""
+        node = self.nodes[name]
+        queue = self.paused.pop(name)
+        node.running = True
+        node._ticker.start(self.config.heartbeat_interval, now=True).addErrback(
+            lambda f: node.log.failure("heartbeat loop failed", f))
+        for index, _network, data, source in queue:
+            self.delivered += 1
+            node.datagram_received(index, data, source)
 
     def kill(self, name: str) -> None:
         """Like kill -9: the node stops without releasing anything."""
@@ -173,11 +217,21 @@ class FakeCluster:
     def live(self) -> list[ClusterNode]:
         return [n for name, n in self.nodes.items() if name not in self.dead]
 
+    def holders(self) -> dict[str, set[str]]:
+        """slot name -> the running (not killed, not paused) nodes holding its resources."""
+        result: dict[str, set[str]] = {}
+        for name in self.nodes:
+            if name in self.dead or name in self.paused:
+                continue
+            for slot in getattr(self.actions[name], "held", ()):
+                result.setdefault(slot, set()).add(name)
+        return result
+
     def masters(self) -> dict[str, str]:
         """slot name -> node name, from the nodes' own states."""
         result: dict[str, str] = {}
         for node in self.live():
-            if node.role is Role.MASTER:
+            if node.role is Role.MASTER and node.me.name not in self.paused:
                 slot = self.config.slots[node.slot].name
                 assert slot not in result, f"two masters of {slot}"
                 result[slot] = node.me.name

@@ -157,6 +157,9 @@ class ValidationTests(SynchronousTestCase):
                            "cluster.dead_after_ms", "shorter than two heartbeat intervals")
         self.assertProblem(lambda r: r["cluster"].update(heartbeat_interval_ms=1),
                            "cluster.heartbeat_interval_ms", "must be 5-10000")
+        # a starting node casts no "dead" vote until it has listened a dead-after time
+        self.assertProblem(lambda r: r["cluster"].update(discovery_ms=150),
+                           "cluster.discovery_ms", "shorter than dead_after_ms")
 
     def test_quorum(self) -> None:
         for value in ("most", 0, 4):

@@ -16,11 +16,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from fsha.wire.heartbeat import (
     BODY_SIZE,
     BODY_SIZE_V1,
+    BODY_SIZE_V2,
     NO_NODE,
     NO_SLOT,
     REASONS,
     SIZE,
     SIZE_V1,
+    SIZE_V2,
     VERSION,
     Flags,
     Heartbeat,
@@ -94,7 +96,7 @@ GOLDEN: dict[str, tuple[Heartbeat, str]] = {
         Heartbeat(
             MessageType.HEARTBEAT, CLUSTER, 2, 1700000000000, 43, Role.SLAVE, FQ,
             NO_SLOT, 0, NO_NODE, CFG, VIEW, echo_node=1, echo_sequence=1000,
-            echo_delay_us=1234,
+            echo_delay_us=1234, version=2,
         ),
         "4648 0201 2a97 516c 0000 018b cfe5 6800"
         "0000 0000 0000 002b 0000 0000 0000 0000"
@@ -107,7 +109,7 @@ GOLDEN: dict[str, tuple[Heartbeat, str]] = {
     "takeover-v2": (
         Heartbeat(
             MessageType.TAKEOVER, CLUSTER, 3, 1700000005000, 78, Role.CLAIMING, FQ,
-            1, 8, 2, CFG, bytes.fromhex("0102030405060708"),
+            1, 8, 2, CFG, bytes.fromhex("0102030405060708"), version=2,
         ),
         "4648 0202 2a97 516c 0000 018b cfe5 7b88"
         "0000 0000 0000 004e 0000 0000 0000 0008"
@@ -116,6 +118,33 @@ GOLDEN: dict[str, tuple[Heartbeat, str]] = {
         "0000 0000 00ff ffc9 d56e bed1 0dc9 0d11"
         "26da 3765 1643 8743 f7cc a007 9ed4 bb06"
         "a8f2 2c35 5834 73",
+    ),
+    "heartbeat-slave-v3": (
+        Heartbeat(
+            MessageType.HEARTBEAT, CLUSTER, 2, 1700000000000, 44, Role.SLAVE, FQ,
+            NO_SLOT, 0, NO_NODE, CFG, VIEW, echo_node=1, echo_sequence=1000,
+            echo_delay_us=1234, heard=0b1011,
+        ),
+        "4648 0301 2a97 516c 0000 018b cfe5 6800"
+        "0000 0000 0000 002c 0000 0000 0000 0000"
+        "0002 ffff ffff 0005 0100 1122 3344 5566"
+        "7788 99aa bbcc ddee ff00 0000 0000 0003"
+        "e800 0004 d200 0101 0b42 c8bf 3816 8e20"
+        "63fd f299 ecae 9eb6 a55d 5fb8 8fd1 d493"
+        "423a 20db 2e5e 1989 bd",
+    ),
+    "takeover-v3": (
+        Heartbeat(
+            MessageType.TAKEOVER, CLUSTER, 3, 1700000005000, 79, Role.CLAIMING, FQ,
+            1, 8, 2, CFG, bytes.fromhex("0102030405060708"), heard=0b1_0001_0011,
+        ),
+        "4648 0302 2a97 516c 0000 018b cfe5 7b88"
+        "0000 0000 0000 004f 0000 0000 0000 0008"
+        "0003 0001 0002 0005 0200 1122 3344 5566"
+        "7701 0203 0405 0607 0800 0000 0000 0000"
+        "0000 0000 00ff ff02 1301 2f37 0ed6 4514"
+        "2054 361e b7d3 cc4c a4ac 9539 c047 1485"
+        "abe5 ab10 1851 7faf 2ab2",
     ),
 }  # fmt: skip
 
@@ -149,6 +178,7 @@ def reference_body(
     echo_sequence: int = 0,
     echo_delay: int = 0,
     echo_node: int = NO_NODE,
+    heard: bytes = b"",
 ) -> bytes:
     body = (
         magic
@@ -161,6 +191,8 @@ def reference_body(
     )
     if version >= 2:
         body += struct.pack(">QIH", echo_sequence, echo_delay, echo_node)
+    if version >= 3:
+        body += struct.pack(">B", len(heard)) + heard
     return body
 
 
@@ -203,9 +235,10 @@ def heartbeats(draw: st.DrawFn) -> Heartbeat:
         slot = draw(st.integers(0, NO_SLOT - 1))
         subject = draw(st.integers(0, NO_NODE - 1))
     node_id = draw(st.integers(0, NO_NODE - 1))
-    version = draw(st.sampled_from((1, 2)))
+    version = draw(st.sampled_from((1, 2, 3)))
     echo_node, echo_sequence, echo_delay = NO_NODE, 0, 0
-    if version == 2 and draw(st.booleans()):
+    heard = draw(st.integers(0, 2**2040 - 1) | st.integers(0, 2**64)) if version == 3 else 0
+    if version >= 2 and draw(st.booleans()):
         echo_node = draw(st.integers(0, NO_NODE - 1).filter(lambda n: n != node_id))
         echo_sequence = draw(u64)
         echo_delay = draw(st.integers(0, 2**32 - 1))
@@ -226,11 +259,14 @@ def heartbeats(draw: st.DrawFn) -> Heartbeat:
         echo_sequence=echo_sequence,
         echo_delay_us=echo_delay,
         version=version,
+        heard=heard,
     )
 
 
 def size_of(msg: Heartbeat) -> int:
-    return SIZE if msg.version == 2 else SIZE_V1
+    if msg.version == 3:
+        return SIZE + (msg.heard.bit_length() + 7) // 8
+    return SIZE_V2 if msg.version == 2 else SIZE_V1
 
 
 class GoldenVectorTests(SynchronousTestCase):
@@ -257,12 +293,13 @@ class GoldenVectorTests(SynchronousTestCase):
             self.assertIs(type(got.flags), Flags)
 
     def test_size_and_tag_construction(self) -> None:
-        """103 bytes (version 1: 89); the tag is plain HMAC-SHA256 (stdlib) over the bytes
-        before it."""
-        self.assertEqual((SIZE, BODY_SIZE, SIZE_V1, BODY_SIZE_V1), (103, 71, 89, 57))
+        """104 bytes + the bitmap (version 2: 103, version 1: 89); the tag is plain
+        HMAC-SHA256 (stdlib) over the bytes before it."""
+        self.assertEqual((SIZE, BODY_SIZE, SIZE_V2, BODY_SIZE_V2, SIZE_V1, BODY_SIZE_V1),
+                         (104, 72, 103, 71, 89, 57))
         for name, (msg, _) in GOLDEN.items():
             data = golden_bytes(name)
-            body = BODY_SIZE if msg.version == 2 else BODY_SIZE_V1
+            body = size_of(msg) - 32
             self.assertEqual(len(data), body + 32)
             self.assertEqual(data[2], msg.version)
             self.assertEqual(data[body:],
@@ -281,9 +318,23 @@ class GoldenVectorTests(SynchronousTestCase):
         body = reference_body(
             incarnation=msg.incarnation, sequence=msg.sequence, node=msg.node_id,
             flags=int(msg.flags), role=int(msg.role), echo_sequence=msg.echo_sequence,
-            echo_delay=msg.echo_delay_us, echo_node=msg.echo_node,
+            echo_delay=msg.echo_delay_us, echo_node=msg.echo_node, version=2,
         )  # fmt: skip
         self.assertEqual(signed(body), golden_bytes("heartbeat-slave-v2"))
+        msg, _ = GOLDEN["heartbeat-slave-v3"]
+        body = reference_body(
+            incarnation=msg.incarnation, sequence=msg.sequence, node=msg.node_id,
+            flags=int(msg.flags), role=int(msg.role), echo_sequence=msg.echo_sequence,
+            echo_delay=msg.echo_delay_us, echo_node=msg.echo_node, heard=bytes([0b1011]),
+        )  # fmt: skip
+        self.assertEqual(signed(body), golden_bytes("heartbeat-slave-v3"))
+        msg, _ = GOLDEN["takeover-v3"]
+        body = reference_body(
+            type_=2, incarnation=msg.incarnation, sequence=msg.sequence, epoch=msg.epoch,
+            node=msg.node_id, slot=msg.slot, subject=msg.subject, flags=int(msg.flags),
+            role=int(msg.role), view=msg.view_digest, heard=bytes([0b0001_0011, 0b1]),
+        )  # fmt: skip
+        self.assertEqual(signed(body), golden_bytes("takeover-v3"))
 
     def test_doc_has_same_vectors(self) -> None:
         doc = parse_doc_vectors(DOC.read_text(encoding="utf-8"))
@@ -319,14 +370,25 @@ class DecodeErrorTests(SynchronousTestCase):
 
     def test_version(self) -> None:
         good = golden_bytes("heartbeat-slave-v2")
-        self.assertReason(good[:2] + b"\x03" + good[3:], "version")
+        self.assertReason(good[:2] + b"\x04" + good[3:], "version")
         self.assertReason(good[:2] + b"\x00" + good[3:], "version")
         # A future version of another size is reported as a version, not a length, problem.
-        self.assertReason(good[:2] + b"\x03" + good[3:] + b"\x00" * 20, "version")
+        self.assertReason(good[:2] + b"\x04" + good[3:] + b"\x00" * 20, "version")
         # Each known version has its own size.
         v1 = golden_bytes("heartbeat-slave")
         self.assertReason(v1[:2] + b"\x02" + v1[3:], "length")
         self.assertReason(good[:2] + b"\x01" + good[3:], "length")
+        # Version 3's size is its fixed part plus the heard length at byte 71.
+        v3 = golden_bytes("heartbeat-slave-v3")
+        self.assertReason(good[:2] + b"\x03" + good[3:], "length")  # heard length 0xd2
+        self.assertReason(v3[:71] + b"\x02" + v3[72:], "length")
+        self.assertReason(v3[:2] + b"\x03" + v3[3:70], "length")  # not even the fixed part
+
+    def test_heard_bitmap_canonical(self) -> None:
+        """A bitmap ending with a zero byte is refused: one encoding per heartbeat."""
+        v3 = golden_bytes("heartbeat-slave-v3")
+        body = v3[:71] + b"\x02" + v3[72:73] + b"\x00"
+        self.assertReason(signed(body), "field")
 
     def test_length(self) -> None:
         v2 = golden_bytes("takeover-v2")
@@ -461,8 +523,12 @@ class EncodeErrorTests(SynchronousTestCase):
         self.bad(version=2, echo_node=self.base.node_id, echo_sequence=1)  # itself
         self.bad(version=2, echo_sequence=1)  # no echo node
         self.bad(version=1, echo_node=2, echo_sequence=1)  # version 1 has no echo
-        self.bad(version=3)
+        self.bad(version=4)
         self.bad(version=0)
+        self.bad(version=2, heard=1)  # only version 3 carries a bitmap
+        self.bad(version=3, heard=-1)
+        self.bad(version=3, heard=1 << 2040)  # beyond 255 bytes
+        codec().encode(dataclasses.replace(self.base, version=3, heard=(1 << 2040) - 1))
 
     def test_plain_ints_accepted(self) -> None:
         """Plain ints in enum-typed fields encode like the enum members."""
@@ -558,12 +624,15 @@ class PropertyTests(SynchronousTestCase):
         self.assertRaises(HeartbeatError, codec().decode, data)
 
     @settings(max_examples=200, deadline=None)
-    @given(st.sampled_from(MessageType), st.sampled_from((1, 2)), st.data())
+    @given(st.sampled_from(MessageType), st.sampled_from((1, 2, 3)), st.data())
     def test_arbitrary_bytes_valid_prefix(self, msg_type: MessageType, version: int,
                                           data: st.DataObject) -> None:
         """Bytes that pass every cheap check still fail, on the tag."""
-        size = SIZE if version == 2 else SIZE_V1
+        size = {3: SIZE, 2: SIZE_V2, 1: SIZE_V1}[version]
         rest = data.draw(st.binary(min_size=size - 8, max_size=size - 8))
+        if version == 3:  # a heard length that matches what follows
+            heard = data.draw(st.binary(max_size=20))
+            rest = rest[:BODY_SIZE - 9] + bytes([len(heard)]) + heard + rest[BODY_SIZE - 8:]
         prefix = b"FH" + bytes([version, msg_type]) + CLUSTER.to_bytes(4, "big")
         err = self.assertRaises(HeartbeatError, codec().decode, prefix + rest)
         self.assertEqual(err.reason, "tag")
@@ -575,7 +644,9 @@ class PropertyTests(SynchronousTestCase):
         pos %= len(data)
         data[pos] ^= xor
         err = self.assertRaises(HeartbeatError, codec().decode, bytes(data))
-        if pos >= 8:
+        if pos == BODY_SIZE - 1 and msg.version == 3:
+            self.assertEqual(err.reason, "length")  # the heard length
+        elif pos >= 8:
             self.assertEqual(err.reason, "tag")
         else:
             # a version byte turned into the other known version gives the wrong length
@@ -591,13 +662,16 @@ class PropertyTests(SynchronousTestCase):
         self.assertEqual(err.reason, "length")
 
     @settings(max_examples=200, deadline=None)
-    @given(st.sampled_from(MessageType), st.sampled_from((1, 2)), st.data())
+    @given(st.sampled_from(MessageType), st.sampled_from((1, 2, 3)), st.data())
     def test_signed_arbitrary_body(self, msg_type: MessageType, version: int,
                                    draw: st.DataObject) -> None:
         """A correctly tagged body with arbitrary fields is either refused as "field" or
         decodes to a message that encodes back to exactly the same bytes (one encoding)."""
-        size = (BODY_SIZE if version == 2 else BODY_SIZE_V1) - 8
+        size = {3: BODY_SIZE - 1, 2: BODY_SIZE_V2, 1: BODY_SIZE_V1}[version] - 8
         rest = draw.draw(st.binary(min_size=size, max_size=size))
+        if version == 3:
+            heard = draw.draw(st.binary(max_size=20))
+            rest += bytes([len(heard)]) + heard
         body = b"FH" + bytes([version, msg_type]) + CLUSTER.to_bytes(4, "big") + rest
         data = signed(body)
         try:

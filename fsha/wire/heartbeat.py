@@ -6,12 +6,12 @@ things first (length, magic, version, message type, cluster id), then the HMAC-S
 in constant time, and only then builds a :class:`Heartbeat`. It raises nothing but
 :class:`HeartbeatError`, whose ``reason`` is a short stable token meant for a drop counter.
 
-Layout (version 2, big-endian, 103 bytes; ``docs/protocol/heartbeat.rst`` has the full
-specification and the golden vectors)::
+Layout (version 3, big-endian, 104 bytes + the heard bitmap; ``docs/protocol/heartbeat.rst``
+has the full specification and the golden vectors)::
 
     off size type  field
       0    2 bytes magic b"FH"
-      2    1 u8    version (1)
+      2    1 u8    version (3)
       3    1 u8    message type  (MessageType)
       4    4 u32   cluster id    (cluster_id_for(cluster name))
       8    8 u64   incarnation
@@ -27,12 +27,17 @@ specification and the golden vectors)::
      57    8 u64   echo sequence (the latest sequence heard from the echo node here)
      65    4 u32   echo delay    (microseconds between hearing it and sending this)
      69    2 u16   echo node     (NO_NODE = no echo)
-     71   32 bytes HMAC-SHA256(secret, bytes 0..70)
+     71    1 u8    heard length  (L, bytes of the bitmap that follows, 0..255)
+     72    L bytes heard bitmap  (bit i % 8 of byte i // 8: the sender hears node i)
+   72+L   32 bytes HMAC-SHA256(secret, bytes 0..71+L)
 
-Version 1 (89 bytes) is the same without the three echo fields (the tag over bytes 0..56
-at offset 57). It is still decoded, and encoded on request (``version=1``), so nodes of
-both versions keep hearing each other during a rolling upgrade. The echo fields give the
-sender of the echoed heartbeat a round-trip time per network, as RTCP's LSR/DLSR do.
+Version 2 (103 bytes) is version 3 without the heard length and bitmap (the tag over bytes
+0..70 at offset 71); version 1 (89 bytes) is version 2 without the three echo fields (the
+tag over bytes 0..56 at offset 57). Both are still decoded, and encoded on request
+(``version=1`` or ``2``), so nodes of every version keep hearing each other during a
+rolling upgrade. The echo fields give the sender of the echoed heartbeat a round-trip time
+per network, as RTCP's LSR/DLSR do; the heard bitmap lets the receivers decide a node's
+death by a quorum of ears rather than one (``fsha.quorum``).
 
 The first 57 bytes are ordered (compared with the order of the design notes) so that every
 integer is naturally aligned without any padding byte, and the four fields the decoder
@@ -46,6 +51,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from hmac import compare_digest
 from typing import Final, NoReturn
@@ -53,9 +59,11 @@ from typing import Final, NoReturn
 __all__ = [
     "BODY_SIZE",
     "BODY_SIZE_V1",
+    "BODY_SIZE_V2",
     "DIGEST_SIZE",
     "MAGIC",
     "MAX_ECHO_DELAY_US",
+    "MAX_HEARD_BYTES",
     "MIN_SECRET_SIZE",
     "NO_NODE",
     "NO_SLOT",
@@ -63,9 +71,11 @@ __all__ = [
     "REASONS",
     "SIZE",
     "SIZE_V1",
+    "SIZE_V2",
     "TAG_SIZE",
     "VERSION",
     "VERSIONS",
+    "EchoEncoder",
     "Flags",
     "Heartbeat",
     "HeartbeatCodec",
@@ -76,9 +86,9 @@ __all__ = [
 ]
 
 MAGIC: Final = b"FH"
-VERSION: Final = 2
+VERSION: Final = 3
 #: The versions this codec decodes (and encodes).
-VERSIONS: Final = (1, 2)
+VERSIONS: Final = (1, 2, 3)
 NO_SLOT: Final = 0xFFFF
 NO_NODE: Final = 0xFFFF
 DIGEST_SIZE: Final = 8
@@ -87,14 +97,22 @@ TAG_SIZE: Final = 32
 MIN_SECRET_SIZE: Final = 16
 
 _BODY_V1: Final = struct.Struct(">2sBBIQQQHHHHB8s8s")
-_BODY: Final = struct.Struct(">2sBBIQQQHHHHB8s8sQIH")
-#: Bytes covered by the tag (version 2, and version 1).
+_BODY_V2: Final = struct.Struct(">2sBBIQQQHHHHB8s8sQIH")
+_BODY: Final = struct.Struct(">2sBBIQQQHHHHB8s8sQIHB")  # + the heard bitmap
+#: The fixed part of version 3's body, before the bitmap (57 bytes, then the echo).
+_HEAD: Final = struct.Struct(">2sBBIQQQHHHHB8s8s")
+_ECHO: Final = struct.Struct(">QIH")
+#: Bytes covered by the tag (version 3 with an empty bitmap; versions 2 and 1).
 BODY_SIZE: Final = _BODY.size
+BODY_SIZE_V2: Final = _BODY_V2.size
 BODY_SIZE_V1: Final = _BODY_V1.size
-#: Size of a datagram (version 2, and version 1).
+#: Size of a datagram (version 3 with an empty bitmap: add its length; versions 2, 1).
 SIZE: Final = BODY_SIZE + TAG_SIZE
+SIZE_V2: Final = BODY_SIZE_V2 + TAG_SIZE
 SIZE_V1: Final = BODY_SIZE_V1 + TAG_SIZE
-_SIZES: Final = {1: SIZE_V1, 2: SIZE}
+#: The longest heard bitmap: node ids 0..2039 (fsha.config.MAX_NODES).
+MAX_HEARD_BYTES: Final = 0xFF
+_SIZES: Final = {1: SIZE_V1, 2: SIZE_V2}
 #: Magic, version, type and cluster id: what decode checks before the tag.
 PREFIX_SIZE: Final = 8
 
@@ -173,6 +191,13 @@ class Heartbeat:
     echo_sequence: int = 0
     echo_delay_us: int = 0
     version: int = VERSION
+    # Version 3: the node ids this sender hears (bit i = node i), see fsha.quorum. 0 in
+    # versions 1 and 2, which do not say (check ``version``).
+    heard: int = 0
+
+
+#: (echo node, echo sequence, echo delay) -> datagram: see :meth:`HeartbeatCodec.prepare`.
+EchoEncoder = Callable[[int, int, int], bytes]
 
 
 def cluster_id_for(name: str) -> int:
@@ -220,7 +245,8 @@ class HeartbeatCodec:
     saves two compression rounds and the stdlib ``hmac`` wrapper on the hot path.
     """
 
-    __slots__ = ("_cluster_id", "_inner", "_outer", "_prefixes", "_prefixes_v1")
+    __slots__ = ("_cluster_id", "_inner", "_outer", "_prefixes", "_prefixes_v1",
+                 "_prefixes_v2")
 
     def __init__(self, secret: bytes, cluster_id: int) -> None:
         if not isinstance(secret, bytes | bytearray):
@@ -244,6 +270,7 @@ class HeartbeatCodec:
         cid = cluster_id.to_bytes(4, "big")
         self._prefixes = frozenset(MAGIC + bytes((VERSION, t)) + cid for t in _TYPES)
         self._prefixes_v1 = frozenset(MAGIC + bytes((1, t)) + cid for t in _TYPES)
+        self._prefixes_v2 = frozenset(MAGIC + bytes((2, t)) + cid for t in _TYPES)
 
     @property
     def cluster_id(self) -> int:
@@ -258,6 +285,13 @@ class HeartbeatCodec:
 
     def encode(self, msg: Heartbeat) -> bytes:
         """The datagram for ``msg``; raises ValueError if a field is out of range."""
+        return self.prepare(msg)(msg.echo_node, msg.echo_sequence, msg.echo_delay_us)
+
+    def prepare(self, msg: Heartbeat) -> EchoEncoder:
+        """Validate ``msg`` once (ValueError if a field is out of range) and return a
+        function of (echo node, echo sequence, echo delay) giving its datagram with that
+        echo (``msg``'s own echo fields are ignored): one copy per destination at the cost
+        of a pack and a tag (the copies of one heartbeat differ only in their echo)."""
         msg_type = _TYPES.get(msg.type)
         if msg_type is None:
             raise ValueError(f"type {msg.type!r} is not a MessageType")
@@ -278,9 +312,6 @@ class HeartbeatCodec:
             ("slot", msg.slot, _U16),
             ("epoch", msg.epoch, _U64),
             ("subject", msg.subject, _U16),
-            ("echo node", msg.echo_node, _U16),
-            ("echo sequence", msg.echo_sequence, _U64),
-            ("echo delay", msg.echo_delay_us, _U32),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
                 raise ValueError(f"{name} {value!r} is out of range 0..{top}")
@@ -290,28 +321,57 @@ class HeartbeatCodec:
         ):
             if not isinstance(digest, bytes) or len(digest) != DIGEST_SIZE:
                 raise ValueError(f"{name} must be {DIGEST_SIZE} bytes, got {digest!r}")
-        problem = _check_relations(msg_type, msg.node_id, msg.slot, msg.subject,
-                                   msg.echo_node, msg.echo_sequence, msg.echo_delay_us)
+        problem = _check_relations(msg_type, msg.node_id, msg.slot, msg.subject)
         if problem is not None:
             raise ValueError(problem)
-        if msg.version == VERSION:
-            body = _BODY.pack(
-                MAGIC, VERSION, msg_type, self._cluster_id, msg.incarnation, msg.sequence,
-                msg.epoch, msg.node_id, msg.slot, msg.subject, int(flags), role,
-                msg.config_digest, msg.view_digest,
-                msg.echo_sequence, msg.echo_delay_us, msg.echo_node,
-            )
-        elif msg.version == 1:
-            if msg.echo_node != NO_NODE:
+        version = msg.version
+        if version not in VERSIONS:
+            raise ValueError(f"version {version!r} is not one of {VERSIONS}")
+        heard = msg.heard
+        if not isinstance(heard, int) or isinstance(heard, bool) or heard < 0:
+            raise ValueError(f"heard {heard!r} is not a bit set of node ids")
+        tail = b""
+        if version == 3:
+            size = (heard.bit_length() + 7) // 8
+            if size > MAX_HEARD_BYTES:
+                raise ValueError(f"heard names node {heard.bit_length() - 1}, beyond the "
+                                 f"{MAX_HEARD_BYTES * 8} a heartbeat can carry")
+            tail = bytes((size,)) + heard.to_bytes(size, "little")
+        elif heard:
+            raise ValueError(f"a version {version} heartbeat has no heard bitmap")
+        head = _HEAD.pack(
+            MAGIC, version, msg_type, self._cluster_id, msg.incarnation, msg.sequence,
+            msg.epoch, msg.node_id, msg.slot, msg.subject, int(flags), role,
+            msg.config_digest, msg.view_digest,
+        )
+        node_id = msg.node_id
+        tag = self._tag
+        pack_echo = _ECHO.pack
+
+        def with_echo(echo_node: int, echo_sequence: int, echo_delay_us: int) -> bytes:
+            # Once per destination: ranges are left to struct.pack (a ValueError below).
+            if echo_node.__class__ is not int or echo_sequence.__class__ is not int \
+                    or echo_delay_us.__class__ is not int:
+                raise ValueError("the echo fields must be ints")
+            if echo_node == NO_NODE:
+                if echo_sequence or echo_delay_us:
+                    raise ValueError("an echo sequence or delay without an echo node")
+                if version == 1:
+                    body = head
+                    return body + tag(body)
+            elif echo_node == node_id:
+                raise ValueError("a node echoes its own heartbeat")
+            elif version == 1:
                 raise ValueError("a version 1 heartbeat has no echo")
-            body = _BODY_V1.pack(
-                MAGIC, 1, msg_type, self._cluster_id, msg.incarnation, msg.sequence,
-                msg.epoch, msg.node_id, msg.slot, msg.subject, int(flags), role,
-                msg.config_digest, msg.view_digest,
-            )
-        else:
-            raise ValueError(f"version {msg.version!r} is not one of {VERSIONS}")
-        return body + self._tag(body)
+            try:
+                echo = pack_echo(echo_sequence, echo_delay_us, echo_node)
+            except struct.error:
+                raise ValueError(f"echo out of range: node {echo_node}, sequence "
+                                 f"{echo_sequence}, delay {echo_delay_us}") from None
+            body = head + echo + tail
+            return body + tag(body)
+
+        return with_echo
 
     def decode(self, data: bytes) -> Heartbeat:
         """The heartbeat in ``data``; raises only HeartbeatError."""
@@ -319,16 +379,32 @@ class HeartbeatCodec:
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise HeartbeatError("short", f"not a byte string: {type(data).__name__}")
             data = bytes(data)
-        if len(data) == SIZE and data[:PREFIX_SIZE] in self._prefixes:
-            body = data[:BODY_SIZE]
-            if not compare_digest(self._tag(body), data[BODY_SIZE:]):
+        size = len(data)
+        heard = 0
+        if size >= SIZE and data[:PREFIX_SIZE] in self._prefixes \
+                and size == SIZE + data[BODY_SIZE - 1]:
+            body = data[:-TAG_SIZE]
+            if not compare_digest(self._tag(body), data[-TAG_SIZE:]):
+                raise HeartbeatError("tag", "the HMAC tag does not match")
+            (
+                _magic, version, msg_type, cluster_id, incarnation, sequence, epoch, node_id,
+                slot, subject, flag_bits, role_value, config_digest, view_digest,
+                echo_sequence, echo_delay, echo_node, heard_size,
+            ) = _BODY.unpack_from(body)
+            if heard_size:
+                if body[-1] == 0:
+                    raise HeartbeatError("field", "the heard bitmap ends with a zero byte")
+                heard = int.from_bytes(body[BODY_SIZE:], "little")
+        elif size == SIZE_V2 and data[:PREFIX_SIZE] in self._prefixes_v2:
+            body = data[:BODY_SIZE_V2]
+            if not compare_digest(self._tag(body), data[BODY_SIZE_V2:]):
                 raise HeartbeatError("tag", "the HMAC tag does not match")
             (
                 _magic, version, msg_type, cluster_id, incarnation, sequence, epoch, node_id,
                 slot, subject, flag_bits, role_value, config_digest, view_digest,
                 echo_sequence, echo_delay, echo_node,
-            ) = _BODY.unpack(body)
-        elif len(data) == SIZE_V1 and data[:PREFIX_SIZE] in self._prefixes_v1:
+            ) = _BODY_V2.unpack(body)
+        elif size == SIZE_V1 and data[:PREFIX_SIZE] in self._prefixes_v1:
             body = data[:BODY_SIZE_V1]
             if not compare_digest(self._tag(body), data[BODY_SIZE_V1:]):
                 raise HeartbeatError("tag", "the HMAC tag does not match")
@@ -366,6 +442,7 @@ class HeartbeatCodec:
             echo_sequence,
             echo_delay,
             version,
+            heard,
         )
 
     def _raise_prefix_error(self, data: bytes) -> NoReturn:
@@ -374,9 +451,15 @@ class HeartbeatCodec:
             raise HeartbeatError("short", f"{len(data)} bytes, a heartbeat has {SIZE}")
         if data[:2] != MAGIC:
             raise HeartbeatError("magic", f"magic {data[:2].hex()}, expected {MAGIC.hex()}")
-        size = _SIZES.get(data[2])
-        if size is None:
+        if data[2] not in VERSIONS:
             raise HeartbeatError("version", f"version {data[2]}, only {VERSIONS} are known")
+        if data[2] == VERSION:
+            if len(data) < SIZE:
+                raise HeartbeatError("length", f"{len(data)} bytes, a version {VERSION} "
+                                     f"heartbeat has at least {SIZE}")
+            size = SIZE + data[BODY_SIZE - 1]
+        else:
+            size = _SIZES[data[2]]
         if len(data) != size:
             raise HeartbeatError(
                 "length", f"{len(data)} bytes, a version {data[2]} heartbeat has {size}")
