@@ -66,6 +66,7 @@ def default_lease(heartbeat_interval: float, dead_after: float) -> float:
 class Lease:
     epoch: int
     deadline: float  # monotonic seconds
+    renewed: float  # when the last renewal arrived (monotonic seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +100,7 @@ class GuardCore:
             return False
         self.dropped.pop(slot, None)
         self.retries.pop(slot, None)  # a new claim: its profiles are fsha's again
-        self.leases[slot] = Lease(epoch, min(deadline, now + self.max_lease))
+        self.leases[slot] = Lease(epoch, min(deadline, now + self.max_lease), now)
         return True
 
     def free(self, slot: int) -> None:
@@ -119,8 +120,9 @@ class GuardCore:
                 del self.leases[slot]
                 self.dropped[slot] = lease.epoch
                 reason = ("fsha is gone (its end of the pipe closed)" if self.closed
-                          else f"lease expired {(now - lease.deadline) * 1000:.0f} ms ago "
-                               "(fsha renewed nothing: paused, hung or dead)")
+                          else f"lease expired {(now - lease.deadline) * 1000:.0f} ms ago, "
+                               f"last renewal {(now - lease.renewed) * 1000:.0f} ms ago "
+                               "(fsha paused, hung or dead)")
                 drops.append(Drop(slot, lease.epoch, reason))
         for slot, (at, epoch, attempt) in sorted(self.retries.items()):
             if at <= now:
