@@ -55,6 +55,7 @@ __all__ = [
     "GuardSettings",
     "LocalEffects",
     "SlotSettings",
+    "SwitchNotRunning",
 ]
 
 COMMAND_NOT_HELD = 3  # the command backend's "cleanup: was not held here"
@@ -166,6 +167,10 @@ class ESLUnavailable(Exception):
     """FreeSWITCH could not be reached or refused us (connect, auth, timeout, framing)."""
 
 
+class SwitchNotRunning(ESLUnavailable):
+    """Nothing listens on the Event Socket: FreeSWITCH is down, so it serves nothing."""
+
+
 class BlockingESL:
     """One short inbound Event Socket session: auth, then ``api`` commands in turn."""
 
@@ -176,6 +181,8 @@ class BlockingESL:
         self._frames: list[Any] = []
         try:
             self._sock = connect((host, port), timeout=timeout)
+        except ConnectionRefusedError as e:
+            raise SwitchNotRunning(f"FreeSWITCH not running ({host}:{port}: {e})") from None
         except OSError as e:
             raise ESLUnavailable(f"cannot connect to {host}:{port}: {e}") from None
         try:
@@ -355,6 +362,8 @@ class LocalEffects:
                         report["failed"][profile] = str(e)
                 if waits:
                     report["retry_in"] = max(waits) + 0.5
+        except SwitchNotRunning as e:
+            report["freeswitch"] = str(e)  # serves nothing: nothing to do
         except ESLUnavailable as e:
             report["esl"] = str(e)
         report["ms"] = _ms(start)
@@ -410,3 +419,46 @@ def report_problems(report: dict[str, Any]) -> list[str]:
         problems.append(f"FreeSWITCH: {profiles['esl']}")
     problems += [f"profile {p}: {why}" for p, why in profiles.get("failed", {}).items()]
     return problems
+
+
+def reconcile_main(argv: list[str]) -> int:
+    """``fsha reconcile``: what a starting node does before it joins, for a stopped one
+    (systemd's ``ExecStopPost``): remove every slot address held here, stop every slot
+    profile running in the local FreeSWITCH (hanging up their calls). Never run it while
+    this node's fsha runs: it would drop a slot the node masters."""
+    import argparse
+    import sys
+
+    from fsha.config import ConfigError, choose_node, load_config
+    from fsha.guard import default_lease
+
+    parser = argparse.ArgumentParser(
+        prog="fsha reconcile", description=reconcile_main.__doc__.split("\n\n")[0]
+        if reconcile_main.__doc__ else None)
+    parser.add_argument("--config", "-c", default="/etc/fsha/cluster.toml",
+                        help="the cluster config file (TOML)")
+    parser.add_argument("--node", "-n", help="this node's name (default: the node whose "
+                                             "addresses are local)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        me = choose_node(config, args.node)
+    except ConfigError as e:
+        print(f"fsha reconcile: {e.problems[0]}", file=sys.stderr)
+        return 2
+    settings = GuardSettings.from_config(config, me, default_lease(config.heartbeat_interval,
+                                                                   config.dead_after))
+    report = LocalEffects(settings).reconcile()
+    problems = report_problems(report)
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+    else:
+        profiles = report["profiles"]
+        print(f"fsha reconcile ({me.name}): addresses removed: "
+              f"{', '.join(report['ips']['removed']) or 'none'}; profiles stopped: "
+              f"{', '.join(profiles['stopped'] + profiles['too_young']) or 'none'} "
+              f"({profiles['calls'] + profiles['calls_killed']} call(s) hung up)")
+    for line in problems:
+        print(f"fsha reconcile: {line}", file=sys.stderr)
+    return 1 if problems else 0

@@ -615,3 +615,28 @@ class ConfigTests(SynchronousTestCase):
 
     def test_the_guard_is_not_part_of_the_config_digest(self) -> None:
         self.assertEqual(self.parse().digest, self.parse({"enabled": False}).digest)
+
+
+class ReconcileCommandTests(SynchronousTestCase):
+    def test_a_stopped_freeswitch_serves_nothing_and_is_no_problem(self) -> None:
+        from contextlib import redirect_stdout
+
+        from fsha.localdrop import reconcile_main
+        from tests.fakecluster import DEMO
+        out = io.StringIO()
+        with redirect_stdout(out):
+            code = reconcile_main(["--config", str(DEMO), "--node", "fs1", "--json"])
+        report = json.loads(out.getvalue())
+        self.assertEqual(code, 0, report)
+        self.assertIn("not running", report["profiles"]["freeswitch"])
+        self.assertEqual(report["ips"]["removed"], [])
+
+    def test_a_bad_config_exits_2(self) -> None:
+        from contextlib import redirect_stderr
+
+        from fsha.localdrop import reconcile_main
+        err = io.StringIO()
+        with redirect_stderr(err):
+            code = reconcile_main(["--config", "/nonexistent/cluster.toml"])
+        self.assertEqual(code, 2)
+        self.assertIn("fsha reconcile:", err.getvalue())
