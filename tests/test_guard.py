@@ -76,6 +76,15 @@ class CodecTests(SynchronousTestCase):
         self.assertEqual(decode(b"DROPPED 0 3 {\"reason\":\"lease\"}\n"),
                          Dropped(0, 3, {"reason": "lease"}))
 
+    def test_the_golden_lines_of_the_protocol_page(self) -> None:
+        from pathlib import Path
+        page = Path(__file__).resolve().parent.parent / "docs" / "protocol" / "guard.rst"
+        golden = [line.strip().removesuffix("\\n").encode() + b"\n"
+                  for line in page.read_text().split("Golden lines")[1].splitlines()[2:]
+                  if line.strip()]
+        self.assertEqual(golden, [encode(Hold(0, 3, 5_000_000_000)), encode(Free(2)),
+                                  encode(Dropped(0, 3, {"reason": "lease"}))])
+
     def test_bad_lines_are_refused_with_the_codec_error(self) -> None:
         for line in (b"", b"HOLD 1 2", b"HOLD -1 2 3", b"HOLD a b c", b"FREE", b"NOPE 1",
                      b"HELLO [1]", b"HELLO {", b"DROPPED 1 2", b"\xff", b"READY 1 2"):
