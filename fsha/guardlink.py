@@ -49,6 +49,7 @@ from fsha.wire.heartbeat import NO_SLOT, Role
 MAX_DEATHS = 5
 DEATH_WINDOW = 60.0
 RESTART_MIN, RESTART_MAX = 0.1, 5.0
+MAX_PENDING = 1 << 20  # bytes for the guard that its pipe would not take yet
 STOP_WAIT = 5.0  # the longest fsha waits for its guard to leave at stop
 HOLDING = (Role.CLAIMING, Role.MASTER, Role.RELEASING)
 
@@ -88,6 +89,35 @@ class _GuardProtocol(protocol.ProcessProtocol):
         return d
 
 
+class _GuardStdin:
+    """The spawned guard with its stdin written directly (see ``_spawn_process``)."""
+
+    def __init__(self, process: Any, fd: int) -> None:
+        self.process = process
+        self.pid = process.pid
+        self.fd: int | None = fd
+        self.pending = b""
+
+    def write(self, data: bytes) -> None:
+        if self.fd is None:
+            return
+        # What a full pipe did not take goes first next time (a large HELLO; a guard that
+        # reads nothing for long is stuck, and its death is noticed by processEnded).
+        self.pending += data
+        try:
+            while self.pending:
+                n = os.write(self.fd, self.pending[:65536])
+                self.pending = self.pending[n:]
+        except BlockingIOError:
+            if len(self.pending) > MAX_PENDING:
+                raise RuntimeError("the guard reads nothing: its pipe is full") from None
+
+    def closeStdin(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
+
 class GuardLink(service.Service):
     """See the module docstring. ``node``: a :class:`fsha.node.ClusterNode`."""
 
@@ -125,8 +155,21 @@ class GuardLink(service.Service):
     # -- the process ------------------------------------------------------------------------
 
     def _spawn_process(self, proto: protocol.ProcessProtocol, argv: Sequence[str]) -> Any:
-        return self.reactor.spawnProcess(proto, argv[0], list(argv), env=dict(os.environ),
-                                         childFDs={0: "w", 1: "r", 2: 2})
+        # The guard's stdin is a pipe of our own, written with os.write at once: a renewal
+        # must not wait in a transport's buffer for the next reactor iteration (a busy one
+        # would eat into the lease it carries).
+        read, write = os.pipe()
+        try:
+            process = self.reactor.spawnProcess(proto, argv[0], list(argv),
+                                                env=dict(os.environ),
+                                                childFDs={0: read, 1: "r", 2: 2})
+        except BaseException:
+            os.close(write)
+            raise
+        finally:
+            os.close(read)
+        os.set_blocking(write, False)
+        return _GuardStdin(process, write)
 
     def startService(self) -> None:
         super().startService()
@@ -204,6 +247,11 @@ class GuardLink(service.Service):
     def _ended(self, proto: _GuardProtocol, reason: Failure) -> None:
         if proto is not self._proto:
             return
+        if self._process is not None:
+            try:
+                self._process.closeStdin()
+            except Exception:
+                self.log.failure("closing the pipe to an exited guard failed")
         self._proto = self._process = None
         for d in list(self._reconciles.values()):
             d.errback(RuntimeError("the guard exited"))
