@@ -649,3 +649,27 @@ class ReconcileCommandTests(SynchronousTestCase):
             code = reconcile_main(["--config", "/nonexistent/cluster.toml"])
         self.assertEqual(code, 2)
         self.assertIn("fsha reconcile:", err.getvalue())
+
+
+class StatusTests(SynchronousTestCase):
+    def status(self, guard: dict[str, Any]) -> dict[str, Any]:
+        cluster = FakeCluster(make_config(nodes=3, slots=2))
+        cluster.start_all()
+        cluster.advance(cluster.config.discovery + 0.5)
+        status = cluster.nodes["fs1"].status()
+        status["guard"] = guard
+        return status
+
+    def test_the_guard_line_and_its_problems(self) -> None:
+        from fsha.status import problems, render
+        ready = {"enabled": True, "state": "ready", "pid": 42, "lease_ms": 80.0,
+                 "restarts": 0, "holding": {"slot": "slot1", "epoch": 2},
+                 "last_drop": {"slot": "slot1", "epoch": 1, "time": 1_000_000.0,
+                               "reason": "fsha is gone"}}
+        status = self.status(ready)
+        self.assertEqual(problems(status), [])
+        text = render(status)
+        self.assertIn("guard: ready (pid 42, lease 80 ms), holding slot1/2; last drop "
+                      "slot1/1 at ", text)
+        self.assertIn("given up", problems(self.status({**ready, "state": "failed"}))[0])
+        self.assertIn("disabled", problems(self.status({"enabled": False}))[0])
