@@ -64,7 +64,7 @@ def default_lease(heartbeat_interval: float, dead_after: float) -> float:
 
 @dataclass(slots=True)
 class Lease:
-    epoch: int
+    number: int  # fsha's lease number: one per claim
     deadline: float  # monotonic seconds
     renewed: float  # when the last renewal arrived (monotonic seconds)
 
@@ -74,7 +74,7 @@ class Drop:
     """Give ``slot`` up now (``reason`` in words); ``retry``: only its profiles again."""
 
     slot: int
-    epoch: int
+    lease: int
     reason: str
     retry: bool = False
     attempt: int = 0
@@ -86,21 +86,22 @@ class GuardCore:
     def __init__(self, max_lease: float) -> None:
         self.max_lease = max_lease
         self.leases: dict[int, Lease] = {}
-        self.dropped: dict[int, int] = {}  # slot -> epoch the guard dropped
-        self.retries: dict[int, tuple[float, int, int]] = {}  # slot -> (at, epoch, attempt)
+        self.dropped: dict[int, int] = {}  # slot -> lease number the guard dropped
+        self.retries: dict[int, tuple[float, int, int]] = {}  # slot -> (at, lease, attempt)
         self.closed = False  # fsha's end of the pipe is gone
         self.closed_at: float | None = None
 
-    def hold(self, slot: int, epoch: int, deadline: float, now: float) -> bool:
-        """fsha renews (or takes) ``slot``; False: that epoch was already dropped here (fsha
-        must be told again, and the lease is not taken: the guard never brings a slot back)."""
+    def hold(self, slot: int, lease: int, deadline: float, now: float) -> bool:
+        """fsha renews (or takes, with a new number) the lease of ``slot``; False: that lease
+        was already dropped here (fsha must be told again, and it is not taken back: the
+        guard never brings a slot back; a new claim comes with a new lease number)."""
         if self.closed:
             return False
-        if self.dropped.get(slot) == epoch:
+        if self.dropped.get(slot) == lease:
             return False
         self.dropped.pop(slot, None)
         self.retries.pop(slot, None)  # a new claim: its profiles are fsha's again
-        self.leases[slot] = Lease(epoch, min(deadline, now + self.max_lease), now)
+        self.leases[slot] = Lease(lease, min(deadline, now + self.max_lease), now)
         return True
 
     def free(self, slot: int) -> None:
@@ -118,16 +119,16 @@ class GuardCore:
         for slot, lease in sorted(self.leases.items()):
             if self.closed or lease.deadline <= now:
                 del self.leases[slot]
-                self.dropped[slot] = lease.epoch
+                self.dropped[slot] = lease.number
                 reason = ("fsha is gone (its end of the pipe closed)" if self.closed
                           else f"lease expired {(now - lease.deadline) * 1000:.0f} ms ago, "
                                f"last renewal {(now - lease.renewed) * 1000:.0f} ms ago "
                                "(fsha paused, hung or dead)")
-                drops.append(Drop(slot, lease.epoch, reason))
-        for slot, (at, epoch, attempt) in sorted(self.retries.items()):
+                drops.append(Drop(slot, lease.number, reason))
+        for slot, (at, number, attempt) in sorted(self.retries.items()):
             if at <= now:
                 del self.retries[slot]
-                drops.append(Drop(slot, epoch, "profile stop retried", True, attempt))
+                drops.append(Drop(slot, number, "profile stop retried", True, attempt))
         return drops
 
     def retry_later(self, drop: Drop, wait: float, now: float) -> bool:
@@ -135,7 +136,7 @@ class GuardCore:
         attempt = drop.attempt + 1
         if attempt > STOP_RETRIES or drop.slot in self.leases:
             return False
-        self.retries[drop.slot] = (now + wait, drop.epoch, attempt)
+        self.retries[drop.slot] = (now + wait, drop.lease, attempt)
         return True
 
     def next_wakeup(self) -> float | None:
@@ -149,7 +150,7 @@ class GuardCore:
         return self.closed and not self.leases and not self.retries
 
     def status(self, now: float) -> dict[str, Any]:
-        return {"leases": {str(s): {"epoch": lease.epoch,
+        return {"leases": {str(s): {"lease": lease.number,
                                     "remaining_ms": round((lease.deadline - now) * 1000, 1)}
                            for s, lease in self.leases.items()},
                 "dropped": {str(s): e for s, e in self.dropped.items()}}
@@ -252,11 +253,11 @@ class GuardProcess:
                 self.settings.slot(message.slot)
             except KeyError:
                 raise GuardProtocolError(f"HOLD of unknown slot {message.slot}") from None
-            taken = self.core.hold(message.slot, message.epoch,
+            taken = self.core.hold(message.slot, message.lease,
                                    _monotonic_ns_to_s(message.deadline_ns), now)
             if not taken and not self.core.closed:
                 # fsha renewed a lease the guard already acted on (it was paused): tell again
-                self.send(Dropped(message.slot, message.epoch,
+                self.send(Dropped(message.slot, message.lease,
                                   {"reason": "already dropped by the guard", "repeat": True}))
         elif isinstance(message, Free):
             self.core.free(message.slot)
@@ -280,8 +281,8 @@ class GuardProcess:
             report: dict[str, Any] = {"slot": slot.name,
                                       "profiles": self.effects.stop_profiles(slot.profiles)}
         else:
-            log.warn("guard of {node}: dropping slot {slot} (epoch {epoch}): {reason}",
-                     node=self.settings.node, slot=slot.name, epoch=drop.epoch,
+            log.warn("guard of {node}: dropping slot {slot} (lease {lease}): {reason}",
+                     node=self.settings.node, slot=slot.name, lease=drop.lease,
                      reason=drop.reason)
             report = self.effects.drop_slot(slot)
         report["reason"] = drop.reason
@@ -303,7 +304,7 @@ class GuardProcess:
                         f"retried in {retry_in:g} s") if retry_in is not None else "",
                  problems=("; problems: " + "; ".join(problems)) if problems else "")
         if not drop.retry:
-            self.send(Dropped(drop.slot, drop.epoch, report))
+            self.send(Dropped(drop.slot, drop.lease, report))
 
 
 def _ignore_stop_signals() -> None:

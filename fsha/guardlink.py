@@ -4,7 +4,9 @@
 stdout a pipe to fsha, stderr fsha's own, so the guard's log lines land where fsha's do, also
 after fsha is gone) and sends it the settings (``HELLO``). At every heartbeat tick (a tick
 listener of :class:`fsha.node.ClusterNode`) while the node claims, masters or releases a
-slot, it renews the lease: ``HOLD slot epoch deadline`` with the deadline ``lease`` ahead on
+slot, it renews the lease: ``HOLD slot lease deadline`` (``lease``: a number of its own, new
+for every claim, since a claim that failed is tried again with the same epoch) with the
+deadline ``lease`` ahead on
 ``CLOCK_MONOTONIC`` (shared by every process of the host), and at once when a claim begins;
 ``FREE`` once the node is a slave again. A ``DROPPED`` from the guard makes the node let the
 slot go (:meth:`fsha.node.ClusterNode.resources_lost`).
@@ -147,7 +149,9 @@ class GuardLink(service.Service):
         self._request = 0
         self._restart_call: IDelayedCall | None = None
         self._stopping = False
-        self._held: tuple[int, int] | None = None  # (slot, epoch) the guard was last given
+        # (slot, epoch, lease number) of the claim under lease; a new number for every claim
+        self._held: tuple[int, int, int] | None = None
+        self._lease_numbers = 0
         self.setName("guard")
         node.add_tick_listener(self.tick)
         node.add_role_listener(self.role_changed)
@@ -189,7 +193,6 @@ class GuardLink(service.Service):
             return
         self.pid = getattr(self._process, "pid", None)
         self._write(Hello(self.settings.as_json()))
-        self._held = None
         self.tick()  # a restarted guard takes over the lease at once
 
     def _write(self, message: Any) -> None:
@@ -223,11 +226,14 @@ class GuardLink(service.Service):
 
     def _dropped(self, message: Dropped) -> None:
         report = message.report
-        slot = self.settings.slot(message.slot).name if message.slot < len(
-            self.settings.slots) else str(message.slot)
+        held = self._held
+        if held is None or held[0] != message.slot or held[2] != message.lease:
+            return  # about an earlier claim: this one is another lease
+        slot_id, epoch, _ = held
+        slot = self.settings.slot(slot_id).name
         reason = str(report.get("reason", "lease expired"))
         if not report.get("repeat"):
-            self.last_drop = {"slot": slot, "epoch": message.epoch, "reason": reason,
+            self.last_drop = {"slot": slot, "epoch": epoch, "reason": reason,
                               "time": round(self.reactor.seconds(), 3),
                               "ips_removed": report.get("ips", {}).get("removed", []),
                               "profiles_stopped":
@@ -238,11 +244,9 @@ class GuardLink(service.Service):
                               "problems": report_problems(report)}
             self.node.record_event("guard-dropped", **self.last_drop)
             self.log.warn("the guard dropped slot {slot} (epoch {epoch}): {reason}",
-                          slot=slot, epoch=message.epoch, reason=reason)
-        if self._held == (message.slot, message.epoch):
-            self._held = None
-        self.node.resources_lost(message.slot, message.epoch,
-                                 f"the guard dropped the slot ({reason})")
+                          slot=slot, epoch=epoch, reason=reason)
+        self._held = None
+        self.node.resources_lost(slot_id, epoch, f"the guard dropped the slot ({reason})")
 
     def _ended(self, proto: _GuardProtocol, reason: Failure) -> None:
         if proto is not self._proto:
@@ -300,14 +304,20 @@ class GuardLink(service.Service):
     def tick(self) -> None:
         """Renew the lease if the node holds a slot (each heartbeat tick, and at once)."""
         node = self.node
-        if node.role not in HOLDING or node.slot == NO_SLOT or self._process is None:
+        if node.role not in HOLDING or node.slot == NO_SLOT:
             return
-        self._held = (node.slot, node.epoch)
+        held = self._held
+        if held is None or held[:2] != (node.slot, node.epoch):
+            self._lease_numbers += 1
+            held = self._held = (node.slot, node.epoch, self._lease_numbers)
+        if self._process is None:
+            return
         self.renewals += 1
-        self._write(Hold(node.slot, node.epoch, self.monotonic_ns() + self.lease_ns))
+        self._write(Hold(node.slot, held[2], self.monotonic_ns() + self.lease_ns))
 
     def role_changed(self, old: Role, new: Role, slot: Any) -> None:
         if new is Role.CLAIMING:
+            self._held = None  # a new claim, a new lease (even with the same epoch)
             self.tick()  # before any address goes up
         elif new is Role.SLAVE and slot is not None and old in HOLDING:
             self._held = None
@@ -367,5 +377,6 @@ class GuardLink(service.Service):
                 "lease_ms": round(self.settings.lease * 1000, 3), "restarts": self.restarts,
                 "renewals": self.renewals,
                 "holding": None if held is None else {
-                    "slot": self.settings.slot(held[0]).name, "epoch": held[1]},
+                    "slot": self.settings.slot(held[0]).name, "epoch": held[1],
+                    "lease": held[2]},
                 "last_drop": self.last_drop, "last_reconcile": self.last_reconcile}

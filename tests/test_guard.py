@@ -126,7 +126,7 @@ class CoreTests(SynchronousTestCase):
         core.hold(0, 1, 1.08, 1.0)
         self.assertEqual(core.due(1.079), [])
         drops = core.due(1.08)
-        self.assertEqual([(d.slot, d.epoch, d.retry) for d in drops], [(0, 1, False)])
+        self.assertEqual([(d.slot, d.lease, d.retry) for d in drops], [(0, 1, False)])
         self.assertIn("lease expired", drops[0].reason)
         self.assertEqual(core.due(5.0), [], "dropped once")
         self.assertEqual(core.dropped, {0: 1})
@@ -142,7 +142,7 @@ class CoreTests(SynchronousTestCase):
         core.hold(1, 4, 1.08, 1.0)
         core.close(1.01)
         drops = core.due(1.01)
-        self.assertEqual([(d.slot, d.epoch) for d in drops], [(0, 1), (1, 4)])
+        self.assertEqual([(d.slot, d.lease) for d in drops], [(0, 1), (1, 4)])
         self.assertIn("fsha is gone", drops[0].reason)
         self.assertTrue(core.finished)
 
@@ -407,7 +407,7 @@ class GuardProcessTests(SynchronousTestCase):
                                      Hold(1, 5, time.monotonic_ns() + 10**9), Reconcile(1)])
         self.assertIsInstance(said[0], Ready)
         self.assertIsInstance(said[1], Reconciled)
-        self.assertEqual([(m.slot, m.epoch) for m in said if isinstance(m, Dropped)], [(1, 5)])
+        self.assertEqual([(m.slot, m.lease) for m in said if isinstance(m, Dropped)], [(1, 5)])
         self.assertEqual(made[0].drops, ["slot2"])
 
     def test_a_freed_slot_is_not_dropped(self) -> None:
@@ -477,17 +477,18 @@ class LinkTests(SynchronousTestCase):
         holds = self.said(Hold)
         ticks = int(1.0 / self.cluster.config.heartbeat_interval)
         self.assertGreaterEqual(len(holds), ticks - 2)
-        self.assertTrue(all(h.slot == self.node.slot and h.epoch == self.node.epoch
+        self.assertTrue(all(h.slot == self.node.slot and h.lease == 1
                             for h in holds))
         self.assertEqual(holds[-1].deadline_ns, self.mono[0] + 80_000_000)
-        self.assertEqual(self.link.status()["holding"], {"slot": "slot1", "epoch": 1})
+        self.assertEqual(self.link.status()["holding"], {"slot": "slot1", "epoch": 1,
+                                                        "lease": 1})
 
     def test_a_claim_is_leased_before_its_addresses_go_up_and_freed_after_release(self
                                                                                   ) -> None:
         self.cluster.advance(1.0)
         written = self.processes[-1][1].written
         first_hold = next(i for i, m in enumerate(written) if isinstance(m, Hold))
-        self.assertEqual(written[first_hold].epoch, 1)
+        self.assertEqual(written[first_hold].lease, 1)
         self.node.set_maintenance(True)
         self.cluster.advance(0.1)
         self.assertEqual(self.node.role, Role.SLAVE)
@@ -510,6 +511,19 @@ class LinkTests(SynchronousTestCase):
         self.assertIn("guard-dropped", events)
         self.assertIn("resources-lost", events)
         self.assertEqual(self.link.status()["last_drop"]["calls_hung_up"], 3)
+
+    def test_every_claim_gets_a_new_lease_number_even_with_the_same_epoch(self) -> None:
+        self.cluster.advance(1.0)
+        self.reply(Dropped(0, 1, {"reason": "lease expired"}))
+        self.cluster.advance(0.1)
+        # the same slot claimed again (here by hand) at the same epoch: a new lease
+        self.node.unfit_until = 0.0
+        self.link.role_changed(Role.SLAVE, Role.CLAIMING, self.cluster.config.slots[0])
+        self.node.role, self.node.slot, self.node.epoch = Role.CLAIMING, 0, 1
+        self.link.tick()
+        self.assertEqual(self.said(Hold)[-1].lease, 2)
+        self.assertEqual(self.link.status()["holding"], {"slot": "slot1", "epoch": 1,
+                                                        "lease": 2})
 
     def test_a_drop_of_another_epoch_changes_nothing(self) -> None:
         self.cluster.advance(1.0)

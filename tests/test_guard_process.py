@@ -125,7 +125,7 @@ class GuardProcessTests(SynchronousTestCase):
         guard = Guard(self, self.settings(lease=0.2))
         guard.send(Hold(0, 4, time.monotonic_ns() + 200_000_000))
         dropped = guard.wait(Dropped)
-        self.assertEqual((dropped.slot, dropped.epoch), (0, 4))
+        self.assertEqual((dropped.slot, dropped.lease), (0, 4))
         self.assertIn("lease expired", dropped.report["reason"])
         self.assertEqual(dropped.report["profiles"]["stopped"], ["slot1"])
         self.assertEqual(dropped.report["profiles"]["calls"], 2)

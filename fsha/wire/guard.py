@@ -3,13 +3,14 @@
 fsha writes to the guard's stdin, the guard to its stdout (``docs/protocol/guard.rst``)::
 
     fsha -> guard   HELLO <json>                     the guard's settings (first line)
-                    HOLD <slot> <epoch> <deadline>   keep slot (index) until the deadline,
-                                                     CLOCK_MONOTONIC nanoseconds
+                    HOLD <slot> <lease> <deadline>   keep slot (index) under lease number
+                                                     <lease> (one per claim) until the
+                                                     deadline, CLOCK_MONOTONIC nanoseconds
                     FREE <slot>                      fsha released the slot itself
                     RECONCILE <id>                   make FreeSWITCH and the addresses match
                                                      a node that holds nothing (start-up)
     guard -> fsha   READY <pid>
-                    DROPPED <slot> <epoch> <json>    the guard released the slot (lease out)
+                    DROPPED <slot> <lease> <json>    the guard released the slot (lease out)
                     RECONCILED <id> <json>           what the reconciliation removed
 
 End of file on the guard's stdin is fsha gone: every slot held is dropped at once.
@@ -52,7 +53,7 @@ class Hello:
 @dataclass(frozen=True, slots=True)
 class Hold:
     slot: int
-    epoch: int
+    lease: int
     deadline_ns: int
 
 
@@ -74,7 +75,7 @@ class Ready:
 @dataclass(frozen=True, slots=True)
 class Dropped:
     slot: int
-    epoch: int
+    lease: int
     report: dict[str, Any]
 
 
@@ -96,7 +97,7 @@ def encode(message: Message) -> bytes:
     if isinstance(message, Hello):
         text = "HELLO " + _json(message.settings)
     elif isinstance(message, Hold):
-        text = f"HOLD {message.slot:d} {message.epoch:d} {message.deadline_ns:d}"
+        text = f"HOLD {message.slot:d} {message.lease:d} {message.deadline_ns:d}"
     elif isinstance(message, Free):
         text = f"FREE {message.slot:d}"
     elif isinstance(message, Reconcile):
@@ -104,7 +105,7 @@ def encode(message: Message) -> bytes:
     elif isinstance(message, Ready):
         text = f"READY {message.pid:d}"
     elif isinstance(message, Dropped):
-        text = f"DROPPED {message.slot:d} {message.epoch:d} {_json(message.report)}"
+        text = f"DROPPED {message.slot:d} {message.lease:d} {_json(message.report)}"
     elif isinstance(message, Reconciled):
         text = f"RECONCILED {message.request:d} {_json(message.report)}"
     else:
@@ -142,7 +143,7 @@ def decode(line: bytes) -> Message:
         if len(parts) != (3 if verb == "DROPPED" else 2):
             raise GuardProtocolError(f"{verb}: wrong number of fields")
         if verb == "DROPPED":
-            return Dropped(_int(parts[0], "slot"), _int(parts[1], "epoch"),
+            return Dropped(_int(parts[0], "slot"), _int(parts[1], "lease"),
                            _object(parts[2], verb))
         return Reconciled(_int(parts[0], "request"), _object(parts[1], verb))
     fields = rest.split(" ") if rest else []
@@ -152,7 +153,7 @@ def decode(line: bytes) -> Message:
     if len(fields) != expected:
         raise GuardProtocolError(f"{verb}: {expected} field(s) expected, got {len(fields)}")
     if verb == "HOLD":
-        return Hold(_int(fields[0], "slot"), _int(fields[1], "epoch"),
+        return Hold(_int(fields[0], "slot"), _int(fields[1], "lease"),
                     _int(fields[2], "deadline"))
     if verb == "FREE":
         return Free(_int(fields[0], "slot"))
