@@ -422,16 +422,19 @@ class ClusterNode:
     def resources_lost(self, slot: int, epoch: int, reason: str) -> bool:
         """Something outside the node (its guard) released this slot's resources: stop
         believing it is held; the release that follows makes sure (it is idempotent) and
-        announces it, and the node is unfit for a while so the next candidate takes the slot
-        (and its calls) over. False if the node no longer holds that slot at that epoch."""
+        announces it; a master is unfit for a while so the next candidate takes the slot (and
+        its calls) over. False if the node no longer holds that slot at that epoch."""
         if self.role not in (Role.MASTER, Role.CLAIMING) or self.slot != slot \
                 or self.epoch != epoch:
             return False
         self._event("resources-lost", slot=self.config.slots[slot].name, epoch=epoch,
                     reason=reason)
-        # Its calls were hung up here: the next candidate recovers them from the replicated
-        # records, which this node cannot do for itself. Not a candidate for a while.
-        self.unfit_until = self.clock.seconds() + UNFIT_INTERVALS * self.config.heartbeat_interval
+        if self.role is Role.MASTER:
+            # Its calls were hung up here: the next candidate recovers them from the
+            # replicated records, which this node cannot do for itself. Not a candidate for
+            # a while. (A claim that lost its lease served no call yet: it may claim again.)
+            self.unfit_until = (self.clock.seconds()
+                                + UNFIT_INTERVALS * self.config.heartbeat_interval)
         self._machine.lost(reason)
         if self.running:
             self._evaluate()

@@ -590,6 +590,16 @@ class NodeHookTests(SynchronousTestCase):
                          "handed over to the next candidate, which recovers the calls")
         self.assertEqual(cluster.nodes["fs3"].epoch, 2)
 
+    def test_a_claim_that_lost_its_lease_may_claim_again(self) -> None:
+        cluster = FakeCluster(make_config(nodes=3, slots=2))
+        cluster.start_all()
+        cluster.actions["fs1"].hang_acquire = True
+        cluster.advance(cluster.config.discovery + 0.1)
+        node = cluster.nodes["fs1"]
+        self.assertEqual(node.role, Role.CLAIMING)
+        self.assertTrue(node.resources_lost(node.slot, node.epoch, "the guard dropped it"))
+        self.assertLess(node.unfit_until, cluster.clock.seconds(), "not unfit")
+
     def test_tick_listeners_run_before_each_heartbeat(self) -> None:
         cluster = FakeCluster(make_config(nodes=3, slots=2))
         node = cluster.start("fs1")
