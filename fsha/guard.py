@@ -193,7 +193,10 @@ class GuardProcess:
             core = self.core
             if core is not None:
                 for drop in core.due(now):
-                    self.act(drop)
+                    try:
+                        self.act(drop)
+                    except Exception:  # a bug: keep guarding the other slots
+                        log.failure("guard: dropping slot {slot} failed", slot=drop.slot)
                 if core.finished:
                     return 0
                 wakeup = core.next_wakeup()
