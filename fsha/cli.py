@@ -20,6 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "certs": ("fsha.pki", "cluster PKI: init a CA, issue and show node certificates"),
     "maintenance": ("fsha.controlcli:maintenance_main", "drain a node (on) or bring it back (off)"),
     "switchover": ("fsha.controlcli:switchover_main", "move a slot to the primary candidate"),
+    "reconcile": ("fsha.localdrop:reconcile_main",
+                  "while fsha is stopped: no slot address, profile or call left here"),
 }
 
 

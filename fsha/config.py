@@ -125,6 +125,19 @@ class FencingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GuardConfig:
+    """``[guard]``: the dead man's switch fsha runs beside itself (:mod:`fsha.guard`).
+
+    ``lease``: how long the guard keeps a slot after fsha's last renewal (renewed every
+    heartbeat interval while this node claims, masters or releases a slot); by default one
+    heartbeat interval less than ``dead_after`` (docs/design.rst, "Leases and the guard").
+    """
+
+    enabled: bool
+    lease: float  # seconds
+
+
+@dataclass(frozen=True, slots=True)
 class LimitsConfig:
     """``[limits]``: cluster-wide call-limit usage (see :mod:`fsha.limits`)."""
 
@@ -177,6 +190,7 @@ class ClusterConfig:
     fencing: FencingConfig | None = None  # [fencing]; not in the digest
     limits: LimitsConfig | None = None  # [limits]; not in the digest
     redis: RedisConfig | None = None  # [redis]; not in the digest
+    guard: GuardConfig | None = None  # [guard] (None: built from the defaults); not in the digest
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:
@@ -313,8 +327,8 @@ def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
 def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
     c = _Checker(path)
     base = path.parent
-    c.table(raw, "", ("cluster", "tls", "floating_ip", "fencing", "limits", "redis", "network",
-                      "node", "slot"))
+    c.table(raw, "", ("cluster", "tls", "floating_ip", "fencing", "limits", "redis", "guard",
+                      "network", "node", "slot"))
 
     cluster = c.table(raw.get("cluster", {}), "cluster",
                       ("name", "secret_file", "heartbeat_interval_ms", "dead_after_ms",
@@ -356,6 +370,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
     fencing = _fencing(c, raw.get("fencing"), base)
     redis = _redis(c, raw.get("redis"), base)
     limits = _limits(c, raw.get("limits"))
+    guard = _guard(c, raw.get("guard", {}), interval_ms, dead_ms)
     if "limits" in raw and "tls" not in raw:
         c.problem("limits", "needs [tls]: limit usage is replicated between the nodes")
     if redis is not None and redis.durable_state and "tls" not in raw:
@@ -392,7 +407,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
         discovery=discovery_ms / 1000, quorum_spec=quorum_spec, quorum=quorum,
         networks=tuple(networks), nodes=tuple(nodes), slots=tuple(slots),
         floating_ip=floating, tls=tls, digest=b"", fencing=fencing, limits=limits,
-        redis=redis)
+        redis=redis, guard=guard)
     object.__setattr__(config, "digest", config_digest(config))
     return config
 
@@ -635,6 +650,28 @@ def _fencing(c: _Checker, raw: Any, base: Path) -> FencingConfig | None:
     if command is None or timeout is None or required is None:
         return None
     return FencingConfig(_argv(command, base), timeout / 1000, required)
+
+
+def _guard(c: _Checker, raw: Any, interval_ms: int | None, dead_ms: int | None
+           ) -> GuardConfig | None:
+    t = c.table(raw, "guard", ("enabled", "lease_ms"))
+    if t is None:
+        return None
+    enabled = c.get(t, "guard", "enabled", bool, True)
+    lease_ms = c.get(t, "guard", "lease_ms", int, None)
+    if not interval_ms or dead_ms is None or enabled is None:
+        return None
+    if lease_ms is None and "lease_ms" not in t:
+        lease_ms = dead_ms - interval_ms  # see docs/design.rst, "Leases and the guard"
+    elif lease_ms is not None and not interval_ms <= lease_ms < dead_ms:
+        c.problem("guard.lease_ms", f"{lease_ms} ms must be at least one heartbeat interval "
+                                    f"({interval_ms} ms) and shorter than cluster.dead_after_ms "
+                                    f"({dead_ms} ms): the guard must drop a slot before the "
+                                    "others may claim it")
+        return None
+    if lease_ms is None:
+        return None
+    return GuardConfig(enabled, lease_ms / 1000)
 
 
 def _ms_range(lo: int, hi: int) -> Callable[[int], str | None]:

@@ -82,6 +82,33 @@ _ALREADY_HELD = ("file exists", "already assigned")
 _NOT_HELD = ("cannot assign requested address", "address not found")
 
 
+# -- command builders, shared with the synchronous path of fsha.localdrop (the guard) -----
+
+
+def ip_argv(ip_command: str, action: str, ip: FloatingIP) -> list[str]:
+    """``ip addr add|del`` of one floating address (IPv6 without duplicate detection)."""
+    if _version(ip.address) == 6:
+        argv = [ip_command, "-6", "addr", action, _cidr(ip), "dev", ip.interface]
+        return [*argv, "nodad"] if action == "add" else argv
+    return [ip_command, "addr", action, _cidr(ip), "dev", ip.interface]
+
+
+def ip_says(stderr: bytes, fine: tuple[str, ...]) -> bool:
+    """Does ``ip``'s complaint mean the wanted state holds (already held / not held)?"""
+    text = stderr.decode("utf-8", "replace").lower()
+    return any(t in text for t in fine)
+
+
+def not_held(stderr: bytes) -> bool:
+    """``ip addr del`` failed because the address was not configured (fine for a release)."""
+    return ip_says(stderr, _NOT_HELD)
+
+
+def command_argv(command: Sequence[str], action: str, slot: str, ip: FloatingIP) -> list[str]:
+    """The ``command`` backend's ``ARGV... ACTION SLOT ADDRESS/PREFIX INTERFACE``."""
+    return [*command, action, slot, _cidr(ip), ip.interface]
+
+
 class FloatingIPError(Exception):
     """Some addresses could not be changed; ``failures`` pairs each with the reason."""
 
@@ -302,10 +329,7 @@ class IPBackend:
                                self.env, **kw)
 
     def _ip_argv(self, action: str, ip: FloatingIP) -> list[str]:
-        if _version(ip.address) == 6:
-            argv = [self.ip, "-6", "addr", action, _cidr(ip), "dev", ip.interface]
-            return [*argv, "nodad"] if action == "add" else argv
-        return [self.ip, "addr", action, _cidr(ip), "dev", ip.interface]
+        return ip_argv(self.ip, action, ip)
 
     def arping_argv(self, ip: FloatingIP, flavour: str) -> list[str]:
         count = str(self.arping_count)
@@ -398,8 +422,7 @@ class IPBackend:
                   fine: tuple[str, ...]) -> None:
         """Turn an expected ``ip`` complaint (already held / not held) into success."""
         failure.trap(ProcessFailed)
-        stderr = failure.value.stderr.decode("utf-8", "replace").lower()
-        if any(text in stderr for text in fine):
+        if ip_says(failure.value.stderr, fine):
             return None
         raise failure.value
 
@@ -585,7 +608,7 @@ class CommandBackend:
         self.env = dict(env) if env is not None else None
 
     def argv(self, action: str, slot: str, ip: FloatingIP) -> list[str]:
-        return [*self.command, action, slot, _cidr(ip), ip.interface]
+        return command_argv(self.command, action, slot, ip)
 
     @inlineCallbacks
     def _each(self, action: str, slot: str, ips: Sequence[FloatingIP], stop_early: bool,

@@ -54,6 +54,7 @@ from fsha.wire.heartbeat import VERSION as HEARTBEAT_VERSION
 Address = tuple[str, int]
 SendFunction = Callable[[bytes, Address], None]
 RoleListener = Callable[[Role, Role, SlotConfig | None], object]
+TickListener = Callable[[], object]
 EventListener = Callable[[dict[str, Any]], object]
 
 # A claim that failed makes the node unfit for this long, so the next candidate proceeds.
@@ -245,6 +246,7 @@ class ClusterNode:
         self._ticker.clock = clock
         self._pending: list[IDelayedCall] = []
         self._role_listeners: list[RoleListener] = []
+        self._tick_listeners: list[TickListener] = []
         self._event_listeners: list[EventListener] = []
         self._claim: defer.Deferred[None] | None = None
         self._evaluating = False
@@ -427,6 +429,13 @@ class ClusterNode:
             self.log.warn("peer {peer} is down: no heartbeat on any network for {ms:.0f} ms",
                           peer=name, ms=self.config.dead_after * 1000)
         self._evaluate()
+        # Before the heartbeat goes out: a lease renewed here (fsha.guardlink) is never
+        # older than the last heartbeat the peers heard.
+        for callback in self._tick_listeners:
+            try:
+                callback()
+            except Exception:
+                self.log.failure("tick listener failed")
         self._send(MessageType.HEARTBEAT)
 
     # -- operator commands --------------------------------------------------------------
@@ -471,6 +480,27 @@ class ClusterNode:
         self._event("switchover", slot=slot_name, to=successor)
         self._machine.lost(f"switchover to {successor} requested by operator")
         return successor
+
+    def resources_lost(self, slot: int, epoch: int, reason: str) -> bool:
+        """Something outside the node (its guard) released this slot's resources: stop
+        believing it is held; the release that follows makes sure (it is idempotent) and
+        announces it; a master is unfit for a while so the next candidate takes the slot (and
+        its calls) over. False if the node no longer holds that slot at that epoch."""
+        if self.role not in (Role.MASTER, Role.CLAIMING) or self.slot != slot \
+                or self.epoch != epoch:
+            return False
+        self._event("resources-lost", slot=self.config.slots[slot].name, epoch=epoch,
+                    reason=reason)
+        if self.role is Role.MASTER:
+            # Its calls were hung up here: the next candidate recovers them from the
+            # replicated records, which this node cannot do for itself. Not a candidate for
+            # a while. (A claim that lost its lease served no call yet: it may claim again.)
+            self.unfit_until = (self.clock.seconds()
+                                + UNFIT_INTERVALS * self.config.heartbeat_interval)
+        self._machine.lost(reason)
+        if self.running:
+            self._evaluate()
+        return True
 
     def health_changed(self, ok: bool) -> None:
         """The local FreeSWITCH came up or went away: re-evaluate and tell peers now."""
@@ -675,6 +705,11 @@ class ClusterNode:
         """``callback(old_role, new_role, slot)`` after every change of this node's role;
         ``slot`` is the slot concerned (the one held, claimed or released), if any."""
         self._role_listeners.append(callback)
+
+    def add_tick_listener(self, callback: TickListener) -> None:
+        """``callback()`` at every heartbeat tick, after the roles are evaluated and before
+        the heartbeat is sent (the guard's lease renewal)."""
+        self._tick_listeners.append(callback)
 
     def _set_role(self, role: Role, slot: int, epoch: int) -> None:
         old, old_slot = self.role, self.slot

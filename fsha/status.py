@@ -118,6 +118,16 @@ def problems(status: JSON) -> list[str]:
         load = durable.get("load") or {}
         if load.get("state") == "failed":
             found.append(f"durable state: nothing loaded at start ({load.get('error')})")
+    guard = status.get("guard")
+    if guard and guard.get("enabled"):
+        if guard.get("state") == "failed":
+            found.append("guard: given up after repeated deaths: this node takes no slot "
+                         "(restart fsha)")
+        elif guard.get("state") in ("restarting", "starting") and guard.get("restarts"):
+            found.append(f"guard: {guard['state']} (restarted {guard['restarts']} time(s))")
+    elif guard is not None:
+        found.append("guard: disabled ([guard] enabled = false): if fsha dies while master, "
+                     "this host keeps serving its slot")
     limits = status.get("limits")
     if limits:
         if limits.get("pending_releases"):
@@ -242,6 +252,16 @@ def render(status: JSON) -> str:
     durable = status.get("durable")
     if durable:
         lines.append(durable_line(durable))
+    guard = status.get("guard")
+    if guard and guard.get("enabled"):
+        holding = guard.get("holding")
+        drop = guard.get("last_drop")
+        lines.append(f"guard: {guard.get('state')} (pid {guard.get('pid')}, lease "
+                     f"{guard.get('lease_ms', 0):g} ms), "
+                     + (f"holding {holding['slot']}/{holding['epoch']}" if holding
+                        else "holding nothing")
+                     + (f"; last drop {drop['slot']}/{drop['epoch']} at "
+                        f"{_clock(drop.get('time'))}: {drop.get('reason')}" if drop else ""))
     found = problems(status)
     lines.append("")
     lines.append("problems: none" if not found else "problems:")

@@ -32,7 +32,10 @@ from fsha.esl import ConnectionState, ESLClient
 from fsha.floating import FloatingIPBackend, make_backend
 from fsha.fsdb import CoreDBWriter, ThreadRunner
 from fsha.fsevents import ClusterEvents
+from fsha.guard import default_lease
+from fsha.guardlink import GuardLink
 from fsha.limitsvc import LimitService
+from fsha.localdrop import GuardSettings, report_problems
 from fsha.metrics import SessionWatch, metrics_resource
 from fsha.node import ClusterNode
 from fsha.redisclient import RedisClient, RedisSettings
@@ -83,13 +86,15 @@ def check_tls_files(config: ClusterConfig, me: NodeConfig) -> None:
 
 
 class SwitchHealth:
-    """The node's view of its FreeSWITCH: healthy while the ESL client is ready."""
+    """The node's view of its FreeSWITCH: healthy while the ESL client is ready (and the
+    guard, if any, has not been given up: see fsha.guardlink)."""
 
-    def __init__(self, esl: ESLClient) -> None:
+    def __init__(self, esl: ESLClient, guard: GuardLink | None = None) -> None:
         self.esl = esl
+        self.guard = guard
 
     def is_ok(self) -> bool:
-        return self.esl.is_healthy
+        return self.esl.is_healthy and (self.guard is None or self.guard.ok)
 
     def status(self) -> dict[str, Any]:
         esl = self.esl
@@ -114,11 +119,13 @@ class NodeService(service.Service):
     log = Logger()
 
     def __init__(self, node: ClusterNode, floating: FloatingIPBackend,
-                 effects: SlotEffects, stop_timeout: float) -> None:
+                 effects: SlotEffects, stop_timeout: float,
+                 guard: GuardLink | None = None) -> None:
         self.node = node
         self.floating = floating
         self.effects = effects
         self.stop_timeout = stop_timeout
+        self.guard = guard
 
     def startService(self) -> None:
         super().startService()
@@ -138,8 +145,43 @@ class NodeService(service.Service):
             self.log.failure("start-up cleanup of floating IPs failed; joining anyway", f)
 
         d.addCallbacks(removed, failed)
+        if self.guard is not None:
+            d.addCallback(lambda _: self._reconcile_switch())
         d.addCallback(lambda _: self.node.start())
         d.addErrback(lambda f: self.log.failure("node start failed", f))
+
+    def _reconcile_switch(self) -> defer.Deferred[None]:
+        """Before joining: the guard stops every slot profile still running in the local
+        FreeSWITCH (this node holds no slot yet), which hangs up their stray calls, and
+        removes any slot address (fsha.localdrop.LocalEffects.reconcile)."""
+        guard = self.guard
+        assert guard is not None
+        s = guard.settings
+        profiles = sum(len(slot.profiles) for slot in s.slots)
+        ips = sum(len(slot.ips) for slot in s.slots)
+        # the guard's start (a Python process), then every command with its own timeout
+        timeout = 5.0 + s.floating_timeout * (ips + 1) + s.esl_timeout * (3 * profiles + 3)
+        d = guard.reconcile(timeout)
+
+        def done(report: dict[str, Any]) -> None:
+            stopped = report["profiles"]["stopped"] + report["profiles"]["too_young"]
+            if stopped or report["ips"]["removed"]:
+                self.log.warn("start-up reconciliation: FreeSWITCH served slot profile(s) "
+                              "{profiles} ({calls} call(s) hung up), addresses {ips} "
+                              "removed: left by a previous run",
+                              profiles=", ".join(stopped) or "none",
+                              calls=report["profiles"]["calls"]
+                              + report["profiles"]["calls_killed"],
+                              ips=", ".join(report["ips"]["removed"]) or "none")
+            self.node.record_event("reconciled", profiles_stopped=stopped,
+                                   ips_removed=report["ips"]["removed"],
+                                   problems=report_problems(report))
+
+        def failed(f: Any) -> None:
+            self.log.failure("start-up reconciliation of FreeSWITCH failed; joining anyway",
+                             f)
+
+        return d.addCallbacks(done, failed)
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
@@ -247,6 +289,13 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     budget = max(timeouts.acquire_budget(slot) for slot in config.slots)
     node = ClusterNode(config, me, options.secret, reactor, effects, health,
                        incarnation=incarnation, claim_timeout=budget + 1.0)
+    guard_config = config.guard
+    guard: GuardLink | None = None
+    if guard_config is None or guard_config.enabled:
+        lease = guard_config.lease if guard_config is not None else default_lease(
+            config.heartbeat_interval, config.dead_after)
+        guard = GuardLink(GuardSettings.from_config(config, me, lease), node, reactor)
+        health.guard = guard
     effects.add_report_listener(
         lambda report: node.record_event("takeover-" + report.action, **report.as_event()))
 
@@ -318,6 +367,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         result["limits"] = limits.status() if limits is not None else None
         result["redis"] = redis.status() if redis is not None else None
         result["durable"] = durable.status() if durable is not None else None
+        result["guard"] = guard.status() if guard is not None else {"enabled": False}
         return result
 
     root = status_site_root(status, control)
@@ -330,7 +380,11 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     status.setName("status")
     status.setServiceParent(top)
     release_budget = max(timeouts.release_budget(slot) for slot in config.slots)
-    NodeService(node, floating, effects, release_budget + 1.0).setServiceParent(top)
+    # Started before the node and stopped after its hand-over (what is still held then is
+    # the guard's to drop).
+    if guard is not None:
+        guard.setServiceParent(top)
+    NodeService(node, floating, effects, release_budget + 1.0, guard).setServiceParent(top)
     # What exists now lives as long as the process: keep the collector from re-scanning it
     # (a full collection over a large replicated state stalls the reactor for 100s of ms).
     gc.freeze()

@@ -108,9 +108,15 @@ class UnitTests(SynchronousTestCase):
         self.assertRegex(self.one("Service", "RestartSec"), r"^[1-9]\d*s?$")
         self.assertIn("2", self.words("Service", "RestartPreventExitStatus"))  # bad config
         self.assertEqual(self.one("Service", "KillSignal"), "SIGTERM")
-        # Only the daemon gets SIGTERM: an ip or arping it runs during the hand-over is not
-        # killed under it.
-        self.assertEqual(self.one("Service", "KillMode"), "mixed")
+        # Not mixed: when a killed daemon exits, mixed SIGKILLs the rest of the unit at once,
+        # its guard included, before the guard could drop the slot (fsha.guard). An ip or
+        # arping started during the hand-over is not signalled: SIGTERM goes to the
+        # processes of the moment.
+        self.assertEqual(self.one("Service", "KillMode"), "control-group")
+        # and after any stop, a crash included, nothing of a slot is left on the host
+        post = shlex.split(self.one("Service", "ExecStopPost").removeprefix("-"))
+        self.assertEqual(post[1:], ["reconcile", "--config", "/etc/fsha/cluster.toml"])
+        self.assertEqual(Path(post[0]).name, "fsha")
         stop = self.one("Service", "TimeoutStopSec")
         self.assertRegex(stop, r"^\d+s?$")
         self.assertGreaterEqual(int(stop.rstrip("s")), 30)
