@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 FSHA = [sys.executable, "-m", "fsha"]
@@ -56,9 +56,27 @@ def _free_port(kind: int, hosts: list[str]) -> int:
     raise HarnessError("no free port found on " + ", ".join(hosts))
 
 
+# The one way tests, the demo and the benchmarks wait: poll a condition until it holds, with
+# a deadline. ``wait_for`` blocks (driver code: processes, namespaces); ``poll_until`` is its
+# Deferred twin for code running in the reactor. Same semantics: the first true value is the
+# result; OSError, ValueError and KeyError from the condition count as "not yet" (a process
+# not answering yet) and the last one is quoted if time runs out.
+_NOT_YET = (OSError, ValueError, KeyError)
+
+
+class ConditionTimeout(HarnessError, AssertionError):
+    """A condition did not hold in time: a failed expectation (an AssertionError to test
+    runners), and a HarnessError to the demo and the benchmarks."""
+
+    def __init__(self, what: str, timeout: float, last_error: Exception | None) -> None:
+        extra = f" (last error: {last_error!r})" if last_error is not None else ""
+        super().__init__(f"timed out after {timeout:.1f}s waiting for {what}{extra}")
+
+
 def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.01
              ) -> Any:
-    """Poll ``check`` until it returns something true; HarnessError after ``timeout``."""
+    """Poll ``check`` until it returns something true, and return that; ConditionTimeout
+    after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while True:
@@ -66,31 +84,47 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: floa
             result = check()
             if result:
                 return result
-        except (OSError, ValueError, KeyError) as e:
+        except _NOT_YET as e:
             last_error = e
         if time.monotonic() > deadline:
-            extra = f" (last error: {last_error})" if last_error else ""
-            raise HarnessError(f"timed out after {timeout:.1f}s waiting for {what}{extra}")
-        time.sleep(interval)
+            raise ConditionTimeout(what, timeout, last_error)
+        time.sleep(interval)  # the poll interval of a condition wait
 
 
 def poll_until(condition: Callable[[], Any], what: str, timeout: float = 30.0,
-               interval: float = 0.01, clock: Any = None) -> Deferred[Any]:
-    """The reactor's ``wait_for``: fires with ``condition()``'s first true value, polled
-    every ``interval``, or fails with HarnessError after ``timeout`` seconds."""
-    if clock is None:
+               interval: float = 0.01, clock: IReactorTime | None = None) -> Deferred[Any]:
+    """``wait_for`` in the reactor: fires with ``condition()``'s first true value, polled
+    every ``interval`` on ``clock``, or fails with ConditionTimeout after ``timeout``."""
+    if clock is None:  # driver code for tests; library code never reaches the global reactor
         from twisted.internet import reactor as clock
     end = clock.seconds() + timeout
+    last_error: Exception | None = None
+    next_poll: list[IDelayedCall] = []
 
-    async def poll() -> Any:
-        while True:
+    def cancel(_: Deferred[Any]) -> None:
+        if next_poll and next_poll[0].active():
+            next_poll[0].cancel()
+
+    done: Deferred[Any] = Deferred(cancel)
+
+    def poll() -> None:
+        nonlocal last_error
+        try:
             value = condition()
-            if value:
-                return value
-            if clock.seconds() > end:
-                raise HarnessError(f"timed out after {timeout:.1f}s waiting for {what}")
-            await deferLater(clock, interval, lambda: None)
-    return Deferred.fromCoroutine(poll())
+        except _NOT_YET as e:
+            last_error, value = e, None
+        except Exception:
+            done.errback()
+            return
+        if value:
+            done.callback(value)
+        elif clock.seconds() > end:
+            done.errback(ConditionTimeout(what, timeout, last_error))
+        else:
+            next_poll[:] = [clock.callLater(interval, poll)]
+
+    poll()
+    return done
 
 
 @dataclass

@@ -25,10 +25,11 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from typing import Any
 
 from twisted.trial.unittest import SkipTest
+
+from fsha.harness import HarnessError, LoopbackCluster, wait_for
 
 START_TIMEOUT = 10.0  # seconds to wait for the first PONG
 CALL_TIMEOUT = 5.0  # seconds for one blocking command
@@ -153,17 +154,23 @@ class RedisServer:
         raise RuntimeError(f"redis-server did not start; log tail:\n{self._log_tail()}")
 
     def _wait_ready(self) -> bool:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
+        """True once the server answers PONG; False if it exits or stays mute."""
+        class Exited(Exception):
+            pass
+
+        def answers() -> bool:
             if self.proc is None or self.proc.poll() is not None:
-                return False
+                raise Exited
             try:
-                if self.call("PING", timeout=1.0) == "PONG":
-                    return True
-            except (OSError, ConnectionError, RedisError):
-                pass
-            time.sleep(0.05)
-        return False
+                return self.call("PING", timeout=1.0) == "PONG"
+            except RedisError:  # e.g. LOADING: not yet
+                return False
+
+        try:
+            wait_for("redis-server to answer PING", answers, START_TIMEOUT, interval=0.05)
+        except (Exited, HarnessError):
+            return False
+        return True
 
     def _log_tail(self) -> str:
         try:
@@ -245,11 +252,9 @@ def redis_config(server: RedisServer, *lines: str) -> str:
         "reconnect_min_ms = 50", "reconnect_max_ms = 500", *lines, ""])
 
 
-def start_cluster(testcase: Any, extra_config: str, **kwargs: Any) -> Any:
+def start_cluster(testcase: Any, extra_config: str, **kwargs: Any) -> LoopbackCluster:
     """A converged 3-node, 1-slot LoopbackCluster with ``extra_config``; its nodes' logs are
     printed if it does not come up. Closed at the test's cleanup."""
-    from fsha.harness import HarnessError, LoopbackCluster
-
     cluster = LoopbackCluster(nodes=3, slots=1, interval_ms=20, dead_after_ms=100,
                               extra_config=extra_config, **kwargs)
     testcase.addCleanup(cluster.close)
@@ -262,6 +267,6 @@ def start_cluster(testcase: Any, extra_config: str, **kwargs: Any) -> Any:
     return cluster
 
 
-def dump_logs(cluster: Any) -> None:
+def dump_logs(cluster: LoopbackCluster) -> None:
     for node in cluster.nodes:
         print(f"--- {node.name}\n{cluster.logs(node.name, 60)}")

@@ -25,6 +25,7 @@ from fsha.durable import (
     encode_value,
     key_prefix,
 )
+from fsha.harness import poll_until as wait_for
 from fsha.redisclient import RedisClient, RedisSettings, RedisUnavailable
 from fsha.replication.feeds import (
     RegistrationRow,
@@ -38,7 +39,7 @@ from fsha.wire.heartbeat import Role
 from fsha.wire.stream import Kind
 from tests.redisserver import RedisServer, start_redis
 from tests.test_limits import CONFIG
-from tests.test_redisclient import settings, wait_for
+from tests.test_redisclient import settings
 
 PREFIX = key_prefix("fsha:", "test")
 

@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial import unittest
 
 from fsha.config import LimitsConfig
+from fsha.harness import poll_until as wait_for
 from fsha.limitsvc import LimitService
 from fsha.redisclient import RedisClient
 from fsha.replication.feeds import encode_call_row
@@ -21,7 +22,7 @@ from fsha.takeover import RecoveryRow
 from fsha.wire.stream import Change, Kind
 from tests.redisserver import RedisServer, start_redis
 from tests.test_limits import CONFIG, Call, FakeFS, _Report, cdr
-from tests.test_redisclient import settings, wait_for
+from tests.test_redisclient import settings
 
 LIMITS = LimitsConfig(60.0, "fsha_limit", ("default",), 60.0, 5.0, 0.1)
 
