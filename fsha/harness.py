@@ -146,11 +146,12 @@ class LoopbackCluster:
     def __init__(self, nodes: int = 3, slots: int = 2, *, interval_ms: int = 20,
                  dead_after_ms: int = 100, workdir: Path | None = None,
                  keep: bool = False, json_logs: bool = False, extra_config: str = "",
-                 sim_args: Sequence[str] = ()) -> None:
+                 sim_args: Sequence[str] = (), esl_timeout_ms: int = 1000) -> None:
         if not 1 <= slots <= nodes <= 200:
             raise ValueError("need 1 <= slots <= nodes <= 200")
         self.node_count, self.slot_count = nodes, slots
         self.interval_ms, self.dead_after_ms = interval_ms, dead_after_ms
+        self.esl_timeout_ms = esl_timeout_ms  # each node's [node.esl] timeout_ms
         self.keep = keep or workdir is not None
         self.json_logs = json_logs
         self.extra_config = extra_config  # TOML appended to the config (e.g. [limits])
@@ -252,7 +253,7 @@ class LoopbackCluster:
                       f'stream = "{self.address(1, node.index)}:{stream_port}"',
                       f'status = "{self.address(1, node.index)}:{status_port}"',
                       f'esl = {{ host = "{esl_host}", port = {int(esl_port)}, '
-                      f'password = "ClueCon", timeout_ms = 1000, '
+                      f'password = "ClueCon", timeout_ms = {self.esl_timeout_ms}, '
                       f'core_db = "{self.dir / (node.name + "-core.db")}" }}', ""]
             node.status_url = f"http://{self.address(1, node.index)}:{status_port}/status"
         for s in range(1, self.slot_count + 1):

@@ -256,11 +256,11 @@ def start_cluster(testcase: Any, extra_config: str, **kwargs: Any) -> LoopbackCl
     """A converged 3-node, 1-slot LoopbackCluster with ``extra_config``; its nodes' logs are
     printed if it does not come up. Closed at the test's cleanup.
 
-    Its failure detector is patient (a node is dead after 1 s of silence): these tests
-    count calls and units across a failover, and a loaded machine that starves a node for
-    100 ms must not make a second, spurious one."""
+    It is patient (a node is dead after 1 s of silence, an ESL request after 10 s): these
+    tests count calls and units across a failover, and a loaded machine that starves a
+    node or its simulator for a while must not make a second, spurious one."""
     cluster = LoopbackCluster(nodes=3, slots=1, interval_ms=50, dead_after_ms=1000,
-                              extra_config=extra_config, **kwargs)
+                              esl_timeout_ms=10_000, extra_config=extra_config, **kwargs)
     testcase.addCleanup(cluster.close)
     try:
         cluster.start()
