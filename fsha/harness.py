@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 FSHA = [sys.executable, "-m", "fsha"]
@@ -56,9 +56,27 @@ def _free_port(kind: int, hosts: list[str]) -> int:
     raise HarnessError("no free port found on " + ", ".join(hosts))
 
 
+# The one way tests, the demo and the benchmarks wait: poll a condition until it holds, with
+# a deadline. ``wait_for`` blocks (driver code: processes, namespaces); ``poll_until`` is its
+# Deferred twin for code running in the reactor. Same semantics: the first true value is the
+# result; OSError, ValueError and KeyError from the condition count as "not yet" (a process
+# not answering yet) and the last one is quoted if time runs out.
+_NOT_YET = (OSError, ValueError, KeyError)
+
+
+class ConditionTimeout(HarnessError, AssertionError):
+    """A condition did not hold in time: a failed expectation (an AssertionError to test
+    runners), and a HarnessError to the demo and the benchmarks."""
+
+    def __init__(self, what: str, timeout: float, last_error: Exception | None) -> None:
+        extra = f" (last error: {last_error!r})" if last_error is not None else ""
+        super().__init__(f"timed out after {timeout:.1f}s waiting for {what}{extra}")
+
+
 def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.01
              ) -> Any:
-    """Poll ``check`` until it returns something true; HarnessError after ``timeout``."""
+    """Poll ``check`` until it returns something true, and return that; ConditionTimeout
+    after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while True:
@@ -66,31 +84,47 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: floa
             result = check()
             if result:
                 return result
-        except (OSError, ValueError, KeyError) as e:
+        except _NOT_YET as e:
             last_error = e
         if time.monotonic() > deadline:
-            extra = f" (last error: {last_error})" if last_error else ""
-            raise HarnessError(f"timed out after {timeout:.1f}s waiting for {what}{extra}")
-        time.sleep(interval)
+            raise ConditionTimeout(what, timeout, last_error)
+        time.sleep(interval)  # the poll interval of a condition wait
 
 
 def poll_until(condition: Callable[[], Any], what: str, timeout: float = 30.0,
-               interval: float = 0.01, clock: Any = None) -> Deferred[Any]:
-    """The reactor's ``wait_for``: fires with ``condition()``'s first true value, polled
-    every ``interval``, or fails with HarnessError after ``timeout`` seconds."""
-    if clock is None:
+               interval: float = 0.01, clock: IReactorTime | None = None) -> Deferred[Any]:
+    """``wait_for`` in the reactor: fires with ``condition()``'s first true value, polled
+    every ``interval`` on ``clock``, or fails with ConditionTimeout after ``timeout``."""
+    if clock is None:  # driver code for tests; library code never reaches the global reactor
         from twisted.internet import reactor as clock
     end = clock.seconds() + timeout
+    last_error: Exception | None = None
+    next_poll: list[IDelayedCall] = []
 
-    async def poll() -> Any:
-        while True:
+    def cancel(_: Deferred[Any]) -> None:
+        if next_poll and next_poll[0].active():
+            next_poll[0].cancel()
+
+    done: Deferred[Any] = Deferred(cancel)
+
+    def poll() -> None:
+        nonlocal last_error
+        try:
             value = condition()
-            if value:
-                return value
-            if clock.seconds() > end:
-                raise HarnessError(f"timed out after {timeout:.1f}s waiting for {what}")
-            await deferLater(clock, interval, lambda: None)
-    return Deferred.fromCoroutine(poll())
+        except _NOT_YET as e:
+            last_error, value = e, None
+        except Exception:
+            done.errback()
+            return
+        if value:
+            done.callback(value)
+        elif clock.seconds() > end:
+            done.errback(ConditionTimeout(what, timeout, last_error))
+        else:
+            next_poll[:] = [clock.callLater(interval, poll)]
+
+    poll()
+    return done
 
 
 @dataclass
@@ -112,11 +146,12 @@ class LoopbackCluster:
     def __init__(self, nodes: int = 3, slots: int = 2, *, interval_ms: int = 20,
                  dead_after_ms: int = 100, workdir: Path | None = None,
                  keep: bool = False, json_logs: bool = False, extra_config: str = "",
-                 sim_args: Sequence[str] = ()) -> None:
+                 sim_args: Sequence[str] = (), esl_timeout_ms: int = 1000) -> None:
         if not 1 <= slots <= nodes <= 200:
             raise ValueError("need 1 <= slots <= nodes <= 200")
         self.node_count, self.slot_count = nodes, slots
         self.interval_ms, self.dead_after_ms = interval_ms, dead_after_ms
+        self.esl_timeout_ms = esl_timeout_ms  # each node's [node.esl] timeout_ms
         self.keep = keep or workdir is not None
         self.json_logs = json_logs
         self.extra_config = extra_config  # TOML appended to the config (e.g. [limits])
@@ -218,7 +253,7 @@ class LoopbackCluster:
                       f'stream = "{self.address(1, node.index)}:{stream_port}"',
                       f'status = "{self.address(1, node.index)}:{status_port}"',
                       f'esl = {{ host = "{esl_host}", port = {int(esl_port)}, '
-                      f'password = "ClueCon", timeout_ms = 1000, '
+                      f'password = "ClueCon", timeout_ms = {self.esl_timeout_ms}, '
                       f'core_db = "{self.dir / (node.name + "-core.db")}" }}', ""]
             node.status_url = f"http://{self.address(1, node.index)}:{status_port}/status"
         for s in range(1, self.slot_count + 1):

@@ -5,7 +5,6 @@ Logic tests use a fake clock and a scripted Redis client; the others a real redi
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -25,6 +24,7 @@ from fsha.durable import (
     encode_value,
     key_prefix,
 )
+from fsha.harness import poll_until as wait_for
 from fsha.redisclient import RedisClient, RedisSettings, RedisUnavailable
 from fsha.replication.feeds import (
     RegistrationRow,
@@ -38,7 +38,7 @@ from fsha.wire.heartbeat import Role
 from fsha.wire.stream import Kind
 from tests.redisserver import RedisServer, start_redis
 from tests.test_limits import CONFIG
-from tests.test_redisclient import settings, wait_for
+from tests.test_redisclient import settings
 
 PREFIX = key_prefix("fsha:", "test")
 
@@ -266,17 +266,36 @@ def test_field_and_value_round_trip(slot: int, kind: Kind, key: str, expires: in
 # ------------------------------------------------------------------------------------------
 # against a real redis-server
 
+class AheadClock:
+    """The reactor, whose ``seconds()`` a test moves ahead: records expire when the test
+    says so, not when a loaded machine gets round to the next step."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def seconds(self) -> float:
+        return reactor.seconds() + self.ahead  # type: ignore[attr-defined]
+
+    def callLater(self, delay: float, f: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        return reactor.callLater(delay, f, *args, **kw)  # type: ignore[attr-defined]
+
+    def getDelayedCalls(self) -> Any:
+        return reactor.getDelayedCalls()  # type: ignore[attr-defined]
+
+
 class Side:
-    """One node's state, store and Redis client (real reactor)."""
+    """One node's state, store and Redis client (real reactor; the state and the store
+    read the time from ``clock``)."""
 
     def __init__(self, server: RedisServer, node: int, incarnation: int,
-                 alive: set[int] | None = None, max_pending: int = 5000) -> None:
-        self.state = ReplicatedState(reactor, node, incarnation)
+                 alive: set[int] | None = None, max_pending: int = 5000,
+                 clock: Any = reactor) -> None:
+        self.state = ReplicatedState(clock, node, incarnation)
         self.node = FakeNode()
         self.redis = RedisClient(settings(server, timeout=0.5), reactor)
         self.alive = alive if alive is not None else set()
         self.store = DurableStore(self.redis, self.state, self.node, [0, 1, 2],
-                                  self.alive.__contains__, reactor, prefix=PREFIX,
+                                  self.alive.__contains__, clock, prefix=PREFIX,
                                   flush_interval=0.05, max_pending=max_pending,
                                   load_wait=5.0, names={0: "fs1", 1: "fs2", 2: "fs3"})
 
@@ -311,11 +330,14 @@ def registration(user: str, expires_s: int) -> tuple[str, bytes]:
 class StoreRedisTests(unittest.TestCase):
     timeout = 60
 
+    SHORT_TTL = 60.0  # the registration that expires: when the test moves the clock
+
     def setUp(self) -> None:
         self.server = start_redis(self)
+        self.clock = AheadClock()
 
     def side(self, node: int, incarnation: int, **kw: Any) -> Side:
-        s = Side(self.server, node, incarnation, **kw)
+        s = Side(self.server, node, incarnation, clock=self.clock, **kw)
         s.start()
         self.addCleanup(s.stop)
         return s
@@ -323,14 +345,15 @@ class StoreRedisTests(unittest.TestCase):
     @inlineCallbacks
     def writer(self, calls: int = 50) -> Generator[Any, Any, Side]:
         """Node 0, master of slot 0 (epoch 3), with ``calls`` calls, 2 registrations (one
-        expiring in 0.3 s) and its identity, written to Redis."""
+        expiring after SHORT_TTL, the other in an hour) and its identity, written to
+        Redis."""
         a = self.side(0, 11)
         a.node.set_role(Role.SLAVE)
         a.node.set_role(Role.MASTER, CONFIG.slots[0], epoch=3)
         for i in range(calls):
             a.state.put(0, Kind.CALL, f"call-{i}", call_value(f"call-{i}"))
-        now = time.time()
-        for user, ttl in (("1000", 3600), ("1001", 0.3)):
+        now = self.clock.seconds()
+        for user, ttl in (("1000", 3600), ("1001", self.SHORT_TTL)):
             key, value = registration(user, int(now + ttl))
             a.state.put(0, Kind.REGISTRATION, key, value, int((now + ttl) * 1000))
         a.state.put(0, Kind.IDENTITY, "identity", b'{"core_uuid":"runtime-0"}')
@@ -391,6 +414,7 @@ class StoreRedisTests(unittest.TestCase):
         self.server.call("HSET", f"{PREFIX}origin:2:records",
                          encode_field(1, Kind.CALL, "old"), "0:x")
         # the short registration expires (Redis still holds it: nothing changed since)
+        self.clock.ahead += self.SHORT_TTL + 1
         yield wait_for(lambda: not any("/1001@" in r.key for r in a.state.records(
             origin=0, kind=Kind.REGISTRATION)), "a registration to expire")
         self.assertEqual(len(stored(self.server, 0)[1]), 53)

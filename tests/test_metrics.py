@@ -49,7 +49,7 @@ SAMPLE: dict[str, Any] = {
               {"name": "slot2", "owner": None, "epoch": 3}],
     "networks": [{"name": "A", "sent": 100, "send_errors": 0, "last_error": ""},
                  {"name": "B", "sent": 90, "send_errors": 10, "last_error": "unreachable"}],
-    "received": 555, "drops": {"bad-mac": 4, "wrong-source": 1},
+    "received": 555, "drops": {"tag": 4, "wrong-source": 1},
     "events": [{"time": 1.0, "event": "role", "role": "master"}],
     "control": {"accepted": 3, "refused": {"401": 2, "421": 1}, "nonces": 3},
     "freeswitch": {"state": "ready", "ok": True, "core_uuid": "u-1", "last_error": None,
@@ -148,7 +148,7 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(one(m, "fsha_node_rank", node="fs3"), 0)
         self.assertNotIn((("node", "fs1"),), m["fsha_node_rank"])
         # drops by reason, datagrams per network
-        self.assertEqual(one(m, "fsha_datagrams_dropped_total", reason="bad-mac"), 4)
+        self.assertEqual(one(m, "fsha_datagrams_dropped_total", reason="tag"), 4)
         self.assertEqual(one(m, "fsha_datagrams_dropped_total", reason="wrong-source"), 1)
         self.assertEqual(one(m, "fsha_heartbeat_send_errors_total", network="B"), 10)
         self.assertEqual(one(m, "fsha_heartbeats_received_total"), 555)

@@ -238,7 +238,7 @@ class LifecycleTests(SynchronousTestCase):
         self.state = cluster.dir / "state"
         self.pidfile = self.state / "fsha-fs1.pid"
         self.run_agent = AgentRun("fsha-fs1", config=str(cluster.config_path), node="fs1",
-                                  state_dir=str(self.state), status_timeout="1",
+                                  state_dir=str(self.state), status_timeout="20",
                                   logfile=str(cluster.dir / "fs1-agent.log"))
         self.addCleanup(self.kill_leftover)
 
@@ -313,7 +313,8 @@ class LifecycleTests(SynchronousTestCase):
         self.agent("start", OCF_SUCCESS)
         pid = self.pid()
         os.kill(pid, signal.SIGSTOP)
-        result = self.agent("monitor", OCF_ERR_GENERIC)
+        # a stopped process cannot answer however long monitor waits: 1 s is plenty
+        result = self.agent("monitor", OCF_ERR_GENERIC, OCF_RESKEY_status_timeout="1")
         self.assertIn("ocf-exit-reason:", result.stderr)
         # stop escalates to SIGKILL once its share of the action timeout is spent.
         result = self.agent("stop", OCF_SUCCESS, OCF_RESKEY_CRM_meta_timeout="6000")

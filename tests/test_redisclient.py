@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
+from fsha.harness import poll_until as wait_for
 from fsha.pki import create_ca, issue_cert
 from fsha.redisclient import (
     RedisClient,
@@ -30,21 +31,9 @@ from tests.redisserver import (
     start_redis,
 )
 
-WAIT = 10.0  # seconds a test waits for a state it expects (bounded polling)
-
 
 def sleep(seconds: float) -> Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)
-
-
-@inlineCallbacks
-def wait_for(check: Callable[[], bool], what: str, timeout: float = WAIT
-             ) -> Generator[Any, Any, None]:
-    for _ in range(int(timeout / 0.02)):
-        if check():
-            return
-        yield sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def settings(server: RedisServer, **kw: Any) -> RedisSettings:

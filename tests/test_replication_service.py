@@ -9,7 +9,7 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import ClientFactory, Protocol
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import TestCase
 
 from fsha import pki
@@ -187,16 +187,26 @@ class ServiceTests(TestCase):
         writer.clock = reactor
         writer.start(0.005)
         self.addCleanup(lambda: writer.stop() if writer.running else None)
-        yield deferLater(reactor, 0.1, lambda: None)
+
+        def written() -> int:
+            position = alpha.state.position(0)
+            return position.sequence if position is not None else 0
+
+        # (counted in changes, not in time: a loaded machine runs the writer less often)
+        yield wait_for(lambda: written() > 100, "alpha writing")
         # gamma goes away mid-stream
         yield gamma.stopService()
         yield wait_for(lambda: not alpha.status()["peers"]["gamma"]["up"], "alpha sees gamma go")
-        yield deferLater(reactor, 0.2, lambda: None)  # more changes while gamma is away
+        # more changes while gamma is away, until alpha's log no longer reaches back to an
+        # empty node
+        yield wait_for(lambda: alpha.state.catch_up(0, None, limit=1) is None,
+                       "alpha's log to outgrow gamma's absence")
         beta.put(0, Kind.LIMIT, "gw1", b"4")
         # a new run of gamma: new incarnation, empty state
         gamma2 = self.start("gamma", 32)
         yield wait_for(self.all_up, "gamma's links up again")
-        yield deferLater(reactor, 0.1, lambda: None)
+        more = written() + 100
+        yield wait_for(lambda: written() > more, "alpha writing while gamma catches up")
         writer.stop()
         yield wait_for(self.converged, "every node holding the same state")
         # nothing missing, nothing duplicated, and gamma's previous run is retired

@@ -16,26 +16,16 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from contextlib import redirect_stderr
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from fsha.harness import wait_for
 from fsha.sim import cli
 from fsha.wire.esl import Frame, FrameDecoder, decode_event_plain
 
 DEADLINE = 15.0
-
-
-def wait_for(cond: Callable[[], Any], what: str, deadline: float = DEADLINE) -> Any:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.01)  # poll interval of a condition wait, not a wait for time to pass
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Sim:
@@ -56,7 +46,7 @@ class Sim:
             stderr=subprocess.STDOUT,
         )
         case.addCleanup(self.kill)
-        self.ready: dict[str, Any] = wait_for(self._read_ready, f"{name} ready file")
+        self.ready: dict[str, Any] = wait_for(f"{name} ready file", self._read_ready, DEADLINE)
 
     def _read_ready(self) -> dict[str, Any] | None:
         if self.proc.poll() is not None:
@@ -134,13 +124,24 @@ class ESL:
         assert frame.content_type == content_type, (frame.content_type, frame.headers.items())
         return frame
 
+    def reply(self, content_type: str) -> Frame:
+        """The next frame that is not an event: subscribed events (HEARTBEAT every
+        ``--heartbeat`` seconds) may come before a reply, as from FreeSWITCH."""
+        while True:
+            frame = self.read()
+            assert frame is not None, "connection closed"
+            if frame.content_type != "text/event-plain":
+                break
+        assert frame.content_type == content_type, (frame.content_type, frame.headers.items())
+        return frame
+
     def command(self, line: str) -> str:
         self.send(line.encode() + b"\n\n")
-        return self.expect("command/reply").headers.get("Reply-Text") or ""
+        return self.reply("command/reply").headers.get("Reply-Text") or ""
 
     def api(self, line: str) -> str:
         self.send(b"api " + line.encode() + b"\n\n")
-        return self.expect("api/response").body.decode()
+        return self.reply("api/response").body.decode()
 
     def event(self, name: str) -> Any:
         while True:
@@ -200,7 +201,7 @@ class ProcessTests(SynchronousTestCase):
             sim.control("/crash", {})
         except OSError:
             pass  # the process dies before answering
-        wait_for(lambda: sim.proc.poll() is not None, "crash")
+        wait_for("crash", lambda: sim.proc.poll() is not None, DEADLINE)
         self.assertEqual(sim.proc.returncode, -signal.SIGKILL)
         self.assertIsNone(esl.read())  # EOF
         # kill -9 leaves the rows behind, as FreeSWITCH does
@@ -219,7 +220,7 @@ class ProcessTests(SynchronousTestCase):
             a.control("/crash", {})
         except OSError:
             pass
-        wait_for(lambda: a.proc.poll() is not None, "crash of fs1")
+        wait_for("crash of fs1", lambda: a.proc.poll() is not None, DEADLINE)
 
         esl = b.esl(self)
         esl.expect("auth/request")
