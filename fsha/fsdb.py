@@ -26,8 +26,9 @@ rollback, in one short transaction each:
 Nothing here creates tables: FreeSWITCH creates them at start-up, and a missing table means
 the path is not FreeSWITCH's database (:class:`CoreDBError` says so). The file is opened
 ``mode=rw`` (never created). Real FreeSWITCH keeps ``sip_registrations`` in the profile's
-own database (``db/sofia_reg_PROFILE.db``) unless the profile sets ``odbc-dsn``; the writer
-takes a path per profile for that reason (the simulator keeps both tables in the core DB).
+own database (``<db dir>/sofia_reg_PROFILE.db``, the profile's ``dbname``) unless the profile
+sets ``odbc-dsn``; the writer takes a path per profile for that reason (the node's
+``esl.registration_db``), and so does the simulator.
 
 Threads: every operation is a plain function handed to ``run`` (a :class:`ThreadRunner`
 with exactly one thread in production, :func:`inline_runner` in tests). One thread
@@ -213,7 +214,7 @@ class CoreDBWriter:
     """
 
     def __init__(self, core_db: str | Path, run: Runner, *,
-                 registration_db: Callable[[str], str | Path] | None = None,
+                 registration_db: Callable[[str], str | Path | None] | None = None,
                  busy_timeout: float = 1.0) -> None:
         self.core_db = Path(core_db)
         self._run = run
@@ -223,9 +224,8 @@ class CoreDBWriter:
         self._lock = threading.Lock()
 
     def registration_path(self, profile: str) -> Path:
-        if self._registration_db is None:
-            return self.core_db
-        return Path(self._registration_db(profile))
+        path = None if self._registration_db is None else self._registration_db(profile)
+        return self.core_db if path is None else Path(path)
 
     # -- plumbing (runner thread) --------------------------------------------------------------
 

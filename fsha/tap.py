@@ -241,7 +241,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     timeouts = TakeoverTimeouts.from_config(config, me)
     effects = SlotEffects(
         floating, reactor, esl=esl,
-        db=CoreDBWriter(me.core_db, ThreadRunner(reactor)) if me.core_db else None,
+        db=CoreDBWriter(me.core_db, ThreadRunner(reactor),
+                        registration_db=me.registration_db_for) if me.core_db else None,
         records=ReplicatedRecords(replication.state) if replication is not None else None,
         timeouts=timeouts, fencing=config.fencing, me=me)
     budget = max(timeouts.acquire_budget(slot) for slot in config.slots)

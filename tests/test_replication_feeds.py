@@ -72,7 +72,9 @@ def cluster(db_path: str | None) -> tuple[ClusterConfig, NodeConfig]:
     slots = (dataclasses.replace(base.slots[0], profiles=("internal", "internal-b")),
              dataclasses.replace(base.slots[1], profiles=("external",)))
     config = dataclasses.replace(base, slots=slots)
-    me = dataclasses.replace(config.nodes[0], core_db=db_path)
+    me = dataclasses.replace(
+        config.nodes[0], core_db=db_path, registration_db=None if db_path is None else
+        os.path.join(os.path.dirname(db_path), "sofia_reg_{profile}.db"))
     return config, me
 
 
@@ -158,7 +160,9 @@ class CountingDB(SQLiteCoreDB):
     """The real read-only DB with its queries counted."""
 
     def __init__(self, path: str) -> None:
-        super().__init__(path, self._count)
+        # registrations in each profile's own file, as sofia keeps them
+        super().__init__(path, self._count, registration_db=lambda p: os.path.join(
+            os.path.dirname(path), f"sofia_reg_{p}.db"))
         self.queries = 0
 
     def _count(self, f: Callable[[], Any]) -> Deferred[Any]:
@@ -539,7 +543,7 @@ class CoreDBTests(SynchronousTestCase):
 
     def test_missing_registration_table_only_disables_the_sweep(self) -> None:
         h = Harness(self)
-        h.writer._db.execute("drop table sip_registrations")
+        h.writer.open_profile("internal").execute("drop table sip_registrations")
         h.feeds.start_slot(0)
         self.assertFalse(h.feeds.status()["registration_table"])
         self.assertEqual(h.feeds.status()["errors"], 0)

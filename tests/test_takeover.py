@@ -236,6 +236,31 @@ def recovery_rows(db_path: str) -> list[RecoveryRow]:
     return [RecoveryRow(*(v.decode() for v in r[:5]), r[5]) for r in rows]
 
 
+def fs_schema(path: str | Path) -> None:
+    """A database with sofia's tables, both in one file (as a profile with its dbname
+    set to the core DB would have them)."""
+    from fsha.sim.coredb import (
+        RECOVERY_SCHEMA,
+        SIP_REGISTRATIONS_INDEXES,
+        SIP_REGISTRATIONS_SCHEMA,
+    )
+    with sqlite3.connect(path) as conn:
+        for stmt in (RECOVERY_SCHEMA, SIP_REGISTRATIONS_SCHEMA, *SIP_REGISTRATIONS_INDEXES):
+            conn.execute(stmt)
+    conn.close()
+
+
+def reg_db(core_db: str | Path, profile: str = "internal") -> str:
+    """sofia's registration database of ``profile``, beside the core DB."""
+    return str(Path(core_db).parent / f"sofia_reg_{profile}.db")
+
+
+def db_in_own_folder(folder: Path, name: str) -> str:
+    """Each FreeSWITCH has its own db dir (its profiles' sofia_reg_P.db files)."""
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    return str(folder / name / "core.db")
+
+
 def registration_rows(db_path: str) -> list[RegistrationRow]:
     cols = ("call_id, sip_user, sip_host, presence_hosts, contact, status, rpid, expires, "
             "user_agent, profile_name, network_ip, network_port, sip_username, sip_realm")
@@ -257,7 +282,8 @@ class Scenario:
         self.dir = Path(case.mktemp())
         self.dir.mkdir(parents=True)
         self.clock = Clock()
-        a = make_switch(self.clock, str(self.dir / "a.db"), "fs1", autostart=True)
+        a_db = db_in_own_folder(self.dir, "a")
+        a = make_switch(self.clock, a_db, "fs1", autostart=True)
         self.uuids = []
         for i in range(calls):
             self.uuids += a.place_call(PROFILE, caller=str(1000 + i), bridge=(i % 2 == 1))
@@ -266,15 +292,16 @@ class Scenario:
         a.stop()
         a.db.close()
         self.a = a
-        self.calls = recovery_rows(str(self.dir / "a.db"))
-        self.regs = registration_rows(str(self.dir / "a.db"))
-        self.b_db = str(self.dir / "b.db")
+        self.calls = recovery_rows(a_db)
+        self.regs = registration_rows(reg_db(a_db, PROFILE))
+        self.b_db = db_in_own_folder(self.dir, "b")
         self.b = make_switch(self.clock, self.b_db, "fs2", autostart=False, binder=binder)
         case.addCleanup(self.b.db.close)
         self.esl = SwitchESL(self.b)
         self.floating = FakeFloating()
         self.records = StaticRecords(self.calls, self.regs)
-        self.writer = CoreDBWriter(self.b_db, inline_runner)
+        self.writer = CoreDBWriter(self.b_db, inline_runner,
+                                   registration_db=lambda p: reg_db(self.b_db, p))
         case.addCleanup(self.writer.close)
         self.reports: list[TakeoverReport] = []
         self.effects = SlotEffects(self.floating, self.clock, esl=self.esl, db=self.writer,
@@ -286,7 +313,10 @@ class Scenario:
                      self.a.core_uuid)[0][0]
 
     def b_registrations(self) -> list[tuple[Any, ...]]:
-        return table(self.b_db, "select sip_user, hostname from sip_registrations")
+        if not os.path.exists(reg_db(self.b_db, PROFILE)):
+            return []
+        return table(reg_db(self.b_db, PROFILE), "select sip_user, hostname from "
+                                                 "sip_registrations")
 
 
 # -- the sequence with fakes ------------------------------------------------------------------
@@ -1119,7 +1149,7 @@ class CoreDBWriterTests(SynchronousTestCase):
         self.dir = Path(self.mktemp())
         self.dir.mkdir(parents=True)
         self.path = str(self.dir / "core.db")
-        CoreDB(self.path).close()  # the real schema
+        fs_schema(self.path)  # the real schema
         self.writer = CoreDBWriter(self.path, inline_runner)
         self.addCleanup(self.writer.close)
 
@@ -1162,7 +1192,7 @@ class CoreDBWriterTests(SynchronousTestCase):
 
     def test_registration_db_per_profile(self) -> None:
         other = self.dir / "sofia_reg_p.db"
-        CoreDB(str(other)).close()
+        fs_schema(other)
         writer = CoreDBWriter(self.path, inline_runner,
                               registration_db=lambda p: self.dir / f"sofia_reg_{p}.db")
         self.addCleanup(writer.close)
@@ -1305,7 +1335,8 @@ def _free_udp_port(host: str) -> int:
 class SimProcess:
     def __init__(self, case: TestCase, workdir: Path, name: str, profile_arg: str) -> None:
         self.name = name
-        self.db = workdir / f"{name}-core.db"
+        (workdir / name).mkdir()
+        self.db = workdir / name / "core.db"  # sofia_reg_<profile>.db beside it
         self.ready_path = workdir / f"{name}.ready"
         self.log = open(workdir / f"{name}.log", "wb")
         case.addCleanup(self.log.close)
@@ -1386,7 +1417,7 @@ class SimulatorTakeoverTests(TestCase):
                                 "host": "example.com"})
         a.crash()  # like kill -9: its DB file keeps the rows
         calls = recovery_rows(str(a.db))
-        regs = registration_rows(str(a.db))
+        regs = registration_rows(str(a.db.parent / f"sofia_reg_{PROFILE}.db"))
         self.assertEqual(len(calls), n)
         self.assertEqual(len(regs), 5)
 
@@ -1398,7 +1429,8 @@ class SimulatorTakeoverTests(TestCase):
         yield client.when_ready().addTimeout(DEADLINE, reactor)
         runner = ThreadRunner(reactor)
         self.addCleanup(runner.stop)
-        writer = CoreDBWriter(b.db, runner)
+        writer = CoreDBWriter(b.db, runner, registration_db=lambda p: b.db.parent /
+                              f"sofia_reg_{p}.db")
         slot = SlotConfig(PROFILE, 0, (FloatingIP(vip, 32, "lo"),), (PROFILE,))
         effects = SlotEffects(LoopbackBackend(reactor), reactor, esl=client, db=writer,
                               records=StaticRecords(calls, regs),
@@ -1422,8 +1454,8 @@ class SimulatorTakeoverTests(TestCase):
         self.assertEqual(sorted(r["uuid"] for r in json.loads(listing)["rows"]),
                          sorted(uuids))
         # B's sip_registrations holds them, under B's hostname
-        self.assertEqual(sorted(table(str(b.db), "select sip_user, hostname from "
-                                                 "sip_registrations")),
+        self.assertEqual(sorted(table(str(b.db.parent / f"sofia_reg_{PROFILE}.db"),
+                                      "select sip_user, hostname from sip_registrations")),
                          [(str(3000 + i), "simB") for i in range(5)])
 
         # B's SIP responder for the profile answers OPTIONS at the floating IP
@@ -1465,7 +1497,8 @@ class DeadMasterRecords:
         if previous is None:
             return [], []
         path = self.paths[previous.name]
-        return recovery_rows(path), registration_rows(path)
+        regs = reg_db(path, slot.profiles[0])
+        return recovery_rows(path), registration_rows(regs) if os.path.exists(regs) else []
 
 
 class NodeTakeoverTests(SynchronousTestCase):
@@ -1476,7 +1509,7 @@ class NodeTakeoverTests(SynchronousTestCase):
         cluster = FakeCluster(config)
         workdir = Path(self.mktemp())
         workdir.mkdir(parents=True)
-        paths = {n.name: str(workdir / f"{n.name}.db") for n in config.nodes}
+        paths = {n.name: db_in_own_folder(workdir, n.name) for n in config.nodes}
         records = DeadMasterRecords(paths)
         switches: dict[str, Switch] = {}
         esls: dict[str, SwitchESL] = {}
@@ -1487,7 +1520,8 @@ class NodeTakeoverTests(SynchronousTestCase):
             esls[node.name] = esl = SwitchESL(switch)
             if node.name == hang_recover_on:
                 esl.rules["sofia profile slot1 recover"] = "hang"
-            writer = CoreDBWriter(paths[node.name], inline_runner)
+            writer = CoreDBWriter(paths[node.name], inline_runner,
+                                  registration_db=lambda p, n=node.name: reg_db(paths[n], p))
             self.addCleanup(writer.close)
             cluster.actions[node.name] = SlotEffects(  # type: ignore[assignment]
                 FakeFloating(), cluster.clock, esl=esl, db=writer, records=records,
