@@ -332,6 +332,10 @@ class TakeoverTimeouts:
     recover: float = 10.0  # one `sofia profile P recover`
     registrations: float = 5.0  # the whole registrations step
     poll: float = 0.05  # between two `sofia status` polls
+    # a profile this node stopped is released asynchronously by sofia (its socket freed,
+    # then UNPUBLISH): a start before that answers success yet cannot bind for 17 s+.
+    # How long a start waits for the UNPUBLISH of a stop this node issued.
+    stop_settle: float = 15.0
     self_check: float = 2.0  # `api status` answered, "is ready"
     fence: float = 0.0  # the fence step, fence_bound(command timeout); 0: derived, or none
 
@@ -349,10 +353,15 @@ class TakeoverTimeouts:
         """The longest an acquire of ``slot`` can take with these timeouts."""
         n = len(slot.profiles)
         return (self.self_check + self.fence + self.floating + self.records + self.esl
-                + self.db + self.esl * n + self.confirm + self.recover * n + self.registrations)
+                + self.db + self.esl * (n + 1) + self.confirm + self.stop_settle
+                + self.recover * n + self.registrations)
 
     def release_budget(self, slot: SlotConfig) -> float:
-        return self.floating + self.esl * (len(slot.profiles) + 1) + self.db + self.esl
+        return self.floating + self.esl * (len(slot.profiles) + 2) + self.db + self.esl
+
+    def stop_budget(self) -> float:
+        """The longest :meth:`SlotEffects.stop` waits for deferred profile stops."""
+        return PROFILE_GUARD_SECONDS + 1.0 + 3 * self.esl
 
 
 # ---------------------------------------------------------------------------------------
@@ -446,7 +455,20 @@ class SlotEffects:
         self._step_listeners: list[Callable[[TakeoverReport, StepResult], object]] = []
         self._acquisitions: dict[int, _Acquisition] = {}
         self._stop_retries: dict[int, IDelayedCall] = {}
+        self._retries_running = 0
+        self._idle_waiters: list[Deferred[None]] = []
         self._standby_on = False
+        # profile -> fires at its UNPUBLISH (the stop this node issued is complete)
+        self._stopping: dict[str, Deferred[None]] = {}
+        self._stop_events = False
+        add_listener = getattr(esl, "add_event_listener", None)
+        subscribe = getattr(esl, "subscribe", None)
+        if add_listener is not None and subscribe is not None:
+            add_listener(self._profile_unpublished, "UNPUBLISH")
+            self._stop_events = True
+            defer.maybeDeferred(subscribe, "UNPUBLISH").addErrback(
+                lambda f: log.warn("subscribing to UNPUBLISH failed: {error}",
+                                   error=f.getErrorMessage()))
 
     # -- reporting --------------------------------------------------------------------------
 
@@ -471,7 +493,26 @@ class SlotEffects:
     def status(self) -> dict[str, Any]:
         return {"last_report": self.last_report.as_dict() if self.last_report else None,
                 "pending_profile_stops": sorted(self._stop_retries),
+                "profiles_stopping": sorted(self._stopping),
                 "global_standby": self._standby_on}
+
+    def _profile_unpublished(self, event: Any) -> None:
+        """UNPUBLISH (sofia's profile thread ended): a stop issued here is complete."""
+        profile = event.get("profile_name")
+        if profile is None:
+            return
+        d = self._stopping.pop(profile, None)
+        if d is not None and not d.called:
+            log.info("profile {profile} stopped (UNPUBLISH)", profile=profile)
+            d.callback(None)
+
+    def _stop_issued(self, profile: str) -> None:
+        """``sofia profile P stop`` was accepted: a later start waits for its UNPUBLISH."""
+        if not self._stop_events:
+            return
+        old = self._stopping.get(profile)
+        if old is None or old.called:
+            self._stopping[profile] = Deferred()
 
     def _publish(self, report: TakeoverReport) -> None:
         report.finished = True
@@ -633,8 +674,10 @@ class SlotEffects:
             report, "recovery_rows", lambda s: self._write_rows(calls, acq, s), t.esl + t.db,
             acq=acq)
         n = len(slot.profiles)
+        settle = t.stop_settle if any(p in self._stopping for p in slot.profiles) else 0.0
+        standby = t.esl if self._standby_on else 0.0  # global standby off first
         yield self._step(report, "profiles", lambda s: self._start_profiles(slot, s),
-                         t.esl * n + t.confirm, acq=acq)
+                         t.esl * n + t.confirm + settle + standby, acq=acq)
         yield self._step(report, "recover", lambda s: self._recover(slot, written, s),
                          t.recover * n, acq=acq)
         yield self._step(report, "registrations",
@@ -775,6 +818,41 @@ class SlotEffects:
     def _start_profiles(self, slot: SlotConfig, step: _Step) -> Generator[Any, Any, None]:
         api = self.api
         assert api is not None
+        if self._standby_on and not self._stop_retries and not self._retries_running:
+            # this node paused its FreeSWITCH for a stop it no longer needs (the slot is
+            # back before the 10 s were over): resume it, or it answers 503 for ever
+            yield api.sofia_global_standby(False)
+            self._standby_on = False
+            step.counts["standby_off"] = 1
+        waits = [self._stopping[p] for p in slot.profiles if p in self._stopping]
+        warned: str | None = None
+        if waits:
+            # sofia frees a stopped profile's socket asynchronously; a start before its
+            # UNPUBLISH answers success but the profile cannot bind for 17 s or more
+            step.note = "waiting for the stop of " + ", ".join(
+                p for p in slot.profiles if p in self._stopping)
+            gate: Deferred[bool] = Deferred()
+
+            def opened(value: bool) -> None:
+                if not gate.called:
+                    gate.callback(value)
+
+            DeferredList(waits, consumeErrors=True).addCallback(lambda _: opened(True))
+            timer = self.clock.callLater(self.timeouts.stop_settle, opened, False)
+            try:
+                unpublished = yield gate
+            finally:
+                if timer.active():
+                    timer.cancel()
+            if not unpublished:
+                warned = (f"no UNPUBLISH within {self.timeouts.stop_settle:g} s of the "
+                          "stop; starting anyway")
+            for p in slot.profiles:
+                d = self._stopping.get(p)
+                if d is not None and not d.called:
+                    del self._stopping[p]
+            step.counts["stops_waited"] = len(waits)
+            step.note = None
         for profile in slot.profiles:
             yield api.sofia_profile(profile, "start")
         step.counts["profiles"] = len(slot.profiles)
@@ -791,6 +869,8 @@ class SlotEffects:
             step.check()
             yield deferLater(self.clock, self.timeouts.poll, lambda: None)
         step.note = None
+        if warned is not None:
+            step.warn(warned)
         addresses = {ip.address for ip in slot.ips}
         for profile in slot.profiles:
             if _url_host(running[profile].data) not in addresses:
@@ -917,6 +997,7 @@ class SlotEffects:
         for profile in slot.profiles:
             try:
                 yield api.sofia_profile(profile, "stop")
+                self._stop_issued(profile)
                 stopped += 1
             except ProfileNotFound:
                 not_running += 1
@@ -925,20 +1006,67 @@ class SlotEffects:
                 young.append((profile, float(m.group(1)) if m else PROFILE_GUARD_SECONDS))
         step.counts.update(stopped=stopped, not_running=not_running, too_young=len(young))
         if young:
+            # The successor recovers these calls: end the copies here now (the addresses
+            # are already down, so their BYEs do not reach the callers), whatever becomes
+            # of the stop itself (a SIGTERM may end this process before the retry).
+            hung = 0
+            for profile, _ in young:
+                try:
+                    yield api.hupall("MANAGER_REQUEST", "sofia_profile_name", profile)
+                    hung += 1
+                except FSApiError as e:
+                    step.warn(f"hupall of {profile}'s calls failed: {e}")
+            step.counts["calls_hung_up"] = hung
             yield api.sofia_global_standby(True)
             self._standby_on = True
             wait = max(w for _, w in young) + 0.5
             self._schedule_stop_retry(slot, [p for p, _ in young], wait, 1)
             step.warn(f"profile(s) {', '.join(p for p, _ in young)} started less than "
-                      f"{PROFILE_GUARD_SECONDS:g} s ago: global standby on, stop retried in "
-                      f"{wait:g} s")
+                      f"{PROFILE_GUARD_SECONDS:g} s ago: calls hung up, global standby on, "
+                      f"stop retried in {wait:g} s")
 
-    def stop(self) -> None:
-        """Cancel the pending delayed profile stops (the process is stopping)."""
-        for slot_id, call in list(self._stop_retries.items()):
-            if call.active():
-                call.cancel()
-            del self._stop_retries[slot_id]
+    def stop(self) -> Deferred[None]:
+        """The process is stopping: let the pending delayed profile stops run (a profile
+        younger than 10 s left running would keep the slot's address:port and the global
+        standby on with nothing to undo them), at most :meth:`TakeoverTimeouts.stop_budget`;
+        then make sure global standby is off. Never fails."""
+        if not self._stop_retries and not self._retries_running:
+            return self._standby_off_at_exit()
+        d: Deferred[None] = Deferred()
+        self._idle_waiters.append(d)
+        d.addTimeout(self.timeouts.stop_budget(), self.clock)
+
+        def gave_up(f: Failure) -> None:
+            f.trap(defer.TimeoutError)
+            log.warn("deferred profile stops not done in {s:g} s at exit",
+                     s=self.timeouts.stop_budget())
+
+        def cancel_rest(_: object) -> Deferred[None]:
+            for slot_id, call in list(self._stop_retries.items()):
+                if call.active():
+                    call.cancel()
+                del self._stop_retries[slot_id]
+            return self._standby_off_at_exit()
+
+        return d.addErrback(gave_up).addBoth(cancel_rest)
+
+    def _standby_off_at_exit(self) -> Deferred[None]:
+        if not self._standby_on or self.api is None:
+            return defer.succeed(None)
+        self._standby_on = False
+        d = self.api.sofia_global_standby(False)
+        d.addTimeout(self.timeouts.esl, self.clock)
+        d.addErrback(lambda f: log.warn("sofia global standby off failed at exit: {error}",
+                                        error=_reason(f, self.timeouts.esl)))
+        return d.addCallback(lambda _: None)
+
+    def _retries_idle(self) -> None:
+        if self._stop_retries or self._retries_running:
+            return
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for d in waiters:
+            if not d.called:
+                d.callback(None)
 
     def _schedule_stop_retry(self, slot: SlotConfig, profiles: list[str], wait: float,
                              attempt: int) -> None:
@@ -951,9 +1079,11 @@ class SlotEffects:
         if call is not None and call.active():
             call.cancel()
             log.info("slot {slot}: pending profile stop cancelled", slot=slot.name)
+        self._retries_idle()
 
     def _retry_stop(self, slot: SlotConfig, profiles: list[str], attempt: int) -> None:
         self._stop_retries.pop(slot.slot_id, None)
+        self._retries_running += 1
         api = self.api
         assert api is not None
         young: list[str] = []
@@ -964,6 +1094,7 @@ class SlotEffects:
             for profile in profiles:
                 try:
                     yield api.sofia_profile(profile, "stop")
+                    self._stop_issued(profile)
                     log.info("slot {slot}: profile {profile} stopped (delayed stop)",
                              slot=slot.name, profile=profile)
                 except ProfileNotFound:
@@ -990,13 +1121,20 @@ class SlotEffects:
                           profiles=",".join(young), n=attempt + 1)
             if self._standby_on and not self._stop_retries:
                 self._standby_on = False
-                return api.sofia_global_standby(False).addErrback(
+                off = api.sofia_global_standby(False)
+                off.addTimeout(self.timeouts.esl, self.clock)
+                return off.addErrback(
                     lambda f: log.warn("sofia global standby off failed: {error}",
-                                       error=_reason(f)))
+                                       error=_reason(f, self.timeouts.esl)))
             return None
+
+        def finished(_: object) -> None:
+            self._retries_running -= 1
+            self._retries_idle()
 
         d.addBoth(done)
         d.addErrback(lambda f: log.failure("delayed profile stop failed", f))
+        d.addBoth(finished)
 
     @inlineCallbacks
     def _rollback(self, acq: _Acquisition, step: _Step) -> Generator[Any, Any, None]:

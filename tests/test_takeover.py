@@ -150,6 +150,7 @@ class SwitchESL:
         self.commands: list[str] = []
         self.rules: dict[str, Any] = {}
         self.down = False
+        self.subscribed: list[str] = []
 
     def api(self, command: str, timeout: float | None = None) -> Deferred[str]:
         self.commands.append(command)
@@ -167,6 +168,18 @@ class SwitchESL:
     def bgapi(self, command: str, timeout: float | None = None,
               job_uuid: str | None = None) -> Deferred[str]:
         return fail(NotImplementedError("bgapi"))
+
+    def add_event_listener(self, callback: Callable[[Any], object],
+                           name: str | None = None) -> None:
+        """The switch's events named ``name`` (what ESLClient delivers once subscribed)."""
+        def relay(event: Any) -> None:
+            if name is None or event.name == name or event.subclass == name:
+                callback(event)
+        self.switch.add_listener(relay)
+
+    def subscribe(self, *names: str) -> Deferred[None]:
+        self.subscribed.extend(names)
+        return succeed(None)
 
 
 class FakeRunner:
@@ -220,10 +233,11 @@ class HangingRunner:
 
 
 def make_switch(clock: Clock, db_path: str, name: str, *, autostart: bool,
-                binder: NullSipBinder | None = None) -> Switch:
+                binder: NullSipBinder | None = None, stop_delay: float = 0.0) -> Switch:
     switch = Switch(clock, CoreDB(db_path), name=name,
                     profiles=[ProfileConfig(PROFILE, VIP.address, 5060, autostart)],
-                    heartbeat_interval=0, reg_check_interval=0, sip_binder=binder)
+                    heartbeat_interval=0, reg_check_interval=0, sip_binder=binder,
+                    stop_delay=stop_delay)
     switch.start()
     return switch
 
@@ -278,7 +292,7 @@ class Scenario:
     """A dead master A (its rows) and a successor B (in-process switch + DB + effects)."""
 
     def __init__(self, case: SynchronousTestCase, calls: int = 4, regs: int = 3,
-                 binder: NullSipBinder | None = None) -> None:
+                 binder: NullSipBinder | None = None, stop_delay: float = 0.0) -> None:
         self.dir = Path(case.mktemp())
         self.dir.mkdir(parents=True)
         self.clock = Clock()
@@ -295,7 +309,8 @@ class Scenario:
         self.calls = recovery_rows(a_db)
         self.regs = registration_rows(reg_db(a_db, PROFILE))
         self.b_db = db_in_own_folder(self.dir, "b")
-        self.b = make_switch(self.clock, self.b_db, "fs2", autostart=False, binder=binder)
+        self.b = make_switch(self.clock, self.b_db, "fs2", autostart=False, binder=binder,
+                             stop_delay=stop_delay)
         case.addCleanup(self.b.db.close)
         self.esl = SwitchESL(self.b)
         self.floating = FakeFloating()
@@ -719,7 +734,7 @@ class ReleaseTests(SynchronousTestCase):
                                                "sofia global standby off"])
         self.assertEqual(s.effects.status(), {
             "last_report": report.as_dict(), "pending_profile_stops": [],
-            "global_standby": False})
+            "profiles_stopping": [PROFILE], "global_standby": False})
 
     def test_acquire_again_cancels_the_delayed_stop(self) -> None:
         s = Scenario(self, calls=1, regs=0)
@@ -731,7 +746,87 @@ class ReleaseTests(SynchronousTestCase):
         self.assertFalse(s.b.profiles[PROFILE].standby)  # recover cleared it
         s.clock.advance(60)
         self.assertTrue(s.b.profiles[PROFILE].running)
-        self.assertNotIn("sofia global standby off", s.esl.commands)
+        # the standby turned on for the stop is off again (issue 12: it stayed on)
+        self.assertIn("sofia global standby off", s.esl.commands)
+        self.assertFalse(s.effects.status()["global_standby"])
+        self.assertEqual(s.effects.last_report.count("profiles", "standby_off"), 1)
+
+    def test_young_profile_calls_are_hung_up_at_release(self) -> None:
+        s = Scenario(self, calls=2, regs=0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        self.assertEqual(len(s.b.channels), 3)
+        self.successResultOf(s.effects.release(SLOT))
+        self.assertEqual(s.b.channels, {})  # the successor has them; no copy lives on here
+        self.assertIn("hupall MANAGER_REQUEST sofia_profile_name slot1", s.esl.commands)
+        self.assertTrue(s.b.profiles[PROFILE].running)  # the stop itself comes later
+
+    def test_stop_at_exit_waits_for_the_deferred_stop(self) -> None:
+        s = Scenario(self, calls=1, regs=0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        self.successResultOf(s.effects.release(SLOT))
+        d = s.effects.stop()  # SIGTERM right after a hand-over of a young profile
+        self.assertNoResult(d)
+        s.clock.advance(10.5)
+        self.successResultOf(d)
+        self.assertFalse(s.b.profiles[PROFILE].running)
+        self.assertEqual(s.esl.commands[-1], "sofia global standby off")
+        self.assertFalse(s.effects.status()["global_standby"])
+
+    def test_stop_at_exit_is_bounded(self) -> None:
+        s = Scenario(self, calls=0, regs=0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        self.successResultOf(s.effects.release(SLOT))
+        s.esl.rules["sofia profile slot1 stop"] = "hang"
+        d = s.effects.stop()
+        s.clock.advance(TIMEOUTS.stop_budget())
+        self.successResultOf(d)
+        self.assertEqual(s.effects.status()["pending_profile_stops"], [])
+        self.assertIn("sofia global standby off", s.esl.commands)
+
+    def test_stop_at_exit_without_pending_stops_is_immediate(self) -> None:
+        s = Scenario(self, calls=0, regs=0)
+        self.successResultOf(s.effects.stop())
+        self.assertEqual(s.esl.commands, [])
+        self.assertEqual(s.esl.subscribed, ["UNPUBLISH"])
+
+    def test_switch_back_waits_for_the_stop_to_complete(self) -> None:
+        # sofia frees a stopped profile asynchronously: a start before UNPUBLISH answers
+        # success, yet the profile stays absent (issue 12: the switch-back failed)
+        s = Scenario(self, calls=1, regs=0, stop_delay=2.0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        s.clock.advance(11)
+        self.successResultOf(s.effects.release(SLOT))
+        self.assertEqual(s.effects.status()["profiles_stopping"], [PROFILE])
+        s.records.calls = []
+        d = s.effects.acquire(SLOT, 3, DEAD)
+        s.clock.advance(1.0)
+        self.assertNoResult(d)
+        self.assertNotIn("sofia profile slot1 start", s.esl.commands[-3:])
+        s.clock.advance(1.0)  # UNPUBLISH
+        for _ in range(10):
+            s.clock.advance(TIMEOUTS.poll)
+        self.successResultOf(d)
+        report = s.effects.last_report
+        self.assertTrue(report.ok, report.as_dict())
+        self.assertEqual(report.count("profiles", "stops_waited"), 1)
+        self.assertTrue(s.b.profiles[PROFILE].running)
+
+    def test_switch_back_without_unpublish_goes_on_after_a_bound(self) -> None:
+        s = Scenario(self, calls=0, regs=0, stop_delay=2.0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        s.clock.advance(11)
+        self.successResultOf(s.effects.release(SLOT))
+        s.b.listeners.clear()  # the UNPUBLISH is lost (ESL reconnected)
+        s.clock.advance(2.0)
+        d = s.effects.acquire(SLOT, 3, DEAD)
+        s.clock.advance(TIMEOUTS.stop_settle)
+        for _ in range(10):
+            s.clock.advance(TIMEOUTS.poll)
+        self.successResultOf(d)
+        step = s.effects.last_report.step("profiles")
+        self.assertEqual(step.outcome, WARNING)
+        self.assertIn("no UNPUBLISH", step.error)
+        self.assertEqual(s.effects.status()["profiles_stopping"], [])
 
     def test_stop_retries_are_bounded(self) -> None:
         s = Scenario(self, calls=0, regs=0)
@@ -800,7 +895,7 @@ class BudgetAndDefaultsTests(SynchronousTestCase):
         t = TakeoverTimeouts()
         two = SlotConfig("s", 0, (VIP,), ("a", "b"))
         self.assertAlmostEqual(t.acquire_budget(two),
-                               2 + 5 + 2 + 2 + 5 + 2 * 2 + 3 + 10 * 2 + 5)
+                               2 + 5 + 2 + 2 + 5 + 2 * 3 + 3 + 15 + 10 * 2 + 5)
         self.assertGreater(t.release_budget(two), t.floating)
 
     def test_no_records(self) -> None:
@@ -1344,7 +1439,7 @@ class SimProcess:
             [sys.executable, "-m", "fsha", "sim", "--name", name, "--esl", "127.0.0.1:0",
              "--control", "127.0.0.1:0", "--ready-file", str(self.ready_path),
              "--db", str(self.db), "--heartbeat", "1", "--max-sessions", "100000",
-             *profile_arg.split(" ", 1)],
+             *profile_arg.split()],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         case.addCleanup(self.kill)
         self.ready: dict[str, Any] = {}
@@ -1406,7 +1501,10 @@ class SimulatorTakeoverTests(TestCase):
         vip = f"127.{rng.randint(100, 250)}.{rng.randint(1, 250)}.1"
         port = _free_udp_port(vip)
         a = SimProcess(self, workdir, "simA", f"--profile {PROFILE}={vip}:{port}")
-        b = SimProcess(self, workdir, "simB", f"--define-profile {PROFILE}={vip}:{port}")
+        # B: FreeSWITCH's 10 s stop guard shortened (its rule is what matters, not its
+        # length) and an asynchronous stop, as sofia's
+        b = SimProcess(self, workdir, "simB", f"--define-profile {PROFILE}={vip}:{port} "
+                       "--profile-guard 2 --profile-stop-delay 0.3")
         yield wait_for(a.read_ready, "sim A ready")
         yield wait_for(b.read_ready, "sim B ready")
         n = 20
@@ -1478,8 +1576,16 @@ class SimulatorTakeoverTests(TestCase):
         yield wait_for(lambda: len(probe.responses) > 1, "an answer to the second OPTIONS")
         self.assertTrue(probe.responses[1].decode().startswith("SIP/2.0 503 System Paused"))
         self.assertEqual(effects.status()["pending_profile_stops"], [0])
-        effects.stop()
+        # the copies of the calls ended at once (the successor recovers them)
+        self.assertEqual(release.count("profiles", "calls_hung_up"), 1)
+        count = yield client.api("show channels count")
+        self.assertEqual(count.strip(), "0 total.")
+        # SIGTERM now: the process waits for the deferred stop, which turns standby off
+        yield effects.stop()
         self.assertEqual(effects.status()["pending_profile_stops"], [])
+        self.assertFalse(effects.status()["global_standby"])
+        listing = yield client.api("sofia status")
+        self.assertNotIn(PROFILE, listing)
         yield writer.close()
 
 

@@ -242,6 +242,7 @@ class Switch:
             "limit_usage": self.limits.api_limit_usage,
             "uuid_exists": self._api_uuid_exists,
             "uuid_kill": self._api_uuid_kill,
+            "hupall": self._api_hupall,
             "originate": self._api_originate,
             "version": self._api_version,
             "hostname": lambda _a: self.hostname,
@@ -1326,6 +1327,19 @@ class Switch:
 
     def _api_uuid_exists(self, args: str) -> str:
         return "true" if args.split(" ")[0] in self.channels else "false"
+
+    def _api_hupall(self, args: str) -> str:
+        """``hupall [CAUSE [VAR VALUE]]`` (mod_commands): hang up the matching channels."""
+        argv = args.split()
+        cause = argv[0] if argv else "SWITCH_CAUSE_MANAGER_REQUEST"
+        cause = cause.removeprefix("SWITCH_CAUSE_") or "MANAGER_REQUEST"
+        var, value = (argv[1], argv[2]) if len(argv) > 2 else (None, None)
+        for ch in list(self.channels.values()):
+            if var is None or ch.variables.get(var) == value:
+                self.hangup(ch.uuid, cause)
+        if var is None:
+            return f"+OK hangup all channels with cause {cause}\n"
+        return f"+OK hangup all channels matching [{var}]=[{value}] with cause: {cause}\n"
 
     def _api_uuid_kill(self, args: str) -> str:
         argv = args.split()
