@@ -152,6 +152,9 @@ SKIPPED = "skipped"
 
 STOP_RETRIES = 3
 PROFILE_GUARD_SECONDS = 10.0  # FreeSWITCH: "must be up for at least 10 seconds"
+#: registrations written per transaction (a few ms each; FreeSWITCH's own writers wait
+#: behind it at most that long)
+REGISTRATION_PAGE = 2000
 _PLEASE_WAIT = re.compile(r"Please wait (\d+) second")
 
 
@@ -390,6 +393,29 @@ class _Step:
 
 
 @dataclass(slots=True)
+class _Restore:
+    """A registration restore in progress: what is written so far (pages, then hash
+    entries in windows)."""
+
+    slot: SlotConfig
+    regs: list[RegistrationRow]
+    hostname: str
+    server_host: str
+    entries: list[tuple[str, str]]  # (user@host, profile) hash entries
+    reg_pos: int = 0
+    hash_pos: int = 0
+    written: int = 0
+    hashed: int = 0
+    hash_failed: int = 0
+    invalid: int = 0  # registrations without a usable user@host key
+    cancelled: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.reg_pos >= len(self.regs) and self.hash_pos >= len(self.entries)
+
+
+@dataclass(slots=True)
 class _Acquisition:
     """What an acquire did so far, for its rollback."""
 
@@ -399,6 +425,7 @@ class _Acquisition:
     registrations: list[RegistrationRow] = field(default_factory=list)
     hostname: str = ""
     hash_keys: list[str] = field(default_factory=list)
+    restore: _Restore | None = None  # registrations left for after the acquire
     complete: bool = False
     cancelled: bool = False
     current: _Step | None = None  # the step running now
@@ -461,6 +488,7 @@ class SlotEffects:
         # profile -> fires at its UNPUBLISH (the stop this node issued is complete)
         self._stopping: dict[str, Deferred[None]] = {}
         self._stop_events = False
+        self._restores: dict[int, _Restore] = {}  # slot -> registrations still restoring
         add_listener = getattr(esl, "add_event_listener", None)
         subscribe = getattr(esl, "subscribe", None)
         if add_listener is not None and subscribe is not None:
@@ -629,6 +657,8 @@ class SlotEffects:
                 report.error = _reason(result)
             else:
                 acq.complete = True
+                if acq.restore is not None:
+                    self._continue_restore(slot, acq.restore)
             self._publish(report)
             if not outer.called:
                 outer.callback(result)
@@ -901,6 +931,10 @@ class SlotEffects:
     @inlineCallbacks
     def _restore_registrations(self, slot: SlotConfig, regs: list[RegistrationRow],
                                acq: _Acquisition, step: _Step) -> Generator[Any, Any, None]:
+        """Registrations in pages of :data:`REGISTRATION_PAGE` rows (one short transaction
+        each), then the hash entries in windows; what does not fit in this step's time
+        (a large slot: the calls come first) is handed over to :meth:`_continue_restore`,
+        which goes on once the slot is served, each page bounded on its own."""
         step.counts["registrations"] = len(regs)
         if not regs:
             return
@@ -916,11 +950,28 @@ class SlotEffects:
             raise FSApiError("global_getvar hostname", "", "FreeSWITCH has no hostname")
         hostname = hostname.strip()
         acq.registrations, acq.hostname = regs, hostname
-        server_host = slot.ips[0].address if slot.ips else ""
-        n = yield self._db_call(self.db.write_registrations(regs, hostname, server_host))
-        step.counts["written"] = n
-        if self.hash_realm is None:
-            return
+        entries, invalid = self._hash_entries(regs) if self.hash_realm is not None else ([], 0)
+        restore = _Restore(slot, regs, hostname, slot.ips[0].address if slot.ips else "",
+                           entries, invalid=invalid)
+        step.counts["written"] = 0
+        # leave a margin of the step's bound for the last page in flight
+        soft = self.clock.seconds() + self.timeouts.registrations * 0.6
+        yield self._restore_pages(restore, acq, step, until=soft)
+        if restore.invalid or restore.hash_failed:
+            step.counts["hash_failed"] = restore.hash_failed + restore.invalid
+            step.warn(f"{restore.hash_failed + restore.invalid} hash entr"
+                      f"{'y' if restore.hash_failed + restore.invalid == 1 else 'ies'} "
+                      f"not inserted ({restore.invalid} with unusable user@host)")
+        if not restore.done:
+            acq.restore = restore
+            left = len(restore.regs) - restore.reg_pos
+            step.counts["continued"] = left + len(restore.entries) - restore.hash_pos
+            step.warn(f"{left} registration(s) and {len(restore.entries) - restore.hash_pos}"
+                      " hash entries continue once the slot is served")
+
+    def _hash_entries(self, regs: list[RegistrationRow]) -> tuple[list[tuple[str, str]], int]:
+        """The ``user@host -> profile`` hash entries, and how many registrations have no
+        usable key."""
         entries: dict[str, str] = {}
         invalid = 0
         for r in regs:
@@ -929,27 +980,82 @@ class SlotEffects:
                 entries[key] = r.profile_name
             else:
                 invalid += 1
-        step.counts["hash_entries"] = 0
-        failed = 0
-        items = list(entries.items())
-        for i in range(0, len(items), self.hash_window):
-            step.check()
-            chunk = items[i:i + self.hash_window]
-            acq.hash_keys.extend(k for k, _ in chunk)
-            results = yield DeferredList(
-                [api.hash_insert(self.hash_realm, k, v) for k, v in chunk],
-                consumeErrors=True)
+        return list(entries.items()), invalid
+
+    @inlineCallbacks
+    def _restore_pages(self, restore: _Restore, acq: _Acquisition | None,
+                       step: _Step | None, until: float | None = None
+                       ) -> Generator[Any, Any, None]:
+        """Write ``restore``'s next pages until done (or past ``until``); each page is
+        bounded by ``timeouts.registrations`` on its own (a stall fails, progress goes
+        on)."""
+        assert self.db is not None and self.api is not None
+        api, bound = self.api, self.timeouts.registrations
+        while restore.reg_pos < len(restore.regs):
+            if step is not None:
+                step.check()
+            if restore.cancelled or (until is not None and self.clock.seconds() > until):
+                return
+            page = restore.regs[restore.reg_pos:restore.reg_pos + REGISTRATION_PAGE]
+            d = self._db_call(self.db.write_registrations(page, restore.hostname,
+                                                           restore.server_host))
+            n = yield d.addTimeout(bound, self.clock)
+            restore.reg_pos += len(page)
+            restore.written += n
+            if step is not None:
+                step.counts["written"] = restore.written
+        if self.hash_realm is None:
+            return
+        realm = self.hash_realm
+        while restore.hash_pos < len(restore.entries):
+            if step is not None:
+                step.check()
+            if restore.cancelled or (until is not None and self.clock.seconds() > until):
+                return
+            chunk = restore.entries[restore.hash_pos:restore.hash_pos + self.hash_window]
+            if acq is not None:
+                acq.hash_keys.extend(k for k, _ in chunk)
+            d = DeferredList([api.hash_insert(realm, k, v) for k, v in chunk],
+                             consumeErrors=True)
+            results = yield d.addTimeout(bound, self.clock)
             ok = sum(1 for success, _ in results if success)
-            failed += len(chunk) - ok
-            step.counts["hash_entries"] += ok
-        if invalid or failed:
-            step.counts["hash_failed"] = failed + invalid
-            step.warn(f"{failed + invalid} hash entr{'y' if failed + invalid == 1 else 'ies'}"
-                      f" not inserted ({invalid} with unusable user@host)")
+            restore.hash_pos += len(chunk)
+            restore.hashed += ok
+            restore.hash_failed += len(chunk) - ok
+            if step is not None:
+                step.counts["hash_entries"] = restore.hashed
+
+    def _continue_restore(self, slot: SlotConfig, restore: _Restore) -> None:
+        """The rest of a large restore, after the acquire (the slot is served). Stopped by
+        a release of the slot; each page bounded; the outcome is logged."""
+        old = self._restores.pop(slot.slot_id, None)
+        if old is not None:
+            old.cancelled = True
+        self._restores[slot.slot_id] = restore
+        log.info("slot {slot}: restoring {n} more registration(s) in the background",
+                 slot=slot.name, n=len(restore.regs) - restore.reg_pos)
+        d = self._restore_pages(restore, None, None)
+
+        def done(result: object) -> None:
+            if self._restores.get(slot.slot_id) is restore:
+                del self._restores[slot.slot_id]
+            if isinstance(result, Failure):
+                log.warn("slot {slot}: registration restore stopped after {n} of {total}: "
+                         "{error}", slot=slot.name, n=restore.written,
+                         total=len(restore.regs),
+                         error=_reason(result, self.timeouts.registrations))
+            elif not restore.cancelled:
+                log.info("slot {slot}: {n} registration(s) and {h} hash entries restored "
+                         "in all", slot=slot.name, n=restore.written, h=restore.hashed)
+
+        d.addBoth(done).addErrback(lambda f: log.failure("registration restore", f))
 
     # -- release ----------------------------------------------------------------------------
 
     def release(self, slot: SlotConfig) -> Deferred[None]:
+        restore = self._restores.pop(slot.slot_id, None)
+        if restore is not None:
+            restore.cancelled = True  # the slot goes: its registrations are not ours
         acq = self._acquisitions.pop(slot.slot_id, None)
         action = "rollback" if acq is not None and not acq.complete else "release"
         report = TakeoverReport(action, slot.name, acq.epoch if acq is not None else 0, None,

@@ -751,6 +751,59 @@ class ReleaseTests(SynchronousTestCase):
         self.assertFalse(s.effects.status()["global_standby"])
         self.assertEqual(s.effects.last_report.count("profiles", "standby_off"), 1)
 
+    def test_large_restore_continues_after_the_acquire(self) -> None:
+        from fsha.takeover import REGISTRATION_PAGE
+        s = Scenario(self, calls=1, regs=0)
+        n = 3 * REGISTRATION_PAGE + 10
+        s.records.regs = [RegistrationRow(f"c{i}", str(10000 + i), "example.com", "", "",
+                                          "Registered(UDP)", "", 0, "ua", PROFILE, "", "",
+                                          "", "") for i in range(n)]
+        write = s.writer.write_registrations
+
+        def slow(*args: Any, **kw: Any) -> Any:  # each page takes 0.4 s of the 1 s bound
+            s.clock.advance(0.4)
+            return write(*args, **kw)
+
+        s.writer.write_registrations = slow  # type: ignore[method-assign]
+        self.successResultOf(s.effects.acquire(SLOT, 2, DEAD))
+        report = s.effects.last_report
+        assert report is not None
+        self.assertTrue(report.ok)  # the calls are up: the slot is served
+        step = report.step("registrations")
+        assert step is not None
+        self.assertEqual(step.outcome, WARNING)
+        self.assertEqual(step.counts["written"], 2 * REGISTRATION_PAGE)
+        self.assertIn("continue once the slot is served", step.error or "")
+        self.assertEqual(len(s.b_registrations()), n)  # the rest followed, page by page
+        self.assertEqual(s.b.hashes[""].get("fsha_reg_10000@example.com"), PROFILE)
+        self.assertEqual(len(s.b.hashes[""]), n)
+
+    def test_release_stops_a_background_restore(self) -> None:
+        from fsha.takeover import REGISTRATION_PAGE
+        s = Scenario(self, calls=0, regs=0)
+        n = 4 * REGISTRATION_PAGE
+        s.records.regs = [RegistrationRow(f"c{i}", str(10000 + i), "example.com", "", "",
+                                          "Registered(UDP)", "", 0, "ua", PROFILE, "", "",
+                                          "", "") for i in range(n)]
+        pages: list[Deferred[int]] = []
+        write = s.writer.write_registrations
+
+        def held(*args: Any, **kw: Any) -> Any:  # two pages in the step; the third waits
+            if len(pages) == 2:
+                d: Deferred[int] = Deferred()
+                pages.append(d)
+                return d
+            s.clock.advance(0.4)
+            pages.append(write(*args, **kw))
+            return pages[-1]
+
+        s.writer.write_registrations = held  # type: ignore[method-assign]
+        self.successResultOf(s.effects.acquire(SLOT, 2, DEAD))
+        self.assertEqual(len(pages), 3)  # the third in the background
+        self.successResultOf(s.effects.release(SLOT))
+        pages[2].callback(REGISTRATION_PAGE)
+        self.assertEqual(len(pages), 3)  # nothing written after the release
+
     def test_young_profile_calls_are_hung_up_at_release(self) -> None:
         s = Scenario(self, calls=2, regs=0)
         self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
