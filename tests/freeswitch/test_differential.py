@@ -48,7 +48,8 @@ class DifferentialTests(SynchronousTestCase):
         self.addCleanup(self.real.kill)
         self.real.start()
         wait_for(self.real.profile_running, "the real slot profile RUNNING")
-        self.sim = Sim(self, "sim", "--profile", f"slot1={sim_ip}:{free_sip_port(sim_ip)}")
+        self.sim = Sim(self, "sim", "--profile", f"slot1={sim_ip}:{free_sip_port(sim_ip)}",
+                       "--profile-stop-delay", "0.5")
 
     def both(self, command: str) -> tuple[str, str]:
         return api(self.sim.ready["esl"]["port"], command), self.real.api(command)
@@ -97,6 +98,36 @@ class DifferentialTests(SynchronousTestCase):
         self.same("hash delete/fsha_reg/1000@example.com")
         self.same("hash delete/fsha_reg/1000@example.com")
         self.same("hash select/fsha_reg/1000@example.com")
+
+    def test_profile_stop_is_asynchronous(self) -> None:
+        from tests.test_sim_process import ESL
+
+        watchers = []
+        for port in (self.sim.ready["esl"]["port"], self.real.esl_port):
+            esl = ESL(port)
+            self.addCleanup(esl.close)
+            esl.expect("auth/request")
+            self.assertEqual(esl.command("auth ClueCon"), "+OK accepted")
+            self.assertEqual(esl.command("event plain UNPUBLISH"),
+                             "+OK event listener enabled plain")
+            watchers.append(esl)
+
+        def stopped(port: int) -> bool:  # refused for the first 10 s (the guard)
+            return "stopping: slot1" in api(port, "sofia profile slot1 stop")
+
+        for port in (self.sim.ready["esl"]["port"], self.real.esl_port):
+            wait_for(lambda port=port: stopped(port), "the stop accepted", 20)
+        # gone from the list at once; its socket is released later: UNPUBLISH
+        for text in self.both("sofia status"):
+            self.assertNotIn("slot1", text)
+        for esl in watchers:
+            event = esl.event("UNPUBLISH")
+            self.assertEqual(event.get("profile_name"), "slot1")
+        for text in self.both("sofia profile slot1 start"):
+            self.assertEqual(text, "Reload XML [Success]\nslot1 started successfully\n")
+        for port in (self.sim.ready["esl"]["port"], self.real.esl_port):
+            wait_for(lambda port=port: "RUNNING" in api(port, "sofia status"),
+                     "the profile running again", 20)
 
     def test_databases(self) -> None:
         sim_dir = Path(self.sim.db).parent

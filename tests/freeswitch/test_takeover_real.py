@@ -185,6 +185,7 @@ class RealTakeoverTests(TestCase):
         self.assertTrue(report.ok, report.as_dict())
         self.assertTrue(fs.profile_running())
         self.assertEqual(report.count("profiles", "stops_waited"), int(stopping))
+        self.assertEqual(report.step("profiles").outcome, "ok")  # UNPUBLISH came
         self.assertEqual(effects.status()["profiles_stopping"], [])
 
         # SIGTERM right after a hand-over of the (young) profile: the process waits for
