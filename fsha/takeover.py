@@ -487,6 +487,7 @@ class SlotEffects:
         self._standby_on = False
         # profile -> fires at its UNPUBLISH (the stop this node issued is complete)
         self._stopping: dict[str, Deferred[None]] = {}
+        self._stop_times: dict[str, float] = {}  # profile -> when its stop was accepted
         self._stop_events = False
         self._restores: dict[int, _Restore] = {}  # slot -> registrations still restoring
         add_listener = getattr(esl, "add_event_listener", None)
@@ -530,6 +531,7 @@ class SlotEffects:
         if profile is None:
             return
         d = self._stopping.pop(profile, None)
+        self._stop_times.pop(profile, None)
         if d is not None and not d.called:
             log.info("profile {profile} stopped (UNPUBLISH)", profile=profile)
             d.callback(None)
@@ -541,6 +543,23 @@ class SlotEffects:
         old = self._stopping.get(profile)
         if old is None or old.called:
             self._stopping[profile] = Deferred()
+        self._stop_times[profile] = self.clock.seconds()
+
+    def _stops_pending(self, slot: SlotConfig) -> dict[str, float]:
+        """The slot's profiles still stopping -> seconds left to wait for their UNPUBLISH
+        (a stop older than ``stop_settle`` is forgotten: its UNPUBLISH was missed)."""
+        now, settle = self.clock.seconds(), self.timeouts.stop_settle
+        left: dict[str, float] = {}
+        for p in slot.profiles:
+            if p not in self._stopping:
+                continue
+            remaining = settle - (now - self._stop_times.get(p, now))
+            if remaining > 0:
+                left[p] = remaining
+            else:
+                del self._stopping[p]
+                self._stop_times.pop(p, None)
+        return left
 
     def _publish(self, report: TakeoverReport) -> None:
         report.finished = True
@@ -704,7 +723,7 @@ class SlotEffects:
             report, "recovery_rows", lambda s: self._write_rows(calls, acq, s), t.esl + t.db,
             acq=acq)
         n = len(slot.profiles)
-        settle = t.stop_settle if any(p in self._stopping for p in slot.profiles) else 0.0
+        settle = max(self._stops_pending(slot).values(), default=0.0)
         standby = t.esl if self._standby_on else 0.0  # global standby off first
         yield self._step(report, "profiles", lambda s: self._start_profiles(slot, s),
                          t.esl * n + t.confirm + settle + standby, acq=acq)
@@ -854,13 +873,13 @@ class SlotEffects:
             yield api.sofia_global_standby(False)
             self._standby_on = False
             step.counts["standby_off"] = 1
-        waits = [self._stopping[p] for p in slot.profiles if p in self._stopping]
+        pending = self._stops_pending(slot)
+        waits = [self._stopping[p] for p in pending]
         warned: str | None = None
         if waits:
             # sofia frees a stopped profile's socket asynchronously; a start before its
             # UNPUBLISH answers success but the profile cannot bind for 17 s or more
-            step.note = "waiting for the stop of " + ", ".join(
-                p for p in slot.profiles if p in self._stopping)
+            step.note = "waiting for the stop of " + ", ".join(pending)
             gate: Deferred[bool] = Deferred()
 
             def opened(value: bool) -> None:
@@ -868,7 +887,7 @@ class SlotEffects:
                     gate.callback(value)
 
             DeferredList(waits, consumeErrors=True).addCallback(lambda _: opened(True))
-            timer = self.clock.callLater(self.timeouts.stop_settle, opened, False)
+            timer = self.clock.callLater(max(pending.values()), opened, False)
             try:
                 unpublished = yield gate
             finally:
@@ -881,6 +900,7 @@ class SlotEffects:
                 d = self._stopping.get(p)
                 if d is not None and not d.called:
                     del self._stopping[p]
+                self._stop_times.pop(p, None)
             step.counts["stops_waited"] = len(waits)
             step.note = None
         for profile in slot.profiles:

@@ -881,6 +881,21 @@ class ReleaseTests(SynchronousTestCase):
         self.assertIn("no UNPUBLISH", step.error)
         self.assertEqual(s.effects.status()["profiles_stopping"], [])
 
+    def test_a_stop_older_than_the_settle_time_is_not_waited_for(self) -> None:
+        s = Scenario(self, calls=0, regs=0, stop_delay=2.0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        s.clock.advance(11)
+        self.successResultOf(s.effects.release(SLOT))
+        s.b.listeners.clear()  # the UNPUBLISH is lost
+        s.clock.advance(TIMEOUTS.stop_settle + 1)
+        d = s.effects.acquire(SLOT, 3, DEAD)
+        for _ in range(10):
+            s.clock.advance(TIMEOUTS.poll)
+        self.successResultOf(d)
+        step = s.effects.last_report.step("profiles")
+        self.assertEqual(step.outcome, "ok")
+        self.assertNotIn("stops_waited", step.counts)
+
     def test_stop_retries_are_bounded(self) -> None:
         s = Scenario(self, calls=0, regs=0)
         self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
