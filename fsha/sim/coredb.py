@@ -107,6 +107,7 @@ class CoreDB:
         for stmt in (RECOVERY_SCHEMA, *RECOVERY_INDEXES):
             self._db.execute(stmt)
         self._regs: dict[str, sqlite3.Connection] = {}
+        self._reg_batch: set[str] = set()  # profiles whose DB is inside the open batch
 
     def _connect(self, path: str) -> sqlite3.Connection:
         db = sqlite3.connect(path, timeout=self.busy_timeout, isolation_level=None,
@@ -140,7 +141,8 @@ class CoreDB:
 
     @contextmanager
     def batch(self) -> Iterator[None]:
-        """Group many writes in one short transaction (placing N calls at once)."""
+        """Group many writes in one short transaction per database (placing N calls or
+        registering N users at once)."""
         if self._batch_depth == 0:
             self._db.execute("BEGIN IMMEDIATE")
         self._batch_depth += 1
@@ -150,10 +152,35 @@ class CoreDB:
             self._batch_depth -= 1
             if self._batch_depth == 0:
                 self._db.execute("ROLLBACK")
+                self._end_registration_batch("ROLLBACK")
             raise
         self._batch_depth -= 1
         if self._batch_depth == 0:
             self._db.execute("COMMIT")
+            self._end_registration_batch("COMMIT")
+
+    def _end_registration_batch(self, how: str) -> None:
+        for profile in self._reg_batch:
+            self._regs[profile].execute(how)
+        self._reg_batch.clear()
+
+    @contextmanager
+    def _registration_transaction(self, profile: str) -> Iterator[sqlite3.Connection]:
+        """One write to a profile's registrations: its own transaction, or the open batch's."""
+        db = self.open_profile(profile)
+        if self._batch_depth > 0:
+            if profile not in self._reg_batch:
+                db.execute("BEGIN IMMEDIATE")
+                self._reg_batch.add(profile)
+            yield db
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     # -- recovery ------------------------------------------------------------------------
 
@@ -210,12 +237,11 @@ class CoreDB:
     def upsert_registration(self, row: dict[str, object]) -> bool:
         """Replace the registration with the same call_id/user/host/profile (a refresh);
         True if it replaced one. Indexed (``sr_call_id``): O(1) in the table's size."""
-        db = self.open_profile(str(row["profile_name"]))
         key = (row["call_id"], row["sip_user"], row["sip_host"], row["profile_name"])
-        where = "call_id=? and sip_user=? and sip_host=? and profile_name=?"
+        # only call_id may pick an index (see fsha.fsdb: SQLite would pick profile_name)
+        where = "call_id=? and +sip_user=? and +sip_host=? and +profile_name=?"
         cols = SIP_REGISTRATIONS_COLUMNS
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._registration_transaction(str(row["profile_name"])) as db:
             before = db.total_changes
             db.execute("delete from sip_registrations where " + where, key)
             replaced = db.total_changes != before
@@ -224,24 +250,21 @@ class CoreDB:
                 + ",".join("?" * len(cols)) + ")",
                 tuple(row.get(c) for c in cols),
             )
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
         return replaced
 
     def take_registrations(self, call_id: str, profile_name: str) -> list[dict[str, object]]:
         """Delete the registrations of this Call-ID on the profile; returns them."""
-        db = self._regs.get(profile_name)
-        if db is None:
+        if profile_name not in self._regs:
             return []
         cols = SIP_REGISTRATIONS_COLUMNS
-        where = "call_id=? and profile_name=?"
-        rows = [dict(zip(cols, r, strict=True)) for r in db.execute(
-            "select " + ",".join(cols) + " from sip_registrations where " + where,
-            (call_id, profile_name))]
-        if rows:
-            db.execute("delete from sip_registrations where " + where, (call_id, profile_name))
+        where = "call_id=? and +profile_name=?"
+        with self._registration_transaction(profile_name) as db:
+            rows = [dict(zip(cols, r, strict=True)) for r in db.execute(
+                "select " + ",".join(cols) + " from sip_registrations where " + where,
+                (call_id, profile_name))]
+            if rows:
+                db.execute("delete from sip_registrations where " + where,
+                           (call_id, profile_name))
         return rows
 
     def delete_registration(self, call_id: str, profile_name: str) -> None:
@@ -267,17 +290,12 @@ class CoreDB:
         cols = SIP_REGISTRATIONS_COLUMNS
         where = "expires > 0 and expires <= ? and hostname=?"
         rows: list[dict[str, object]] = []
-        for db in self._regs.values():
-            db.execute("BEGIN IMMEDIATE")
-            try:
+        for profile in list(self._regs):
+            with self._registration_transaction(profile) as db:
                 found = [dict(zip(cols, r, strict=True)) for r in db.execute(
                     "select " + ",".join(cols) + " from sip_registrations where " + where,
                     (now, hostname))]
                 if found:
                     db.execute("delete from sip_registrations where " + where, (now, hostname))
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
             rows.extend(found)
         return rows
