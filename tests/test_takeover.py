@@ -1353,6 +1353,20 @@ class CoreDBWriterTests(SynchronousTestCase):
             self.writer.delete_registrations([r], "someone-else")), 0)
         self.assertEqual(self.successResultOf(self.writer.delete_registrations([r], "me")), 1)
 
+    def test_registration_deletes_use_the_call_id_index(self) -> None:
+        # sofia indexes nearly every column; SQLite would pick sr_profile_name (a scan of
+        # the profile per deleted row)
+        from fsha.fsdb import _DELETE_REGISTRATION
+        with sqlite3.connect(self.path) as conn:
+            for col in ("sip_user", "sip_host", "profile_name", "hostname"):
+                conn.execute(f"create index if not exists x_{col} on sip_registrations "
+                             f"({col})")
+            for sql in (_DELETE_REGISTRATION, _DELETE_REGISTRATION + " and +hostname=?"):
+                plan = " ".join(str(r) for r in conn.execute(
+                    "explain query plan " + sql, ("c", "u", "h", "p", "x")[:sql.count("?")]))
+                self.assertIn("sr_call_id", plan)
+        conn.close()
+
     def test_registration_db_per_profile(self) -> None:
         other = self.dir / "sofia_reg_p.db"
         fs_schema(other)

@@ -100,6 +100,8 @@ CALL = """<?xml version="1.0" encoding="ISO-8859-1" ?>
     ]]>
   </send>
   <recv request="ACK"/>
+  <!-- the call goes on a while on the new master, then the caller hangs up -->
+  <pause milliseconds="2000"/>
   <send retrans="500">
     <![CDATA[
       BYE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
@@ -145,7 +147,7 @@ def start_calls(host: str, port: int, calls: int, work: Path, reinvite_within: f
         [SIPP, "-sf", str(work / "call.xml"), "-s", "2000", "-i", "127.0.0.1",
          "-p", str(local_port), "-m", str(calls), "-r", "50", "-l", str(calls), "-nostdin",
          "-timeout", f"{int(reinvite_within + 30)}s", "-timeout_error",
-         "-trace_stat", "-fd", "1", "-trace_err", f"{host}:{port}"],
+         "-trace_err", "-trace_msg", f"{host}:{port}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=work)
 
 
