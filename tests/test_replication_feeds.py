@@ -296,6 +296,24 @@ class CallFeedTests(SynchronousTestCase):
         status = h.feeds.status()["slots"]["slot1"]
         self.assertEqual(status["calls"], 1)
 
+    def test_rewrite_after_the_ack_is_followed_without_an_event(self) -> None:
+        # FreeSWITCH rewrites an answered call's row when the ACK is in (the dialog's
+        # tags); no event says so, and a master dying then must not leave the old row
+        h = Harness(self, sweep_interval=60.0)
+        h.feeds.start_slot(0)
+        h.track("call-1", meta=b"<cdr>answered</cdr>")
+        h.esl.channel("CHANNEL_ANSWER", "call-1")
+        self.assertEqual(h.call("call-1").metadata, b"<cdr>answered</cdr>")
+        h.clock.advance(0.06)
+        h.update("call-1", b"<cdr>answered, with sip_to_tag</cdr>")
+        h.settle(0.3)
+        self.assertEqual(h.call("call-1").metadata, b"<cdr>answered, with sip_to_tag</cdr>")
+        # bounded: no rewrite, a few more reads, then nothing until the sweep
+        before = h.db.queries
+        h.settle(2)
+        self.assertEqual(h.db.queries, before)
+        self.assertEqual(h.feeds.status()["pending_lookups"], 0)
+
     def test_row_written_after_the_event_is_retried(self) -> None:
         h = Harness(self, sweep_interval=60.0)
         h.feeds.start_slot(0)

@@ -14,7 +14,11 @@ ReplicatedState` (and hands each resulting change to ``publish``, the replicatio
     lookup of the call's row. FreeSWITCH writes the row asynchronously, so a lookup that
     finds no row (or, after an update event, the row not yet changed) is retried on the
     schedule :data:`RETRY_DELAYS` (about 0.8 s in all), then given up (``lookup_misses``;
-    the sweep will still find it). ``CHANNEL_HANGUP`` / ``CHANNEL_HANGUP_COMPLETE`` /
+    the sweep will still find it). An answered call's row is read once more from
+    :data:`ANSWER_FOLLOW_UP` after it was found, until it changes (same schedule): a real
+    FreeSWITCH rewrites it when the caller's ACK is in (the dialog's tags), with no event,
+    and a row replicated without them is recovered into a dialog the caller cannot match.
+    ``CHANNEL_HANGUP`` / ``CHANNEL_HANGUP_COMPLETE`` /
     ``CHANNEL_DESTROY`` delete the record at once and leave a tombstone (``tombstone_ttl``
     seconds) so that a lookup or sweep that read the row before FreeSWITCH deleted it
     cannot bring the call back. A periodic *sweep* (every ``sweep_interval`` seconds)
@@ -173,6 +177,9 @@ HANGUP_EVENTS: Final = ("CHANNEL_HANGUP", "CHANNEL_HANGUP_COMPLETE", "CHANNEL_DE
 REGISTRATION_EVENTS: Final = tuple(k.value for k in RegistrationKind)
 #: Delays (seconds) between lookups of a row that is not there (yet). Sum: 0.785 s.
 RETRY_DELAYS: Final = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+#: After an answered call's row is found, it is read again from this long after (then on
+#: the RETRY_DELAYS schedule until it changes): FreeSWITCH rewrites it when the ACK is in.
+ANSWER_FOLLOW_UP: Final = 0.05
 #: UUIDs per lookup query (well under SQLite's 999 host parameters).
 LOOKUP_BATCH: Final = 256
 IDENTITY_KEY: Final = "identity"
@@ -658,12 +665,13 @@ class _Reg:
 
 
 class _Lookup:
-    __slots__ = ("attempt", "baseline", "due")
+    __slots__ = ("attempt", "baseline", "due", "followed")
 
     def __init__(self, due: float, baseline: bytes | None) -> None:
         self.attempt = 0
         self.due = due
         self.baseline = baseline  # the value before an update event; None: any row will do
+        self.followed = False  # the answer's row was found: this looks for its rewrite
 
 
 def _exact(headers: Headers, name: str, fallback: bool = True) -> str | None:
@@ -1338,6 +1346,14 @@ class Feeds:
                 if lookup.baseline is None or value != lookup.baseline:
                     del self._pending[uuid]
                     self._store_call(feed, row, value, self._next_gen())
+                    if lookup.baseline is None and not lookup.followed:
+                        # FreeSWITCH rewrites the row once the caller's ACK is in (the
+                        # dialog's tags, sip_to_tag...), with no event: look again soon,
+                        # or a master dying now leaves a row whose re-INVITE the caller
+                        # cannot match (its BYE then gets 481)
+                        follow = _Lookup(now + ANSWER_FOLLOW_UP, value)
+                        follow.followed = True
+                        self._pending[uuid] = follow
                     continue
             lookup.attempt += 1
             if lookup.attempt >= len(self.retry_delays):
