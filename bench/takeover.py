@@ -66,7 +66,8 @@ def _free_udp_port(host: str) -> int:
 class Sim:
     def __init__(self, workdir: Path, name: str, profile_args: list[str]) -> None:
         self.name = name
-        self.db = workdir / f"{name}-core.db"
+        (workdir / name).mkdir(exist_ok=True)
+        self.db = workdir / name / "core.db"  # sofia_reg_<profile>.db beside it
         self.ready_path = workdir / f"{name}.ready"
         self.log = open(workdir / f"{name}.log", "wb")
         self.proc = subprocess.Popen(
@@ -116,11 +117,15 @@ def read_rows(db: Path) -> tuple[list[Any], list[Any]]:
         calls = [RecoveryRow(*(v.decode() for v in r[:5]), r[5]) for r in conn.execute(
             "select runtime_uuid, technology, profile_name, hostname, uuid, metadata "
             "from recovery")]
-        regs = [RegistrationRow(*(v.decode() for v in r[:7]), int(r[7]),
-                                *(v.decode() for v in r[8:])) for r in conn.execute(
-            "select call_id, sip_user, sip_host, presence_hosts, contact, status, rpid, "
-            "expires, user_agent, profile_name, network_ip, network_port, sip_username, "
-            "sip_realm from sip_registrations")]
+    regs = []
+    for reg_db in sorted(db.parent.glob("sofia_reg_*.db")):  # one per profile
+        with sqlite3.connect(reg_db) as conn:
+            conn.text_factory = bytes
+            regs += [RegistrationRow(*(v.decode() for v in r[:7]), int(r[7]),
+                                     *(v.decode() for v in r[8:])) for r in conn.execute(
+                "select call_id, sip_user, sip_host, presence_hosts, contact, status, rpid, "
+                "expires, user_agent, profile_name, network_ip, network_port, sip_username, "
+                "sip_realm from sip_registrations")]
     return calls, regs
 
 
@@ -173,7 +178,8 @@ def trial_main(esl_port: int, db: str, port: int, rows_path: str) -> int:
         client.startService()
         await client.when_ready()
         runner = ThreadRunner(reactor)
-        writer = CoreDBWriter(db, runner, busy_timeout=5)
+        writer = CoreDBWriter(db, runner, busy_timeout=5, registration_db=lambda p: Path(
+            db).parent / f"sofia_reg_{p}.db")
         slot = SlotConfig(PROFILE, 0, (FloatingIP(VIP, 32, "lo"),), (PROFILE,))
         previous = NodeConfig("simA", 0, 100, {}, None, None, None, None)  # type: ignore[arg-type]
         effects = SlotEffects(LoopbackBackend(reactor), reactor, esl=client, db=writer,

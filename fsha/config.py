@@ -70,6 +70,15 @@ class NodeConfig:
     status: Endpoint
     esl: ESLConfig
     core_db: Path | None
+    #: Where a profile's ``sip_registrations`` live: a path with ``{profile}`` (FreeSWITCH's
+    #: default ``<db dir>/sofia_reg_<profile>.db``); None without a core DB.
+    registration_db: str | None = None
+
+    def registration_db_for(self, profile: str) -> Path | None:
+        """The SQLite file holding ``profile``'s registrations (None: not configured)."""
+        if self.registration_db is None:
+            return None
+        return Path(self.registration_db.replace("{profile}", profile))
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,31 +515,53 @@ def _nodes(c: _Checker, raw: Any, networks: list[Network], base: Path) -> list[N
                 ok = False
             elif not (what == "status" and ipaddress.ip_address(ep.host).is_loopback):
                 ok &= _unique(c, endpoints, (ep.host, ep.port), f"{key}.{what}", "endpoint")
-        esl, core_db = _esl(c, t.get("esl"), f"{key}.esl", base)
+        esl, core_db, registration_db = _esl(c, t.get("esl"), f"{key}.esl", base)
         ok &= esl is not None
         if ok:
             result.append(NodeConfig(name, len(result), priority, node_addresses, stream,
-                                     status, esl, core_db))
+                                     status, esl, core_db, registration_db))
     return result
 
 
-def _esl(c: _Checker, raw: Any, key: str, base: Path) -> tuple[ESLConfig | None, Path | None]:
+#: sofia's default registration database (the profile's ``dbname``), in the core DB's folder.
+DEFAULT_REGISTRATION_DB = "sofia_reg_{profile}.db"
+
+
+def _esl(c: _Checker, raw: Any, key: str, base: Path
+         ) -> tuple[ESLConfig | None, Path | None, str | None]:
     if raw is None:
         c.problem(key, "missing: how fsha reaches this node's FreeSWITCH event socket")
-        return None, None
-    t = c.table(raw, key, ("host", "port", "password", "timeout_ms", "core_db"))
+        return None, None, None
+    t = c.table(raw, key, ("host", "port", "password", "timeout_ms", "core_db",
+                           "registration_db"))
     if t is None:
-        return None, None
+        return None, None, None
     host = c.get(t, key, "host", str, "127.0.0.1", check=_ip)
     port = c.get(t, key, "port", int, 8021, check=_port)
     password = c.get(t, key, "password", str, check=_nonempty)
     timeout = c.get(t, key, "timeout_ms", int, 2000,
                     check=lambda v: None if 10 <= v <= 600_000 else "must be 10-600000")
     core_db = c.get(t, key, "core_db", str, None, check=_nonempty)
+
+    def pattern(v: str) -> str | None:
+        if "{profile}" not in v:
+            return "must contain {profile} (each sofia profile has its own database)"
+        if v.replace("{profile}", "").strip("/") == "":
+            return "must name a file"
+        return None
+
+    registration_db = c.get(t, key, "registration_db", str, None, check=pattern)
+    if registration_db is not None and core_db is None:
+        c.problem(f"{key}.registration_db", "needs core_db (registrations are restored "
+                                            "only where calls are)")
     if None in (host, port, password, timeout):
-        return None, None
-    return (ESLConfig(host, port, password, timeout / 1000),
-            _resolve(base, core_db) if core_db else None)
+        return None, None, None
+    core = _resolve(base, core_db) if core_db else None
+    regs: str | None = None
+    if core is not None:
+        # relative patterns are relative to the core DB's folder (FreeSWITCH's db dir)
+        regs = str(core.parent / (registration_db or DEFAULT_REGISTRATION_DB))
+    return ESLConfig(host, port, password, timeout / 1000), core, regs
 
 
 def _slots(c: _Checker, raw: Any, nodes: list[NodeConfig]) -> list[SlotConfig]:

@@ -577,6 +577,19 @@ class FSApi:
 
         return self._call("sofia global standby " + ("on" if on else "off"), check)
 
+    def hupall(self, cause: str, variable: str, value: str) -> Deferred[str]:
+        """``hupall CAUSE VAR VALUE``: hang up every channel whose VAR is VALUE (e.g. the
+        calls of one profile, ``sofia_profile_name P``) without touching the profile."""
+        c, v, x = (_token(cause, "hangup cause"), _token(variable, "variable"),
+                   _token(value, "value"))
+
+        def check(command: str, output: str) -> str:
+            if _is_err(output):
+                raise FSApiError(command, output)
+            return output.strip()
+
+        return self._call(f"hupall {c} {v} {x}", check)
+
     def hash_insert(self, realm: str, key: str, value: str) -> Deferred[str]:
         r, k = _token(realm, "hash realm"), _token(key, "hash key")
         if "\n" in value or "\r" in value:

@@ -26,8 +26,9 @@ rollback, in one short transaction each:
 Nothing here creates tables: FreeSWITCH creates them at start-up, and a missing table means
 the path is not FreeSWITCH's database (:class:`CoreDBError` says so). The file is opened
 ``mode=rw`` (never created). Real FreeSWITCH keeps ``sip_registrations`` in the profile's
-own database (``db/sofia_reg_PROFILE.db``) unless the profile sets ``odbc-dsn``; the writer
-takes a path per profile for that reason (the simulator keeps both tables in the core DB).
+own database (``<db dir>/sofia_reg_PROFILE.db``, the profile's ``dbname``) unless the profile
+sets ``odbc-dsn``; the writer takes a path per profile for that reason (the node's
+``esl.registration_db``), and so does the simulator.
 
 Threads: every operation is a plain function handed to ``run`` (a :class:`ThreadRunner`
 with exactly one thread in production, :func:`inline_runner` in tests). One thread
@@ -126,9 +127,12 @@ _INSERT_REGISTRATION = (
     "insert into sip_registrations (" + ", ".join(REGISTRATION_TABLE_COLUMNS) + ") values ("
     + ", ".join("?" * len(REGISTRATION_TABLE_COLUMNS)) + ")"
 )
+# Only call_id may pick the index: sofia indexes nearly every column, and SQLite (no
+# ANALYZE) would otherwise pick sr_profile_name, a scan of the whole profile per row (a
+# restore of 100,000 registrations would take hours). The unary + keeps the others out.
 _DELETE_REGISTRATION = (
-    "delete from sip_registrations where call_id=? and sip_user=? and sip_host=? "
-    "and profile_name=?"
+    "delete from sip_registrations where call_id=? and +sip_user=? and +sip_host=? "
+    "and +profile_name=?"
 )
 
 
@@ -213,7 +217,7 @@ class CoreDBWriter:
     """
 
     def __init__(self, core_db: str | Path, run: Runner, *,
-                 registration_db: Callable[[str], str | Path] | None = None,
+                 registration_db: Callable[[str], str | Path | None] | None = None,
                  busy_timeout: float = 1.0) -> None:
         self.core_db = Path(core_db)
         self._run = run
@@ -223,9 +227,8 @@ class CoreDBWriter:
         self._lock = threading.Lock()
 
     def registration_path(self, profile: str) -> Path:
-        if self._registration_db is None:
-            return self.core_db
-        return Path(self._registration_db(profile))
+        path = None if self._registration_db is None else self._registration_db(profile)
+        return self.core_db if path is None else Path(path)
 
     # -- plumbing (runner thread) --------------------------------------------------------------
 
@@ -334,7 +337,7 @@ class CoreDBWriter:
         def for_path(path: Path, group: list[RegistrationRow]) -> Callable[[], int]:
             def work(conn: sqlite3.Connection) -> int:
                 before = conn.total_changes
-                conn.executemany(_DELETE_REGISTRATION + " and hostname=?", (
+                conn.executemany(_DELETE_REGISTRATION + " and +hostname=?", (
                     (r.call_id, r.sip_user, r.sip_host, r.profile_name, hostname)
                     for r in group))
                 return conn.total_changes - before

@@ -188,6 +188,13 @@ class LoopbackCluster:
         for node in self.nodes:
             self.start_node(node)
 
+    def db_path(self, node: NodeProcesses) -> Path:
+        """The node's core DB, in its own db dir (each FreeSWITCH keeps its profiles'
+        registration databases, ``sofia_reg_<profile>.db``, beside it)."""
+        folder = self.dir / f"{node.name}-db"
+        folder.mkdir(exist_ok=True)
+        return folder / "core.db"
+
     def slot_profile(self, slot: int) -> tuple[str, str, int]:
         return f"slot{slot}", f"127.0.10.{slot}", self.sip_port
 
@@ -202,7 +209,7 @@ class LoopbackCluster:
         control_port = node.sim_ports.get("control", {}).get("port", 0)
         argv = [*FSHA, "sim", "--name", node.name,
                 "--esl", f"{self.address(3, node.index)}:{esl_port}",
-                "--password", "ClueCon", "--db", str(self.dir / f"{node.name}-core.db"),
+                "--password", "ClueCon", "--db", str(self.db_path(node)),
                 "--control", f"{self.address(3, node.index)}:{control_port}",
                 "--ready-file", str(ready), "--profile-guard", "0", *self.sim_args]
         for s in range(1, self.slot_count + 1):
@@ -254,7 +261,7 @@ class LoopbackCluster:
                       f'status = "{self.address(1, node.index)}:{status_port}"',
                       f'esl = {{ host = "{esl_host}", port = {int(esl_port)}, '
                       f'password = "ClueCon", timeout_ms = {self.esl_timeout_ms}, '
-                      f'core_db = "{self.dir / (node.name + "-core.db")}" }}', ""]
+                      f'core_db = "{self.db_path(node)}" }}', ""]
             node.status_url = f"http://{self.address(1, node.index)}:{status_port}/status"
         for s in range(1, self.slot_count + 1):
             name, ip, _ = self.slot_profile(s)

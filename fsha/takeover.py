@@ -152,6 +152,9 @@ SKIPPED = "skipped"
 
 STOP_RETRIES = 3
 PROFILE_GUARD_SECONDS = 10.0  # FreeSWITCH: "must be up for at least 10 seconds"
+#: registrations written per transaction (a few ms each; FreeSWITCH's own writers wait
+#: behind it at most that long)
+REGISTRATION_PAGE = 2000
 _PLEASE_WAIT = re.compile(r"Please wait (\d+) second")
 
 
@@ -332,6 +335,10 @@ class TakeoverTimeouts:
     recover: float = 10.0  # one `sofia profile P recover`
     registrations: float = 5.0  # the whole registrations step
     poll: float = 0.05  # between two `sofia status` polls
+    # a profile this node stopped is released asynchronously by sofia (its socket freed,
+    # then UNPUBLISH): a start before that answers success yet cannot bind for 17 s+.
+    # How long a start waits for the UNPUBLISH of a stop this node issued.
+    stop_settle: float = 15.0
     self_check: float = 2.0  # `api status` answered, "is ready"
     fence: float = 0.0  # the fence step, fence_bound(command timeout); 0: derived, or none
 
@@ -349,10 +356,15 @@ class TakeoverTimeouts:
         """The longest an acquire of ``slot`` can take with these timeouts."""
         n = len(slot.profiles)
         return (self.self_check + self.fence + self.floating + self.records + self.esl
-                + self.db + self.esl * n + self.confirm + self.recover * n + self.registrations)
+                + self.db + self.esl * (n + 1) + self.confirm + self.stop_settle
+                + self.recover * n + self.registrations)
 
     def release_budget(self, slot: SlotConfig) -> float:
-        return self.floating + self.esl * (len(slot.profiles) + 1) + self.db + self.esl
+        return self.floating + self.esl * (len(slot.profiles) + 2) + self.db + self.esl
+
+    def stop_budget(self) -> float:
+        """The longest :meth:`SlotEffects.stop` waits for deferred profile stops."""
+        return PROFILE_GUARD_SECONDS + 1.0 + 3 * self.esl
 
 
 # ---------------------------------------------------------------------------------------
@@ -381,6 +393,29 @@ class _Step:
 
 
 @dataclass(slots=True)
+class _Restore:
+    """A registration restore in progress: what is written so far (pages, then hash
+    entries in windows)."""
+
+    slot: SlotConfig
+    regs: list[RegistrationRow]
+    hostname: str
+    server_host: str
+    entries: list[tuple[str, str]]  # (user@host, profile) hash entries
+    reg_pos: int = 0
+    hash_pos: int = 0
+    written: int = 0
+    hashed: int = 0
+    hash_failed: int = 0
+    invalid: int = 0  # registrations without a usable user@host key
+    cancelled: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.reg_pos >= len(self.regs) and self.hash_pos >= len(self.entries)
+
+
+@dataclass(slots=True)
 class _Acquisition:
     """What an acquire did so far, for its rollback."""
 
@@ -390,6 +425,7 @@ class _Acquisition:
     registrations: list[RegistrationRow] = field(default_factory=list)
     hostname: str = ""
     hash_keys: list[str] = field(default_factory=list)
+    restore: _Restore | None = None  # registrations left for after the acquire
     complete: bool = False
     cancelled: bool = False
     current: _Step | None = None  # the step running now
@@ -446,7 +482,22 @@ class SlotEffects:
         self._step_listeners: list[Callable[[TakeoverReport, StepResult], object]] = []
         self._acquisitions: dict[int, _Acquisition] = {}
         self._stop_retries: dict[int, IDelayedCall] = {}
+        self._retries_running = 0
+        self._idle_waiters: list[Deferred[None]] = []
         self._standby_on = False
+        # profile -> fires at its UNPUBLISH (the stop this node issued is complete)
+        self._stopping: dict[str, Deferred[None]] = {}
+        self._stop_times: dict[str, float] = {}  # profile -> when its stop was accepted
+        self._stop_events = False
+        self._restores: dict[int, _Restore] = {}  # slot -> registrations still restoring
+        add_listener = getattr(esl, "add_event_listener", None)
+        subscribe = getattr(esl, "subscribe", None)
+        if add_listener is not None and subscribe is not None:
+            add_listener(self._profile_unpublished, "UNPUBLISH")
+            self._stop_events = True
+            defer.maybeDeferred(subscribe, "UNPUBLISH").addErrback(
+                lambda f: log.warn("subscribing to UNPUBLISH failed: {error}",
+                                   error=f.getErrorMessage()))
 
     # -- reporting --------------------------------------------------------------------------
 
@@ -471,7 +522,44 @@ class SlotEffects:
     def status(self) -> dict[str, Any]:
         return {"last_report": self.last_report.as_dict() if self.last_report else None,
                 "pending_profile_stops": sorted(self._stop_retries),
+                "profiles_stopping": sorted(self._stopping),
                 "global_standby": self._standby_on}
+
+    def _profile_unpublished(self, event: Any) -> None:
+        """UNPUBLISH (sofia's profile thread ended): a stop issued here is complete."""
+        profile = event.get("profile_name")
+        if profile is None:
+            return
+        d = self._stopping.pop(profile, None)
+        self._stop_times.pop(profile, None)
+        if d is not None and not d.called:
+            log.info("profile {profile} stopped (UNPUBLISH)", profile=profile)
+            d.callback(None)
+
+    def _stop_issued(self, profile: str) -> None:
+        """``sofia profile P stop`` was accepted: a later start waits for its UNPUBLISH."""
+        if not self._stop_events:
+            return
+        old = self._stopping.get(profile)
+        if old is None or old.called:
+            self._stopping[profile] = Deferred()
+        self._stop_times[profile] = self.clock.seconds()
+
+    def _stops_pending(self, slot: SlotConfig) -> dict[str, float]:
+        """The slot's profiles still stopping -> seconds left to wait for their UNPUBLISH
+        (a stop older than ``stop_settle`` is forgotten: its UNPUBLISH was missed)."""
+        now, settle = self.clock.seconds(), self.timeouts.stop_settle
+        left: dict[str, float] = {}
+        for p in slot.profiles:
+            if p not in self._stopping:
+                continue
+            remaining = settle - (now - self._stop_times.get(p, now))
+            if remaining > 0:
+                left[p] = remaining
+            else:
+                del self._stopping[p]
+                self._stop_times.pop(p, None)
+        return left
 
     def _publish(self, report: TakeoverReport) -> None:
         report.finished = True
@@ -588,6 +676,8 @@ class SlotEffects:
                 report.error = _reason(result)
             else:
                 acq.complete = True
+                if acq.restore is not None:
+                    self._continue_restore(slot, acq.restore)
             self._publish(report)
             if not outer.called:
                 outer.callback(result)
@@ -633,8 +723,10 @@ class SlotEffects:
             report, "recovery_rows", lambda s: self._write_rows(calls, acq, s), t.esl + t.db,
             acq=acq)
         n = len(slot.profiles)
+        settle = max(self._stops_pending(slot).values(), default=0.0)
+        standby = t.esl if self._standby_on else 0.0  # global standby off first
         yield self._step(report, "profiles", lambda s: self._start_profiles(slot, s),
-                         t.esl * n + t.confirm, acq=acq)
+                         t.esl * n + t.confirm + settle + standby, acq=acq)
         yield self._step(report, "recover", lambda s: self._recover(slot, written, s),
                          t.recover * n, acq=acq)
         yield self._step(report, "registrations",
@@ -775,6 +867,42 @@ class SlotEffects:
     def _start_profiles(self, slot: SlotConfig, step: _Step) -> Generator[Any, Any, None]:
         api = self.api
         assert api is not None
+        if self._standby_on and not self._stop_retries and not self._retries_running:
+            # this node paused its FreeSWITCH for a stop it no longer needs (the slot is
+            # back before the 10 s were over): resume it, or it answers 503 for ever
+            yield api.sofia_global_standby(False)
+            self._standby_on = False
+            step.counts["standby_off"] = 1
+        pending = self._stops_pending(slot)
+        waits = [self._stopping[p] for p in pending]
+        warned: str | None = None
+        if waits:
+            # sofia frees a stopped profile's socket asynchronously; a start before its
+            # UNPUBLISH answers success but the profile cannot bind for 17 s or more
+            step.note = "waiting for the stop of " + ", ".join(pending)
+            gate: Deferred[bool] = Deferred()
+
+            def opened(value: bool) -> None:
+                if not gate.called:
+                    gate.callback(value)
+
+            DeferredList(waits, consumeErrors=True).addCallback(lambda _: opened(True))
+            timer = self.clock.callLater(max(pending.values()), opened, False)
+            try:
+                unpublished = yield gate
+            finally:
+                if timer.active():
+                    timer.cancel()
+            if not unpublished:
+                warned = (f"no UNPUBLISH within {self.timeouts.stop_settle:g} s of the "
+                          "stop; starting anyway")
+            for p in slot.profiles:
+                d = self._stopping.get(p)
+                if d is not None and not d.called:
+                    del self._stopping[p]
+                self._stop_times.pop(p, None)
+            step.counts["stops_waited"] = len(waits)
+            step.note = None
         for profile in slot.profiles:
             yield api.sofia_profile(profile, "start")
         step.counts["profiles"] = len(slot.profiles)
@@ -791,6 +919,8 @@ class SlotEffects:
             step.check()
             yield deferLater(self.clock, self.timeouts.poll, lambda: None)
         step.note = None
+        if warned is not None:
+            step.warn(warned)
         addresses = {ip.address for ip in slot.ips}
         for profile in slot.profiles:
             if _url_host(running[profile].data) not in addresses:
@@ -821,6 +951,10 @@ class SlotEffects:
     @inlineCallbacks
     def _restore_registrations(self, slot: SlotConfig, regs: list[RegistrationRow],
                                acq: _Acquisition, step: _Step) -> Generator[Any, Any, None]:
+        """Registrations in pages of :data:`REGISTRATION_PAGE` rows (one short transaction
+        each), then the hash entries in windows; what does not fit in this step's time
+        (a large slot: the calls come first) is handed over to :meth:`_continue_restore`,
+        which goes on once the slot is served, each page bounded on its own."""
         step.counts["registrations"] = len(regs)
         if not regs:
             return
@@ -836,11 +970,28 @@ class SlotEffects:
             raise FSApiError("global_getvar hostname", "", "FreeSWITCH has no hostname")
         hostname = hostname.strip()
         acq.registrations, acq.hostname = regs, hostname
-        server_host = slot.ips[0].address if slot.ips else ""
-        n = yield self._db_call(self.db.write_registrations(regs, hostname, server_host))
-        step.counts["written"] = n
-        if self.hash_realm is None:
-            return
+        entries, invalid = self._hash_entries(regs) if self.hash_realm is not None else ([], 0)
+        restore = _Restore(slot, regs, hostname, slot.ips[0].address if slot.ips else "",
+                           entries, invalid=invalid)
+        step.counts["written"] = 0
+        # leave a margin of the step's bound for the last page in flight
+        soft = self.clock.seconds() + self.timeouts.registrations * 0.6
+        yield self._restore_pages(restore, acq, step, until=soft)
+        if restore.invalid or restore.hash_failed:
+            step.counts["hash_failed"] = restore.hash_failed + restore.invalid
+            step.warn(f"{restore.hash_failed + restore.invalid} hash entr"
+                      f"{'y' if restore.hash_failed + restore.invalid == 1 else 'ies'} "
+                      f"not inserted ({restore.invalid} with unusable user@host)")
+        if not restore.done:
+            acq.restore = restore
+            left = len(restore.regs) - restore.reg_pos
+            step.counts["continued"] = left + len(restore.entries) - restore.hash_pos
+            step.warn(f"{left} registration(s) and {len(restore.entries) - restore.hash_pos}"
+                      " hash entries continue once the slot is served")
+
+    def _hash_entries(self, regs: list[RegistrationRow]) -> tuple[list[tuple[str, str]], int]:
+        """The ``user@host -> profile`` hash entries, and how many registrations have no
+        usable key."""
         entries: dict[str, str] = {}
         invalid = 0
         for r in regs:
@@ -849,27 +1000,82 @@ class SlotEffects:
                 entries[key] = r.profile_name
             else:
                 invalid += 1
-        step.counts["hash_entries"] = 0
-        failed = 0
-        items = list(entries.items())
-        for i in range(0, len(items), self.hash_window):
-            step.check()
-            chunk = items[i:i + self.hash_window]
-            acq.hash_keys.extend(k for k, _ in chunk)
-            results = yield DeferredList(
-                [api.hash_insert(self.hash_realm, k, v) for k, v in chunk],
-                consumeErrors=True)
+        return list(entries.items()), invalid
+
+    @inlineCallbacks
+    def _restore_pages(self, restore: _Restore, acq: _Acquisition | None,
+                       step: _Step | None, until: float | None = None
+                       ) -> Generator[Any, Any, None]:
+        """Write ``restore``'s next pages until done (or past ``until``); each page is
+        bounded by ``timeouts.registrations`` on its own (a stall fails, progress goes
+        on)."""
+        assert self.db is not None and self.api is not None
+        api, bound = self.api, self.timeouts.registrations
+        while restore.reg_pos < len(restore.regs):
+            if step is not None:
+                step.check()
+            if restore.cancelled or (until is not None and self.clock.seconds() > until):
+                return
+            page = restore.regs[restore.reg_pos:restore.reg_pos + REGISTRATION_PAGE]
+            d = self._db_call(self.db.write_registrations(page, restore.hostname,
+                                                           restore.server_host))
+            n = yield d.addTimeout(bound, self.clock)
+            restore.reg_pos += len(page)
+            restore.written += n
+            if step is not None:
+                step.counts["written"] = restore.written
+        if self.hash_realm is None:
+            return
+        realm = self.hash_realm
+        while restore.hash_pos < len(restore.entries):
+            if step is not None:
+                step.check()
+            if restore.cancelled or (until is not None and self.clock.seconds() > until):
+                return
+            chunk = restore.entries[restore.hash_pos:restore.hash_pos + self.hash_window]
+            if acq is not None:
+                acq.hash_keys.extend(k for k, _ in chunk)
+            d = DeferredList([api.hash_insert(realm, k, v) for k, v in chunk],
+                             consumeErrors=True)
+            results = yield d.addTimeout(bound, self.clock)
             ok = sum(1 for success, _ in results if success)
-            failed += len(chunk) - ok
-            step.counts["hash_entries"] += ok
-        if invalid or failed:
-            step.counts["hash_failed"] = failed + invalid
-            step.warn(f"{failed + invalid} hash entr{'y' if failed + invalid == 1 else 'ies'}"
-                      f" not inserted ({invalid} with unusable user@host)")
+            restore.hash_pos += len(chunk)
+            restore.hashed += ok
+            restore.hash_failed += len(chunk) - ok
+            if step is not None:
+                step.counts["hash_entries"] = restore.hashed
+
+    def _continue_restore(self, slot: SlotConfig, restore: _Restore) -> None:
+        """The rest of a large restore, after the acquire (the slot is served). Stopped by
+        a release of the slot; each page bounded; the outcome is logged."""
+        old = self._restores.pop(slot.slot_id, None)
+        if old is not None:
+            old.cancelled = True
+        self._restores[slot.slot_id] = restore
+        log.info("slot {slot}: restoring {n} more registration(s) in the background",
+                 slot=slot.name, n=len(restore.regs) - restore.reg_pos)
+        d = self._restore_pages(restore, None, None)
+
+        def done(result: object) -> None:
+            if self._restores.get(slot.slot_id) is restore:
+                del self._restores[slot.slot_id]
+            if isinstance(result, Failure):
+                log.warn("slot {slot}: registration restore stopped after {n} of {total}: "
+                         "{error}", slot=slot.name, n=restore.written,
+                         total=len(restore.regs),
+                         error=_reason(result, self.timeouts.registrations))
+            elif not restore.cancelled:
+                log.info("slot {slot}: {n} registration(s) and {h} hash entries restored "
+                         "in all", slot=slot.name, n=restore.written, h=restore.hashed)
+
+        d.addBoth(done).addErrback(lambda f: log.failure("registration restore", f))
 
     # -- release ----------------------------------------------------------------------------
 
     def release(self, slot: SlotConfig) -> Deferred[None]:
+        restore = self._restores.pop(slot.slot_id, None)
+        if restore is not None:
+            restore.cancelled = True  # the slot goes: its registrations are not ours
         acq = self._acquisitions.pop(slot.slot_id, None)
         action = "rollback" if acq is not None and not acq.complete else "release"
         report = TakeoverReport(action, slot.name, acq.epoch if acq is not None else 0, None,
@@ -917,6 +1123,7 @@ class SlotEffects:
         for profile in slot.profiles:
             try:
                 yield api.sofia_profile(profile, "stop")
+                self._stop_issued(profile)
                 stopped += 1
             except ProfileNotFound:
                 not_running += 1
@@ -925,20 +1132,67 @@ class SlotEffects:
                 young.append((profile, float(m.group(1)) if m else PROFILE_GUARD_SECONDS))
         step.counts.update(stopped=stopped, not_running=not_running, too_young=len(young))
         if young:
+            # The successor recovers these calls: end the copies here now (the addresses
+            # are already down, so their BYEs do not reach the callers), whatever becomes
+            # of the stop itself (a SIGTERM may end this process before the retry).
+            hung = 0
+            for profile, _ in young:
+                try:
+                    yield api.hupall("MANAGER_REQUEST", "sofia_profile_name", profile)
+                    hung += 1
+                except FSApiError as e:
+                    step.warn(f"hupall of {profile}'s calls failed: {e}")
+            step.counts["calls_hung_up"] = hung
             yield api.sofia_global_standby(True)
             self._standby_on = True
             wait = max(w for _, w in young) + 0.5
             self._schedule_stop_retry(slot, [p for p, _ in young], wait, 1)
             step.warn(f"profile(s) {', '.join(p for p, _ in young)} started less than "
-                      f"{PROFILE_GUARD_SECONDS:g} s ago: global standby on, stop retried in "
-                      f"{wait:g} s")
+                      f"{PROFILE_GUARD_SECONDS:g} s ago: calls hung up, global standby on, "
+                      f"stop retried in {wait:g} s")
 
-    def stop(self) -> None:
-        """Cancel the pending delayed profile stops (the process is stopping)."""
-        for slot_id, call in list(self._stop_retries.items()):
-            if call.active():
-                call.cancel()
-            del self._stop_retries[slot_id]
+    def stop(self) -> Deferred[None]:
+        """The process is stopping: let the pending delayed profile stops run (a profile
+        younger than 10 s left running would keep the slot's address:port and the global
+        standby on with nothing to undo them), at most :meth:`TakeoverTimeouts.stop_budget`;
+        then make sure global standby is off. Never fails."""
+        if not self._stop_retries and not self._retries_running:
+            return self._standby_off_at_exit()
+        d: Deferred[None] = Deferred()
+        self._idle_waiters.append(d)
+        d.addTimeout(self.timeouts.stop_budget(), self.clock)
+
+        def gave_up(f: Failure) -> None:
+            f.trap(defer.TimeoutError)
+            log.warn("deferred profile stops not done in {s:g} s at exit",
+                     s=self.timeouts.stop_budget())
+
+        def cancel_rest(_: object) -> Deferred[None]:
+            for slot_id, call in list(self._stop_retries.items()):
+                if call.active():
+                    call.cancel()
+                del self._stop_retries[slot_id]
+            return self._standby_off_at_exit()
+
+        return d.addErrback(gave_up).addBoth(cancel_rest)
+
+    def _standby_off_at_exit(self) -> Deferred[None]:
+        if not self._standby_on or self.api is None:
+            return defer.succeed(None)
+        self._standby_on = False
+        d = self.api.sofia_global_standby(False)
+        d.addTimeout(self.timeouts.esl, self.clock)
+        d.addErrback(lambda f: log.warn("sofia global standby off failed at exit: {error}",
+                                        error=_reason(f, self.timeouts.esl)))
+        return d.addCallback(lambda _: None)
+
+    def _retries_idle(self) -> None:
+        if self._stop_retries or self._retries_running:
+            return
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for d in waiters:
+            if not d.called:
+                d.callback(None)
 
     def _schedule_stop_retry(self, slot: SlotConfig, profiles: list[str], wait: float,
                              attempt: int) -> None:
@@ -951,9 +1205,11 @@ class SlotEffects:
         if call is not None and call.active():
             call.cancel()
             log.info("slot {slot}: pending profile stop cancelled", slot=slot.name)
+        self._retries_idle()
 
     def _retry_stop(self, slot: SlotConfig, profiles: list[str], attempt: int) -> None:
         self._stop_retries.pop(slot.slot_id, None)
+        self._retries_running += 1
         api = self.api
         assert api is not None
         young: list[str] = []
@@ -964,6 +1220,7 @@ class SlotEffects:
             for profile in profiles:
                 try:
                     yield api.sofia_profile(profile, "stop")
+                    self._stop_issued(profile)
                     log.info("slot {slot}: profile {profile} stopped (delayed stop)",
                              slot=slot.name, profile=profile)
                 except ProfileNotFound:
@@ -990,13 +1247,20 @@ class SlotEffects:
                           profiles=",".join(young), n=attempt + 1)
             if self._standby_on and not self._stop_retries:
                 self._standby_on = False
-                return api.sofia_global_standby(False).addErrback(
+                off = api.sofia_global_standby(False)
+                off.addTimeout(self.timeouts.esl, self.clock)
+                return off.addErrback(
                     lambda f: log.warn("sofia global standby off failed: {error}",
-                                       error=_reason(f)))
+                                       error=_reason(f, self.timeouts.esl)))
             return None
+
+        def finished(_: object) -> None:
+            self._retries_running -= 1
+            self._retries_idle()
 
         d.addBoth(done)
         d.addErrback(lambda f: log.failure("delayed profile stop failed", f))
+        d.addBoth(finished)
 
     @inlineCallbacks
     def _rollback(self, acq: _Acquisition, step: _Step) -> Generator[Any, Any, None]:

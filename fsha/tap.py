@@ -41,11 +41,12 @@ from fsha.node import ClusterNode
 from fsha.redisclient import RedisClient, RedisSettings
 from fsha.replication.feeds import Feeds
 from fsha.replication.service import ReplicationService
+from fsha.retire import SupersededRecords
 from fsha.status import status_site_root
 from fsha.takeover import ReplicatedRecords, SlotEffects, TakeoverTimeouts
 from fsha.transport import heartbeat_services
 from fsha.wire.control import ControlAuth
-from fsha.wire.heartbeat import Role
+from fsha.wire.heartbeat import NO_SLOT, Role
 
 DEFAULT_CONFIG = "/etc/fsha/cluster.toml"
 
@@ -224,17 +225,23 @@ def redis_client(config: ClusterConfig, password: str | None, reactor: Any
 
 
 class FeedsService(service.Service):
-    """Feeds the replicated state from this node's FreeSWITCH for the slots it masters."""
+    """Feeds the replicated state from this node's FreeSWITCH for the slots it masters,
+    and retires the records of a slot's previous masters (``retire``)."""
 
-    def __init__(self, feeds: Feeds) -> None:
+    def __init__(self, feeds: Feeds, retire: SupersededRecords | None = None) -> None:
         self.feeds = feeds
+        self.retire = retire
 
     def startService(self) -> None:
         super().startService()
         self.feeds.start()
+        if self.retire is not None:
+            self.retire.start()
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        if self.retire is not None:
+            self.retire.stop()
         return self.feeds.stop()
 
     def role_changed(self, old: Role, new: Role, slot: Any) -> None:
@@ -283,7 +290,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     timeouts = TakeoverTimeouts.from_config(config, me)
     effects = SlotEffects(
         floating, reactor, esl=esl,
-        db=CoreDBWriter(me.core_db, ThreadRunner(reactor)) if me.core_db else None,
+        db=CoreDBWriter(me.core_db, ThreadRunner(reactor),
+                        registration_db=me.registration_db_for) if me.core_db else None,
         records=ReplicatedRecords(replication.state) if replication is not None else None,
         timeouts=timeouts, fencing=config.fencing, me=me)
     budget = max(timeouts.acquire_budget(slot) for slot in config.slots)
@@ -320,8 +328,16 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     # still reach the peers.
     if replication is not None:
         replication.setServiceParent(top)
-        feeds = FeedsService(Feeds(esl, replication.state, config, me, reactor,
-                                   publish=replication.publish))
+        fed = Feeds(esl, replication.state, config, me, reactor, publish=replication.publish)
+
+        def masters() -> dict[int, int]:
+            # who serves which slot now, the same view on every node (heartbeats)
+            return {m.slot: m.node_id for m in node.members()
+                    if m.role is Role.MASTER and m.slot != NO_SLOT
+                    and node.roles.owner_of(m.slot) == m.node_id}
+
+        feeds = FeedsService(fed, SupersededRecords(replication.state, masters, reactor,
+                                                    forget_own=fed.forget_slot))
         feeds.setName("feeds")
         feeds.setServiceParent(top)
         node.add_role_listener(feeds.role_changed)
@@ -362,6 +378,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         result["freeswitch"] = {**health.status(), **sessions.status()}
         result["replication"] = replication.status() if replication is not None else None
         result["feeds"] = feeds.feeds.status() if replication is not None else None
+        if replication is not None and feeds.retire is not None:
+            result["feeds"]["superseded"] = feeds.retire.status()
         result["takeover"] = effects.status()
         result["fsevents"] = cluster_events.status()
         result["limits"] = limits.status() if limits is not None else None

@@ -27,6 +27,18 @@ if [ ${#need_packages[@]} -gt 0 ]; then
     fi
 fi
 
+# the real-FreeSWITCH test tier (tests/freeswitch): a FreeSWITCH built for this OS, when the
+# shared folder that carries it is there (CI has it); its installer is idempotent and
+# returns at once when /opt/freeswitch is current
+fs_installer="$(pwd)/../shared/freeswitch/install.sh"
+if [ -f "$fs_installer" ]; then
+    if [ "$(id -u)" = 0 ]; then
+        bash "$fs_installer" >/dev/null || echo "setup: FreeSWITCH install failed: tests/freeswitch skips"
+    elif [ ! -x /opt/freeswitch/bin/freeswitch ]; then
+        echo "setup: not root: FreeSWITCH not installed, tests/freeswitch skips"
+    fi
+fi
+
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv

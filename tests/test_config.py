@@ -103,6 +103,25 @@ class ValidationTests(SynchronousTestCase):
         raw["node"][1]["status"] = "[::1]:17420"  # loopback v6 is fine
         parse_config(raw, DEMO)
 
+    def test_registration_db(self) -> None:
+        raw = copy.deepcopy(demo_raw())
+        raw["node"][0]["esl"]["core_db"] = "/var/lib/freeswitch/db/core.db"
+        raw["node"][1]["esl"]["core_db"] = "/srv/fs/core.db"
+        raw["node"][1]["esl"]["registration_db"] = "regs/{profile}.sqlite"
+        raw["node"][2]["esl"].pop("core_db", None)
+        config = parse_config(raw, DEMO)
+        fs1, fs2, fs3 = config.nodes
+        # default: sofia's dbname in the core DB's folder; relative: to that folder
+        self.assertEqual(fs1.registration_db_for("slot1"),
+                         Path("/var/lib/freeswitch/db/sofia_reg_slot1.db"))
+        self.assertEqual(fs2.registration_db_for("p"), Path("/srv/fs/regs/p.sqlite"))
+        self.assertIsNone(fs3.registration_db_for("slot1"))  # no core DB: nothing restored
+        self.assertProblem(lambda r: r["node"][0]["esl"].update(registration_db="x.db"),
+                           "node.fs1.esl.registration_db", "must contain {profile}")
+        self.assertProblem(lambda r: r["node"][0]["esl"].update(
+            core_db=None, registration_db="/x/{profile}.db") or r["node"][0]["esl"].pop(
+            "core_db"), "node.fs1.esl.registration_db", "needs core_db")
+
     def test_missing_keys(self) -> None:
         self.assertProblem(lambda r: r["cluster"].pop("name"), "cluster.name", "missing")
         self.assertProblem(lambda r: r.pop("cluster"), "cluster", "missing")

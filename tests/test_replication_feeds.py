@@ -72,7 +72,9 @@ def cluster(db_path: str | None) -> tuple[ClusterConfig, NodeConfig]:
     slots = (dataclasses.replace(base.slots[0], profiles=("internal", "internal-b")),
              dataclasses.replace(base.slots[1], profiles=("external",)))
     config = dataclasses.replace(base, slots=slots)
-    me = dataclasses.replace(config.nodes[0], core_db=db_path)
+    me = dataclasses.replace(
+        config.nodes[0], core_db=db_path, registration_db=None if db_path is None else
+        os.path.join(os.path.dirname(db_path), "sofia_reg_{profile}.db"))
     return config, me
 
 
@@ -158,7 +160,9 @@ class CountingDB(SQLiteCoreDB):
     """The real read-only DB with its queries counted."""
 
     def __init__(self, path: str) -> None:
-        super().__init__(path, self._count)
+        # registrations in each profile's own file, as sofia keeps them
+        super().__init__(path, self._count, registration_db=lambda p: os.path.join(
+            os.path.dirname(path), f"sofia_reg_{p}.db"))
         self.queries = 0
 
     def _count(self, f: Callable[[], Any]) -> Deferred[Any]:
@@ -291,6 +295,24 @@ class CallFeedTests(SynchronousTestCase):
         self.assertEqual([(c.op, c.slot, c.key) for c in put], [(Op.PUT, 0, "call-1")])
         status = h.feeds.status()["slots"]["slot1"]
         self.assertEqual(status["calls"], 1)
+
+    def test_rewrite_after_the_ack_is_followed_without_an_event(self) -> None:
+        # FreeSWITCH rewrites an answered call's row when the ACK is in (the dialog's
+        # tags); no event says so, and a master dying then must not leave the old row
+        h = Harness(self, sweep_interval=60.0)
+        h.feeds.start_slot(0)
+        h.track("call-1", meta=b"<cdr>answered</cdr>")
+        h.esl.channel("CHANNEL_ANSWER", "call-1")
+        self.assertEqual(h.call("call-1").metadata, b"<cdr>answered</cdr>")
+        h.clock.advance(0.06)
+        h.update("call-1", b"<cdr>answered, with sip_to_tag</cdr>")
+        h.settle(0.3)
+        self.assertEqual(h.call("call-1").metadata, b"<cdr>answered, with sip_to_tag</cdr>")
+        # bounded: no rewrite, a few more reads, then nothing until the sweep
+        before = h.db.queries
+        h.settle(2)
+        self.assertEqual(h.db.queries, before)
+        self.assertEqual(h.feeds.status()["pending_lookups"], 0)
 
     def test_row_written_after_the_event_is_retried(self) -> None:
         h = Harness(self, sweep_interval=60.0)
@@ -539,7 +561,7 @@ class CoreDBTests(SynchronousTestCase):
 
     def test_missing_registration_table_only_disables_the_sweep(self) -> None:
         h = Harness(self)
-        h.writer._db.execute("drop table sip_registrations")
+        h.writer.open_profile("internal").execute("drop table sip_registrations")
         h.feeds.start_slot(0)
         self.assertFalse(h.feeds.status()["registration_table"])
         self.assertEqual(h.feeds.status()["errors"], 0)

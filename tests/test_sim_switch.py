@@ -23,6 +23,7 @@ def make_switch(
     clock: Clock | None = None,
     heartbeat: float = 20.0,
     profile_guard: int = 10,
+    stop_delay: float = 0.0,
 ) -> tuple[Switch, Clock, list[SimEvent]]:
     clock = clock or Clock()
     if clock.seconds() == 0:
@@ -38,6 +39,7 @@ def make_switch(
         sip_binder=binder,
         heartbeat_interval=heartbeat,
         profile_guard=profile_guard,
+        stop_delay=stop_delay,
     )
     events: list[SimEvent] = []
     sw.add_listener(events.append)
@@ -143,7 +145,8 @@ class ApiTests(SynchronousTestCase):
         )
         self.assertEqual(events[-1].name, "FAILURE")
         self.assertEqual(events[-1].get("profile_name"), "spare")
-        self.assertIn("\tFAILED (0)", sw.api("sofia status").body)
+        # as in FreeSWITCH, a profile that failed to bind is not listed
+        self.assertNotIn("spare", sw.api("sofia status").body)
         self.assertEqual(sw.profiles["spare"].state, "failed")
         binder.fail.clear()
         sw.api("sofia profile spare start")
@@ -441,13 +444,15 @@ class RegistrationTests(SynchronousTestCase):
 
 
 class CoreDBFileTests(SynchronousTestCase):
-    def test_wal_and_concurrent_writer(self) -> None:
+    def test_journal_delete_and_concurrent_writer(self) -> None:
         import sqlite3
 
         path = self.mktemp()
         db = CoreDB(path)
         other = sqlite3.connect(path, timeout=5, isolation_level=None)
-        self.assertEqual(other.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+        # a real FreeSWITCH's core DB (1.11): rollback journal, not WAL
+        self.assertEqual(other.execute("PRAGMA journal_mode").fetchone()[0], "delete")
+        self.assertEqual(db._db.execute("PRAGMA synchronous").fetchone()[0], 0)  # OFF
         other.execute(
             "insert into recovery values ('r', 'sofia', 'p', 'h', 'u', '<cdr/>')"
         )
@@ -455,5 +460,85 @@ class CoreDBFileTests(SynchronousTestCase):
         idx = {r[0] for r in other.execute(
             "select name from sqlite_master where type='index' and tbl_name='recovery'")}
         self.assertEqual(idx, {"recovery1", "recovery2", "recovery3", "recovery4"})
+        tables = {r[0] for r in other.execute("select name from sqlite_master")}
+        self.assertNotIn("sip_registrations", tables)  # in the profiles' own files
         other.close()
         db.close()
+
+    def test_registrations_in_the_profiles_own_database(self) -> None:
+        import os
+        import sqlite3
+
+        folder = self.mktemp()
+        os.makedirs(folder)
+        db = CoreDB(os.path.join(folder, "core.db"))
+        self.addCleanup(db.close)
+        sw, _, _ = make_switch(db=db)
+        sw.api("sofia profile spare start")
+        self.assertTrue(os.path.exists(os.path.join(folder, "sofia_reg_internal.db")))
+        self.assertTrue(os.path.exists(os.path.join(folder, "sofia_reg_spare.db")))
+        sw.register("internal", "1001")
+        sw.register("spare", "2001")
+        with sqlite3.connect(os.path.join(folder, "sofia_reg_internal.db")) as conn:
+            self.assertEqual(conn.execute("select sip_user from sip_registrations").fetchall(),
+                             [("1001",)])
+        # a row another process (fsha, restoring) wrote is seen, as sofia would
+        with sqlite3.connect(os.path.join(folder, "sofia_reg_spare.db")) as conn:
+            row = dict(db.registrations("spare")[0], call_id="restored", sip_user="2002")
+            conn.execute("insert into sip_registrations (" + ",".join(row) + ") values ("
+                         + ",".join("?" * len(row)) + ")", tuple(row.values()))
+        self.assertEqual(sorted(str(r["sip_user"]) for r in db.registrations("spare")),
+                         ["2001", "2002"])
+        self.assertIn("User:       \t2002@", sw.api("sofia status profile spare reg").body)
+
+
+class ProfileStopTests(SynchronousTestCase):
+    def test_stop_is_asynchronous_and_ends_with_unpublish(self) -> None:
+        binder = NullSipBinder()
+        sw, clock, events = make_switch(binder=binder, stop_delay=2.0)
+        clock.advance(10)
+        sw.place_call("internal")
+        self.assertEqual(sw.api("sofia profile internal stop").body,
+                         "Reload XML [Success]\nstopping: internal")
+        self.assertEqual(sw.channels, {})  # calls hung up at once
+        self.assertNotIn("internal", sw.api("sofia status").body)  # gone from the list
+        self.assertIn("internal", binder.bound)  # ... but the socket is still held
+        self.assertEqual(sw.api("sofia profile internal stop").body, "Invalid Profile [internal]")
+        # a start now answers success, yet the profile stays absent
+        self.assertEqual(sw.api("sofia profile internal start").body,
+                         "Reload XML [Success]\ninternal started successfully\n")
+        self.assertNotIn("internal", sw.api("sofia status").body)
+        clock.advance(2.0)
+        unpublish = [e for e in events if e.name == "UNPUBLISH"]
+        self.assertEqual([e.get("profile_name") for e in unpublish], ["internal"])
+        self.assertNotIn("internal", binder.bound)
+        self.assertNotIn("internal", sw.api("sofia status").body)
+        clock.advance(3.0)  # sofia's bind retry, 5 s after the start
+        self.assertIn("RUNNING (0)", sw.api("sofia status").body)
+
+    def test_start_after_unpublish_is_immediate(self) -> None:
+        sw, clock, events = make_switch(stop_delay=1.0)
+        clock.advance(10)
+        sw.api("sofia profile internal stop")
+        clock.advance(1.0)
+        self.assertEqual(events[-1].name, "UNPUBLISH")
+        sw.api("sofia profile internal start")
+        self.assertIn("internal\tprofile", sw.api("sofia status").body)
+
+    def test_show_calls_count_and_registration_listing(self) -> None:
+        sw, _, _ = make_switch()
+        self.assertEqual(sw.api("show calls count").body, "\n0 total.\n")
+        sw.place_call("internal", bridge=True)
+        sw.place_call("internal")
+        self.assertEqual(sw.api("show calls count").body, "\n2 total.\n")
+        self.assertEqual(sw.api("show channels count").body, "\n3 total.\n")
+        empty = sw.api("sofia status profile internal reg").body
+        self.assertEqual(empty, "\nRegistrations:\n" + "=" * 97 + "\nTotal items returned: 0\n"
+                         + "=" * 97 + "\n")
+        sw.register("internal", "1001", call_id="c1", expires=60, network_port=5070)
+        text = sw.api("sofia status profile internal reg").body
+        self.assertIn("Call-ID:    \tc1\nUser:       \t1001@127.0.1.1\n", text)
+        self.assertIn("EXPSECS(60)\n", text)
+        self.assertIn("Port:       \t5070\n", text)
+        self.assertIn("Total items returned: 1\n", text)
+        self.assertEqual(sw.api("sofia status profile spare reg").body, "Invalid Profile!\n")

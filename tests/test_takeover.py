@@ -150,6 +150,7 @@ class SwitchESL:
         self.commands: list[str] = []
         self.rules: dict[str, Any] = {}
         self.down = False
+        self.subscribed: list[str] = []
 
     def api(self, command: str, timeout: float | None = None) -> Deferred[str]:
         self.commands.append(command)
@@ -167,6 +168,18 @@ class SwitchESL:
     def bgapi(self, command: str, timeout: float | None = None,
               job_uuid: str | None = None) -> Deferred[str]:
         return fail(NotImplementedError("bgapi"))
+
+    def add_event_listener(self, callback: Callable[[Any], object],
+                           name: str | None = None) -> None:
+        """The switch's events named ``name`` (what ESLClient delivers once subscribed)."""
+        def relay(event: Any) -> None:
+            if name is None or event.name == name or event.subclass == name:
+                callback(event)
+        self.switch.add_listener(relay)
+
+    def subscribe(self, *names: str) -> Deferred[None]:
+        self.subscribed.extend(names)
+        return succeed(None)
 
 
 class FakeRunner:
@@ -220,10 +233,11 @@ class HangingRunner:
 
 
 def make_switch(clock: Clock, db_path: str, name: str, *, autostart: bool,
-                binder: NullSipBinder | None = None) -> Switch:
+                binder: NullSipBinder | None = None, stop_delay: float = 0.0) -> Switch:
     switch = Switch(clock, CoreDB(db_path), name=name,
                     profiles=[ProfileConfig(PROFILE, VIP.address, 5060, autostart)],
-                    heartbeat_interval=0, reg_check_interval=0, sip_binder=binder)
+                    heartbeat_interval=0, reg_check_interval=0, sip_binder=binder,
+                    stop_delay=stop_delay)
     switch.start()
     return switch
 
@@ -234,6 +248,31 @@ def recovery_rows(db_path: str) -> list[RecoveryRow]:
         rows = conn.execute("select runtime_uuid, technology, profile_name, hostname, uuid, "
                             "metadata from recovery").fetchall()
     return [RecoveryRow(*(v.decode() for v in r[:5]), r[5]) for r in rows]
+
+
+def fs_schema(path: str | Path) -> None:
+    """A database with sofia's tables, both in one file (as a profile with its dbname
+    set to the core DB would have them)."""
+    from fsha.sim.coredb import (
+        RECOVERY_SCHEMA,
+        SIP_REGISTRATIONS_INDEXES,
+        SIP_REGISTRATIONS_SCHEMA,
+    )
+    with sqlite3.connect(path) as conn:
+        for stmt in (RECOVERY_SCHEMA, SIP_REGISTRATIONS_SCHEMA, *SIP_REGISTRATIONS_INDEXES):
+            conn.execute(stmt)
+    conn.close()
+
+
+def reg_db(core_db: str | Path, profile: str = "internal") -> str:
+    """sofia's registration database of ``profile``, beside the core DB."""
+    return str(Path(core_db).parent / f"sofia_reg_{profile}.db")
+
+
+def db_in_own_folder(folder: Path, name: str) -> str:
+    """Each FreeSWITCH has its own db dir (its profiles' sofia_reg_P.db files)."""
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    return str(folder / name / "core.db")
 
 
 def registration_rows(db_path: str) -> list[RegistrationRow]:
@@ -253,11 +292,12 @@ class Scenario:
     """A dead master A (its rows) and a successor B (in-process switch + DB + effects)."""
 
     def __init__(self, case: SynchronousTestCase, calls: int = 4, regs: int = 3,
-                 binder: NullSipBinder | None = None) -> None:
+                 binder: NullSipBinder | None = None, stop_delay: float = 0.0) -> None:
         self.dir = Path(case.mktemp())
         self.dir.mkdir(parents=True)
         self.clock = Clock()
-        a = make_switch(self.clock, str(self.dir / "a.db"), "fs1", autostart=True)
+        a_db = db_in_own_folder(self.dir, "a")
+        a = make_switch(self.clock, a_db, "fs1", autostart=True)
         self.uuids = []
         for i in range(calls):
             self.uuids += a.place_call(PROFILE, caller=str(1000 + i), bridge=(i % 2 == 1))
@@ -266,15 +306,17 @@ class Scenario:
         a.stop()
         a.db.close()
         self.a = a
-        self.calls = recovery_rows(str(self.dir / "a.db"))
-        self.regs = registration_rows(str(self.dir / "a.db"))
-        self.b_db = str(self.dir / "b.db")
-        self.b = make_switch(self.clock, self.b_db, "fs2", autostart=False, binder=binder)
+        self.calls = recovery_rows(a_db)
+        self.regs = registration_rows(reg_db(a_db, PROFILE))
+        self.b_db = db_in_own_folder(self.dir, "b")
+        self.b = make_switch(self.clock, self.b_db, "fs2", autostart=False, binder=binder,
+                             stop_delay=stop_delay)
         case.addCleanup(self.b.db.close)
         self.esl = SwitchESL(self.b)
         self.floating = FakeFloating()
         self.records = StaticRecords(self.calls, self.regs)
-        self.writer = CoreDBWriter(self.b_db, inline_runner)
+        self.writer = CoreDBWriter(self.b_db, inline_runner,
+                                   registration_db=lambda p: reg_db(self.b_db, p))
         case.addCleanup(self.writer.close)
         self.reports: list[TakeoverReport] = []
         self.effects = SlotEffects(self.floating, self.clock, esl=self.esl, db=self.writer,
@@ -286,7 +328,10 @@ class Scenario:
                      self.a.core_uuid)[0][0]
 
     def b_registrations(self) -> list[tuple[Any, ...]]:
-        return table(self.b_db, "select sip_user, hostname from sip_registrations")
+        if not os.path.exists(reg_db(self.b_db, PROFILE)):
+            return []
+        return table(reg_db(self.b_db, PROFILE), "select sip_user, hostname from "
+                                                 "sip_registrations")
 
 
 # -- the sequence with fakes ------------------------------------------------------------------
@@ -689,7 +734,7 @@ class ReleaseTests(SynchronousTestCase):
                                                "sofia global standby off"])
         self.assertEqual(s.effects.status(), {
             "last_report": report.as_dict(), "pending_profile_stops": [],
-            "global_standby": False})
+            "profiles_stopping": [PROFILE], "global_standby": False})
 
     def test_acquire_again_cancels_the_delayed_stop(self) -> None:
         s = Scenario(self, calls=1, regs=0)
@@ -701,7 +746,155 @@ class ReleaseTests(SynchronousTestCase):
         self.assertFalse(s.b.profiles[PROFILE].standby)  # recover cleared it
         s.clock.advance(60)
         self.assertTrue(s.b.profiles[PROFILE].running)
-        self.assertNotIn("sofia global standby off", s.esl.commands)
+        # the standby turned on for the stop is off again (issue 12: it stayed on)
+        self.assertIn("sofia global standby off", s.esl.commands)
+        self.assertFalse(s.effects.status()["global_standby"])
+        self.assertEqual(s.effects.last_report.count("profiles", "standby_off"), 1)
+
+    def test_large_restore_continues_after_the_acquire(self) -> None:
+        from fsha.takeover import REGISTRATION_PAGE
+        s = Scenario(self, calls=1, regs=0)
+        n = 3 * REGISTRATION_PAGE + 10
+        s.records.regs = [RegistrationRow(f"c{i}", str(10000 + i), "example.com", "", "",
+                                          "Registered(UDP)", "", 0, "ua", PROFILE, "", "",
+                                          "", "") for i in range(n)]
+        write = s.writer.write_registrations
+
+        def slow(*args: Any, **kw: Any) -> Any:  # each page takes 0.4 s of the 1 s bound
+            s.clock.advance(0.4)
+            return write(*args, **kw)
+
+        s.writer.write_registrations = slow  # type: ignore[method-assign]
+        self.successResultOf(s.effects.acquire(SLOT, 2, DEAD))
+        report = s.effects.last_report
+        assert report is not None
+        self.assertTrue(report.ok)  # the calls are up: the slot is served
+        step = report.step("registrations")
+        assert step is not None
+        self.assertEqual(step.outcome, WARNING)
+        self.assertEqual(step.counts["written"], 2 * REGISTRATION_PAGE)
+        self.assertIn("continue once the slot is served", step.error or "")
+        self.assertEqual(len(s.b_registrations()), n)  # the rest followed, page by page
+        self.assertEqual(s.b.hashes[""].get("fsha_reg_10000@example.com"), PROFILE)
+        self.assertEqual(len(s.b.hashes[""]), n)
+
+    def test_release_stops_a_background_restore(self) -> None:
+        from fsha.takeover import REGISTRATION_PAGE
+        s = Scenario(self, calls=0, regs=0)
+        n = 4 * REGISTRATION_PAGE
+        s.records.regs = [RegistrationRow(f"c{i}", str(10000 + i), "example.com", "", "",
+                                          "Registered(UDP)", "", 0, "ua", PROFILE, "", "",
+                                          "", "") for i in range(n)]
+        pages: list[Deferred[int]] = []
+        write = s.writer.write_registrations
+
+        def held(*args: Any, **kw: Any) -> Any:  # two pages in the step; the third waits
+            if len(pages) == 2:
+                d: Deferred[int] = Deferred()
+                pages.append(d)
+                return d
+            s.clock.advance(0.4)
+            pages.append(write(*args, **kw))
+            return pages[-1]
+
+        s.writer.write_registrations = held  # type: ignore[method-assign]
+        self.successResultOf(s.effects.acquire(SLOT, 2, DEAD))
+        self.assertEqual(len(pages), 3)  # the third in the background
+        self.successResultOf(s.effects.release(SLOT))
+        pages[2].callback(REGISTRATION_PAGE)
+        self.assertEqual(len(pages), 3)  # nothing written after the release
+
+    def test_young_profile_calls_are_hung_up_at_release(self) -> None:
+        s = Scenario(self, calls=2, regs=0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        self.assertEqual(len(s.b.channels), 3)
+        self.successResultOf(s.effects.release(SLOT))
+        self.assertEqual(s.b.channels, {})  # the successor has them; no copy lives on here
+        self.assertIn("hupall MANAGER_REQUEST sofia_profile_name slot1", s.esl.commands)
+        self.assertTrue(s.b.profiles[PROFILE].running)  # the stop itself comes later
+
+    def test_stop_at_exit_waits_for_the_deferred_stop(self) -> None:
+        s = Scenario(self, calls=1, regs=0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        self.successResultOf(s.effects.release(SLOT))
+        d = s.effects.stop()  # SIGTERM right after a hand-over of a young profile
+        self.assertNoResult(d)
+        s.clock.advance(10.5)
+        self.successResultOf(d)
+        self.assertFalse(s.b.profiles[PROFILE].running)
+        self.assertEqual(s.esl.commands[-1], "sofia global standby off")
+        self.assertFalse(s.effects.status()["global_standby"])
+
+    def test_stop_at_exit_is_bounded(self) -> None:
+        s = Scenario(self, calls=0, regs=0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        self.successResultOf(s.effects.release(SLOT))
+        s.esl.rules["sofia profile slot1 stop"] = "hang"
+        d = s.effects.stop()
+        s.clock.advance(TIMEOUTS.stop_budget())
+        self.successResultOf(d)
+        self.assertEqual(s.effects.status()["pending_profile_stops"], [])
+        self.assertIn("sofia global standby off", s.esl.commands)
+
+    def test_stop_at_exit_without_pending_stops_is_immediate(self) -> None:
+        s = Scenario(self, calls=0, regs=0)
+        self.successResultOf(s.effects.stop())
+        self.assertEqual(s.esl.commands, [])
+        self.assertEqual(s.esl.subscribed, ["UNPUBLISH"])
+
+    def test_switch_back_waits_for_the_stop_to_complete(self) -> None:
+        # sofia frees a stopped profile asynchronously: a start before UNPUBLISH answers
+        # success, yet the profile stays absent (issue 12: the switch-back failed)
+        s = Scenario(self, calls=1, regs=0, stop_delay=2.0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        s.clock.advance(11)
+        self.successResultOf(s.effects.release(SLOT))
+        self.assertEqual(s.effects.status()["profiles_stopping"], [PROFILE])
+        s.records.calls = []
+        d = s.effects.acquire(SLOT, 3, DEAD)
+        s.clock.advance(1.0)
+        self.assertNoResult(d)
+        self.assertNotIn("sofia profile slot1 start", s.esl.commands[-3:])
+        s.clock.advance(1.0)  # UNPUBLISH
+        for _ in range(10):
+            s.clock.advance(TIMEOUTS.poll)
+        self.successResultOf(d)
+        report = s.effects.last_report
+        self.assertTrue(report.ok, report.as_dict())
+        self.assertEqual(report.count("profiles", "stops_waited"), 1)
+        self.assertTrue(s.b.profiles[PROFILE].running)
+
+    def test_switch_back_without_unpublish_goes_on_after_a_bound(self) -> None:
+        s = Scenario(self, calls=0, regs=0, stop_delay=2.0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        s.clock.advance(11)
+        self.successResultOf(s.effects.release(SLOT))
+        s.b.listeners.clear()  # the UNPUBLISH is lost (ESL reconnected)
+        s.clock.advance(2.0)
+        d = s.effects.acquire(SLOT, 3, DEAD)
+        s.clock.advance(TIMEOUTS.stop_settle)
+        for _ in range(10):
+            s.clock.advance(TIMEOUTS.poll)
+        self.successResultOf(d)
+        step = s.effects.last_report.step("profiles")
+        self.assertEqual(step.outcome, WARNING)
+        self.assertIn("no UNPUBLISH", step.error)
+        self.assertEqual(s.effects.status()["profiles_stopping"], [])
+
+    def test_a_stop_older_than_the_settle_time_is_not_waited_for(self) -> None:
+        s = Scenario(self, calls=0, regs=0, stop_delay=2.0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        s.clock.advance(11)
+        self.successResultOf(s.effects.release(SLOT))
+        s.b.listeners.clear()  # the UNPUBLISH is lost
+        s.clock.advance(TIMEOUTS.stop_settle + 1)
+        d = s.effects.acquire(SLOT, 3, DEAD)
+        for _ in range(10):
+            s.clock.advance(TIMEOUTS.poll)
+        self.successResultOf(d)
+        step = s.effects.last_report.step("profiles")
+        self.assertEqual(step.outcome, "ok")
+        self.assertNotIn("stops_waited", step.counts)
 
     def test_stop_retries_are_bounded(self) -> None:
         s = Scenario(self, calls=0, regs=0)
@@ -770,7 +963,7 @@ class BudgetAndDefaultsTests(SynchronousTestCase):
         t = TakeoverTimeouts()
         two = SlotConfig("s", 0, (VIP,), ("a", "b"))
         self.assertAlmostEqual(t.acquire_budget(two),
-                               2 + 5 + 2 + 2 + 5 + 2 * 2 + 3 + 10 * 2 + 5)
+                               2 + 5 + 2 + 2 + 5 + 2 * 3 + 3 + 15 + 10 * 2 + 5)
         self.assertGreater(t.release_budget(two), t.floating)
 
     def test_no_records(self) -> None:
@@ -1119,7 +1312,7 @@ class CoreDBWriterTests(SynchronousTestCase):
         self.dir = Path(self.mktemp())
         self.dir.mkdir(parents=True)
         self.path = str(self.dir / "core.db")
-        CoreDB(self.path).close()  # the real schema
+        fs_schema(self.path)  # the real schema
         self.writer = CoreDBWriter(self.path, inline_runner)
         self.addCleanup(self.writer.close)
 
@@ -1160,9 +1353,23 @@ class CoreDBWriterTests(SynchronousTestCase):
             self.writer.delete_registrations([r], "someone-else")), 0)
         self.assertEqual(self.successResultOf(self.writer.delete_registrations([r], "me")), 1)
 
+    def test_registration_deletes_use_the_call_id_index(self) -> None:
+        # sofia indexes nearly every column; SQLite would pick sr_profile_name (a scan of
+        # the profile per deleted row)
+        from fsha.fsdb import _DELETE_REGISTRATION
+        with sqlite3.connect(self.path) as conn:
+            for col in ("sip_user", "sip_host", "profile_name", "hostname"):
+                conn.execute(f"create index if not exists x_{col} on sip_registrations "
+                             f"({col})")
+            for sql in (_DELETE_REGISTRATION, _DELETE_REGISTRATION + " and +hostname=?"):
+                plan = " ".join(str(r) for r in conn.execute(
+                    "explain query plan " + sql, ("c", "u", "h", "p", "x")[:sql.count("?")]))
+                self.assertIn("sr_call_id", plan)
+        conn.close()
+
     def test_registration_db_per_profile(self) -> None:
         other = self.dir / "sofia_reg_p.db"
-        CoreDB(str(other)).close()
+        fs_schema(other)
         writer = CoreDBWriter(self.path, inline_runner,
                               registration_db=lambda p: self.dir / f"sofia_reg_{p}.db")
         self.addCleanup(writer.close)
@@ -1305,7 +1512,8 @@ def _free_udp_port(host: str) -> int:
 class SimProcess:
     def __init__(self, case: TestCase, workdir: Path, name: str, profile_arg: str) -> None:
         self.name = name
-        self.db = workdir / f"{name}-core.db"
+        (workdir / name).mkdir()
+        self.db = workdir / name / "core.db"  # sofia_reg_<profile>.db beside it
         self.ready_path = workdir / f"{name}.ready"
         self.log = open(workdir / f"{name}.log", "wb")
         case.addCleanup(self.log.close)
@@ -1313,7 +1521,7 @@ class SimProcess:
             [sys.executable, "-m", "fsha", "sim", "--name", name, "--esl", "127.0.0.1:0",
              "--control", "127.0.0.1:0", "--ready-file", str(self.ready_path),
              "--db", str(self.db), "--heartbeat", "1", "--max-sessions", "100000",
-             *profile_arg.split(" ", 1)],
+             *profile_arg.split()],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         case.addCleanup(self.kill)
         self.ready: dict[str, Any] = {}
@@ -1375,7 +1583,10 @@ class SimulatorTakeoverTests(TestCase):
         vip = f"127.{rng.randint(100, 250)}.{rng.randint(1, 250)}.1"
         port = _free_udp_port(vip)
         a = SimProcess(self, workdir, "simA", f"--profile {PROFILE}={vip}:{port}")
-        b = SimProcess(self, workdir, "simB", f"--define-profile {PROFILE}={vip}:{port}")
+        # B: FreeSWITCH's 10 s stop guard shortened (its rule is what matters, not its
+        # length) and an asynchronous stop, as sofia's
+        b = SimProcess(self, workdir, "simB", f"--define-profile {PROFILE}={vip}:{port} "
+                       "--profile-guard 2 --profile-stop-delay 0.3")
         yield wait_for(a.read_ready, "sim A ready")
         yield wait_for(b.read_ready, "sim B ready")
         n = 20
@@ -1386,7 +1597,7 @@ class SimulatorTakeoverTests(TestCase):
                                 "host": "example.com"})
         a.crash()  # like kill -9: its DB file keeps the rows
         calls = recovery_rows(str(a.db))
-        regs = registration_rows(str(a.db))
+        regs = registration_rows(str(a.db.parent / f"sofia_reg_{PROFILE}.db"))
         self.assertEqual(len(calls), n)
         self.assertEqual(len(regs), 5)
 
@@ -1398,7 +1609,8 @@ class SimulatorTakeoverTests(TestCase):
         yield client.when_ready().addTimeout(DEADLINE, reactor)
         runner = ThreadRunner(reactor)
         self.addCleanup(runner.stop)
-        writer = CoreDBWriter(b.db, runner)
+        writer = CoreDBWriter(b.db, runner, registration_db=lambda p: b.db.parent /
+                              f"sofia_reg_{p}.db")
         slot = SlotConfig(PROFILE, 0, (FloatingIP(vip, 32, "lo"),), (PROFILE,))
         effects = SlotEffects(LoopbackBackend(reactor), reactor, esl=client, db=writer,
                               records=StaticRecords(calls, regs),
@@ -1422,8 +1634,8 @@ class SimulatorTakeoverTests(TestCase):
         self.assertEqual(sorted(r["uuid"] for r in json.loads(listing)["rows"]),
                          sorted(uuids))
         # B's sip_registrations holds them, under B's hostname
-        self.assertEqual(sorted(table(str(b.db), "select sip_user, hostname from "
-                                                 "sip_registrations")),
+        self.assertEqual(sorted(table(str(b.db.parent / f"sofia_reg_{PROFILE}.db"),
+                                      "select sip_user, hostname from sip_registrations")),
                          [(str(3000 + i), "simB") for i in range(5)])
 
         # B's SIP responder for the profile answers OPTIONS at the floating IP
@@ -1446,8 +1658,16 @@ class SimulatorTakeoverTests(TestCase):
         yield wait_for(lambda: len(probe.responses) > 1, "an answer to the second OPTIONS")
         self.assertTrue(probe.responses[1].decode().startswith("SIP/2.0 503 System Paused"))
         self.assertEqual(effects.status()["pending_profile_stops"], [0])
-        effects.stop()
+        # the copies of the calls ended at once (the successor recovers them)
+        self.assertEqual(release.count("profiles", "calls_hung_up"), 1)
+        count = yield client.api("show channels count")
+        self.assertEqual(count.strip(), "0 total.")
+        # SIGTERM now: the process waits for the deferred stop, which turns standby off
+        yield effects.stop()
         self.assertEqual(effects.status()["pending_profile_stops"], [])
+        self.assertFalse(effects.status()["global_standby"])
+        listing = yield client.api("sofia status")
+        self.assertNotIn(PROFILE, listing)
         yield writer.close()
 
 
@@ -1465,7 +1685,8 @@ class DeadMasterRecords:
         if previous is None:
             return [], []
         path = self.paths[previous.name]
-        return recovery_rows(path), registration_rows(path)
+        regs = reg_db(path, slot.profiles[0])
+        return recovery_rows(path), registration_rows(regs) if os.path.exists(regs) else []
 
 
 class NodeTakeoverTests(SynchronousTestCase):
@@ -1476,7 +1697,7 @@ class NodeTakeoverTests(SynchronousTestCase):
         cluster = FakeCluster(config)
         workdir = Path(self.mktemp())
         workdir.mkdir(parents=True)
-        paths = {n.name: str(workdir / f"{n.name}.db") for n in config.nodes}
+        paths = {n.name: db_in_own_folder(workdir, n.name) for n in config.nodes}
         records = DeadMasterRecords(paths)
         switches: dict[str, Switch] = {}
         esls: dict[str, SwitchESL] = {}
@@ -1487,7 +1708,8 @@ class NodeTakeoverTests(SynchronousTestCase):
             esls[node.name] = esl = SwitchESL(switch)
             if node.name == hang_recover_on:
                 esl.rules["sofia profile slot1 recover"] = "hang"
-            writer = CoreDBWriter(paths[node.name], inline_runner)
+            writer = CoreDBWriter(paths[node.name], inline_runner,
+                                  registration_db=lambda p, n=node.name: reg_db(paths[n], p))
             self.addCleanup(writer.close)
             cluster.actions[node.name] = SlotEffects(  # type: ignore[assignment]
                 FakeFloating(), cluster.clock, esl=esl, db=writer, records=records,

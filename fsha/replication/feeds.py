@@ -14,7 +14,11 @@ ReplicatedState` (and hands each resulting change to ``publish``, the replicatio
     lookup of the call's row. FreeSWITCH writes the row asynchronously, so a lookup that
     finds no row (or, after an update event, the row not yet changed) is retried on the
     schedule :data:`RETRY_DELAYS` (about 0.8 s in all), then given up (``lookup_misses``;
-    the sweep will still find it). ``CHANNEL_HANGUP`` / ``CHANNEL_HANGUP_COMPLETE`` /
+    the sweep will still find it). An answered call's row is read once more from
+    :data:`ANSWER_FOLLOW_UP` after it was found, until it changes (same schedule): a real
+    FreeSWITCH rewrites it when the caller's ACK is in (the dialog's tags), with no event,
+    and a row replicated without them is recovered into a dialog the caller cannot match.
+    ``CHANNEL_HANGUP`` / ``CHANNEL_HANGUP_COMPLETE`` /
     ``CHANNEL_DESTROY`` delete the record at once and leave a tombstone (``tombstone_ttl``
     seconds) so that a lookup or sweep that read the row before FreeSWITCH deleted it
     cannot bring the call back. A periodic *sweep* (every ``sweep_interval`` seconds)
@@ -30,9 +34,10 @@ ReplicatedState` (and hands each resulting change to ``publish``, the replicatio
     From ``sofia::register`` (put, expiring at the event time + ``expires`` seconds),
     ``sofia::unregister`` and ``sofia::expire`` (delete), plus an initial load and a
     periodic sweep (every ``registration_sweep_interval`` seconds) of the
-    ``sip_registrations`` table of the same DB file for the slot's profiles (a missing
-    table only disables the sweep). The record expires (``expires_ms``) when the
-    registration does.
+    ``sip_registrations`` table of each of the slot's profiles: sofia keeps it in the
+    profile's own database, ``<db dir>/sofia_reg_<profile>.db`` (the node's
+    ``esl.registration_db``; a file or table not there yet only disables the sweep). The
+    record expires (``expires_ms``) when the registration does.
 
 ``Kind.IDENTITY`` (key: :data:`IDENTITY_KEY`, one per slot)
     The master's FreeSWITCH runtime: core UUID (``global_getvar core_uuid``; it changes at
@@ -172,6 +177,9 @@ HANGUP_EVENTS: Final = ("CHANNEL_HANGUP", "CHANNEL_HANGUP_COMPLETE", "CHANNEL_DE
 REGISTRATION_EVENTS: Final = tuple(k.value for k in RegistrationKind)
 #: Delays (seconds) between lookups of a row that is not there (yet). Sum: 0.785 s.
 RETRY_DELAYS: Final = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+#: After an answered call's row is found, it is read again from this long after (then on
+#: the RETRY_DELAYS schedule until it changes): FreeSWITCH rewrites it when the ACK is in.
+ANSWER_FOLLOW_UP: Final = 0.05
 #: UUIDs per lookup query (well under SQLite's 999 host parameters).
 LOOKUP_BATCH: Final = 256
 IDENTITY_KEY: Final = "identity"
@@ -432,29 +440,41 @@ class SQLiteCoreDB:
     byte-exact even if it is not valid UTF-8.
     """
 
-    def __init__(self, path: str | Path, run: Runner, busy_timeout: float = 1.0) -> None:
+    def __init__(self, path: str | Path, run: Runner, busy_timeout: float = 1.0, *,
+                 registration_db: Callable[[str], str | Path | None] | None = None) -> None:
         self.path = str(path)
         self._run = run
         self._busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
         self._stale = False
+        # sofia keeps a profile's registrations in its own file (<db dir>/sofia_reg_P.db);
+        # None: in the core DB (a database set up that way, old simulators)
+        self._registration_db = registration_db
+        self._reg_conns: dict[str, sqlite3.Connection] = {}
+
+    def _open(self, path: str) -> sqlite3.Connection:
+        uri = "file:" + urllib.parse.quote(path) + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, timeout=self._busy_timeout,
+                               isolation_level=None, check_same_thread=False)
+        try:
+            conn.text_factory = bytes
+            conn.execute("PRAGMA query_only=1")
+        except sqlite3.Error:
+            conn.close()
+            raise
+        return conn
 
     def _connection(self) -> sqlite3.Connection:
-        if self._stale and self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._stale:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            for conn in self._reg_conns.values():
+                conn.close()
+            self._reg_conns.clear()
         self._stale = False
         if self._conn is None:
-            uri = "file:" + urllib.parse.quote(self.path) + "?mode=ro"
-            conn = sqlite3.connect(uri, uri=True, timeout=self._busy_timeout,
-                                   isolation_level=None, check_same_thread=False)
-            try:
-                conn.text_factory = bytes
-                conn.execute("PRAGMA query_only=1")
-            except sqlite3.Error:
-                conn.close()
-                raise
-            self._conn = conn
+            self._conn = self._open(self.path)
         return self._conn
 
     def _query(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
@@ -498,28 +518,63 @@ class SQLiteCoreDB:
 
     def registrations(self, profiles: Sequence[str]) -> Deferred[list[RegistrationRow] | None]:
         profiles = list(profiles)
+        sql = f"select {', '.join(REGISTRATION_COLUMNS)} from sip_registrations where "
 
-        def q() -> list[RegistrationRow] | None:
-            if not profiles:
-                return []
+        def in_core() -> list[RegistrationRow] | None:
             try:
-                rows = self._query(
-                    f"select {', '.join(REGISTRATION_COLUMNS)} from sip_registrations "
-                    f"where profile_name in ({_placeholders(len(profiles))})", profiles)
+                rows = self._query(sql + f"profile_name in ({_placeholders(len(profiles))})",
+                                   profiles)
             except sqlite3.OperationalError as e:
                 if "no such table" in str(e):
                     self._stale = False
                     return None
                 raise
             return [_registration_row(r) for r in rows]
+
+        def per_profile(which: Callable[[str], str | Path | None]
+                        ) -> list[RegistrationRow] | None:
+            self._connection()  # reopens everything after an error or a restart
+            result: list[RegistrationRow] = []
+            found = False
+            for profile in profiles:
+                path = which(profile)
+                if path is None:
+                    continue
+                conn = self._reg_conns.get(profile)
+                try:
+                    if conn is None:
+                        conn = self._reg_conns[profile] = self._open(str(path))
+                    rows = conn.execute(sql + "profile_name=?", (profile,)).fetchall()
+                except sqlite3.OperationalError as e:
+                    # not created yet (a profile never started here) or not sofia's file
+                    if "no such table" in str(e) or "unable to open" in str(e):
+                        bad = self._reg_conns.pop(profile, None)
+                        if bad is not None:
+                            bad.close()
+                        continue
+                    self._stale = True
+                    raise
+                except sqlite3.Error:
+                    self._stale = True
+                    raise
+                found = True
+                result.extend(_registration_row(r) for r in rows)
+            return result if found else None
+
+        def q() -> list[RegistrationRow] | None:
+            if not profiles:
+                return []
+            if self._registration_db is None:
+                return in_core()
+            return per_profile(self._registration_db)
         return self._run(q)
 
     def interrupt(self) -> None:
         """Abort the running query (callable from any thread)."""
-        conn = self._conn
-        if conn is not None:
-            conn.interrupt()
-            self._stale = True
+        for conn in [self._conn, *list(self._reg_conns.values())]:
+            if conn is not None:
+                conn.interrupt()
+                self._stale = True
 
     def reset(self) -> None:
         """Reopen the connection before the next query (e.g. after a FreeSWITCH restart)."""
@@ -529,6 +584,9 @@ class SQLiteCoreDB:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+        for c in self._reg_conns.values():
+            c.close()
+        self._reg_conns.clear()
 
 
 # ---------------------------------------------------------------------------------------
@@ -607,12 +665,13 @@ class _Reg:
 
 
 class _Lookup:
-    __slots__ = ("attempt", "baseline", "due")
+    __slots__ = ("attempt", "baseline", "due", "followed")
 
     def __init__(self, due: float, baseline: bytes | None) -> None:
         self.attempt = 0
         self.due = due
         self.baseline = baseline  # the value before an update event; None: any row will do
+        self.followed = False  # the answer's row was found: this looks for its rewrite
 
 
 def _exact(headers: Headers, name: str, fallback: bool = True) -> str | None:
@@ -673,7 +732,9 @@ class Feeds:
                 raise ValueError("clock must be a reactor (IReactorFromThreads) to read the "
                                  "core DB in a thread; or pass db=")
             self._pool = ThreadPool(minthreads=1, maxthreads=1, name="fsha-feeds-coredb")
-            db = SQLiteCoreDB(me.core_db, thread_runner(clock, self._pool), busy_timeout)
+            db = SQLiteCoreDB(me.core_db, thread_runner(clock, self._pool), busy_timeout,
+                              registration_db=me.registration_db_for
+                              if me.registration_db is not None else None)
         self.db = db
         self._profile_slot: dict[str, SlotConfig] = {
             p: s for s in config.slots for p in s.profiles}
@@ -1285,6 +1346,14 @@ class Feeds:
                 if lookup.baseline is None or value != lookup.baseline:
                     del self._pending[uuid]
                     self._store_call(feed, row, value, self._next_gen())
+                    if lookup.baseline is None and not lookup.followed:
+                        # FreeSWITCH rewrites the row once the caller's ACK is in (the
+                        # dialog's tags, sip_to_tag...), with no event: look again soon,
+                        # or a master dying now leaves a row whose re-INVITE the caller
+                        # cannot match (its BYE then gets 481)
+                        follow = _Lookup(now + ANSWER_FOLLOW_UP, value)
+                        follow.followed = True
+                        self._pending[uuid] = follow
                     continue
             lookup.attempt += 1
             if lookup.attempt >= len(self.retry_delays):
@@ -1426,7 +1495,7 @@ class Feeds:
             if rows is None:
                 if self.registration_table:
                     log.info("No sip_registrations table in {db}: registrations come from "
-                             "events only", db=str(self.me.core_db))
+                             "events only", db=str(self.me.registration_db or self.me.core_db))
                 self.registration_table = False
                 return None
             self.registration_table = True
@@ -1522,6 +1591,7 @@ class Feeds:
         return {
             "running": self._running,
             "core_db": None if self.me.core_db is None else str(self.me.core_db),
+            "registration_db": self.me.registration_db,
             "calls_enabled": self.db is not None,
             "registration_table": self.registration_table,
             "slots": slots,

@@ -248,6 +248,26 @@ class ReplicatedState:
         if o is not None:
             o.retired = {}
 
+    def drop_superseded(self, origin: int, slot: int, kinds: Iterable[Kind]) -> int:
+        """Drop ``origin``'s records of ``slot`` of these kinds (live and retired) on this
+        node, with no change written: another node masters the slot now and replicates its
+        calls and registrations under its own origin (:mod:`fsha.retire`; every node does
+        the same from the same cluster view). Never for this node's own origin, whose
+        records go by replicated deletes. Returns how many live records went."""
+        if origin == self._node:
+            raise ValueError("this node's own records are deleted, not dropped")
+        o = self._origins.get(origin)
+        if o is None:
+            return 0
+        wanted = set(kinds)
+        n = 0
+        for rkey in [k for k in o.records if k[0] == slot and k[1] in wanted]:
+            n += self._remove(o, rkey)
+        if o.retired:
+            o.retired = {k: r for k, r in o.retired.items()
+                         if not (k[0] == slot and k[1] in wanted)}
+        return n
+
     def counts(self) -> dict[int, dict[Kind, int]]:
         """Records held per slot and kind (all origins; expired ones go at :meth:`expire`)."""
         return {slot: {kind: n for kind, n in kinds.items() if n}

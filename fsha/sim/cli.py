@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a profile must be up this long before stop/restart (FreeSWITCH: 10; "
                         "loopback clusters use less: all their 'hosts' share one kernel, so a "
                         "profile left bound blocks the floating IP:port for the next node)")
+    p.add_argument("--profile-stop-delay", type=float, default=0.0, metavar="SECONDS",
+                   help="`sofia profile P stop` releases the profile's socket this long "
+                        "after answering (FreeSWITCH: 0.4-2 s and more with calls; the "
+                        "profile leaves `sofia status` at once, UNPUBLISH when done)")
     p.add_argument("--max-queue", type=int, default=100_000,
                    help="events queued per ESL connection")
     p.add_argument("--hiredis", metavar="HOST:PORT[:PASSWORD]",
@@ -117,6 +121,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
             raise UsageError(f"--acl {cidr!r} is not a network") from None
     if not args.heartbeat >= 0 or not args.reg_check >= 0:
         raise UsageError("--heartbeat and --reg-check must be >= 0")
+    if not args.profile_stop_delay >= 0:
+        raise UsageError("--profile-stop-delay must be >= 0")
     if args.profile_guard < 0:
         raise UsageError("--profile-guard must be >= 0")
     if args.max_sessions < 1 or args.max_queue < 1:
@@ -208,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
         reg_check_interval=args.reg_check,
         max_sessions=args.max_sessions,
         profile_guard=args.profile_guard,
+        stop_delay=args.profile_stop_delay,
         sip_binder=binder,
         on_shutdown=lambda: os._exit(0),
         hiredis=(

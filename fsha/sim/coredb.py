@@ -1,13 +1,18 @@
-"""The simulator's SQLite core DB: the ``recovery`` and ``sip_registrations`` tables.
+"""The simulator's SQLite databases: the core DB's ``recovery`` table and, as in mod_sofia,
+each profile's own ``sip_registrations`` database.
 
 Same schema, indexes and statements as FreeSWITCH (``switch_core_sqldb.c``, ``mod_sofia``).
-The file is opened in WAL mode with short transactions so that another process (fsha,
-writing a dead master's rows before ``sofia profile P recover``) can write to it while the
+Like a real FreeSWITCH (verified on 1.11), the core DB is ``<db dir>/core.db`` (or any
+path) in rollback-journal mode (``journal_mode=delete``) with ``synchronous=OFF``, and a
+profile's registrations live in ``<db dir>/sofia_reg_<profile>.db`` (its ``dbname``),
+created when the profile first starts or registers. Short transactions let another process
+(fsha, writing a dead master's rows before ``sofia profile P recover``) write while the
 simulator runs; every statement waits at most ``busy_timeout`` seconds for a lock.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -91,31 +96,53 @@ class RecoveryRow:
 
 
 class CoreDB:
-    """The core DB. ``path`` may be ``":memory:"`` for tests without files."""
+    """The core DB. ``path`` may be ``":memory:"`` for tests without files (then each
+    profile's registration database is in memory too)."""
 
     def __init__(self, path: str, busy_timeout: float = 5.0) -> None:
         self.path = path
-        self._db = sqlite3.connect(
-            path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
-        )
+        self.busy_timeout = busy_timeout
+        self._db = self._connect(path)
         self._batch_depth = 0
-        if path != ":memory:":
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-        for stmt in (
-            RECOVERY_SCHEMA,
-            *RECOVERY_INDEXES,
-            SIP_REGISTRATIONS_SCHEMA,
-            *SIP_REGISTRATIONS_INDEXES,
-        ):
+        for stmt in (RECOVERY_SCHEMA, *RECOVERY_INDEXES):
             self._db.execute(stmt)
+        self._regs: dict[str, sqlite3.Connection] = {}
+        self._reg_batch: set[str] = set()  # profiles whose DB is inside the open batch
+
+    def _connect(self, path: str) -> sqlite3.Connection:
+        db = sqlite3.connect(path, timeout=self.busy_timeout, isolation_level=None,
+                             check_same_thread=False)
+        if path != ":memory:":
+            db.execute("PRAGMA journal_mode=DELETE")  # FreeSWITCH's own settings
+            db.execute("PRAGMA synchronous=OFF")
+        return db
+
+    def registration_path(self, profile: str) -> str:
+        """``<db dir>/sofia_reg_<profile>.db`` (``:memory:`` for an in-memory core DB)."""
+        if self.path == ":memory:":
+            return ":memory:"
+        return os.path.join(os.path.dirname(os.path.abspath(self.path)),
+                            f"sofia_reg_{profile}.db")
+
+    def open_profile(self, profile: str) -> sqlite3.Connection:
+        """The profile's registration database, created on first use (profile start)."""
+        db = self._regs.get(profile)
+        if db is None:
+            db = self._regs[profile] = self._connect(self.registration_path(profile))
+            for stmt in (SIP_REGISTRATIONS_SCHEMA, *SIP_REGISTRATIONS_INDEXES):
+                db.execute(stmt)
+        return db
 
     def close(self) -> None:
         self._db.close()
+        for db in self._regs.values():
+            db.close()
+        self._regs.clear()
 
     @contextmanager
     def batch(self) -> Iterator[None]:
-        """Group many writes in one short transaction (placing N calls at once)."""
+        """Group many writes in one short transaction per database (placing N calls or
+        registering N users at once)."""
         if self._batch_depth == 0:
             self._db.execute("BEGIN IMMEDIATE")
         self._batch_depth += 1
@@ -125,10 +152,35 @@ class CoreDB:
             self._batch_depth -= 1
             if self._batch_depth == 0:
                 self._db.execute("ROLLBACK")
+                self._end_registration_batch("ROLLBACK")
             raise
         self._batch_depth -= 1
         if self._batch_depth == 0:
             self._db.execute("COMMIT")
+            self._end_registration_batch("COMMIT")
+
+    def _end_registration_batch(self, how: str) -> None:
+        for profile in self._reg_batch:
+            self._regs[profile].execute(how)
+        self._reg_batch.clear()
+
+    @contextmanager
+    def _registration_transaction(self, profile: str) -> Iterator[sqlite3.Connection]:
+        """One write to a profile's registrations: its own transaction, or the open batch's."""
+        db = self.open_profile(profile)
+        if self._batch_depth > 0:
+            if profile not in self._reg_batch:
+                db.execute("BEGIN IMMEDIATE")
+                self._reg_batch.add(profile)
+            yield db
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     # -- recovery ------------------------------------------------------------------------
 
@@ -182,45 +234,68 @@ class CoreDB:
 
     # -- registrations -------------------------------------------------------------------
 
-    def upsert_registration(self, row: dict[str, object]) -> None:
-        """Replace the registration with the same call_id/user/host/profile (a refresh)."""
-        self._db.execute(
-            "delete from sip_registrations where call_id=? and sip_user=? and sip_host=? "
-            "and profile_name=?",
-            (row["call_id"], row["sip_user"], row["sip_host"], row["profile_name"]),
-        )
+    def upsert_registration(self, row: dict[str, object]) -> bool:
+        """Replace the registration with the same call_id/user/host/profile (a refresh);
+        True if it replaced one. Indexed (``sr_call_id``): O(1) in the table's size."""
+        key = (row["call_id"], row["sip_user"], row["sip_host"], row["profile_name"])
+        # only call_id may pick an index (see fsha.fsdb: SQLite would pick profile_name)
+        where = "call_id=? and +sip_user=? and +sip_host=? and +profile_name=?"
         cols = SIP_REGISTRATIONS_COLUMNS
-        self._db.execute(
-            "insert into sip_registrations (" + ",".join(cols) + ") values ("
-            + ",".join("?" * len(cols)) + ")",
-            tuple(row.get(c) for c in cols),
-        )
+        with self._registration_transaction(str(row["profile_name"])) as db:
+            before = db.total_changes
+            db.execute("delete from sip_registrations where " + where, key)
+            replaced = db.total_changes != before
+            db.execute(
+                "insert into sip_registrations (" + ",".join(cols) + ") values ("
+                + ",".join("?" * len(cols)) + ")",
+                tuple(row.get(c) for c in cols),
+            )
+        return replaced
+
+    def take_registrations(self, call_id: str, profile_name: str) -> list[dict[str, object]]:
+        """Delete the registrations of this Call-ID on the profile; returns them."""
+        if profile_name not in self._regs:
+            return []
+        cols = SIP_REGISTRATIONS_COLUMNS
+        where = "call_id=? and +profile_name=?"
+        with self._registration_transaction(profile_name) as db:
+            rows = [dict(zip(cols, r, strict=True)) for r in db.execute(
+                "select " + ",".join(cols) + " from sip_registrations where " + where,
+                (call_id, profile_name))]
+            if rows:
+                db.execute("delete from sip_registrations where " + where,
+                           (call_id, profile_name))
+        return rows
 
     def delete_registration(self, call_id: str, profile_name: str) -> None:
-        self._db.execute(
-            "delete from sip_registrations where call_id=? and profile_name=?",
-            (call_id, profile_name),
-        )
+        self.take_registrations(call_id, profile_name)
 
     def registrations(self, profile_name: str | None = None) -> list[dict[str, object]]:
         cols = SIP_REGISTRATIONS_COLUMNS
         sql = "select " + ",".join(cols) + " from sip_registrations"
-        args: tuple[str, ...] = ()
         if profile_name is not None:
-            sql += " where profile_name=?"
-            args = (profile_name,)
-        return [dict(zip(cols, r, strict=True)) for r in self._db.execute(sql, args)]
+            db = self._regs.get(profile_name)
+            if db is None and self.path != ":memory:" and os.path.exists(
+                    self.registration_path(profile_name)):
+                db = self.open_profile(profile_name)  # written by someone else (fsha)
+            if db is None:
+                return []
+            return [dict(zip(cols, r, strict=True))
+                    for r in db.execute(sql + " where profile_name=?", (profile_name,))]
+        return [dict(zip(cols, r, strict=True))
+                for db in self._regs.values() for r in db.execute(sql)]
 
     def take_expired(self, now: int, hostname: str) -> list[dict[str, object]]:
         """sofia_reg_check_expire: rows of this hostname with ``expires <= now``, deleted."""
         cols = SIP_REGISTRATIONS_COLUMNS
         where = "expires > 0 and expires <= ? and hostname=?"
-        with self.batch():
-            cur = self._db.execute(
-                "select " + ",".join(cols) + " from sip_registrations where " + where,
-                (now, hostname),
-            )
-            rows = [dict(zip(cols, r, strict=True)) for r in cur]
-            if rows:
-                self._db.execute("delete from sip_registrations where " + where, (now, hostname))
+        rows: list[dict[str, object]] = []
+        for profile in list(self._regs):
+            with self._registration_transaction(profile) as db:
+                found = [dict(zip(cols, r, strict=True)) for r in db.execute(
+                    "select " + ",".join(cols) + " from sip_registrations where " + where,
+                    (now, hostname))]
+                if found:
+                    db.execute("delete from sip_registrations where " + where, (now, hostname))
+            rows.extend(found)
         return rows

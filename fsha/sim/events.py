@@ -185,6 +185,7 @@ CALLING: dict[str, tuple[str, str, int]] = {
     "sofia::recovery_recovered": ("mod_sofia.c", "sofia_function", 4418),
     "limit::usage": ("switch_limit.c", "switch_limit_fire_event", 70),
     "FAILURE": ("sofia.c", "sofia_profile_thread_run", 3380),
+    "UNPUBLISH": ("sofia.c", "sofia_profile_thread_run", 3543),
     "RELOADXML": ("switch_xml.c", "switch_xml_open_root", 2410),
     "SENDEVENT": ("mod_event_socket.c", "parse_command", 2033),
 }

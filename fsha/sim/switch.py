@@ -34,6 +34,8 @@ VERSION = "1.10.12-release+fsha-sim~64bit"
 VERSION_HUMAN = "1.10.12-release+fsha-sim 64bit"
 SOFIA_LINE = "=" * 97
 RESTART_GUARD_SECONDS = 10
+#: mod_sofia retries a profile that failed to bind every 5 s ("ATTEMPT 1 (RETRY IN 5 SEC)")
+BIND_RETRY_SECONDS = 5.0
 
 Listener = Callable[[SimEvent], None]
 
@@ -58,10 +60,11 @@ class Profile:
     name: str
     ip: str
     port: int  # configured port (0: any)
-    state: str = "stopped"  # "stopped" | "running" | "failed"
+    state: str = "stopped"  # "stopped" | "running" | "stopping" | "failed"
     standby: bool = False
     started_at: float = 0.0
-    bound_port: int | None = None  # actual port while running
+    bound_port: int | None = None  # actual port while running (and stopping)
+    start_wanted: float | None = None  # a start asked while stopping (retried, as sofia)
 
     @property
     def running(self) -> bool:
@@ -183,6 +186,7 @@ class Switch:
         rtp_ports: tuple[int, int] = (10000, 60000),
         on_shutdown: Callable[[], None] | None = None,
         hiredis: HiredisBackend | None = None,
+        stop_delay: float = 0.0,
     ) -> None:
         self.clock = clock
         self.db = db
@@ -195,6 +199,9 @@ class Switch:
         self.reg_check_interval = reg_check_interval
         self.max_sessions = max_sessions
         self.profile_guard = profile_guard  # FreeSWITCH: 10 s
+        # `sofia profile P stop` is asynchronous in FreeSWITCH: the profile leaves `sofia
+        # status` at once, its socket is released later (UNPUBLISH then); 0: at once
+        self.stop_delay = stop_delay
         self.binder: SipBinder = sip_binder or NullSipBinder()
         self.on_shutdown = on_shutdown
         self.events = EventFactory(
@@ -235,6 +242,7 @@ class Switch:
             "limit_usage": self.limits.api_limit_usage,
             "uuid_exists": self._api_uuid_exists,
             "uuid_kill": self._api_uuid_kill,
+            "hupall": self._api_hupall,
             "originate": self._api_originate,
             "version": self._api_version,
             "hostname": lambda _a: self.hostname,
@@ -334,12 +342,18 @@ class Switch:
     # -- profiles ------------------------------------------------------------------------
 
     def start_profile(self, name: str) -> bool:
-        """Start a defined profile; False if it is not defined. Bind failure -> FAILURE."""
+        """Start a defined profile; False if it is not defined. Bind failure -> FAILURE
+        (the profile is then absent from ``sofia status``, as in FreeSWITCH). A profile
+        still stopping starts once its stop is done, at sofia's next bind retry."""
         cfg = self.configs.get(name)
         if cfg is None:
             return False
         profile = self.profiles[name]
         if profile.running:
+            return True
+        if profile.state == "stopping":
+            if profile.start_wanted is None:
+                profile.start_wanted = self.clock.seconds()
             return True
         port = self.binder.bind(profile)
         if port is None:
@@ -366,6 +380,7 @@ class Switch:
         profile.bound_port = port
         profile.started_at = self.clock.seconds()
         profile.standby = cfg.standby
+        self.db.open_profile(name)  # "Started Profile P [sofia_reg_P]"
         self.fire(
             self.events.custom(
                 "sofia::profile_start",
@@ -377,14 +392,39 @@ class Switch:
         return True
 
     def stop_profile(self, name: str) -> None:
+        """Hang up the profile's calls; the profile leaves ``sofia status`` at once and
+        releases its socket after ``stop_delay`` (then UNPUBLISH, as sofia's profile
+        thread ends)."""
         profile = self.profiles[name]
         for ch in [c for c in self.channels.values() if c.profile == name]:
             if ch.uuid in self.channels:
                 self.hangup(ch.uuid, "MANAGER_REQUEST")
-        if profile.running:
-            self.binder.unbind(profile)
+        if not profile.running:
+            profile.state = "stopped"
+            profile.bound_port = None
+            return
+        if self.stop_delay > 0:
+            profile.state = "stopping"
+            self.clock.callLater(self.stop_delay, self._stopped, profile)
+        else:
+            self._stopped(profile)
+
+    def _stopped(self, profile: Profile) -> None:
+        url = profile.url
+        port = profile.bound_port if profile.bound_port is not None else profile.port
+        self.binder.unbind(profile)
         profile.state = "stopped"
         profile.bound_port = None
+        self.fire(self.events.make("UNPUBLISH", CALLING["UNPUBLISH"], [
+            ("service", "_sip._udp,_sip._tcp,_sip._sctp"), ("port", str(port)),
+            ("module_name", "mod_sofia"), ("profile_name", profile.name),
+            ("profile_uri", url)]))
+        wanted, profile.start_wanted = profile.start_wanted, None
+        if wanted is not None:
+            waited = self.clock.seconds() - wanted
+            retries = int(waited // BIND_RETRY_SECONDS) + 1
+            delay = max(0.0, retries * BIND_RETRY_SECONDS - waited)
+            self.clock.callLater(delay, self.start_profile, profile.name)
 
     def running_profile(self, name: str) -> Profile:
         profile = self.profiles.get(name)
@@ -808,17 +848,12 @@ class Switch:
         host = host or p.ip
         call_id = call_id or f"{uuidlib.uuid4().hex}@{network_ip}"
         now = int(self.clock.seconds())
-        existing = [
-            r
-            for r in self.db.registrations(profile)
-            if r["call_id"] == call_id and r["sip_user"] == user and r["sip_host"] == host
-        ]
         contact = f'"{user}" <sip:{user}@{network_ip}:{network_port}>'
         reg = Registration(
             profile, user, host, contact, call_id, network_ip, network_port, now + expires,
             user_agent,
         )
-        self.db.upsert_registration(
+        existing = self.db.upsert_registration(
             {
                 "call_id": call_id,
                 "sip_user": user,
@@ -873,10 +908,9 @@ class Switch:
         return reg
 
     def unregister(self, profile: str, call_id: str) -> bool:
-        rows = [r for r in self.db.registrations(profile) if r["call_id"] == call_id]
+        rows = self.db.take_registrations(call_id, profile)
         if not rows:
             return False
-        self.db.delete_registration(call_id, profile)
         for r in rows:
             self.fire(
                 self.events.custom(
@@ -1071,6 +1105,9 @@ class Switch:
 
     def _api_show(self, args: str) -> str:
         words = args.split()
+        if [w.lower() for w in words[:2]] == ["calls", "count"]:
+            calls = {ch.call_uuid or ch.uuid for ch in self.channels.values()}
+            return f"\n{len(calls)} total.\n"
         if not words or words[0].lower() != "channels":
             return (
                 "-USAGE: codec|endpoint|application|api|dialplan|file|timer|calls [count]|"
@@ -1098,6 +1135,8 @@ class Switch:
             return "USAGE:\nsofia profile <name> [start | stop | restart | recover]\n"
         sub = argv[0].lower()
         if sub == "status":
+            if len(argv) >= 4 and argv[1].lower() == "profile" and argv[3].lower() == "reg":
+                return self._sofia_status_reg(argv[2])
             return self._sofia_status()
         if sub == "profile":
             return self._sofia_profile(argv[1:])
@@ -1134,16 +1173,44 @@ class Switch:
         out = [f"{'Name':>25}\t{'   Type'}\t  {'Data':>40}\tState", SOFIA_LINE]
         count = 0
         for p in self.profiles.values():
+            # a profile that failed to bind, or is stopping, is not listed (FreeSWITCH)
             if p.state == "running":
                 out.append(
                     f"{p.name:>25}\tprofile\t  {p.url:>40}\tRUNNING ({self.profile_calls(p.name)})"
                 )
                 count += 1
-            elif p.state == "failed":
-                out.append(f"{p.name:>25}\tprofile\t  {p.url:>40}\tFAILED (0)")
-                count += 1
         out.append(SOFIA_LINE)
         out.append(f"{count} profile{'' if count == 1 else 's'} 0 aliases")
+        return "\n".join(out) + "\n"
+
+    def _sofia_status_reg(self, name: str) -> str:
+        """``sofia status profile P reg``: the profile's registrations, mod_sofia's text."""
+        profile = self.profiles.get(name)
+        if profile is None or not profile.running:
+            return "Invalid Profile!\n"
+        now = int(self.clock.seconds())
+        out = ["", "Registrations:", SOFIA_LINE]
+        rows = self.db.registrations(name)
+        for r in rows:
+            expires = int(r["expires"] or 0)  # type: ignore[call-overload]
+            out += [
+                f"Call-ID:    \t{r['call_id']}",
+                f"User:       \t{r['sip_user']}@{r['sip_host']}",
+                f"Contact:    \t{r['contact']}",
+                f"Agent:      \t{r['user_agent']}",
+                f"Status:     \t{r['status']}({r['rpid']}) EXP({format_date_local(expires)})"
+                f" EXPSECS({expires - now})",
+                f"Ping-Status:\t{r['ping_status']}",
+                f"Ping-Time:\t{float(r['ping_time'] or 0):.2f}",  # type: ignore[arg-type]
+                f"Host:       \t{r['hostname']}",
+                f"IP:         \t{r['network_ip']}",
+                f"Port:       \t{r['network_port']}",
+                f"Auth-User:  \t{r['sip_username']}",
+                f"Auth-Realm: \t{r['sip_realm']}",
+                f"MWI-Account:\t{r['mwi_user']}@{r['mwi_host']}",
+                "",
+            ]
+        out += [f"Total items returned: {len(rows)}", SOFIA_LINE]
         return "\n".join(out) + "\n"
 
     def _sofia_profile(self, argv: list[str]) -> str:
@@ -1260,6 +1327,19 @@ class Switch:
 
     def _api_uuid_exists(self, args: str) -> str:
         return "true" if args.split(" ")[0] in self.channels else "false"
+
+    def _api_hupall(self, args: str) -> str:
+        """``hupall [CAUSE [VAR VALUE]]`` (mod_commands): hang up the matching channels."""
+        argv = args.split()
+        cause = argv[0] if argv else "SWITCH_CAUSE_MANAGER_REQUEST"
+        cause = cause.removeprefix("SWITCH_CAUSE_") or "MANAGER_REQUEST"
+        var, value = (argv[1], argv[2]) if len(argv) > 2 else (None, None)
+        for ch in list(self.channels.values()):
+            if var is None or ch.variables.get(var) == value:
+                self.hangup(ch.uuid, cause)
+        if var is None:
+            return f"+OK hangup all channels with cause {cause}\n"
+        return f"+OK hangup all channels matching [{var}]=[{value}] with cause: {cause}\n"
 
     def _api_uuid_kill(self, args: str) -> str:
         argv = args.split()

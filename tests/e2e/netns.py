@@ -443,7 +443,7 @@ class NetnsCluster(LoopbackCluster):
         control_port = node.sim_ports.get("control", {}).get("port", 0)
         argv = ["ip", "netns", "exec", self.ns(node), *FSHA, "sim", "--name", node.name,
                 "--esl", f"127.0.0.1:{esl_port}", "--password", "ClueCon",
-                "--db", str(self.dir / f"{node.name}-core.db"),
+                "--db", str(self.db_path(node)),
                 "--control", f"127.0.0.1:{control_port}", "--ready-file", str(ready),
                 "--profile-guard", str(self.profile_guard)]
         for s in range(1, self.slot_count + 1):
@@ -489,7 +489,7 @@ class NetnsCluster(LoopbackCluster):
                       f'status = "127.0.0.1:{status_port}"',
                       f'esl = {{ host = "127.0.0.1", port = {esl_port}, '
                       f'password = "ClueCon", timeout_ms = 1000, '
-                      f'core_db = "{self.dir / (node.name + "-core.db")}" }}', ""]
+                      f'core_db = "{self.db_path(node)}" }}', ""]
             node.status_url = f"http://127.0.0.1:{status_port}/status"
         for s in range(1, self.slot_count + 1):
             name, ip, _ = self.slot_profile(s)

@@ -1,0 +1,113 @@
+"""fsha processes (``twistd fsha``) over real FreeSWITCHes: a kill -9 of the master.
+
+The loopback cluster of :mod:`fsha.harness` (3 nodes, 1 slot, replication over mutual TLS,
+the loopback floating-IP backend) with a real FreeSWITCH per node instead of the
+simulator, each started from ``conf/freeswitch/freeswitch.xml``. The first node's
+FreeSWITCH binds the slot profile at boot; the others' fail to bind it and give up, as on
+hosts without the address. sipp registers users and places calls; the master's fsha and
+FreeSWITCH are killed with -9; the new master must recover every call (the caller answers
+its re-INVITE and its BYE gets a 200) and list every registration.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from fsha.harness import LoopbackCluster, NodeProcesses, wait_for
+from tests.freeswitch import sipp
+from tests.freeswitch.realfs import RealFreeSWITCH, free_port, free_sip_port, skip_reason
+
+pytestmark = pytest.mark.freeswitch
+
+
+class RealFreeSWITCHCluster(LoopbackCluster):
+    """:class:`~fsha.harness.LoopbackCluster` with a real FreeSWITCH per node."""
+
+    def __init__(self, workdir: Path, nodes: int = 3) -> None:
+        rng = random.Random()
+        self.slot_ip = f"127.{rng.randint(100, 250)}.{rng.randint(1, 250)}.1"
+        base = 30000 + 200 * rng.randint(0, 100)
+        self.rtp = (base, base + 198)
+        self.fs: dict[str, RealFreeSWITCH] = {}
+        super().__init__(nodes, 1, interval_ms=50, dead_after_ms=300, workdir=workdir)
+        self.sip_port = free_sip_port(self.slot_ip)
+
+    def slot_profile(self, slot: int) -> tuple[str, str, int]:
+        return f"slot{slot}", self.slot_ip, self.sip_port
+
+    def db_path(self, node: NodeProcesses) -> Path:
+        return self.fs[node.name].core_db
+
+    def start_sim(self, node: NodeProcesses) -> None:
+        fs = RealFreeSWITCH(self.dir, f"{node.name}-freeswitch", slot_ip=self.slot_ip,
+                            sip_port=self.sip_port, rtp=self.rtp, profile="slot1")
+        self.fs[node.name] = fs
+        fs.start()
+        if node.index == 1:  # the first to boot holds the slot's address:port
+            wait_for("the slot profile on fs1", fs.profile_running, 30)
+        node.sim = fs.proc
+
+    def wait_sim(self, node: NodeProcesses, timeout: float) -> None:
+        fs = self.fs[node.name]
+        if node.index > 1:
+            wait_for(f"{node.name}'s slot profile to give up", fs.bind_given_up, timeout)
+        node.sim_ports = {"esl": {"host": "127.0.0.1", "port": fs.esl_port}}
+
+
+def calls_count(fs: RealFreeSWITCH) -> int:
+    text = fs.api("show calls count").strip()
+    return int(text.split()[0]) if text.endswith("total.") else -1
+
+
+class RealClusterTests(SynchronousTestCase):
+    def test_kill_9_of_the_master(self) -> None:
+        reason = skip_reason() or (None if sipp.SIPP else "sipp is not installed")
+        if reason:
+            raise SkipTest(reason)
+        work = Path(self.mktemp()).resolve()
+        work.mkdir(parents=True)
+        cluster = RealFreeSWITCHCluster(work)
+        self.addCleanup(cluster.close)
+        cluster.start(timeout=60)
+        view = cluster.wait_converged(timeout=60)
+        owners = {s["name"]: s["owner"] for s in view["slots"]}
+        self.assertEqual(owners, {"slot1": "fs1"})
+        ip, port = cluster.slot_ip, cluster.sip_port
+        users = [str(7000 + i) for i in range(5)]
+        sipp.register(ip, port, users, work)
+        n = 10
+        caller = sipp.start_calls(ip, port, n, work, reinvite_within=120,
+                                  local_port=free_port("127.0.0.1", 2))
+        self.addCleanup(lambda: caller.poll() is None and caller.kill())
+        master = cluster.fs["fs1"]
+        wait_for(f"{n} calls on fs1", lambda: calls_count(master) == n, 30)
+
+        def held(calls: int, registrations: int) -> bool:
+            return all(st["replication"]["slots"].get("slot1", {}).get("call", 0) == calls
+                       and st["replication"]["slots"]["slot1"].get("registration", 0)
+                       == registrations for st in cluster.statuses().values())
+        # the registrations are read from fs1's sofia_reg_slot1.db (issue 12, item 1)
+        wait_for("the calls and registrations replicated to every node",
+                 lambda: held(n, len(users)), 60)
+
+        cluster.kill("fs1", sim_too=True)
+        new = wait_for("slot1 to move", lambda: (cluster.owner("slot1") or "fs1") != "fs1"
+                       and cluster.owner("slot1"), 60)
+        events = cluster.status(cluster.node(new))["events"]
+        reports: list[dict[str, Any]] = [e for e in events if e["event"] == "takeover-acquire"
+                                         and e["ok"] and e["slot"] == "slot1"]
+        self.assertTrue(reports, events)
+        report = reports[-1]
+        self.assertEqual((report["calls_written"], report["calls_recovered"],
+                          report["registrations_restored"]), (n, n, len(users)))
+        listing = cluster.fs[new].api("sofia status profile slot1 reg")
+        self.assertIn(f"Total items returned: {len(users)}\n", listing)
+        code, err = sipp.finish_calls(caller, 90)
+        self.assertEqual(code, 0, err)  # every call re-INVITEd, its BYE answered 200
+        wait_for("the calls ended on the new master",
+                 lambda: calls_count(cluster.fs[new]) == 0, 30)
