@@ -125,6 +125,14 @@ class FencingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TakeoverConfig:
+    """``[takeover]``: how a slot's calls are recovered (see :mod:`fsha.recovery`)."""
+
+    recover_batch: int = 100  # rows per `sofia profile P recover` (fsha.recovery default)
+    recover_timeout: float = 10.0  # seconds one batch's recover may take (its stall bound)
+
+
+@dataclass(frozen=True, slots=True)
 class LimitsConfig:
     """``[limits]``: cluster-wide call-limit usage (see :mod:`fsha.limits`)."""
 
@@ -177,6 +185,7 @@ class ClusterConfig:
     fencing: FencingConfig | None = None  # [fencing]; not in the digest
     limits: LimitsConfig | None = None  # [limits]; not in the digest
     redis: RedisConfig | None = None  # [redis]; not in the digest
+    takeover: TakeoverConfig = TakeoverConfig()  # [takeover]; not in the digest
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:
@@ -314,7 +323,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
     c = _Checker(path)
     base = path.parent
     c.table(raw, "", ("cluster", "tls", "floating_ip", "fencing", "limits", "redis", "network",
-                      "node", "slot"))
+                      "node", "slot", "takeover"))
 
     cluster = c.table(raw.get("cluster", {}), "cluster",
                       ("name", "secret_file", "heartbeat_interval_ms", "dead_after_ms",
@@ -349,6 +358,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
     fencing = _fencing(c, raw.get("fencing"), base)
     redis = _redis(c, raw.get("redis"), base)
     limits = _limits(c, raw.get("limits"))
+    takeover = _takeover(c, raw.get("takeover", {}))
     if "limits" in raw and "tls" not in raw:
         c.problem("limits", "needs [tls]: limit usage is replicated between the nodes")
     if redis is not None and redis.durable_state and "tls" not in raw:
@@ -378,14 +388,14 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
     if c.problems:
         raise ConfigError(c.problems)
     assert name is not None and secret is not None and interval_ms and dead_ms is not None
-    assert discovery_ms is not None and floating is not None
+    assert discovery_ms is not None and floating is not None and takeover is not None
     config = ClusterConfig(
         path=path, name=name, secret_file=_resolve(base, secret),
         heartbeat_interval=interval_ms / 1000, dead_after=dead_ms / 1000,
         discovery=discovery_ms / 1000, quorum_spec=quorum_spec, quorum=quorum,
         networks=tuple(networks), nodes=tuple(nodes), slots=tuple(slots),
         floating_ip=floating, tls=tls, digest=b"", fencing=fencing, limits=limits,
-        redis=redis)
+        redis=redis, takeover=takeover)
     object.__setattr__(config, "digest", config_digest(config))
     return config
 
@@ -627,6 +637,20 @@ def _fencing(c: _Checker, raw: Any, base: Path) -> FencingConfig | None:
 
 def _ms_range(lo: int, hi: int) -> Callable[[int], str | None]:
     return lambda v: None if lo <= v <= hi else f"must be {lo}-{hi}"
+
+
+def _takeover(c: _Checker, raw: Any) -> TakeoverConfig | None:
+    t = c.table(raw, "takeover", ("recover_batch", "recover_timeout_ms"))
+    if t is None:
+        return None
+    default = TakeoverConfig()
+    batch = c.get(t, "takeover", "recover_batch", int, default.recover_batch,
+                  check=lambda v: None if 1 <= v <= 10_000 else "must be 1-10000")
+    timeout = c.get(t, "takeover", "recover_timeout_ms", int,
+                    round(default.recover_timeout * 1000), check=_ms_range(100, 600_000))
+    if batch is None or timeout is None:
+        return None
+    return TakeoverConfig(batch, timeout / 1000)
 
 
 def _limits(c: _Checker, raw: Any) -> LimitsConfig | None:

@@ -26,14 +26,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from fsha.config import TakeoverConfig
 from fsha.fsdb import RecoveryRow
 
-__all__ = ["DEFAULT_RECOVER_BATCH", "MAX_RECOVER_BATCH", "Batch", "plan_batches"]
+__all__ = ["DEFAULT_RECOVER_BATCH", "Batch", "plan_batches"]
 
-#: Rows per ``sofia profile P recover``; measured fastest on a real FreeSWITCH (see
-#: docs/benchmarks.rst, "Recovery batch size").
-DEFAULT_RECOVER_BATCH = 100
-MAX_RECOVER_BATCH = 10_000
+#: Rows per ``sofia profile P recover`` (``[takeover] recover_batch``); measured fastest on
+#: a real FreeSWITCH (see docs/benchmarks.rst, "Recovery batch size").
+DEFAULT_RECOVER_BATCH = TakeoverConfig().recover_batch
 
 
 @dataclass(frozen=True, slots=True)

@@ -355,7 +355,8 @@ class TakeoverTimeouts:
     def from_config(cls, config: ClusterConfig, me: NodeConfig, **overrides: float
                     ) -> TakeoverTimeouts:
         values: dict[str, float] = {"floating": config.floating_ip.timeout,
-                                    "esl": me.esl.timeout, "self_check": me.esl.timeout}
+                                    "esl": me.esl.timeout, "self_check": me.esl.timeout,
+                                    "recover": config.takeover.recover_timeout}
         if config.fencing is not None:
             values["fence"] = fence_bound(config.fencing.timeout)
         values.update(overrides)

@@ -243,7 +243,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         floating, reactor, esl=esl,
         db=CoreDBWriter(me.core_db, ThreadRunner(reactor)) if me.core_db else None,
         records=ReplicatedRecords(replication.state) if replication is not None else None,
-        timeouts=timeouts, fencing=config.fencing, me=me)
+        timeouts=timeouts, fencing=config.fencing, me=me,
+        recover_batch=config.takeover.recover_batch)
     budget = max(timeouts.acquire_budget(slot) for slot in config.slots)
     node = ClusterNode(config, me, options.secret, reactor, effects, health,
                        incarnation=incarnation, claim_timeout=budget + 1.0)

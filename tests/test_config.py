@@ -16,12 +16,14 @@ from fsha.config import (
     ConfigError,
     FencingConfig,
     LimitsConfig,
+    TakeoverConfig,
     choose_node,
     load_config,
     main,
     parse_config,
     read_redis_password,
 )
+from fsha.takeover import TakeoverTimeouts
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "conf" / "demo.toml"
@@ -311,6 +313,37 @@ class FencingConfigTests(SynchronousTestCase):
         problems = self.problems(lambda r: r.update(
             fencing={"command": "x", "timeout_ms": -1, "required": "no", "retry": 1}))
         self.assertEqual(len([p for p in problems if ": fencing." in p]), 4, problems)
+
+
+class TakeoverConfigTests(SynchronousTestCase):
+    """The optional ``[takeover]`` section (recovery batches)."""
+
+    problems = ValidationTests.problems
+    assertProblem = ValidationTests.assertProblem
+
+    def test_defaults(self) -> None:
+        config = parse_config(demo_raw(), DEMO)
+        self.assertEqual(config.takeover, TakeoverConfig(100, 10.0))
+        self.assertEqual(TakeoverTimeouts.from_config(config, config.nodes[0]).recover, 10.0)
+
+    def test_values_and_not_in_the_digest(self) -> None:
+        raw = demo_raw()
+        raw["takeover"] = {"recover_batch": 25, "recover_timeout_ms": 4000}
+        config = parse_config(raw, DEMO)
+        self.assertEqual(config.takeover, TakeoverConfig(25, 4.0))
+        self.assertEqual(TakeoverTimeouts.from_config(config, config.nodes[0]).recover, 4.0)
+        self.assertEqual(config.digest, parse_config(demo_raw(), DEMO).digest)
+
+    def test_problems(self) -> None:
+        self.assertProblem(lambda r: r.update(takeover={"recover_batch": 0}),
+                           "takeover.recover_batch", "must be 1-10000")
+        self.assertProblem(lambda r: r.update(takeover={"recover_batch": "50"}),
+                           "takeover.recover_batch", "must be an integer, not a string")
+        self.assertProblem(lambda r: r.update(takeover={"recover_timeout_ms": 50}),
+                           "takeover.recover_timeout_ms", "must be 100-600000")
+        self.assertProblem(lambda r: r.update(takeover={"batch": 5}),
+                           "takeover.batch", "unknown key (allowed: recover_batch, "
+                           "recover_timeout_ms)")
 
 
 TLS = {"ca": "pki/ca.crt", "cert": "pki/{node}.crt", "key": "pki/{node}.key"}
