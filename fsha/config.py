@@ -58,6 +58,7 @@ class ESLConfig:
     port: int
     password: str
     timeout: float
+    hung_after: float = 5.0  # seconds without any answer: hung (fsha.health)
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,7 +502,8 @@ def _esl(c: _Checker, raw: Any, key: str, base: Path) -> tuple[ESLConfig | None,
     if raw is None:
         c.problem(key, "missing: how fsha reaches this node's FreeSWITCH event socket")
         return None, None
-    t = c.table(raw, key, ("host", "port", "password", "timeout_ms", "core_db"))
+    t = c.table(raw, key, ("host", "port", "password", "timeout_ms", "hung_after_ms",
+                           "core_db"))
     if t is None:
         return None, None
     host = c.get(t, key, "host", str, "127.0.0.1", check=_ip)
@@ -509,10 +511,17 @@ def _esl(c: _Checker, raw: Any, key: str, base: Path) -> tuple[ESLConfig | None,
     password = c.get(t, key, "password", str, check=_nonempty)
     timeout = c.get(t, key, "timeout_ms", int, 2000,
                     check=lambda v: None if 10 <= v <= 600_000 else "must be 10-600000")
+    hung = c.get(t, key, "hung_after_ms", int, max(5000, 2 * (timeout or 0)),
+                 check=lambda v: None if 100 <= v <= 600_000 else "must be 100-600000")
+    if hung is not None and timeout is not None and hung <= timeout:
+        c.problem(f"{key}.hung_after_ms", f"{hung} ms must be longer than timeout_ms "
+                                          f"({timeout} ms): a late answer is busy, not hung")
+        hung = None
     core_db = c.get(t, key, "core_db", str, None, check=_nonempty)
-    if None in (host, port, password, timeout):
+    if None in (host, port, password, timeout, hung):
         return None, None
-    return (ESLConfig(host, port, password, timeout / 1000),
+    assert hung is not None and timeout is not None
+    return (ESLConfig(host, port, password, timeout / 1000, hung / 1000),
             _resolve(base, core_db) if core_db else None)
 
 

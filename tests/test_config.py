@@ -346,6 +346,29 @@ class TakeoverConfigTests(SynchronousTestCase):
                            "recover_timeout_ms)")
 
 
+class HungAfterTests(SynchronousTestCase):
+    """``[[node]] esl.hung_after_ms``: how long without any answer means hung."""
+
+    problems = ValidationTests.problems
+    assertProblem = ValidationTests.assertProblem
+
+    def test_default_and_value(self) -> None:
+        config = parse_config(demo_raw(), DEMO)
+        self.assertEqual(config.nodes[0].esl.hung_after, 5.0)
+        raw = demo_raw()
+        raw["node"][0]["esl"]["hung_after_ms"] = 8000
+        self.assertEqual(parse_config(raw, DEMO).nodes[0].esl.hung_after, 8.0)
+        raw["node"][0]["esl"].pop("hung_after_ms")
+        raw["node"][0]["esl"]["timeout_ms"] = 4000
+        self.assertEqual(parse_config(raw, DEMO).nodes[0].esl.hung_after, 8.0)
+
+    def test_must_be_longer_than_the_timeout(self) -> None:
+        def bad(r: dict[str, Any]) -> None:
+            r["node"][0]["esl"].update(timeout_ms=2000, hung_after_ms=2000)
+        name = demo_raw()["node"][0]["name"]
+        self.assertProblem(bad, f"node.{name}.esl.hung_after_ms", "must be longer than")
+
+
 TLS = {"ca": "pki/ca.crt", "cert": "pki/{node}.crt", "key": "pki/{node}.key"}
 
 
