@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a profile must be up this long before stop/restart (FreeSWITCH: 10; "
                         "loopback clusters use less: all their 'hosts' share one kernel, so a "
                         "profile left bound blocks the floating IP:port for the next node)")
+    p.add_argument("--recover-ms-per-call", type=float, default=0.0, metavar="MS",
+                   help="a `sofia profile P recover` of N calls answers after N x MS ms "
+                        "(a real FreeSWITCH: 5-10 ms a call), blocking only its own ESL "
+                        "connection (default 0: at once)")
     p.add_argument("--max-queue", type=int, default=100_000,
                    help="events queued per ESL connection")
     p.add_argument("--hiredis", metavar="HOST:PORT[:PASSWORD]",
@@ -208,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
         reg_check_interval=args.reg_check,
         max_sessions=args.max_sessions,
         profile_guard=args.profile_guard,
+        recover_ms_per_call=args.recover_ms_per_call,
         sip_binder=binder,
         on_shutdown=lambda: os._exit(0),
         hiredis=(
