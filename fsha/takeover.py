@@ -61,9 +61,10 @@ Acquire (a failed *fatal* step fails ``acquire``; the node then calls ``release`
    not a failure: fewer means some rows could not be recovered here (bad metadata, an
    RTP port in use) and the next candidate would read the same rows; more means the
    table held older rows of another runtime (e.g. this FreeSWITCH's previous run) that
-   are now live calls. Counts: ``batches``, ``batches_done``, ``recovered``,
-   ``expected``, ``first_call_ms`` (from the acquire's start to the first batch with
-   calls back), ``not_recovered`` (after a stalled batch).
+   are now live calls. Counts: ``batches``, ``batches_done``, ``written`` (rows written
+   by this step: all but the first batches), ``recovered``, ``expected``,
+   ``first_call_ms`` (from the acquire's start to the first batch with calls back),
+   ``not_recovered`` (after a stalled batch).
 8. ``registrations`` (never fatal: the calls are already up): the rows written into
    ``sip_registrations`` with this FreeSWITCH's hostname (``global_getvar switchname``,
    else ``hostname``: sofia expires rows per hostname), then, if ``hash_realm`` is set, one
@@ -244,7 +245,9 @@ class TakeoverReport:
             "total_ms": round(self.total_ms, 1),
             "steps_ms": {s.name: round(s.ms, 1) for s in self.steps}}
         if self.action == "acquire":
-            event.update(calls_written=self.count("recovery_rows", "written"),
+            # the first batches are written by recovery_rows, the others by recover
+            event.update(calls_written=self.count("recovery_rows", "written")
+                         + self.count("recover", "written"),
                          calls_recovered=self.count("recover", "recovered"),
                          registrations_restored=self.count("registrations", "written"))
         if self.error is not None:
@@ -925,6 +928,7 @@ class SlotEffects:
             try:
                 if i >= acq.batches_written:
                     yield self._write_batch(batch, acq)
+                    step.counts["written"] = step.counts.get("written", 0) + len(batch.rows)
                     step.progress()
                 n = yield api.sofia_profile_recover(batch.profile,
                                                     timeout=self.timeouts.recover)
