@@ -91,6 +91,9 @@ class BatchedRecoverTests(SynchronousTestCase):
         self.assertEqual(len(bridged), 8)
         # nothing of the dead runtime is left in the table
         self.assertEqual(s.foreign_rows(), 0)
+        # and no copy of the dead master's rows is kept once the acquisition is complete
+        acq = s.effects._acquisitions[SLOT.slot_id]
+        self.assertEqual((acq.rows, acq.plan, acq.registrations), ([], [], []))
 
     def test_a_slow_recover_that_keeps_going_is_not_cut(self) -> None:
         # Each batch takes 1.5 s (its bound: TIMEOUTS.recover = 2 s); the 6 batches take
