@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from realfs import ESL, PROFILE, RealFS, Sipp, count_channels, wait  # noqa: E402
+from realfs import ESL, PROFILE, RealFS, Sipp, count_channels, wait
 
 _RECOVERED = re.compile(r"Recovered (\d+) session")
 
@@ -35,7 +35,7 @@ def trial(base: Path, calls: int, batch: int, rate: int) -> dict[str, Any]:
     fs.start()
     sipp = Sipp(fs.dir, calls, rate)
     try:
-        wait(f"{calls} recovery rows", lambda: len(fs.rows()) >= calls, 60 + calls / rate, 0.5)
+        wait(f"{calls} recovery rows", lambda: len(fs.rows()) >= calls, 180 + 3 * calls / rate, 0.5)
         time.sleep(1.0)  # the last rows' updates (ACK) are written asynchronously
         fs.kill()
         rows = fs.rows()
