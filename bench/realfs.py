@@ -166,7 +166,9 @@ class RealFS:
 
     def kill(self) -> None:
         """kill -9 (a crash: the recovery rows stay in core.db)."""
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(30)
         self.proc = None
@@ -212,6 +214,24 @@ class Sipp:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(30)
+
+
+def wait_rows(fs: RealFS, calls: int, timeout: float) -> int:
+    """Wait until ``fs`` has a recovery row per call (or the count stopped moving for 10 s
+    at 95 % or more: a call sipp gave up on under load); the count."""
+    seen = {"n": -1, "since": time.monotonic()}
+
+    def done() -> int | None:
+        n = len(fs.rows())
+        now = time.monotonic()
+        if n != seen["n"]:
+            seen["n"], seen["since"] = n, now
+        if n >= calls or (n >= 0.95 * calls and now - seen["since"] > 10):
+            return n
+        return None
+    n: int = wait(f"{calls} recovery rows", done, timeout, 0.5)
+    time.sleep(1.0)  # the last rows' updates (ACK) are written asynchronously
+    return n
 
 
 def count_channels(esl: ESL) -> int:

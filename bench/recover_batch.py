@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from realfs import ESL, PROFILE, RealFS, Sipp, count_channels, wait
+from realfs import ESL, PROFILE, RealFS, Sipp, count_channels, wait, wait_rows
 
 _RECOVERED = re.compile(r"Recovered (\d+) session")
 
@@ -35,8 +35,7 @@ def trial(base: Path, calls: int, batch: int, rate: int) -> dict[str, Any]:
     fs.start()
     sipp = Sipp(fs.dir, calls, rate)
     try:
-        wait(f"{calls} recovery rows", lambda: len(fs.rows()) >= calls, 180 + 3 * calls / rate, 0.5)
-        time.sleep(1.0)  # the last rows' updates (ACK) are written asynchronously
+        wait_rows(fs, calls, 180 + 3 * calls / rate)
         fs.kill()
         rows = fs.rows()
         with sqlite3.connect(fs.core_db, timeout=30) as conn:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from realfs import ESL, ESL_PORT, IP, PROFILE, RealFS, Sipp, count_channels, wait
+from realfs import ESL, ESL_PORT, IP, PROFILE, RealFS, Sipp, count_channels, wait, wait_rows
 
 TARGET_FIRST_CALL_MS = 1000.0
 
@@ -97,9 +97,7 @@ def main() -> None:
     a.start()
     sipp = Sipp(a.dir, args.calls, args.rate)
     try:
-        wait(f"{args.calls} recovery rows", lambda: len(a.rows()) >= args.calls,
-             180 + 3 * args.calls / args.rate, 0.5)
-        time.sleep(1.0)
+        wait_rows(a, args.calls, 180 + 3 * args.calls / args.rate)
         a.kill()
         rows = a.rows()
         b = RealFS(base / "b")

@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from fsha.fsdb import RecoveryRow
-from fsha.recovery import plan_batches
+from fsha.recovery import FIRST_BATCH, plan_batches
 from fsha.takeover import FAILED, OK, WARNING, SlotEffects, TakeoverStepError
 from tests.test_takeover import DEAD, PROFILE, SLOT, TIMEOUTS, Scenario, table
 
@@ -32,32 +32,39 @@ def row(uuid: str, profile: str = PROFILE, peer: str | None = None) -> RecoveryR
 class PlanTests(SynchronousTestCase):
     def test_round_robin_over_profiles(self) -> None:
         rows = [row(f"a{i}", "p1") for i in range(5)] + [row(f"b{i}", "p2") for i in range(2)]
-        plan = plan_batches(rows, ["p1", "p2"], 2)
+        plan = plan_batches(rows, ["p1", "p2"], 2, first=2)
         self.assertEqual([(b.profile, b.round, [r.uuid for r in b.rows]) for b in plan], [
             ("p1", 0, ["a0", "a1"]), ("p2", 0, ["b0", "b1"]),
             ("p1", 1, ["a2", "a3"]), ("p1", 2, ["a4"])])
 
     def test_a_bridged_pair_is_not_split(self) -> None:
         rows = [row("s1"), row("x", peer="y"), row("y", peer="x"), row("s2")]
-        plan = plan_batches(rows, [PROFILE], 2)
+        plan = plan_batches(rows, [PROFILE], 2, first=2)
         self.assertEqual([[r.uuid for r in b.rows] for b in plan],
                          [["s1", "x", "y"], ["s2"]])
+
+    def test_the_first_batch_is_small(self) -> None:
+        rows = [row(f"a{i}") for i in range(250)]
+        plan = plan_batches(rows, [PROFILE], 100)
+        self.assertEqual([len(b.rows) for b in plan], [FIRST_BATCH, 100, 100, 30])
+        self.assertEqual([len(b.rows) for b in plan_batches(rows[:5], [PROFILE], 2)],
+                         [2, 2, 1])
 
     def test_bad_batch(self) -> None:
         self.assertRaises(ValueError, plan_batches, [], [PROFILE], 0)
 
     @given(st.lists(st.tuples(st.sampled_from(["p1", "p2", "other"]), st.booleans()),
                     max_size=60),
-           st.integers(min_value=1, max_value=9))
+           st.integers(min_value=1, max_value=9), st.integers(min_value=1, max_value=9))
     def test_every_row_once_in_order_and_bounded(self, spec: list[tuple[str, bool]],
-                                                 batch: int) -> None:
+                                                 batch: int, first: int) -> None:
         rows: list[RecoveryRow] = []
         for i, (profile, paired) in enumerate(spec):
             if paired:
                 rows += [row(f"{i}a", profile, f"{i}b"), row(f"{i}b", profile, f"{i}a")]
             else:
                 rows.append(row(str(i), profile))
-        plan = plan_batches(rows, ["p1", "p2"], batch)
+        plan = plan_batches(rows, ["p1", "p2"], batch, first)
         for profile in ("p1", "p2"):
             planned = [r for b in plan if b.profile == profile for r in b.rows]
             self.assertEqual(planned, [r for r in rows if r.profile_name == profile])
