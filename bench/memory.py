@@ -76,7 +76,9 @@ def main() -> None:
                 "--recover-ms-per-call", str(args.recover_ms_per_call)]
     result: dict[str, Any] = {"bench": "memory", "calls": args.calls,
                               "registrations": args.registrations, "target_mb": TARGET_MB}
-    with LoopbackCluster(nodes=3, slots=1, interval_ms=50, dead_after_ms=1000,
+    # detection is not measured here: a generous dead_after rides out the stalls of a
+    # shared machine while 100,000 registrations are loaded
+    with LoopbackCluster(nodes=3, slots=1, interval_ms=50, dead_after_ms=3000,
                          extra_config=extra, sim_args=sim_args) as cluster:
         cluster.start()
         view = cluster.wait_converged(timeout=60)

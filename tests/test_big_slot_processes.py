@@ -9,6 +9,10 @@ answering, and the takeover succeeds the first time with every call recovered.
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from fsha.harness import HarnessError, LoopbackCluster, wait_for
@@ -77,3 +81,41 @@ class BigSlotTakeoverTests(SynchronousTestCase):
         for name, st in cluster.statuses().items():
             claims = [e for e in st["events"] if e["event"] == "claim"]
             self.assertLessEqual(len(claims), 1, (name, claims))
+
+
+class BusyIsNotDeadTests(SynchronousTestCase):
+    """A master whose FreeSWITCH answers late keeps its slot; one that answers nothing for
+    ``hung_after_ms`` gives it up (``fsha.health``; the simulator frozen with SIGSTOP)."""
+
+    def setUp(self) -> None:
+        self.cluster = LoopbackCluster(nodes=2, slots=1, interval_ms=50, dead_after_ms=1000)
+        self.addCleanup(self.cluster.close)
+        self.cluster.start()
+        self.view = self.cluster.wait_converged(timeout=60)
+
+    def freeze(self, name: str, seconds: float) -> None:
+        sim = self.cluster.node(name).sim
+        assert sim is not None
+        os.kill(sim.pid, signal.SIGSTOP)
+        try:
+            time.sleep(seconds)  # the fault's own duration, not a wait for an outcome
+        finally:
+            os.kill(sim.pid, signal.SIGCONT)
+
+    def test_late_answers_keep_the_slot_and_silence_releases_it(self) -> None:
+        cluster = self.cluster
+        master = {s["name"]: s["owner"] for s in self.view["slots"]}["slot1"]
+        hung_after = 5.0  # [[node]] esl.hung_after_ms default (timeout_ms is 1 s here)
+        self.freeze(master, hung_after / 2)  # answers come 2.5 s late: busy, not hung
+        wait_for("the master to answer again",
+                 lambda: cluster.status(cluster.node(master))["freeswitch"]["ok"], 30)
+        events = [e["event"] for e in cluster.status(cluster.node(master))["events"]]
+        self.assertNotIn("release", events)
+        self.assertEqual(cluster.owner("slot1"), master)
+        self.freeze(master, hung_after + 2.0)  # nothing answers for longer: hung
+
+        def released() -> list[dict[str, object]]:
+            return [e for e in cluster.status(cluster.node(master))["events"]
+                    if e["event"] == "release"]
+        [event] = wait_for("the master to give its slot up", released, 30)
+        self.assertIn("not answering", str(event["reason"]))
