@@ -29,7 +29,7 @@ from typing import Any
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 
 from fsha.config import ClusterConfig, NodeConfig
-from fsha.esl import ESLClient
+from fsha.esl import ConnectionState, ESLClient
 
 __all__ = ["PROBE_INTERVAL", "SwitchHealth", "esl_clients"]
 
@@ -62,15 +62,24 @@ def esl_clients(config: ClusterConfig, me: NodeConfig, reactor: Any, ping_interv
 
 
 class SwitchHealth:
-    """The node's view of its FreeSWITCH: healthy while the main connection and the probe
-    (if any) are ready; busy (still healthy) while a probe's answer is overdue."""
+    """The node's view of its FreeSWITCH; busy (still healthy) while a probe's answer is
+    overdue.
+
+    With a probe, the probe decides: FreeSWITCH is up while the probe is ready (and the
+    main client runs). The main connection dropped because one command stayed unanswered
+    for its grace, while the probe still gets answers, is a stuck command in a live
+    FreeSWITCH: it reconnects, and the master keeps its slot and its calls. A dead
+    FreeSWITCH closes both; a hung one stops answering the probe. Without a probe, the
+    main connection decides."""
 
     def __init__(self, esl: ESLClient, probe: ESLClient | None = None) -> None:
         self.esl = esl
         self.probe = probe
 
     def is_ok(self) -> bool:
-        return self.esl.is_healthy and (self.probe is None or self.probe.is_healthy)
+        if self.probe is None:
+            return self.esl.is_healthy
+        return self.probe.is_healthy and self.esl.state is not ConnectionState.STOPPED
 
     def busy(self) -> bool:
         """A probe answer is overdue (later than its timeout), not yet for the grace."""

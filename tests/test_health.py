@@ -68,6 +68,25 @@ class SwitchHealthTests(ClientTestBase):
         self.assertIn("FreeSWITCH hung", health.status()["probe"]["last_error"])
 
 
+class StuckCommandTests(ClientTestBase):
+    two = SwitchHealthTests.two
+    tick = SwitchHealthTests.tick
+    unanswered = 0
+
+    def test_a_stuck_command_drops_the_main_connection_not_the_slot(self) -> None:
+        health, main, main_conn, _probe, probe_conn = self.two()
+        stuck = main.api("sofia profile slot1 recover", timeout=10.0)
+        main_conn.commands()
+        self.tick(probe_conn, 15.5)  # unanswered past the main grace; the probe answers
+        self.failureResultOf(stuck)
+        self.assertTrue(main_conn.dropped)
+        main_conn.close()
+        self.assertFalse(main.is_healthy)
+        self.assertTrue(health.is_ok())  # FreeSWITCH is alive: the probe says so
+        probe_conn.close()  # and now it is gone
+        self.assertFalse(health.is_ok())
+
+
 class ClientsFromConfigTests(ClientTestBase):
     def test_grace_of_each_connection(self) -> None:
         config = parse_config(demo_raw(), DEMO)
