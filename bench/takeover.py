@@ -29,6 +29,10 @@ Figures (milliseconds, median over trials; every trial in ``trials``):
   rows from a :class:`~fsha.replication.state.ReplicatedState`, which the trials skip).
 
 Prints progress on stderr and one JSON object on the last line of stdout.
+
+``--freeswitch [--calls N] [--batch N]``: the same sequence against a real FreeSWITCH with
+answered sipp calls instead (bench/takeover_realfs.py: time to the first call back, to all
+calls back, calls lost).
 """
 
 from __future__ import annotations
@@ -283,6 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--_trial"]:
         return trial_main(int(argv[1]), argv[2], int(argv[3]), argv[4])
+    if argv[:1] == ["--freeswitch"]:  # the real FreeSWITCH: bench/takeover_realfs.py
+        sys.argv = [str(Path(__file__).with_name("takeover_realfs.py")), *argv[1:]]
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import takeover_realfs
+
+        takeover_realfs.main()
+        return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--calls", type=int, default=10_000)
     p.add_argument("--registrations", type=int, default=0)

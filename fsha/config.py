@@ -58,6 +58,7 @@ class ESLConfig:
     port: int
     password: str
     timeout: float
+    hung_after: float = 5.0  # seconds without any answer: hung (fsha.health)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +148,14 @@ class GuardConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TakeoverConfig:
+    """``[takeover]``: how a slot's calls are recovered (see :mod:`fsha.recovery`)."""
+
+    recover_batch: int = 100  # rows per `sofia profile P recover` (fsha.recovery default)
+    recover_timeout: float = 10.0  # seconds one batch's recover may take (its stall bound)
+
+
+@dataclass(frozen=True, slots=True)
 class LimitsConfig:
     """``[limits]``: cluster-wide call-limit usage (see :mod:`fsha.limits`)."""
 
@@ -200,6 +209,7 @@ class ClusterConfig:
     limits: LimitsConfig | None = None  # [limits]; not in the digest
     redis: RedisConfig | None = None  # [redis]; not in the digest
     guard: GuardConfig | None = None  # [guard] (None: built from the defaults); not in the digest
+    takeover: TakeoverConfig = TakeoverConfig()  # [takeover]; not in the digest
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:
@@ -337,7 +347,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
     c = _Checker(path)
     base = path.parent
     c.table(raw, "", ("cluster", "tls", "floating_ip", "fencing", "limits", "redis", "guard",
-                      "network", "node", "slot"))
+                      "network", "node", "slot", "takeover"))
 
     cluster = c.table(raw.get("cluster", {}), "cluster",
                       ("name", "secret_file", "heartbeat_interval_ms", "dead_after_ms",
@@ -380,6 +390,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
     redis = _redis(c, raw.get("redis"), base)
     limits = _limits(c, raw.get("limits"))
     guard = _guard(c, raw.get("guard", {}), interval_ms, dead_ms)
+    takeover = _takeover(c, raw.get("takeover", {}))
     if "limits" in raw and "tls" not in raw:
         c.problem("limits", "needs [tls]: limit usage is replicated between the nodes")
     if redis is not None and redis.durable_state and "tls" not in raw:
@@ -409,14 +420,14 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
     if c.problems:
         raise ConfigError(c.problems)
     assert name is not None and secret is not None and interval_ms and dead_ms is not None
-    assert discovery_ms is not None and floating is not None
+    assert discovery_ms is not None and floating is not None and takeover is not None
     config = ClusterConfig(
         path=path, name=name, secret_file=_resolve(base, secret),
         heartbeat_interval=interval_ms / 1000, dead_after=dead_ms / 1000,
         discovery=discovery_ms / 1000, quorum_spec=quorum_spec, quorum=quorum,
         networks=tuple(networks), nodes=tuple(nodes), slots=tuple(slots),
         floating_ip=floating, tls=tls, digest=b"", fencing=fencing, limits=limits,
-        redis=redis, guard=guard)
+        redis=redis, guard=guard, takeover=takeover)
     object.__setattr__(config, "digest", config_digest(config))
     return config
 
@@ -532,8 +543,8 @@ def _esl(c: _Checker, raw: Any, key: str, base: Path
     if raw is None:
         c.problem(key, "missing: how fsha reaches this node's FreeSWITCH event socket")
         return None, None, None
-    t = c.table(raw, key, ("host", "port", "password", "timeout_ms", "core_db",
-                           "registration_db"))
+    t = c.table(raw, key, ("host", "port", "password", "timeout_ms", "hung_after_ms",
+                           "core_db", "registration_db"))
     if t is None:
         return None, None, None
     host = c.get(t, key, "host", str, "127.0.0.1", check=_ip)
@@ -541,6 +552,12 @@ def _esl(c: _Checker, raw: Any, key: str, base: Path
     password = c.get(t, key, "password", str, check=_nonempty)
     timeout = c.get(t, key, "timeout_ms", int, 2000,
                     check=lambda v: None if 10 <= v <= 600_000 else "must be 10-600000")
+    hung = c.get(t, key, "hung_after_ms", int, max(5000, 2 * (timeout or 0)),
+                 check=lambda v: None if 100 <= v <= 600_000 else "must be 100-600000")
+    if hung is not None and timeout is not None and hung <= timeout:
+        c.problem(f"{key}.hung_after_ms", f"{hung} ms must be longer than timeout_ms "
+                                          f"({timeout} ms): a late answer is busy, not hung")
+        hung = None
     core_db = c.get(t, key, "core_db", str, None, check=_nonempty)
 
     def pattern(v: str) -> str | None:
@@ -554,14 +571,15 @@ def _esl(c: _Checker, raw: Any, key: str, base: Path
     if registration_db is not None and core_db is None:
         c.problem(f"{key}.registration_db", "needs core_db (registrations are restored "
                                             "only where calls are)")
-    if None in (host, port, password, timeout):
+    if None in (host, port, password, timeout, hung):
         return None, None, None
+    assert hung is not None and timeout is not None
     core = _resolve(base, core_db) if core_db else None
     regs: str | None = None
     if core is not None:
         # relative patterns are relative to the core DB's folder (FreeSWITCH's db dir)
         regs = str(core.parent / (registration_db or DEFAULT_REGISTRATION_DB))
-    return ESLConfig(host, port, password, timeout / 1000), core, regs
+    return ESLConfig(host, port, password, timeout / 1000, hung / 1000), core, regs
 
 
 def _slots(c: _Checker, raw: Any, nodes: list[NodeConfig]) -> list[SlotConfig]:
@@ -707,6 +725,20 @@ def _guard(c: _Checker, raw: Any, interval_ms: int | None, dead_ms: int | None
 
 def _ms_range(lo: int, hi: int) -> Callable[[int], str | None]:
     return lambda v: None if lo <= v <= hi else f"must be {lo}-{hi}"
+
+
+def _takeover(c: _Checker, raw: Any) -> TakeoverConfig | None:
+    t = c.table(raw, "takeover", ("recover_batch", "recover_timeout_ms"))
+    if t is None:
+        return None
+    default = TakeoverConfig()
+    batch = c.get(t, "takeover", "recover_batch", int, default.recover_batch,
+                  check=lambda v: None if 1 <= v <= 10_000 else "must be 1-10000")
+    timeout = c.get(t, "takeover", "recover_timeout_ms", int,
+                    round(default.recover_timeout * 1000), check=_ms_range(100, 600_000))
+    if batch is None or timeout is None:
+        return None
+    return TakeoverConfig(batch, timeout / 1000)
 
 
 def _limits(c: _Checker, raw: Any) -> LimitsConfig | None:

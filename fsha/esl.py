@@ -5,9 +5,12 @@ Two layers, both driven by an injected clock:
 * :class:`ESLProtocol` is one TCP connection. It decodes frames with
   :class:`fsha.wire.esl.FrameDecoder`, keeps a FIFO of pending requests (FreeSWITCH answers
   strictly in command order, events are only ever interleaved between whole frames), gives
-  every request its own timeout, and hands events to a callback. A timed-out request
-  *poisons* the connection (a late reply would be taken as the answer to the next request),
-  so the connection is aborted; every pending request then fails with a typed error.
+  every request its own timeout, and hands events to a callback. Without ``hung_timeout``
+  a timed-out request *poisons* the connection (it is aborted; every pending request then
+  fails with a typed error). With it, a timed-out request fails at its timeout but keeps
+  its place in the FIFO, so its late reply is recognised and discarded (a FreeSWITCH busy
+  with a long command on this connection answers late, not wrongly); only a request left
+  unanswered for ``hung_timeout`` means FreeSWITCH is hung, and aborts the connection.
 
 * :class:`ESLClient` is a :class:`~twisted.application.service.Service` that keeps such a
   connection alive with :class:`~twisted.application.internet.ClientService` (exponential
@@ -177,6 +180,8 @@ class ESLProtocol(Protocol):
         self.last_frame_at = 0.0
         self.frames_received = 0
         self.events_dropped = 0
+        self.hung_timeout: float | None = None  # see the module docstring
+        self.late_replies = 0  # replies that came after their request timed out
 
     # -- Twisted callbacks ---------------------------------------------------------------
 
@@ -252,9 +257,11 @@ class ESLProtocol(Protocol):
             p = self._pending.popleft()
             if p.timer is not None and p.timer.active():
                 p.timer.cancel()
+            if p.deferred.called:  # timed out (or cancelled) before: late, discarded
+                self.late_replies += 1
+                return
             self._observe(p, "ok")
-            if not p.deferred.called:
-                p.deferred.callback(frame)
+            p.deferred.callback(frame)
             return
         if ct == CT_AUTH_REQUEST:
             if self.greeting.called:
@@ -316,8 +323,18 @@ class ESLProtocol(Protocol):
         self._observe(p, "timeout")
         if not p.deferred.called:
             p.deferred.errback(ESLTimeout(f"{p.line!r}: no reply in {timeout:g} s"))
+        hung = self.hung_timeout
+        if hung is not None and hung > timeout:
+            # Busy is not hung: the request keeps its place in the FIFO and its late reply
+            # is discarded when it comes; only a reply missing for `hung` seconds is.
+            p.timer = self.clock.callLater(hung - timeout, self._hung, p, hung)
+            return
         # The reply may still come: it would answer the next request. Poisoned.
         self.drop(f"request {p.line!r} timed out after {timeout:g} s")
+
+    def _hung(self, p: _Pending, hung: float) -> None:
+        p.timer = None
+        self.drop(f"request {p.line!r} unanswered for {hung:g} s: FreeSWITCH hung")
 
     @property
     def pending_requests(self) -> int:
@@ -382,6 +399,7 @@ class ESLClient(Service):
         ping_interval: float = 2.0,
         ping_timeout: float = 2.0,
         heartbeat_timeout: float | None = 60.0,
+        hung_timeout: float | None = None,
         retry_initial: float = 0.1,
         retry_max: float = 5.0,
         retry_factor: float = 2.0,
@@ -403,6 +421,7 @@ class ESLClient(Service):
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.heartbeat_timeout = heartbeat_timeout
+        self.hung_timeout = hung_timeout
         self._max_header = max_header_bytes
         self._max_body = max_body_bytes
         self._rng = rng if rng is not None else random.Random()
@@ -440,6 +459,9 @@ class ESLClient(Service):
         self._ready_waiters: list[Deferred[None]] = []
         self._watchdog: IDelayedCall | None = None
         self._last_heartbeat = 0.0
+        self.late_replies = 0  # answers that came after their request's timeout (busy)
+        self.last_ping_seconds: float | None = None  # round trip of the last answered ping
+        self.ping_sent_at: float | None = None  # the ping waiting for its answer, if any
 
     @classmethod
     def tcp(
@@ -465,6 +487,20 @@ class ESLClient(Service):
     def is_healthy(self) -> bool:
         """True while the connection is ready and answering (the "local FS ok" flag)."""
         return self.state is ConnectionState.READY
+
+    @property
+    def late_reply_count(self) -> int:
+        """Answers that came after their request's timeout (with ``hung_timeout``): a busy
+        FreeSWITCH, not a hung one."""
+        proto = self._proto
+        return self.late_replies + (proto.late_replies if proto is not None else 0)
+
+    def ping_waiting(self) -> float | None:
+        """How long the current ping has waited for its answer (None: none waiting)."""
+        proto = self._proto
+        if self.ping_sent_at is None or proto is None or not proto.pending_requests:
+            return None  # (a ping that timed out and was answered late since: none)
+        return self.clock.seconds() - self.ping_sent_at
 
     def add_state_listener(
         self, callback: Callable[[ConnectionState, ConnectionState], object]
@@ -542,6 +578,7 @@ class ESLClient(Service):
 
     def _build_protocol(self) -> ESLProtocol:
         proto = ESLProtocol(self.clock, self._on_event, self._max_header, self._max_body)
+        proto.hung_timeout = self.hung_timeout
         proto.on_connected = self._setup
         proto.on_lost = self._on_lost
         proto.on_request = self._on_request
@@ -680,6 +717,8 @@ class ESLClient(Service):
             return
         self._proto = None
         why = proto.closing_reason or reason.getErrorMessage()
+        self.late_replies += proto.late_replies
+        self.ping_sent_at = None
         if self.last_error is None or self.state is ConnectionState.READY:
             self.last_error = f"connection lost: {why}"
         jobs, self._jobs = self._jobs, {}
@@ -774,16 +813,22 @@ class ESLClient(Service):
             proto.drop(self.last_error)
             return
         if proto.pending_requests:
-            return  # the oldest request's own timeout covers liveness
+            return  # the oldest request's own timeout (and hung_timeout) covers liveness
+        # nothing pending: a ping that timed out was answered late since (discarded)
+        self.ping_sent_at = sent = now
         d = proto.request("api global_getvar core_uuid", timeout=self.ping_timeout)
 
         def pong(frame: Frame) -> None:
+            self.ping_sent_at = None
+            self.last_ping_seconds = self.clock.seconds() - sent
             self._note_core_uuid(frame.body.decode("utf-8", "replace").strip())
 
         def lost(failure: Failure) -> None:
             failure.trap(ESLError)
             if failure.check(ESLTimeout):
                 self.last_error = f"FreeSWITCH did not answer a ping in {self.ping_timeout:g} s"
+            else:
+                self.ping_sent_at = None
 
         d.addCallbacks(pong, lost)
         d.addErrback(_log_failure, "ESL ping")

@@ -293,7 +293,7 @@ class ClusterCollector:
     """A ``prometheus_client`` collector over a node's ``status()`` callable.
 
     Sections it reads (any may be missing or None): the node's own keys, ``freeswitch``
-    (``fsha.tap.SwitchHealth.status()`` plus ``sessions``/``max_sessions``),
+    (``fsha.health.SwitchHealth.status()`` plus ``sessions``/``max_sessions``),
     ``replication``, ``feeds``, ``takeover`` and ``fsevents``.
     """
 

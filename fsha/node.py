@@ -742,7 +742,7 @@ class ClusterNode:
         # that died claiming the slot may hold its resources: fence it too.
         claim = self._claim = defer.maybeDeferred(self.actions.acquire, slot, epoch, previous,
                                                   fence=not handed_over, claimers=claimers)
-        claim.addTimeout(self.claim_timeout, self.clock)
+        self._guard_claim(claim, slot)
 
         def done(result: object) -> None:
             if self._claim is not claim or self.role is not Role.CLAIMING:
@@ -758,6 +758,36 @@ class ClusterNode:
                 self._machine.acquired()
         claim.addBoth(done).addErrback(
             lambda f: self.log.failure("claim bookkeeping failed", f))
+
+    def _guard_claim(self, claim: defer.Deferred[None], slot: SlotConfig) -> None:
+        """Give the claim up after ``claim_timeout`` without progress. The actions may
+        report progress (``claim_progress(slot)``: the clock time of the last step or
+        recovery batch done, see fsha.takeover), so a big slot recovered batch after batch
+        is not cut by a fixed bound; without it the bound counts from the claim's start."""
+        progress = getattr(self.actions, "claim_progress", None)
+        started = self.clock.seconds()
+
+        def check() -> None:
+            if claim.called:
+                return
+            last = progress(slot) if progress is not None else None
+            due = max(started, last or 0.0) + self.claim_timeout
+            now = self.clock.seconds()
+            if now < due:
+                timer[0] = self.clock.callLater(due - now, check)
+                return
+            self.log.error("claim of slot {slot}: no progress for {seconds:g} s; giving up",
+                           slot=slot.name, seconds=self.claim_timeout)
+            claim.cancel()
+
+        timer = [self.clock.callLater(self.claim_timeout, check)]
+
+        def stop(result: object) -> object:
+            if timer[0].active():
+                timer[0].cancel()
+            return result
+
+        claim.addBoth(stop)
 
     def _become_master(self) -> None:
         took = (self.clock.seconds() - self.claim_started) * 1000

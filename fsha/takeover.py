@@ -34,21 +34,37 @@ Acquire (a failed *fatal* step fails ``acquire``; the node then calls ``release`
 4. ``records`` (fatal): the dead master's replicated rows (:class:`SlotRecords`), kept only
    for the slot's profiles (``technology`` ``sofia``; one row per call UUID) and, for
    registrations, only those not yet expired.
-5. ``recovery_rows`` (fatal): ``global_getvar core_uuid``, then the rows written into the
-   local core DB (``recovery``) in one transaction on the DB thread, keeping the dead
-   master's ``runtime_uuid`` (see :mod:`fsha.fsdb`). A node that cannot write them is not
-   fit to take the calls; the next candidate may be. Without a configured ``core_db`` the
-   step is a *warning* (the slot is served, its calls are not recovered).
+5. ``recovery_rows`` (fatal): ``global_getvar core_uuid``, the rows planned in batches of
+   ``recover_batch`` (:mod:`fsha.recovery`: the first batch of each profile first), then
+   the first batch of each profile written into the local core DB (``recovery``) in one
+   transaction on the DB thread, keeping the dead master's ``runtime_uuid`` (see
+   :mod:`fsha.fsdb`). A node that cannot write them is not fit to take the calls; the
+   next candidate may be. Without a configured ``core_db`` the step is a *warning* (the
+   slot is served, its calls are not recovered).
 6. ``profiles`` (fatal): ``sofia profile P start`` for each profile (its text is printed
    even when binding fails), then ``sofia status`` is polled until every profile is listed
    ``RUNNING`` (FreeSWITCH lists a running profile only; one that failed to bind is
    missing). A profile whose URL is not on one of the slot's addresses is a warning.
-7. ``recover`` (fatal): ``sofia profile P recover`` per profile (which also clears
-   standby). The reported count is compared with the rows written for ``P``. A mismatch
-   is a *warning*, not a failure: fewer means some rows could not be recovered here (bad
-   metadata, an RTP port in use) and the next candidate would read the same rows; more
-   means the table held older rows of another runtime (e.g. this FreeSWITCH's previous run)
-   that are now live calls. Rolling back would hang up every call just recovered.
+7. ``recover`` (fatal until calls are back): per batch, its rows written (the first ones
+   already are), then ``sofia profile P recover`` (which also clears standby; FreeSWITCH
+   rewrites the recovered rows under its own runtime, so each recover sees only the new
+   batch). Every batch has its own bounds (``db`` to write, ``recover`` to recover) and
+   the step's timeout counts from the last batch done: a big slot takes as long as it
+   takes while batches keep coming back, a stalled batch ends it. Until a batch has
+   brought calls back, a failure fails the step; once calls are live here, a failed or
+   stalled batch is a *warning* naming the calls not recovered and the takeover
+   completes: a rollback would hang up every call already recovered. The slot is served
+   (addresses up, profiles running) from the first batch on; the node announces itself
+   master only after the last batch (and the registrations): until then a second failure
+   is taken over from the original master's records, which hold every call. The reported
+   counts are compared with the rows written per profile. A mismatch is a *warning*,
+   not a failure: fewer means some rows could not be recovered here (bad metadata, an
+   RTP port in use) and the next candidate would read the same rows; more means the
+   table held older rows of another runtime (e.g. this FreeSWITCH's previous run) that
+   are now live calls. Counts: ``batches``, ``batches_done``, ``written`` (rows written
+   by this step: all but the first batches), ``recovered``, ``expected``,
+   ``first_call_ms`` (from the acquire's start to the first batch with calls back),
+   ``not_recovered`` (after a stalled batch).
 8. ``registrations`` (never fatal: the calls are already up): the rows written into
    ``sip_registrations`` with this FreeSWITCH's hostname (``global_getvar switchname``,
    else ``hostname``: sofia expires rows per hostname), then, if ``hash_realm`` is set, one
@@ -123,6 +139,7 @@ from fsha.process import (
     ProcessRunner,
     ProcessTimeout,
 )
+from fsha.recovery import DEFAULT_RECOVER_BATCH, Batch, plan_batches
 
 __all__ = [
     "FAILED",
@@ -231,7 +248,9 @@ class TakeoverReport:
             "total_ms": round(self.total_ms, 1),
             "steps_ms": {s.name: round(s.ms, 1) for s in self.steps}}
         if self.action == "acquire":
-            event.update(calls_written=self.count("recovery_rows", "written"),
+            # the first batches are written by recovery_rows, the others by recover
+            event.update(calls_written=self.count("recovery_rows", "written")
+                         + self.count("recover", "written"),
                          calls_recovered=self.count("recover", "recovered"),
                          registrations_restored=self.count("registrations", "written"))
         if self.error is not None:
@@ -332,7 +351,7 @@ class TakeoverTimeouts:
     records: float = 2.0  # reading the replicated rows
     db: float = 5.0  # one core-DB write (10,000 rows take ~0.1 s; FreeSWITCH may hold locks)
     confirm: float = 3.0  # a started profile listed RUNNING in `sofia status`
-    recover: float = 10.0  # one `sofia profile P recover`
+    recover: float = 10.0  # one batch's `sofia profile P recover` (fsha.recovery)
     registrations: float = 5.0  # the whole registrations step
     poll: float = 0.05  # between two `sofia status` polls
     # a profile this node stopped is released asynchronously by sofia (its socket freed,
@@ -346,18 +365,22 @@ class TakeoverTimeouts:
     def from_config(cls, config: ClusterConfig, me: NodeConfig, **overrides: float
                     ) -> TakeoverTimeouts:
         values: dict[str, float] = {"floating": config.floating_ip.timeout,
-                                    "esl": me.esl.timeout, "self_check": me.esl.timeout}
+                                    "esl": me.esl.timeout, "self_check": me.esl.timeout,
+                                    "recover": config.takeover.recover_timeout}
         if config.fencing is not None:
             values["fence"] = fence_bound(config.fencing.timeout)
         values.update(overrides)
         return cls(**values)
 
     def acquire_budget(self, slot: SlotConfig) -> float:
-        """The longest an acquire of ``slot`` can take with these timeouts."""
+        """A bound on how long an acquire of ``slot`` goes without progress with these
+        timeouts (the node's claim timeout, counted from the last progress: see
+        :meth:`SlotEffects.claim_progress`). The recovery of the calls is one batch
+        (``db`` + ``recover``) per progress, whatever the slot's size."""
         n = len(slot.profiles)
         return (self.self_check + self.fence + self.floating + self.records + self.esl
                 + self.db + self.esl * (n + 1) + self.confirm + self.stop_settle
-                + self.recover * n + self.registrations)
+                + self.db + self.recover + self.esl + self.registrations)
 
     def release_budget(self, slot: SlotConfig) -> float:
         return self.floating + self.esl * (len(slot.profiles) + 2) + self.db + self.esl
@@ -374,13 +397,27 @@ class TakeoverTimeouts:
 class _Step:
     """What a step function fills in as it goes (kept even if it then fails)."""
 
-    __slots__ = ("aborted", "counts", "note", "outcome")
+    __slots__ = ("_clock", "_on_progress", "aborted", "counts", "note", "outcome",
+                 "progressed")
 
-    def __init__(self) -> None:
+    def __init__(self, clock: IReactorTime | None = None,
+                 on_progress: Callable[[float], object] | None = None) -> None:
         self.counts: dict[str, int] = {}
         self.note: str | None = None
         self.outcome = OK
         self.aborted: str | None = None  # "timed out after ..." / "cancelled"
+        self.progressed: float | None = None  # clock time of the last progress()
+        self._clock = clock
+        self._on_progress = on_progress
+
+    def progress(self) -> None:
+        """Something got done (a batch recovered, rows written): the step's timeout counts
+        from now (see :meth:`SlotEffects._step`)."""
+        if self._clock is None:
+            return
+        self.progressed = now = self._clock.seconds()
+        if self._on_progress is not None:
+            self._on_progress(now)
 
     def warn(self, note: str) -> None:
         self.outcome = WARNING
@@ -429,6 +466,11 @@ class _Acquisition:
     complete: bool = False
     cancelled: bool = False
     current: _Step | None = None  # the step running now
+    started: float = 0.0  # clock time the acquire began
+    progressed: float = 0.0  # clock time of the last progress (a step ended, a batch done)
+    plan: list[Batch] = field(default_factory=list)  # the recovery batches (fsha.recovery)
+    batches_written: int = 0  # plan[:batches_written] are in the core DB
+    committed: bool = False  # calls are live here: later failures are warnings, no rollback
 
 
 def _reason(failure: Failure, timeout: float | None = None) -> str:
@@ -458,7 +500,8 @@ class SlotEffects:
                  timeouts: TakeoverTimeouts | None = None,
                  hash_realm: str | None = "fsha_reg", hash_window: int = 64,
                  history: int = 20, fencing: FencingConfig | None = None,
-                 runner: ProcessRunner | None = None, me: NodeConfig | None = None) -> None:
+                 runner: ProcessRunner | None = None, me: NodeConfig | None = None,
+                 recover_batch: int = DEFAULT_RECOVER_BATCH) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         assert clock is not None
@@ -476,6 +519,7 @@ class SlotEffects:
         self.timeouts = timeouts or TakeoverTimeouts()
         self.hash_realm = hash_realm
         self.hash_window = max(1, hash_window)
+        self.recover_batch = max(1, recover_batch)
         self.reports: deque[TakeoverReport] = deque(maxlen=history)
         self.last_report: TakeoverReport | None = None
         self._listeners: list[Callable[[TakeoverReport], object]] = []
@@ -518,6 +562,15 @@ class SlotEffects:
                 listener(report, result)
             except Exception:
                 log.failure("takeover step listener failed")
+
+    def claim_progress(self, slot: SlotConfig) -> float | None:
+        """Clock time of the last progress of the acquisition of ``slot`` (a step ended, a
+        recovery batch done), None if none runs. The node's claim timeout counts from it:
+        a takeover that keeps recovering batches is not cut short (see fsha.node)."""
+        acq = self._acquisitions.get(slot.slot_id)
+        if acq is None or acq.complete:
+            return None
+        return acq.progressed
 
     def status(self) -> dict[str, Any]:
         return {"last_report": self.last_report.as_dict() if self.last_report else None,
@@ -587,9 +640,19 @@ class SlotEffects:
         raises :class:`TakeoverStepError`; of another one, it is recorded and the result
         is None. A step that ends after its timeout or after the acquisition was cancelled
         counts as failed whatever it returned (some Deferreds turn a cancellation into a
-        result), and a cancelled acquisition goes no further."""
+        result), and a cancelled acquisition goes no further.
+
+        The timeout follows progress: a step that reports progress (``step.progress()``,
+        e.g. after each recovery batch) is given ``timeout`` again from then on, so a long
+        step that keeps moving is never cut by a fixed bound, and one that stalls for
+        ``timeout`` is."""
         start = self.clock.seconds()
-        step = _Step()
+
+        def progressed(now: float) -> None:
+            if acq is not None:
+                acq.progressed = now
+
+        step = _Step(self.clock, progressed)
         if acq is not None:
             if acq.cancelled:
                 raise TakeoverStepError(name, "cancelled")
@@ -597,16 +660,23 @@ class SlotEffects:
         d = defer.maybeDeferred(fn, step)
 
         def expire() -> None:
-            step.aborted = f"timed out after {timeout:g} s"
+            now = self.clock.seconds()
+            last = step.progressed
+            if last is not None and now - last < timeout:
+                timer[0] = self.clock.callLater(last + timeout - now, expire)
+                return
+            step.aborted = (f"timed out after {timeout:g} s" if last is None else
+                            f"no progress for {timeout:g} s")
             d.cancel()
 
-        timer = self.clock.callLater(timeout, expire)
+        timer = [self.clock.callLater(timeout, expire)]
 
         def ended(result: object) -> object:
-            if timer.active():
-                timer.cancel()
+            if timer[0].active():
+                timer[0].cancel()
             if acq is not None:
                 acq.current = None
+                acq.progressed = self.clock.seconds()
             if step.aborted is not None and not isinstance(result, Failure):
                 return Failure(CancelledError(step.aborted))
             return result
@@ -651,7 +721,7 @@ class SlotEffects:
         report = TakeoverReport("acquire", slot.name, epoch,
                                 previous.name if previous is not None else None,
                                 self.clock.seconds(), handover=previous is not None and not fence)
-        acq = _Acquisition(slot, epoch)
+        acq = _Acquisition(slot, epoch, started=report.started, progressed=report.started)
         self._acquisitions[slot.slot_id] = acq
         log.info("acquiring slot {slot} (epoch {epoch}, previous master {previous})",
                  slot=slot.name, epoch=epoch, previous=report.previous or "none")
@@ -676,6 +746,10 @@ class SlotEffects:
                 report.error = _reason(result)
             else:
                 acq.complete = True
+                # After a completed acquisition nothing is rolled back: let the copies of
+                # the dead master's rows go (10,000 calls + 100,000 registrations are
+                # tens of MB, held until the next release otherwise).
+                acq.rows, acq.plan, acq.registrations, acq.hash_keys = [], [], [], []
                 if acq.restore is not None:
                     self._continue_restore(slot, acq.restore)
             self._publish(report)
@@ -719,16 +793,18 @@ class SlotEffects:
             return
         calls, regs = yield self._step(
             report, "records", lambda s: self._load(slot, previous, s), t.records, acq=acq)
-        written = yield self._step(
-            report, "recovery_rows", lambda s: self._write_rows(calls, acq, s), t.esl + t.db,
-            acq=acq)
+        yield self._step(
+            report, "recovery_rows", lambda s: self._write_rows(slot, calls, acq, s),
+            t.esl + t.db, acq=acq)
         n = len(slot.profiles)
         settle = max(self._stops_pending(slot).values(), default=0.0)
         standby = t.esl if self._standby_on else 0.0  # global standby off first
         yield self._step(report, "profiles", lambda s: self._start_profiles(slot, s),
                          t.esl * n + t.confirm + settle + standby, acq=acq)
-        yield self._step(report, "recover", lambda s: self._recover(slot, written, s),
-                         t.recover * n, acq=acq)
+        # Each batch has its own bounds (t.db to write it, t.recover to recover it); the
+        # step's own timeout only backs them up, counted from the last batch done.
+        yield self._step(report, "recover", lambda s: self._recover(slot, acq, s),
+                         t.db + t.recover + t.esl, acq=acq)
         yield self._step(report, "registrations",
                          lambda s: self._restore_registrations(slot, regs, acq, s),
                          t.registrations, fatal=False, acq=acq)
@@ -820,14 +896,17 @@ class SlotEffects:
         return d.addCallback(select)
 
     @inlineCallbacks
-    def _write_rows(self, calls: list[RecoveryRow], acq: _Acquisition, step: _Step
-                    ) -> Generator[Any, Any, list[RecoveryRow]]:
+    def _write_rows(self, slot: SlotConfig, calls: list[RecoveryRow], acq: _Acquisition,
+                    step: _Step) -> Generator[Any, Any, None]:
+        """The batches planned (:func:`fsha.recovery.plan_batches`) and the first batch of
+        each profile written; the others are written by the ``recover`` step, one before
+        each recover."""
         step.counts["rows"] = len(calls)
         if not calls:
-            return []
+            return
         if self.db is None:
             step.warn(f"no core_db configured: {len(calls)} call(s) cannot be recovered")
-            return []
+            return
         assert self.api is not None
         own = yield self.api.core_uuid()
         rows = [r if r.runtime_uuid != own else
@@ -838,10 +917,34 @@ class SlotEffects:
             step.warn(f"{mine} row(s) carried this FreeSWITCH's own core UUID; "
                       "written as foreign")
             step.counts["own_runtime"] = mine
-        acq.rows = rows  # before writing: an abandoned write is still rolled back
-        yield self._db_call(self.db.write_recovery(rows, None))
-        step.counts["written"] = len(rows)
-        return rows
+        acq.plan = plan_batches(rows, slot.profiles, self.recover_batch)
+        first = [b for b in acq.plan if b.round == 0]
+        step.counts["batches"] = len(acq.plan)
+        written = 0
+        for batch in first:
+            yield self._write_batch(batch, acq)
+            written += len(batch.rows)
+            step.counts["written"] = written
+            step.progress()
+
+    def _write_batch(self, batch: Batch, acq: _Acquisition) -> Deferred[Any]:
+        """Write the next batch of the plan (``batch``) into the core DB, within
+        ``timeouts.db``; recorded first, so an abandoned write is still rolled back."""
+        assert self.db is not None
+        acq.rows.extend(batch.rows)
+        d = self._db_call(self.db.write_recovery(batch.rows, None))
+        wait = self.timeouts.db
+        d.addTimeout(wait, self.clock)
+
+        def done(_: object) -> None:
+            acq.batches_written += 1
+
+        def timed_out(failure: Failure) -> None:
+            failure.trap(defer.TimeoutError)
+            raise CoreDBError(f"writing {len(batch.rows)} recovery rows timed out after "
+                              f"{wait:g} s")
+
+        return d.addCallbacks(done, timed_out)
 
     def _db_call(self, d: Deferred[Any]) -> Deferred[Any]:
         """``d`` (running on the DB thread) with a canceller that interrupts the query."""
@@ -928,25 +1031,71 @@ class SlotEffects:
                           "one of the slot's addresses")
 
     @inlineCallbacks
-    def _recover(self, slot: SlotConfig, written: list[RecoveryRow], step: _Step
+    def _recover(self, slot: SlotConfig, acq: _Acquisition, step: _Step
                  ) -> Generator[Any, Any, None]:
+        """``sofia profile P recover`` after each batch is written (:mod:`fsha.recovery`).
+
+        Each batch is bounded by itself (``timeouts.db`` to write it, ``timeouts.recover``
+        for its recover), never by the slot's size. Until a batch has brought calls back a
+        failure fails the step (the node rolls back; nothing is live here yet). From then
+        on the calls are live on this FreeSWITCH: a failing or stalled batch ends the step
+        with a *warning* naming what was not recovered, and the takeover completes, as a
+        rollback would hang up every call already recovered."""
         api = self.api
         assert api is not None
+        plan = acq.plan
         expected: dict[str, int] = dict.fromkeys(slot.profiles, 0)
-        for row in written:
-            expected[row.profile_name] += 1
+        got: dict[str, int] = dict.fromkeys(slot.profiles, 0)
+        for batch in plan:
+            expected[batch.profile] += len(batch.rows)
         total = 0
-        step.counts.update(expected=len(written), recovered=0)
-        mismatches = []
-        for profile in slot.profiles:
-            n = yield api.sofia_profile_recover(profile, timeout=self.timeouts.recover)
+        step.counts.update(expected=sum(expected.values()), recovered=0,
+                           batches=len(plan), batches_done=0)
+        if not plan:
+            for profile in slot.profiles:  # also clears a standby left by a release
+                yield api.sofia_profile_recover(profile, timeout=self.timeouts.recover)
+            return
+        stopped: str | None = None
+        for i, batch in enumerate(plan):
+            step.check()
+            try:
+                if i >= acq.batches_written:
+                    yield self._write_batch(batch, acq)
+                    step.counts["written"] = step.counts.get("written", 0) + len(batch.rows)
+                    step.progress()
+                n = yield api.sofia_profile_recover(batch.profile,
+                                                    timeout=self.timeouts.recover)
+            except CancelledError:
+                raise
+            except Exception as e:
+                if not acq.committed:
+                    raise
+                reason = str(e) or type(e).__name__
+                stopped = (f"batch {i + 1} of {len(plan)} ({batch.profile}, "
+                           f"{len(batch.rows)} rows) failed: {reason}")
+                break
+            step.progress()
+            got[batch.profile] += n
             total += n
-            step.counts["recovered"] = total
-            if n != expected[profile]:
-                mismatches.append(f"{profile}: {n} recovered, {expected[profile]} written")
-        if mismatches:
-            step.warn("recovered count differs from rows written (" + "; ".join(mismatches)
-                      + ")")
+            step.counts.update(recovered=total, batches_done=i + 1)
+            if n and not acq.committed:
+                acq.committed = True
+                step.counts["first_call_ms"] = round(
+                    (self.clock.seconds() - acq.started) * 1000)
+        problems = []
+        if stopped is not None:
+            left = sum(len(b.rows) for b in plan[i:])
+            step.counts["not_recovered"] = left
+            problems.append(f"{stopped}; {left} call(s) of this and the later batches not "
+                            "recovered (calls already up are kept)")
+        else:
+            mismatches = [f"{p}: {got[p]} recovered, {expected[p]} written"
+                          for p in slot.profiles if got[p] != expected[p]]
+            if mismatches:
+                problems.append("recovered count differs from rows written ("
+                                + "; ".join(mismatches) + ")")
+        if problems:
+            step.warn("; ".join(problems))
 
     @inlineCallbacks
     def _restore_registrations(self, slot: SlotConfig, regs: list[RegistrationRow],

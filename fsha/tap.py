@@ -14,7 +14,6 @@ from typing import Any
 
 from twisted.application import internet, service
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -28,12 +27,13 @@ from fsha.config import (
 )
 from fsha.control import ControlResource, StatusSite
 from fsha.durable import DurableStore, key_prefix
-from fsha.esl import ConnectionState, ESLClient
+from fsha.esl import ConnectionState
 from fsha.floating import FloatingIPBackend, make_backend
 from fsha.fsdb import CoreDBWriter, ThreadRunner
 from fsha.fsevents import ClusterEvents
 from fsha.guard import default_lease
 from fsha.guardlink import GuardLink
+from fsha.health import SwitchHealth, esl_clients
 from fsha.limitsvc import LimitService
 from fsha.localdrop import GuardSettings, report_problems
 from fsha.metrics import SessionWatch, metrics_resource
@@ -84,34 +84,6 @@ def check_tls_files(config: ClusterConfig, me: NodeConfig) -> None:
             raise ConfigError([f"{config.path}: {key}: {path} does not exist (make it with "
                                f"fsha certs init / fsha certs issue {me.name} --config "
                                f"{config.path})"])
-
-
-class SwitchHealth:
-    """The node's view of its FreeSWITCH: healthy while the ESL client is ready (and the
-    guard, if any, has not been given up: see fsha.guardlink)."""
-
-    def __init__(self, esl: ESLClient, guard: GuardLink | None = None) -> None:
-        self.esl = esl
-        self.guard = guard
-
-    def is_ok(self) -> bool:
-        return self.esl.is_healthy and (self.guard is None or self.guard.ok)
-
-    def status(self) -> dict[str, Any]:
-        esl = self.esl
-        return {"state": esl.state.value, "ok": esl.is_healthy, "core_uuid": esl.core_uuid,
-                "last_error": esl.last_error, "connections": esl.connections,
-                "restarts": esl.restarts, "malformed_core_uuids": esl.malformed_core_uuids}
-
-
-def esl_client(me: NodeConfig, reactor: Any, ping_interval: float) -> ESLClient:
-    endpoint_type = TCP6ClientEndpoint if ":" in me.esl.host else TCP4ClientEndpoint
-    endpoint = endpoint_type(reactor, me.esl.host, me.esl.port, timeout=me.esl.timeout)
-    client = ESLClient(endpoint, me.esl.password, reactor, request_timeout=me.esl.timeout,
-                       setup_timeout=me.esl.timeout, ping_interval=ping_interval,
-                       ping_timeout=me.esl.timeout)
-    client.setName("esl")
-    return client
 
 
 class NodeService(service.Service):
@@ -279,9 +251,12 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     config, me = options.cluster, options.me
     top = OrderedServices()
     top.setName(f"fsha-{me.name}")
-    esl = esl_client(me, reactor, ping_interval=max(0.5, 10 * config.heartbeat_interval))
+    # Two connections: commands and events, and a probe that no long command delays
+    # (fsha.health: busy is not dead).
+    esl, probe = esl_clients(config, me, reactor,
+                             ping_interval=max(0.5, 10 * config.heartbeat_interval))
     floating = make_backend(config.floating_ip, reactor)
-    health = SwitchHealth(esl)
+    health = SwitchHealth(esl, probe)
     replication: ReplicationService | None = None
     incarnation = time.time_ns()
     if config.tls is not None:
@@ -293,7 +268,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         db=CoreDBWriter(me.core_db, ThreadRunner(reactor),
                         registration_db=me.registration_db_for) if me.core_db else None,
         records=ReplicatedRecords(replication.state) if replication is not None else None,
-        timeouts=timeouts, fencing=config.fencing, me=me)
+        timeouts=timeouts, fencing=config.fencing, me=me,
+        recover_batch=config.takeover.recover_batch)
     budget = max(timeouts.acquire_budget(slot) for slot in config.slots)
     node = ClusterNode(config, me, options.secret, reactor, effects, health,
                        incarnation=incarnation, claim_timeout=budget + 1.0)
@@ -309,16 +285,19 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
 
     def switch_state(old: ConnectionState, new: ConnectionState) -> None:
         # Tell the cluster at once rather than at the next tick.
-        node.health_changed(new is ConnectionState.READY)
+        node.health_changed(health.is_ok())
 
     esl.add_state_listener(switch_state)
+    probe.add_state_listener(switch_state)
     sessions = SessionWatch(esl)
-    cluster_events = ClusterEvents(esl, node, clock=reactor, send_timeout=me.esl.timeout)
+    # On the probe: a takeover's step events must not wait behind its recover batches.
+    cluster_events = ClusterEvents(probe, node, clock=reactor, send_timeout=me.esl.timeout)
     cluster_events.setName("fsevents")
     effects.add_step_listener(cluster_events.takeover_step)
     # Stopped after the node (services stop in reverse order), so a hand-over on stop can
     # still use FreeSWITCH.
     esl.setServiceParent(top)
+    probe.setServiceParent(top)
     # After the ESL client: started before the node, stopped after its hand-over (whose
     # events it still sends) and before the ESL client.
     cluster_events.setServiceParent(top)

@@ -16,12 +16,14 @@ from fsha.config import (
     ConfigError,
     FencingConfig,
     LimitsConfig,
+    TakeoverConfig,
     choose_node,
     load_config,
     main,
     parse_config,
     read_redis_password,
 )
+from fsha.takeover import TakeoverTimeouts
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "conf" / "demo.toml"
@@ -342,6 +344,60 @@ class FencingConfigTests(SynchronousTestCase):
         problems = self.problems(lambda r: r.update(
             fencing={"command": "x", "timeout_ms": -1, "required": "no", "retry": 1}))
         self.assertEqual(len([p for p in problems if ": fencing." in p]), 4, problems)
+
+
+class TakeoverConfigTests(SynchronousTestCase):
+    """The optional ``[takeover]`` section (recovery batches)."""
+
+    problems = ValidationTests.problems
+    assertProblem = ValidationTests.assertProblem
+
+    def test_defaults(self) -> None:
+        config = parse_config(demo_raw(), DEMO)
+        self.assertEqual(config.takeover, TakeoverConfig(100, 10.0))
+        self.assertEqual(TakeoverTimeouts.from_config(config, config.nodes[0]).recover, 10.0)
+
+    def test_values_and_not_in_the_digest(self) -> None:
+        raw = demo_raw()
+        raw["takeover"] = {"recover_batch": 25, "recover_timeout_ms": 4000}
+        config = parse_config(raw, DEMO)
+        self.assertEqual(config.takeover, TakeoverConfig(25, 4.0))
+        self.assertEqual(TakeoverTimeouts.from_config(config, config.nodes[0]).recover, 4.0)
+        self.assertEqual(config.digest, parse_config(demo_raw(), DEMO).digest)
+
+    def test_problems(self) -> None:
+        self.assertProblem(lambda r: r.update(takeover={"recover_batch": 0}),
+                           "takeover.recover_batch", "must be 1-10000")
+        self.assertProblem(lambda r: r.update(takeover={"recover_batch": "50"}),
+                           "takeover.recover_batch", "must be an integer, not a string")
+        self.assertProblem(lambda r: r.update(takeover={"recover_timeout_ms": 50}),
+                           "takeover.recover_timeout_ms", "must be 100-600000")
+        self.assertProblem(lambda r: r.update(takeover={"batch": 5}),
+                           "takeover.batch", "unknown key (allowed: recover_batch, "
+                           "recover_timeout_ms)")
+
+
+class HungAfterTests(SynchronousTestCase):
+    """``[[node]] esl.hung_after_ms``: how long without any answer means hung."""
+
+    problems = ValidationTests.problems
+    assertProblem = ValidationTests.assertProblem
+
+    def test_default_and_value(self) -> None:
+        config = parse_config(demo_raw(), DEMO)
+        self.assertEqual(config.nodes[0].esl.hung_after, 5.0)
+        raw = demo_raw()
+        raw["node"][0]["esl"]["hung_after_ms"] = 8000
+        self.assertEqual(parse_config(raw, DEMO).nodes[0].esl.hung_after, 8.0)
+        raw["node"][0]["esl"].pop("hung_after_ms")
+        raw["node"][0]["esl"]["timeout_ms"] = 4000
+        self.assertEqual(parse_config(raw, DEMO).nodes[0].esl.hung_after, 8.0)
+
+    def test_must_be_longer_than_the_timeout(self) -> None:
+        def bad(r: dict[str, Any]) -> None:
+            r["node"][0]["esl"].update(timeout_ms=2000, hung_after_ms=2000)
+        name = demo_raw()["node"][0]["name"]
+        self.assertProblem(bad, f"node.{name}.esl.hung_after_ms", "must be longer than")
 
 
 TLS = {"ca": "pki/ca.crt", "cert": "pki/{node}.crt", "key": "pki/{node}.key"}

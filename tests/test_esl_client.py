@@ -540,6 +540,66 @@ class SubscriptionTests(ClientTestBase):
         self.assertTrue(client.is_healthy)
 
 
+class BusyIsNotHungTests(ClientTestBase):
+    """With ``hung_timeout``: a late answer is a busy FreeSWITCH, not a dead connection."""
+
+    def test_a_timed_out_request_keeps_its_place_and_its_late_reply_is_discarded(self) -> None:
+        client, conn = self.ready_client(request_timeout=1.0, hung_timeout=30.0)
+        long = client.api("sofia profile p recover", timeout=10.0)
+        event = client.sendevent("CUSTOM", [("Event-Subclass", "fsha::takeover-step")])
+        conn.commands()
+        self.clock.advance(1.0)  # the sendevent queued behind the recover times out...
+        self.assertIsInstance(self.failureResultOf(event).value, ESLTimeout)
+        self.assertFalse(conn.dropped)  # ...without tearing the connection down
+        self.assertTrue(client.is_healthy)
+        self.clock.advance(5.0)
+        conn.api_reply("Recovered 100 session(s)\n")
+        self.assertEqual(self.successResultOf(long), "Recovered 100 session(s)\n")
+        conn.reply("+OK 1234")  # the sendevent's late reply: discarded
+        self.assertEqual(client.late_reply_count, 1)
+        after = client.api("status")
+        conn.commands()
+        conn.api_reply("UP 0 years\n")
+        self.assertEqual(self.successResultOf(after), "UP 0 years\n")  # not the +OK
+
+    def test_no_answer_for_hung_timeout_drops_the_connection(self) -> None:
+        client, conn = self.ready_client(request_timeout=1.0, hung_timeout=5.0)
+        d = client.api("status")
+        self.clock.advance(1.0)
+        self.assertIsInstance(self.failureResultOf(d).value, ESLTimeout)
+        self.clock.advance(3.9)
+        self.assertFalse(conn.dropped)
+        self.clock.advance(0.1)
+        self.assertTrue(conn.dropped)
+        conn.close()
+        self.assertFalse(client.is_healthy)
+        self.assertIn("FreeSWITCH hung", client.last_error or "")
+
+    def test_late_pings_are_busy_then_hung(self) -> None:
+        client, conn = self.ready_client(ping_interval=0.5, ping_timeout=1.0, hung_timeout=4.0)
+        self.clock.advance(0.5)
+        self.assertEqual(conn.lines(), ["api global_getvar core_uuid"])
+        self.clock.advance(2.0)  # late, still healthy: no other ping is queued behind it
+        self.assertEqual(conn.lines(), [])
+        self.assertAlmostEqual(client.ping_waiting() or 0.0, 2.0)
+        self.assertTrue(client.is_healthy)
+        conn.api_reply(CORE1)
+        self.assertEqual(client.late_reply_count, 1)
+        self.clock.advance(0.5)
+        self.assertEqual(conn.lines(), ["api global_getvar core_uuid"])
+        conn.api_reply(CORE1)
+        self.assertIsNone(client.ping_waiting())
+        self.assertAlmostEqual(client.last_ping_seconds or 0.0, 0.0)
+        self.clock.advance(0.5)
+        self.assertEqual(conn.lines(), ["api global_getvar core_uuid"])
+        for _ in range(38):
+            self.clock.advance(0.1)
+        self.assertFalse(conn.dropped)
+        for _ in range(4):  # nothing answered for 4 s: hung
+            self.clock.advance(0.1)
+        self.assertTrue(conn.dropped)
+
+
 class WatchdogTests(ClientTestBase):
     def test_ping_when_idle_and_hang_detected(self) -> None:
         client, conn = self.ready_client(ping_interval=2.0, ping_timeout=1.5)

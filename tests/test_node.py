@@ -288,6 +288,25 @@ class FailoverTests(SynchronousTestCase):
         self.assertIn("release", [c[0] for c in cluster.actions["fs3"].calls])
         self.assertEqual(cluster.masters(), {"slot2": "fs2"})  # nobody else left to claim
 
+    def test_a_claim_that_keeps_progressing_is_not_cut(self) -> None:
+        # A big slot recovered batch after batch: the claim timeout counts from the last
+        # progress the actions report (SlotEffects.claim_progress), not from the start.
+        cluster = self.cluster
+        actions = cluster.actions["fs3"]
+        actions.hang_acquire = True
+        fs3 = cluster.nodes["fs3"]
+        last = [0.0]
+        actions.claim_progress = lambda slot: last[0]  # type: ignore[attr-defined]
+        cluster.kill("fs1")
+        for _ in range(int(4 * fs3.claim_timeout / 0.5)):
+            last[0] = cluster.clock.seconds()
+            cluster.advance(0.5)
+        self.assertEqual(fs3.role, Role.CLAIMING)
+        self.assertNotIn("release", [c[0] for c in actions.calls])
+        cluster.advance(fs3.claim_timeout + 1.0)  # progress stops: given up
+        self.assertEqual(fs3.role, Role.SLAVE)
+        self.assertIn("release", [c[0] for c in actions.calls])
+
     def test_stopped_master_hands_over_before_dead_after(self) -> None:
         cluster = self.cluster
         stopped = cluster.nodes["fs1"].stop()

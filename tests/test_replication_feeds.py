@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import sqlite3
 import subprocess
 import sys
 import urllib.request
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,6 +33,7 @@ from fsha.esl import ConnectionState, ESLClient
 from fsha.harness import poll_until as wait_for
 from fsha.replication.feeds import (
     IDENTITY_KEY,
+    MAX_METADATA_BYTES,
     RETRY_DELAYS,
     CallRow,
     CallSummary,
@@ -252,7 +255,27 @@ class EncodingTests(SynchronousTestCase):
 
     def test_call_layout(self) -> None:
         value = encode_call_row(CallRow("r", "sofia", "p", "h", "u", b"\x00M"))
-        self.assertEqual(value, b"\x01\x00\x01r\x00\x05sofia\x00\x01p\x00\x01h\x00\x01u\x00M")
+        # version 2: the metadata compressed with zlib (level 1)
+        self.assertEqual(value, b"\x02\x00\x01r\x00\x05sofia\x00\x01p\x00\x01h\x00\x01u"
+                                b"x\x01c\xf0\x05\x00\x00O\x00N")
+        # version 1 (raw metadata) is still read
+        self.assertEqual(
+            decode_call_row(b"\x01\x00\x01r\x00\x05sofia\x00\x01p\x00\x01h\x00\x01u\x00M"),
+            CallRow("r", "sofia", "p", "h", "u", b"\x00M"))
+
+    def test_call_metadata_is_compressed_and_bounded(self) -> None:
+        cdr = b"<cdr><variables>" + b"<v>sofia/internal/1000@example.com</v>" * 200 + b"</cdr>"
+        value = encode_call_row(CallRow("r", "sofia", "p", "h", "u", cdr))
+        self.assertLess(len(value), len(cdr) // 4)
+        self.assertEqual(decode_call_row(value).metadata, cdr)
+        head = value[:value.index(b"x\x01")]
+        with self.assertRaises(FeedValueError):
+            decode_call_row(head + b"not zlib")
+        with self.assertRaises(FeedValueError):
+            decode_call_row(value[:-3])  # truncated
+        bomb = head + zlib.compress(b"\x00" * (MAX_METADATA_BYTES + 1))
+        with self.assertRaises(FeedValueError):
+            decode_call_row(bomb)
 
     @settings(max_examples=200, deadline=None)
     @given(st.binary(max_size=64))
@@ -443,7 +466,7 @@ class CallFeedTests(SynchronousTestCase):
     def test_oversized_row_is_rejected_once_and_counted(self) -> None:
         h = Harness(self, sweep_interval=1.0)
         h.feeds.start_slot(0)
-        h.track("huge", meta=b"x" * (2 << 20))
+        h.track("huge", meta=random.Random(3).randbytes(2 << 20))  # zlib cannot shrink it
         h.esl.channel("CHANNEL_ANSWER", "huge")
         h.clock.advance(1.0)
         h.clock.advance(1.0)

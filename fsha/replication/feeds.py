@@ -50,9 +50,16 @@ Value encodings (stable; the takeover side decodes them with the functions below
 
 Call (:func:`encode_call_row` / :func:`decode_call_row`)::
 
-    u8  version (1)
+    u8  version (2; 1 is still decoded)
     5 x (u16 length, UTF-8 bytes)   runtime_uuid, technology, profile_name, hostname, uuid
-    rest                            metadata, byte-exact as stored in the table
+    rest                            version 2: the metadata compressed with zlib (RFC 1950,
+                                    level 1), byte-exact as stored in the table once
+                                    inflated; version 1: the metadata itself
+
+The metadata is an XML CDR of 3-8 KB that zlib shrinks about fourfold: every node holds
+one such value per call of every master (issue 16: 10,000 calls per slot within 200 MB).
+A value inflating to more than :data:`MAX_METADATA_BYTES` is rejected. Nodes older than
+version 2 cannot decode a version 2 value: upgrade every node before any master runs it.
 
 Registration (:func:`encode_registration` / :func:`decode_registration`): a compact JSON
 object (sorted keys, no spaces) whose keys are the ``sip_registrations`` columns a
@@ -104,6 +111,7 @@ import json
 import sqlite3
 import struct
 import urllib.parse
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,7 +197,9 @@ REG_EXPIRES_TOLERANCE: Final = 30
 
 _U16: Final = struct.Struct(">H")
 _T = TypeVar("_T")
-CALL_VALUE_VERSION: Final = 1
+CALL_VALUE_VERSION: Final = 2  # metadata compressed (zlib); 1: raw, still decoded
+MAX_METADATA_BYTES: Final = 16 * 1024 * 1024  # a bound on an inflated metadata value
+_ZLIB_LEVEL: Final = 1  # ~4x on XML CDRs at a fraction of the cost of the default level
 
 
 class FeedValueError(ValueError):
@@ -225,14 +235,15 @@ def encode_call_row(row: CallRow) -> bytes:
             raise FeedValueError("recovery column longer than 65535 bytes")
         parts.append(_U16.pack(len(raw)))
         parts.append(raw)
-    parts.append(row.metadata)
+    parts.append(zlib.compress(row.metadata, _ZLIB_LEVEL))
     return b"".join(parts)
 
 
 def decode_call_row(value: bytes) -> CallRow:
-    """Inverse of :func:`encode_call_row`; raises :class:`FeedValueError` on bad bytes."""
-    if not value or value[0] != CALL_VALUE_VERSION:
-        raise FeedValueError("not a version 1 call record")
+    """Inverse of :func:`encode_call_row` (versions 1 and 2); raises
+    :class:`FeedValueError` on bad bytes."""
+    if not value or value[0] not in (1, 2):
+        raise FeedValueError("not a version 1 or 2 call record")
     pos = 1
     fields: list[str] = []
     for _ in range(5):
@@ -244,7 +255,17 @@ def decode_call_row(value: bytes) -> CallRow:
             raise FeedValueError("call record truncated")
         fields.append(value[pos:pos + n].decode("utf-8", "surrogateescape"))
         pos += n
-    return CallRow(fields[0], fields[1], fields[2], fields[3], fields[4], bytes(value[pos:]))
+    metadata = bytes(value[pos:])
+    if value[0] == 2:
+        inflate = zlib.decompressobj()
+        try:
+            metadata = inflate.decompress(metadata, MAX_METADATA_BYTES)
+        except zlib.error as e:
+            raise FeedValueError(f"call record metadata does not inflate: {e}") from None
+        if inflate.unconsumed_tail or not inflate.eof:
+            raise FeedValueError("call record metadata truncated or larger than "
+                                 f"{MAX_METADATA_BYTES} bytes")
+    return CallRow(fields[0], fields[1], fields[2], fields[3], fields[4], metadata)
 
 
 #: The ``sip_registrations`` columns a registration record carries (see the module doc).

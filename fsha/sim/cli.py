@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="`sofia profile P stop` releases the profile's socket this long "
                         "after answering (FreeSWITCH: 0.4-2 s and more with calls; the "
                         "profile leaves `sofia status` at once, UNPUBLISH when done)")
+    p.add_argument("--recover-ms-per-call", type=float, default=0.0, metavar="MS",
+                   help="a `sofia profile P recover` of N calls answers after N x MS ms "
+                        "(a real FreeSWITCH: 5-10 ms a call), blocking only its own ESL "
+                        "connection (default 0: at once)")
     p.add_argument("--max-queue", type=int, default=100_000,
                    help="events queued per ESL connection")
     p.add_argument("--hiredis", metavar="HOST:PORT[:PASSWORD]",
@@ -215,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         profile_guard=args.profile_guard,
         stop_delay=args.profile_stop_delay,
+        recover_ms_per_call=args.recover_ms_per_call,
         sip_binder=binder,
         on_shutdown=lambda: os._exit(0),
         hiredis=(

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -181,6 +181,7 @@ class Switch:
         reg_check_interval: float = 5.0,
         max_sessions: int = 1000,
         profile_guard: int = RESTART_GUARD_SECONDS,
+        recover_ms_per_call: float = 0.0,
         sip_binder: SipBinder | None = None,
         core_uuid: str | None = None,
         rtp_ports: tuple[int, int] = (10000, 60000),
@@ -202,6 +203,8 @@ class Switch:
         # `sofia profile P stop` is asynchronous in FreeSWITCH: the profile leaves `sofia
         # status` at once, its socket is released later (UNPUBLISH then); 0: at once
         self.stop_delay = stop_delay
+        # A real recover costs 5-10 ms a call (docs/benchmarks.rst); 0: instantaneous.
+        self.recover_ms_per_call = recover_ms_per_call
         self.binder: SipBinder = sip_binder or NullSipBinder()
         self.on_shutdown = on_shutdown
         self.events = EventFactory(
@@ -771,8 +774,26 @@ class Switch:
         """``sofia_glue_profile_recover``: take the rows of other runtimes for ``name``,
         make them live channels with the same UUIDs, track them again under this core
         UUID; clears the profile's standby. Returns how many were recovered."""
-        profile = self.running_profile(name)
+        self.running_profile(name)
+        return self._recover_rows(name, self.db.take_for_recovery(self.core_uuid, name))
+
+    def recover_profile_slowly(self, name: str) -> defer.Deferred[int]:
+        """:meth:`recover_profile` costing ``recover_ms_per_call`` per row: the rows are
+        taken now (as FreeSWITCH selects them at the start) and the calls come up once
+        the time is over. Only the caller waits (the ESL server blocks just the issuing
+        connection, as FreeSWITCH runs an api on that connection's own thread); the
+        reactor and every other connection go on."""
+        self.running_profile(name)
         rows = self.db.take_for_recovery(self.core_uuid, name)
+        delay = len(rows) * self.recover_ms_per_call / 1000
+        return deferLater(self.clock, delay, self._recover_rows, name, rows)
+
+    def _recover_rows(self, name: str, rows: Sequence[Any]) -> int:
+        profile = self.profiles.get(name)
+        if profile is None or not profile.running:
+            log.warn("recovery of {n} row(s) of {profile} dropped: profile not running",
+                     n=len(rows), profile=name)
+            return 0
         recovered: list[Channel] = []
         with self.db.batch():
             for row in rows:
@@ -1129,7 +1150,7 @@ class Switch:
         lines += [",".join(r[c] for c in SHOW_CHANNELS_COLUMNS) for r in rows]
         return "\n".join(lines) + f"\n\n{len(rows)} total.\n"
 
-    def _api_sofia(self, args: str) -> str:
+    def _api_sofia(self, args: str) -> str | defer.Deferred[str]:
         argv = args.split()
         if not argv:
             return "USAGE:\nsofia profile <name> [start | stop | restart | recover]\n"
@@ -1213,7 +1234,7 @@ class Switch:
         out += [f"Total items returned: {len(rows)}", SOFIA_LINE]
         return "\n".join(out) + "\n"
 
-    def _sofia_profile(self, argv: list[str]) -> str:
+    def _sofia_profile(self, argv: list[str]) -> str | defer.Deferred[str]:
         if len(argv) < 2:
             return "Invalid Args!\n"
         name, action = argv[0], argv[1].lower()
@@ -1230,8 +1251,9 @@ class Switch:
             if len(argv) > 2 and argv[2].lower() == "flush":
                 self.db.take_for_recovery(self.core_uuid, name)
                 return "Flushing recovery database.\n"
-            n = self.recover_profile(name)
-            return f"Recovered {n} session(s)\n" if n else "No sessions to recover.\n"
+            if self.recover_ms_per_call > 0:
+                return self.recover_profile_slowly(name).addCallback(_recovered_text)
+            return _recovered_text(self.recover_profile(name))
         if action in ("stop", "restart"):
             diff = int(self.clock.seconds() - profile.started_at)
             if diff < self.profile_guard:
@@ -1462,3 +1484,7 @@ def _limit_app_data(spec: LimitSpec) -> str:
     if spec.max >= 0:
         arg += f" {spec.max}" + (f"/{spec.interval}" if spec.interval else "")
     return arg
+
+
+def _recovered_text(n: int) -> str:
+    return f"Recovered {n} session(s)\n" if n else "No sessions to recover.\n"

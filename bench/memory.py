@@ -1,0 +1,121 @@
+"""Memory of every process of a 3-node simulator cluster holding a big slot, before and
+after a takeover (issue 16's goal: <= 200 MB resident on every node, flat afterwards).
+
+    python bench/memory.py --calls 10000 --registrations 100000
+
+A loopback cluster (fsha.harness.LoopbackCluster: 3 ``twistd fsha`` nodes with mutual-TLS
+replication, one simulator each, one slot). The master's simulator gets ``--calls``
+answered calls (through its control API, 50 at a time) and ``--registrations`` rows
+written straight into its ``sip_registrations`` table (registering them one by one through
+the simulator is far too slow; the master's feed reads the table by its periodic sweep, as
+it would read FreeSWITCH's). Once every node holds everything: VmRSS of every process;
+then kill -9 of the master (and its simulator); once the slot has a new master with every
+call back: VmRSS again, and ``--after`` seconds later again (flat or growing). One JSON
+line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from fsha.harness import LoopbackCluster, wait_for
+
+TARGET_MB = 200.0
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def sample(cluster: LoopbackCluster) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for n in cluster.nodes:
+        if n.fsha is not None and n.fsha.poll() is None:
+            out[n.name] = rss_mb(n.fsha.pid)
+        if n.sim is not None and n.sim.poll() is None:
+            out[n.name + "-sim"] = rss_mb(n.sim.pid)
+    return out
+
+
+def seed_registrations(db: Path, profile: str, count: int, host: str) -> None:
+    expires = int(time.time()) + 7 * 86400
+    rows = [(f"bench-{i}@{host}", f"u{i:06d}", "example.com", "example.com",
+             f"sip:u{i:06d}@198.18.{i // 250 % 250}.{i % 250 + 1}:5060", "Registered(UDP)",
+             "Reachable", 0, 0, 0, "unknown", expires, 0, "bench/1.0", f"u{i:06d}", host,
+             profile, "bench", f"198.18.{i // 250 % 250}.{i % 250 + 1}", "5060",
+             f"u{i:06d}", "example.com", f"u{i:06d}", "example.com", host, "bench",
+             "example.com") for i in range(count)]
+    with sqlite3.connect(db, timeout=60) as conn:
+        for i in range(0, count, 10_000):
+            conn.executemany("insert into sip_registrations values "
+                             "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                             rows[i:i + 10_000])
+            conn.commit()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--calls", type=int, default=10_000)
+    p.add_argument("--registrations", type=int, default=100_000)
+    p.add_argument("--after", type=float, default=30.0, help="seconds of the flatness check")
+    p.add_argument("--recover-ms-per-call", type=float, default=0.0)
+    args = p.parse_args()
+    extra = "[takeover]\nrecover_batch = 100\n"
+    sim_args = ["--max-sessions", str(2 * args.calls + 100),
+                "--recover-ms-per-call", str(args.recover_ms_per_call)]
+    result: dict[str, Any] = {"bench": "memory", "calls": args.calls,
+                              "registrations": args.registrations, "target_mb": TARGET_MB}
+    # detection is not measured here: a generous dead_after rides out the stalls of a
+    # shared machine while 100,000 registrations are loaded
+    with LoopbackCluster(nodes=3, slots=1, interval_ms=50, dead_after_ms=3000,
+                         extra_config=extra, sim_args=sim_args) as cluster:
+        cluster.start()
+        view = cluster.wait_converged(timeout=60)
+        master = {s["name"]: s["owner"] for s in view["slots"]}["slot1"]
+        result["idle"] = sample(cluster)
+        t = time.monotonic()
+        for _ in range(args.calls // 50):
+            cluster.sim_control(master, "/calls", {"profile": "slot1", "count": 50,
+                                                   "answer": True}, timeout=120)
+        result["calls_placed_s"] = round(time.monotonic() - t, 1)
+        seed_registrations(cluster.dir / f"{master}-core.db", "slot1", args.registrations,
+                           "127.0.10.1")
+
+        def held() -> bool:
+            return all(st["replication"]["slots"].get("slot1", {}).get("call", 0) == args.calls
+                       and st["replication"]["slots"]["slot1"].get("registration", 0)
+                       == args.registrations for st in cluster.statuses().values())
+        wait_for("everything replicated", held, 600, interval=1.0)
+        time.sleep(5)
+        result["before"] = sample(cluster)
+        cluster.kill(master, sim_too=True)
+        t = time.monotonic()
+        new = wait_for("a new master", lambda: (cluster.owner("slot1") or master) != master
+                       and cluster.owner("slot1"), 600, interval=0.5)
+        result["takeover_s"] = round(time.monotonic() - t, 1)
+        events = cluster.status(cluster.node(new), timeout=10)["events"]
+        acquires = [e for e in events if e["event"] == "takeover-acquire"]
+        result["acquires"] = [{k: e.get(k) for k in ("ok", "calls_written", "calls_recovered",
+                                                    "registrations_restored", "total_ms")}
+                              for e in acquires]
+        result["after"] = sample(cluster)
+        time.sleep(args.after)
+        result[f"after_{args.after:g}s"] = later = sample(cluster)
+        result["max_fsha_mb"] = max(v for k, v in {**result["before"], **later}.items()
+                                    if v is not None and not k.endswith("-sim"))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Is the local FreeSWITCH usable? Busy is not dead.
+
+FreeSWITCH runs an ``api`` command on the connection's own thread: while a long command
+(``sofia profile P recover`` of a big batch) runs, later requests on the same connection
+wait behind it, and no events flow on it. A health check queued there would declare a busy
+FreeSWITCH dead, and a master would give its slot (and its calls) up for nothing. So:
+
+* The **probe** is a second ESL connection that carries nothing long: ``api global_getvar
+  core_uuid`` every ``PROBE_INTERVAL`` seconds, each allowed the node's ESL ``timeout_ms``,
+  (and the small ``fsha::*`` events of :mod:`fsha.fsevents`). FreeSWITCH serves it on its own
+  thread, so a recover on the main connection never delays it.
+* **Busy**: an answer later than ``timeout_ms`` fails that request but is not fatal; the
+  request keeps its place in the connection's FIFO and its late answer is discarded
+  (:mod:`fsha.esl`, ``hung_timeout``). The probe is then *busy* (shown in the status).
+* **Hung**: no answer at all for ``hung_after_ms`` (the bounded grace): the connection is
+  dropped and FreeSWITCH counts as down; so does a refused or closed connection (dead) at
+  once. Only then does a master give its slot up (fsha.node).
+
+The main connection uses the same rule with a grace that also covers its longest command
+(one recover batch, ``[takeover] recover_timeout_ms``), so a takeover step that waits behind
+a recover (e.g. ``sendevent``) times out alone, without dropping the connection under the
+recover.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+
+from fsha.config import ClusterConfig, NodeConfig
+from fsha.esl import ConnectionState, ESLClient
+
+__all__ = ["PROBE_INTERVAL", "SwitchHealth", "esl_clients"]
+
+#: Seconds between two probes of the local FreeSWITCH.
+PROBE_INTERVAL = 0.5
+
+
+def _endpoint(me: NodeConfig, reactor: Any) -> Any:
+    endpoint_type = TCP6ClientEndpoint if ":" in me.esl.host else TCP4ClientEndpoint
+    return endpoint_type(reactor, me.esl.host, me.esl.port, timeout=me.esl.timeout)
+
+
+def esl_clients(config: ClusterConfig, me: NodeConfig, reactor: Any, ping_interval: float
+                ) -> tuple[ESLClient, ESLClient]:
+    """The node's main ESL client (commands, events) and its probe (see the module
+    docstring)."""
+    esl = me.esl
+    main = ESLClient(_endpoint(me, reactor), esl.password, reactor, request_timeout=esl.timeout,
+                     setup_timeout=esl.timeout, ping_interval=ping_interval,
+                     ping_timeout=esl.timeout,
+                     hung_timeout=max(esl.timeout, config.takeover.recover_timeout)
+                     + esl.hung_after)
+    main.setName("esl")
+    probe = ESLClient(_endpoint(me, reactor), esl.password, reactor,
+                      request_timeout=esl.timeout, setup_timeout=esl.timeout,
+                      ping_interval=PROBE_INTERVAL, ping_timeout=esl.timeout,
+                      heartbeat_timeout=None, hung_timeout=esl.hung_after)
+    probe.setName("esl-probe")
+    return main, probe
+
+
+class GuardState(Protocol):
+    """What the health needs of the guard (fsha.guardlink.GuardLink)."""
+
+    @property
+    def ok(self) -> bool: ...
+
+
+class SwitchHealth:
+    """The node's view of its FreeSWITCH; busy (still healthy) while a probe's answer is
+    overdue.
+
+    With a probe, the probe decides: FreeSWITCH is up while the probe is ready (and the
+    main client runs). The main connection dropped because one command stayed unanswered
+    for its grace, while the probe still gets answers, is a stuck command in a live
+    FreeSWITCH: it reconnects, and the master keeps its slot and its calls. A dead
+    FreeSWITCH closes both; a hung one stops answering the probe. Without a probe, the
+    main connection decides. A guard that was given up (fsha.guardlink) makes FreeSWITCH
+    unusable too: nothing would stop it serving a slot if fsha died."""
+
+    def __init__(self, esl: ESLClient, probe: ESLClient | None = None,
+                 guard: GuardState | None = None) -> None:
+        self.esl = esl
+        self.probe = probe
+        self.guard = guard
+
+    def is_ok(self) -> bool:
+        if self.guard is not None and not self.guard.ok:
+            return False
+        if self.probe is None:
+            return self.esl.is_healthy
+        return self.probe.is_healthy and self.esl.state is not ConnectionState.STOPPED
+
+    def busy(self) -> bool:
+        """A probe answer is overdue (later than its timeout), not yet for the grace."""
+        probe = self.probe
+        if probe is None:
+            return False
+        waiting = probe.ping_waiting()
+        return waiting is not None and waiting > probe.ping_timeout
+
+    def status(self) -> dict[str, Any]:
+        esl = self.esl
+        result: dict[str, Any] = {
+            "state": esl.state.value, "ok": self.is_ok(), "core_uuid": esl.core_uuid,
+            "last_error": esl.last_error, "connections": esl.connections,
+            "restarts": esl.restarts, "late_replies": esl.late_reply_count,
+            "malformed_core_uuids": esl.malformed_core_uuids, "busy": self.busy()}
+        probe = self.probe
+        if probe is not None:
+            waiting = probe.ping_waiting()
+            last = probe.last_ping_seconds
+            result["probe"] = {
+                "state": probe.state.value, "ok": probe.is_healthy,
+                "last_error": probe.last_error, "connections": probe.connections,
+                "late_replies": probe.late_reply_count,
+                "last_ping_ms": round(last * 1000, 1) if last is not None else None,
+                "waiting_ms": round(waiting * 1000, 1) if waiting is not None else None}
+        return result
