@@ -176,13 +176,17 @@ class BatchedRecoverTests(SynchronousTestCase):
         s.esl.rules[f"sofia profile {PROFILE} recover"] = ("delay", 1.0)
         d = s.effects.acquire(SLOT, 1, DEAD)
         s.clock.advance(1.0)  # first batch back
-        first = report_written = s.effects._acquisitions[SLOT.slot_id].plan[0].rows
+        first = s.effects._acquisitions[SLOT.slot_id].plan[0].rows
         self.assertEqual(len(s.b.channels), len(first))
         d.cancel()  # the node lost the slot to a better claim
         self.failureResultOf(d, TakeoverStepError)
         s.esl.rules.clear()
         self.successResultOf(s.effects.release(SLOT))
         self.assertEqual(s.foreign_rows(), 0)
+        # The rollback deleted only the unrecovered foreign rows; the calls already recovered
+        # were hung up by the release (the slot is another node's now: its profile is too
+        # young to stop, so its calls go with hupall), and FreeSWITCH deleted their rows.
+        self.assertEqual(len(s.b.channels), 0)
         own = table(s.b_db, "select count(*) from recovery where runtime_uuid=?",
                     s.b.core_uuid)[0][0]
-        self.assertEqual(own, len(report_written))  # recovered rows are FreeSWITCH's own business
+        self.assertEqual(own, 0)
