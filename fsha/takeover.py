@@ -94,8 +94,9 @@ Release (never fails; every step bounded, failures logged and reported)
 The report of a release that undoes an incomplete acquisition has the action ``rollback``.
 :meth:`SlotEffects.stop` cancels pending delayed stops (process shutdown).
 
-Every step's timeout is in :class:`TakeoverTimeouts`; :meth:`TakeoverTimeouts.acquire_budget`
-is the sum for a slot (what the node's claim timeout must allow).
+Every step's timeout is in :class:`TakeoverTimeouts` and counts from the step's last
+progress; :meth:`TakeoverTimeouts.acquire_budget` bounds a stretch without progress (the
+node's claim timeout, which counts from :meth:`SlotEffects.claim_progress`).
 """
 
 from __future__ import annotations
