@@ -9,8 +9,10 @@ config rollout step (one node restarted with the other of two config files). Mea
 during which one floating IP was on two hosts whose fsha runs.
 
 What a killed or frozen fsha leaves on its host (its addresses stay up) is the
-out-of-process guard's concern (issue 11, rows 4-5), not this one's: hosts whose fsha is
-dead or stopped, and for a short grace after it runs again, are left out of the check.
+out-of-process guard's and the start-up clean-up's concern (issue 11, rows 4-5), not this
+one's: hosts whose fsha is dead, stopped or restarting (until its node has started: the
+clean-up runs before that), and for a short grace after it runs again, are left out of
+the check.
 
 Used by ``tests/e2e/test_nemesis.py`` (a short run) and ``bench/nemesis.py`` (``tox -e
 nemesis``: minutes, one JSON line).
@@ -123,6 +125,7 @@ class Nemesis:
     fault_seconds: tuple[float, float] = (0.5, 2.0)
     injected: Counter[str] = field(default_factory=Counter)
     paused: set[str] = field(default_factory=set)
+    restarting: set[str] = field(default_factory=set)
     resumed_at: dict[str, float] = field(default_factory=dict)
     log: list[tuple[float, str]] = field(default_factory=list)
 
@@ -137,7 +140,7 @@ class Nemesis:
     def excluded(self) -> set[str]:
         """Hosts not to check now: fsha dead, stopped, or resumed a moment ago."""
         now = time.time()
-        out = set(self.paused)
+        out = self.paused | self.restarting
         for node in self.cluster.nodes:
             if node.fsha is None or node.fsha.poll() is not None:
                 out.add(node.name)
@@ -176,7 +179,7 @@ class Nemesis:
         elif kind == "kill":
             cluster.kill(a)
             time.sleep(hold)
-            cluster.restart(a)
+            self.restart(a)
         elif kind == "pause":
             node = cluster.node(a)
             assert node.fsha is not None
@@ -190,10 +193,23 @@ class Nemesis:
             self.config_of[a] = 1 - self.config_of[a]
             cluster.config_path = self.configs[self.config_of[a]]
             cluster.stop(a)
-            cluster.restart(a)
+            self.restart(a)
             time.sleep(hold)
         self.injected[kind] += 1
         return kind
+
+    def restart(self, name: str) -> None:
+        """Start ``name``'s fsha again; it is checked once its node has started, that is
+        after its start-up clean-up of what the previous run left."""
+        self.restarting.add(name)
+        try:
+            self.cluster.restart(name)
+            wait_for(f"{name} to start", lambda: any(
+                e["event"] == "starting"
+                for e in self.cluster.status(self.cluster.node(name))["events"]), timeout=30)
+        finally:
+            self.resumed_at[name] = time.time()
+            self.restarting.discard(name)
 
     def settle(self, timeout: float = 30.0) -> dict[str, Any]:
         """Everything healed and running: the cluster must agree, every slot mastered,
