@@ -13,8 +13,9 @@ stopped (which hangs up their calls; with the address gone, no BYE leaves from i
 tells fsha (``DROPPED``), so a fsha that comes back releases the slot rather than believing
 it still holds it.
 
-The lease is shorter than the time the peers need to declare this node dead and claim:
-``dead_after - heartbeat_interval`` by default (docs/design.rst, "Leases and the guard").
+The lease ends no later than the peers may declare this node dead: ``dead_after`` by
+default; the successor's address comes up only after its claim, self-check and ``ip addr
+add`` (docs/design.rst, "Leases and the guard").
 
 :class:`GuardCore` is the decision logic, pure (explicit ``now``, monotonic seconds);
 :func:`serve` is the process around it: ``select`` on stdin until the next deadline.
@@ -58,8 +59,9 @@ STOP_RETRIES = 3
 
 
 def default_lease(heartbeat_interval: float, dead_after: float) -> float:
-    """One heartbeat interval less than ``dead_after``: see docs/design.rst."""
-    return dead_after - heartbeat_interval
+    """``dead_after`` itself: the guard starts dropping when the peers may first declare
+    this node dead, before any of them can have the address up (docs/design.rst)."""
+    return dead_after
 
 
 @dataclass(slots=True)

@@ -110,8 +110,8 @@ class CodecTests(SynchronousTestCase):
 
 
 class CoreTests(SynchronousTestCase):
-    def test_default_lease_is_one_interval_short_of_dead_after(self) -> None:
-        self.assertAlmostEqual(default_lease(0.02, 0.1), 0.08)
+    def test_default_lease_is_dead_after(self) -> None:
+        self.assertAlmostEqual(default_lease(0.02, 0.1), 0.1)
 
     def test_a_renewed_lease_never_expires(self) -> None:
         core = GuardCore(0.08)
@@ -625,11 +625,11 @@ class ConfigTests(SynchronousTestCase):
             raw["guard"] = guard
         return parse_config(raw, DEMO)
 
-    def test_default_guard_is_on_with_a_lease_one_interval_short_of_dead_after(self) -> None:
+    def test_default_guard_is_on_with_a_lease_of_dead_after(self) -> None:
         config = self.parse(heartbeat_interval_ms=20, dead_after_ms=100)
         assert config.guard is not None
         self.assertTrue(config.guard.enabled)
-        self.assertAlmostEqual(config.guard.lease, 0.08)
+        self.assertAlmostEqual(config.guard.lease, 0.1)
 
     def test_lease_and_enabled_can_be_set(self) -> None:
         config = self.parse({"enabled": False, "lease_ms": 60}, heartbeat_interval_ms=20,
@@ -638,7 +638,7 @@ class ConfigTests(SynchronousTestCase):
 
     def test_a_lease_that_would_outlive_the_peers_patience_is_refused(self) -> None:
         from fsha.config import ConfigError
-        for lease in (100, 150, 10):
+        for lease in (101, 150, 10):
             with self.assertRaises(ConfigError) as e:
                 self.parse({"lease_ms": lease}, heartbeat_interval_ms=20, dead_after_ms=100)
             self.assertIn("guard.lease_ms", str(e.exception))
