@@ -131,6 +131,33 @@ class CoreTests(SynchronousTestCase):
         self.assertEqual(core.due(5.0), [], "dropped once")
         self.assertEqual(core.dropped, {0: 1})
 
+    def test_a_running_but_late_fsha_gets_one_grace_a_stopped_one_none(self) -> None:
+        core = GuardCore(0.1, grace=0.02)
+        core.hold(0, 1, 1.1, 1.0)
+        self.assertEqual(core.due(1.1, fsha_running=True), [], "busy: one more interval")
+        self.assertEqual(core.due(1.119, fsha_running=True), [])
+        self.assertEqual(len(core.due(1.12, fsha_running=True)), 1, "but only once")
+        core = GuardCore(0.1, grace=0.02)
+        core.hold(0, 1, 1.1, 1.0)
+        self.assertEqual(len(core.due(1.1, fsha_running=False)), 1, "stopped: at once")
+
+    def test_process_running_tells_a_stopped_process(self) -> None:
+        import signal
+        import subprocess
+
+        from fsha.guard import process_running
+        self.assertTrue(process_running(os.getpid()))
+        child = subprocess.Popen(["sleep", "30"])
+        self.addCleanup(child.wait)
+        self.addCleanup(child.kill)
+        os.kill(child.pid, signal.SIGSTOP)
+        import time
+        end = time.monotonic() + 10
+        while process_running(child.pid) and time.monotonic() < end:
+            time.sleep(0.01)  # the stop takes effect asynchronously: poll, bounded
+        self.assertFalse(process_running(child.pid))
+        self.assertFalse(process_running(2**22 + 12345))
+
     def test_a_deadline_beyond_the_lease_is_cut_to_the_lease(self) -> None:
         core = GuardCore(0.08)
         core.hold(0, 1, 1000.0, 1.0)
