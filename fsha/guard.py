@@ -88,8 +88,8 @@ class GuardCore:
 
     def __init__(self, max_lease: float, grace: float = 0.0) -> None:
         self.max_lease = max_lease
-        # A fsha that is running (not stopped, not gone) but late gets this much more, once:
-        # the peers' own tolerance is dead_after plus up to one tick (docs/design.rst).
+        # A fsha that is running (not stopped, not gone) but late gets this much more, once
+        # (dead_after by default): a busy reactor is not a dead one (docs/design.rst).
         self.grace = grace
         self.leases: dict[int, Lease] = {}
         self.dropped: dict[int, int] = {}  # slot -> lease number the guard dropped

@@ -94,7 +94,7 @@ class GuardSettings:
                    config.floating_ip.timeout, me.esl.host, me.esl.port, me.esl.password,
                    me.esl.timeout,
                    tuple(SlotSettings(s.slot_id, s.name, s.ips, s.profiles)
-                         for s in config.slots), config.heartbeat_interval)
+                         for s in config.slots), config.dead_after)
 
     def as_json(self) -> dict[str, Any]:
         return {"node": self.node, "lease": self.lease, "grace": self.grace,
