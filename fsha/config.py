@@ -139,8 +139,8 @@ class GuardConfig:
     """``[guard]``: the dead man's switch fsha runs beside itself (:mod:`fsha.guard`).
 
     ``lease``: how long the guard keeps a slot after fsha's last renewal (renewed every
-    heartbeat interval while this node claims, masters or releases a slot); by default one
-    heartbeat interval less than ``dead_after`` (docs/design.rst, "Leases and the guard").
+    heartbeat interval while this node claims, masters or releases a slot); by default
+    ``dead_after`` (docs/design.rst, "Leases and the guard").
     """
 
     enabled: bool
@@ -711,10 +711,10 @@ def _guard(c: _Checker, raw: Any, interval_ms: int | None, dead_ms: int | None
     if not interval_ms or dead_ms is None or enabled is None:
         return None
     if lease_ms is None and "lease_ms" not in t:
-        lease_ms = dead_ms - interval_ms  # see docs/design.rst, "Leases and the guard"
-    elif lease_ms is not None and not interval_ms <= lease_ms < dead_ms:
+        lease_ms = dead_ms  # see docs/design.rst, "Leases and the guard"
+    elif lease_ms is not None and not interval_ms <= lease_ms <= dead_ms:
         c.problem("guard.lease_ms", f"{lease_ms} ms must be at least one heartbeat interval "
-                                    f"({interval_ms} ms) and shorter than cluster.dead_after_ms "
+                                    f"({interval_ms} ms) and at most cluster.dead_after_ms "
                                     f"({dead_ms} ms): the guard must drop a slot before the "
                                     "others may claim it")
         return None

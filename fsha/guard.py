@@ -13,8 +13,9 @@ stopped (which hangs up their calls; with the address gone, no BYE leaves from i
 tells fsha (``DROPPED``), so a fsha that comes back releases the slot rather than believing
 it still holds it.
 
-The lease is shorter than the time the peers need to declare this node dead and claim:
-``dead_after - heartbeat_interval`` by default (docs/design.rst, "Leases and the guard").
+The lease ends no later than the peers may declare this node dead: ``dead_after`` by
+default; the successor's address comes up only after its claim, self-check and ``ip addr
+add`` (docs/design.rst, "Leases and the guard").
 
 :class:`GuardCore` is the decision logic, pure (explicit ``now``, monotonic seconds);
 :func:`serve` is the process around it: ``select`` on stdin until the next deadline.
@@ -58,8 +59,9 @@ STOP_RETRIES = 3
 
 
 def default_lease(heartbeat_interval: float, dead_after: float) -> float:
-    """One heartbeat interval less than ``dead_after``: see docs/design.rst."""
-    return dead_after - heartbeat_interval
+    """``dead_after`` itself: the guard starts dropping when the peers may first declare
+    this node dead, before any of them can have the address up (docs/design.rst)."""
+    return dead_after
 
 
 @dataclass(slots=True)
@@ -67,6 +69,7 @@ class Lease:
     number: int  # fsha's lease number: one per claim
     deadline: float  # monotonic seconds
     renewed: float  # when the last renewal arrived (monotonic seconds)
+    graced: bool = False  # extended once already for a fsha that runs but is late
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +86,11 @@ class Drop:
 class GuardCore:
     """Which slots to drop, and when. Pure: every call takes ``now`` (monotonic seconds)."""
 
-    def __init__(self, max_lease: float) -> None:
+    def __init__(self, max_lease: float, grace: float = 0.0) -> None:
         self.max_lease = max_lease
+        # A fsha that is running (not stopped, not gone) but late gets this much more, once
+        # (dead_after by default): a busy reactor is not a dead one (docs/design.rst).
+        self.grace = grace
         self.leases: dict[int, Lease] = {}
         self.dropped: dict[int, int] = {}  # slot -> lease number the guard dropped
         self.retries: dict[int, tuple[float, int, int]] = {}  # slot -> (at, lease, attempt)
@@ -114,9 +120,15 @@ class GuardCore:
         if not self.closed:
             self.closed, self.closed_at = True, now
 
-    def due(self, now: float) -> list[Drop]:
+    def due(self, now: float, fsha_running: bool = False) -> list[Drop]:
+        """What to drop now. ``fsha_running``: fsha's process is running or sleeping (not
+        stopped, not gone): a lease that just ran out is extended once by ``grace``."""
         drops = []
         for slot, lease in sorted(self.leases.items()):
+            if not self.closed and lease.deadline <= now and fsha_running \
+                    and not lease.graced and self.grace > 0:
+                lease.graced = True
+                lease.deadline += self.grace
             if self.closed or lease.deadline <= now:
                 del self.leases[slot]
                 self.dropped[slot] = lease.number
@@ -177,6 +189,7 @@ class GuardProcess:
         self.effects: LocalEffects | None = None
         self.lines = LineBuffer()
         self.out_broken = False
+        self.fsha_pid = os.getppid()  # fsha started us
 
     def send(self, message: Any) -> None:
         if self.out_broken:
@@ -192,7 +205,7 @@ class GuardProcess:
             now = self.clock()
             core = self.core
             if core is not None:
-                for drop in core.due(now):
+                for drop in core.due(now, self.fsha_running(core, now)):
                     try:
                         self.act(drop)
                     except Exception:  # a bug: keep guarding the other slots
@@ -231,6 +244,14 @@ class GuardProcess:
                 log.error("guard: {error}; exiting", error=str(e))
                 return 2
 
+    def fsha_running(self, core: GuardCore, now: float) -> bool:
+        """Only asked when a lease has run out: is fsha (our parent) running or sleeping,
+        rather than stopped (SIGSTOP) or gone?"""
+        if core.closed or not any(lease.deadline <= now and not lease.graced
+                                  for lease in core.leases.values()):
+            return False
+        return process_running(self.fsha_pid)
+
     def _node(self) -> str:
         return self.settings.node if self.settings is not None else "?"
 
@@ -243,6 +264,7 @@ class GuardProcess:
             if self.core is None:
                 self.core = GuardCore(self.settings.lease)
             self.core.max_lease = self.settings.lease
+            self.core.grace = self.settings.grace
             log.info("guard of {node} ready (pid {pid}, lease {lease_ms:.0f} ms, "
                      "{slots} slot(s), backend {backend})", node=self.settings.node,
                      pid=os.getpid(), lease_ms=self.settings.lease * 1000,
@@ -308,6 +330,17 @@ class GuardProcess:
                  problems=("; problems: " + "; ".join(problems)) if problems else "")
         if not drop.retry:
             self.send(Dropped(drop.slot, drop.lease, report))
+
+
+def process_running(pid: int) -> bool:
+    """Linux: the process exists and is neither stopped nor traced nor a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    state = stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3]
+    return state not in (b"T", b"t", b"Z", b"X", b"")
 
 
 def _ignore_stop_signals() -> None:

@@ -85,6 +85,7 @@ class GuardSettings:
     esl_password: str
     esl_timeout: float
     slots: tuple[SlotSettings, ...]
+    grace: float = 0.0  # seconds more, once, for a fsha that runs but is late
 
     @classmethod
     def from_config(cls, config: ClusterConfig, me: NodeConfig, lease: float
@@ -93,10 +94,11 @@ class GuardSettings:
                    config.floating_ip.timeout, me.esl.host, me.esl.port, me.esl.password,
                    me.esl.timeout,
                    tuple(SlotSettings(s.slot_id, s.name, s.ips, s.profiles)
-                         for s in config.slots))
+                         for s in config.slots), config.dead_after)
 
     def as_json(self) -> dict[str, Any]:
-        return {"node": self.node, "lease": self.lease, "backend": self.backend,
+        return {"node": self.node, "lease": self.lease, "grace": self.grace,
+                "backend": self.backend,
                 "command": list(self.command), "floating_timeout": self.floating_timeout,
                 "esl": {"host": self.esl_host, "port": self.esl_port,
                         "password": self.esl_password, "timeout": self.esl_timeout},
@@ -117,7 +119,8 @@ class GuardSettings:
             settings = cls(str(data["node"]), float(data["lease"]), str(data["backend"]),
                            tuple(str(a) for a in data["command"]),
                            float(data["floating_timeout"]), str(esl["host"]), int(esl["port"]),
-                           str(esl["password"]), float(esl["timeout"]), slots)
+                           str(esl["password"]), float(esl["timeout"]), slots,
+                           float(data.get("grace", 0.0)))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"bad guard settings: {type(e).__name__}: {e}") from None
         if settings.backend not in ("ip", "command", "loopback"):

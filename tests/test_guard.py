@@ -110,8 +110,8 @@ class CodecTests(SynchronousTestCase):
 
 
 class CoreTests(SynchronousTestCase):
-    def test_default_lease_is_one_interval_short_of_dead_after(self) -> None:
-        self.assertAlmostEqual(default_lease(0.02, 0.1), 0.08)
+    def test_default_lease_is_dead_after(self) -> None:
+        self.assertAlmostEqual(default_lease(0.02, 0.1), 0.1)
 
     def test_a_renewed_lease_never_expires(self) -> None:
         core = GuardCore(0.08)
@@ -130,6 +130,33 @@ class CoreTests(SynchronousTestCase):
         self.assertIn("lease expired", drops[0].reason)
         self.assertEqual(core.due(5.0), [], "dropped once")
         self.assertEqual(core.dropped, {0: 1})
+
+    def test_a_running_but_late_fsha_gets_one_grace_a_stopped_one_none(self) -> None:
+        core = GuardCore(0.1, grace=0.02)
+        core.hold(0, 1, 1.1, 1.0)
+        self.assertEqual(core.due(1.1, fsha_running=True), [], "busy: one more interval")
+        self.assertEqual(core.due(1.119, fsha_running=True), [])
+        self.assertEqual(len(core.due(1.12, fsha_running=True)), 1, "but only once")
+        core = GuardCore(0.1, grace=0.02)
+        core.hold(0, 1, 1.1, 1.0)
+        self.assertEqual(len(core.due(1.1, fsha_running=False)), 1, "stopped: at once")
+
+    def test_process_running_tells_a_stopped_process(self) -> None:
+        import signal
+        import subprocess
+
+        from fsha.guard import process_running
+        self.assertTrue(process_running(os.getpid()))
+        child = subprocess.Popen(["sleep", "30"])
+        self.addCleanup(child.wait)
+        self.addCleanup(child.kill)
+        os.kill(child.pid, signal.SIGSTOP)
+        import time
+        end = time.monotonic() + 10
+        while process_running(child.pid) and time.monotonic() < end:
+            time.sleep(0.01)  # the stop takes effect asynchronously: poll, bounded
+        self.assertFalse(process_running(child.pid))
+        self.assertFalse(process_running(2**22 + 12345))
 
     def test_a_deadline_beyond_the_lease_is_cut_to_the_lease(self) -> None:
         core = GuardCore(0.08)
@@ -625,11 +652,11 @@ class ConfigTests(SynchronousTestCase):
             raw["guard"] = guard
         return parse_config(raw, DEMO)
 
-    def test_default_guard_is_on_with_a_lease_one_interval_short_of_dead_after(self) -> None:
+    def test_default_guard_is_on_with_a_lease_of_dead_after(self) -> None:
         config = self.parse(heartbeat_interval_ms=20, dead_after_ms=100)
         assert config.guard is not None
         self.assertTrue(config.guard.enabled)
-        self.assertAlmostEqual(config.guard.lease, 0.08)
+        self.assertAlmostEqual(config.guard.lease, 0.1)
 
     def test_lease_and_enabled_can_be_set(self) -> None:
         config = self.parse({"enabled": False, "lease_ms": 60}, heartbeat_interval_ms=20,
@@ -638,7 +665,7 @@ class ConfigTests(SynchronousTestCase):
 
     def test_a_lease_that_would_outlive_the_peers_patience_is_refused(self) -> None:
         from fsha.config import ConfigError
-        for lease in (100, 150, 10):
+        for lease in (101, 150, 10):
             with self.assertRaises(ConfigError) as e:
                 self.parse({"lease_ms": lease}, heartbeat_interval_ms=20, dead_after_ms=100)
             self.assertIn("guard.lease_ms", str(e.exception))
