@@ -590,8 +590,9 @@ class SlotEffects:
             log.info("profile {profile} stopped (UNPUBLISH)", profile=profile)
             d.callback(None)
 
-    def _stop_issued(self, profile: str) -> None:
-        """``sofia profile P stop`` was accepted: a later start waits for its UNPUBLISH."""
+    def stop_issued(self, profile: str) -> None:
+        """``sofia profile P stop`` was accepted (by a release here, or by the guard's
+        start-up reconciliation): a later start waits for its UNPUBLISH."""
         if not self._stop_events:
             return
         old = self._stopping.get(profile)
@@ -1273,7 +1274,7 @@ class SlotEffects:
         for profile in slot.profiles:
             try:
                 yield api.sofia_profile(profile, "stop")
-                self._stop_issued(profile)
+                self.stop_issued(profile)
                 stopped += 1
             except ProfileNotFound:
                 not_running += 1
@@ -1370,7 +1371,7 @@ class SlotEffects:
             for profile in profiles:
                 try:
                     yield api.sofia_profile(profile, "stop")
-                    self._stop_issued(profile)
+                    self.stop_issued(profile)
                     log.info("slot {slot}: profile {profile} stopped (delayed stop)",
                              slot=slot.name, profile=profile)
                 except ProfileNotFound:

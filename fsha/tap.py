@@ -137,6 +137,10 @@ class NodeService(service.Service):
         d = guard.reconcile(timeout)
 
         def done(report: dict[str, Any]) -> None:
+            for profile in report["profiles"]["stopped"]:
+                # sofia frees a stopped profile asynchronously: a claim's start must wait
+                # for its UNPUBLISH, as after a stop of our own (fsha.takeover)
+                self.effects.stop_issued(profile)
             stopped = report["profiles"]["stopped"] + report["profiles"]["too_young"]
             if stopped or report["ips"]["removed"]:
                 self.log.warn("start-up reconciliation: FreeSWITCH served slot profile(s) "

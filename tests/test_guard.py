@@ -724,3 +724,56 @@ class StatusTests(SynchronousTestCase):
                       "slot1/1 at ", text)
         self.assertIn("given up", problems(self.status({**ready, "state": "failed"}))[0])
         self.assertIn("disabled", problems(self.status({"enabled": False}))[0])
+
+
+class StartUpReconciliationTests(SynchronousTestCase):
+    """NodeService: the guard's start-up stops are profiles sofia frees asynchronously."""
+
+    def test_profiles_stopped_at_start_up_make_a_claim_wait_for_their_unpublish(self) -> None:
+        from twisted.internet import defer
+        from twisted.internet.task import Clock
+
+        from fsha.localdrop import GuardSettings
+        from fsha.tap import NodeService
+
+        config = make_config(3, 1)
+        me = config.nodes[0]
+        report = {"ms": 1.0, "ips": {"removed": [], "failed": {}, "backend": "loopback"},
+                  "profiles": {"stopped": ["slot1"], "not_running": [], "too_young": [],
+                               "calls": 0, "calls_killed": 0, "failed": {},
+                               "retry_in": None}}
+        events: list[tuple[str, dict[str, Any]]] = []
+        stopped: list[str] = []
+        started: list[bool] = []
+
+        class Node:
+            clock = Clock()
+
+            def __init__(self) -> None:
+                self.config = config
+
+            def record_event(self, kind: str, **fields: Any) -> None:
+                events.append((kind, fields))
+
+            def start(self) -> None:
+                started.append(True)
+
+        class Floating:
+            def cleanup(self, ips: Any) -> defer.Deferred[list[Any]]:
+                return defer.succeed([])
+
+        class Effects:
+            def stop_issued(self, profile: str) -> None:
+                stopped.append(profile)
+
+        class Guard:
+            settings = GuardSettings.from_config(config, me, 0.1)
+
+            def reconcile(self, timeout: float) -> defer.Deferred[dict[str, Any]]:
+                return defer.succeed(report)
+
+        service = NodeService(Node(), Floating(), Effects(), 1.0, Guard())  # type: ignore[arg-type]
+        service.startService()
+        self.assertEqual(stopped, ["slot1"])
+        self.assertEqual(started, [True])
+        self.assertEqual(events[0][0], "reconciled")
