@@ -48,6 +48,7 @@ TIERS: dict[str, str] = {
     "test_esl_sim.py": "process",
     "test_floating.py::CommandBackendRealTests": "process",
     "test_fsevents.py::AgainstSimulatorTests": "process",
+    "test_guard.py::CoreTests::test_process_running_tells_a_stopped_process": "process",
     "test_guard.py::ReconcileCommandTests": "process",
     "test_guard_process.py": "process",
     "test_limits_cluster.py": "process",
