@@ -89,8 +89,9 @@ def main() -> None:
             cluster.sim_control(master, "/calls", {"profile": "slot1", "count": 50,
                                                    "answer": True}, timeout=120)
         result["calls_placed_s"] = round(time.monotonic() - t, 1)
-        seed_registrations(cluster.dir / f"{master}-core.db", "slot1", args.registrations,
-                           "127.0.10.1")
+        # sofia keeps a profile's registrations in its own database beside the core DB
+        seed_registrations(cluster.db_path(cluster.node(master)).with_name(
+            "sofia_reg_slot1.db"), "slot1", args.registrations, "127.0.10.1")
 
         def held() -> bool:
             return all(st["replication"]["slots"].get("slot1", {}).get("call", 0) == args.calls
