@@ -401,7 +401,7 @@ class _Step:
     __slots__ = ("_clock", "_on_progress", "aborted", "counts", "note", "outcome",
                  "progressed")
 
-    def __init__(self, clock: IReactorTime | None = None,
+    def __init__(self, clock: IReactorTime,
                  on_progress: Callable[[float], object] | None = None) -> None:
         self.counts: dict[str, int] = {}
         self.note: str | None = None
@@ -414,8 +414,6 @@ class _Step:
     def progress(self) -> None:
         """Something got done (a batch recovered, rows written): the step's timeout counts
         from now (see :meth:`SlotEffects._step`)."""
-        if self._clock is None:
-            return
         self.progressed = now = self._clock.seconds()
         if self._on_progress is not None:
             self._on_progress(now)
@@ -485,17 +483,18 @@ def _reason(failure: Failure, timeout: float | None = None) -> str:
 class SlotEffects:
     """The effects of owning a slot (``fsha.node.SlotActions``); see the module docstring.
 
-    ``floating``: the floating-IP backend. ``clock``: the reactor (defaults to the global
-    one). ``esl``: the node's ESL client (None: only the floating IPs are handled, and the
-    report says the FreeSWITCH steps were skipped). ``db``: the writer of the local core DB
-    (None: calls and registrations are not restored, a warning). ``records``: where the dead
-    master's rows come from (default: none). ``hash_realm``: the realm of the registration
-    hash entries (None: none). ``fencing``: the ``[fencing]`` config (None: no fence step),
-    its command run through ``runner`` (default: a :class:`~fsha.process.ProcessRunner` on
-    ``clock``, which must then be a reactor). ``me``: this node, never fenced.
+    ``floating``: the floating-IP backend. ``clock``: the reactor's clock (required: library
+    code never reaches the global reactor). ``esl``: the node's ESL client (None: only the
+    floating IPs are handled, and the report says the FreeSWITCH steps were skipped).
+    ``db``: the writer of the local core DB (None: calls and registrations are not
+    restored, a warning). ``records``: where the dead master's rows come from (default:
+    none). ``hash_realm``: the realm of the registration hash entries (None: none).
+    ``fencing``: the ``[fencing]`` config (None: no fence step), its command run through
+    ``runner`` (default: a :class:`~fsha.process.ProcessRunner` on ``clock``, which must
+    then be a reactor). ``me``: this node, never fenced.
     """
 
-    def __init__(self, floating: FloatingIPBackend, clock: IReactorTime | None = None, *,
+    def __init__(self, floating: FloatingIPBackend, clock: IReactorTime, *,
                  esl: ApiRunner | None = None, db: CoreDBWriter | None = None,
                  records: SlotRecords | None = None,
                  timeouts: TakeoverTimeouts | None = None,
@@ -503,11 +502,8 @@ class SlotEffects:
                  history: int = 20, fencing: FencingConfig | None = None,
                  runner: ProcessRunner | None = None, me: NodeConfig | None = None,
                  recover_batch: int = DEFAULT_RECOVER_BATCH) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
-        assert clock is not None
         if fencing is not None and runner is None:
-            runner = ProcessRunner(clock)
+            runner = ProcessRunner(clock)  # type: ignore[arg-type]  # then clock is a reactor
         self.fencing = fencing
         self.runner = runner
         self.me = me
