@@ -129,8 +129,11 @@ from fsha.fsdb import (
     FOREIGN_RUNTIME_PREFIX,
     CoreDBError,
     CoreDBWriter,
+    RecordValueError,
     RecoveryRow,
     RegistrationRow,
+    decode_call_row,
+    decode_registration,
 )
 from fsha.process import (
     DRAIN,
@@ -141,6 +144,7 @@ from fsha.process import (
     ProcessTimeout,
 )
 from fsha.recovery import DEFAULT_RECOVER_BATCH, Batch, plan_batches
+from fsha.wire.stream import Kind
 
 __all__ = [
     "FAILED",
@@ -293,8 +297,8 @@ class ReplicatedRecords:
     """:class:`SlotRecords` from a :class:`fsha.replication.state.ReplicatedState`.
 
     The records of origin ``previous`` for the slot: ``Kind.CALL`` values decoded with
-    :func:`fsha.replication.feeds.decode_call_row`, ``Kind.REGISTRATION`` with
-    :func:`~fsha.replication.feeds.decode_registration`; plus the records its previous
+    :func:`fsha.fsdb.decode_call_row`, ``Kind.REGISTRATION`` with
+    :func:`~fsha.fsdb.decode_registration`; plus the records its previous
     incarnation left (retired) that the current one does not hold. A value that does not
     decode is skipped and counted (``rejected``).
     """
@@ -307,9 +311,6 @@ class ReplicatedRecords:
                  ) -> tuple[list[RecoveryRow], list[RegistrationRow]]:
         if previous is None:
             return [], []
-        from fsha.replication.feeds import FeedValueError, decode_call_row, decode_registration
-        from fsha.wire.stream import Kind
-
         origin = previous.node_id
         live = list(self.state.records(origin=origin, slot=slot.slot_id))
         held = {(r.kind, r.key) for r in live}
@@ -322,12 +323,8 @@ class ReplicatedRecords:
                 if record.kind is Kind.CALL:
                     calls.append(decode_call_row(record.value))
                 elif record.kind is Kind.REGISTRATION:
-                    r = decode_registration(record.value)  # carries derived index fields
-                    regs.append(RegistrationRow(
-                        r.call_id, r.sip_user, r.sip_host, r.presence_hosts, r.contact,
-                        r.status, r.rpid, r.expires, r.user_agent, r.profile_name,
-                        r.network_ip, r.network_port, r.sip_username, r.sip_realm))
-            except FeedValueError as e:
+                    regs.append(decode_registration(record.value))
+            except RecordValueError as e:
                 self.rejected += 1
                 log.warn("replicated {kind} record {key} of {node} skipped: {error}",
                          kind=record.kind.name, key=record.key, node=previous.name,
