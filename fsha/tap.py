@@ -21,6 +21,7 @@ from fsha.config import (
     ClusterConfig,
     ConfigError,
     NodeConfig,
+    check_tls_files,
     choose_node,
     load_config,
     read_redis_password,
@@ -71,19 +72,6 @@ class Options(usage.Options):
         except ConfigError as e:
             print(f"fsha: {e.problems[0]}", file=sys.stderr)
             raise SystemExit(2) from None
-
-
-def check_tls_files(config: ClusterConfig, me: NodeConfig) -> None:
-    """The node's replication PKI must be there before it starts (one clear line if not)."""
-    tls = config.tls
-    if tls is None:
-        return
-    for key, path in (("tls.ca", tls.ca), ("tls.cert", tls.cert_for(me.name)),
-                      ("tls.key", tls.key_for(me.name))):
-        if not path.is_file():
-            raise ConfigError([f"{config.path}: {key}: {path} does not exist (make it with "
-                               f"fsha certs init / fsha certs issue {me.name} --config "
-                               f"{config.path})"])
 
 
 class NodeService(service.Service):

@@ -9,7 +9,8 @@ from contextlib import redirect_stderr, redirect_stdout
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from fsha.status import main, problems, render, status_site_root
+from fsha.cli.status import main
+from fsha.status import problems, render, status_site_root
 
 from .fakecluster import FakeCluster, make_config
 
