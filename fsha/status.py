@@ -181,7 +181,8 @@ def render(status: JSON) -> str:
     q = status["quorum"]
     lines.append(f"cluster {status['cluster']}   seen from {status['node']} "
                  f"({status['role']}{' of ' + status['slot'] if status['slot'] else ''})   "
-                 f"quorum {q['alive']}/{q['required']} {'ok' if q['ok'] else 'LOST'}   "
+                 f"quorum {'ok' if q['ok'] else 'LOST'} ({q['alive']} seen, "
+                 f"{q['required']} needed)   "
                  f"config {status['config_digest']}")
     nets = [n["name"] for n in status.get("networks", [])] or \
         sorted({k for node in status["nodes"] for k in node["networks"]})
@@ -269,11 +270,34 @@ def render(status: JSON) -> str:
     if events:
         lines.append("recent events:")
         for e in events:
-            detail = " ".join(f"{k}={v}" for k, v in e.items()
-                              if k not in ("time", "event") and v is not None)
             lines.append(f"  {time.strftime('%H:%M:%S', time.localtime(e['time']))}"
-                         f".{int(e['time'] * 1000) % 1000:03d} {e['event']} {detail}")
+                         f".{int(e['time'] * 1000) % 1000:03d} {event_text(e)}")
     return "\n".join(lines)
+
+
+def event_value(value: Any) -> str:
+    """An event field for people: lists joined, mappings as ``key value``, no Python
+    reprs."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(event_value(v) for v in value) or "none"
+    if isinstance(value, dict):
+        return "; ".join(f"{k} {event_value(v)}" for k, v in value.items()) or "none"
+    return str(value)
+
+
+def event_text(event: JSON) -> str:
+    """``takeover-done slot=slot1 epoch=3 ...`` with every value readable."""
+    parts = [str(event.get("event"))]
+    for key, value in event.items():
+        if key in ("time", "event") or value is None or value == [] or value == {}:
+            continue
+        text = event_value(value)
+        parts.append(f"{key}={text}" if " " not in text else f"{key}=[{text}]")
+    return " ".join(parts)
 
 
 def _bytes(n: int) -> str:
