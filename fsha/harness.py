@@ -246,6 +246,7 @@ class LoopbackCluster:
             f"heartbeat_interval_ms = {self.interval_ms}",
             f"dead_after_ms = {self.dead_after_ms}", 'quorum = "majority"', "",
             '[floating_ip]', 'backend = "loopback"', "",
+            '[state]', 'dir = "state/{node}"', "",
             '[tls]', 'ca = "pki/ca.crt"', 'cert = "pki/{node}.crt"', 'key = "pki/{node}.key"',
             "", self.extra_config, "",
             '[[network]]', 'name = "A"', f"port = {port_a}", "",
