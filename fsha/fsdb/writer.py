@@ -12,7 +12,10 @@ rollback, in one short transaction each:
     recovered, so its ``runtime_uuid`` is replaced by :data:`FOREIGN_RUNTIME_PREFIX` + the
     original. A row already present with the same ``uuid`` and the same ``runtime_uuid``
     (an earlier, failed attempt) is replaced, so a retry writes each call once. The
-    ``metadata`` (the XML CDR) is written byte-exact, as TEXT.
+    ``metadata`` (the XML CDR) is written byte-exact, as TEXT. Before the first batch,
+    :meth:`CoreDBWriter.purge_recovery` deletes the slot's rows of every other runtime
+    (ghosts of this FreeSWITCH's earlier runs) so ``recover`` brings back only the calls
+    being taken over.
 
 ``sip_registrations``
     The 14 columns a registration record carries (:class:`~fsha.fsdb.rows.RegistrationRow`) plus the
@@ -193,6 +196,26 @@ class CoreDBWriter:
         def work(conn: sqlite3.Connection) -> int:
             before = conn.total_changes
             conn.executemany(_DELETE_RECOVERY, keys)
+            return conn.total_changes - before
+
+        return self._run(lambda: self._transaction(self.core_db, "recovery", work))
+
+    def purge_recovery(self, profiles: Sequence[str], keep_runtimes: Iterable[str]
+                       ) -> Deferred[int]:
+        """Delete the rows of ``profiles`` whose ``runtime_uuid`` is none of
+        ``keep_runtimes``; fires with how many. Before a takeover's first batch: rows an
+        earlier runtime left here (this FreeSWITCH killed with calls, a failback to it
+        later) are calls long gone or live elsewhere, and ``sofia profile P recover``
+        would bring them back as ghosts."""
+        names, keep = list(profiles), sorted(set(keep_runtimes))
+        if not names:
+            return defer.succeed(0)
+        sql = (f"delete from recovery where profile_name in ({','.join('?' * len(names))})"
+               + (f" and runtime_uuid not in ({','.join('?' * len(keep))})" if keep else ""))
+
+        def work(conn: sqlite3.Connection) -> int:
+            before = conn.total_changes
+            conn.execute(sql, (*names, *keep))
             return conn.total_changes - before
 
         return self._run(lambda: self._transaction(self.core_db, "recovery", work))
