@@ -361,8 +361,9 @@ class IPBackend:
                 result = yield self._run([self.arping, probe], ok_codes=range(256))
                 output = result.stdout + result.stderr
             except ExecutableNotFound as e:
-                log.error("{arping} is not installed ({error}): gratuitous ARP impossible; "
-                          "install iputils-arping", arping=self.arping, error=e.reason)
+                log.error("cannot run {arping} ({error}): gratuitous ARP impossible; is "
+                          "iputils-arping installed and may fsha run it?",
+                          arping=self.arping, error=e.reason)
                 return ""
             except ProcessError as e:
                 output = (e.result.stdout + e.result.stderr) if getattr(e, "result", None) \

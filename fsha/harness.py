@@ -266,6 +266,7 @@ class LoopbackCluster:
                         "heartbeat_interval_ms": self.interval_ms,
                         "dead_after_ms": self.dead_after_ms, "quorum": "majority"},
             "floating_ip": {"backend": "loopback"},
+            "state": {"dir": "state/{node}"},
             "tls": TLS_FILES,
             "network": [{"name": "A", "port": port_a}, {"name": "B", "port": port_b}],
             "node": nodes, "slot": slots,

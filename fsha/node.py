@@ -257,6 +257,7 @@ class ClusterNode:
         self.drops: Counter[str] = Counter()
         self.received = 0
         self.events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
+        self._announced: dict[int, tuple[Any, ...]] = {}  # peer -> its last announcement
         self.started_at = 0.0
         self.claim_started = 0.0
         # Each effect has its own timeout; this bounds the whole acquisition as well, and
@@ -423,7 +424,11 @@ class ClusterNode:
             elif hb.role is Role.RELEASING and self.last_holder.get(hb.slot) == hb.node_id:
                 self.released_by[hb.slot] = hb.node_id
         self._track_claimers(hb)
-        if hb.type is not MessageType.HEARTBEAT:
+        announced = (hb.type, hb.slot, hb.epoch, hb.incarnation)
+        # an announcement comes in a burst of copies (_announce): told once, not per copy
+        if hb.type is not MessageType.HEARTBEAT \
+                and self._announced.get(hb.node_id) != announced:
+            self._announced[hb.node_id] = announced
             slot = self.config.slots[hb.slot].name if hb.slot < len(self.config.slots) else "?"
             kind = "takeover" if hb.type is MessageType.TAKEOVER else "release"
             self._event(f"peer-{kind}", peer=name, slot=slot, epoch=hb.epoch,

@@ -476,6 +476,7 @@ class NetnsCluster(LoopbackCluster):
             "cluster": {"name": "e2e", "secret_file": str(secret),
                         "heartbeat_interval_ms": self.interval_ms,
                         "dead_after_ms": self.dead_after_ms, "quorum": "majority"},
+            "state": {"dir": "state/{node}"},
             "floating_ip": {"backend": "ip", "arping_count": self.arping_count,
                             "timeout_ms": 5000}}
         if self.fence_command:
