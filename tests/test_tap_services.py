@@ -105,8 +105,10 @@ def _options(directory: Path, *, limits: bool = False) -> Options:
     path.write_text(tomlout.dumps(doc))
     config = load_config(path)
     ensure_cluster_pki(config)
+    # What postOptions sets, without its start-up checks (they bind the real ports).
     options = Options()
-    options.parseOptions(["--config", str(path), "--node", "fs1"])
+    options.cluster, options.me = config, config.node("fs1")
+    options.secret, options.redis_password = config.read_secret(), None
     return options
 
 
