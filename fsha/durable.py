@@ -68,6 +68,7 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any, Final, Protocol
 
+from automat import MethodicalMachine
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -186,6 +187,91 @@ class _Loaded:
         self.items, self.rejected = items, rejected
 
 
+class LoadMachine:
+    """The load's life: waiting (for Redis) -> loading -> loaded -> applied (once
+    discovery is over), or failed (an error, or ``load_wait`` ran out while waiting or
+    loading). Inputs that do not apply in a state are ignored, so the store feeds them
+    as things happen without checking where the load is."""
+
+    _machine = MethodicalMachine()
+
+    def __init__(self, store: DurableStore) -> None:
+        self._store = store
+
+    @_machine.state(initial=True, serialized="waiting")
+    def waiting(self) -> None:
+        "Redis not up yet."
+
+    @_machine.state(serialized="loading")
+    def loading(self) -> None:
+        "Reading the slot table and every other origin."
+
+    @_machine.state(serialized="loaded")
+    def loaded(self) -> None:
+        "Read; applied once discovery is over (who is alive is known)."
+
+    @_machine.state(serialized="applied")
+    def applied(self) -> None:
+        "Applied: writing this node's origin."
+
+    @_machine.state(serialized="failed")
+    def failed(self) -> None:
+        "Nothing loaded; writing this node's origin."
+
+    @_machine.input()
+    def redis_up(self) -> None:
+        "Redis answers (and the store runs)."
+
+    @_machine.input()
+    def read(self, origins: dict[int, _Loaded], slots: dict[int, tuple[int, int]]) -> None:
+        "Every origin and the slot table are read."
+
+    @_machine.input()
+    def error(self, why: str) -> None:
+        "The load failed, or ``load_wait`` ran out."
+
+    @_machine.input()
+    def discovered(self) -> None:
+        "The node's discovery is over."
+
+    @_machine.output()
+    def _begin(self) -> None:
+        self._store._begin_load()
+
+    @_machine.output()
+    def _keep(self, origins: dict[int, _Loaded], slots: dict[int, tuple[int, int]]) -> None:
+        self._store._loaded, self._store._slot_table = origins, slots
+
+    @_machine.output()
+    def _apply(self) -> None:
+        self._store._apply()
+
+    @_machine.output()
+    def _give_up(self, why: str) -> None:
+        self._store._give_up(why)
+
+    @_machine.serializer()
+    def name(self, state: str) -> str:
+        return state
+
+    waiting.upon(redis_up, enter=loading, outputs=[_begin])
+    waiting.upon(error, enter=failed, outputs=[_give_up])
+    waiting.upon(read, enter=waiting, outputs=[])
+    waiting.upon(discovered, enter=waiting, outputs=[])
+    loading.upon(read, enter=loaded, outputs=[_keep])
+    loading.upon(error, enter=failed, outputs=[_give_up])
+    loading.upon(redis_up, enter=loading, outputs=[])
+    loading.upon(discovered, enter=loading, outputs=[])
+    loaded.upon(discovered, enter=applied, outputs=[_apply])
+    for _done in (loaded, applied, failed):
+        _done.upon(redis_up, enter=_done, outputs=[])
+        _done.upon(error, enter=_done, outputs=[])  # too late to matter
+        _done.upon(read, enter=_done, outputs=[])  # given up meanwhile: nothing applied
+    for _done in (applied, failed):
+        _done.upon(discovered, enter=_done, outputs=[])
+    del _done
+
+
 class DurableStore(service.Service):
     """This node's origin written to Redis; other origins loaded at start (module doc)."""
 
@@ -228,7 +314,7 @@ class DurableStore(service.Service):
         self.records_written = 0
         self.last_error: str | None = None
         # loading
-        self.load_state = "waiting"  # waiting, loading, loaded, applied, failed
+        self._load_machine = LoadMachine(self)
         self._load_started: float | None = None
         self._load_timer: IDelayedCall | None = None
         self._loaded: dict[int, _Loaded] | None = None
@@ -272,6 +358,11 @@ class DurableStore(service.Service):
                                         error=f.getErrorMessage()))
         return d
 
+    @property
+    def load_state(self) -> str:
+        """waiting, loading, loaded, applied or failed (:class:`LoadMachine`)."""
+        return self._load_machine.name()
+
     def ready(self) -> bool:
         """True once a cold-start claim need not wait for the load any more."""
         return self.load_state in ("applied", "failed")
@@ -279,40 +370,44 @@ class DurableStore(service.Service):
     # -- loading ----------------------------------------------------------------------------
 
     def _redis_up(self) -> None:
-        if self.load_state == "waiting":
-            self._try_load()
+        self._try_load()
         self._schedule(0.0)
 
     def _try_load(self) -> None:
-        if not self._running or self.load_state != "waiting" or self.redis.state != "up":
-            return
-        self.load_state = "loading"
+        if self._running and self.redis.state == "up":
+            self._load_machine.redis_up()
+
+    def _begin_load(self) -> None:
         d = self._load()
-        d.addErrback(self._load_failed)
+        d.addCallbacks(self._read, self._load_failed)
         d.addErrback(lambda f: log.failure("durable store: load bookkeeping failed", f))
+
+    def _read(self, read: tuple[dict[int, _Loaded], dict[int, tuple[int, int]]]) -> None:
+        self._load_machine.read(*read)
+        if self.node.role is not Role.STARTING:
+            self._load_machine.discovered()  # discovery was over before the load
 
     def _load_expired(self) -> None:
         self._load_timer = None
-        if self.load_state in ("waiting", "loading"):
-            self._give_up(f"no load within {self.load_wait:g} s"
-                          + (f" ({self.redis.last_error})" if self.redis.state != "up"
-                             and self.redis.last_error else ""))
+        self._load_machine.error(
+            f"no load within {self.load_wait:g} s"
+            + (f" ({self.redis.last_error})" if self.redis.state != "up"
+               and self.redis.last_error else ""))
 
     def _load_failed(self, f: Failure) -> None:
-        if self.load_state != "loading":
-            return
-        self._give_up(f.getErrorMessage() if f.check(RedisError, ValueError)
-                      else repr(f.value))
+        self._load_machine.error(f.getErrorMessage() if f.check(RedisError, ValueError)
+                                 else repr(f.value))
 
     def _give_up(self, why: str) -> None:
-        self.load_state = "failed"
         self.load_error = why
         log.warn("durable store: nothing loaded from Redis ({why}); starting without it",
                  why=why)
         self._start_writing()
 
     @inlineCallbacks
-    def _load(self) -> Generator[Deferred[Any], Any, None]:
+    def _load(self) -> Generator[Deferred[Any], Any,
+                                 tuple[dict[int, _Loaded], dict[int, tuple[int, int]]]]:
+        """Read the slot table and every other origin (the machine keeps them)."""
         p = self.prefix
         table = yield self.redis.execute("HGETALL", p + "slots")
         slots: dict[int, tuple[int, int]] = {}
@@ -333,12 +428,7 @@ class DurableStore(service.Service):
             data = yield self._load_origin(origin)
             if data is not None:
                 loaded[origin] = data
-        if self.load_state != "loading":
-            return  # given up meanwhile (load_wait): too late to matter, nothing applied
-        self._loaded, self._slot_table = loaded, slots
-        self.load_state = "loaded"
-        if self.node.role is not Role.STARTING:
-            self._apply()
+        return loaded, slots
 
     @inlineCallbacks
     def _load_origin(self, origin: int) -> Generator[Deferred[Any], Any, _Loaded | None]:
@@ -386,8 +476,8 @@ class DurableStore(service.Service):
                        int(meta.get("written_ms", "0")), items, rejected)
 
     def _role_changed(self, old: Role, new: Role, slot: Any) -> None:
-        if old is Role.STARTING and self.load_state == "loaded":
-            self._apply()  # discovery is over: apply before the first claim is evaluated
+        if old is Role.STARTING:
+            self._load_machine.discovered()  # apply before the first claim is evaluated
         if new is Role.MASTER and slot is not None:
             self._slots[slot.slot_id] = \
                 f"{self.node.epoch}:{self.me}:{int(self.clock.seconds() * 1000)}:{self.node_name}"
@@ -434,7 +524,6 @@ class DurableStore(service.Service):
             self.node.last_holder[slot] = holder
             report["slots"][str(slot)] = {"epoch": epoch, "master": holder}
         self.load_report = report
-        self.load_state = "applied"
         if self._load_timer is not None and self._load_timer.active():
             self._load_timer.cancel()
         self._load_timer = None

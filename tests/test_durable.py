@@ -141,6 +141,22 @@ class StoreLogicTests(unittest.TestCase):
         self.assertEqual(load["state"], "failed")
         self.assertIn("no load within 3 s", load["error"])
 
+    def test_a_load_that_ends_after_load_wait_is_not_applied(self) -> None:
+        hung: Deferred[Any] = Deferred()
+        self.redis.answer = lambda args: hung if args == ("HGETALL", PREFIX + "slots") \
+            else ScriptedRedis.default(args)
+        self.redis.up()
+        self.assertEqual(self.store.load_state, "loading")
+        self.node.set_role(Role.SLAVE)  # discovery over: nothing read yet to apply
+        self.assertEqual(self.store.load_state, "loading")
+        self.clock.advance(3.1)
+        self.assertEqual(self.store.load_state, "failed")
+        hung.callback(["0", "5:1:0:fs2"])  # too late: the slot table is not seeded
+        self.assertEqual(self.store.load_state, "failed")
+        self.assertEqual(self.node.known_epochs, {})
+        self.redis.up()  # Redis again: no second load
+        self.assertEqual(self.store.load_state, "failed")
+
     def test_redis_down_nothing_queues_and_the_origin_is_dirty(self) -> None:
         self.node.set_role(Role.SLAVE)
         self.clock.advance(3.1)  # load given up: writing (would be) on
