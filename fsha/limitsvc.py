@@ -96,7 +96,11 @@ class LimitService:
                  me: NodeConfig, clock: IReactorTime, limits: LimitsConfig, *,
                  redis: RedisClient | None = None,
                  publish: Callable[[Change], object] | None = None,
-                 api_timeout: float = 2.0) -> None:
+                 api_timeout: float = 2.0,
+                 peer_fs_ok: Callable[[int], bool | None] | None = None) -> None:
+        """``peer_fs_ok(node_id)``: a peer's last FS_OK flag (``ClusterNode.peer_fs_ok``;
+        None: not known), so a hand-over from a node whose FreeSWITCH is gone is
+        reconciled as a death."""
         self.esl = esl
         self.api = FSApi(esl, api_timeout)
         self.state = state
@@ -115,7 +119,7 @@ class LimitService:
         # a peer's FreeSWITCH usable, from its heartbeats (the node's): a master that gave
         # its slot up because its FreeSWITCH stopped answering did not stop the profile,
         # so that FreeSWITCH gave nothing back
-        self.peer_fs_ok: Callable[[int], bool | None] | None = None
+        self.peer_fs_ok = peer_fs_ok
         self._running = False
         self._poll_timer: IDelayedCall | None = None
         self._sweep_timer: IDelayedCall | None = None

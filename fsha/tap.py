@@ -345,10 +345,9 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
     if config.limits is not None and replication is not None:
         limits = LimitService(esl, replication.state, config, me, reactor, config.limits,
                               redis=redis, publish=replication.publish,
-                              api_timeout=me.esl.timeout)
+                              api_timeout=me.esl.timeout, peer_fs_ok=node.peer_fs_ok)
         # after the takeover, never part of it: a slow or dead Redis cannot delay a claim
         effects.add_report_listener(limits.takeover_done)
-        limits.peer_fs_ok = node.peer_fs_ok
     if limits is not None or redis is not None:
         limits_service = LimitsService(limits, redis)
         limits_service.setName("limits")
