@@ -1,66 +1,10 @@
 """The durable store: this node's replicated records in Redis, so a restarted cluster
 starts warm (``[redis] durable_state = true``).
 
-The replicated state lives in the nodes' memory; when every node stops (a power cut, a
-whole-cluster upgrade) it is gone, and the first master of each slot starts with no calls to
-recover and no registrations. With a durable store each node also keeps its *own origin*
-(every record it writes: calls, registrations, identity, limit usage) in Redis, with the
-origin's position, and a node that starts loads the origins nobody else can give it.
-
-Writing (own origin only)
--------------------------
-A record listener marks each changed key dirty; every ``flush_interval`` the dirty keys are
-read back from the state (coalesced: a key changed 100 times is written once, with its
-current value or deleted) and written in **one** script (``EVAL``: atomic, one round trip)
-together with the origin's position ``(incarnation, sequence)``, so Redis always holds the
-origin exactly as it was at that position. The script writes only over the same
-incarnation; otherwise, and whenever the incremental path cannot be trusted, the origin is
-*resynchronised in full*: its records at one position are written in chunks into a scratch
-key, then a final script renames it over the origin's records and sets the position
-(atomic). Memory is bounded: at most ``max_pending`` dirty keys are kept; past that, or
-while Redis is down or a write fails, the keys are dropped and the origin is only marked
-*dirty* (one full resync when Redis answers again). At most one write is in flight.
-
-The slot table (``slots``: slot id -> ``epoch:node:time_ms:name``) is written by a node when it
-becomes a slot's master, so a restarted cluster knows which origin's calls a slot held.
-
-Keys (``P`` = ``[redis] key_prefix`` + ``{cluster name}:``; the braces keep every key of a
-cluster in one Redis Cluster hash slot)::
-
-    P origin:N:meta     hash: incarnation, sequence, written_ms, node (its name)
-    P origin:N:records  hash: "slot/kind/key" -> "expires_ms:" + value (bytes)
-    P origin:N:resync   scratch key of a full resync
-    P slots             hash: slot id -> "epoch:node_id:written_ms:name"
-
-A node's origin is the node's position in the config (its id): an entry whose name is not
-the configured name of that id (the node list was reordered) is not loaded.
-
-Records with an expiry (registrations) carry it; expired ones are deleted when the state
-expires them and skipped at load (Redis per-field TTLs need Redis 7.4).
-
-Loading (at start)
-------------------
-At start the node reads every other node's origin (its position, then its records in
-``HSCAN`` pages, then its position again: an origin that changed meanwhile is skipped) and
-the slot table; each command has the Redis deadline and the whole load is bounded by
-``load_wait`` (default: the larger of 5 s and ``connect_timeout`` + 4 ``timeout``). When
-discovery is over (the node knows which peers are alive), each loaded origin is
-applied as a replication snapshot (:meth:`ReplicatedState.apply_snapshot`) **only** if its
-node is not alive and this node holds nothing at an equal or newer position of it: a record
-from Redis never overrides newer replicated data, and what is loaded is ordered by the same
-positions as replication (a peer that supplies a newer position later simply supersedes
-it). A slot whose master is not known from heartbeats gets the stored epoch and master
-(``known_epochs`` / ``last_holder``) when that master is not alive, so the slot is taken
-over from it and the takeover reads its loaded rows exactly as replicated ones. A node waits
-for the load (at most ``load_wait``) before a cold-start claim of a never-owned slot
-(``ClusterNode.cold_start_gate``); a load that fails or times out is skipped (status) and
-nothing else waits for Redis. Writes of this node's origin start after the load, so a node
-that restarts does not overwrite its previous run before the others could load it.
-
-Limits: a node does not load its own previous run (it restarts with a new incarnation; its
-peers load it), nor the previous run of a node that is alive again. An origin loaded after
-the replication links came up is served to a peer only when its link restarts; every node
-loads on its own.
+Each node writes its *own origin* (coalesced, one script per flush, a full resync when the
+incremental path cannot be trusted) and, at start, loads the origins of nodes that are not
+alive (``LoadMachine``), applied as replication snapshots only over older positions. The
+keys, the write and load rules and their limits: ``docs/protocol/durable.rst``.
 """
 
 from __future__ import annotations
@@ -273,7 +217,8 @@ class LoadMachine:
 
 
 class DurableStore(service.Service):
-    """This node's origin written to Redis; other origins loaded at start (module doc)."""
+    """This node's origin written to Redis; other origins loaded at start
+    (docs/protocol/durable.rst)."""
 
     def __init__(self, redis: RedisClient, state: ReplicatedState, node: NodeView,
                  node_ids: list[int], alive: Any, clock: IReactorTime, *,
@@ -304,7 +249,7 @@ class DurableStore(service.Service):
         self._slots: dict[int, str] = {}  # slot table entries to write
         self._timer: IDelayedCall | None = None
         self._busy = False
-        self._writing = False  # after the load: see the module doc
+        self._writing = False  # after the load: see docs/protocol/durable.rst, "Loading"
         self.written: tuple[int, int] | None = None  # position last written
         self.written_at: float | None = None
         self.flushes = 0
