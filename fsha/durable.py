@@ -5,6 +5,9 @@ Each node writes its *own origin* (coalesced, one script per flush, a full resyn
 incremental path cannot be trusted) and, at start, loads the origins of nodes that are not
 alive (``LoadMachine``), applied as replication snapshots only over older positions. The
 keys, the write and load rules and their limits: ``docs/protocol/durable.rst``.
+
+Why about 650 lines: writing and loading share one Redis layout, its keys and its
+counters.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ Two layers, both driven by an injected clock:
 
 Requests made while the client is not ready fail at once with :class:`ESLNotConnected`:
 the caller decides whether to retry, nothing is queued behind a dead FreeSWITCH.
+
+Why about 1,000 lines: the protocol and the client share one request FIFO and one
+connection state, and are read together; ``ESLProtocol`` is the next cut if it grows.
 """
 
 from __future__ import annotations

@@ -26,6 +26,10 @@ formats: :mod:`fsha.limits`):
 - after a hand-over (the previous FreeSWITCH gave the units back when it stopped the
   profile) the adopted calls' hiredis units are taken again (``t/`` records, then the
   exactly-once ``INCR`` script), before any release.
+
+Why about 650 lines: the node's side of limits is one service (polling, totals,
+adoption, reconciliation, releases) over one limit book; its logic and record formats
+are apart in ``fsha.limits``.
 """
 
 from __future__ import annotations

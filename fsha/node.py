@@ -5,6 +5,10 @@
 injected clock. The node's own role is an Automat state machine (``RoleMachine``); what to
 do with a slot (floating IPs, FreeSWITCH) is behind ``SlotActions``, so the whole node runs
 in tests with a fake clock and fake effects, and for real under twistd.
+
+Why about 1,000 lines: the datagram hot path, the role evaluation and the status
+all read the same peer view; the decisions themselves are pure and apart
+(``fsha.detector``, ``fsha.roles``, ``fsha.quorum``, ``fsha.claims``).
 """
 
 from __future__ import annotations
