@@ -13,6 +13,7 @@ counters.
 from __future__ import annotations
 
 from collections.abc import Generator
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from automat import MethodicalMachine
@@ -132,6 +133,57 @@ class _Loaded:
                  items: list[SnapshotItem], rejected: int) -> None:
         self.incarnation, self.sequence, self.written_ms = incarnation, sequence, written_ms
         self.items, self.rejected = items, rejected
+
+
+@dataclass(frozen=True, slots=True)
+class DurableLoad:
+    """What the load at start did (``state``: :class:`LoadMachine`'s)."""
+
+    state: str
+    error: str | None
+    origins: dict[str, Any]
+    records: int
+    skipped: dict[str, str]
+    slots: dict[str, Any]
+    rejected: int
+
+
+@dataclass(frozen=True, slots=True)
+class DurableStats:
+    """The durable store's figures: the JSON status (:meth:`as_status`) and the metrics
+    (``fsha.metrics``) are both made from this."""
+
+    state: str  # loading, dirty, behind, in-sync
+    written: tuple[int, int] | None  # (incarnation, sequence) last written
+    position: tuple[int, int] | None  # this node's origin now
+    lag_changes: int | None  # None while a full resync is due
+    written_at: float | None
+    dirty_since: float | None
+    pending: int
+    max_pending: int
+    flushes: int
+    resyncs: int
+    overflows: int
+    records_written: int
+    write_errors: int
+    last_error: str | None
+    load: DurableLoad
+
+    def as_status(self) -> dict[str, Any]:
+        return {
+            "state": self.state, "written": list(self.written) if self.written else None,
+            "position": list(self.position) if self.position else None,
+            "lag_changes": self.lag_changes, "written_at": self.written_at,
+            "dirty_since": self.dirty_since, "pending": self.pending,
+            "max_pending": self.max_pending, "flushes": self.flushes,
+            "resyncs": self.resyncs, "overflows": self.overflows,
+            "records_written": self.records_written, "write_errors": self.write_errors,
+            "last_error": self.last_error, "load": {
+                "state": self.load.state, "error": self.load.error,
+                "origins": self.load.origins, "records": self.load.records,
+                "skipped": self.load.skipped, "slots": self.load.slots,
+                "rejected": self.load.rejected},
+        }
 
 
 class LoadMachine:
@@ -626,7 +678,7 @@ class DurableStore(service.Service):
 
     # -- status -----------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def stats(self) -> DurableStats:
         pos = self.state.position(self.me)
         current = (pos.incarnation, pos.sequence) if pos is not None else None
         if not self._writing:
@@ -641,18 +693,18 @@ class DurableStore(service.Service):
         if current is not None and self.written is not None and \
                 self.written[0] == current[0]:
             lag = current[1] - self.written[1]
-        return {
-            "state": state, "written": list(self.written) if self.written else None,
-            "position": list(current) if current else None, "lag_changes": lag,
-            "written_at": self.written_at, "dirty_since": self._behind_since,
-            "pending": len(self._dirty), "max_pending": self.max_pending,
-            "flushes": self.flushes, "resyncs": self.resyncs, "overflows": self.overflows,
-            "records_written": self.records_written, "write_errors": self.write_errors,
-            "last_error": self.last_error, "load": {
-                "state": self.load_state, "error": self.load_error,
-                "origins": self.load_report.get("origins", {}),
-                "records": self.load_report.get("records", 0),
-                "skipped": self.load_report.get("skipped", {}),
-                "slots": self.load_report.get("slots", {}),
-                "rejected": self.load_report.get("rejected", 0)},
-        }
+        report = self.load_report
+        return DurableStats(
+            state=state, written=self.written, position=current, lag_changes=lag,
+            written_at=self.written_at, dirty_since=self._behind_since,
+            pending=len(self._dirty), max_pending=self.max_pending, flushes=self.flushes,
+            resyncs=self.resyncs, overflows=self.overflows,
+            records_written=self.records_written, write_errors=self.write_errors,
+            last_error=self.last_error, load=DurableLoad(
+                state=self.load_state, error=self.load_error,
+                origins=report.get("origins", {}), records=report.get("records", 0),
+                skipped=report.get("skipped", {}), slots=report.get("slots", {}),
+                rejected=report.get("rejected", 0)))
+
+    def status(self) -> dict[str, Any]:
+        return self.stats().as_status()

@@ -1,8 +1,10 @@
 """Prometheus metrics of one node, served at ``/metrics`` (see docs/monitoring.rst).
 
-Nothing here runs per datagram or per ESL event: :class:`ClusterCollector` reads the
-node's ``status()`` dict (the one ``/status`` serves) at scrape time and turns it into
-metric families. The only state kept between scrapes is what a status dict cannot give:
+Nothing here runs per datagram or per ESL event: :class:`ClusterCollector` reads, at
+scrape time, the typed stats of the components that have them (the durable store:
+``DurableStats``, which also makes its JSON status) and, for the others, the node's
+``status()`` dict (the one ``/status`` serves), and turns them into metric families.
+The only state kept between scrapes is what a status dict cannot give:
 the takeover histograms (:class:`TakeoverStats`, fed by ``SlotEffects`` reports) and the
 FreeSWITCH session count (:class:`SessionWatch`, from FreeSWITCH's own ``HEARTBEAT`` event,
 every 20 s by default).
@@ -33,6 +35,8 @@ from prometheus_client.registry import CollectorRegistry
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
+
+from fsha.durable import DurableStats
 
 StatusFunction = Callable[[], Mapping[str, Any]]
 
@@ -301,10 +305,14 @@ class ClusterCollector:
     """
 
     def __init__(self, status: StatusFunction, stats: TakeoverStats | None = None,
-                 esl: ESLRequestStats | None = None) -> None:
+                 esl: ESLRequestStats | None = None,
+                 durable: Callable[[], DurableStats] | None = None) -> None:
         self.status = status
         self.stats = stats
         self.esl = esl
+        # Typed stats (read as they are, no parsing of the status dict): the components
+        # that have them so far; the others still come from ``status``.
+        self.durable = durable
 
     def collect(self) -> Iterator[Metric]:
         st = self.status()
@@ -318,7 +326,8 @@ class ClusterCollector:
         self._fsevents(st.get("fsevents"), f)
         self._limits(st.get("limits"), f)
         self._redis(st.get("redis"), f)
-        self._durable(st.get("durable"), f)
+        if self.durable is not None:
+            self._durable(self.durable(), f)
         self._control(st.get("control"), f)
         yield from f.families()
         if self.stats is not None:
@@ -610,30 +619,30 @@ class ClusterCollector:
             f.counter("fsha_control_requests", "", n, result=str(code))
 
     @staticmethod
-    def _durable(d: Any, f: _Families) -> None:
-        if not isinstance(d, Mapping):
-            return
+    def _durable(d: DurableStats, f: _Families) -> None:
         f.gauge("fsha_durable_in_sync", "1 while Redis holds this node's origin at its "
-                "current position (durable store).", d.get("state") == "in-sync")
+                "current position (durable store).", d.state == "in-sync")
         f.gauge("fsha_durable_lag_changes", "Changes of this node's origin not yet in Redis "
-                "(absent while a full resync is due).", d.get("lag_changes"))
+                "(absent while a full resync is due).", d.lag_changes)
         f.counter("fsha_durable_writes", "Writes of the durable store (incremental and full).",
-                  d.get("flushes"))
+                  d.flushes)
         f.counter("fsha_durable_resyncs", "Full resyncs of this node's origin into Redis.",
-                  d.get("resyncs"))
+                  d.resyncs)
         f.counter("fsha_durable_write_errors", "Durable store writes that failed.",
-                  d.get("write_errors"))
+                  d.write_errors)
         f.gauge("fsha_durable_loaded_records", "Records loaded from Redis at start.",
-                (d.get("load") or {}).get("records"))
+                d.load.records)
 
 
 def metrics_registry(status: StatusFunction, effects: ReportSource | None = None,
-                     esl: RequestSource | None = None) -> CollectorRegistry:
+                     esl: RequestSource | None = None, *,
+                     durable: Callable[[], DurableStats] | None = None) -> CollectorRegistry:
     """A registry of its own (never the process-global one) holding one collector."""
     registry = CollectorRegistry(auto_describe=False)
     stats = TakeoverStats(effects) if effects is not None else None
     requests = ESLRequestStats(esl) if esl is not None else None
-    registry.register(ClusterCollector(status, stats, requests))  # type: ignore[arg-type]
+    registry.register(ClusterCollector(status, stats, requests,  # type: ignore[arg-type]
+                                       durable=durable))
     return registry
 
 
@@ -664,8 +673,10 @@ class MetricsResource(Resource):
 
 
 def metrics_resource(status: StatusFunction, effects: ReportSource | None,
-                     esl: RequestSource | None = None) -> Resource:
+                     esl: RequestSource | None = None, *,
+                     durable: Callable[[], DurableStats] | None = None) -> Resource:
     """The ``/metrics`` resource over ``status`` (the node's merged status callable),
     ``effects`` (the ``SlotEffects`` whose takeover reports feed the histograms; None: no
-    takeover histograms) and ``esl`` (the ESL client whose requests are timed)."""
-    return MetricsResource(metrics_registry(status, effects, esl))
+    takeover histograms), ``esl`` (the ESL client whose requests are timed) and the typed
+    stats of the components that have them (``durable``: ``DurableStore.stats``)."""
+    return MetricsResource(metrics_registry(status, effects, esl, durable=durable))

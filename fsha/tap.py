@@ -408,7 +408,8 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
     root = status_site_root(status, control)
     if state is not None:
         root.putChild(b"history", HistoryResource(state.path))
-    root.putChild(b"metrics", metrics_resource(status, effects, esl))
+    root.putChild(b"metrics", metrics_resource(
+        status, effects, esl, durable=durable.stats if durable is not None else None))
     site = StatusSite(root, control)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # polled: no access log

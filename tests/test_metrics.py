@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
+from fsha.durable import DurableLoad, DurableStats
 from fsha.metrics import (
     ClusterCollector,
     ESLRequestStats,
@@ -327,6 +328,32 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(registry.get_sample_value("fsha_role", {"role": "master"}), 1.0)
         names = {f.name for f in ClusterCollector(lambda: SAMPLE).collect()}
         self.assertIn("fsha_peer_network_up", names)
+
+
+class TypedStatsTests(SynchronousTestCase):
+    """Components with typed stats: their metrics come from the object, not the dict."""
+
+    def test_durable_metrics_from_its_stats(self) -> None:
+        stats = DurableStats(
+            state="behind", written=(7, 90), position=(7, 100), lag_changes=10,
+            written_at=1.0, dirty_since=None, pending=3, max_pending=100, flushes=5,
+            resyncs=1, overflows=0, records_written=120, write_errors=2, last_error=None,
+            load=DurableLoad("applied", None, {}, 42, {}, {}, 0))
+        registry = metrics_registry(lambda: SAMPLE, durable=lambda: stats)
+        value = registry.get_sample_value
+        self.assertEqual(value("fsha_durable_in_sync"), 0.0)
+        self.assertEqual(value("fsha_durable_lag_changes"), 10.0)
+        self.assertEqual(value("fsha_durable_writes_total"), 5.0)
+        self.assertEqual(value("fsha_durable_resyncs_total"), 1.0)
+        self.assertEqual(value("fsha_durable_write_errors_total"), 2.0)
+        self.assertEqual(value("fsha_durable_loaded_records"), 42.0)
+        # the JSON status is the same object's
+        self.assertEqual(stats.as_status()["written"], [7, 90])
+        self.assertEqual(stats.as_status()["load"]["records"], 42)
+
+    def test_no_durable_store_no_durable_metrics(self) -> None:
+        registry = metrics_registry(lambda: {**SAMPLE, "durable": {"state": "in-sync"}})
+        self.assertIsNone(registry.get_sample_value("fsha_durable_in_sync"))
 
 
 class ResourceTests(SynchronousTestCase):
