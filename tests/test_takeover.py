@@ -76,7 +76,10 @@ from fsha.sim.switch import NullSipBinder, ProfileConfig, Switch
 from fsha.takeover import (
     FAILED,
     OK,
+    PROFILE_GUARD_SECONDS,
     SKIPPED,
+    STOP_UNANSWERED_INTERVAL,
+    STOP_UNANSWERED_RETRIES,
     WARNING,
     NoRecords,
     ReplicatedRecords,
@@ -860,6 +863,49 @@ class ReleaseTests(SynchronousTestCase):
         self.assertIn("hupall MANAGER_REQUEST sofia_profile_name slot1", s.esl.commands)
         self.assertTrue(s.b.profiles[PROFILE].running)  # the stop itself comes later
 
+    def test_unanswered_stop_is_retried_once_freeswitch_is_back(self) -> None:
+        s = Scenario(self, calls=1, regs=0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        s.clock.advance(PROFILE_GUARD_SECONDS + 1)  # not a young profile
+        s.esl.down = True  # FreeSWITCH hung or gone: the stop is not answered
+        self.successResultOf(s.effects.release(SLOT))
+        step = s.effects.last_report.step("profiles")
+        self.assertEqual((step.outcome, step.counts["unanswered"]), (WARNING, 1), step)
+        self.assertTrue(s.effects.status()["pending_profile_stops"])
+        stops = "sofia profile slot1 stop"
+        s.clock.advance(STOP_UNANSWERED_INTERVAL)
+        self.assertEqual(s.esl.commands.count(stops), 2)  # still down: tried again
+        self.assertTrue(s.b.profiles[PROFILE].running)
+        s.esl.down = False  # back, with the profile and a copy of the call
+        s.clock.advance(STOP_UNANSWERED_INTERVAL)
+        self.assertEqual(s.esl.commands.count(stops), 3)
+        self.assertFalse(s.b.profiles[PROFILE].running)
+        self.assertEqual(s.b.channels, {})
+        self.assertEqual(s.effects.status()["pending_profile_stops"], [])
+
+    def test_unanswered_stop_retries_are_bounded(self) -> None:
+        s = Scenario(self, calls=0, regs=0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        s.clock.advance(PROFILE_GUARD_SECONDS + 1)
+        s.esl.down = True
+        self.successResultOf(s.effects.release(SLOT))
+        s.clock.pump([STOP_UNANSWERED_INTERVAL] * (STOP_UNANSWERED_RETRIES + 5))
+        self.assertEqual(s.esl.commands.count("sofia profile slot1 stop"),
+                         1 + STOP_UNANSWERED_RETRIES)
+        self.assertEqual(s.effects.status()["pending_profile_stops"], [])
+
+    def test_acquire_cancels_an_unanswered_stop_retry(self) -> None:
+        s = Scenario(self, calls=0, regs=0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        s.clock.advance(PROFILE_GUARD_SECONDS + 1)
+        s.esl.down = True
+        self.successResultOf(s.effects.release(SLOT))
+        s.esl.down = False
+        self.successResultOf(s.effects.acquire(SLOT, 3, None))  # the slot is back here
+        s.clock.advance(STOP_UNANSWERED_INTERVAL * 3)
+        self.assertEqual(s.esl.commands.count("sofia profile slot1 stop"), 1)
+        self.assertTrue(s.b.profiles[PROFILE].running)
+
     def test_stop_at_exit_waits_for_the_deferred_stop(self) -> None:
         s = Scenario(self, calls=1, regs=0)
         self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
@@ -979,8 +1025,10 @@ class ReleaseTests(SynchronousTestCase):
         assert report is not None
         self.assertFalse(report.ok)
         self.assertEqual([(st.name, st.outcome) for st in report.steps],
-                         [("floating_ips", FAILED), ("profiles", FAILED)])
-        self.assertIn("no ready connection", report.error or "")
+                         [("floating_ips", FAILED), ("profiles", WARNING)])
+        # the stop is tried again once FreeSWITCH answers
+        self.assertIn("no ready connection", report.step("profiles").error or "")
+        self.assertTrue(s.effects.status()["pending_profile_stops"])
 
     def test_release_steps_time_out(self) -> None:
         s = Scenario(self)
