@@ -39,12 +39,15 @@ serialises the operations, so a rollback's delete always runs after the write it
 even if that write was abandoned on a timeout. A caller that gives up on an operation
 calls :meth:`CoreDBWriter.interrupt` (thread-safe): the running statement is aborted
 (``sqlite3.Connection.interrupt``) and its transaction rolled back. Each statement waits at
-most ``busy_timeout`` seconds for FreeSWITCH's locks. The writer's connection uses
+most ``busy_timeout`` seconds for FreeSWITCH's locks; a transaction still locked out then is
+rolled back and run again (:data:`LOCKED_ATTEMPTS` in all; a real FreeSWITCH recovering a
+big batch holds its core DB for a while). The writer's connection uses
 ``synchronous=NORMAL`` and ``wal_autocheckpoint=0`` (its own settings; see ``_Connection``).
 """
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 import urllib.parse
@@ -194,6 +197,8 @@ class _Connection:
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA wal_autocheckpoint=0")
             except sqlite3.Error as e:
+                if _LOCKED.search(str(e)):
+                    raise _Locked(str(e)) from None
                 raise CoreDBError(f"cannot open {self.path}: {e}") from None
             with self.lock:
                 self.conn = conn
@@ -209,6 +214,15 @@ class _Connection:
         with self.lock:
             if self.conn is not None:
                 self.conn.interrupt()
+
+
+#: Attempts of one transaction that finds the database locked (see ``_transaction``).
+LOCKED_ATTEMPTS = 3
+_LOCKED = re.compile(r"database (table )?is locked|database is busy")
+
+
+class _Locked(Exception):
+    """The database stayed locked for the connection's busy timeout."""
 
 
 class CoreDBWriter:
@@ -228,6 +242,7 @@ class CoreDBWriter:
         self.busy_timeout = busy_timeout
         self._connections: dict[Path, _Connection] = {}
         self._lock = threading.Lock()
+        self.locked_retries = 0  # transactions run again after "database is locked"
 
     def registration_path(self, profile: str) -> Path:
         path = None if self._registration_db is None else self._registration_db(profile)
@@ -244,6 +259,20 @@ class CoreDBWriter:
 
     def _transaction(self, path: Path, table: str,
                      work: Callable[[sqlite3.Connection], int]) -> int:
+        """``work`` in one transaction; one that found the database locked beyond
+        ``busy_timeout`` (FreeSWITCH writing: it logs ``SQLite is BUSY`` recovering a big
+        batch) is rolled back and run again, :data:`LOCKED_ATTEMPTS` times in all. Every
+        operation here is idempotent (rows replaced or deleted by key)."""
+        for attempt in range(1, LOCKED_ATTEMPTS + 1):
+            try:
+                return self._attempt(path, table, work)
+            except _Locked as e:
+                self.locked_retries += attempt < LOCKED_ATTEMPTS
+                last = e
+        raise CoreDBError(f"{path}: {last} ({LOCKED_ATTEMPTS} attempts)")
+
+    def _attempt(self, path: Path, table: str,
+                 work: Callable[[sqlite3.Connection], int]) -> int:
         c = self._connection(path)
         conn = c.get()
         try:
@@ -260,6 +289,8 @@ class CoreDBWriter:
             return n
         except sqlite3.Error as e:
             c.reset()  # never reuse a connection in an unknown state
+            if isinstance(e, sqlite3.OperationalError) and _LOCKED.search(str(e)):
+                raise _Locked(str(e)) from None
             if "no such table" in str(e):
                 raise CoreDBError(f"{path} has no {table} table: is it FreeSWITCH's "
                                   "database?") from None

@@ -1426,6 +1426,37 @@ class CoreDBWriterTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(self.writer.delete_recovery(rows)), 3)
         self.assertEqual([r[0] for r in recovery_rows_raw(self.path)], ["mine"])
 
+    def test_a_locked_database_is_tried_again(self) -> None:
+        rows = [RecoveryRow("dead", "sofia", "p", "h", f"u{i}", b"<cdr/>") for i in range(3)]
+
+        class LockedOnce:
+            """FreeSWITCH held the lock past the busy timeout, once."""
+
+            def execute(self, sql: str, *args: object) -> Any:
+                raise sqlite3.OperationalError("database is locked")
+
+            def close(self) -> None:
+                pass
+
+        connection = self.writer._connection(Path(self.path))
+        connection.conn = LockedOnce()  # type: ignore[assignment]
+        self.successResultOf(self.writer.write_recovery(rows, None))
+        self.assertEqual(self.writer.locked_retries, 1)
+        self.assertEqual(len(recovery_rows_raw(self.path)), 3)
+
+    def test_a_database_locked_for_good_fails_after_its_attempts(self) -> None:
+        writer = CoreDBWriter(self.path, inline_runner, busy_timeout=0.01)
+        self.addCleanup(writer.close)
+        holder = sqlite3.connect(self.path, isolation_level=None)
+        self.addCleanup(holder.close)
+        holder.execute("BEGIN EXCLUSIVE")
+        rows = [RecoveryRow("dead", "sofia", "p", "h", "u", b"<cdr/>")]
+        failure = self.failureResultOf(writer.write_recovery(rows, None), CoreDBError)
+        self.assertIn("database is locked (3 attempts)", str(failure.value))
+        self.assertEqual(writer.locked_retries, 2)
+        holder.execute("ROLLBACK")
+        self.successResultOf(writer.write_recovery(rows, None))  # a new connection works
+
     def test_own_runtime_is_replaced(self) -> None:
         rows = [RecoveryRow("me", "sofia", "p", "h", "u", "<cdr/>")]  # type: ignore[arg-type]
         written = self.successResultOf(self.writer.write_recovery(rows, "me"))
