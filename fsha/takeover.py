@@ -135,8 +135,11 @@ from fsha.fsdb import (
     FOREIGN_RUNTIME_PREFIX,
     CoreDBError,
     CoreDBWriter,
+    RecordValueError,
     RecoveryRow,
     RegistrationRow,
+    decode_call_row,
+    decode_registration,
 )
 from fsha.process import (
     DRAIN,
@@ -147,6 +150,7 @@ from fsha.process import (
     ProcessTimeout,
 )
 from fsha.recovery import DEFAULT_RECOVER_BATCH, Batch, plan_batches
+from fsha.wire.stream import Kind
 
 __all__ = [
     "FAILED",
@@ -309,8 +313,8 @@ class ReplicatedRecords:
     """:class:`SlotRecords` from a :class:`fsha.replication.state.ReplicatedState`.
 
     The records of origin ``previous`` for the slot: ``Kind.CALL`` values decoded with
-    :func:`fsha.replication.feeds.decode_call_row`, ``Kind.REGISTRATION`` with
-    :func:`~fsha.replication.feeds.decode_registration`; plus the records its previous
+    :func:`fsha.fsdb.decode_call_row`, ``Kind.REGISTRATION`` with
+    :func:`~fsha.fsdb.decode_registration`; plus the records its previous
     incarnation left (retired) that the current one does not hold. A value that does not
     decode is skipped and counted (``rejected``).
     """
@@ -323,9 +327,6 @@ class ReplicatedRecords:
                  ) -> tuple[list[RecoveryRow], list[RegistrationRow]]:
         if previous is None:
             return [], []
-        from fsha.replication.feeds import FeedValueError, decode_call_row, decode_registration
-        from fsha.wire.stream import Kind
-
         origin = previous.node_id
         live = list(self.state.records(origin=origin, slot=slot.slot_id))
         held = {(r.kind, r.key) for r in live}
@@ -338,12 +339,8 @@ class ReplicatedRecords:
                 if record.kind is Kind.CALL:
                     calls.append(decode_call_row(record.value))
                 elif record.kind is Kind.REGISTRATION:
-                    r = decode_registration(record.value)  # carries derived index fields
-                    regs.append(RegistrationRow(
-                        r.call_id, r.sip_user, r.sip_host, r.presence_hosts, r.contact,
-                        r.status, r.rpid, r.expires, r.user_agent, r.profile_name,
-                        r.network_ip, r.network_port, r.sip_username, r.sip_realm))
-            except FeedValueError as e:
+                    regs.append(decode_registration(record.value))
+            except RecordValueError as e:
                 self.rejected += 1
                 log.warn("replicated {kind} record {key} of {node} skipped: {error}",
                          kind=record.kind.name, key=record.key, node=previous.name,
@@ -417,7 +414,7 @@ class _Step:
     __slots__ = ("_clock", "_on_progress", "aborted", "counts", "note", "outcome",
                  "progressed")
 
-    def __init__(self, clock: IReactorTime | None = None,
+    def __init__(self, clock: IReactorTime,
                  on_progress: Callable[[float], object] | None = None) -> None:
         self.counts: dict[str, int] = {}
         self.note: str | None = None
@@ -430,8 +427,6 @@ class _Step:
     def progress(self) -> None:
         """Something got done (a batch recovered, rows written): the step's timeout counts
         from now (see :meth:`SlotEffects._step`)."""
-        if self._clock is None:
-            return
         self.progressed = now = self._clock.seconds()
         if self._on_progress is not None:
             self._on_progress(now)
@@ -501,17 +496,18 @@ def _reason(failure: Failure, timeout: float | None = None) -> str:
 class SlotEffects:
     """The effects of owning a slot (``fsha.node.SlotActions``); see the module docstring.
 
-    ``floating``: the floating-IP backend. ``clock``: the reactor (defaults to the global
-    one). ``esl``: the node's ESL client (None: only the floating IPs are handled, and the
-    report says the FreeSWITCH steps were skipped). ``db``: the writer of the local core DB
-    (None: calls and registrations are not restored, a warning). ``records``: where the dead
-    master's rows come from (default: none). ``hash_realm``: the realm of the registration
-    hash entries (None: none). ``fencing``: the ``[fencing]`` config (None: no fence step),
-    its command run through ``runner`` (default: a :class:`~fsha.process.ProcessRunner` on
-    ``clock``, which must then be a reactor). ``me``: this node, never fenced.
+    ``floating``: the floating-IP backend. ``clock``: the reactor's clock (required: library
+    code never reaches the global reactor). ``esl``: the node's ESL client (None: only the
+    floating IPs are handled, and the report says the FreeSWITCH steps were skipped).
+    ``db``: the writer of the local core DB (None: calls and registrations are not
+    restored, a warning). ``records``: where the dead master's rows come from (default:
+    none). ``hash_realm``: the realm of the registration hash entries (None: none).
+    ``fencing``: the ``[fencing]`` config (None: no fence step), its command run through
+    ``runner`` (default: a :class:`~fsha.process.ProcessRunner` on ``clock``, which must
+    then be a reactor). ``me``: this node, never fenced.
     """
 
-    def __init__(self, floating: FloatingIPBackend, clock: IReactorTime | None = None, *,
+    def __init__(self, floating: FloatingIPBackend, clock: IReactorTime, *,
                  esl: ApiRunner | None = None, db: CoreDBWriter | None = None,
                  records: SlotRecords | None = None,
                  timeouts: TakeoverTimeouts | None = None,
@@ -519,11 +515,8 @@ class SlotEffects:
                  history: int = 20, fencing: FencingConfig | None = None,
                  runner: ProcessRunner | None = None, me: NodeConfig | None = None,
                  recover_batch: int = DEFAULT_RECOVER_BATCH) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
-        assert clock is not None
         if fencing is not None and runner is None:
-            runner = ProcessRunner(clock)
+            runner = ProcessRunner(clock)  # type: ignore[arg-type]  # then clock is a reactor
         self.fencing = fencing
         self.runner = runner
         self.me = me

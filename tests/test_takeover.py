@@ -1483,7 +1483,7 @@ class CoreDBWriterTests(SynchronousTestCase):
     def test_registration_deletes_use_the_call_id_index(self) -> None:
         # sofia indexes nearly every column; SQLite would pick sr_profile_name (a scan of
         # the profile per deleted row)
-        from fsha.fsdb import _DELETE_REGISTRATION
+        from fsha.fsdb.writer import _DELETE_REGISTRATION
         with sqlite3.connect(self.path) as conn:
             for col in ("sip_user", "sip_host", "profile_name", "hostname"):
                 conn.execute(f"create index if not exists x_{col} on sip_registrations "
@@ -1579,12 +1579,8 @@ class SofiaStatusTests(SynchronousTestCase):
 
 class ReplicatedRecordsTests(SynchronousTestCase):
     def test_rows_from_the_replicated_state(self) -> None:
-        from fsha.replication.feeds import (
-            CallRow,
-            encode_call_row,
-            encode_registration,
-        )
-        from fsha.replication.feeds import RegistrationRow as FeedRegistration
+        from fsha.fsdb import CallRow, encode_call_row, encode_registration
+        from fsha.fsdb import RegistrationRow as FeedRegistration
         from fsha.replication.state import ReplicatedState
         from fsha.wire.stream import Change, Kind, Op
 

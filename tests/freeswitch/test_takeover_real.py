@@ -25,8 +25,14 @@ from twisted.trial.unittest import SkipTest, TestCase
 from fsha.config import FloatingIP, SlotConfig
 from fsha.esl import ESLClient
 from fsha.floating import LoopbackBackend
-from fsha.fsdb import CoreDBWriter, RecoveryRow, RegistrationRow, ThreadRunner
-from fsha.replication.feeds import SQLiteCoreDB, inline_runner
+from fsha.fsdb import (
+    CoreDBReader,
+    CoreDBWriter,
+    RecoveryRow,
+    RegistrationRow,
+    ThreadRunner,
+    inline_runner,
+)
 from fsha.takeover import NoRecords, SlotEffects, TakeoverTimeouts
 from tests.freeswitch import sipp
 from tests.freeswitch.realfs import RealFreeSWITCH, free_port, free_sip_port, skip_reason
@@ -48,7 +54,7 @@ def poll(condition: Any, what: str, timeout: float = DEADLINE) -> Deferred[Any]:
 def read_rows(fs: RealFreeSWITCH) -> tuple[list[RecoveryRow], list[RegistrationRow]]:
     """A's rows, read as the replication feeds read them (the registrations from the
     profile's own database)."""
-    db = SQLiteCoreDB(fs.core_db, inline_runner,
+    db = CoreDBReader(fs.core_db, inline_runner,
                       registration_db=lambda p: fs.registration_db(p))
     try:
         box: list[Any] = []
