@@ -76,7 +76,10 @@ from fsha.sim.switch import NullSipBinder, ProfileConfig, Switch
 from fsha.takeover import (
     FAILED,
     OK,
+    PROFILE_GUARD_SECONDS,
     SKIPPED,
+    STOP_UNANSWERED_INTERVAL,
+    STOP_UNANSWERED_RETRIES,
     WARNING,
     NoRecords,
     ReplicatedRecords,
@@ -860,6 +863,49 @@ class ReleaseTests(SynchronousTestCase):
         self.assertIn("hupall MANAGER_REQUEST sofia_profile_name slot1", s.esl.commands)
         self.assertTrue(s.b.profiles[PROFILE].running)  # the stop itself comes later
 
+    def test_unanswered_stop_is_retried_once_freeswitch_is_back(self) -> None:
+        s = Scenario(self, calls=1, regs=0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        s.clock.advance(PROFILE_GUARD_SECONDS + 1)  # not a young profile
+        s.esl.down = True  # FreeSWITCH hung or gone: the stop is not answered
+        self.successResultOf(s.effects.release(SLOT))
+        step = s.effects.last_report.step("profiles")
+        self.assertEqual((step.outcome, step.counts["unanswered"]), (WARNING, 1), step)
+        self.assertTrue(s.effects.status()["pending_profile_stops"])
+        stops = "sofia profile slot1 stop"
+        s.clock.advance(STOP_UNANSWERED_INTERVAL)
+        self.assertEqual(s.esl.commands.count(stops), 2)  # still down: tried again
+        self.assertTrue(s.b.profiles[PROFILE].running)
+        s.esl.down = False  # back, with the profile and a copy of the call
+        s.clock.advance(STOP_UNANSWERED_INTERVAL)
+        self.assertEqual(s.esl.commands.count(stops), 3)
+        self.assertFalse(s.b.profiles[PROFILE].running)
+        self.assertEqual(s.b.channels, {})
+        self.assertEqual(s.effects.status()["pending_profile_stops"], [])
+
+    def test_unanswered_stop_retries_are_bounded(self) -> None:
+        s = Scenario(self, calls=0, regs=0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        s.clock.advance(PROFILE_GUARD_SECONDS + 1)
+        s.esl.down = True
+        self.successResultOf(s.effects.release(SLOT))
+        s.clock.pump([STOP_UNANSWERED_INTERVAL] * (STOP_UNANSWERED_RETRIES + 5))
+        self.assertEqual(s.esl.commands.count("sofia profile slot1 stop"),
+                         1 + STOP_UNANSWERED_RETRIES)
+        self.assertEqual(s.effects.status()["pending_profile_stops"], [])
+
+    def test_acquire_cancels_an_unanswered_stop_retry(self) -> None:
+        s = Scenario(self, calls=0, regs=0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        s.clock.advance(PROFILE_GUARD_SECONDS + 1)
+        s.esl.down = True
+        self.successResultOf(s.effects.release(SLOT))
+        s.esl.down = False
+        self.successResultOf(s.effects.acquire(SLOT, 3, None))  # the slot is back here
+        s.clock.advance(STOP_UNANSWERED_INTERVAL * 3)
+        self.assertEqual(s.esl.commands.count("sofia profile slot1 stop"), 1)
+        self.assertTrue(s.b.profiles[PROFILE].running)
+
     def test_stop_at_exit_waits_for_the_deferred_stop(self) -> None:
         s = Scenario(self, calls=1, regs=0)
         self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
@@ -979,8 +1025,10 @@ class ReleaseTests(SynchronousTestCase):
         assert report is not None
         self.assertFalse(report.ok)
         self.assertEqual([(st.name, st.outcome) for st in report.steps],
-                         [("floating_ips", FAILED), ("profiles", FAILED)])
-        self.assertIn("no ready connection", report.error or "")
+                         [("floating_ips", FAILED), ("profiles", WARNING)])
+        # the stop is tried again once FreeSWITCH answers
+        self.assertIn("no ready connection", report.step("profiles").error or "")
+        self.assertTrue(s.effects.status()["pending_profile_stops"])
 
     def test_release_steps_time_out(self) -> None:
         s = Scenario(self)
@@ -1377,6 +1425,37 @@ class CoreDBWriterTests(SynchronousTestCase):
         self.successResultOf(self.writer.write_recovery([other], None))
         self.assertEqual(self.successResultOf(self.writer.delete_recovery(rows)), 3)
         self.assertEqual([r[0] for r in recovery_rows_raw(self.path)], ["mine"])
+
+    def test_a_locked_database_is_tried_again(self) -> None:
+        rows = [RecoveryRow("dead", "sofia", "p", "h", f"u{i}", b"<cdr/>") for i in range(3)]
+
+        class LockedOnce:
+            """FreeSWITCH held the lock past the busy timeout, once."""
+
+            def execute(self, sql: str, *args: object) -> Any:
+                raise sqlite3.OperationalError("database is locked")
+
+            def close(self) -> None:
+                pass
+
+        connection = self.writer._connection(Path(self.path))
+        connection.conn = LockedOnce()  # type: ignore[assignment]
+        self.successResultOf(self.writer.write_recovery(rows, None))
+        self.assertEqual(self.writer.locked_retries, 1)
+        self.assertEqual(len(recovery_rows_raw(self.path)), 3)
+
+    def test_a_database_locked_for_good_fails_after_its_attempts(self) -> None:
+        writer = CoreDBWriter(self.path, inline_runner, busy_timeout=0.01)
+        self.addCleanup(writer.close)
+        holder = sqlite3.connect(self.path, isolation_level=None)
+        self.addCleanup(holder.close)
+        holder.execute("BEGIN EXCLUSIVE")
+        rows = [RecoveryRow("dead", "sofia", "p", "h", "u", b"<cdr/>")]
+        failure = self.failureResultOf(writer.write_recovery(rows, None), CoreDBError)
+        self.assertIn("database is locked (3 attempts)", str(failure.value))
+        self.assertEqual(writer.locked_retries, 2)
+        holder.execute("ROLLBACK")
+        self.successResultOf(writer.write_recovery(rows, None))  # a new connection works
 
     def test_own_runtime_is_replaced(self) -> None:
         rows = [RecoveryRow("me", "sofia", "p", "h", "u", "<cdr/>")]  # type: ignore[arg-type]
