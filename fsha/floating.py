@@ -68,6 +68,7 @@ from fsha.process import (
     ProcessRunner,
     ProcessTimeout,
 )
+from fsha.reactors import ProcessReactor
 
 log = Logger(namespace="fsha.floating")
 
@@ -135,7 +136,7 @@ class FloatingIPBackend(Protocol):
         """At start-up: remove any of these left configured here; returns what was removed."""
 
 
-def make_backend(config: FloatingIPConfig, reactor: Any,
+def make_backend(config: FloatingIPConfig, reactor: ProcessReactor,
                  runner: ProcessRunner | None = None) -> FloatingIPBackend:
     """The backend ``config.backend`` names, running its commands through ``runner``."""
     if config.backend == "loopback":

@@ -43,6 +43,7 @@ from fsha.metrics import SessionWatch, metrics_resource
 from fsha.node import ClusterNode
 from fsha.notify import Notifier
 from fsha.process import ProcessRunner
+from fsha.reactors import NetReactor, NodeReactor
 from fsha.redisclient import RedisClient, RedisSettings
 from fsha.replication.feeds import Feeds
 from fsha.replication.service import ReplicationService
@@ -199,7 +200,7 @@ class LimitsService(service.Service):
         return self.redis.stop() if self.redis is not None else defer.succeed(None)
 
 
-def redis_client(config: ClusterConfig, password: str | None, reactor: Any
+def redis_client(config: ClusterConfig, password: str | None, reactor: NetReactor
                  ) -> RedisClient | None:
     r = config.redis
     if r is None:
@@ -258,9 +259,14 @@ class OrderedServices(service.MultiService):
         return d.addCallback(lambda _: None)
 
 
-def makeService(options: Options, reactor: Any = None) -> service.MultiService:
-    if reactor is None:
-        from twisted.internet import reactor  # the process's reactor, chosen by twistd
+def makeService(options: Options) -> service.MultiService:
+    """twistd's entry point: the node on the process's reactor (chosen by twistd)."""
+    from twisted.internet import reactor
+    return build_service(options, reactor)  # type: ignore[arg-type]
+
+
+def build_service(options: Options, reactor: NodeReactor) -> service.MultiService:
+    """The service tree of one node on ``reactor`` (see the comments for the order)."""
     config, me = options.cluster, options.me
     top = OrderedServices()
     top.setName(f"fsha-{me.name}")

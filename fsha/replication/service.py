@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 
 from fsha import pki
 from fsha.config import ClusterConfig, NodeConfig
+from fsha.reactors import NetReactor
 from fsha.replication.link import (
     HANDSHAKE_TIMEOUT,
     LinkFactory,
@@ -170,7 +171,7 @@ class ReplicationService(service.Service):
     run's identity (the node's own: pass ``ClusterNode.incarnation``).
     """
 
-    def __init__(self, config: ClusterConfig, me: NodeConfig, reactor: Any, *,
+    def __init__(self, config: ClusterConfig, me: NodeConfig, reactor: NetReactor, *,
                  incarnation: int | None = None, log_limit: int = DEFAULT_LOG_LIMIT,
                  session_config: SessionConfig | None = None, connect_timeout: float = 2.0,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, backoff_initial: float = 0.2,
