@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
+from fsha import kernelnet
 from fsha.config import (
     ClusterConfig,
     ConfigError,
@@ -71,6 +72,21 @@ class Options(usage.Options):
         except ConfigError as e:
             print(f"fsha: {e.problems[0]}", file=sys.stderr)
             raise SystemExit(2) from None
+        problem = capability_problem(self.cluster)
+        if problem is not None:
+            print(f"fsha: {problem}", file=sys.stderr)
+            raise SystemExit(2)
+
+
+def capability_problem(config: ClusterConfig) -> str | None:
+    """The ``ip`` backend changes addresses and sends ARP itself: without CAP_NET_ADMIN
+    (and CAP_NET_RAW, for IPv4 announcements) the first takeover would fail, so say it at
+    start-up instead."""
+    floating = config.floating_ip
+    if floating is None or floating.backend != "ip":
+        return None
+    return kernelnet.capability_problem(kernelnet.needed_capabilities(
+        [(ip.address, floating.arping_count) for slot in config.slots for ip in slot.ips]))
 
 
 def check_tls_files(config: ClusterConfig, me: NodeConfig) -> None:
