@@ -43,6 +43,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from fsha.reactors import NetReactor
 from fsha.wire.esl import (
     CT_API_RESPONSE,
     CT_AUTH_REQUEST,
@@ -466,7 +467,7 @@ class ESLClient(Service):
     @classmethod
     def tcp(
         cls,
-        reactor: Any,
+        reactor: NetReactor,
         host: str,
         port: int,
         password: str,

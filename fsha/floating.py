@@ -78,6 +78,7 @@ from fsha.process import (
     ProcessRunner,
     ProcessTimeout,
 )
+from fsha.reactors import ProcessReactor
 
 log = Logger(namespace="fsha.floating")
 
@@ -145,7 +146,7 @@ class FloatingIPBackend(Protocol):
         """At start-up: remove any of these left configured here; returns what was removed."""
 
 
-def make_backend(config: FloatingIPConfig, reactor: Any,
+def make_backend(config: FloatingIPConfig, reactor: ProcessReactor,
                  runner: ProcessRunner | None = None,
                  net: KernelNet | None = None) -> FloatingIPBackend:
     """The backend ``config.backend`` names, running its commands through ``runner``; the
@@ -383,8 +384,9 @@ class IPBackend:
                 result = yield self._run([self.arping, probe], ok_codes=range(256))
                 output = result.stdout + result.stderr
             except ExecutableNotFound as e:
-                log.error("{arping} is not installed ({error}): gratuitous ARP impossible; "
-                          "install iputils-arping", arping=self.arping, error=e.reason)
+                log.error("cannot run {arping} ({error}): gratuitous ARP impossible; is "
+                          "iputils-arping installed and may fsha run it?",
+                          arping=self.arping, error=e.reason)
                 return ""
             except ProcessError as e:
                 output = (e.result.stdout + e.result.stderr) if getattr(e, "result", None) \

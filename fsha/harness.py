@@ -92,11 +92,10 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: floa
 
 
 def poll_until(condition: Callable[[], Any], what: str, timeout: float = 30.0,
-               interval: float = 0.01, clock: IReactorTime | None = None) -> Deferred[Any]:
+               interval: float = 0.01, *, clock: IReactorTime) -> Deferred[Any]:
     """``wait_for`` in the reactor: fires with ``condition()``'s first true value, polled
-    every ``interval`` on ``clock``, or fails with ConditionTimeout after ``timeout``."""
-    if clock is None:  # driver code for tests; library code never reaches the global reactor
-        from twisted.internet import reactor as clock
+    every ``interval`` on ``clock`` (required: the test's reactor or ``Clock``), or fails
+    with ConditionTimeout after ``timeout``."""
     end = clock.seconds() + timeout
     last_error: Exception | None = None
     next_poll: list[IDelayedCall] = []
@@ -247,6 +246,7 @@ class LoopbackCluster:
             f"heartbeat_interval_ms = {self.interval_ms}",
             f"dead_after_ms = {self.dead_after_ms}", 'quorum = "majority"', "",
             '[floating_ip]', 'backend = "loopback"', "",
+            '[state]', 'dir = "state/{node}"', "",
             '[tls]', 'ca = "pki/ca.crt"', 'cert = "pki/{node}.crt"', 'key = "pki/{node}.key"',
             "", self.extra_config, "",
             '[[network]]', 'name = "A"', f"port = {port_a}", "",

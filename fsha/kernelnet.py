@@ -1,5 +1,5 @@
 """The kernel's network interfaces, spoken to directly: rtnetlink for addresses, a packet
-socket for gratuitous ARP, and the process's capabilities.
+socket for gratuitous ARP (the capabilities they need are checked by ``fsha.startup``).
 
 This is the I/O half of the ``ip`` backend's netlink path (``fsha.floating``); the bytes are
 built and parsed by ``fsha.wire.netlink``. Every call is one or two system calls that the
@@ -13,18 +13,13 @@ blocking the reactor for longer.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import socket
 import sys
-from collections.abc import Iterable, Sequence
 from itertools import count
 
 from fsha.wire import netlink
 
-CAP_NET_ADMIN = 12
-CAP_NET_RAW = 13
-CAPABILITY_NAMES = {CAP_NET_ADMIN: "CAP_NET_ADMIN", CAP_NET_RAW: "CAP_NET_RAW"}
 _RECV = 65536
 
 
@@ -138,44 +133,3 @@ class LinuxNet:
             s.sendto(netlink.garp(mac, address),
                      (interface, netlink.ETH_P_ARP, 0, 0, netlink.BROADCAST_MAC))
         return True
-
-
-# -- capabilities -------------------------------------------------------------------------
-
-
-def effective_capabilities(status: str) -> int:
-    """The ``CapEff`` mask of a ``/proc/PID/status`` text."""
-    for line in status.splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split(":", 1)[1].strip(), 16)
-    raise ValueError("no CapEff line")
-
-
-def missing_capabilities(mask: int, needed: Iterable[int]) -> list[str]:
-    return [CAPABILITY_NAMES[c] for c in sorted(set(needed)) if not mask >> c & 1]
-
-
-def needed_capabilities(ips: Sequence[tuple[str, int]]) -> list[int]:
-    """What the ``ip`` backend needs for these (address, arping count) pairs."""
-    need = [CAP_NET_ADMIN]
-    if any(count > 0 and ipaddress.ip_address(a).version == 4 for a, count in ips):
-        need.append(CAP_NET_RAW)
-    return need
-
-
-def capability_problem(needed: Iterable[int], status_path: str = "/proc/self/status"
-                       ) -> str | None:
-    """One line saying which capabilities this process lacks, or None (or not Linux)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        with open(status_path, encoding="ascii", errors="replace") as f:
-            mask = effective_capabilities(f.read())
-    except (OSError, ValueError):
-        return None  # cannot tell: the first address change will say
-    missing = missing_capabilities(mask, needed)
-    if not missing:
-        return None
-    return (f"floating_ip backend \"ip\" needs {' and '.join(missing)} (add and delete "
-            f"addresses, send gratuitous ARP): run as root or grant them "
-            f"(systemd: AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW)")

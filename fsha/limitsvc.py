@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 
 from fsha.config import ClusterConfig, LimitsConfig, NodeConfig, SlotConfig
 from fsha.fsapi import FSApi, parse_uuid_exists
+from fsha.fsdb import RecordValueError, decode_call_row
 from fsha.limits import (
     ADOPT_PREFIX,
     HELD_PREFIX,
@@ -62,7 +63,6 @@ from fsha.limits import (
     release_markers,
 )
 from fsha.redisclient import RedisClient, RedisError
-from fsha.replication.feeds import FeedValueError, decode_call_row
 from fsha.replication.state import ReplicatedState
 from fsha.wire.esl import Event
 from fsha.wire.stream import NO_SLOT, Change, Kind
@@ -342,7 +342,7 @@ class LimitService:
         for record in live + retired:
             try:
                 row = decode_call_row(record.value)
-            except FeedValueError:
+            except RecordValueError:
                 rejected += 1
                 continue
             rows.append((record.slot, row.uuid, row.runtime_uuid, row.metadata))

@@ -23,18 +23,16 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from fsha.claims import ClaimFacts, claim_hold, cold_start_wait
 from fsha.config import ClusterConfig, NodeConfig, SlotConfig
 from fsha.detector import FailureDetector, RoundTrips
 from fsha.quorum import (
     NEVER,
     PeerView,
     QuorumTracker,
-    deaf_to,
     lease_expires_at,
     lease_for,
-    lease_holds,
     live_count,
-    view_agreement,
 )
 from fsha.roles import Member, Roles, compute_roles
 from fsha.wire.heartbeat import (
@@ -96,12 +94,28 @@ class NetworkLink:
 
 
 class RoleMachine:
-    """This node's role: starting -> slave <-> claiming -> master -> releasing -> slave."""
+    """This node's role: starting -> slave <-> claiming -> master -> releasing -> slave.
+
+    The machine owns the role and the slot and epoch it concerns (``role``, ``slot``,
+    ``epoch``: read them here, or through the node's read-only properties); only its
+    outputs change them. Inputs are total: one that does not apply in the current state
+    (``lost`` while a slave, say) is ignored here, so callers need not check the role
+    before feeding it.
+    """
 
     _machine = MethodicalMachine()
 
     def __init__(self, node: ClusterNode) -> None:
         self._node = node
+        self.role = Role.STARTING
+        self.slot = NO_SLOT
+        self.epoch = 0
+
+    def _hold(self, role: Role, slot: int, epoch: int) -> None:
+        old, old_slot = self.role, self.slot
+        self.role, self.slot, self.epoch = role, slot, epoch
+        if old is not role:
+            self._node._role_changed(old, old_slot)
 
     @_machine.state(initial=True)
     def starting(self) -> None:
@@ -150,24 +164,31 @@ class RoleMachine:
 
     @_machine.output()
     def _enter_slave(self) -> None:
-        self._node._set_role(Role.SLAVE, NO_SLOT, 0)
+        self._hold(Role.SLAVE, NO_SLOT, 0)
 
     @_machine.output()
     def _begin_claim(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None,
                      handed_over: bool, claimers: tuple[NodeConfig, ...] = ()) -> None:
+        self._hold(Role.CLAIMING, slot.slot_id, epoch)
         self._node._begin_claim(slot, epoch, previous, handed_over, claimers)
 
     @_machine.output()
     def _become_master(self) -> None:
+        self._hold(Role.MASTER, self.slot, self.epoch)
         self._node._become_master()
 
     @_machine.output()
     def _claim_aborted(self, reason: str) -> None:
-        self._node._claim_aborted(reason)
+        slot = self.slot
+        self._node._claim_aborted(slot, reason)
+        self._hold(Role.SLAVE, NO_SLOT, 0)
+        self._node._announce(MessageType.HEARTBEAT)
 
     @_machine.output()
     def _begin_release(self, reason: str) -> None:
-        self._node._begin_release(reason)
+        slot = self._node._stop_claim(reason)  # the claim is cancelled before the release
+        self._hold(Role.RELEASING, self.slot, self.epoch)
+        self._node._release(slot, reason)
 
     starting.upon(discovered, enter=slave, outputs=[_enter_slave])
     slave.upon(assigned, enter=claiming, outputs=[_begin_claim])
@@ -176,6 +197,10 @@ class RoleMachine:
     claiming.upon(lost, enter=releasing, outputs=[_begin_release])
     master.upon(lost, enter=releasing, outputs=[_begin_release])
     releasing.upon(released, enter=slave, outputs=[_enter_slave])
+    # Nothing held, or already letting go: nothing to lose.
+    starting.upon(lost, enter=starting, outputs=[])
+    slave.upon(lost, enter=slave, outputs=[])
+    releasing.upon(lost, enter=releasing, outputs=[])
 
 
 class ClusterNode:
@@ -217,9 +242,6 @@ class ClusterNode:
         self._lease_verdict: IDelayedCall | None = None
         self._answered: dict[int, float] = {}  # peer -> when we last answered it at once
         self.claim_hold = ""  # why an assigned claim waits (status), "" when none
-        self.role = Role.STARTING
-        self.slot = NO_SLOT
-        self.epoch = 0
         self.maintenance = False
         self.unfit_until = 0.0
         self.known_epochs: dict[int, int] = {}
@@ -235,6 +257,7 @@ class ClusterNode:
         self.drops: Counter[str] = Counter()
         self.received = 0
         self.events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
+        self._announced: dict[int, tuple[Any, ...]] = {}  # peer -> its last announcement
         self.started_at = 0.0
         self.claim_started = 0.0
         # Each effect has its own timeout; this bounds the whole acquisition as well, and
@@ -258,6 +281,19 @@ class ClusterNode:
         # False while something this node needs before a cold-start claim is not settled
         # (the durable store's load, bounded by the store): see fsha.durable.
         self.cold_start_gate: Callable[[], bool] | None = None
+
+    # The role machine owns these (see RoleMachine): read-only here.
+    @property
+    def role(self) -> Role:
+        return self._machine.role
+
+    @property
+    def slot(self) -> int:
+        return self._machine.slot
+
+    @property
+    def epoch(self) -> int:
+        return self._machine.epoch
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -388,7 +424,11 @@ class ClusterNode:
             elif hb.role is Role.RELEASING and self.last_holder.get(hb.slot) == hb.node_id:
                 self.released_by[hb.slot] = hb.node_id
         self._track_claimers(hb)
-        if hb.type is not MessageType.HEARTBEAT:
+        announced = (hb.type, hb.slot, hb.epoch, hb.incarnation)
+        # an announcement comes in a burst of copies (_announce): told once, not per copy
+        if hb.type is not MessageType.HEARTBEAT \
+                and self._announced.get(hb.node_id) != announced:
+            self._announced[hb.node_id] = announced
             slot = self.config.slots[hb.slot].name if hb.slot < len(self.config.slots) else "?"
             kind = "takeover" if hb.type is MessageType.TAKEOVER else "release"
             self._event(f"peer-{kind}", peer=name, slot=slot, epoch=hb.epoch,
@@ -448,7 +488,7 @@ class ClusterNode:
         self.maintenance = on
         self._event("maintenance", on=on)
         self.log.info("maintenance {state} by operator", state="on" if on else "off")
-        if on and self.role in (Role.MASTER, Role.CLAIMING):
+        if on:
             self._machine.lost("maintenance: drained by operator")
         if self.running:
             self._evaluate()
@@ -519,28 +559,21 @@ class ClusterNode:
         return lease_expires_at(self.peer_views(), self.config.quorum, self.lease)
 
     def _claim_hold(self, slot_id: int, roles: Roles, now: float) -> str:
-        """Why this node may not claim its assigned ``slot_id`` yet ("" when it may)."""
+        """Why this node may not claim its assigned ``slot_id`` yet ("" when it may): the
+        facts gathered here, the policy in :func:`fsha.claims.claim_hold`."""
         views = self.peer_views()
-        quorum = self.config.quorum
         previous = self.last_holder.get(slot_id)
-        me = self.me.node_id
-        if previous is not None and previous != me:
-            peer = self.detector.peers[previous]
-            # Heard: it let the slot go itself (or restarted). Not heard: dead only when a
-            # quorum of live nodes no longer hear it either.
-            voting = now - self.started_at >= self.config.dead_after
-            if not peer.alive and deaf_to(previous, False, voting, views) < quorum:
-                return (f"{self._name(previous)} is still heard by part of the cluster: "
-                        "no quorum of nodes has lost it")
         peers = self.detector.peers
-        digests = (peers[v.node_id].latest.view_digest for v in views  # type: ignore[union-attr]
-                   if v.live and v.voting)
-        if view_agreement(roles.digest, digests) < quorum:
-            return "no quorum of nodes sees the same cluster view yet"
-        if not lease_holds(now, views, quorum, self.lease):
-            # the claim would be given up at once: no quorum has shown it hears this node
-            return "no quorum has echoed this node's heartbeats lately (its lease)"
-        return ""
+        digests = [peers[v.node_id].latest.view_digest for v in views  # type: ignore[union-attr]
+                   if v.live and v.voting]
+        facts = ClaimFacts(
+            me=self.me.node_id, previous=previous,
+            previous_alive=previous is not None and previous in peers
+            and peers[previous].alive,
+            voting=now - self.started_at >= self.config.dead_after, views=views,
+            peer_digests=digests, my_digest=roles.digest, quorum=self.config.quorum,
+            lease=self.lease, now=now)
+        return claim_hold(facts, {n.node_id: n.name for n in self.config.nodes})
 
     def _lease_expired(self, now: float) -> bool:
         """Has this master's lease run out? Asked twice: the first time it looks expired,
@@ -687,13 +720,9 @@ class ClusterNode:
             claimer = self.claimers.get(slot_id)
             claimers = (self.config.nodes[claimer[0]],) \
                 if claimer is not None and claimer[0] != me else ()
-            if previous is None and epoch == 1 and (
-                    self._anyone_starting()
-                    or (self.cold_start_gate is not None and not self.cold_start_gate())):
-                # A slot never owned (cluster cold start): wait until every live node has
-                # finished discovery, so all rank the same slaves and claims do not collide.
-                # A dead master's slot (known epoch) is taken over at once. The durable
-                # store (if any) may still name the slot's master before the restart.
+            gate = self.cold_start_gate
+            if cold_start_wait(previous, epoch, self._anyone_starting(),
+                               gate is None or gate()):
                 return
             self._machine.assigned(self.config.slots[slot_id], epoch,
                                    self.config.nodes[previous] if previous is not None else None,
@@ -711,24 +740,22 @@ class ClusterNode:
         the heartbeat is sent (the guard's lease renewal)."""
         self._tick_listeners.append(callback)
 
-    def _set_role(self, role: Role, slot: int, epoch: int) -> None:
-        old, old_slot = self.role, self.slot
-        self.role, self.slot, self.epoch = role, slot, epoch
-        if old is not role:
-            self._event("role", role=role.name.lower(),
-                        slot=self.config.slots[slot].name if slot != NO_SLOT else None,
-                        epoch=epoch)
-            concerned = slot if slot != NO_SLOT else old_slot
-            slot_config = self.config.slots[concerned] if concerned != NO_SLOT else None
-            for callback in list(self._role_listeners):
-                try:
-                    callback(old, role, slot_config)
-                except Exception:
-                    self.log.failure("role listener failed")
+    def _role_changed(self, old: Role, old_slot: int) -> None:
+        """The machine moved from ``old`` (about ``old_slot``): record it, tell listeners."""
+        role, slot, epoch = self.role, self.slot, self.epoch
+        self._event("role", role=role.name.lower(),
+                    slot=self.config.slots[slot].name if slot != NO_SLOT else None,
+                    epoch=epoch)
+        concerned = slot if slot != NO_SLOT else old_slot
+        slot_config = self.config.slots[concerned] if concerned != NO_SLOT else None
+        for callback in list(self._role_listeners):
+            try:
+                callback(old, role, slot_config)
+            except Exception:
+                self.log.failure("role listener failed")
 
     def _begin_claim(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None,
                      handed_over: bool = False, claimers: tuple[NodeConfig, ...] = ()) -> None:
-        self._set_role(Role.CLAIMING, slot.slot_id, epoch)
         self.claim_started = self.clock.seconds()
         subject = previous.name if previous is not None else None
         self.log.info("claiming slot {slot} with epoch {epoch} (previous master: {previous})",
@@ -792,7 +819,6 @@ class ClusterNode:
     def _become_master(self) -> None:
         took = (self.clock.seconds() - self.claim_started) * 1000
         slot = self.config.slots[self.slot]
-        self._set_role(Role.MASTER, self.slot, self.epoch)
         self.known_epochs[self.slot] = max(self.known_epochs.get(self.slot, 0), self.epoch)
         self.last_holder[self.slot] = self.me.node_id
         self.claimers.pop(self.slot, None)
@@ -802,14 +828,13 @@ class ClusterNode:
         self._event("master", slot=slot.name, epoch=self.epoch, claim_ms=round(took, 1))
         self._announce(MessageType.HEARTBEAT)
 
-    def _claim_aborted(self, reason: str) -> None:
-        slot = self.config.slots[self.slot].name if self.slot != NO_SLOT else None
+    def _claim_aborted(self, slot_id: int, reason: str) -> None:
+        slot = self.config.slots[slot_id].name if slot_id != NO_SLOT else None
         self.unfit_until = self.clock.seconds() + UNFIT_INTERVALS * self.config.heartbeat_interval
         self._event("claim-aborted", slot=slot, reason=reason)
-        self._set_role(Role.SLAVE, NO_SLOT, 0)
-        self._announce(MessageType.HEARTBEAT)
 
-    def _begin_release(self, reason: str) -> None:
+    def _stop_claim(self, reason: str) -> SlotConfig:
+        """A release begins: say so, and cancel an acquisition still running."""
         slot = self.config.slots[self.slot]
         self.log.warn("releasing slot {slot}: {reason}", slot=slot.name, reason=reason,
                       takeover=f"{slot.name}/{self.epoch}")
@@ -817,7 +842,9 @@ class ClusterNode:
         claim, self._claim = self._claim, None
         if claim is not None:
             claim.cancel()  # stop acquiring before releasing
-        self._set_role(Role.RELEASING, self.slot, self.epoch)
+        return slot
+
+    def _release(self, slot: SlotConfig, reason: str) -> None:
         self._release_resources(slot, reason).addBoth(lambda _: self._released(slot))
 
     def _released(self, slot: SlotConfig) -> None:

@@ -17,11 +17,12 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
-from fsha import kernelnet
+from fsha import startup
 from fsha.config import (
     ClusterConfig,
     ConfigError,
     NodeConfig,
+    check_tls_files,
     choose_node,
     load_config,
     read_redis_password,
@@ -35,10 +36,14 @@ from fsha.fsevents import ClusterEvents
 from fsha.guard import default_lease
 from fsha.guardlink import GuardLink
 from fsha.health import SwitchHealth, esl_clients
+from fsha.history import HistoryResource, StateDir
 from fsha.limitsvc import LimitService
 from fsha.localdrop import GuardSettings, report_problems
 from fsha.metrics import SessionWatch, metrics_resource
 from fsha.node import ClusterNode
+from fsha.notify import Notifier
+from fsha.process import ProcessRunner
+from fsha.reactors import NetReactor, NodeReactor
 from fsha.redisclient import RedisClient, RedisSettings
 from fsha.replication.feeds import Feeds
 from fsha.replication.service import ReplicationService
@@ -69,37 +74,13 @@ class Options(usage.Options):
             self.secret: bytes = self.cluster.read_secret()
             check_tls_files(self.cluster, self.me)
             self.redis_password: str | None = read_redis_password(self.cluster)
+            startup.check(self.cluster, self.me)
         except ConfigError as e:
             print(f"fsha: {e.problems[0]}", file=sys.stderr)
             raise SystemExit(2) from None
-        problem = capability_problem(self.cluster)
-        if problem is not None:
-            print(f"fsha: {problem}", file=sys.stderr)
-            raise SystemExit(2)
-
-
-def capability_problem(config: ClusterConfig) -> str | None:
-    """The ``ip`` backend changes addresses and sends ARP itself: without CAP_NET_ADMIN
-    (and CAP_NET_RAW, for IPv4 announcements) the first takeover would fail, so say it at
-    start-up instead."""
-    floating = config.floating_ip
-    if floating is None or floating.backend != "ip":
-        return None
-    return kernelnet.capability_problem(kernelnet.needed_capabilities(
-        [(ip.address, floating.arping_count) for slot in config.slots for ip in slot.ips]))
-
-
-def check_tls_files(config: ClusterConfig, me: NodeConfig) -> None:
-    """The node's replication PKI must be there before it starts (one clear line if not)."""
-    tls = config.tls
-    if tls is None:
-        return
-    for key, path in (("tls.ca", tls.ca), ("tls.cert", tls.cert_for(me.name)),
-                      ("tls.key", tls.key_for(me.name))):
-        if not path.is_file():
-            raise ConfigError([f"{config.path}: {key}: {path} does not exist (make it with "
-                               f"fsha certs init / fsha certs issue {me.name} --config "
-                               f"{config.path})"])
+        except startup.StartupError as e:
+            print(f"fsha: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 class NodeService(service.Service):
@@ -185,6 +166,19 @@ class NodeService(service.Service):
         return d
 
 
+def state_dir(config: ClusterConfig, me: NodeConfig) -> StateDir | None:
+    """The node's state directory (history, maintenance); None, said once, if the default
+    one cannot be used (an explicit one was checked at start: fsha.startup)."""
+    path = config.state.dir_for(me.name, config.path.parent)
+    try:
+        return StateDir(path, me.name, config.state.history_max_bytes,
+                        config.state.history_files)
+    except OSError as e:
+        _log.warn("no history and no maintenance kept across restarts: {path} cannot be "
+                  "used ({error}); set [state] dir", path=str(path), error=e)
+        return None
+
+
 class LimitsService(service.Service):
     """Cluster-wide limits (``[limits]``) and the Redis connection (``[redis]``)."""
 
@@ -206,7 +200,7 @@ class LimitsService(service.Service):
         return self.redis.stop() if self.redis is not None else defer.succeed(None)
 
 
-def redis_client(config: ClusterConfig, password: str | None, reactor: Any
+def redis_client(config: ClusterConfig, password: str | None, reactor: NetReactor
                  ) -> RedisClient | None:
     r = config.redis
     if r is None:
@@ -265,9 +259,14 @@ class OrderedServices(service.MultiService):
         return d.addCallback(lambda _: None)
 
 
-def makeService(options: Options, reactor: Any = None) -> service.MultiService:
-    if reactor is None:
-        from twisted.internet import reactor  # the process's reactor, chosen by twistd
+def makeService(options: Options) -> service.MultiService:
+    """twistd's entry point: the node on the process's reactor (chosen by twistd)."""
+    from twisted.internet import reactor
+    return build_service(options, reactor)  # type: ignore[arg-type]
+
+
+def build_service(options: Options, reactor: NodeReactor) -> service.MultiService:
+    """The service tree of one node on ``reactor`` (see the comments for the order)."""
     config, me = options.cluster, options.me
     top = OrderedServices()
     top.setName(f"fsha-{me.name}")
@@ -385,9 +384,31 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         result["redis"] = redis.status() if redis is not None else None
         result["durable"] = durable.status() if durable is not None else None
         result["guard"] = guard.status() if guard is not None else {"enabled": False}
+        result["history"] = state.status() if state is not None else None
+        result["notify"] = notifier.status() if notifier is not None else None
         return result
 
+    state = state_dir(config, me)
+    notifier: Notifier | None = None
+    if config.notify is not None:
+        notifier = Notifier(config.notify, config.name, me.name, reactor,
+                            ProcessRunner(reactor))
+        node.add_event_listener(notifier.event)
+    if state is not None:
+        node.add_event_listener(state.record)
+        node.add_event_listener(lambda e: state.set_maintenance(bool(e["on"]))
+                                if e["event"] == "maintenance" else None)
+        previous = state.config_changed(config.digest.hex())
+        if previous is not None:
+            node.record_event("config", digest=config.digest.hex(), previous=previous)
+        if state.maintenance():
+            # kept across the restart, as Pacemaker's standby is
+            _log.warn("maintenance on (kept from before the restart; fsha maintenance "
+                      "{node} off ends it)", node=me.name)
+            node.set_maintenance(True)
     root = status_site_root(status, control)
+    if state is not None:
+        root.putChild(b"history", HistoryResource(state.path))
     root.putChild(b"metrics", metrics_resource(status, effects, esl))
     site = StatusSite(root, control)
     site.noisy = False

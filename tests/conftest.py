@@ -55,6 +55,8 @@ TIERS: dict[str, str] = {
     "test_limits_cluster.py": "process",
     "test_limits_redis.py": "process",
     "test_ocf_agent.py": "process",
+    "test_operations.py::OperationsClusterTests": "process",
+    "test_operations.py::StartupProcessTests": "process",
     "test_packaging.py": "process",
     "test_process.py::RealProcessTests": "process",
     "test_redisclient.py": "process",

@@ -24,14 +24,14 @@ from fsha.durable import (
     encode_value,
     key_prefix,
 )
-from fsha.harness import poll_until as wait_for
-from fsha.redisclient import RedisClient, RedisSettings, RedisUnavailable
-from fsha.replication.feeds import (
+from fsha.fsdb import (
     RegistrationRow,
     encode_call_row,
     encode_registration,
     registration_key,
 )
+from fsha.harness import poll_until as wait_for
+from fsha.redisclient import RedisClient, RedisSettings, RedisUnavailable
 from fsha.replication.state import ReplicatedState
 from fsha.takeover import RecoveryRow, ReplicatedRecords
 from fsha.wire.heartbeat import Role

@@ -1,5 +1,4 @@
-"""The ``ip`` backend's netlink path (fake kernel; and the real one in a namespace), and
-the start-up capability check."""
+"""The ``ip`` backend's netlink path (fake kernel; and the real one in a namespace)."""
 
 from __future__ import annotations
 
@@ -194,40 +193,6 @@ class MakeBackendTests(SynchronousTestCase):
         self.assertIs(type(b), IPBackend)
         self.assertTrue(any("running ip and arping instead" in e["log_format"]
                             for e in logs.of()))
-
-
-class CapabilityTests(SynchronousTestCase):
-    STATUS = "Name:\tfsha\nCapInh:\t0000000000000000\nCapEff:\t{:016x}\nCapBnd:\t0\n"
-
-    def test_mask_and_missing(self) -> None:
-        admin = 1 << kernelnet.CAP_NET_ADMIN
-        self.assertEqual(kernelnet.effective_capabilities(self.STATUS.format(admin)), admin)
-        self.assertRaises(ValueError, kernelnet.effective_capabilities, "Name: x\n")
-        need = [kernelnet.CAP_NET_ADMIN, kernelnet.CAP_NET_RAW]
-        self.assertEqual(kernelnet.missing_capabilities(admin, need), ["CAP_NET_RAW"])
-        self.assertEqual(kernelnet.missing_capabilities(0x3FFFFFFFFF, need), [])
-
-    def test_what_is_needed(self) -> None:
-        self.assertEqual(kernelnet.needed_capabilities([("198.18.0.1", 3)]),
-                         [kernelnet.CAP_NET_ADMIN, kernelnet.CAP_NET_RAW])
-        # no ARP to send: no raw socket needed
-        self.assertEqual(kernelnet.needed_capabilities([("198.18.0.1", 0), ("2001:db8::1", 3)]),
-                         [kernelnet.CAP_NET_ADMIN])
-
-    def test_problem_is_one_line_naming_the_missing(self) -> None:
-        path = self.mktemp()
-        with open(path, "w") as f:
-            f.write(self.STATUS.format(1 << kernelnet.CAP_NET_RAW))
-        problem = kernelnet.capability_problem([kernelnet.CAP_NET_ADMIN,
-                                                kernelnet.CAP_NET_RAW], path)
-        assert problem is not None
-        self.assertNotIn("\n", problem)
-        self.assertIn("needs CAP_NET_ADMIN (", problem)
-        with open(path, "w") as f:
-            f.write(self.STATUS.format(0x3FFFFFFFFF))
-        self.assertIsNone(kernelnet.capability_problem([kernelnet.CAP_NET_ADMIN], path))
-        self.assertIsNone(kernelnet.capability_problem([kernelnet.CAP_NET_ADMIN],
-                                                       path + ".missing"))
 
 
 # -- the real kernel, inside a throwaway namespace ----------------------------------------

@@ -18,6 +18,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from fsha.config import LimitsConfig, load_config
+from fsha.fsdb import encode_call_row
 from fsha.limits import (
     Adoption,
     CallHolding,
@@ -32,7 +33,6 @@ from fsha.limits import (
     plan_reconcile,
 )
 from fsha.limitsvc import LimitService
-from fsha.replication.feeds import encode_call_row
 from fsha.replication.state import ApplyResult, ReplicatedState
 from fsha.takeover import RecoveryRow
 from fsha.wire.esl import Event, Headers

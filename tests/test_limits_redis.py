@@ -13,10 +13,10 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial import unittest
 
 from fsha.config import LimitsConfig
+from fsha.fsdb import encode_call_row
 from fsha.harness import poll_until as wait_for
 from fsha.limitsvc import LimitService
 from fsha.redisclient import RedisClient
-from fsha.replication.feeds import encode_call_row
 from fsha.replication.state import ReplicatedState
 from fsha.takeover import RecoveryRow
 from fsha.wire.stream import Change, Kind

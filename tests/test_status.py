@@ -9,7 +9,8 @@ from contextlib import redirect_stderr, redirect_stdout
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from fsha.status import main, problems, render, status_site_root
+from fsha.cli.status import main
+from fsha.status import problems, render, status_site_root
 
 from .fakecluster import FakeCluster, make_config
 
@@ -27,7 +28,7 @@ class RenderTests(SynchronousTestCase):
         status = cluster.nodes["fs3"].status()
         self.assertEqual(problems(status), [])
         text = render(status)
-        self.assertIn("cluster demo   seen from fs3 (slave)   quorum 3/2 ok", text)
+        self.assertIn("cluster demo   seen from fs3 (slave)   quorum ok (3 seen, 2 needed)", text)
         self.assertRegex(text, r"fs1\s+master\s+-\s+slot1\s+1\s+up \d+ms rtt \d+\.\d\dms"
                                r"\s+up \d+ms rtt \d+\.\d\dms")
         self.assertRegex(text, r"fs3\*\s+slave\s+1\s+-\s+-\s+self\s+self")

@@ -406,6 +406,7 @@ class AcquireTests(SynchronousTestCase):
         event = report.as_event()
         self.assertEqual((event["calls_recovered"], event["registrations_restored"],
                           event["ok"], list(event["steps_ms"])), (6, 3, True, ACQUIRE_STEPS))
+        self.assertEqual(event["first_call_ms"], report.count("recover", "first_call_ms"))
         self.assertNotIn("warnings", event)
         self.assertIn("recover ok", report.summary())
 
@@ -431,7 +432,9 @@ class AcquireTests(SynchronousTestCase):
         assert report is not None
         self.assertTrue(report.ok)
         self.assertEqual(report.count("recover", "recovered"), 0)
-        self.assertNotIn("global_getvar core_uuid", s.esl.commands)  # nothing to write
+        # nothing to write, but the ghosts of other runtimes are purged (own runtime kept)
+        self.assertIn("global_getvar core_uuid", s.esl.commands)
+        self.assertNotIn("purged", report.step("recovery_rows").counts)
         # Without an ESL client only the IPs are handled; the report says so.
         floating = FakeFloating()
         effects = SlotEffects(floating, s.clock)
@@ -478,25 +481,44 @@ class AcquireTests(SynchronousTestCase):
         self.assertEqual(table(s.b_db, "select count(*) from recovery where uuid in "
                                "('u-other','u-verto')")[0][0], 0)
 
-    def test_count_mismatch_is_a_warning_not_a_failure(self) -> None:
-        s = Scenario(self, calls=3, regs=0)
-        # B's table already holds a recoverable row of another runtime (e.g. its own
-        # previous run): recover reports one more than was written.
-        extra = make_switch(s.clock, str(s.dir / "c.db"), "fs3", autostart=True)
+    def ghost_rows(self, s: Scenario, profile: str = PROFILE) -> list[RecoveryRow]:
+        """Rows of an earlier runtime in B's table (B's FreeSWITCH killed with a call
+        once): calls long gone, or live elsewhere."""
+        extra = make_switch(s.clock, str(s.dir / f"c-{profile}.db"), "fs3", autostart=True)
         extra.place_call(PROFILE, caller="7777")
         extra.db.close()
-        old = recovery_rows(str(s.dir / "c.db"))
-        CoreDBWriter(s.b_db, inline_runner).write_recovery(old, None)
+        old = [RecoveryRow(r.runtime_uuid, r.technology, profile, r.hostname, r.uuid,
+                           r.metadata) for r in recovery_rows(str(s.dir / f"c-{profile}.db"))]
+        self.successResultOf(CoreDBWriter(s.b_db, inline_runner).write_recovery(old, None))
+        return old
+
+    def test_ghost_rows_of_earlier_runtimes_are_purged(self) -> None:
+        s = Scenario(self, calls=3, regs=0)
+        ghost = self.ghost_rows(s)
+        other = self.ghost_rows(s, "other")  # another profile's rows are left alone
         self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
         report = s.effects.last_report
         assert report is not None
-        self.assertTrue(report.ok)
+        self.assertTrue(report.ok, report.as_dict())
         step = report.step("recover")
         assert step is not None
-        self.assertEqual(len(s.calls), 4)
-        self.assertEqual(step.outcome, WARNING)
-        self.assertEqual((step.counts["expected"], step.counts["recovered"]), (4, 5))
-        self.assertIn("slot1: 5 recovered, 4 written", step.error or "")
+        self.assertEqual(step.outcome, OK, step)
+        self.assertEqual((step.counts["expected"], step.counts["recovered"]), (4, 4))
+        self.assertEqual(report.count("recovery_rows", "purged"), len(ghost))
+        self.assertEqual(s.b.api(f"uuid_exists {ghost[0].uuid}").body, "false")
+        self.assertEqual(table(s.b_db, "select profile_name from recovery where "
+                               "runtime_uuid=?", other[0].runtime_uuid), [("other",)])
+
+    def test_ghost_rows_are_purged_without_calls_to_take_over(self) -> None:
+        s = Scenario(self, calls=0, regs=0)
+        ghost = self.ghost_rows(s)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        report = s.effects.last_report
+        assert report is not None
+        self.assertTrue(report.ok, report.as_dict())
+        self.assertEqual(report.count("recovery_rows", "purged"), len(ghost))
+        self.assertEqual(report.count("recover", "recovered"), 0)
+        self.assertEqual(s.b.api(f"uuid_exists {ghost[0].uuid}").body, "false")
 
     def test_a_row_with_our_own_runtime_is_written_as_foreign(self) -> None:
         s = Scenario(self, calls=2, regs=0)
@@ -620,6 +642,7 @@ class FailureTests(SynchronousTestCase):
         writer = CoreDBWriter(s.b_db, runner)
         interrupted: list[bool] = []
         writer.interrupt = lambda: interrupted.append(True)  # type: ignore[method-assign]
+        writer.purge_recovery = lambda *a: succeed(0)  # type: ignore[method-assign]
         s.effects.db = writer
         reason = self.acquire_fails(s, "recovery_rows", TIMEOUTS.db)
         self.assertEqual(reason, "writing 6 recovery rows timed out after 1 s")
@@ -1381,7 +1404,7 @@ class CoreDBWriterTests(SynchronousTestCase):
     def test_registration_deletes_use_the_call_id_index(self) -> None:
         # sofia indexes nearly every column; SQLite would pick sr_profile_name (a scan of
         # the profile per deleted row)
-        from fsha.fsdb import _DELETE_REGISTRATION
+        from fsha.fsdb.writer import _DELETE_REGISTRATION
         with sqlite3.connect(self.path) as conn:
             for col in ("sip_user", "sip_host", "profile_name", "hostname"):
                 conn.execute(f"create index if not exists x_{col} on sip_registrations "
@@ -1477,12 +1500,8 @@ class SofiaStatusTests(SynchronousTestCase):
 
 class ReplicatedRecordsTests(SynchronousTestCase):
     def test_rows_from_the_replicated_state(self) -> None:
-        from fsha.replication.feeds import (
-            CallRow,
-            encode_call_row,
-            encode_registration,
-        )
-        from fsha.replication.feeds import RegistrationRow as FeedRegistration
+        from fsha.fsdb import CallRow, encode_call_row, encode_registration
+        from fsha.fsdb import RegistrationRow as FeedRegistration
         from fsha.replication.state import ReplicatedState
         from fsha.wire.stream import Change, Kind, Op
 

@@ -468,6 +468,7 @@ class NetnsCluster(LoopbackCluster):
             'name = "e2e"', f'secret_file = "{secret}"',
             f"heartbeat_interval_ms = {self.interval_ms}",
             f"dead_after_ms = {self.dead_after_ms}", 'quorum = "majority"', "",
+            "[state]", 'dir = "state/{node}"', "",
             "[floating_ip]", 'backend = "ip"', f"arping_count = {self.arping_count}",
             "timeout_ms = 5000", "",
             *(["[fencing]", "command = [" + ", ".join(json.dumps(a) for a in
