@@ -71,3 +71,16 @@ class StallTests(SynchronousTestCase):
         c.advance(0.1)
         self.assertEqual(peer_downs(c), [])
         self.assertEqual(c.masters(), {"slot1": "fs1", "slot2": "fs2"})
+
+
+class TimingWarningTests(SynchronousTestCase):
+    def test_margin_below_the_measured_stall_warns(self) -> None:
+        from fsha.config import STALL_MARGIN_MS, timing_warnings
+
+        self.assertEqual(timing_warnings(make_config(heartbeat_interval_ms=20,
+                                                     dead_after_ms=100)), [])
+        self.assertEqual(timing_warnings(make_config(
+            heartbeat_interval_ms=10, dead_after_ms=10 + STALL_MARGIN_MS)), [])
+        (line,) = timing_warnings(make_config(heartbeat_interval_ms=5, dead_after_ms=25))
+        self.assertIn("only 20 ms more than one heartbeat interval (5 ms)", line)
+        self.assertIn(f"dead_after_ms >= heartbeat_interval_ms + {STALL_MARGIN_MS}", line)
