@@ -21,6 +21,13 @@ Needs root, ``ip`` and ``arping``. Prints one line per trial, then one JSON obje
 line) with p50/p99/max and the issue's target (p50 <= 150 ms, p99 <= 300 ms).
 
     sudo .venv/bin/python bench/failover_netns.py --trials 30
+
+``--vs-keepalived``: fsha and keepalived (VRRPv3 unicast, advert 0.01 s and 0.1 s) in
+alternating rounds on the same topology, idle (``--trials`` rounds) and under scenario 6
+with both cluster networks impaired (``--soak`` seconds each); one JSON line with both
+systems' p50/p90/p99/max and the load average beside every figure (bench/vs_keepalived.py).
+
+    sudo .venv/bin/python bench/failover_netns.py --vs-keepalived --trials 10 --soak 60
 """
 
 from __future__ import annotations
@@ -106,13 +113,27 @@ def main(argv: list[str]) -> int:
     p.add_argument("--trials", type=int, default=30)
     p.add_argument("--interval-ms", type=int, default=20)
     p.add_argument("--dead-after-ms", type=int, default=100)
+    p.add_argument("--vs-keepalived", action="store_true",
+                   help="fsha and keepalived side by side (see the module docstring)")
+    p.add_argument("--soak", type=float, default=60.0,
+                   help="--vs-keepalived: seconds of stress per system (0: none; max 600)")
     args = p.parse_args(argv)
     if not 1 <= args.trials <= 500:
         p.error("--trials must be 1..500")
+    if not 0 <= args.soak <= 600:
+        p.error("--soak must be 0..600")
     reason = unavailable_reason()
     if reason:
         print(json.dumps({"benchmark": "failover_netns", "skipped": reason}))
         return 1
+    if args.vs_keepalived:
+        from bench.vs_keepalived import run
+
+        result = run(args.trials, args.soak, args.interval_ms, args.dead_after_ms)
+        print(json.dumps(result))
+        return 0 if "skipped" not in result and not any(
+            result[s]["failed_trials"] for s in ("fsha", "keepalived-0.01", "keepalived-0.1")
+        ) else 1
     results: list[dict[str, float]] = []
     failures = 0
     for n in range(1, args.trials + 1):
