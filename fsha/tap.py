@@ -26,6 +26,7 @@ from fsha.config import (
     choose_node,
     load_config,
     read_redis_password,
+    timing_warnings,
 )
 from fsha.control import ControlResource, StatusSite
 from fsha.durable import DurableStore, key_prefix
@@ -268,6 +269,8 @@ def makeService(options: Options) -> service.MultiService:
 def build_service(options: Options, reactor: NodeReactor) -> service.MultiService:
     """The service tree of one node on ``reactor`` (see the comments for the order)."""
     config, me = options.cluster, options.me
+    for line in timing_warnings(config):
+        _log.warn("{warning}", warning=line)
     top = OrderedServices()
     top.setName(f"fsha-{me.name}")
     # Two connections: commands and events, and a probe that no long command delays
