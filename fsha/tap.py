@@ -413,7 +413,8 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         root.putChild(b"history", HistoryResource(state.path))
     root.putChild(b"metrics", metrics_resource(
         status, effects, esl, durable=durable.stats if durable is not None else None,
-        limits=limits.stats if limits is not None else None))
+        limits=limits.stats if limits is not None else None,
+        redis=redis.stats if redis is not None else None))
     site = StatusSite(root, control)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # polled: no access log
