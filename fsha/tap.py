@@ -8,8 +8,10 @@ A config problem ends the process with status 2 and one line naming the file and
 from __future__ import annotations
 
 import gc
+import ipaddress
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from twisted.application import internet, service
@@ -27,6 +29,7 @@ from fsha.config import (
 )
 from fsha.control import ControlResource, StatusSite
 from fsha.durable import DurableStore, key_prefix
+from fsha.egress import EgressFence, FenceStatus, NftEgressFence
 from fsha.esl import ConnectionState
 from fsha.floating import FloatingIPBackend, make_backend
 from fsha.fsdb import CoreDBWriter, ThreadRunner
@@ -38,6 +41,7 @@ from fsha.limitsvc import LimitService
 from fsha.localdrop import GuardSettings, report_problems
 from fsha.metrics import SessionWatch, metrics_resource
 from fsha.node import ClusterNode
+from fsha.process import ProcessRunner
 from fsha.redisclient import RedisClient, RedisSettings
 from fsha.replication.feeds import Feeds
 from fsha.replication.service import ReplicationService
@@ -67,10 +71,33 @@ class Options(usage.Options):
             self.me: NodeConfig = choose_node(self.cluster, self["node"])
             self.secret: bytes = self.cluster.read_secret()
             check_tls_files(self.cluster, self.me)
+            check_nonlocal_bind(self.cluster)
             self.redis_password: str | None = read_redis_password(self.cluster)
         except ConfigError as e:
             print(f"fsha: {e.problems[0]}", file=sys.stderr)
             raise SystemExit(2) from None
+
+
+def check_nonlocal_bind(config: ClusterConfig, proc: Path = Path("/proc/sys/net")) -> None:
+    """Hot standby profiles bind the slot addresses on hosts that do not hold them: the
+    kernel must allow it (``net.ipv4.ip_nonlocal_bind=1``, and ``net.ipv6`` for IPv6
+    slot addresses), or every standby FreeSWITCH fails to bind and a takeover would have to
+    start the profile after all."""
+    if not config.takeover.hot_standby:
+        return
+    versions = {ipaddress.ip_address(ip.address).version
+                for slot in config.slots for ip in slot.ips}
+    for version in sorted(versions):
+        family = "ipv4" if version == 4 else "ipv6"
+        path = proc / family / "ip_nonlocal_bind"
+        try:
+            value = path.read_text().strip()
+        except OSError as e:
+            value = f"unreadable ({e.strerror or e})"
+        if value != "1":
+            raise ConfigError([f"{config.path}: takeover.profiles: \"hot_standby\" needs "
+                               f"net.{family}.ip_nonlocal_bind=1 on this host (it is "
+                               f"{value}): sysctl -w net.{family}.ip_nonlocal_bind=1"])
 
 
 def check_tls_files(config: ClusterConfig, me: NodeConfig) -> None:
@@ -93,8 +120,10 @@ class NodeService(service.Service):
 
     def __init__(self, node: ClusterNode, floating: FloatingIPBackend,
                  effects: SlotEffects, stop_timeout: float,
-                 guard: GuardLink | None = None) -> None:
+                 guard: GuardLink | None = None, egress: EgressFence | None = None
+                 ) -> None:
         self.node = node
+        self.egress = egress
         self.floating = floating
         self.effects = effects
         self.stop_timeout = stop_timeout
@@ -103,9 +132,12 @@ class NodeService(service.Service):
     def startService(self) -> None:
         super().startService()
         ips = [ip for slot in self.node.config.slots for ip in slot.ips]
+        # Hot standby: the egress fence first, before the reconciliation hangs up stray
+        # calls (their BYEs must not leave from an address this host gives up).
+        d = self._install_egress() if self.egress is not None else defer.succeed(None)
         # A process killed with -9 leaves its floating IPs configured: remove them before
         # joining, so this (new) slave never answers for a slot it does not hold.
-        d = self.floating.cleanup(ips)
+        d.addCallback(lambda _: self.floating.cleanup(ips))
         d.addTimeout(self.node.config.floating_ip.timeout * 2, self.node.clock)
 
         def removed(found: list[Any]) -> None:
@@ -122,6 +154,28 @@ class NodeService(service.Service):
             d.addCallback(lambda _: self._reconcile_switch())
         d.addCallback(lambda _: self.node.start())
         d.addErrback(lambda f: self.log.failure("node start failed", f))
+
+    def _install_egress(self) -> defer.Deferred[None]:
+        """Install the egress fence (fsha.egress). A failure is logged and the node joins
+        anyway: its takeovers fail their ``egress`` step, so it never masters a slot."""
+        assert self.egress is not None
+        d = self.egress.install()
+        d.addTimeout(self.node.config.floating_ip.timeout * 2, self.node.clock)
+
+        def done(status: FenceStatus) -> None:
+            if status.ok:
+                self.log.info("egress fence in place for {addresses}",
+                              addresses=", ".join(status.fenced))
+            else:
+                self.log.error("egress fence NOT in place ({problem}): this node will not "
+                               "take a slot over", problem=status.problem)
+            self.node.record_event("egress-fence", **status.as_dict())
+
+        def failed(f: Any) -> None:
+            self.log.failure("installing the egress fence failed; this node will not take "
+                             "a slot over", f)
+
+        return d.addCallbacks(done, failed)
 
     def _reconcile_switch(self) -> defer.Deferred[None]:
         """Before joining: the guard stops every slot profile still running in the local
@@ -267,14 +321,20 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         replication = ReplicationService(config, me, reactor, incarnation=incarnation)
         replication.setName("replication")
     timeouts = TakeoverTimeouts.from_config(config, me)
+    hot_standby = config.takeover.hot_standby
+    egress: EgressFence | None = None
+    if hot_standby:
+        egress = NftEgressFence(ProcessRunner(reactor),
+                                [ip.address for slot in config.slots for ip in slot.ips],
+                                config.floating_ip.timeout)
     effects = SlotEffects(
         floating, reactor, esl=esl,
         db=CoreDBWriter(me.core_db, ThreadRunner(reactor),
                         registration_db=me.registration_db_for) if me.core_db else None,
         records=ReplicatedRecords(replication.state) if replication is not None else None,
         timeouts=timeouts, fencing=config.fencing, me=me,
-        recover_batch=config.takeover.recover_batch)
-    budget = max(timeouts.acquire_budget(slot) for slot in config.slots)
+        recover_batch=config.takeover.recover_batch, hot_standby=hot_standby, egress=egress)
+    budget = max(timeouts.acquire_budget(slot, hot_standby) for slot in config.slots)
     node = ClusterNode(config, me, options.secret, reactor, effects, health,
                        incarnation=incarnation, claim_timeout=budget + 1.0)
     guard_config = config.guard
@@ -385,7 +445,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     # the guard's to drop).
     if guard is not None:
         guard.setServiceParent(top)
-    NodeService(node, floating, effects, release_budget + 1.0, guard).setServiceParent(top)
+    NodeService(node, floating, effects, release_budget + 1.0, guard,
+                egress).setServiceParent(top)
     # What exists now lives as long as the process: keep the collector from re-scanning it
     # (a full collection over a large replicated state stalls the reactor for 100s of ms).
     gc.freeze()
