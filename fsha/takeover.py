@@ -30,29 +30,31 @@ Acquire (a failed *fatal* step fails ``acquire``; the node then calls ``release`
    (``acquire(..., claimers=[...])``: it may hold the addresses and a started profile) is
    fenced too, side by side with the previous master, in the same step and bound; it is
    fenced even when the previous master handed the slot over.
-3. ``egress`` (fatal; only with hot standby profiles, ``[takeover] profiles =
-   "hot_standby"``): the host's egress fence (:mod:`fsha.egress`) is read back and must
-   cover every slot address: this node's running profiles of the other slots, and of this
-   one once it is released again, must not send from an address it does not hold.
-   A node whose fence is gone (a firewall's ``flush ruleset``) does not take the slot.
-4. ``floating_ips`` (fatal): the slot's addresses up through the floating-IP backend.
-5. ``records`` (fatal): the dead master's replicated rows (:class:`SlotRecords`), kept only
+3. ``floating_ips`` (fatal): the slot's addresses up through the floating-IP backend.
+4. ``records`` (fatal): the dead master's replicated rows (:class:`SlotRecords`), kept only
    for the slot's profiles (``technology`` ``sofia``; one row per call UUID) and, for
    registrations, only those not yet expired.
-6. ``recovery_rows`` (fatal): ``global_getvar core_uuid``, the rows planned in batches of
+5. ``recovery_rows`` (fatal): ``global_getvar core_uuid``, the rows planned in batches of
    ``recover_batch`` (:mod:`fsha.recovery`: the first batch of each profile first), then
    the first batch of each profile written into the local core DB (``recovery``) in one
    transaction on the DB thread, keeping the dead master's ``runtime_uuid`` (see
    :mod:`fsha.fsdb`). A node that cannot write them is not fit to take the calls; the
    next candidate may be. Without a configured ``core_db`` the step is a *warning* (the
    slot is served, its calls are not recovered).
-7. ``profiles`` (fatal): ``sofia profile P start`` for each profile (its text is printed
+6. ``profiles`` (fatal): ``sofia profile P start`` for each profile (its text is printed
    even when binding fails), then ``sofia status`` is polled until every profile is listed
    ``RUNNING`` (FreeSWITCH lists a running profile only; one that failed to bind is
    missing). A profile whose URL is not on one of the slot's addresses is a warning.
    With hot standby profiles they already run (from boot): one ``sofia status`` shows it
    and nothing is started (``already_running``); one that does not run is started as
    above.
+7. ``egress`` (fatal; only with hot standby profiles, ``[takeover] profiles =
+   "hot_standby"``): the host's egress fence (:mod:`fsha.egress`) read back must cover
+   every address of the slot: once this node releases the slot again, the BYEs of the
+   calls it hangs up must not leave from an address it no longer holds. A node whose
+   fence is gone (a firewall's ``flush ruleset``) does not take the slot: it rolls back
+   before any call is recovered. The read (an ``nft`` run, 30-60 ms here) starts with the
+   acquire and runs beside the steps above; this step only waits for its answer.
 8. ``recover`` (fatal until calls are back): per batch, its rows written (the first ones
    already are), then ``sofia profile P recover`` (which also clears standby; FreeSWITCH
    rewrites the recovered rows under its own runtime, so each recover sees only the new
@@ -126,7 +128,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from fsha.config import ClusterConfig, FencingConfig, NodeConfig, SlotConfig
-from fsha.egress import EgressFence
+from fsha.egress import EgressFence, FenceStatus
 from fsha.esl import ESLError
 from fsha.floating import FloatingIPBackend, FloatingIPError
 from fsha.fsapi import (
@@ -794,6 +796,9 @@ class SlotEffects:
                                             "no FreeSWITCH connection configured"))
         else:
             yield self._step(report, "self_check", self._self_check, t.self_check, acq=acq)
+        # the egress fence is read beside the first steps, off the critical path; its
+        # answer is awaited before the first recover (a Deferred that never fails)
+        egress = self._read_egress() if self.egress is not None else None
         skip = self._fence_skipped(previous, fence)
         targets = [] if skip is not None else [previous]
         if self.fencing is not None:
@@ -806,9 +811,6 @@ class SlotEffects:
             yield self._step(report, "fence", lambda s: self._fence_all(targets, s),
                              self._fence_timeout(), fatal=self.fencing.required, acq=acq)
 
-        if self.egress is not None:
-            yield self._step(report, "egress", lambda s: self._check_egress(slot, s),
-                             t.floating, acq=acq)
 
         def ips_up(step: _Step) -> Deferred[None]:
             step.counts["ips"] = len(slot.ips)
@@ -829,6 +831,9 @@ class SlotEffects:
         standby = t.esl if self._standby_on else 0.0  # global standby off first
         yield self._step(report, "profiles", lambda s: self._start_profiles(slot, s),
                          t.esl * n + t.confirm + settle + standby, acq=acq)
+        if egress is not None:
+            yield self._step(report, "egress", lambda s: self._check_egress(slot, s, egress),
+                             t.floating, acq=acq)
         # Each batch has its own bounds (t.db to write it, t.recover to recover it); the
         # step's own timeout only backs them up, counted from the last batch done.
         yield self._step(report, "recover", lambda s: self._recover(slot, acq, s),
@@ -837,11 +842,27 @@ class SlotEffects:
                          lambda s: self._restore_registrations(slot, regs, acq, s),
                          t.registrations, fatal=False, acq=acq)
 
-    def _check_egress(self, slot: SlotConfig, step: _Step) -> Deferred[None]:
-        """The fence is in place and covers the slot's addresses (read back from the
-        host: a firewall reload may have flushed it since start-up)."""
+    def _read_egress(self) -> Deferred[FenceStatus]:
+        """The fence read back from the host (a firewall reload may have flushed it since
+        start-up); a failure becomes a status, so an answer nobody waits for any more (an
+        acquire that failed first) is no unhandled error."""
         assert self.egress is not None
-        d = self.egress.check()
+        d = defer.maybeDeferred(self.egress.check)
+        answer: Deferred[FenceStatus] = Deferred()
+
+        def arrived(result: object) -> None:
+            if isinstance(result, Failure):
+                result = FenceStatus(False, problem=f"reading it failed: {_reason(result)}")
+            if not answer.called:
+                answer.callback(result)
+
+        d.addBoth(arrived)
+        return answer
+
+    def _check_egress(self, slot: SlotConfig, step: _Step, pending: Deferred[FenceStatus]
+                      ) -> Deferred[None]:
+        """The fence covers the slot's addresses."""
+        d = pending
 
         def check(status: Any) -> None:
             step.counts.update(fenced=len(status.fenced), dropped=status.dropped)

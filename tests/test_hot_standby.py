@@ -116,7 +116,20 @@ class FenceTests(SynchronousTestCase):
         self.assertIn("nft:", status.problem or "")
 
 
-def hot_scenario(case: SynchronousTestCase, fence: MemoryEgressFence | None = None,
+class ScriptedFence:
+    """An egress fence whose ``check`` answers what ``answer()`` returns."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    def install(self) -> Deferred[FenceStatus]:
+        return self.check()
+
+    def check(self) -> Deferred[FenceStatus]:
+        return self.answer()  # type: ignore[no-any-return]
+
+
+def hot_scenario(case: SynchronousTestCase, fence: Any = None,
                  calls: int = 4) -> Scenario:
     """The takeover scenario (a dead master's rows, successor B) with B's profile running
     from boot and B's effects in hot standby mode."""
@@ -144,8 +157,8 @@ class HotStandbyTakeoverTests(SynchronousTestCase):
         assert report is not None
         self.assertTrue(report.ok, report.as_dict())
         self.assertEqual([st.name for st in report.steps],
-                         ["self_check", "fence", "egress", "floating_ips", "records",
-                          "recovery_rows", "profiles", "recover", "registrations"])
+                         ["self_check", "fence", "floating_ips", "records",
+                          "recovery_rows", "profiles", "egress", "recover", "registrations"])
         self.assertEqual(report.count("egress", "fenced"), 1)
         self.assertEqual(report.count("profiles", "already_running"), 1)
         self.assertEqual(report.count("recover", "recovered"), 6)
@@ -182,8 +195,36 @@ class HotStandbyTakeoverTests(SynchronousTestCase):
         assert egress is not None
         self.assertEqual(egress.outcome, FAILED)
         self.assertIn("no egress fence for 127.0.10.1: flushed", egress.error or "")
-        self.assertEqual(s.floating.calls, [], "the address never came up")
-        self.assertEqual(s.foreign_rows(), 0, "no recovery row written")
+        self.assertNotIn("sofia profile slot1 recover", s.esl.commands,
+                         "no call was recovered")
+        # the node rolls back what it did: the address down, the rows written deleted
+        self.successResultOf(s.effects.release(SLOT))
+        self.assertEqual(s.floating.calls, [("up", "slot1"), ("down", "slot1")])
+        self.assertEqual(s.foreign_rows(), 0)
+        rollback = s.effects.last_report
+        assert rollback is not None
+        self.assertEqual((rollback.action, rollback.count("rollback", "rows_deleted")),
+                         ("rollback", 6))
+
+    def test_the_fence_is_read_once_beside_the_first_steps(self) -> None:
+        answer: Deferred[FenceStatus] = Deferred()
+        s = hot_scenario(self, ScriptedFence(lambda: answer))
+        d = s.effects.acquire(SLOT, 2, DEAD)
+        self.assertNoResult(d)
+        # every step before it went on while nft ran; no call recovered before its answer
+        self.assertIn("sofia status", s.esl.commands)
+        self.assertNotIn("sofia profile slot1 recover", s.esl.commands)
+        answer.callback(FenceStatus(True, (SLOT.ips[0].address,)))
+        self.successResultOf(d)
+        self.assertIn("sofia profile slot1 recover", s.esl.commands)
+
+    def test_a_failed_read_is_a_failed_step(self) -> None:
+        s = hot_scenario(self, ScriptedFence(lambda: fail(OSError("nft vanished"))))
+        self.failureResultOf(s.effects.acquire(SLOT, 2, DEAD))
+        report = s.effects.last_report
+        assert report is not None
+        self.assertIn("reading it failed: nft vanished",
+                      report.step("egress").error or "")  # type: ignore[union-attr]
 
     def test_release_hangs_up_the_calls_and_keeps_the_profile(self) -> None:
         s = hot_scenario(self)

@@ -22,7 +22,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,10 +95,12 @@ class RealNetnsCluster(NetnsCluster):
     """:class:`NetnsCluster` with a real FreeSWITCH per node host (see the module doc)."""
 
     def __init__(self, *, hot_standby: bool, nodes: int = 3, interval_ms: int = 50,
-                 dead_after_ms: int = 300, **kw: Any) -> None:
+                 dead_after_ms: int = 300, recover_batch: int | None = None, **kw: Any
+                 ) -> None:
         super().__init__(nodes, 1, interval_ms=interval_ms, dead_after_ms=dead_after_ms,
                          **kw)
         self.hot_standby = hot_standby
+        self.recover_batch = recover_batch
         self.fs: dict[str, NetnsFreeSWITCH] = {}
         self.captures: list[subprocess.Popen[bytes]] = []
 
@@ -120,9 +121,12 @@ class RealNetnsCluster(NetnsCluster):
 
     def write_config(self) -> None:
         super().write_config()
-        if self.hot_standby:
+        lines = ['profiles = "hot_standby"'] if self.hot_standby else []
+        if self.recover_batch is not None:
+            lines.append(f"recover_batch = {self.recover_batch}")
+        if lines:
             with open(self.config_path, "a") as f:
-                f.write('\n[takeover]\nprofiles = "hot_standby"\n')
+                f.write("\n[takeover]\n" + "\n".join(lines) + "\n")
 
     # -- the client ----------------------------------------------------------------------
 
@@ -299,6 +303,3 @@ def senders(packets: list[Packet], src: str, since: float) -> dict[bytes, int]:
 def wait_calls(fs: NetnsFreeSWITCH, n: int, timeout: float) -> None:
     wait_for(f"{n} calls on {fs.name}", lambda: fs.calls() == n, timeout, interval=0.1)
 
-
-def now() -> float:
-    return time.time()
