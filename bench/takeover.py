@@ -240,7 +240,7 @@ def replicated_rows_for(calls: list[Any]) -> float:
     from twisted.internet.task import Clock
 
     from fsha.config import FloatingIP, NodeConfig, SlotConfig
-    from fsha.replication.feeds import CallRow, encode_call_row
+    from fsha.fsdb import CallRow, encode_call_row
     from fsha.replication.state import ReplicatedState
     from fsha.takeover import ReplicatedRecords
     from fsha.wire.stream import Change, Kind, Op

@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from fsha.cli.check_config import main
 from fsha.config import (
     ConfigError,
     FencingConfig,
@@ -19,7 +20,6 @@ from fsha.config import (
     TakeoverConfig,
     choose_node,
     load_config,
-    main,
     parse_config,
     read_redis_password,
 )
@@ -270,6 +270,31 @@ class FileTests(SynchronousTestCase):
         self.assertIn("no node named 'fs9'", err)
 
 
+    def test_check_config_node_needs_its_tls_key(self) -> None:
+        text = DEMO.read_text().replace(
+            "[floating_ip]", '[tls]\nca = "pki/ca.crt"\ncert = "pki/{node}.crt"\n'
+                             'key = "pki/{node}.key"\n\n[floating_ip]')
+        path = self.write(text)
+        pki = path.parent / "pki"
+        pki.mkdir()
+        for name in ("ca.crt", "fs2.crt", "fs2.key", "fs1.crt"):
+            (pki / name).write_text("x")
+        self.assertEqual(self.run_check(str(path), "--node", "fs2")[0], 0)
+        code, _, err = self.run_check(str(path), "--node", "fs1")
+        self.assertEqual(code, 2)
+        self.assertEqual(len(err.strip().splitlines()), 1)
+        self.assertIn(f"tls.key: {pki / 'fs1.key'} does not exist", err)
+        self.assertIn("fsha certs issue fs1", err)
+
+    def test_check_config_warns_on_a_node_without_core_db(self) -> None:
+        text = DEMO.read_text().replace(', core_db = "/tmp/fs3-core.db"', "")
+        code, out, err = self.run_check(str(self.write(text)))
+        self.assertEqual(code, 0)
+        self.assertEqual(err.count("no esl.core_db"), 1)
+        self.assertIn("node fs3: no esl.core_db: it can never recover", err)
+        self.assertIn("3 nodes, 2 slots, 2 networks, quorum majority (2 of 3)", out)
+
+
 class ChooseNodeTests(SynchronousTestCase):
     def test_by_name_and_by_local_address(self) -> None:
         config = load_config(DEMO)
@@ -395,7 +420,7 @@ class TakeoverConfigTests(SynchronousTestCase):
                                                "needs [floating_ip] backend"), problems)
 
     def test_check_config_exits_2_with_one_line(self) -> None:
-        from fsha.config import main
+        from fsha.cli.check_config import main
 
         raw = DEMO.read_text() + '\n[takeover]\nprofiles = "hot_standby"\n'
         path = Path(self.mktemp())
@@ -408,8 +433,8 @@ class TakeoverConfigTests(SynchronousTestCase):
         self.assertEqual(len(lines), 1, lines)
         self.assertTrue(lines[0].startswith(f"{path}: takeover.profiles: "), lines)
 
-    def test_nonlocal_bind_checked_at_start_up(self) -> None:
-        from fsha.tap import check_nonlocal_bind
+    def test_nonlocal_bind_and_nft_checked_at_start_up(self) -> None:
+        from fsha.startup import StartupError, check_hot_standby
 
         raw = demo_raw()
         raw["takeover"] = {"profiles": "hot_standby"}
@@ -418,14 +443,20 @@ class TakeoverConfigTests(SynchronousTestCase):
         proc = Path(self.mktemp())
         (proc / "ipv4").mkdir(parents=True)
         (proc / "ipv4" / "ip_nonlocal_bind").write_text("0\n")
-        with self.assertRaises(ConfigError) as caught:
-            check_nonlocal_bind(config, proc)
-        self.assertEqual(caught.exception.problems, [
-            f"{DEMO}: takeover.profiles: \"hot_standby\" needs net.ipv4.ip_nonlocal_bind=1 "
-            "on this host (it is 0): sysctl -w net.ipv4.ip_nonlocal_bind=1"])
+        nft = lambda tool: f"/usr/sbin/{tool}"  # noqa: E731
+        with self.assertRaises(StartupError) as caught:
+            check_hot_standby(config, proc, nft)
+        self.assertEqual(str(caught.exception),
+                         f"{DEMO}: takeover.profiles: \"hot_standby\" needs "
+                         "net.ipv4.ip_nonlocal_bind=1 on this host (it is 0): "
+                         "sysctl -w net.ipv4.ip_nonlocal_bind=1")
         (proc / "ipv4" / "ip_nonlocal_bind").write_text("1\n")
-        check_nonlocal_bind(config, proc)  # fine now
-        check_nonlocal_bind(parse_config(demo_raw(), DEMO), proc / "none")  # classic: unread
+        check_hot_standby(config, proc, nft)  # fine now
+        with self.assertRaises(StartupError) as caught:
+            check_hot_standby(config, proc, lambda tool: None)
+        self.assertIn("needs nft (nftables)", str(caught.exception))
+        # classic: nothing read
+        check_hot_standby(parse_config(demo_raw(), DEMO), proc / "none", lambda tool: None)
 
 
 class HungAfterTests(SynchronousTestCase):

@@ -18,6 +18,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from fsha.config import LimitsConfig, load_config
+from fsha.fsdb import encode_call_row
 from fsha.limits import (
     Adoption,
     CallHolding,
@@ -32,7 +33,6 @@ from fsha.limits import (
     plan_reconcile,
 )
 from fsha.limitsvc import LimitService
-from fsha.replication.feeds import encode_call_row
 from fsha.replication.state import ApplyResult, ReplicatedState
 from fsha.takeover import RecoveryRow
 from fsha.wire.esl import Event, Headers
@@ -772,7 +772,7 @@ class StatusAndMetricsTests(SynchronousTestCase):
         self.assertTrue(any(p.startswith("redis: down since") and "cannot connect" in p
                             for p in found), found)
         self.assertIn("limits: 1 hiredis unit(s) waiting to be released in Redis", found)
-        _, samples = scrape(status)
+        _, samples = scrape(status, limits=cl.svcs[n3].stats)
         self.assertEqual(one(samples, "fsha_limit_usage", key="realm_a"), 1.0)
         self.assertEqual(one(samples, "fsha_limit_adopted_calls"), 1.0)
         self.assertEqual(one(samples, "fsha_limit_pending_releases"), 1.0)

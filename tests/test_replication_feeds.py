@@ -1,8 +1,8 @@
-"""Tests for fsha.replication.feeds: what a master replicates from its FreeSWITCH.
+"""Tests for fsha.replication.feeds and its parts: what a master replicates from its FreeSWITCH.
 
 Unit tests drive :class:`Feeds` with a fake ESL event source, a fake clock and a real
 SQLite core DB file in FreeSWITCH's schema (written by the test, read by the feeds through
-the real read-only :class:`SQLiteCoreDB`, with queries run inline). One end-to-end test
+the real read-only :class:`CoreDBReader`, with queries run inline). One end-to-end test
 runs a real simulator process, a real :class:`ESLClient` and the feeds' real worker thread.
 """
 
@@ -30,26 +30,28 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from fsha.config import ClusterConfig, NodeConfig
 from fsha.esl import ConnectionState, ESLClient
-from fsha.harness import poll_until as wait_for
-from fsha.replication.feeds import (
-    IDENTITY_KEY,
+from fsha.fsdb import (
     MAX_METADATA_BYTES,
-    RETRY_DELAYS,
     CallRow,
     CallSummary,
-    Feeds,
-    FeedValueError,
-    Identity,
+    CoreDBReader,
+    RecordValueError,
     RegistrationRow,
-    SQLiteCoreDB,
     decode_call_row,
-    decode_identity,
     decode_registration,
     encode_call_row,
-    encode_identity,
     encode_registration,
     inline_runner,
     registration_key,
+)
+from fsha.harness import poll_until
+from fsha.replication.callfeed import RETRY_DELAYS
+from fsha.replication.feeds import Feeds
+from fsha.replication.identity import (
+    IDENTITY_KEY,
+    Identity,
+    decode_identity,
+    encode_identity,
 )
 from fsha.replication.state import ReplicatedState
 from fsha.sim.coredb import CoreDB
@@ -159,7 +161,7 @@ class FakeESL:
         self.fire("sofia::register", *headers)
 
 
-class CountingDB(SQLiteCoreDB):
+class CountingDB(CoreDBReader):
     """The real read-only DB with its queries counted."""
 
     def __init__(self, path: str) -> None:
@@ -175,7 +177,7 @@ class CountingDB(SQLiteCoreDB):
 
 class Harness:
     def __init__(self, case: SynchronousTestCase, *, db: Any = None, with_db: bool = True,
-                 **kw: Any) -> None:
+                 db_at: str | None = None, **kw: Any) -> None:
         self.dir = case.mktemp()
         os.makedirs(self.dir)
         self.path = os.path.join(self.dir, "core.db")
@@ -187,7 +189,9 @@ class Harness:
         self.esl = FakeESL()
         self.state = ReplicatedState(self.clock, 0, 1)
         self.changes: list[Change] = []
-        if db is None and with_db:
+        if db_at is not None:
+            db = CoreDBReader(os.path.join(self.dir, db_at), inline_runner)
+        elif db is None and with_db:
             db = CountingDB(self.path)
         self.db = db
         self.feeds = Feeds(self.esl, self.state, self.config, self.me, self.clock, db=db,
@@ -269,12 +273,12 @@ class EncodingTests(SynchronousTestCase):
         self.assertLess(len(value), len(cdr) // 4)
         self.assertEqual(decode_call_row(value).metadata, cdr)
         head = value[:value.index(b"x\x01")]
-        with self.assertRaises(FeedValueError):
+        with self.assertRaises(RecordValueError):
             decode_call_row(head + b"not zlib")
-        with self.assertRaises(FeedValueError):
+        with self.assertRaises(RecordValueError):
             decode_call_row(value[:-3])  # truncated
         bomb = head + zlib.compress(b"\x00" * (MAX_METADATA_BYTES + 1))
-        with self.assertRaises(FeedValueError):
+        with self.assertRaises(RecordValueError):
             decode_call_row(bomb)
 
     @settings(max_examples=200, deadline=None)
@@ -283,7 +287,7 @@ class EncodingTests(SynchronousTestCase):
         for decode in (decode_call_row, decode_registration, decode_identity):
             try:
                 decode(data)
-            except FeedValueError:
+            except RecordValueError:
                 pass
 
     def test_registration_and_identity_round_trip(self) -> None:
@@ -294,7 +298,7 @@ class EncodingTests(SynchronousTestCase):
         self.assertEqual(json.loads(encode_registration(row))["expires"], NOW_S)
         ident = Identity("fs1", "slot1", CORE, "1.10", ("a", "b"))
         self.assertEqual(decode_identity(encode_identity(ident)), ident)
-        with self.assertRaises(FeedValueError):
+        with self.assertRaises(RecordValueError):
             decode_registration(b'{"call_id": 5}')
 
     def test_registration_key(self) -> None:
@@ -562,24 +566,24 @@ class ManualDB:
 
 class CoreDBTests(SynchronousTestCase):
     def test_missing_db_file_is_an_error_not_a_crash(self) -> None:
-        h = Harness(self)
-        h.feeds.db = db = SQLiteCoreDB(os.path.join(h.dir, "absent.db"), inline_runner)
+        h = Harness(self, db_at="absent.db")
         h.feeds.start_slot(0)
         status = h.feeds.status()
         self.assertGreater(status["errors"], 0)
         self.assertIn("unable to open", status["slots"]["slot1"]["last_error"])
-        db.path = h.path  # FreeSWITCH created it: the next sweep succeeds
+        os.symlink(os.path.abspath(h.path), os.path.join(h.dir, "absent.db"))  # there now
         h.track("c")
         h.clock.advance(3.0)
         self.assertEqual(h.calls(), {"c"})
 
     def test_read_only(self) -> None:
         h = Harness(self)
-        db = SQLiteCoreDB(h.path, inline_runner)
+        db = CoreDBReader(h.path, inline_runner)
         self.addCleanup(db.close)
         self.successResultOf(db.recovery_summaries())
-        assert db._conn is not None
-        self.assertRaises(sqlite3.OperationalError, db._conn.execute,
+        conn = db._core.conn
+        assert conn is not None
+        self.assertRaises(sqlite3.OperationalError, conn.execute,
                           "delete from recovery")
 
     def test_missing_registration_table_only_disables_the_sweep(self) -> None:
@@ -824,7 +828,7 @@ class SimulatorEndToEndTests(TestCase):
                     return json.load(f)
             except (OSError, ValueError):
                 return None
-        ready = await wait_for(read_ready, "the simulator's ready file")
+        ready = await poll_until(read_ready, "the simulator's ready file", clock=reactor)
         ctl = ready["control"]["port"]
 
         esl = ESLClient(TCP4ClientEndpoint(reactor, "127.0.0.1", ready["esl"]["port"],
@@ -845,15 +849,16 @@ class SimulatorEndToEndTests(TestCase):
         def calls() -> set[str]:
             return {r.key for r in state.records(kind=Kind.CALL)}
 
-        identity = await wait_for(lambda: state.get(0, 0, Kind.IDENTITY, IDENTITY_KEY),
-                                  "the identity record")
+        identity = await poll_until(lambda: state.get(0, 0, Kind.IDENTITY, IDENTITY_KEY),
+                                  "the identity record", clock=reactor)
         self.assertEqual(decode_identity(identity.value).core_uuid, ready["core_uuid"])
 
         placed = await self.control(ctl, "/calls", {"profile": "internal", "count": 3,
                                                     "bridge": True})
         uuids = set(placed["uuids"])
         self.assertEqual(len(uuids), 6)
-        await wait_for(lambda: calls() == uuids, "the calls in the replicated state")
+        await poll_until(lambda: calls() == uuids, "the calls in the replicated state",
+                         clock=reactor)
         # each record is the row as FreeSWITCH stored it, after the bridge update
         with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:
             conn.text_factory = bytes
@@ -866,28 +871,30 @@ class SimulatorEndToEndTests(TestCase):
                 if (row.runtime_uuid, row.metadata) != rows[u]:
                     return False
             return True
-        await wait_for(exact, "the bridged metadata")
+        await poll_until(exact, "the bridged metadata", clock=reactor)
         self.assertTrue(all(c.slot == 0 for c in published if c.kind is Kind.CALL))
 
         stray = await self.control(ctl, "/calls", {"profile": "lab"})
-        await wait_for(lambda: feeds.status()["rows_ignored"] == 1, "the lab call counted")
+        await poll_until(lambda: feeds.status()["rows_ignored"] == 1, "the lab call counted",
+                         clock=reactor)
         self.assertEqual(calls(), uuids)
 
         regs = await self.control(ctl, "/register", {"profile": "internal", "count": 2,
                                                      "expires": 300})
-        keys = await wait_for(
-            lambda: {r.key for r in state.records(kind=Kind.REGISTRATION)}, "registrations")
+        keys = await poll_until(
+            lambda: {r.key for r in state.records(kind=Kind.REGISTRATION)}, "registrations",
+            clock=reactor)
         self.assertEqual(len(keys), 2)
         self.assertTrue(all(k.startswith("internal/100") for k in keys))
         await self.control(ctl, "/unregister", {"profile": "internal",
                                                 "call_ids": regs["call_ids"][:1]})
-        await wait_for(lambda: len(list(state.records(kind=Kind.REGISTRATION))) == 1,
-                       "the unregistration")
+        await poll_until(lambda: len(list(state.records(kind=Kind.REGISTRATION))) == 1,
+                       "the unregistration", clock=reactor)
 
         await self.control(ctl, "/hangup", {"uuids": placed["uuids"][:2]})  # one bridged pair
-        await wait_for(lambda: len(calls()) == 4, "the hangup")
+        await poll_until(lambda: len(calls()) == 4, "the hangup", clock=reactor)
         await self.control(ctl, "/hangup", {"all": True})
-        await wait_for(lambda: calls() == set(), "every call gone")
+        await poll_until(lambda: calls() == set(), "every call gone", clock=reactor)
         self.assertEqual(stray["uuids"][0] not in calls(), True)
         status = feeds.status()
         self.assertEqual(status["slots"]["slot1"]["calls"], 0)

@@ -12,10 +12,13 @@ rollback, in one short transaction each:
     recovered, so its ``runtime_uuid`` is replaced by :data:`FOREIGN_RUNTIME_PREFIX` + the
     original. A row already present with the same ``uuid`` and the same ``runtime_uuid``
     (an earlier, failed attempt) is replaced, so a retry writes each call once. The
-    ``metadata`` (the XML CDR) is written byte-exact, as TEXT.
+    ``metadata`` (the XML CDR) is written byte-exact, as TEXT. Before the first batch,
+    :meth:`CoreDBWriter.purge_recovery` deletes the slot's rows of every other runtime
+    (ghosts of this FreeSWITCH's earlier runs) so ``recover`` brings back only the calls
+    being taken over.
 
 ``sip_registrations``
-    The 14 columns a registration record carries (:class:`RegistrationRow`) plus the
+    The 14 columns a registration record carries (:class:`~fsha.fsdb.rows.RegistrationRow`) plus the
     restoring node's own values for the others: ``hostname`` / ``orig_hostname`` (sofia
     expires rows per hostname, so they must be ours, or nothing would ever expire them),
     ``server_host`` / ``orig_server_host`` (the slot's address), ``server_user`` /
@@ -30,44 +33,38 @@ own database (``<db dir>/sofia_reg_PROFILE.db``, the profile's ``dbname``) unles
 sets ``odbc-dsn``; the writer takes a path per profile for that reason (the node's
 ``esl.registration_db``), and so does the simulator.
 
-Threads: every operation is a plain function handed to ``run`` (a :class:`ThreadRunner`
-with exactly one thread in production, :func:`inline_runner` in tests). One thread
+Threads: every operation is a plain function handed to ``run`` (a
+:class:`~fsha.fsdb.runner.ThreadRunner` in production, ``inline_runner`` in tests). One thread
 serialises the operations, so a rollback's delete always runs after the write it undoes,
 even if that write was abandoned on a timeout. A caller that gives up on an operation
 calls :meth:`CoreDBWriter.interrupt` (thread-safe): the running statement is aborted
 (``sqlite3.Connection.interrupt``) and its transaction rolled back. Each statement waits at
-most ``busy_timeout`` seconds for FreeSWITCH's locks. The writer's connection uses
-``synchronous=NORMAL`` and ``wal_autocheckpoint=0`` (its own settings; see ``_Connection``).
+most ``busy_timeout`` seconds for FreeSWITCH's locks; a transaction still locked out then is
+rolled back and run again (:data:`LOCKED_ATTEMPTS` in all: a real FreeSWITCH recovering a
+big batch holds its core DB for a while). The writer's connection uses
+``synchronous=NORMAL`` and ``wal_autocheckpoint=0`` (its own settings; see
+:class:`~fsha.fsdb.connection.Connection`).
 """
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
-import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
-from twisted.internet import defer
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorFromThreads
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
+from twisted.internet.defer import Deferred, succeed
+
+from fsha.fsdb.connection import Connection
+from fsha.fsdb.rows import RecoveryRow, RegistrationRow
+from fsha.fsdb.runner import Runner
 
 __all__ = [
     "FOREIGN_RUNTIME_PREFIX",
     "CoreDBError",
     "CoreDBWriter",
-    "RecoveryRow",
-    "RegistrationRow",
-    "ThreadRunner",
-    "inline_runner",
 ]
-
-T = TypeVar("T")
-Runner = Callable[[Callable[[], Any]], "Deferred[Any]"]
 
 #: Prefix of the runtime_uuid given to a row that carried this FreeSWITCH's own core UUID.
 FOREIGN_RUNTIME_PREFIX = "fsha-foreign-"
@@ -75,38 +72,6 @@ FOREIGN_RUNTIME_PREFIX = "fsha-foreign-"
 
 class CoreDBError(Exception):
     """The database cannot be written (missing file or table, locked, interrupted...)."""
-
-
-@dataclass(frozen=True, slots=True)
-class RecoveryRow:
-    """One row of FreeSWITCH's ``recovery`` table (``metadata``: the XML CDR, byte-exact)."""
-
-    runtime_uuid: str
-    technology: str
-    profile_name: str
-    hostname: str
-    uuid: str
-    metadata: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class RegistrationRow:
-    """The ``sip_registrations`` columns a successor needs (see the module docstring)."""
-
-    call_id: str
-    sip_user: str
-    sip_host: str
-    presence_hosts: str
-    contact: str
-    status: str
-    rpid: str
-    expires: int  # Unix seconds; 0: never
-    user_agent: str
-    profile_name: str
-    network_ip: str
-    network_port: str
-    sip_username: str
-    sip_realm: str
 
 
 # sofia's sip_registrations columns, in FreeSWITCH's order.
@@ -136,76 +101,17 @@ _DELETE_REGISTRATION = (
 )
 
 
-def inline_runner(f: Callable[[], T]) -> Deferred[T]:
-    """Run an operation in the calling thread (tests, tiny databases)."""
-    return defer.maybeDeferred(f)
-
-
-class ThreadRunner:
-    """Runs operations on one dedicated thread (started on first use, stopped by
-    :meth:`stop` or at reactor shutdown)."""
-
-    def __init__(self, reactor: IReactorFromThreads, name: str = "fsha-coredb-writer") -> None:
-        self.reactor = reactor
-        self.pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
-        self._started = False
-
-    def __call__(self, f: Callable[[], T]) -> Deferred[T]:
-        if not self._started:
-            self._started = True
-            self.pool.start()
-            add_trigger = getattr(self.reactor, "addSystemEventTrigger", None)
-            if add_trigger is not None:
-                add_trigger("during", "shutdown", self.stop)
-        return deferToThreadPool(self.reactor, self.pool, f)  # type: ignore[arg-type]
-
-    def stop(self) -> None:
-        if self._started:
-            self._started = False
-            self.pool.stop()
-
-
 def _metadata(value: bytes | str) -> bytes:
     return value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
 
 
-class _Connection:
-    """One connection per database file, used only on the runner's thread."""
+#: Attempts of one transaction that finds the database locked (see ``_transaction``).
+LOCKED_ATTEMPTS = 3
+_LOCKED = re.compile(r"database (table )?is locked|database is busy")
 
-    def __init__(self, path: Path, busy_timeout: float) -> None:
-        self.path = path
-        self.busy_timeout = busy_timeout
-        self.conn: sqlite3.Connection | None = None
-        self.lock = threading.Lock()  # guards ``conn`` for interrupt() from other threads
 
-    def get(self) -> sqlite3.Connection:
-        if self.conn is None:
-            uri = "file:" + urllib.parse.quote(str(self.path)) + "?mode=rw"
-            try:
-                conn = sqlite3.connect(uri, uri=True, timeout=self.busy_timeout,
-                                       isolation_level=None, check_same_thread=False)
-                # This connection's own settings (FreeSWITCH's are untouched): no fsync
-                # per commit in WAL mode (rows about to be recovered need no power-loss
-                # durability) and no checkpoint inside our commit (FreeSWITCH's next
-                # commit checkpoints the WAL): together they halve a 10,000-row write.
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute("PRAGMA wal_autocheckpoint=0")
-            except sqlite3.Error as e:
-                raise CoreDBError(f"cannot open {self.path}: {e}") from None
-            with self.lock:
-                self.conn = conn
-        return self.conn
-
-    def reset(self) -> None:
-        with self.lock:
-            conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.close()
-
-    def interrupt(self) -> None:
-        with self.lock:
-            if self.conn is not None:
-                self.conn.interrupt()
+class _Locked(Exception):
+    """The database stayed locked for the connection's busy timeout."""
 
 
 class CoreDBWriter:
@@ -223,8 +129,9 @@ class CoreDBWriter:
         self._run = run
         self._registration_db = registration_db
         self.busy_timeout = busy_timeout
-        self._connections: dict[Path, _Connection] = {}
+        self._connections: dict[Path, Connection] = {}
         self._lock = threading.Lock()
+        self.locked_retries = 0  # transactions run again after "database is locked"
 
     def registration_path(self, profile: str) -> Path:
         path = None if self._registration_db is None else self._registration_db(profile)
@@ -232,17 +139,38 @@ class CoreDBWriter:
 
     # -- plumbing (runner thread) --------------------------------------------------------------
 
-    def _connection(self, path: Path) -> _Connection:
+    def _connection(self, path: Path) -> Connection:
         with self._lock:
             c = self._connections.get(path)
             if c is None:
-                c = self._connections[path] = _Connection(path, self.busy_timeout)
+                c = self._connections[path] = Connection(path, "rw", self.busy_timeout)
             return c
 
     def _transaction(self, path: Path, table: str,
                      work: Callable[[sqlite3.Connection], int]) -> int:
+        """``work`` in one transaction; one that found the database locked beyond
+        ``busy_timeout`` (FreeSWITCH writing: it logs ``SQLite is BUSY`` recovering a big
+        batch) is rolled back and run again, :data:`LOCKED_ATTEMPTS` times in all. Every
+        operation here is idempotent (rows replaced or deleted by key)."""
+        last: _Locked | None = None
+        for attempt in range(1, LOCKED_ATTEMPTS + 1):
+            try:
+                return self._attempt(path, table, work)
+            except _Locked as e:
+                self.locked_retries += attempt < LOCKED_ATTEMPTS
+                last = e
+        raise CoreDBError(f"{path}: {last} ({LOCKED_ATTEMPTS} attempts)")
+
+    def _attempt(self, path: Path, table: str,
+                 work: Callable[[sqlite3.Connection], int]) -> int:
         c = self._connection(path)
-        conn = c.get()
+        try:
+            conn = c.get()
+        except sqlite3.Error as e:
+            c.reset()
+            if _LOCKED.search(str(e)):
+                raise _Locked(str(e)) from None
+            raise CoreDBError(f"cannot open {path}: {e}") from None
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -257,6 +185,8 @@ class CoreDBWriter:
             return n
         except sqlite3.Error as e:
             c.reset()  # never reuse a connection in an unknown state
+            if isinstance(e, sqlite3.OperationalError) and _LOCKED.search(str(e)):
+                raise _Locked(str(e)) from None
             if "no such table" in str(e):
                 raise CoreDBError(f"{path} has no {table} table: is it FreeSWITCH's "
                                   "database?") from None
@@ -298,6 +228,26 @@ class CoreDBWriter:
         def work(conn: sqlite3.Connection) -> int:
             before = conn.total_changes
             conn.executemany(_DELETE_RECOVERY, keys)
+            return conn.total_changes - before
+
+        return self._run(lambda: self._transaction(self.core_db, "recovery", work))
+
+    def purge_recovery(self, profiles: Sequence[str], keep_runtimes: Iterable[str]
+                       ) -> Deferred[int]:
+        """Delete the rows of ``profiles`` whose ``runtime_uuid`` is none of
+        ``keep_runtimes``; fires with how many. Before a takeover's first batch: rows an
+        earlier runtime left here (this FreeSWITCH killed with calls, a failback to it
+        later) are calls long gone or live elsewhere, and ``sofia profile P recover``
+        would bring them back as ghosts."""
+        names, keep = list(profiles), sorted(set(keep_runtimes))
+        if not names:
+            return succeed(0)
+        sql = (f"delete from recovery where profile_name in ({','.join('?' * len(names))})"
+               + (f" and runtime_uuid not in ({','.join('?' * len(keep))})" if keep else ""))
+
+        def work(conn: sqlite3.Connection) -> int:
+            before = conn.total_changes
+            conn.execute(sql, (*names, *keep))
             return conn.total_changes - before
 
         return self._run(lambda: self._transaction(self.core_db, "recovery", work))

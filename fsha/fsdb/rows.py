@@ -1,0 +1,118 @@
+"""The rows of FreeSWITCH's databases that fsha reads, replicates and writes back.
+
+``recovery`` (the core DB): :class:`RecoveryRow`, one answered call of a profile with
+``track-calls=true``. ``sip_registrations`` (sofia's per-profile database): the 14 columns
+a successor needs, :class:`RegistrationRow`; the other columns are the restoring node's own
+or derivable (``fsha.fsdb.writer``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Final
+
+from fsha.wire import stream
+
+__all__ = [
+    "REGISTRATION_COLUMNS",
+    "CallRow",
+    "CallSummary",
+    "RecoveryRow",
+    "RegistrationRow",
+    "registration_key",
+    "registration_prefix",
+    "summary_of",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryRow:
+    """One row of FreeSWITCH's ``recovery`` table (``metadata``: the XML CDR, byte-exact)."""
+
+    runtime_uuid: str
+    technology: str
+    profile_name: str
+    hostname: str
+    uuid: str
+    metadata: bytes
+
+
+#: The same row, as the call feed names it.
+CallRow = RecoveryRow
+
+
+@dataclass(frozen=True, slots=True)
+class CallSummary:
+    """The small columns of a ``recovery`` row and its metadata's size in bytes (what a
+    sweep reads of every row)."""
+
+    runtime_uuid: str
+    technology: str
+    profile_name: str
+    hostname: str
+    uuid: str
+    size: int
+
+
+def summary_of(row: RecoveryRow) -> CallSummary:
+    return CallSummary(row.runtime_uuid, row.technology, row.profile_name, row.hostname,
+                       row.uuid, len(row.metadata))
+
+
+#: The ``sip_registrations`` columns a registration record carries, in this order.
+REGISTRATION_COLUMNS: Final = (
+    "call_id", "sip_user", "sip_host", "presence_hosts", "contact", "status", "rpid",
+    "expires", "user_agent", "profile_name", "network_ip", "network_port", "sip_username",
+    "sip_realm",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationRow:
+    """The ``sip_registrations`` columns a successor needs to restore a binding."""
+
+    call_id: str
+    sip_user: str
+    sip_host: str
+    presence_hosts: str
+    contact: str
+    status: str
+    rpid: str
+    expires: int  # Unix seconds; 0: never
+    user_agent: str
+    profile_name: str
+    network_ip: str
+    network_port: str
+    sip_username: str
+    sip_realm: str
+    # Derived once, where the row is built (the DB thread, for a sweep's 100k rows):
+    #: The replicated record's key (:func:`registration_key`).
+    key: str = field(init=False, compare=False, repr=False)
+    #: A 16-byte hash of every field but ``expires`` (what the feeds' index keeps).
+    binding: bytes = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", registration_key(
+            self.profile_name, self.sip_user, self.sip_host, self.call_id))
+        fields = (self.call_id, self.sip_user, self.sip_host, self.presence_hosts,
+                  self.contact, self.status, self.rpid, self.user_agent, self.profile_name,
+                  self.network_ip, self.network_port, self.sip_username, self.sip_realm)
+        object.__setattr__(self, "binding", hashlib.blake2b(
+            "\x00".join(fields).encode("utf-8", "surrogateescape"), digest_size=16).digest())
+
+
+def registration_key(profile: str, user: str, host: str, call_id: str) -> str:
+    """``PROFILE/USER@HOST/CALL-ID``; a key longer than the stream allows ends with a hash
+    of the Call-ID instead (``#`` and 32 hex digits)."""
+    key = f"{profile}/{user}@{host}/{call_id}"
+    if len(key.encode("utf-8", "surrogateescape")) <= stream.MAX_KEY_SIZE:
+        return key
+    digest = hashlib.blake2b(call_id.encode("utf-8", "surrogateescape"),
+                             digest_size=16).hexdigest()
+    return f"{profile}/{user}@{host}/#{digest}"
+
+
+def registration_prefix(profile: str, user: str, host: str) -> str:
+    """What every key of ``user@host`` on ``profile`` starts with."""
+    return f"{profile}/{user}@{host}/"
