@@ -3,6 +3,9 @@
 Loading is strict: every problem becomes one line ``FILE: KEY: what is wrong``, and all of
 them are collected so an operator fixes a file in one pass. ``fsha check-config FILE`` prints
 them and exits 2; the daemon refuses to start with the first one.
+
+Why about 1,000 lines: every table of the file is checked here, one function per
+table sharing one problem collector, so that all problems come out in one pass.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@
 injected clock. The node's own role is an Automat state machine (``RoleMachine``); what to
 do with a slot (floating IPs, FreeSWITCH) is behind ``SlotActions``, so the whole node runs
 in tests with a fake clock and fake effects, and for real under twistd.
+
+Why about 1,000 lines: the datagram hot path, the role evaluation and the status
+all read the same peer view; the decisions themselves are pure and apart
+(``fsha.detector``, ``fsha.roles``, ``fsha.quorum``, ``fsha.claims``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from twisted.python.failure import Failure
 from fsha.claims import ClaimFacts, claim_hold, cold_start_wait
 from fsha.config import ClusterConfig, NodeConfig, SlotConfig
 from fsha.detector import FailureDetector, RoundTrips
+from fsha.dropwindow import DropWindow
 from fsha.quorum import (
     NEVER,
     PeerView,
@@ -258,6 +263,7 @@ class ClusterNode:
         self.claimers: dict[int, tuple[int, int]] = {}
         self.roles: Roles = compute_roles([], [], {})
         self.drops: Counter[str] = Counter()
+        self.recent_drops = DropWindow()  # by reason and source, the last minutes
         self.received = 0
         self.events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self._announced: dict[int, tuple[Any, ...]] = {}  # peer -> its last announcement
@@ -361,16 +367,19 @@ class ClusterNode:
             hb = self.codec.decode(data)
         except HeartbeatError as e:
             self.drops[e.reason] += 1
+            self.recent_drops.add(e.reason, source[0], self.clock.seconds())
             return
         node_id = hb.node_id
         if node_id >= len(self.config.nodes):
             self.drops["unknown-node"] += 1
+            self.recent_drops.add("unknown-node", source[0], self.clock.seconds())
             return
         if node_id == self.me.node_id:
             self.drops["self"] += 1
             return
         if self._sources[network].get(source[0]) != node_id:
             self.drops["wrong-source"] += 1
+            self.recent_drops.add("wrong-source", source[0], self.clock.seconds())
             return
         peer = self.detector.peers[node_id]
         was_alive = peer.alive
@@ -378,6 +387,7 @@ class ClusterNode:
         verdict = self.detector.observe(network, hb, now)
         if verdict.dropped:
             self.drops[verdict.value] += 1
+            self.recent_drops.add(verdict.value, source[0], now)
             return
         self.peer_versions[node_id] = hb.version
         sent_at = None
@@ -1080,6 +1090,7 @@ class ClusterNode:
                           "send_errors": link.send_errors, "last_error": link.last_error}
                          for link in self.links],
             "received": self.received, "drops": dict(self.drops),
+            "recent_drops": self.recent_drops.recent(now),
             "events": list(self.events),
         }
 
