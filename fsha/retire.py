@@ -73,6 +73,8 @@ class SupersededRecords:
         """One pass; returns how many records were retired."""
         now = self.clock.seconds()
         masters = self.masters()
+        # the masters' own copies supersede other origins' registrations at once
+        self.state.set_owners(masters)
         for slot in [s for s in self._since if s not in masters]:
             del self._since[slot]
             self._last.pop(slot, None)

@@ -41,6 +41,7 @@ from fsha.fsdb import (
     decode_registration,
     encode_call_row,
     encode_registration,
+    encode_registration_v1,
     inline_runner,
     registration_key,
 )
@@ -295,7 +296,8 @@ class EncodingTests(SynchronousTestCase):
                               "Registered(UDP)", "unknown", NOW_S, "ua \u00e9", "internal",
                               "192.0.2.7", "5062", "1000", "example.org")
         self.assertEqual(decode_registration(encode_registration(row)), row)
-        self.assertEqual(json.loads(encode_registration(row))["expires"], NOW_S)
+        self.assertEqual(decode_registration(encode_registration_v1(row)), row)
+        self.assertEqual(json.loads(encode_registration_v1(row))["expires"], NOW_S)
         ident = Identity("fs1", "slot1", CORE, "1.10", ("a", "b"))
         self.assertEqual(decode_identity(encode_identity(ident)), ident)
         with self.assertRaises(RecordValueError):

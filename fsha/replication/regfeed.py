@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from fsha.fsapi import RegistrationEvent, RegistrationKind, parse_event
 from fsha.fsdb import (
     CoreDBReads,
+    RecordValueError,
     RegistrationRow,
     decode_registration,
     encode_registration,
@@ -98,8 +99,12 @@ class RegistrationFeed:
         if entry is not None and entry.slot != slot_id:
             self._drop(key)
             entry = None
-        if not self.slots.put(feed, Kind.REGISTRATION, key, encode_registration(row),
-                              row.expires * 1000):
+        try:
+            value = encode_registration(row)
+        except RecordValueError:
+            feed.rows_rejected += 1
+            return
+        if not self.slots.put(feed, Kind.REGISTRATION, key, value, row.expires * 1000):
             return
         if entry is None:
             self._regs[key] = _Reg(slot_id, row, gen)
