@@ -548,6 +548,15 @@ class ManualDB:
     def registrations(self, profiles: Sequence[str]) -> Deferred[list[RegistrationRow] | None]:
         return self._q("registrations")
 
+    def registration_page(self, profile: str, after: int, limit: int
+                          ) -> Deferred[tuple[list[RegistrationRow], int] | None]:
+        # the test answers for the first profile with its rows (a last page); the slot's
+        # other profile has no table
+        if profile != "internal":
+            return defer.succeed(None)
+        return self._q("registrations").addCallback(
+            lambda rows: None if rows is None else (rows, after + len(rows)))
+
     def interrupt(self) -> None:
         self.interrupted += 1
         for _, d in list(self.calls):
@@ -669,6 +678,23 @@ class CoreDBTests(SynchronousTestCase):
             h.writer.delete_registration(f"c{i}", "internal")
         h.clock.advance(30)
         self.assertEqual(len(h.regs()), 2)
+
+    def test_registration_sweep_reads_pages(self) -> None:
+        h = Harness(self)
+        h.feeds.registrations.page_size = 3
+        for i in range(8):
+            h.writer.upsert_registration(reg_row("internal", str(1000 + i), f"c{i}",
+                                                 NOW_S + 600))
+        h.feeds.start_slot(0)
+        self.assertEqual(len(h.regs()), 8)
+        self.assertEqual(h.feeds.status()["registration_sweeps"], 1)
+        # 3 + 3 + 2 rows of "internal", then "internal-b" (no rows)
+        queries = h.db.queries
+        for i in (1, 6):
+            h.writer.delete_registration(f"c{i}", "internal")
+        h.clock.advance(30)
+        self.assertEqual(len(h.regs()), 6)
+        self.assertGreaterEqual(h.db.queries - queries, 4)
 
 
 # -- registrations ---------------------------------------------------------------------------
