@@ -18,8 +18,10 @@ applies every origin's changes in that order, idempotently:
 Records live in one namespace per origin, keyed by (slot, kind, key). Only the origin orders
 its own writes, so keeping each origin's records apart makes the merged state independent of
 how the origins' streams interleave, with no clock shared between nodes. A record of origin
-O is dropped when O deletes it, when its expiry passes on this node's (injected) clock, or
-when O starts a new incarnation (retired).
+O is dropped when O deletes it, when its expiry passes on this node's (injected) clock,
+when O starts a new incarnation (retired), or when another node masters its slot now and
+holds its own copy (:meth:`ReplicatedState.set_owners`, :meth:`~ReplicatedState.
+drop_superseded`; the origin's log is released then, or it would keep the values alive).
 
 Every node keeps the last ``log_limit`` changes of each origin's current incarnation, so any
 node can serve a peer that resumes from a position (:meth:`catch_up`); when the log no
