@@ -50,7 +50,8 @@ class SupersededRecords:
 
     def __init__(self, state: Any, masters: Callable[[], dict[int, int]],
                  clock: IReactorTime, *, forget_own: Callable[[int], int] | None = None,
-                 interval: float = 5.0, grace: float = 60.0) -> None:
+                 interval: float = 5.0, grace: float = 60.0,
+                 freed: Callable[[], object] | None = None) -> None:
         self.state = state  # fsha.replication.state.ReplicatedState
         self.masters = masters
         self.clock = clock
@@ -61,6 +62,8 @@ class SupersededRecords:
         self._last: dict[int, float] = {}  # slot -> last pass that looked (one per grace)
         self._loop: LoopingCall | None = None
         self.dropped = 0  # records retired so far (status)
+        self.freed = freed  # called after a pass that dropped many records (memory trim)
+        self._superseded_seen = 0
 
     def start(self) -> None:
         if self._loop is None:
@@ -95,6 +98,10 @@ class SupersededRecords:
             self._last[slot] = now
             total += self._retire(slot, master)
         self.dropped += total
+        superseded = getattr(self.state, "superseded", 0)
+        if self.freed is not None and total + superseded - self._superseded_seen >= 1000:
+            self.freed()
+        self._superseded_seen = superseded
         return total
 
     def _retire(self, slot: int, master: int) -> int:

@@ -36,6 +36,7 @@ from fsha.guardlink import GuardLink
 from fsha.health import SwitchHealth, esl_clients
 from fsha.limitsvc import LimitService
 from fsha.localdrop import GuardSettings, report_problems
+from fsha.memtrim import MemoryTrimmer
 from fsha.metrics import SessionWatch, metrics_resource
 from fsha.node import ClusterNode
 from fsha.redisclient import RedisClient, RedisSettings
@@ -286,6 +287,9 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         health.guard = guard
     effects.add_report_listener(
         lambda report: node.record_event("takeover-" + report.action, **report.as_event()))
+    # a takeover of a big slot frees the rows it wrote: give the memory back
+    trimmer = MemoryTrimmer(reactor)
+    effects.add_report_listener(lambda report: trimmer.trim())
 
     def switch_state(old: ConnectionState, new: ConnectionState) -> None:
         # Tell the cluster at once rather than at the next tick.
@@ -320,7 +324,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
                     and node.roles.owner_of(m.slot) == m.node_id}
 
         feeds = FeedsService(fed, SupersededRecords(replication.state, masters, reactor,
-                                                    forget_own=fed.forget_slot))
+                                                    forget_own=fed.forget_slot,
+                                                    freed=trimmer.trim))
         feeds.setName("feeds")
         feeds.setServiceParent(top)
         node.add_role_listener(feeds.role_changed)
