@@ -111,9 +111,9 @@ def main() -> None:
         result["takeover_s"] = round(time.monotonic() - t, 1)
         events = cluster.status(cluster.node(new), timeout=10)["events"]
         acquires = [e for e in events if e["event"] == "takeover-acquire"]
-        result["acquires"] = [{k: e.get(k) for k in ("ok", "calls_written", "calls_recovered",
-                                                    "registrations_restored", "total_ms")}
-                              for e in acquires]
+        result["acquires"] = [{k: e.get(k) for k in (
+            "ok", "calls_written", "calls_recovered", "registrations_restored", "total_ms",
+            "steps_ms", "error") if k in e} for e in acquires]
         result["after"] = sample(cluster)
         series: list[dict[str, Any]] = []
         start = time.monotonic()
