@@ -3,6 +3,9 @@
 Loading is strict: every problem becomes one line ``FILE: KEY: what is wrong``, and all of
 them are collected so an operator fixes a file in one pass. ``fsha check-config FILE`` prints
 them and exits 2; the daemon refuses to start with the first one.
+
+Why about 1,000 lines: every table of the file is checked here, one function per
+table sharing one problem collector, so that all problems come out in one pass.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import json
 import os
 import socket
 import stat
-import sys
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -189,6 +191,38 @@ class RedisConfig:
     durable_flush: float = 0.2  # seconds between two writes of the durable store
 
 
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    """``[state]``: where each node keeps what outlives a restart (:mod:`fsha.history`):
+    its history (JSON lines, rotated by size) and its maintenance flag."""
+
+    dir: str = "/var/lib/fsha/{node}"  # ``{node}``: the node's name
+    history_max_bytes: int = 1_000_000  # one history file before it rotates
+    history_files: int = 10  # files kept, the current one included
+    explicit: bool = False  # the section is in the file (an unusable dir stops the start)
+
+    def dir_for(self, node: str, base: Path) -> Path:
+        return _resolve(base, self.dir.replace("{node}", node))
+
+
+#: The node events ``[notify]`` runs its command for unless ``events`` names others.
+NOTIFY_EVENTS = ("role", "master", "release", "release-failed", "claim-aborted",
+                 "takeover-acquire", "takeover-release", "peer-down", "peer-takeover",
+                 "maintenance", "switchover", "lease-expired", "resources-lost", "freeswitch",
+                 "guard-dropped", "guard-failed", "config")
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyConfig:
+    """``[notify]``: a command run (no shell) on role changes, takeovers and faults
+    (:mod:`fsha.notify`), as ``COMMAND... EVENT NODE SLOT EPOCH`` with ``FSHA_*`` variables."""
+
+    command: tuple[str, ...]
+    timeout: float  # seconds one run may take before it is killed
+    events: tuple[str, ...] = NOTIFY_EVENTS
+    max_running: int = 4  # runs at once; more wait in a bounded queue
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     path: Path
@@ -210,6 +244,8 @@ class ClusterConfig:
     redis: RedisConfig | None = None  # [redis]; not in the digest
     guard: GuardConfig | None = None  # [guard] (None: built from the defaults); not in the digest
     takeover: TakeoverConfig = TakeoverConfig()  # [takeover]; not in the digest
+    state: StateConfig = StateConfig()  # [state]; not in the digest
+    notify: NotifyConfig | None = None  # [notify]; not in the digest
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:
@@ -347,7 +383,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
     c = _Checker(path)
     base = path.parent
     c.table(raw, "", ("cluster", "tls", "floating_ip", "fencing", "limits", "redis", "guard",
-                      "network", "node", "slot", "takeover"))
+                      "network", "node", "slot", "takeover", "state", "notify"))
 
     cluster = c.table(raw.get("cluster", {}), "cluster",
                       ("name", "secret_file", "heartbeat_interval_ms", "dead_after_ms",
@@ -391,6 +427,8 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
     limits = _limits(c, raw.get("limits"))
     guard = _guard(c, raw.get("guard", {}), interval_ms, dead_ms)
     takeover = _takeover(c, raw.get("takeover", {}))
+    state = _state(c, raw.get("state"))
+    notify = _notify(c, raw.get("notify"), base)
     if "limits" in raw and "tls" not in raw:
         c.problem("limits", "needs [tls]: limit usage is replicated between the nodes")
     if redis is not None and redis.durable_state and "tls" not in raw:
@@ -427,7 +465,8 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
         discovery=discovery_ms / 1000, quorum_spec=quorum_spec, quorum=quorum,
         networks=tuple(networks), nodes=tuple(nodes), slots=tuple(slots),
         floating_ip=floating, tls=tls, digest=b"", fencing=fencing, limits=limits,
-        redis=redis, guard=guard, takeover=takeover)
+        redis=redis, guard=guard, takeover=takeover, state=state or StateConfig(),
+        notify=notify)
     object.__setattr__(config, "digest", config_digest(config))
     return config
 
@@ -741,6 +780,51 @@ def _takeover(c: _Checker, raw: Any) -> TakeoverConfig | None:
     return TakeoverConfig(batch, timeout / 1000)
 
 
+def _state(c: _Checker, raw: Any) -> StateConfig | None:
+    if raw is None:
+        return None
+    t = c.table(raw, "state", ("dir", "history_max_bytes", "history_files"))
+    if t is None:
+        return None
+    default = StateConfig()
+    folder = c.get(t, "state", "dir", str, default.dir, check=_nonempty)
+    size = c.get(t, "state", "history_max_bytes", int, default.history_max_bytes,
+                 check=lambda v: None if 10_000 <= v <= 1_000_000_000
+                 else "must be 10000-1000000000")
+    files = c.get(t, "state", "history_files", int, default.history_files,
+                  check=lambda v: None if 1 <= v <= 1000 else "must be 1-1000")
+    if folder is None or size is None or files is None:
+        return None
+    return StateConfig(folder, size, files, explicit=True)
+
+
+def _notify(c: _Checker, raw: Any, base: Path) -> NotifyConfig | None:
+    if raw is None:
+        return None
+    t = c.table(raw, "notify", ("command", "timeout_ms", "events", "max_running"))
+    if t is None:
+        return None
+    command = c.get(t, "notify", "command", list,
+                    check=lambda v: None if v else "must not be empty: the argv to run")
+    if command is not None and not all(isinstance(a, str) and a for a in command):
+        c.problem("notify.command", "must be an array of non-empty strings (argv, no shell)")
+        command = None
+    timeout = c.get(t, "notify", "timeout_ms", int, 10_000, check=_ms_range(10, 600_000))
+    events = c.get(t, "notify", "events", list, list(NOTIFY_EVENTS))
+    if events is not None:
+        unknown = [e for e in events if e not in NOTIFY_EVENTS and e != "*"]
+        if unknown:
+            c.problem("notify.events", f"unknown event(s) {', '.join(map(str, unknown))} "
+                                       f"(known: {', '.join(NOTIFY_EVENTS)}, or \"*\")")
+            events = None
+    running = c.get(t, "notify", "max_running", int, 4,
+                    check=lambda v: None if 1 <= v <= 64 else "must be 1-64")
+    if command is None or timeout is None or events is None or running is None:
+        return None
+    chosen = ("*",) if "*" in events else tuple(events)  # "*": every event of the node
+    return NotifyConfig(_argv(command, base), timeout / 1000, chosen, running)
+
+
 def _limits(c: _Checker, raw: Any) -> LimitsConfig | None:
     if raw is None:
         return None
@@ -941,32 +1025,47 @@ def choose_node(config: ClusterConfig, name: str | None,
                        f"({names}); pass --node NAME"])
 
 
-# -- fsha check-config --------------------------------------------------------------------
+def check_tls_files(config: ClusterConfig, me: NodeConfig) -> None:
+    """The node's replication PKI must be there before it starts (one clear line if not)."""
+    tls = config.tls
+    if tls is None:
+        return
+    for key, path in (("tls.ca", tls.ca), ("tls.cert", tls.cert_for(me.name)),
+                      ("tls.key", tls.key_for(me.name))):
+        if not path.is_file():
+            raise ConfigError([f"{config.path}: {key}: {path} does not exist (make it with "
+                               f"fsha certs init / fsha certs issue {me.name} --config "
+                               f"{config.path})"])
 
 
-def main(argv: list[str]) -> int:
-    import argparse
+#: The silence a healthy node can show beyond one heartbeat interval on the machine class
+#: fsha is measured on (2 cores, a loaded host: docs/benchmarks.rst "Detection margins"):
+#: a process that is not scheduled for this long sends nothing meanwhile. At 5/25 ms
+#: (margin 20 ms) healthy masters were declared dead on idle links; at 10/50 (40 ms) and
+#: 20/100 (80 ms) never.
+STALL_MARGIN_MS = 40
 
-    parser = argparse.ArgumentParser(prog="fsha check-config",
-                                     description="Validate a cluster config file.")
-    parser.add_argument("config", help="the cluster config file (TOML)")
-    parser.add_argument("--node", help="also check that this node is defined")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-        config.read_secret()
-        if args.node:
-            choose_node(config, args.node)
-    except ConfigError as e:
-        for line in e.problems:
-            print(line, file=sys.stderr)
-        return 2
-    for line in secret_file_warnings(config):
-        print(f"warning: {line}", file=sys.stderr)
-    if len(config.networks) < 2:
-        print(f"warning: {config.path}: network: only one network; two or more are needed "
-              "to tell a dead node from a dead network", file=sys.stderr)
-    print(f"{config.path}: OK: cluster {config.name!r}, {len(config.nodes)} nodes, "
-          f"{len(config.slots)} slots, {len(config.networks)} networks, quorum {config.quorum}, "
-          f"digest {config.digest.hex()}")
-    return 0
+
+def timing_warnings(config: ClusterConfig) -> list[str]:
+    """Timings the config accepts but the measurements say flap on a busy host."""
+    interval_ms = round(config.heartbeat_interval * 1000)
+    dead_ms = round(config.dead_after * 1000)
+    if dead_ms - interval_ms >= STALL_MARGIN_MS:
+        return []
+    return [f"{config.path}: cluster.dead_after_ms: {dead_ms} ms is only "
+            f"{dead_ms - interval_ms} ms more than one heartbeat interval ({interval_ms} ms): "
+            f"a node whose process is not scheduled for that long (a busy 2-core host "
+            f"stalls {STALL_MARGIN_MS} ms) is declared dead and its slots move; "
+            f"use dead_after_ms >= heartbeat_interval_ms + {STALL_MARGIN_MS}"]
+
+
+def node_warnings(config: ClusterConfig) -> list[str]:
+    """What works but will bite an operator later, one line per node."""
+    return [f"{config.path}: node {n.name}: no esl.core_db: it can never recover the calls of "
+            "a slot it takes over (calls drop at every takeover to it)"
+            for n in config.nodes if n.core_db is None]
+
+
+def plural(count: int, word: str, words: str | None = None) -> str:
+    """``1 node``, ``3 nodes``."""
+    return f"{count} {word if count == 1 else (words or word + 's')}"

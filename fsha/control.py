@@ -4,7 +4,7 @@
 (``{"slot": NAME, "to": NODE|null}``) on the node's status address. Every request is
 signed for one node (:mod:`fsha.wire.control`): a node refuses one meant for another node
 (421), an old bearer token, a replay, a stale or forged signature (401), and changes
-nothing. The commands that send them are in :mod:`fsha.controlcli`.
+nothing. The commands that send them are in :mod:`fsha.cli.control`.
 
 The status site reads a request's headers before its body: :class:`StatusSite` makes
 requests that check a control request's signature, and any request's announced length,

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from fsha.localdrop import GuardSettings, report_problems
+from fsha.reactors import ProcessReactor
 from fsha.wire.guard import (
     Dropped,
     Free,
@@ -125,7 +126,7 @@ class GuardLink(service.Service):
 
     log = Logger()
 
-    def __init__(self, settings: GuardSettings, node: Any, reactor: Any, *,
+    def __init__(self, settings: GuardSettings, node: Any, reactor: ProcessReactor, *,
                  spawn: Spawner | None = None, argv: Sequence[str] | None = None,
                  monotonic_ns: Callable[[], int] = time.monotonic_ns) -> None:
         self.settings = settings

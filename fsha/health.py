@@ -30,6 +30,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 
 from fsha.config import ClusterConfig, NodeConfig
 from fsha.esl import ConnectionState, ESLClient
+from fsha.reactors import NetReactor
 
 __all__ = ["PROBE_INTERVAL", "SwitchHealth", "esl_clients"]
 
@@ -37,12 +38,12 @@ __all__ = ["PROBE_INTERVAL", "SwitchHealth", "esl_clients"]
 PROBE_INTERVAL = 0.5
 
 
-def _endpoint(me: NodeConfig, reactor: Any) -> Any:
+def _endpoint(me: NodeConfig, reactor: NetReactor) -> Any:
     endpoint_type = TCP6ClientEndpoint if ":" in me.esl.host else TCP4ClientEndpoint
     return endpoint_type(reactor, me.esl.host, me.esl.port, timeout=me.esl.timeout)
 
 
-def esl_clients(config: ClusterConfig, me: NodeConfig, reactor: Any, ping_interval: float
+def esl_clients(config: ClusterConfig, me: NodeConfig, reactor: NetReactor, ping_interval: float
                 ) -> tuple[ESLClient, ESLClient]:
     """The node's main ESL client (commands, events) and its probe (see the module
     docstring)."""

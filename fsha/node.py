@@ -5,6 +5,10 @@
 injected clock. The node's own role is an Automat state machine (``RoleMachine``); what to
 do with a slot (floating IPs, FreeSWITCH) is behind ``SlotActions``, so the whole node runs
 in tests with a fake clock and fake effects, and for real under twistd.
+
+Why about 1,000 lines: the datagram hot path, the role evaluation and the status
+all read the same peer view; the decisions themselves are pure and apart
+(``fsha.detector``, ``fsha.roles``, ``fsha.quorum``, ``fsha.claims``).
 """
 
 from __future__ import annotations
@@ -23,18 +27,17 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from fsha.claims import ClaimFacts, claim_hold, cold_start_wait
 from fsha.config import ClusterConfig, NodeConfig, SlotConfig
 from fsha.detector import FailureDetector, RoundTrips
+from fsha.dropwindow import DropWindow
 from fsha.quorum import (
     NEVER,
     PeerView,
     QuorumTracker,
-    deaf_to,
     lease_expires_at,
     lease_for,
-    lease_holds,
     live_count,
-    view_agreement,
 )
 from fsha.roles import Member, Roles, compute_roles
 from fsha.wire.heartbeat import (
@@ -96,12 +99,28 @@ class NetworkLink:
 
 
 class RoleMachine:
-    """This node's role: starting -> slave <-> claiming -> master -> releasing -> slave."""
+    """This node's role: starting -> slave <-> claiming -> master -> releasing -> slave.
+
+    The machine owns the role and the slot and epoch it concerns (``role``, ``slot``,
+    ``epoch``: read them here, or through the node's read-only properties); only its
+    outputs change them. Inputs are total: one that does not apply in the current state
+    (``lost`` while a slave, say) is ignored here, so callers need not check the role
+    before feeding it.
+    """
 
     _machine = MethodicalMachine()
 
     def __init__(self, node: ClusterNode) -> None:
         self._node = node
+        self.role = Role.STARTING
+        self.slot = NO_SLOT
+        self.epoch = 0
+
+    def _hold(self, role: Role, slot: int, epoch: int) -> None:
+        old, old_slot = self.role, self.slot
+        self.role, self.slot, self.epoch = role, slot, epoch
+        if old is not role:
+            self._node._role_changed(old, old_slot)
 
     @_machine.state(initial=True)
     def starting(self) -> None:
@@ -150,24 +169,31 @@ class RoleMachine:
 
     @_machine.output()
     def _enter_slave(self) -> None:
-        self._node._set_role(Role.SLAVE, NO_SLOT, 0)
+        self._hold(Role.SLAVE, NO_SLOT, 0)
 
     @_machine.output()
     def _begin_claim(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None,
                      handed_over: bool, claimers: tuple[NodeConfig, ...] = ()) -> None:
+        self._hold(Role.CLAIMING, slot.slot_id, epoch)
         self._node._begin_claim(slot, epoch, previous, handed_over, claimers)
 
     @_machine.output()
     def _become_master(self) -> None:
+        self._hold(Role.MASTER, self.slot, self.epoch)
         self._node._become_master()
 
     @_machine.output()
     def _claim_aborted(self, reason: str) -> None:
-        self._node._claim_aborted(reason)
+        slot = self.slot
+        self._node._claim_aborted(slot, reason)
+        self._hold(Role.SLAVE, NO_SLOT, 0)
+        self._node._announce(MessageType.HEARTBEAT)
 
     @_machine.output()
     def _begin_release(self, reason: str) -> None:
-        self._node._begin_release(reason)
+        slot = self._node._stop_claim(reason)  # the claim is cancelled before the release
+        self._hold(Role.RELEASING, self.slot, self.epoch)
+        self._node._release(slot, reason)
 
     starting.upon(discovered, enter=slave, outputs=[_enter_slave])
     slave.upon(assigned, enter=claiming, outputs=[_begin_claim])
@@ -176,6 +202,10 @@ class RoleMachine:
     claiming.upon(lost, enter=releasing, outputs=[_begin_release])
     master.upon(lost, enter=releasing, outputs=[_begin_release])
     releasing.upon(released, enter=slave, outputs=[_enter_slave])
+    # Nothing held, or already letting go: nothing to lose.
+    starting.upon(lost, enter=starting, outputs=[])
+    slave.upon(lost, enter=slave, outputs=[])
+    releasing.upon(lost, enter=releasing, outputs=[])
 
 
 class ClusterNode:
@@ -217,9 +247,6 @@ class ClusterNode:
         self._lease_verdict: IDelayedCall | None = None
         self._answered: dict[int, float] = {}  # peer -> when we last answered it at once
         self.claim_hold = ""  # why an assigned claim waits (status), "" when none
-        self.role = Role.STARTING
-        self.slot = NO_SLOT
-        self.epoch = 0
         self.maintenance = False
         self.unfit_until = 0.0
         self.known_epochs: dict[int, int] = {}
@@ -233,8 +260,10 @@ class ClusterNode:
         self.claimers: dict[int, tuple[int, int]] = {}
         self.roles: Roles = compute_roles([], [], {})
         self.drops: Counter[str] = Counter()
+        self.recent_drops = DropWindow()  # by reason and source, the last minutes
         self.received = 0
         self.events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
+        self._announced: dict[int, tuple[Any, ...]] = {}  # peer -> its last announcement
         self.started_at = 0.0
         self.claim_started = 0.0
         # Each effect has its own timeout; this bounds the whole acquisition as well, and
@@ -245,6 +274,7 @@ class ClusterNode:
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = clock
         self._pending: list[IDelayedCall] = []
+        self._drains: list[Callable[[], None]] = []
         self._role_listeners: list[RoleListener] = []
         self._tick_listeners: list[TickListener] = []
         self._event_listeners: list[EventListener] = []
@@ -259,12 +289,30 @@ class ClusterNode:
         # (the durable store's load, bounded by the store): see fsha.durable.
         self.cold_start_gate: Callable[[], bool] | None = None
 
+    # The role machine owns these (see RoleMachine): read-only here.
+    @property
+    def role(self) -> Role:
+        return self._machine.role
+
+    @property
+    def slot(self) -> int:
+        return self._machine.slot
+
+    @property
+    def epoch(self) -> int:
+        return self._machine.epoch
+
     # -- wiring ---------------------------------------------------------------------------
 
     def attach(self, network_name: str, send: SendFunction) -> None:
         net = next(n for n in self.config.networks if n.name == network_name)
         self.links.append(NetworkLink(net.index, net.name, net.port, send))
         self.links.sort(key=lambda link: link.index)
+
+    def add_drain(self, drain: Callable[[], None]) -> None:
+        """``drain()`` reads the datagrams already waiting on one network's socket
+        (fsha.transport): the tick calls it before it declares a peer dead."""
+        self._drains.append(drain)
 
     def start(self) -> None:
         self.running = True
@@ -315,16 +363,19 @@ class ClusterNode:
             hb = self.codec.decode(data)
         except HeartbeatError as e:
             self.drops[e.reason] += 1
+            self.recent_drops.add(e.reason, source[0], self.clock.seconds())
             return
         node_id = hb.node_id
         if node_id >= len(self.config.nodes):
             self.drops["unknown-node"] += 1
+            self.recent_drops.add("unknown-node", source[0], self.clock.seconds())
             return
         if node_id == self.me.node_id:
             self.drops["self"] += 1
             return
         if self._sources[network].get(source[0]) != node_id:
             self.drops["wrong-source"] += 1
+            self.recent_drops.add("wrong-source", source[0], self.clock.seconds())
             return
         peer = self.detector.peers[node_id]
         was_alive = peer.alive
@@ -332,6 +383,7 @@ class ClusterNode:
         verdict = self.detector.observe(network, hb, now)
         if verdict.dropped:
             self.drops[verdict.value] += 1
+            self.recent_drops.add(verdict.value, source[0], now)
             return
         self.peer_versions[node_id] = hb.version
         sent_at = None
@@ -388,7 +440,11 @@ class ClusterNode:
             elif hb.role is Role.RELEASING and self.last_holder.get(hb.slot) == hb.node_id:
                 self.released_by[hb.slot] = hb.node_id
         self._track_claimers(hb)
-        if hb.type is not MessageType.HEARTBEAT:
+        announced = (hb.type, hb.slot, hb.epoch, hb.incarnation)
+        # an announcement comes in a burst of copies (_announce): told once, not per copy
+        if hb.type is not MessageType.HEARTBEAT \
+                and self._announced.get(hb.node_id) != announced:
+            self._announced[hb.node_id] = announced
             slot = self.config.slots[hb.slot].name if hb.slot < len(self.config.slots) else "?"
             kind = "takeover" if hb.type is MessageType.TAKEOVER else "release"
             self._event(f"peer-{kind}", peer=name, slot=slot, epoch=hb.epoch,
@@ -413,6 +469,16 @@ class ClusterNode:
 
     def _tick(self) -> None:
         now = self.clock.seconds()
+        if self._drains and self.detector.suspects(now):
+            # After a stall of this process its timers run before its sockets are read:
+            # read what has arrived before calling anyone silent (this node's own stall is
+            # no evidence against a peer; it can only delay a verdict, never hasten one)
+            for drain in self._drains:
+                try:
+                    drain()
+                except Exception:
+                    self.log.failure("reading waiting heartbeats failed")
+            now = self.clock.seconds()
         for change in self.detector.check(now):
             name = self.config.nodes[change.node_id].name
             self._state_keys.pop(change.node_id, None)
@@ -448,7 +514,7 @@ class ClusterNode:
         self.maintenance = on
         self._event("maintenance", on=on)
         self.log.info("maintenance {state} by operator", state="on" if on else "off")
-        if on and self.role in (Role.MASTER, Role.CLAIMING):
+        if on:
             self._machine.lost("maintenance: drained by operator")
         if self.running:
             self._evaluate()
@@ -519,28 +585,21 @@ class ClusterNode:
         return lease_expires_at(self.peer_views(), self.config.quorum, self.lease)
 
     def _claim_hold(self, slot_id: int, roles: Roles, now: float) -> str:
-        """Why this node may not claim its assigned ``slot_id`` yet ("" when it may)."""
+        """Why this node may not claim its assigned ``slot_id`` yet ("" when it may): the
+        facts gathered here, the policy in :func:`fsha.claims.claim_hold`."""
         views = self.peer_views()
-        quorum = self.config.quorum
         previous = self.last_holder.get(slot_id)
-        me = self.me.node_id
-        if previous is not None and previous != me:
-            peer = self.detector.peers[previous]
-            # Heard: it let the slot go itself (or restarted). Not heard: dead only when a
-            # quorum of live nodes no longer hear it either.
-            voting = now - self.started_at >= self.config.dead_after
-            if not peer.alive and deaf_to(previous, False, voting, views) < quorum:
-                return (f"{self._name(previous)} is still heard by part of the cluster: "
-                        "no quorum of nodes has lost it")
         peers = self.detector.peers
-        digests = (peers[v.node_id].latest.view_digest for v in views  # type: ignore[union-attr]
-                   if v.live and v.voting)
-        if view_agreement(roles.digest, digests) < quorum:
-            return "no quorum of nodes sees the same cluster view yet"
-        if not lease_holds(now, views, quorum, self.lease):
-            # the claim would be given up at once: no quorum has shown it hears this node
-            return "no quorum has echoed this node's heartbeats lately (its lease)"
-        return ""
+        digests = [peers[v.node_id].latest.view_digest for v in views  # type: ignore[union-attr]
+                   if v.live and v.voting]
+        facts = ClaimFacts(
+            me=self.me.node_id, previous=previous,
+            previous_alive=previous is not None and previous in peers
+            and peers[previous].alive,
+            voting=now - self.started_at >= self.config.dead_after, views=views,
+            peer_digests=digests, my_digest=roles.digest, quorum=self.config.quorum,
+            lease=self.lease, now=now)
+        return claim_hold(facts, {n.node_id: n.name for n in self.config.nodes})
 
     def _lease_expired(self, now: float) -> bool:
         """Has this master's lease run out? Asked twice: the first time it looks expired,
@@ -687,13 +746,9 @@ class ClusterNode:
             claimer = self.claimers.get(slot_id)
             claimers = (self.config.nodes[claimer[0]],) \
                 if claimer is not None and claimer[0] != me else ()
-            if previous is None and epoch == 1 and (
-                    self._anyone_starting()
-                    or (self.cold_start_gate is not None and not self.cold_start_gate())):
-                # A slot never owned (cluster cold start): wait until every live node has
-                # finished discovery, so all rank the same slaves and claims do not collide.
-                # A dead master's slot (known epoch) is taken over at once. The durable
-                # store (if any) may still name the slot's master before the restart.
+            gate = self.cold_start_gate
+            if cold_start_wait(previous, epoch, self._anyone_starting(),
+                               gate is None or gate()):
                 return
             self._machine.assigned(self.config.slots[slot_id], epoch,
                                    self.config.nodes[previous] if previous is not None else None,
@@ -711,24 +766,22 @@ class ClusterNode:
         the heartbeat is sent (the guard's lease renewal)."""
         self._tick_listeners.append(callback)
 
-    def _set_role(self, role: Role, slot: int, epoch: int) -> None:
-        old, old_slot = self.role, self.slot
-        self.role, self.slot, self.epoch = role, slot, epoch
-        if old is not role:
-            self._event("role", role=role.name.lower(),
-                        slot=self.config.slots[slot].name if slot != NO_SLOT else None,
-                        epoch=epoch)
-            concerned = slot if slot != NO_SLOT else old_slot
-            slot_config = self.config.slots[concerned] if concerned != NO_SLOT else None
-            for callback in list(self._role_listeners):
-                try:
-                    callback(old, role, slot_config)
-                except Exception:
-                    self.log.failure("role listener failed")
+    def _role_changed(self, old: Role, old_slot: int) -> None:
+        """The machine moved from ``old`` (about ``old_slot``): record it, tell listeners."""
+        role, slot, epoch = self.role, self.slot, self.epoch
+        self._event("role", role=role.name.lower(),
+                    slot=self.config.slots[slot].name if slot != NO_SLOT else None,
+                    epoch=epoch)
+        concerned = slot if slot != NO_SLOT else old_slot
+        slot_config = self.config.slots[concerned] if concerned != NO_SLOT else None
+        for callback in list(self._role_listeners):
+            try:
+                callback(old, role, slot_config)
+            except Exception:
+                self.log.failure("role listener failed")
 
     def _begin_claim(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None,
                      handed_over: bool = False, claimers: tuple[NodeConfig, ...] = ()) -> None:
-        self._set_role(Role.CLAIMING, slot.slot_id, epoch)
         self.claim_started = self.clock.seconds()
         subject = previous.name if previous is not None else None
         self.log.info("claiming slot {slot} with epoch {epoch} (previous master: {previous})",
@@ -792,7 +845,6 @@ class ClusterNode:
     def _become_master(self) -> None:
         took = (self.clock.seconds() - self.claim_started) * 1000
         slot = self.config.slots[self.slot]
-        self._set_role(Role.MASTER, self.slot, self.epoch)
         self.known_epochs[self.slot] = max(self.known_epochs.get(self.slot, 0), self.epoch)
         self.last_holder[self.slot] = self.me.node_id
         self.claimers.pop(self.slot, None)
@@ -802,14 +854,13 @@ class ClusterNode:
         self._event("master", slot=slot.name, epoch=self.epoch, claim_ms=round(took, 1))
         self._announce(MessageType.HEARTBEAT)
 
-    def _claim_aborted(self, reason: str) -> None:
-        slot = self.config.slots[self.slot].name if self.slot != NO_SLOT else None
+    def _claim_aborted(self, slot_id: int, reason: str) -> None:
+        slot = self.config.slots[slot_id].name if slot_id != NO_SLOT else None
         self.unfit_until = self.clock.seconds() + UNFIT_INTERVALS * self.config.heartbeat_interval
         self._event("claim-aborted", slot=slot, reason=reason)
-        self._set_role(Role.SLAVE, NO_SLOT, 0)
-        self._announce(MessageType.HEARTBEAT)
 
-    def _begin_release(self, reason: str) -> None:
+    def _stop_claim(self, reason: str) -> SlotConfig:
+        """A release begins: say so, and cancel an acquisition still running."""
         slot = self.config.slots[self.slot]
         self.log.warn("releasing slot {slot}: {reason}", slot=slot.name, reason=reason,
                       takeover=f"{slot.name}/{self.epoch}")
@@ -817,7 +868,9 @@ class ClusterNode:
         claim, self._claim = self._claim, None
         if claim is not None:
             claim.cancel()  # stop acquiring before releasing
-        self._set_role(Role.RELEASING, self.slot, self.epoch)
+        return slot
+
+    def _release(self, slot: SlotConfig, reason: str) -> None:
         self._release_resources(slot, reason).addBoth(lambda _: self._released(slot))
 
     def _released(self, slot: SlotConfig) -> None:
@@ -1009,6 +1062,7 @@ class ClusterNode:
                           "send_errors": link.send_errors, "last_error": link.last_error}
                          for link in self.links],
             "received": self.received, "drops": dict(self.drops),
+            "recent_drops": self.recent_drops.recent(now),
             "events": list(self.events),
         }
 

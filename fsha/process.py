@@ -33,6 +33,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from fsha.reactors import ProcessReactor
+
 OUTPUT_LIMIT = 64 * 1024
 KILL_GRACE = 1.0
 DRAIN = 0.5
@@ -311,7 +313,7 @@ def _exit_code(reason: Failure) -> int:
 class ProcessRunner:
     """Runs argv vectors through ``reactor.spawnProcess``; see the module docstring."""
 
-    def __init__(self, reactor: Any, *, output_limit: int = OUTPUT_LIMIT,
+    def __init__(self, reactor: ProcessReactor, *, output_limit: int = OUTPUT_LIMIT,
                  kill_grace: float = KILL_GRACE, drain: float = DRAIN) -> None:
         if not IReactorProcess.providedBy(reactor) or not IReactorTime.providedBy(reactor):
             raise TypeError("ProcessRunner needs a reactor providing IReactorProcess and "

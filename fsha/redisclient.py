@@ -40,6 +40,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from fsha.reactors import NetReactor
+
 __all__ = [
     "RELEASE_SCRIPT",
     "RETAKE_SCRIPT",
@@ -202,7 +204,7 @@ class RedisClient:
     are the same outside tests of this class's pure parts).
     """
 
-    def __init__(self, settings: RedisSettings, reactor: Any,
+    def __init__(self, settings: RedisSettings, reactor: NetReactor,
                  clock: IReactorTime | None = None) -> None:
         self.settings = settings
         self.reactor = reactor

@@ -1,18 +1,14 @@
 """Status: the JSON each node serves, and ``fsha status``, which renders it for people.
 
-The node serves ``GET /status`` (JSON) on its configured status address. ``fsha status``
-fetches it (``--url``, or ``--config`` + ``--node`` to find the address) and prints a table
+The node serves ``GET /status`` (JSON) on its configured status address; ``fsha status``
+(:mod:`fsha.cli.status`) fetches it and prints what :func:`render` makes of it: a table
 an operator reads at a glance, with problems spelled out in words.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -185,7 +181,8 @@ def render(status: JSON) -> str:
     q = status["quorum"]
     lines.append(f"cluster {status['cluster']}   seen from {status['node']} "
                  f"({status['role']}{' of ' + status['slot'] if status['slot'] else ''})   "
-                 f"quorum {q['alive']}/{q['required']} {'ok' if q['ok'] else 'LOST'}   "
+                 f"quorum {'ok' if q['ok'] else 'LOST'} ({q['alive']} seen, "
+                 f"{q['required']} needed)   "
                  f"config {status['config_digest']}")
     nets = [n["name"] for n in status.get("networks", [])] or \
         sorted({k for node in status["nodes"] for k in node["networks"]})
@@ -273,11 +270,34 @@ def render(status: JSON) -> str:
     if events:
         lines.append("recent events:")
         for e in events:
-            detail = " ".join(f"{k}={v}" for k, v in e.items()
-                              if k not in ("time", "event") and v is not None)
             lines.append(f"  {time.strftime('%H:%M:%S', time.localtime(e['time']))}"
-                         f".{int(e['time'] * 1000) % 1000:03d} {e['event']} {detail}")
+                         f".{int(e['time'] * 1000) % 1000:03d} {event_text(e)}")
     return "\n".join(lines)
+
+
+def event_value(value: Any) -> str:
+    """An event field for people: lists joined, mappings as ``key value``, no Python
+    reprs."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(event_value(v) for v in value) or "none"
+    if isinstance(value, dict):
+        return "; ".join(f"{k} {event_value(v)}" for k, v in value.items()) or "none"
+    return str(value)
+
+
+def event_text(event: JSON) -> str:
+    """``takeover-done slot=slot1 epoch=3 ...`` with every value readable."""
+    parts = [str(event.get("event"))]
+    for key, value in event.items():
+        if key in ("time", "event") or value is None or value == [] or value == {}:
+            continue
+        text = event_value(value)
+        parts.append(f"{key}={text}" if " " not in text else f"{key}=[{text}]")
+    return " ".join(parts)
 
 
 def _bytes(n: int) -> str:
@@ -292,59 +312,3 @@ def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
             for r in rows]
-
-
-# -- fsha status ------------------------------------------------------------------------------
-
-
-def fetch(url: str, timeout: float = 3.0) -> JSON:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
-def status_url(config_path: str, node: str | None) -> str:
-    from fsha.config import choose_node, load_config
-
-    config = load_config(config_path)
-    me = choose_node(config, node)
-    host = f"[{me.status.host}]" if ":" in me.status.host else me.status.host
-    return f"http://{host}:{me.status.port}/status"
-
-
-def main(argv: list[str]) -> int:
-    from fsha.config import ConfigError
-
-    parser = argparse.ArgumentParser(prog="fsha status",
-                                     description="Show the cluster as one node sees it.")
-    parser.add_argument("--config", help="cluster config file (to find the node's status address)")
-    parser.add_argument("--node", help="which node to ask (default: the local one)")
-    parser.add_argument("--url", help="status URL, e.g. http://127.0.0.1:8080/status")
-    parser.add_argument("--json", action="store_true", help="print the raw JSON")
-    parser.add_argument("--watch", type=float, metavar="SECONDS",
-                        help="refresh every SECONDS until interrupted")
-    parser.add_argument("--timeout", type=float, default=3.0)
-    args = parser.parse_args(argv)
-    if not args.url and not args.config:
-        parser.error("give --url or --config")
-    try:
-        url = args.url or status_url(args.config, args.node)
-    except ConfigError as e:
-        print(e.problems[0], file=sys.stderr)
-        return 2
-    while True:
-        try:
-            status = fetch(url, args.timeout)
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            print(f"fsha status: cannot read {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
-            if not args.watch:
-                return 1
-        else:
-            if args.watch:
-                print("\033[2J\033[H", end="")
-            print(json.dumps(status, indent=1) if args.json else render(status))
-        if not args.watch:
-            return 0
-        try:
-            time.sleep(args.watch)
-        except KeyboardInterrupt:
-            return 0

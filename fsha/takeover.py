@@ -38,9 +38,11 @@ Acquire (a failed *fatal* step fails ``acquire``; the node then calls ``release`
    ``recover_batch`` (:mod:`fsha.recovery`: the first batch of each profile first), then
    the first batch of each profile written into the local core DB (``recovery``) in one
    transaction on the DB thread, keeping the dead master's ``runtime_uuid`` (see
-   :mod:`fsha.fsdb`). A node that cannot write them is not fit to take the calls; the
-   next candidate may be. Without a configured ``core_db`` the step is a *warning* (the
-   slot is served, its calls are not recovered).
+   :mod:`fsha.fsdb`). Before it, the slot's rows of every other runtime (ghosts: this
+   FreeSWITCH killed with calls once, the slot failing back to it now) are purged
+   (count ``purged``), with or without calls to take over. A node that cannot write them
+   is not fit to take the calls; the next candidate may be. Without a configured
+   ``core_db`` the step is a *warning* (the slot is served, its calls are not recovered).
 6. ``profiles`` (fatal): ``sofia profile P start`` for each profile (its text is printed
    even when binding fails), then ``sofia status`` is polled until every profile is listed
    ``RUNNING`` (FreeSWITCH lists a running profile only; one that failed to bind is
@@ -59,12 +61,12 @@ Acquire (a failed *fatal* step fails ``acquire``; the node then calls ``release`
    is taken over from the original master's records, which hold every call. The reported
    counts are compared with the rows written per profile. A mismatch is a *warning*,
    not a failure: fewer means some rows could not be recovered here (bad metadata, an
-   RTP port in use) and the next candidate would read the same rows; more means the
-   table held older rows of another runtime (e.g. this FreeSWITCH's previous run) that
-   are now live calls. Counts: ``batches``, ``batches_done``, ``written`` (rows written
-   by this step: all but the first batches), ``recovered``, ``expected``,
-   ``first_call_ms`` (from the acquire's start to the first batch with calls back),
-   ``not_recovered`` (after a stalled batch).
+   RTP port in use) and the next candidate would read the same rows; more means rows of
+   another runtime reached the table after the purge (step 5). Counts: ``batches``,
+   ``batches_done``, ``written`` (rows written by this step: all but the first
+   batches), ``recovered``, ``expected``, ``first_call_ms`` (from the acquire's start to
+   the first batch with calls back; also in the acquire's event), ``not_recovered``
+   (after a stalled batch).
 8. ``registrations`` (never fatal: the calls are already up): the rows written into
    ``sip_registrations`` with this FreeSWITCH's hostname (``global_getvar switchname``,
    else ``hostname``: sofia expires rows per hostname), then, if ``hash_realm`` is set, one
@@ -85,7 +87,11 @@ Release (never fails; every step bounded, failures logged and reported)
    standby command, so this pauses every profile of this FreeSWITCH until the stop) and
    the stop is retried once the 10 s are over (at most :data:`STOP_RETRIES` times), then
    ``sofia global standby off``. Acquiring the slot again cancels the retry (``recover``
-   clears the profile's standby).
+   clears the profile's standby). A stop FreeSWITCH does not answer (dead, hung, the ESL
+   connection down) is a warning (count ``unanswered``) and is tried again every
+   :data:`STOP_UNANSWERED_INTERVAL` seconds, at most :data:`STOP_UNANSWERED_RETRIES`
+   times: a FreeSWITCH back from a SIGSTOP or a stall still serves the profile and
+   copies of the calls the successor has recovered.
 3. ``rollback`` (only when the acquisition did not complete): the recovery rows written and
    not consumed are deleted (by ``uuid`` and the dead master's ``runtime_uuid``: never a
    row of this FreeSWITCH), and so are the registrations and hash entries restored.
@@ -173,6 +179,12 @@ FAILED = "failed"
 SKIPPED = "skipped"
 
 STOP_RETRIES = 3
+#: A stop FreeSWITCH did not answer (dead, hung, reconnecting) is tried again every
+#: ``STOP_UNANSWERED_INTERVAL`` seconds, at most ``STOP_UNANSWERED_RETRIES`` times: a
+#: FreeSWITCH back from a pause (SIGSTOP, a stall) still holds the profile and copies of
+#: calls the successor now serves.
+STOP_UNANSWERED_INTERVAL = 2.0
+STOP_UNANSWERED_RETRIES = 30
 PROFILE_GUARD_SECONDS = 10.0  # FreeSWITCH: "must be up for at least 10 seconds"
 #: registrations written per transaction (a few ms each; FreeSWITCH's own writers wait
 #: behind it at most that long)
@@ -258,6 +270,10 @@ class TakeoverReport:
                          + self.count("recover", "written"),
                          calls_recovered=self.count("recover", "recovered"),
                          registrations_restored=self.count("registrations", "written"))
+            first = self.step("recover")
+            if first is not None and "first_call_ms" in first.counts:
+                # from the acquire's start to the first recovered batch (issue 16's goal)
+                event["first_call_ms"] = first.counts["first_call_ms"]
         if self.error is not None:
             event["error"] = self.error
         warnings = self.warnings
@@ -398,7 +414,7 @@ class _Step:
     __slots__ = ("_clock", "_on_progress", "aborted", "counts", "note", "outcome",
                  "progressed")
 
-    def __init__(self, clock: IReactorTime | None = None,
+    def __init__(self, clock: IReactorTime,
                  on_progress: Callable[[float], object] | None = None) -> None:
         self.counts: dict[str, int] = {}
         self.note: str | None = None
@@ -411,8 +427,6 @@ class _Step:
     def progress(self) -> None:
         """Something got done (a batch recovered, rows written): the step's timeout counts
         from now (see :meth:`SlotEffects._step`)."""
-        if self._clock is None:
-            return
         self.progressed = now = self._clock.seconds()
         if self._on_progress is not None:
             self._on_progress(now)
@@ -482,17 +496,18 @@ def _reason(failure: Failure, timeout: float | None = None) -> str:
 class SlotEffects:
     """The effects of owning a slot (``fsha.node.SlotActions``); see the module docstring.
 
-    ``floating``: the floating-IP backend. ``clock``: the reactor (defaults to the global
-    one). ``esl``: the node's ESL client (None: only the floating IPs are handled, and the
-    report says the FreeSWITCH steps were skipped). ``db``: the writer of the local core DB
-    (None: calls and registrations are not restored, a warning). ``records``: where the dead
-    master's rows come from (default: none). ``hash_realm``: the realm of the registration
-    hash entries (None: none). ``fencing``: the ``[fencing]`` config (None: no fence step),
-    its command run through ``runner`` (default: a :class:`~fsha.process.ProcessRunner` on
-    ``clock``, which must then be a reactor). ``me``: this node, never fenced.
+    ``floating``: the floating-IP backend. ``clock``: the reactor's clock (required: library
+    code never reaches the global reactor). ``esl``: the node's ESL client (None: only the
+    floating IPs are handled, and the report says the FreeSWITCH steps were skipped).
+    ``db``: the writer of the local core DB (None: calls and registrations are not
+    restored, a warning). ``records``: where the dead master's rows come from (default:
+    none). ``hash_realm``: the realm of the registration hash entries (None: none).
+    ``fencing``: the ``[fencing]`` config (None: no fence step), its command run through
+    ``runner`` (default: a :class:`~fsha.process.ProcessRunner` on ``clock``, which must
+    then be a reactor). ``me``: this node, never fenced.
     """
 
-    def __init__(self, floating: FloatingIPBackend, clock: IReactorTime | None = None, *,
+    def __init__(self, floating: FloatingIPBackend, clock: IReactorTime, *,
                  esl: ApiRunner | None = None, db: CoreDBWriter | None = None,
                  records: SlotRecords | None = None,
                  timeouts: TakeoverTimeouts | None = None,
@@ -500,11 +515,8 @@ class SlotEffects:
                  history: int = 20, fencing: FencingConfig | None = None,
                  runner: ProcessRunner | None = None, me: NodeConfig | None = None,
                  recover_batch: int = DEFAULT_RECOVER_BATCH) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
-        assert clock is not None
         if fencing is not None and runner is None:
-            runner = ProcessRunner(clock)
+            runner = ProcessRunner(clock)  # type: ignore[arg-type]  # then clock is a reactor
         self.fencing = fencing
         self.runner = runner
         self.me = me
@@ -901,16 +913,33 @@ class SlotEffects:
         each profile written; the others are written by the ``recover`` step, one before
         each recover."""
         step.counts["rows"] = len(calls)
-        if not calls:
-            return
         if self.db is None:
-            step.warn(f"no core_db configured: {len(calls)} call(s) cannot be recovered")
+            if calls:
+                step.warn(f"no core_db configured: {len(calls)} call(s) cannot be recovered")
             return
         assert self.api is not None
         own = yield self.api.core_uuid()
         rows = [r if r.runtime_uuid != own else
                 RecoveryRow(FOREIGN_RUNTIME_PREFIX + r.runtime_uuid, r.technology,
                             r.profile_name, r.hostname, r.uuid, r.metadata) for r in calls]
+        # Rows of any other runtime are ghosts (this FreeSWITCH killed with calls earlier,
+        # the slot failing back to it now): recover would re-INVITE calls long gone.
+        wait = self.timeouts.db
+        purge = self._db_call(self.db.purge_recovery(
+            slot.profiles, {own, *(r.runtime_uuid for r in rows)}))
+        purge.addTimeout(wait, self.clock)
+
+        def timed_out(failure: Failure) -> None:
+            failure.trap(defer.TimeoutError)
+            raise CoreDBError(f"purging rows of earlier runtimes timed out after {wait:g} s")
+
+        purged = yield purge.addErrback(timed_out)
+        if purged:
+            step.counts["purged"] = purged
+            log.warn("slot {slot}: {n} recovery row(s) of earlier runtimes purged (ghosts)",
+                     slot=slot.name, n=purged)
+        if not calls:
+            return
         mine = sum(1 for r in calls if r.runtime_uuid == own)
         if mine:
             step.warn(f"{mine} row(s) carried this FreeSWITCH's own core UUID; "
@@ -1268,6 +1297,8 @@ class SlotEffects:
         assert api is not None
         stopped = not_running = 0
         young: list[tuple[str, float]] = []
+        unanswered: list[str] = []
+        reason = ""
         for profile in slot.profiles:
             try:
                 yield api.sofia_profile(profile, "stop")
@@ -1278,7 +1309,19 @@ class SlotEffects:
             except ProfileTooYoung as e:
                 m = _PLEASE_WAIT.search(e.output)
                 young.append((profile, float(m.group(1)) if m else PROFILE_GUARD_SECONDS))
+            except ESLError as e:
+                unanswered.append(profile)
+                reason = str(e) or type(e).__name__
         step.counts.update(stopped=stopped, not_running=not_running, too_young=len(young))
+        if unanswered:
+            # FreeSWITCH dead or hung: a hung one that comes back still serves the profile
+            # (and copies of the calls the successor now has): stop it once it answers
+            step.counts["unanswered"] = len(unanswered)
+            if not young:
+                self._schedule_stop_retry(slot, unanswered, STOP_UNANSWERED_INTERVAL, 1)
+            step.warn(f"stop of {', '.join(unanswered)} not answered ({reason}); retried "
+                      f"every {STOP_UNANSWERED_INTERVAL:g} s, at most "
+                      f"{STOP_UNANSWERED_RETRIES} times")
         if young:
             # The successor recovers these calls: end the copies here now (the addresses
             # are already down, so their BYEs do not reach the callers), whatever becomes
@@ -1294,7 +1337,7 @@ class SlotEffects:
             yield api.sofia_global_standby(True)
             self._standby_on = True
             wait = max(w for _, w in young) + 0.5
-            self._schedule_stop_retry(slot, [p for p, _ in young], wait, 1)
+            self._schedule_stop_retry(slot, [p for p, _ in young] + unanswered, wait, 1)
             step.warn(f"profile(s) {', '.join(p for p, _ in young)} started less than "
                       f"{PROFILE_GUARD_SECONDS:g} s ago: calls hung up, global standby on, "
                       f"stop retried in {wait:g} s")
@@ -1362,6 +1405,7 @@ class SlotEffects:
         assert api is not None
         young: list[str] = []
         waits: list[float] = []
+        unanswered: list[str] = []
 
         @inlineCallbacks
         def run() -> Generator[Any, Any, None]:
@@ -1377,6 +1421,8 @@ class SlotEffects:
                     m = _PLEASE_WAIT.search(e.output)
                     young.append(profile)
                     waits.append(float(m.group(1)) if m else PROFILE_GUARD_SECONDS)
+                except ESLError:
+                    unanswered.append(profile)  # still dead or hung: once more later
 
         d = run()
         d.addTimeout(self.timeouts.esl * (len(profiles) + 1), self.clock)
@@ -1386,13 +1432,21 @@ class SlotEffects:
                 log.warn("slot {slot}: delayed stop of {profiles} failed: {error}",
                          slot=slot.name, profiles=",".join(profiles),
                          error=_reason(result, self.timeouts.esl))
-            elif young and attempt < STOP_RETRIES:
-                self._schedule_stop_retry(slot, young, max(waits) + 0.5, attempt + 1)
-                return None
-            elif young:
-                log.error("slot {slot}: profile(s) {profiles} still refuse to stop after "
-                          "{n} attempts; left in standby", slot=slot.name,
-                          profiles=",".join(young), n=attempt + 1)
+            else:
+                again = young + unanswered
+                limit = STOP_UNANSWERED_RETRIES if unanswered else STOP_RETRIES
+                if again and attempt < limit:
+                    wait = max(waits) + 0.5 if young else STOP_UNANSWERED_INTERVAL
+                    self._schedule_stop_retry(slot, again, wait, attempt + 1)
+                    return None
+                if unanswered:
+                    log.error("slot {slot}: FreeSWITCH did not answer the stop of "
+                              "{profiles} in {n} attempts; given up", slot=slot.name,
+                              profiles=",".join(unanswered), n=attempt + 1)
+                if young:
+                    log.error("slot {slot}: profile(s) {profiles} still refuse to stop "
+                              "after {n} attempts; left in standby", slot=slot.name,
+                              profiles=",".join(young), n=attempt + 1)
             if self._standby_on and not self._stop_retries:
                 self._standby_on = False
                 off = api.sofia_global_standby(False)

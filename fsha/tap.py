@@ -17,13 +17,16 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
+from fsha import startup
 from fsha.config import (
     ClusterConfig,
     ConfigError,
     NodeConfig,
+    check_tls_files,
     choose_node,
     load_config,
     read_redis_password,
+    timing_warnings,
 )
 from fsha.control import ControlResource, StatusSite
 from fsha.durable import DurableStore, key_prefix
@@ -34,11 +37,15 @@ from fsha.fsevents import ClusterEvents
 from fsha.guard import default_lease
 from fsha.guardlink import GuardLink
 from fsha.health import SwitchHealth, esl_clients
+from fsha.history import HistoryResource, StateDir
 from fsha.limitsvc import LimitService
 from fsha.localdrop import GuardSettings, report_problems
 from fsha.memtrim import MemoryTrimmer
 from fsha.metrics import SessionWatch, metrics_resource
 from fsha.node import ClusterNode
+from fsha.notify import Notifier
+from fsha.process import ProcessRunner
+from fsha.reactors import NetReactor, NodeReactor
 from fsha.redisclient import RedisClient, RedisSettings
 from fsha.replication.feeds import Feeds
 from fsha.replication.service import ReplicationService
@@ -69,22 +76,13 @@ class Options(usage.Options):
             self.secret: bytes = self.cluster.read_secret()
             check_tls_files(self.cluster, self.me)
             self.redis_password: str | None = read_redis_password(self.cluster)
+            startup.check(self.cluster, self.me)
         except ConfigError as e:
             print(f"fsha: {e.problems[0]}", file=sys.stderr)
             raise SystemExit(2) from None
-
-
-def check_tls_files(config: ClusterConfig, me: NodeConfig) -> None:
-    """The node's replication PKI must be there before it starts (one clear line if not)."""
-    tls = config.tls
-    if tls is None:
-        return
-    for key, path in (("tls.ca", tls.ca), ("tls.cert", tls.cert_for(me.name)),
-                      ("tls.key", tls.key_for(me.name))):
-        if not path.is_file():
-            raise ConfigError([f"{config.path}: {key}: {path} does not exist (make it with "
-                               f"fsha certs init / fsha certs issue {me.name} --config "
-                               f"{config.path})"])
+        except startup.StartupError as e:
+            print(f"fsha: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 class NodeService(service.Service):
@@ -170,6 +168,19 @@ class NodeService(service.Service):
         return d
 
 
+def state_dir(config: ClusterConfig, me: NodeConfig) -> StateDir | None:
+    """The node's state directory (history, maintenance); None, said once, if the default
+    one cannot be used (an explicit one was checked at start: fsha.startup)."""
+    path = config.state.dir_for(me.name, config.path.parent)
+    try:
+        return StateDir(path, me.name, config.state.history_max_bytes,
+                        config.state.history_files)
+    except OSError as e:
+        _log.warn("no history and no maintenance kept across restarts: {path} cannot be "
+                  "used ({error}); set [state] dir", path=str(path), error=e)
+        return None
+
+
 class LimitsService(service.Service):
     """Cluster-wide limits (``[limits]``) and the Redis connection (``[redis]``)."""
 
@@ -191,7 +202,7 @@ class LimitsService(service.Service):
         return self.redis.stop() if self.redis is not None else defer.succeed(None)
 
 
-def redis_client(config: ClusterConfig, password: str | None, reactor: Any
+def redis_client(config: ClusterConfig, password: str | None, reactor: NetReactor
                  ) -> RedisClient | None:
     r = config.redis
     if r is None:
@@ -250,10 +261,17 @@ class OrderedServices(service.MultiService):
         return d.addCallback(lambda _: None)
 
 
-def makeService(options: Options, reactor: Any = None) -> service.MultiService:
-    if reactor is None:
-        from twisted.internet import reactor  # the process's reactor, chosen by twistd
+def makeService(options: Options) -> service.MultiService:
+    """twistd's entry point: the node on the process's reactor (chosen by twistd)."""
+    from twisted.internet import reactor
+    return build_service(options, reactor)  # type: ignore[arg-type]
+
+
+def build_service(options: Options, reactor: NodeReactor) -> service.MultiService:
+    """The service tree of one node on ``reactor`` (see the comments for the order)."""
     config, me = options.cluster, options.me
+    for line in timing_warnings(config):
+        _log.warn("{warning}", warning=line)
     top = OrderedServices()
     top.setName(f"fsha-{me.name}")
     # Two connections: commands and events, and a probe that no long command delays
@@ -335,10 +353,9 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     if config.limits is not None and replication is not None:
         limits = LimitService(esl, replication.state, config, me, reactor, config.limits,
                               redis=redis, publish=replication.publish,
-                              api_timeout=me.esl.timeout)
+                              api_timeout=me.esl.timeout, peer_fs_ok=node.peer_fs_ok)
         # after the takeover, never part of it: a slow or dead Redis cannot delay a claim
         effects.add_report_listener(limits.takeover_done)
-        limits.peer_fs_ok = node.peer_fs_ok
     if limits is not None or redis is not None:
         limits_service = LimitsService(limits, redis)
         limits_service.setName("limits")
@@ -374,10 +391,34 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         result["redis"] = redis.status() if redis is not None else None
         result["durable"] = durable.status() if durable is not None else None
         result["guard"] = guard.status() if guard is not None else {"enabled": False}
+        result["history"] = state.status() if state is not None else None
+        result["notify"] = notifier.status() if notifier is not None else None
         return result
 
+    state = state_dir(config, me)
+    notifier: Notifier | None = None
+    if config.notify is not None:
+        notifier = Notifier(config.notify, config.name, me.name, reactor,
+                            ProcessRunner(reactor))
+        node.add_event_listener(notifier.event)
+    if state is not None:
+        node.add_event_listener(state.record)
+        node.add_event_listener(lambda e: state.set_maintenance(bool(e["on"]))
+                                if e["event"] == "maintenance" else None)
+        previous = state.config_changed(config.digest.hex())
+        if previous is not None:
+            node.record_event("config", digest=config.digest.hex(), previous=previous)
+        if state.maintenance():
+            # kept across the restart, as Pacemaker's standby is
+            _log.warn("maintenance on (kept from before the restart; fsha maintenance "
+                      "{node} off ends it)", node=me.name)
+            node.set_maintenance(True)
     root = status_site_root(status, control)
-    root.putChild(b"metrics", metrics_resource(status, effects, esl))
+    if state is not None:
+        root.putChild(b"history", HistoryResource(state.path))
+    root.putChild(b"metrics", metrics_resource(
+        status, effects, esl, durable=durable.stats if durable is not None else None,
+        limits=limits.stats if limits is not None else None))
     site = StatusSite(root, control)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # polled: no access log

@@ -38,6 +38,7 @@ TIERS: dict[str, str] = {
     "e2e/test_linkemu.py::Commands": "unit",
     "e2e/test_linkemu.py::Impairments": "unit",
     "test_floating.py::NetnsTests": "netns",
+    "test_floating_netlink.py::NetnsTests": "netns",
     "test_systemd_unit.py::CapabilityTests": "netns",
     # real processes (twistd, the simulator, redis-server, scripts) or sockets on loopback
     "test_big_slot_processes.py": "process",
@@ -54,6 +55,8 @@ TIERS: dict[str, str] = {
     "test_limits_cluster.py": "process",
     "test_limits_redis.py": "process",
     "test_ocf_agent.py": "process",
+    "test_operations.py::OperationsClusterTests": "process",
+    "test_operations.py::StartupProcessTests": "process",
     "test_packaging.py": "process",
     "test_process.py::RealProcessTests": "process",
     "test_redisclient.py": "process",

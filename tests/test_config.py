@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from fsha.cli.check_config import main
 from fsha.config import (
     ConfigError,
     FencingConfig,
@@ -19,7 +20,6 @@ from fsha.config import (
     TakeoverConfig,
     choose_node,
     load_config,
-    main,
     parse_config,
     read_redis_password,
 )
@@ -268,6 +268,31 @@ class FileTests(SynchronousTestCase):
         code, _, err = self.run_check(str(path), "--node", "fs9")
         self.assertEqual(code, 2)
         self.assertIn("no node named 'fs9'", err)
+
+
+    def test_check_config_node_needs_its_tls_key(self) -> None:
+        text = DEMO.read_text().replace(
+            "[floating_ip]", '[tls]\nca = "pki/ca.crt"\ncert = "pki/{node}.crt"\n'
+                             'key = "pki/{node}.key"\n\n[floating_ip]')
+        path = self.write(text)
+        pki = path.parent / "pki"
+        pki.mkdir()
+        for name in ("ca.crt", "fs2.crt", "fs2.key", "fs1.crt"):
+            (pki / name).write_text("x")
+        self.assertEqual(self.run_check(str(path), "--node", "fs2")[0], 0)
+        code, _, err = self.run_check(str(path), "--node", "fs1")
+        self.assertEqual(code, 2)
+        self.assertEqual(len(err.strip().splitlines()), 1)
+        self.assertIn(f"tls.key: {pki / 'fs1.key'} does not exist", err)
+        self.assertIn("fsha certs issue fs1", err)
+
+    def test_check_config_warns_on_a_node_without_core_db(self) -> None:
+        text = DEMO.read_text().replace(', core_db = "/tmp/fs3-core.db"', "")
+        code, out, err = self.run_check(str(self.write(text)))
+        self.assertEqual(code, 0)
+        self.assertEqual(err.count("no esl.core_db"), 1)
+        self.assertIn("node fs3: no esl.core_db: it can never recover", err)
+        self.assertIn("3 nodes, 2 slots, 2 networks, quorum majority (2 of 3)", out)
 
 
 class ChooseNodeTests(SynchronousTestCase):

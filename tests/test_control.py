@@ -15,8 +15,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from fsha.control import ControlResource, StatusSite
-from fsha.controlcli import (
+from fsha.cli.control import (
     Failed,
     get_status,
     maintenance_done,
@@ -25,6 +24,7 @@ from fsha.controlcli import (
     switchover_done,
     wait_until,
 )
+from fsha.control import ControlResource, StatusSite
 from fsha.status import status_site_root
 from fsha.wire.control import ControlAuth, sign
 from fsha.wire.heartbeat import Flags, Role

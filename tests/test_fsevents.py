@@ -383,7 +383,7 @@ class AgainstSimulatorTests(TestCase):
     @inlineCallbacks
     def test_an_esl_subscriber_sees_the_role_event(self) -> Any:
         sim = Sim(self)
-        yield poll_until(sim.read_ready, "simulator ready file", timeout=DEADLINE)
+        yield poll_until(sim.read_ready, "simulator ready file", timeout=DEADLINE, clock=reactor)
         port = sim.ready["esl"]["port"]
 
         def client(**kw: Any) -> ESLClient:
@@ -411,7 +411,7 @@ class AgainstSimulatorTests(TestCase):
         cluster.advance(cluster.config.discovery + 0.5)  # fs1: slave, then master of slot1
         self.assertEqual(cluster.masters(), {"slot1": "fs1"})
         yield poll_until(lambda: len(seen) >= 3, "the fsha::role events at the subscriber",
-                         timeout=DEADLINE)
+                         timeout=DEADLINE, clock=reactor)
         roles = [(e.get("FSHA-Old-Role"), e.get("FSHA-Role")) for e in seen]
         self.assertEqual(roles, [("starting", "slave"), ("slave", "claiming"),
                                  ("claiming", "master")])
@@ -422,5 +422,5 @@ class AgainstSimulatorTests(TestCase):
                           master.get("FSHA-Cluster")), ("fs1", "slot1", "demo"))
         self.assertEqual(others, [])  # subscribed to fsha::role only
         yield poll_until(lambda: events.status()["queued"] == 0 and events.sent >= 6,
-                         "every event sent", timeout=DEADLINE)
+                         "every event sent", timeout=DEADLINE, clock=reactor)
         self.assertEqual(events.status()["dropped"], {})

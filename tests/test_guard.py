@@ -546,7 +546,8 @@ class LinkTests(SynchronousTestCase):
         # the same slot claimed again (here by hand) at the same epoch: a new lease
         self.node.unfit_until = 0.0
         self.link.role_changed(Role.SLAVE, Role.CLAIMING, self.cluster.config.slots[0])
-        self.node.role, self.node.slot, self.node.epoch = Role.CLAIMING, 0, 1
+        machine = self.node._machine  # the role machine owns the role: poked by hand too
+        machine.role, machine.slot, machine.epoch = Role.CLAIMING, 0, 1
         self.link.tick()
         self.assertEqual(self.said(Hold)[-1].lease, 2)
         self.assertEqual(self.link.status()["holding"], {"slot": "slot1", "epoch": 1,

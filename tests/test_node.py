@@ -57,6 +57,21 @@ class FormationTests(SynchronousTestCase):
         self.assertEqual(len(set(masters.values())), 3)
         self.assertEqual(len({n.roles.digest for n in cluster.live()}), 1)
 
+    def test_the_role_machine_owns_the_role_and_ignores_inputs_that_do_not_apply(self) -> None:
+        cluster = FakeCluster(make_config(nodes=3, slots=2))
+        converge(cluster)
+        slave = cluster.nodes["fs3"]
+        with self.assertRaises(AttributeError):
+            slave.role = Role.MASTER  # type: ignore[misc]  # read-only: the machine's
+        slave._machine.lost("nothing held")  # a slave has nothing to lose: no transition
+        self.assertEqual((slave.role, slave.slot, slave.epoch), (Role.SLAVE, NO_SLOT, 0))
+        master = cluster.nodes["fs1"]
+        master.set_maintenance(True)  # drained: the machine releases, no role check needed
+        self.assertIn("release", [e["event"] for e in master.events])
+        self.assertEqual(master.role, Role.SLAVE)  # the fake release is synchronous
+        cluster.advance(1.0)
+        self.assertEqual(cluster.masters()["slot1"], "fs3")
+
     def test_role_listeners_see_every_change_with_its_slot(self) -> None:
         cluster = FakeCluster(make_config(nodes=3, slots=2))
         seen: list[tuple[str, str, str | None]] = []

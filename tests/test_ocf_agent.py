@@ -151,6 +151,7 @@ class ValidateTests(SynchronousTestCase):
             f.write("0123456789abcdef0123456789abcdef")
         config = self.dir / "cluster.toml"
         lines = ["[cluster]", 'name = "t"', 'secret_file = "cluster.secret"', "",
+                 "[state]", 'dir = "state/{node}"', "",
                  "[floating_ip]", 'backend = "loopback"', "",
                  "[[network]]", 'name = "A"', "port = 30000", ""]
         for i in (1, 2):

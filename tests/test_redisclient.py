@@ -59,7 +59,7 @@ class ClientTests(unittest.TestCase):
     @inlineCallbacks
     def test_commands_and_status(self) -> Generator[Any, Any, None]:
         c = self.client()
-        yield poll_until(lambda: c.state == "up", "connected")
+        yield poll_until(lambda: c.state == "up", "connected", clock=reactor)
         yield c.execute("SET", "k", "5")
         self.assertEqual((yield c.get("k")), "5")
         self.assertIsNone((yield c.get("nothing")))
@@ -71,13 +71,13 @@ class ClientTests(unittest.TestCase):
     @inlineCallbacks
     def test_down_fails_at_once_then_reconnects(self) -> Generator[Any, Any, None]:
         c = self.client()
-        yield poll_until(lambda: c.state == "up", "connected")
+        yield poll_until(lambda: c.state == "up", "connected", clock=reactor)
         self.server.kill()
-        yield poll_until(lambda: c.state == "down", "down")
+        yield poll_until(lambda: c.state == "down", "down", clock=reactor)
         self.assertIn("down", c.status()["state"])
         yield self.assertFailure(c.get("k"), RedisUnavailable)
         self.server.start()
-        yield poll_until(lambda: c.state == "up", "reconnected")
+        yield poll_until(lambda: c.state == "up", "reconnected", clock=reactor)
         yield c.execute("SET", "k", "1")
         self.assertEqual(self.server.call("GET", "k"), "1")
         self.assertGreaterEqual(c.connects, 2)
@@ -85,7 +85,7 @@ class ClientTests(unittest.TestCase):
     @inlineCallbacks
     def test_hung_server_times_out_and_recovers(self) -> Generator[Any, Any, None]:
         c = self.client(timeout=0.3)
-        yield poll_until(lambda: c.state == "up", "connected")
+        yield poll_until(lambda: c.state == "up", "connected", clock=reactor)
         assert self.server.proc is not None
         os.kill(self.server.proc.pid, signal.SIGSTOP)
         try:
@@ -93,7 +93,7 @@ class ClientTests(unittest.TestCase):
             self.assertEqual(c.timeouts >= 1 or c.failures >= 1, True)
         finally:
             os.kill(self.server.proc.pid, signal.SIGCONT)
-        yield poll_until(lambda: c.state == "up", "usable again")
+        yield poll_until(lambda: c.state == "up", "usable again", clock=reactor)
         # the aborted connection is replaced; commands work again
         for _ in range(50):
             try:
@@ -106,7 +106,7 @@ class ClientTests(unittest.TestCase):
     @inlineCallbacks
     def test_release_once_per_marker(self) -> Generator[Any, Any, None]:
         c = self.client()
-        yield poll_until(lambda: c.state == "up", "connected")
+        yield poll_until(lambda: c.state == "up", "connected", clock=reactor)
         self.server.call("SET", "gw1", "3")
         self.assertEqual((yield c.release("gw1", "m1")), ("released", "2"))
         self.assertEqual((yield c.release("gw1", "m1")), ("already", "2"))
@@ -122,7 +122,7 @@ class ClientTests(unittest.TestCase):
     @inlineCallbacks
     def test_release_survives_script_flush(self) -> Generator[Any, Any, None]:
         c = self.client()
-        yield poll_until(lambda: c.state == "up", "connected")
+        yield poll_until(lambda: c.state == "up", "connected", clock=reactor)
         self.server.call("SET", "gw", "2")
         self.server.call("SCRIPT", "FLUSH")
         self.assertEqual((yield c.release("gw", "m")), ("released", "1"))
@@ -130,7 +130,7 @@ class ClientTests(unittest.TestCase):
     @inlineCallbacks
     def test_two_clients_release_each_counter_once(self) -> Generator[Any, Any, None]:
         a, b = self.client(), self.client()
-        yield poll_until(lambda: a.state == b.state == "up", "both connected")
+        yield poll_until(lambda: a.state == b.state == "up", "both connected", clock=reactor)
         self.server.call("SET", "trunk", "100")
         markers = [f"rt/call{i}/default/trunk/1" for i in range(60)]
         results = yield defer.gatherResults(
@@ -150,13 +150,13 @@ class AuthTests(unittest.TestCase):
         good = RedisClient(settings(server), reactor)
         good.start()
         self.addCleanup(good.stop)
-        yield poll_until(lambda: good.state == "up", "connected with AUTH")
+        yield poll_until(lambda: good.state == "up", "connected with AUTH", clock=reactor)
         yield good.execute("SET", "a", "1")
         bad = RedisClient(settings(server, password="wrong"), reactor)
         bad.start()
         self.addCleanup(bad.stop)
         yield poll_until(lambda: bad.last_error is not None and "auth" in bad.last_error.lower(),
-                       "auth failure reported")
+                       "auth failure reported", clock=reactor)
         self.assertEqual(bad.state, "down")
         self.assertNotIn("wrong", repr(bad.status()))
         self.assertNotIn("s3cret", repr(good.status()))
@@ -219,7 +219,7 @@ class TLSTests(unittest.TestCase):
     @inlineCallbacks
     def test_verified_server(self) -> Generator[Any, Any, None]:
         c = self.client(ca=self.ca, server_name="redis")
-        yield poll_until(lambda: c.state == "up", "TLS connection")
+        yield poll_until(lambda: c.state == "up", "TLS connection", clock=reactor)
         yield c.execute("SET", "over-tls", "1")
         self.assertEqual(self.server.call("GET", "over-tls"), "1")
         self.assertTrue(c.status()["tls"])
@@ -230,7 +230,7 @@ class TLSTests(unittest.TestCase):
         wrong_name = self.client(ca=self.ca, server_name="not-redis")
         yield poll_until(lambda: "certificate verify failed" in (wrong_ca.last_error or "")
                        and "not-redis" in (wrong_name.last_error or ""),
-                       "both handshakes refused")
+                       "both handshakes refused", clock=reactor)
         for c in (wrong_ca, wrong_name):
             self.assertEqual(c.state, "down")
             self.assertEqual(c.connects, 0)

@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 
 from fsha import pki
 from fsha.config import ClusterConfig, NodeConfig
+from fsha.reactors import NetReactor
 from fsha.replication.link import (
     HANDSHAKE_TIMEOUT,
     LinkFactory,
@@ -134,6 +135,9 @@ class _Factory(LinkFactory):
         self.owner._connection_closed(link, self.dialled, was_up, reason)
 
 
+REPORT_EVERY = 60.0  # seconds between two log lines about the same unreachable peer/network
+
+
 @dataclass
 class _Peer:
     node: NodeConfig
@@ -153,7 +157,10 @@ class _Peer:
     dial_failures: Counter[str] = field(default_factory=Counter)
     closed: Counter[str] = field(default_factory=Counter)
     last_error: str = ""
+    # network -> (reason last logged, when, failures since): the log's rate limit
+    reported: dict[str, tuple[str, float, int]] = field(default_factory=dict)
     bytes_in: int = 0  # of links that ended
+    last_end: dict[str, Any] | None = None  # how its last link ended (clean, reason, time)
     bytes_out: int = 0
 
 
@@ -164,7 +171,7 @@ class ReplicationService(service.Service):
     run's identity (the node's own: pass ``ClusterNode.incarnation``).
     """
 
-    def __init__(self, config: ClusterConfig, me: NodeConfig, reactor: Any, *,
+    def __init__(self, config: ClusterConfig, me: NodeConfig, reactor: NetReactor, *,
                  incarnation: int | None = None, log_limit: int = DEFAULT_LOG_LIMIT,
                  session_config: SessionConfig | None = None, connect_timeout: float = 2.0,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, backoff_initial: float = 0.2,
@@ -300,6 +307,11 @@ class ReplicationService(service.Service):
             if link.transport is not None:
                 # what was written goes out first (a stopping node's last changes); a peer
                 # that does not close its side is dropped after STOP_GRACE
+                if link.session is not None:
+                    # loseConnection waits for a registered producer to unregister: without
+                    # this, the link is aborted after STOP_GRACE, no TLS close_notify sent,
+                    # and the peers cannot tell a clean stop from a crash
+                    link.transport.unregisterProducer()
                 link.transport.loseConnection()
                 timer = self.clock.callLater(STOP_GRACE, link.close)
                 d.addBoth(lambda r, t=timer: (t.cancel() if t.active() else None, r)[1])
@@ -353,10 +365,19 @@ class ReplicationService(service.Service):
         route = peer.routes[peer.route]
         peer.dial_failures[route.network] += 1
         text = f"{route.network} {route.host}:{route.port}: {reason}"
-        if text != peer.last_error:  # the same failure again and again is logged once
-            log.info("replication: cannot reach {peer} over {network} ({host}): {reason}",
-                     peer=peer.node.name, network=route.network, host=route.host,
-                     reason=reason)
+        # A peer that stays away is retried on every network every few seconds: log a
+        # reason once per network, then a summary at most every REPORT_EVERY seconds.
+        now = self.clock.seconds()
+        said, when, since = peer.reported.get(route.network, ("", -REPORT_EVERY, 0))
+        if reason != said or now - when >= REPORT_EVERY:
+            again = f" ({since} more failure(s) since {now - when:.0f} s)" \
+                if reason == said and since else ""
+            log.info("replication: cannot reach {peer} over {network} ({host}): "
+                     "{reason}{again}", peer=peer.node.name, network=route.network,
+                     host=route.host, reason=reason, again=again)
+            peer.reported[route.network] = (reason, now, 0)
+        else:
+            peer.reported[route.network] = (said, when, since + 1)
         peer.last_error = text
         if not self.running:
             return
@@ -399,6 +420,7 @@ class ReplicationService(service.Service):
         peer.connects += 1
         peer.up_since = self.clock.seconds()
         peer.delay = self.backoff_initial
+        peer.reported.clear()  # its next outage is logged afresh
         peer_ip = link._peer_ip()
         peer.address = peer_ip
         peer.network = next((net for net, ip in node.addresses.items() if ip == peer_ip),
@@ -468,6 +490,11 @@ class ReplicationService(service.Service):
         peer = self._peer_of(link)
         if peer is not None:
             self._detach(peer, "lost")
+            # a peer that stops closes its links with TLS's close_notify (ConnectionDone);
+            # a killed or vanished one does not: tells "stopped cleanly" from "crashed"
+            peer.last_end = {"clean": bool(reason.check(error.ConnectionDone)),
+                             "reason": reason.getErrorMessage(),
+                             "time": round(self.clock.seconds(), 3)}
             if not reason.check(error.ConnectionDone):
                 peer.last_error = reason.getErrorMessage()
         if lost is not None:
@@ -509,6 +536,7 @@ class ReplicationService(service.Service):
                 "dial_failures": dict(peer.dial_failures),
                 "closed": dict(peer.closed),
                 "last_error": peer.last_error,
+                "last_end": peer.last_end,
             }
             if session is not None:
                 entry.update(session.status())

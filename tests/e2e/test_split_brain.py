@@ -215,7 +215,7 @@ class ReplayedHeartbeats(SplitBrainScenario):
         victim = self.candidate
         port = int(next(line.split("=")[1] for line in cluster.config_path.read_text()
                         .splitlines() if line.startswith("port = ")))
-        captured = capture_heartbeats(cluster, victim, self.master, port, 1.0)
+        captured = capture_heartbeats(cluster, victim, self.master, port, 4.0)
         self.assertGreater(len(captured), 10)
         cluster.kill(victim)
         cluster.cut(victim)
@@ -223,7 +223,8 @@ class ReplayedHeartbeats(SplitBrainScenario):
         cluster.restart(victim)
         wait_for(f"{victim} to answer", lambda: cluster.status(cluster.node(victim)),
                  timeout=30)
-        # the capture lasts 1 s: the victim's discovery ends within it
+        # the capture lasts 4 s: the victim's discovery (its guard is ready about 2 s after
+        # the status answers on a loaded machine) ends within it
         # replay, spoofing the master's address, into the victim's own stack, with the
         # spacing the heartbeats had (the victim hears a live-looking master all along)
         target = (cluster.net_address("A", cluster.node(victim).index), port)
@@ -240,7 +241,7 @@ class ReplayedHeartbeats(SplitBrainScenario):
             for when, payload in captured:
                 delay = (when - first) - (time.monotonic() - began)
                 if delay > 0:
-                    time.sleep(delay)  # a replay paced as the capture was, 1 s in all
+                    time.sleep(delay)  # a replay paced as the capture was, 4 s in all
                 sock.sendto(payload, target)
 
         def master_heard() -> dict[str, object] | None:

@@ -142,6 +142,7 @@ def start_calls(host: str, port: int, calls: int, work: Path, reinvite_within: f
     """``calls`` calls to the slot (sipp in the background); :func:`finish_calls` waits."""
     assert SIPP is not None
     work = work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
     (work / "call.xml").write_text(CALL.replace("TIMEOUT_MS", str(int(reinvite_within * 1000))))
     return subprocess.Popen(
         [SIPP, "-sf", str(work / "call.xml"), "-s", "2000", "-i", "127.0.0.1",

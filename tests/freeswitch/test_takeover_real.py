@@ -202,3 +202,46 @@ class RealTakeoverTests(TestCase):
         self.assertEqual(effects.status()["pending_profile_stops"], [])
         self.assertFalse(effects.status()["global_standby"])
         self.assertFalse(fs.profile_running())
+
+    @inlineCallbacks
+    def test_failback_to_a_node_with_old_rows(self) -> Any:
+        """A is killed with calls (its rows stay in its core DB), B takes them, A's
+        FreeSWITCH comes back, the calls end on B, new calls come, B is killed and the slot
+        fails back to A: only B's calls are recovered, never the ghosts of A's first run."""
+        a = self.freeswitch("A")
+        wait_blocking(a.profile_running, "A's slot profile RUNNING")
+        b = self.freeswitch("B")
+        first = sipp.start_calls(self.ip, self.port, 4, self.work / "first",
+                                 reinvite_within=60, local_port=free_port("127.0.0.1", 2))
+        self.addCleanup(lambda: first.poll() is None and first.kill())
+        wait_blocking(lambda: len(read_rows(a)[0]) == 4, "4 recovery rows on A")
+        wait_blocking(b.bind_given_up, "B's slot profile given up")
+        calls, _ = read_rows(a)
+        a.kill(signal.SIGKILL)
+        on_b = yield self.effects_on(b, StaticRecords(calls, []))
+        yield on_b.acquire(self.slot, 2, DEAD)
+        self.assertEqual(on_b.last_report.count("recover", "recovered"), 4)
+        code, err = yield deferLater(reactor, 0, sipp.finish_calls, first, 60)
+        self.assertEqual(code, 0, err)  # re-INVITEd by B, ended there
+
+        # A's FreeSWITCH is back (a new runtime); its profile cannot bind (B holds the
+        # address); its core DB still has the rows of its first run: ghosts
+        a2 = self.freeswitch("A")
+        wait_blocking(a2.bind_given_up, "A's slot profile given up (B holds the address)")
+        ghosts = len(read_rows(a2)[0])
+        self.assertEqual(ghosts, 4)
+        second = sipp.start_calls(self.ip, self.port, 3, self.work / "second",
+                                  reinvite_within=60, local_port=free_port("127.0.0.1", 2))
+        self.addCleanup(lambda: second.poll() is None and second.kill())
+        wait_blocking(lambda: len(read_rows(b)[0]) == 3, "B's 3 new calls in its table")
+        calls, _ = read_rows(b)
+        b.kill(signal.SIGKILL)
+        on_a = yield self.effects_on(a2, StaticRecords(calls, []))
+        yield on_a.acquire(self.slot, 3, DEAD)
+        report = on_a.last_report
+        self.assertTrue(report.ok, report.as_dict())
+        self.assertEqual(report.count("recovery_rows", "purged"), ghosts)
+        self.assertEqual(report.count("recover", "recovered"), 3)  # not 3 + the ghosts
+        code, err = yield deferLater(reactor, 0, sipp.finish_calls, second, 60)
+        self.assertEqual(code, 0, err)
+        yield poll(lambda: calls_count(a2) == 0, "the calls ended on A")

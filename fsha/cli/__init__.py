@@ -13,20 +13,23 @@ import sys
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "check-config": ("fsha.config", "validate a cluster config file (exit 0 or 2)"),
-    "status": ("fsha.status", "show the cluster as a node sees it"),
+    "check-config": ("fsha.cli.check_config", "validate a cluster config file (exit 0 or 2)"),
+    "status": ("fsha.cli.status", "show the cluster as a node sees it"),
     "demo": ("fsha.demo", "run a live demo cluster on loopback"),
     "sim": ("fsha.sim.cli", "run the FreeSWITCH simulator"),
     "certs": ("fsha.pki", "cluster PKI: init a CA, issue and show node certificates"),
-    "maintenance": ("fsha.controlcli:maintenance_main", "drain a node (on) or bring it back (off)"),
-    "switchover": ("fsha.controlcli:switchover_main", "move a slot to the primary candidate"),
+    "maintenance": ("fsha.cli.control:maintenance_main",
+                    "drain a node (on) or bring it back (off)"),
+    "switchover": ("fsha.cli.control:switchover_main", "move a slot to the primary candidate"),
+    "history": ("fsha.cli.history", "a node's history (--all: every node's, merged)"),
     "reconcile": ("fsha.localdrop:reconcile_main",
                   "while fsha is stopped: no slot address, profile or call left here"),
 }
 
 
 def usage() -> str:
-    lines = ["usage: fsha COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: fsha COMMAND [ARGS...]   (fsha --version: the version)", "",
+             "commands:"]
     for name, (_module, text) in SUBCOMMANDS.items():
         lines.append(f"  {name:<14} {text}")
     lines.append("")
@@ -36,6 +39,11 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in ("--version", "-V", "version"):
+        from fsha import __version__
+
+        print(f"fsha {__version__}")
+        return 0
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())
         return 0 if args else 2
