@@ -11,7 +11,6 @@ nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
@@ -25,7 +24,8 @@ log = Logger(namespace="fsha.memtrim")
 
 def _malloc_trim() -> Callable[[int], int] | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # by name: ctypes.util.find_library would run ldconfig in a subprocess
+        libc = ctypes.CDLL("libc.so.6")
         trim = libc.malloc_trim
     except (OSError, AttributeError):
         return None
