@@ -12,9 +12,9 @@ must be answered 200 (sipp's exit status 0: every call did). Once every node hol
 calls, fs1's fsha and FreeSWITCH are killed with -9. Reported, from the takeover's own
 report: ``first_call_ms`` (acquire start to the first batch back), ``takeover_ms`` (the
 whole acquire), ``recovered``, ``lost``, ``attempts`` (acquisitions of the slot after the
-kill, in the whole cluster: 1 is the first time), ``detection_ms`` (kill to the acquire's
-start, by the new master's clock, via the wall clock of this host), sipp's result and the
-load average. One JSON line last. Loopback only; needs sipp and root-free ports.
+kill, in the whole cluster: 1 is the first time), ``kill_to_master_ms`` (kill to the
+cluster agreeing on the new master, as polled here), sipp's result (``sipp_failed`` calls)
+and the load average. One JSON line last. Loopback only; needs sipp.
 """
 
 from __future__ import annotations
