@@ -5,6 +5,10 @@
 injected clock. The node's own role is an Automat state machine (``RoleMachine``); what to
 do with a slot (floating IPs, FreeSWITCH) is behind ``SlotActions``, so the whole node runs
 in tests with a fake clock and fake effects, and for real under twistd.
+
+Why about 1,000 lines: the datagram hot path, the role evaluation and the status
+all read the same peer view; the decisions themselves are pure and apart
+(``fsha.detector``, ``fsha.roles``, ``fsha.quorum``, ``fsha.claims``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from twisted.python.failure import Failure
 from fsha.claims import ClaimFacts, claim_hold, cold_start_wait
 from fsha.config import ClusterConfig, NodeConfig, SlotConfig
 from fsha.detector import FailureDetector, RoundTrips
+from fsha.dropwindow import DropWindow
 from fsha.quorum import (
     NEVER,
     PeerView,
@@ -255,6 +260,7 @@ class ClusterNode:
         self.claimers: dict[int, tuple[int, int]] = {}
         self.roles: Roles = compute_roles([], [], {})
         self.drops: Counter[str] = Counter()
+        self.recent_drops = DropWindow()  # by reason and source, the last minutes
         self.received = 0
         self.events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self._announced: dict[int, tuple[Any, ...]] = {}  # peer -> its last announcement
@@ -268,6 +274,7 @@ class ClusterNode:
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = clock
         self._pending: list[IDelayedCall] = []
+        self._drains: list[Callable[[], None]] = []
         self._role_listeners: list[RoleListener] = []
         self._tick_listeners: list[TickListener] = []
         self._event_listeners: list[EventListener] = []
@@ -301,6 +308,11 @@ class ClusterNode:
         net = next(n for n in self.config.networks if n.name == network_name)
         self.links.append(NetworkLink(net.index, net.name, net.port, send))
         self.links.sort(key=lambda link: link.index)
+
+    def add_drain(self, drain: Callable[[], None]) -> None:
+        """``drain()`` reads the datagrams already waiting on one network's socket
+        (fsha.transport): the tick calls it before it declares a peer dead."""
+        self._drains.append(drain)
 
     def start(self) -> None:
         self.running = True
@@ -351,16 +363,19 @@ class ClusterNode:
             hb = self.codec.decode(data)
         except HeartbeatError as e:
             self.drops[e.reason] += 1
+            self.recent_drops.add(e.reason, source[0], self.clock.seconds())
             return
         node_id = hb.node_id
         if node_id >= len(self.config.nodes):
             self.drops["unknown-node"] += 1
+            self.recent_drops.add("unknown-node", source[0], self.clock.seconds())
             return
         if node_id == self.me.node_id:
             self.drops["self"] += 1
             return
         if self._sources[network].get(source[0]) != node_id:
             self.drops["wrong-source"] += 1
+            self.recent_drops.add("wrong-source", source[0], self.clock.seconds())
             return
         peer = self.detector.peers[node_id]
         was_alive = peer.alive
@@ -368,6 +383,7 @@ class ClusterNode:
         verdict = self.detector.observe(network, hb, now)
         if verdict.dropped:
             self.drops[verdict.value] += 1
+            self.recent_drops.add(verdict.value, source[0], now)
             return
         self.peer_versions[node_id] = hb.version
         sent_at = None
@@ -453,6 +469,16 @@ class ClusterNode:
 
     def _tick(self) -> None:
         now = self.clock.seconds()
+        if self._drains and self.detector.suspects(now):
+            # After a stall of this process its timers run before its sockets are read:
+            # read what has arrived before calling anyone silent (this node's own stall is
+            # no evidence against a peer; it can only delay a verdict, never hasten one)
+            for drain in self._drains:
+                try:
+                    drain()
+                except Exception:
+                    self.log.failure("reading waiting heartbeats failed")
+            now = self.clock.seconds()
         for change in self.detector.check(now):
             name = self.config.nodes[change.node_id].name
             self._state_keys.pop(change.node_id, None)
@@ -1036,6 +1062,7 @@ class ClusterNode:
                           "send_errors": link.send_errors, "last_error": link.last_error}
                          for link in self.links],
             "received": self.received, "drops": dict(self.drops),
+            "recent_drops": self.recent_drops.recent(now),
             "events": list(self.events),
         }
 

@@ -69,6 +69,21 @@ class StartupCheckTests(SynchronousTestCase):
         self.assertIsNone(startup.effective_capabilities(Path("/nonexistent")))
 
 
+class DropWindowTests(SynchronousTestCase):
+    def test_counts_by_reason_and_source_over_the_window_only(self) -> None:
+        from fsha.dropwindow import DropWindow
+
+        window = DropWindow(bucket=10, window=60)
+        for t in range(0, 100):
+            window.add("tag", "10.0.0.9" if t % 2 else "10.0.0.8", float(t))
+        recent = window.recent(100.0)
+        self.assertEqual(recent["window_s"], 60)
+        counts = recent["by_reason"]["tag"]
+        self.assertLessEqual(sum(counts.values()), 70)  # the last 60-70 s, not all 100
+        self.assertGreaterEqual(sum(counts.values()), 60)
+        self.assertEqual(window.recent(1000.0)["by_reason"], {})
+
+
 class LogTests(SynchronousTestCase):
     def test_logfile_argument(self) -> None:
         self.assertEqual(logfile_argument(["twistd", "-n", "--logfile=/x.log", "fsha"]),
@@ -267,6 +282,11 @@ class OperationsClusterTests(SynchronousTestCase):
         self.assertIn("fs3: maintenance on; it held no slot", on.stdout)
         self.assertNotIn("{", on.stdout)
         cluster.stop("fs3", timeout=60)
+        stopped = wait_for("status --all to tell fs3 stopped", lambda: (
+            r := fsha("status", "--all")).returncode == 1 and "fs3 stopped cleanly" in r.stdout
+            and r, 30)
+        self.assertRegex(stopped.stdout, r"role\s+master slot\d/\d+\s+master slot\d/\d+"
+                                         r"\s+NO ANSWER")
         cluster.restart("fs3")
         wait_for("fs3 back, still in maintenance", lambda: "maintenance" in next(
             n for n in cluster.status(cluster.node("fs3"))["nodes"] if n["self"])["flags"]
@@ -282,6 +302,10 @@ class OperationsClusterTests(SynchronousTestCase):
                        and o, 60)
         epoch = next(s["epoch"] for s in cluster.status(cluster.node(new))["slots"]
                      if s["name"] == "slot1")
+        crashed = wait_for("status --all to tell the master crashed", lambda: (
+            r := fsha("status", "--all")).returncode == 1
+            and f"{master} crashed or was cut off" in r.stdout and r, 30)
+        self.assertNotIn("{", crashed.stdout)
         tid = f"slot1/{epoch}"
         # the history of every live node joins on the takeover id
         story = fsha("history", "--all", "--takeover", tid, "--json")

@@ -97,3 +97,46 @@ class ResourceAndCLITests(SynchronousTestCase):
             code = main(["--config", "/nonexistent.toml"])
         self.assertEqual(code, 2)
         self.assertIn("/nonexistent.toml: cannot read", err.getvalue())
+
+
+class AllNodesTests(SynchronousTestCase):
+    """``fsha status --all``: views side by side, disagreements and warnings in words."""
+
+    def test_agreeing_cluster_side_by_side(self) -> None:
+        from fsha.clusterview import render_all
+
+        cluster = formed()
+        views = {n: cluster.nodes[n].status() for n in ("fs1", "fs2", "fs3")}
+        text = render_all(["fs1", "fs2", "fs3"], views)  # type: ignore[arg-type]
+        self.assertIn("cluster demo: 3 node(s) asked, 3 answered", text)
+        self.assertRegex(text, r"role\s+master slot1/1\s+master slot2/1\s+slave")
+        self.assertRegex(text, r"sees fs1\s+self\s+up\s+up")
+        self.assertIn("agreement: all nodes that answered agree", text)
+        self.assertIn("warnings: none", text)
+
+    def test_disagreements_and_warnings_in_words(self) -> None:
+        from fsha.clusterview import render_all
+
+        cluster = formed()
+        cluster.kill("fs3")  # the only spare: no standby left
+        cluster.cut.add(("fs2", "B"))
+        cluster.advance(3.0)
+        views: dict[str, object] = {n: cluster.nodes[n].status() for n in ("fs1", "fs2")}
+        views["fs1"]["config_digest"] = "aaaa" * 4  # type: ignore[index]
+        views["fs2"]["replication"] = {"peers": {"fs3": {  # type: ignore[index]
+            "up": False, "last_end": {"clean": False, "reason": "Connection lost",
+                                      "time": 0.0}}}}
+        cluster.nodes["fs1"].recent_drops.add("tag", "127.0.1.9", cluster.clock.seconds())
+        views["fs1"]["recent_drops"] = cluster.nodes["fs1"].recent_drops.recent(  # type: ignore[index]
+            cluster.clock.seconds())
+        views["fs3"] = "http://127.0.1.3:7420/status: Connection refused"
+        text = render_all(["fs1", "fs2", "fs3"], views,  # type: ignore[arg-type]
+                          {"127.0.1.9": "intruder"})
+        self.assertIn("the config differs: fs1 runs aaaaaaaa; fs2 runs", text)
+        self.assertIn("network B: fs1 does not hear fs2", text)
+        self.assertIn("fs3 crashed or was cut off at", text)
+        self.assertIn("(its links were lost: Connection lost)", text)
+        self.assertIn("no standby left for slot1: if fs1 fails, it has no master", text)
+        self.assertIn("fs1 dropped 1 datagram(s) (tag) from 127.0.1.9 (intruder) in the "
+                      "last 300 s", text)
+        self.assertRegex(text, r"role\s+master slot1/1\s+master slot2/1\s+NO ANSWER")

@@ -62,7 +62,7 @@ from fsha.fsdb import (
     ThreadRunner,
     inline_runner,
 )
-from fsha.harness import poll_until as wait_for
+from fsha.harness import poll_until
 from fsha.process import (
     DRAIN,
     KILL_GRACE,
@@ -1710,8 +1710,8 @@ class SimulatorTakeoverTests(TestCase):
         # length) and an asynchronous stop, as sofia's
         b = SimProcess(self, workdir, "simB", f"--define-profile {PROFILE}={vip}:{port} "
                        "--profile-guard 2 --profile-stop-delay 0.3")
-        yield wait_for(a.read_ready, "sim A ready")
-        yield wait_for(b.read_ready, "sim B ready")
+        yield poll_until(a.read_ready, "sim A ready", clock=reactor)
+        yield poll_until(b.read_ready, "sim B ready", clock=reactor)
         n = 20
         uuids = a.control("/calls", {"profile": PROFILE, "count": n // 2, "bridge": True})
         uuids = uuids["uuids"]
@@ -1766,7 +1766,7 @@ class SimulatorTakeoverTests(TestCase):
         listening = reactor.listenUDP(0, probe, interface="127.0.0.1")
         self.addCleanup(listening.stopListening)
         probe.options(vip, port, "t1")
-        yield wait_for(lambda: probe.responses, "an answer to OPTIONS")
+        yield poll_until(lambda: probe.responses, "an answer to OPTIONS", clock=reactor)
         answer = probe.responses[0].decode()
         self.assertTrue(answer.startswith("SIP/2.0 200 OK"), answer)
         self.assertIn("X-FSHA-Node: simB", answer)
@@ -1778,7 +1778,8 @@ class SimulatorTakeoverTests(TestCase):
         assert release is not None
         self.assertEqual(release.count("profiles", "too_young"), 1)
         probe.options(vip, port, "t2")
-        yield wait_for(lambda: len(probe.responses) > 1, "an answer to the second OPTIONS")
+        yield poll_until(lambda: len(probe.responses) > 1, "an answer to the second OPTIONS",
+                         clock=reactor)
         self.assertTrue(probe.responses[1].decode().startswith("SIP/2.0 503 System Paused"))
         self.assertEqual(effects.status()["pending_profile_stops"], [0])
         # the copies of the calls ended at once (the successor recovers them)

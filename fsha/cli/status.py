@@ -53,8 +53,15 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the raw JSON")
     parser.add_argument("--watch", type=float, metavar="SECONDS",
                         help="refresh every SECONDS until interrupted")
+    parser.add_argument("--all", action="store_true",
+                        help="ask every node (--config): views side by side, disagreements "
+                             "and warnings in words")
     parser.add_argument("--timeout", type=float, default=3.0)
     args = parser.parse_args(argv)
+    if args.all:
+        if not args.config:
+            parser.error("--all needs --config (to find every node)")
+        return _all(args)
     if not args.url and not args.config:
         parser.error("give --url or --config")
     try:
@@ -75,4 +82,38 @@ def _main(argv: list[str]) -> int:
             print(json.dumps(status, indent=1) if args.json else render(status), flush=True)
         if not args.watch:
             return 0
+        time.sleep(args.watch)  # the refresh period the operator asked for
+
+
+def _all(args: argparse.Namespace) -> int:
+    from fsha.cli.control import base_url
+    from fsha.clusterview import render_all
+    from fsha.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(e.problems[0], file=sys.stderr)
+        return 2
+    order = [n.name for n in config.nodes]
+    addresses = {ip: n.name for n in config.nodes for ip in n.addresses.values()}
+    while True:
+        views: dict[str, JSON | str] = {}
+        for node in config.nodes:
+            url = base_url(node.status.host, node.status.port) + "/status"
+            try:
+                status = fetch(url, args.timeout)
+                if status.get("node") != node.name:  # a shared (loopback) status address
+                    raise ValueError(f"{url} answers as {status.get('node')}")
+                views[node.name] = status
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                views[node.name] = f"{url}: {getattr(e, 'reason', e)}"
+        if args.json:
+            print(json.dumps(views, indent=1), flush=True)
+        else:
+            if args.watch:
+                print("\033[2J\033[H", end="")
+            print(render_all(order, views, addresses), flush=True)
+        if not args.watch:
+            return 0 if all(isinstance(v, dict) for v in views.values()) else 1
         time.sleep(args.watch)  # the refresh period the operator asked for

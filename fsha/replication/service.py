@@ -160,6 +160,7 @@ class _Peer:
     # network -> (reason last logged, when, failures since): the log's rate limit
     reported: dict[str, tuple[str, float, int]] = field(default_factory=dict)
     bytes_in: int = 0  # of links that ended
+    last_end: dict[str, Any] | None = None  # how its last link ended (clean, reason, time)
     bytes_out: int = 0
 
 
@@ -306,6 +307,11 @@ class ReplicationService(service.Service):
             if link.transport is not None:
                 # what was written goes out first (a stopping node's last changes); a peer
                 # that does not close its side is dropped after STOP_GRACE
+                if link.session is not None:
+                    # loseConnection waits for a registered producer to unregister: without
+                    # this, the link is aborted after STOP_GRACE, no TLS close_notify sent,
+                    # and the peers cannot tell a clean stop from a crash
+                    link.transport.unregisterProducer()
                 link.transport.loseConnection()
                 timer = self.clock.callLater(STOP_GRACE, link.close)
                 d.addBoth(lambda r, t=timer: (t.cancel() if t.active() else None, r)[1])
@@ -484,6 +490,11 @@ class ReplicationService(service.Service):
         peer = self._peer_of(link)
         if peer is not None:
             self._detach(peer, "lost")
+            # a peer that stops closes its links with TLS's close_notify (ConnectionDone);
+            # a killed or vanished one does not: tells "stopped cleanly" from "crashed"
+            peer.last_end = {"clean": bool(reason.check(error.ConnectionDone)),
+                             "reason": reason.getErrorMessage(),
+                             "time": round(self.clock.seconds(), 3)}
             if not reason.check(error.ConnectionDone):
                 peer.last_error = reason.getErrorMessage()
         if lost is not None:
@@ -525,6 +536,7 @@ class ReplicationService(service.Service):
                 "dial_failures": dict(peer.dial_failures),
                 "closed": dict(peer.closed),
                 "last_error": peer.last_error,
+                "last_end": peer.last_end,
             }
             if session is not None:
                 entry.update(session.status())
