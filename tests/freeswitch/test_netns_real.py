@@ -103,11 +103,19 @@ class RealNetnsTests(SynchronousTestCase):
 
         def replicated(owner: str) -> None:
             wait_for(f"{n} calls on {owner}", lambda: calls_count(cluster.fs[owner]) == n, 30)
-            # (at least: records of the first calls, ended on another master, may still
-            # be counted; the takeover report says what was taken over)
-            wait_for("the calls replicated to every node", lambda: all(
-                st["replication"]["slots"].get("slot1", {}).get("call", 0) >= n
-                for name, st in cluster.statuses().items() if name != owner), 60)
+
+            def caught_up() -> bool:
+                # the owner's feed publishes the n calls, and every peer has all it sent
+                # (per-slot counts would include records of ended calls of another origin)
+                statuses = cluster.statuses()
+                mine = statuses[owner]
+                if mine["feeds"]["slots"].get("slot1", {}).get("calls") != n:
+                    return False
+                sent = mine["replication"]["positions"].get(owner)
+                return sent is not None and all(
+                    st["replication"]["positions"].get(owner) == sent
+                    for name, st in statuses.items() if name != owner)
+            wait_for("the calls replicated to every node", caught_up, 60)
 
         def moved_from(old: str, epoch: int) -> tuple[str, dict[str, Any]]:
             new = wait_for("slot1 to move", lambda: (cluster.owner("slot1") or old) != old
