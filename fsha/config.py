@@ -28,6 +28,9 @@ MIN_SECRET_BYTES = 16
 MAX_NODES = 2040  # node ids 0..2039: what a heartbeat's heard bitmap (255 bytes) can name
 MAX_SLOTS = 0xFFFE  # 0xFFFF is "no slot" on the wire
 FLOATING_IP_BACKENDS = ("loopback", "ip", "command")
+CLASSIC = "classic"
+HOT_STANDBY = "hot_standby"
+PROFILE_MODES = (CLASSIC, HOT_STANDBY)  # [takeover] profiles
 
 
 class ConfigError(Exception):
@@ -155,6 +158,15 @@ class TakeoverConfig:
 
     recover_batch: int = 100  # rows per `sofia profile P recover` (fsha.recovery default)
     recover_timeout: float = 10.0  # seconds one batch's recover may take (its stall bound)
+    # "classic": a slot's profiles run only on its master (started at takeover, stopped at
+    # release); "hot_standby": every node runs every slot's profiles from boot, bound
+    # non-locally, and the master is whoever holds the addresses (fsha.egress,
+    # docs/freeswitch.rst)
+    profiles: str = "classic"
+
+    @property
+    def hot_standby(self) -> bool:
+        return self.profiles == HOT_STANDBY
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,6 +439,13 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
     limits = _limits(c, raw.get("limits"))
     guard = _guard(c, raw.get("guard", {}), interval_ms, dead_ms)
     takeover = _takeover(c, raw.get("takeover", {}))
+    if takeover is not None and takeover.hot_standby and floating is not None \
+            and floating.backend == "loopback":
+        # the loopback backend never takes an address off the host: a released slot's
+        # running profile would go on answering (and sending BYEs) from it
+        c.problem("takeover.profiles", "\"hot_standby\" needs [floating_ip] backend \"ip\" "
+                                       "or \"command\": with \"loopback\" the addresses "
+                                       "never leave a host, so every node would serve the slot")
     state = _state(c, raw.get("state"))
     notify = _notify(c, raw.get("notify"), base)
     if "limits" in raw and "tls" not in raw:
@@ -767,7 +786,7 @@ def _ms_range(lo: int, hi: int) -> Callable[[int], str | None]:
 
 
 def _takeover(c: _Checker, raw: Any) -> TakeoverConfig | None:
-    t = c.table(raw, "takeover", ("recover_batch", "recover_timeout_ms"))
+    t = c.table(raw, "takeover", ("recover_batch", "recover_timeout_ms", "profiles"))
     if t is None:
         return None
     default = TakeoverConfig()
@@ -775,9 +794,12 @@ def _takeover(c: _Checker, raw: Any) -> TakeoverConfig | None:
                   check=lambda v: None if 1 <= v <= 10_000 else "must be 1-10000")
     timeout = c.get(t, "takeover", "recover_timeout_ms", int,
                     round(default.recover_timeout * 1000), check=_ms_range(100, 600_000))
-    if batch is None or timeout is None:
+    profiles = c.get(t, "takeover", "profiles", str, default.profiles,
+                     check=lambda v: None if v in PROFILE_MODES else
+                     f"{v!r} must be one of {', '.join(PROFILE_MODES)}")
+    if batch is None or timeout is None or profiles is None:
         return None
-    return TakeoverConfig(batch, timeout / 1000)
+    return TakeoverConfig(batch, timeout / 1000, profiles)
 
 
 def _state(c: _Checker, raw: Any) -> StateConfig | None:

@@ -291,9 +291,9 @@ class GuardProcess:
             report = self.effects.reconcile()
             problems = report_problems(report)
             log.info("guard of {node}: start-up reconciliation in {ms} ms: removed {ips}, "
-                     "stopped {profiles}{problems}", node=self.settings.node, ms=report["ms"],
+                     "profiles {profiles}{problems}", node=self.settings.node, ms=report["ms"],
                      ips=report["ips"]["removed"] or "no address",
-                     profiles=report["profiles"]["stopped"] or "no profile",
+                     profiles=released(report["profiles"]),
                      problems=("; problems: " + "; ".join(problems)) if problems else "")
             self.send(Reconciled(message.request, report))
         else:
@@ -317,19 +317,27 @@ class GuardProcess:
             report["retry_in"] = retry_in
         problems = report_problems(report)
         log.warn("guard of {node}: slot {slot}: {what} in {ms} ms: addresses removed {ips}, "
-                 "profiles stopped {stopped} ({calls} call(s)), calls hung up one by one "
+                 "profiles {stopped} ({calls} call(s)), calls hung up one by one "
                  "{killed}{retry}{problems}",
                  node=self.settings.node, slot=slot.name,
                  what="profile stop retried" if drop.retry else "dropped",
                  ms=report.get("ms", profiles.get("ms")),
                  ips=report.get("ips", {}).get("removed", []) or "none",
-                 stopped=profiles["stopped"] or "none", calls=profiles["calls"],
+                 stopped=released(profiles), calls=profiles["calls"],
                  killed=profiles["calls_killed"],
                  retry=(f"; profiles {','.join(profiles['too_young'])} too young to stop, "
                         f"retried in {retry_in:g} s") if retry_in is not None else "",
                  problems=("; problems: " + "; ".join(problems)) if problems else "")
         if not drop.retry:
             self.send(Dropped(drop.slot, drop.lease, report))
+
+
+def released(profiles: dict[str, Any]) -> str:
+    """What a drop did to the profiles, in words (classic: stopped; hot standby: their
+    calls hung up, the profiles kept running)."""
+    if profiles.get("hung_up"):
+        return "kept running, calls hung up: " + ",".join(profiles["hung_up"])
+    return "stopped: " + (",".join(profiles["stopped"]) or "none")
 
 
 def process_running(pid: int) -> bool:

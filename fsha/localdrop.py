@@ -12,7 +12,10 @@ paused, hung or dead (:mod:`fsha.guard`, ``fsha reconcile``):
   timeout): ``sofia profile P stop``, which hangs up the profile's calls. FreeSWITCH refuses
   to stop a profile started less than 10 s ago: then the profile's calls are hung up one by
   one (``show channels as json``, ``uuid_kill UUID MANAGER_REQUEST``) and the report says
-  when the stop may be retried (``retry_in``).
+  when the stop may be retried (``retry_in``). With hot standby profiles (``[takeover]
+  profiles = "hot_standby"``) the profiles keep running: the slot's calls are hung up
+  (``hupall MANAGER_REQUEST sofia_profile_name P``), whose BYEs the egress fence
+  (:mod:`fsha.egress`) and the kernel keep from leaving once the address is gone.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class GuardSettings:
     esl_timeout: float
     slots: tuple[SlotSettings, ...]
     grace: float = 0.0  # seconds more, once, for a fsha that runs but is late
+    hot_standby: bool = False  # [takeover] profiles: hang up a slot's calls, never stop it
 
     @classmethod
     def from_config(cls, config: ClusterConfig, me: NodeConfig, lease: float
@@ -94,10 +98,12 @@ class GuardSettings:
                    config.floating_ip.timeout, me.esl.host, me.esl.port, me.esl.password,
                    me.esl.timeout,
                    tuple(SlotSettings(s.slot_id, s.name, s.ips, s.profiles)
-                         for s in config.slots), config.dead_after)
+                         for s in config.slots), config.dead_after,
+                   config.takeover.hot_standby)
 
     def as_json(self) -> dict[str, Any]:
         return {"node": self.node, "lease": self.lease, "grace": self.grace,
+                "hot_standby": self.hot_standby,
                 "backend": self.backend,
                 "command": list(self.command), "floating_timeout": self.floating_timeout,
                 "esl": {"host": self.esl_host, "port": self.esl_port,
@@ -120,7 +126,7 @@ class GuardSettings:
                            tuple(str(a) for a in data["command"]),
                            float(data["floating_timeout"]), str(esl["host"]), int(esl["port"]),
                            str(esl["password"]), float(esl["timeout"]), slots,
-                           float(data.get("grace", 0.0)))
+                           float(data.get("grace", 0.0)), bool(data.get("hot_standby", False)))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"bad guard settings: {type(e).__name__}: {e}") from None
         if settings.backend not in ("ip", "command", "loopback"):
@@ -372,6 +378,47 @@ class LocalEffects:
         report["ms"] = _ms(start)
         return report
 
+    def hangup_calls(self, profiles: Sequence[str]) -> dict[str, Any]:
+        """Hot standby: ``hupall MANAGER_REQUEST sofia_profile_name P`` for each profile
+        (the profiles keep running, ready for the next takeover). The report has the keys
+        of :meth:`stop_profiles` (nothing ``stopped``), ``calls`` the calls the profiles
+        had, and ``hung_up`` the profiles whose calls were hung up."""
+        start = time.monotonic()
+        report: dict[str, Any] = {"stopped": [], "not_running": [], "too_young": [],
+                                  "hung_up": [], "calls": 0, "calls_killed": 0,
+                                  "failed": {}, "retry_in": None}
+        try:
+            with self._esl(self.settings) as esl:
+                sessions: dict[str, int] = {}
+                try:
+                    entries = parse_sofia_status("sofia status", esl.api("sofia status"))
+                    sessions = {e.name: e.sessions or 0 for e in entries if e.running}
+                except FSApiError:
+                    pass  # unreadable: hang up every profile's calls anyway
+                for profile in profiles:
+                    if sessions and profile not in sessions:
+                        report["not_running"].append(profile)
+                        continue
+                    output = esl.api(f"hupall MANAGER_REQUEST sofia_profile_name {profile}")
+                    if output.startswith("-ERR"):
+                        report["failed"][profile] = output.strip()[:200]
+                        continue
+                    report["hung_up"].append(profile)
+                    report["calls"] += sessions.get(profile, 0)
+        except SwitchNotRunning as e:
+            report["freeswitch"] = str(e)
+        except ESLUnavailable as e:
+            report["esl"] = str(e)
+        report["ms"] = _ms(start)
+        return report
+
+    def release_profiles(self, profiles: Sequence[str]) -> dict[str, Any]:
+        """What a host that gives a slot up does to its profiles: hang up their calls (hot
+        standby) or stop them (classic)."""
+        if self.settings.hot_standby:
+            return self.hangup_calls(profiles)
+        return self.stop_profiles(profiles)
+
     def _kill_calls(self, esl: BlockingESL, profile: str) -> int:
         """Hang up every channel of ``profile`` (its name is ``sofia/PROFILE/...``)."""
         text = esl.api("show channels as json")
@@ -392,18 +439,19 @@ class LocalEffects:
     # -- the whole job --------------------------------------------------------------------
 
     def drop_slot(self, slot: SlotSettings) -> dict[str, Any]:
-        """The slot's addresses down first, then its profiles stopped."""
+        """The slot's addresses down first, then its profiles stopped (hot standby: their
+        calls hung up)."""
         start = time.monotonic()
         ips = self.release_ips(slot)
-        profiles = self.stop_profiles(slot.profiles)
+        profiles = self.release_profiles(slot.profiles)
         return {"slot": slot.name, "ips": ips, "profiles": profiles, "ms": _ms(start)}
 
     def reconcile(self) -> dict[str, Any]:
         """Make this host match a node that holds no slot: no slot address configured, no
-        slot profile running (and so none of their calls)."""
+        slot profile running (hot standby: running, with no call)."""
         start = time.monotonic()
         ips = self.cleanup_ips()
-        profiles = self.stop_profiles([p for s in self.settings.slots for p in s.profiles])
+        profiles = self.release_profiles([p for s in self.settings.slots for p in s.profiles])
         return {"ips": ips, "profiles": profiles, "ms": _ms(start)}
 
 

@@ -6,12 +6,16 @@ traceback) ends the start with one line naming the cause (exit status 2).
   netlink) and CAP_NET_RAW (the gratuitous ARP's packet socket);
 - an explicit ``[state] dir`` is a writable directory;
 - every address the node listens on is free: the heartbeat port on each network, the
-  replication stream port, the status address.
+  replication stream port, the status address;
+- hot standby profiles (``[takeover] profiles = "hot_standby"``): the kernel lets a
+  FreeSWITCH bind the slot addresses it does not hold (``net.ipv4.ip_nonlocal_bind=1``,
+  ``net.ipv6`` too for IPv6 slot addresses) and ``nft`` is there for the egress fence.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import shutil
 import socket
 from collections.abc import Callable
@@ -115,7 +119,34 @@ def check_state_dir(config: ClusterConfig, me: NodeConfig) -> None:
                            f"({e.strerror or e})") from None
 
 
+def check_hot_standby(config: ClusterConfig, proc: Path = Path("/proc/sys/net"),
+                      which: Callable[[str], str | None] = shutil.which) -> None:
+    """Hot standby profiles bind the slot addresses on hosts that do not hold them: the
+    kernel must allow it, or every standby FreeSWITCH fails to bind and a takeover would
+    have to start the profile after all (docs/freeswitch.rst); and the egress fence
+    (fsha.egress) needs ``nft``."""
+    if not config.takeover.hot_standby:
+        return
+    versions = {ipaddress.ip_address(ip.address).version
+                for slot in config.slots for ip in slot.ips}
+    for version in sorted(versions):
+        family = "ipv4" if version == 4 else "ipv6"
+        path = proc / family / "ip_nonlocal_bind"
+        try:
+            value = path.read_text().strip()
+        except OSError as e:
+            value = f"unreadable ({e.strerror or e})"
+        if value != "1":
+            raise StartupError(f"{config.path}: takeover.profiles: \"hot_standby\" needs "
+                               f"net.{family}.ip_nonlocal_bind=1 on this host (it is "
+                               f"{value}): sysctl -w net.{family}.ip_nonlocal_bind=1")
+    if which("nft") is None:
+        raise StartupError(f"{config.path}: takeover.profiles: \"hot_standby\" needs nft "
+                           "(nftables) for its egress fence: not found on PATH; install it")
+
+
 def check(config: ClusterConfig, me: NodeConfig) -> None:
     check_backend(config)
+    check_hot_standby(config)
     check_state_dir(config, me)
     check_ports(config, me)

@@ -47,7 +47,17 @@ Acquire (a failed *fatal* step fails ``acquire``; the node then calls ``release`
    even when binding fails), then ``sofia status`` is polled until every profile is listed
    ``RUNNING`` (FreeSWITCH lists a running profile only; one that failed to bind is
    missing). A profile whose URL is not on one of the slot's addresses is a warning.
-7. ``recover`` (fatal until calls are back): per batch, its rows written (the first ones
+   With hot standby profiles they already run (from boot): one ``sofia status`` shows it
+   and nothing is started (``already_running``); one that does not run is started as
+   above.
+7. ``egress`` (fatal; only with hot standby profiles, ``[takeover] profiles =
+   "hot_standby"``): the host's egress fence (:mod:`fsha.egress`) read back must cover
+   every address of the slot: once this node releases the slot again, the BYEs of the
+   calls it hangs up must not leave from an address it no longer holds. A node whose
+   fence is gone (a firewall's ``flush ruleset``) does not take the slot: it rolls back
+   before any call is recovered. The read (an ``nft`` run, 30-60 ms here) starts with the
+   acquire and runs beside the steps above; this step only waits for its answer.
+8. ``recover`` (fatal until calls are back): per batch, its rows written (the first ones
    already are), then ``sofia profile P recover`` (which also clears standby; FreeSWITCH
    rewrites the recovered rows under its own runtime, so each recover sees only the new
    batch). Every batch has its own bounds (``db`` to write, ``recover`` to recover) and
@@ -67,7 +77,7 @@ Acquire (a failed *fatal* step fails ``acquire``; the node then calls ``release`
    batches), ``recovered``, ``expected``, ``first_call_ms`` (from the acquire's start to
    the first batch with calls back; also in the acquire's event), ``not_recovered``
    (after a stalled batch).
-8. ``registrations`` (never fatal: the calls are already up): the rows written into
+9. ``registrations`` (never fatal: the calls are already up): the rows written into
    ``sip_registrations`` with this FreeSWITCH's hostname (``global_getvar switchname``,
    else ``hostname``: sofia expires rows per hostname), then, if ``hash_realm`` is set, one
    ``hash insert/REALM/USER@HOST/PROFILE`` per registered user (up to ``hash_window``
@@ -81,7 +91,10 @@ Release (never fails; every step bounded, failures logged and reported)
 
 1. ``floating_ips``: the addresses down first, so that nothing a stopping profile sends
    (BYEs of its calls) leaves from the slot's addresses; the successor recovers the calls.
-2. ``profiles``: ``sofia profile P stop``. ``Invalid Profile`` means it was not running
+2. ``profiles``: with hot standby profiles, ``hupall MANAGER_REQUEST sofia_profile_name
+   P``: the calls end here (their BYEs cannot leave: the address is gone, and the egress
+   fence drops them) and the profile keeps running for the next takeover. Classic:
+   ``sofia profile P stop``. ``Invalid Profile`` means it was not running
    (fine). FreeSWITCH refuses to stop a profile started less than 10 s ago: then
    ``sofia global standby on`` (new requests get ``503``; FreeSWITCH has no per-profile
    standby command, so this pauses every profile of this FreeSWITCH until the stop) and
@@ -121,6 +134,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from fsha.config import ClusterConfig, FencingConfig, NodeConfig, SlotConfig
+from fsha.egress import EgressFence, FenceStatus
 from fsha.esl import ESLError
 from fsha.floating import FloatingIPBackend, FloatingIPError
 from fsha.fsapi import (
@@ -386,13 +400,15 @@ class TakeoverTimeouts:
         values.update(overrides)
         return cls(**values)
 
-    def acquire_budget(self, slot: SlotConfig) -> float:
+    def acquire_budget(self, slot: SlotConfig, hot_standby: bool = False) -> float:
         """A bound on how long an acquire of ``slot`` goes without progress with these
         timeouts (the node's claim timeout, counted from the last progress: see
         :meth:`SlotEffects.claim_progress`). The recovery of the calls is one batch
-        (``db`` + ``recover``) per progress, whatever the slot's size."""
+        (``db`` + ``recover``) per progress, whatever the slot's size. ``hot_standby``:
+        the ``egress`` step too (one ``nft`` run, bounded like a floating-IP command)."""
         n = len(slot.profiles)
-        return (self.self_check + self.fence + self.floating + self.records + self.esl
+        return (self.floating * hot_standby + self.self_check + self.fence + self.floating
+                + self.records + self.esl
                 + self.db + self.esl * (n + 1) + self.confirm + self.stop_settle
                 + self.db + self.recover + self.esl + self.registrations)
 
@@ -505,6 +521,9 @@ class SlotEffects:
     ``fencing``: the ``[fencing]`` config (None: no fence step), its command run through
     ``runner`` (default: a :class:`~fsha.process.ProcessRunner` on ``clock``, which must
     then be a reactor). ``me``: this node, never fenced.
+    ``hot_standby``: the slot's profiles run on every node (``[takeover] profiles``): an
+    acquire checks ``egress`` (the fence, required then) and starts no profile, a release
+    hangs up the calls and leaves the profiles running.
     """
 
     def __init__(self, floating: FloatingIPBackend, clock: IReactorTime, *,
@@ -514,7 +533,12 @@ class SlotEffects:
                  hash_realm: str | None = "fsha_reg", hash_window: int = 64,
                  history: int = 20, fencing: FencingConfig | None = None,
                  runner: ProcessRunner | None = None, me: NodeConfig | None = None,
-                 recover_batch: int = DEFAULT_RECOVER_BATCH) -> None:
+                 recover_batch: int = DEFAULT_RECOVER_BATCH, hot_standby: bool = False,
+                 egress: EgressFence | None = None) -> None:
+        if hot_standby and egress is None:
+            raise ValueError("hot standby profiles need an egress fence")
+        self.hot_standby = hot_standby
+        self.egress = egress
         if fencing is not None and runner is None:
             runner = ProcessRunner(clock)  # type: ignore[arg-type]  # then clock is a reactor
         self.fencing = fencing
@@ -781,6 +805,9 @@ class SlotEffects:
                                             "no FreeSWITCH connection configured"))
         else:
             yield self._step(report, "self_check", self._self_check, t.self_check, acq=acq)
+        # the egress fence is read beside the first steps, off the critical path; its
+        # answer is awaited before the first recover (a Deferred that never fails)
+        egress = self._read_egress() if self.egress is not None else None
         skip = self._fence_skipped(previous, fence)
         targets = [] if skip is not None else [previous]
         if self.fencing is not None:
@@ -792,6 +819,7 @@ class SlotEffects:
             assert self.fencing is not None
             yield self._step(report, "fence", lambda s: self._fence_all(targets, s),
                              self._fence_timeout(), fatal=self.fencing.required, acq=acq)
+
 
         def ips_up(step: _Step) -> Deferred[None]:
             step.counts["ips"] = len(slot.ips)
@@ -812,6 +840,9 @@ class SlotEffects:
         standby = t.esl if self._standby_on else 0.0  # global standby off first
         yield self._step(report, "profiles", lambda s: self._start_profiles(slot, s),
                          t.esl * n + t.confirm + settle + standby, acq=acq)
+        if egress is not None:
+            yield self._step(report, "egress", lambda s: self._check_egress(slot, s, egress),
+                             t.floating, acq=acq)
         # Each batch has its own bounds (t.db to write it, t.recover to recover it); the
         # step's own timeout only backs them up, counted from the last batch done.
         yield self._step(report, "recover", lambda s: self._recover(slot, acq, s),
@@ -819,6 +850,38 @@ class SlotEffects:
         yield self._step(report, "registrations",
                          lambda s: self._restore_registrations(slot, regs, acq, s),
                          t.registrations, fatal=False, acq=acq)
+
+    def _read_egress(self) -> Deferred[FenceStatus]:
+        """The fence read back from the host (a firewall reload may have flushed it since
+        start-up); a failure becomes a status, so an answer nobody waits for any more (an
+        acquire that failed first) is no unhandled error."""
+        assert self.egress is not None
+        d = defer.maybeDeferred(self.egress.check)
+        answer: Deferred[FenceStatus] = Deferred()
+
+        def arrived(result: object) -> None:
+            if isinstance(result, Failure):
+                result = FenceStatus(False, problem=f"reading it failed: {_reason(result)}")
+            if not answer.called:
+                answer.callback(result)
+
+        d.addBoth(arrived)
+        return answer
+
+    def _check_egress(self, slot: SlotConfig, step: _Step, pending: Deferred[FenceStatus]
+                      ) -> Deferred[None]:
+        """The fence covers the slot's addresses."""
+        d = pending
+
+        def check(status: Any) -> None:
+            step.counts.update(fenced=len(status.fenced), dropped=status.dropped)
+            missing = [ip.address for ip in slot.ips if ip.address not in status.fenced]
+            if missing:
+                raise TakeoverStepError(
+                    "egress", f"no egress fence for {', '.join(missing)}: "
+                    f"{status.problem or 'not covered'} (fsha installs it at start-up)")
+
+        return d.addCallback(check)
 
     def _self_check(self, step: _Step) -> Deferred[None]:
         assert self.esl is not None
@@ -998,6 +1061,18 @@ class SlotEffects:
     def _start_profiles(self, slot: SlotConfig, step: _Step) -> Generator[Any, Any, None]:
         api = self.api
         assert api is not None
+        if self.hot_standby:
+            # running since boot, bound non-locally: the address just came up, the
+            # profile answers at once (a start would stall about 1 s on a real switch)
+            entries = yield api.sofia_status()
+            running = {e.name: e for e in entries if e.running}
+            if all(p in running for p in slot.profiles):
+                step.counts["already_running"] = len(slot.profiles)
+                return
+            late = ("hot standby profile(s) not running, started now: "
+                    + ", ".join(p for p in slot.profiles if p not in running))
+        else:
+            late = None
         if self._standby_on and not self._stop_retries and not self._retries_running:
             # this node paused its FreeSWITCH for a stop it no longer needs (the slot is
             # back before the 10 s were over): resume it, or it answers 503 for ever
@@ -1052,6 +1127,8 @@ class SlotEffects:
         step.note = None
         if warned is not None:
             step.warn(warned)
+        if late is not None:
+            step.warn(late)
         addresses = {ip.address for ip in slot.ips}
         for profile in slot.profiles:
             if _url_host(running[profile].data) not in addresses:
@@ -1284,12 +1361,37 @@ class SlotEffects:
             return self.floating.down(slot.name, slot.ips)
 
         yield self._step(report, "floating_ips", ips_down, t.floating, fatal=False)
-        if self.api is not None:
+        if self.api is not None and self.hot_standby:
+            yield self._step(report, "profiles", lambda s: self._hangup_calls(slot, s),
+                             t.esl * (len(slot.profiles) + 1), fatal=False)
+        elif self.api is not None:
             yield self._step(report, "profiles", lambda s: self._stop_profiles(slot, s),
                              t.esl * (len(slot.profiles) + 1), fatal=False)
         if acq is not None and not acq.complete:
             yield self._step(report, "rollback", lambda s: self._rollback(acq, s),
                              t.db + t.esl, fatal=False)
+
+    @inlineCallbacks
+    def _hangup_calls(self, slot: SlotConfig, step: _Step) -> Generator[Any, Any, None]:
+        """Hot standby: the slot's calls hung up, its profiles left running. The addresses
+        are already down: the BYEs sofia sends for these calls cannot leave this host (the
+        kernel refuses a source that is not local, and the egress fence drops it)."""
+        api = self.api
+        assert api is not None
+        calls = hung = 0
+        try:
+            entries = yield api.sofia_status()
+            calls = sum(e.sessions or 0 for e in entries
+                        if e.running and e.name in slot.profiles)
+        except FSApiError as e:
+            step.warn(f"sofia status unreadable ({e}); hanging up anyway")
+        for profile in slot.profiles:
+            try:
+                yield api.hupall("MANAGER_REQUEST", "sofia_profile_name", profile)
+                hung += 1
+            except FSApiError as e:
+                step.warn(f"hupall of {profile}'s calls failed: {e}")
+        step.counts.update(profiles=hung, calls=calls)
 
     @inlineCallbacks
     def _stop_profiles(self, slot: SlotConfig, step: _Step) -> Generator[Any, Any, None]:

@@ -30,6 +30,7 @@ from fsha.config import (
 )
 from fsha.control import ControlResource, StatusSite
 from fsha.durable import DurableStore, key_prefix
+from fsha.egress import EgressFence, FenceStatus, NftEgressFence
 from fsha.esl import ConnectionState
 from fsha.floating import FloatingIPBackend, make_backend
 from fsha.fsdb import CoreDBWriter, ThreadRunner
@@ -40,6 +41,7 @@ from fsha.health import SwitchHealth, esl_clients
 from fsha.history import HistoryResource, StateDir
 from fsha.limitsvc import LimitService
 from fsha.localdrop import GuardSettings, report_problems
+from fsha.memtrim import MemoryTrimmer
 from fsha.metrics import SessionWatch, metrics_resource
 from fsha.node import ClusterNode
 from fsha.notify import Notifier
@@ -91,8 +93,10 @@ class NodeService(service.Service):
 
     def __init__(self, node: ClusterNode, floating: FloatingIPBackend,
                  effects: SlotEffects, stop_timeout: float,
-                 guard: GuardLink | None = None) -> None:
+                 guard: GuardLink | None = None, egress: EgressFence | None = None
+                 ) -> None:
         self.node = node
+        self.egress = egress
         self.floating = floating
         self.effects = effects
         self.stop_timeout = stop_timeout
@@ -101,9 +105,12 @@ class NodeService(service.Service):
     def startService(self) -> None:
         super().startService()
         ips = [ip for slot in self.node.config.slots for ip in slot.ips]
+        # Hot standby: the egress fence first, before the reconciliation hangs up stray
+        # calls (their BYEs must not leave from an address this host gives up).
+        d = self._install_egress() if self.egress is not None else defer.succeed(None)
         # A process killed with -9 leaves its floating IPs configured: remove them before
         # joining, so this (new) slave never answers for a slot it does not hold.
-        d = self.floating.cleanup(ips)
+        d.addCallback(lambda _: self.floating.cleanup(ips))
         d.addTimeout(self.node.config.floating_ip.timeout * 2, self.node.clock)
 
         def removed(found: list[Any]) -> None:
@@ -120,6 +127,28 @@ class NodeService(service.Service):
             d.addCallback(lambda _: self._reconcile_switch())
         d.addCallback(lambda _: self.node.start())
         d.addErrback(lambda f: self.log.failure("node start failed", f))
+
+    def _install_egress(self) -> defer.Deferred[None]:
+        """Install the egress fence (fsha.egress). A failure is logged and the node joins
+        anyway: its takeovers fail their ``egress`` step, so it never masters a slot."""
+        assert self.egress is not None
+        d = self.egress.install()
+        d.addTimeout(self.node.config.floating_ip.timeout * 2, self.node.clock)
+
+        def done(status: FenceStatus) -> None:
+            if status.ok:
+                self.log.info("egress fence in place for {addresses}",
+                              addresses=", ".join(status.fenced))
+            else:
+                self.log.error("egress fence NOT in place ({problem}): this node will not "
+                               "take a slot over", problem=status.problem)
+            self.node.record_event("egress-fence", **status.as_dict())
+
+        def failed(f: Any) -> None:
+            self.log.failure("installing the egress fence failed; this node will not take "
+                             "a slot over", f)
+
+        return d.addCallbacks(done, failed)
 
     def _reconcile_switch(self) -> defer.Deferred[None]:
         """Before joining: the guard stops every slot profile still running in the local
@@ -285,14 +314,20 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         replication = ReplicationService(config, me, reactor, incarnation=incarnation)
         replication.setName("replication")
     timeouts = TakeoverTimeouts.from_config(config, me)
+    hot_standby = config.takeover.hot_standby
+    egress: EgressFence | None = None
+    if hot_standby:
+        egress = NftEgressFence(ProcessRunner(reactor),
+                                [ip.address for slot in config.slots for ip in slot.ips],
+                                config.floating_ip.timeout)
     effects = SlotEffects(
         floating, reactor, esl=esl,
         db=CoreDBWriter(me.core_db, ThreadRunner(reactor),
                         registration_db=me.registration_db_for) if me.core_db else None,
         records=ReplicatedRecords(replication.state) if replication is not None else None,
         timeouts=timeouts, fencing=config.fencing, me=me,
-        recover_batch=config.takeover.recover_batch)
-    budget = max(timeouts.acquire_budget(slot) for slot in config.slots)
+        recover_batch=config.takeover.recover_batch, hot_standby=hot_standby, egress=egress)
+    budget = max(timeouts.acquire_budget(slot, hot_standby) for slot in config.slots)
     node = ClusterNode(config, me, options.secret, reactor, effects, health,
                        incarnation=incarnation, claim_timeout=budget + 1.0)
     guard_config = config.guard
@@ -304,6 +339,9 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         health.guard = guard
     effects.add_report_listener(
         lambda report: node.record_event("takeover-" + report.action, **report.as_event()))
+    # a takeover of a big slot frees the rows it wrote: give the memory back
+    trimmer = MemoryTrimmer(reactor)
+    effects.add_report_listener(lambda report: trimmer.trim())
 
     def switch_state(old: ConnectionState, new: ConnectionState) -> None:
         # Tell the cluster at once rather than at the next tick.
@@ -338,7 +376,8 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
                     and node.roles.owner_of(m.slot) == m.node_id}
 
         feeds = FeedsService(fed, SupersededRecords(replication.state, masters, reactor,
-                                                    forget_own=fed.forget_slot))
+                                                    forget_own=fed.forget_slot,
+                                                    freed=trimmer.trim))
         feeds.setName("feeds")
         feeds.setServiceParent(top)
         node.add_role_listener(feeds.role_changed)
@@ -413,7 +452,8 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         root.putChild(b"history", HistoryResource(state.path))
     root.putChild(b"metrics", metrics_resource(
         status, effects, esl, durable=durable.stats if durable is not None else None,
-        limits=limits.stats if limits is not None else None))
+        limits=limits.stats if limits is not None else None,
+        redis=redis.stats if redis is not None else None))
     site = StatusSite(root, control)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # polled: no access log
@@ -426,7 +466,8 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
     # the guard's to drop).
     if guard is not None:
         guard.setServiceParent(top)
-    NodeService(node, floating, effects, release_budget + 1.0, guard).setServiceParent(top)
+    NodeService(node, floating, effects, release_budget + 1.0, guard,
+                egress).setServiceParent(top)
     # What exists now lives as long as the process: keep the collector from re-scanning it
     # (a full collection over a large replicated state stalls the reactor for 100s of ms).
     gc.freeze()

@@ -18,6 +18,10 @@ command -v xmllint >/dev/null 2>&1 || need_packages+=(libxml2-utils)
 command -v systemd-analyze >/dev/null 2>&1 || need_packages+=(systemd)
 # for the limit/Redis tests (they start their own redis-server on a free loopback port)
 command -v redis-server >/dev/null 2>&1 || need_packages+=(redis-server)
+# hot standby profiles' egress fence ([takeover] profiles = "hot_standby", fsha.egress), and
+# the packet captures of the real-FreeSWITCH scenarios and benchmarks
+command -v nft >/dev/null 2>&1 || need_packages+=(nftables)
+command -v tcpdump >/dev/null 2>&1 || need_packages+=(tcpdump)
 if [ ${#need_packages[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "setup: installing ${need_packages[*]}"

@@ -399,7 +399,64 @@ class TakeoverConfigTests(SynchronousTestCase):
                            "takeover.recover_timeout_ms", "must be 100-600000")
         self.assertProblem(lambda r: r.update(takeover={"batch": 5}),
                            "takeover.batch", "unknown key (allowed: recover_batch, "
-                           "recover_timeout_ms)")
+                           "recover_timeout_ms, profiles)")
+        self.assertProblem(lambda r: r.update(takeover={"profiles": "hot"}),
+                           "takeover.profiles", "must be one of classic, hot_standby")
+
+    def test_hot_standby_profiles(self) -> None:
+        self.assertEqual(parse_config(demo_raw(), DEMO).takeover.profiles, "classic")
+        self.assertFalse(parse_config(demo_raw(), DEMO).takeover.hot_standby)
+        raw = demo_raw()
+        raw["takeover"] = {"profiles": "hot_standby"}
+        raw["floating_ip"]["backend"] = "ip"
+        config = parse_config(raw, DEMO)
+        self.assertTrue(config.takeover.hot_standby)
+        self.assertEqual(config.digest, parse_config(demo_raw(), DEMO).digest)
+
+    def test_hot_standby_refused_with_the_loopback_backend(self) -> None:
+        problems = self.problems(lambda r: r.update(takeover={"profiles": "hot_standby"}))
+        self.assertEqual(len(problems), 1, problems)
+        self.assertTrue(problems[0].startswith(f"{DEMO}: takeover.profiles: \"hot_standby\" "
+                                               "needs [floating_ip] backend"), problems)
+
+    def test_check_config_exits_2_with_one_line(self) -> None:
+        from fsha.cli.check_config import main
+
+        raw = DEMO.read_text() + '\n[takeover]\nprofiles = "hot_standby"\n'
+        path = Path(self.mktemp())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(raw.replace('secret_file = "', f'secret_file = "{DEMO.parent}/'))
+        err = io.StringIO()
+        with redirect_stderr(err):
+            self.assertEqual(main([str(path)]), 2)
+        lines = err.getvalue().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertTrue(lines[0].startswith(f"{path}: takeover.profiles: "), lines)
+
+    def test_nonlocal_bind_and_nft_checked_at_start_up(self) -> None:
+        from fsha.startup import StartupError, check_hot_standby
+
+        raw = demo_raw()
+        raw["takeover"] = {"profiles": "hot_standby"}
+        raw["floating_ip"]["backend"] = "ip"
+        config = parse_config(raw, DEMO)
+        proc = Path(self.mktemp())
+        (proc / "ipv4").mkdir(parents=True)
+        (proc / "ipv4" / "ip_nonlocal_bind").write_text("0\n")
+        nft = lambda tool: f"/usr/sbin/{tool}"  # noqa: E731
+        with self.assertRaises(StartupError) as caught:
+            check_hot_standby(config, proc, nft)
+        self.assertEqual(str(caught.exception),
+                         f"{DEMO}: takeover.profiles: \"hot_standby\" needs "
+                         "net.ipv4.ip_nonlocal_bind=1 on this host (it is 0): "
+                         "sysctl -w net.ipv4.ip_nonlocal_bind=1")
+        (proc / "ipv4" / "ip_nonlocal_bind").write_text("1\n")
+        check_hot_standby(config, proc, nft)  # fine now
+        with self.assertRaises(StartupError) as caught:
+            check_hot_standby(config, proc, lambda tool: None)
+        self.assertIn("needs nft (nftables)", str(caught.exception))
+        # classic: nothing read
+        check_hot_standby(parse_config(demo_raw(), DEMO), proc / "none", lambda tool: None)
 
 
 class HungAfterTests(SynchronousTestCase):
