@@ -111,6 +111,12 @@ class FailureDetector:
         deadline = now - self.dead_after
         return any(p.alive and max(p.heard) < deadline for p in self.peers.values())
 
+    def next_deadline(self) -> float | None:
+        """When the first live peer reaches dead-after if it stays silent (None: no live
+        peer)."""
+        times = [max(p.heard) for p in self.peers.values() if p.alive]
+        return min(times) + self.dead_after if times else None
+
     def network_up(self, node_id: int, network: int, now: float) -> bool:
         return now - self.peers[node_id].heard[network] < self.dead_after
 

@@ -12,7 +12,7 @@ counters.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -276,7 +276,7 @@ class DurableStore(service.Service):
     (docs/protocol/durable.rst)."""
 
     def __init__(self, redis: RedisClient, state: ReplicatedState, node: NodeView,
-                 node_ids: list[int], alive: Any, clock: IReactorTime, *,
+                 node_ids: list[int], alive: Callable[[int], bool], clock: IReactorTime, *,
                  prefix: str, flush_interval: float = DEFAULT_FLUSH_INTERVAL,
                  max_pending: int = DEFAULT_MAX_PENDING, load_wait: float | None = None,
                  names: dict[int, str] | None = None) -> None:

@@ -24,7 +24,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol
@@ -121,12 +121,32 @@ class _GuardStdin:
             os.close(fd)
 
 
+class GuardedNode(Protocol):
+    """What the guard link uses of :class:`fsha.node.ClusterNode`."""
+
+    @property
+    def role(self) -> Role: ...
+
+    @property
+    def slot(self) -> int: ...
+
+    def add_tick_listener(self, callback: Callable[[], object]) -> None: ...
+
+    def add_role_listener(self, callback: Callable[[Role, Role, Any], object]) -> None: ...
+
+    def record_event(self, kind: str, **fields: Any) -> None: ...
+
+    def resources_lost(self, slot: int, epoch: int, reason: str) -> bool: ...
+
+    def health_changed(self, ok: bool) -> None: ...
+
+
 class GuardLink(service.Service):
     """See the module docstring. ``node``: a :class:`fsha.node.ClusterNode`."""
 
     log = Logger()
 
-    def __init__(self, settings: GuardSettings, node: Any, reactor: ProcessReactor, *,
+    def __init__(self, settings: GuardSettings, node: GuardedNode, reactor: ProcessReactor, *,
                  spawn: Spawner | None = None, argv: Sequence[str] | None = None,
                  monotonic_ns: Callable[[], int] = time.monotonic_ns) -> None:
         self.settings = settings

@@ -2,9 +2,10 @@
 
 Nothing here runs per datagram or per ESL event: :class:`ClusterCollector` reads, at
 scrape time, the typed stats of the components that have them (``DurableStats``,
-``LimitStats``: they also make those components' JSON status) and, for the others, the
-node's ``status()`` dict (the one ``/status`` serves), and turns them into metric
-families. The only state kept between scrapes is what a status dict cannot give:
+``LimitStats``, ``RedisStats``: they also make those components' JSON status) and, for
+the others, the node's ``status()`` dict (the one ``/status`` serves), and turns them
+into metric families. The only state kept between scrapes is what a status dict cannot
+give:
 the takeover histograms (:class:`TakeoverStats`, fed by ``SlotEffects`` reports) and the
 FreeSWITCH session count (:class:`SessionWatch`, from FreeSWITCH's own ``HEARTBEAT`` event,
 every 20 s by default).
@@ -38,6 +39,7 @@ from twisted.web.server import Request
 
 from fsha.durable import DurableStats
 from fsha.limitsvc import LimitStats
+from fsha.redisclient import RedisStats
 
 StatusFunction = Callable[[], Mapping[str, Any]]
 
@@ -308,7 +310,8 @@ class ClusterCollector:
     def __init__(self, status: StatusFunction, stats: TakeoverStats | None = None,
                  esl: ESLRequestStats | None = None,
                  durable: Callable[[], DurableStats] | None = None,
-                 limits: Callable[[], LimitStats] | None = None) -> None:
+                 limits: Callable[[], LimitStats] | None = None,
+                 redis: Callable[[], RedisStats] | None = None) -> None:
         self.status = status
         self.stats = stats
         self.esl = esl
@@ -316,6 +319,7 @@ class ClusterCollector:
         # that have them so far; the others still come from ``status``.
         self.durable = durable
         self.limits = limits
+        self.redis = redis
 
     def collect(self) -> Iterator[Metric]:
         st = self.status()
@@ -329,7 +333,8 @@ class ClusterCollector:
         self._fsevents(st.get("fsevents"), f)
         if self.limits is not None:
             self._limits(self.limits(), f)
-        self._redis(st.get("redis"), f)
+        if self.redis is not None:
+            self._redis(self.redis(), f)
         if self.durable is not None:
             self._durable(self.durable(), f)
         self._control(st.get("control"), f)
@@ -597,17 +602,13 @@ class ClusterCollector:
                   lim.poll_errors)
 
     @staticmethod
-    def _redis(r: Any, f: _Families) -> None:
-        if not isinstance(r, Mapping):
-            return
-        f.gauge("fsha_redis_up", "1 while the Redis connection is usable.",
-                r.get("state") == "up")
-        f.counter("fsha_redis_commands", "Redis commands sent.", r.get("commands"))
+    def _redis(r: RedisStats, f: _Families) -> None:
+        f.gauge("fsha_redis_up", "1 while the Redis connection is usable.", r.state == "up")
+        f.counter("fsha_redis_commands", "Redis commands sent.", r.commands)
         f.counter("fsha_redis_failures", "Redis commands that failed (incl. not sent while "
-                  "down).", r.get("failures"))
-        f.counter("fsha_redis_timeouts", "Redis commands past their deadline.",
-                  r.get("timeouts"))
-        f.counter("fsha_redis_connects", "Redis connections made.", r.get("connects"))
+                  "down).", r.failures)
+        f.counter("fsha_redis_timeouts", "Redis commands past their deadline.", r.timeouts)
+        f.counter("fsha_redis_connects", "Redis connections made.", r.connects)
 
 
     @staticmethod
@@ -639,13 +640,14 @@ class ClusterCollector:
 def metrics_registry(status: StatusFunction, effects: ReportSource | None = None,
                      esl: RequestSource | None = None, *,
                      durable: Callable[[], DurableStats] | None = None,
-                     limits: Callable[[], LimitStats] | None = None) -> CollectorRegistry:
+                     limits: Callable[[], LimitStats] | None = None,
+                     redis: Callable[[], RedisStats] | None = None) -> CollectorRegistry:
     """A registry of its own (never the process-global one) holding one collector."""
     registry = CollectorRegistry(auto_describe=False)
     stats = TakeoverStats(effects) if effects is not None else None
     requests = ESLRequestStats(esl) if esl is not None else None
     registry.register(ClusterCollector(status, stats, requests,  # type: ignore[arg-type]
-                                       durable=durable, limits=limits))
+                                       durable=durable, limits=limits, redis=redis))
     return registry
 
 
@@ -678,11 +680,12 @@ class MetricsResource(Resource):
 def metrics_resource(status: StatusFunction, effects: ReportSource | None,
                      esl: RequestSource | None = None, *,
                      durable: Callable[[], DurableStats] | None = None,
-                     limits: Callable[[], LimitStats] | None = None) -> Resource:
+                     limits: Callable[[], LimitStats] | None = None,
+                     redis: Callable[[], RedisStats] | None = None) -> Resource:
     """The ``/metrics`` resource over ``status`` (the node's merged status callable),
     ``effects`` (the ``SlotEffects`` whose takeover reports feed the histograms; None: no
     takeover histograms), ``esl`` (the ESL client whose requests are timed) and the typed
     stats of the components that have them (``durable``: ``DurableStore.stats``,
-    ``limits``: ``LimitService.stats``)."""
+    ``limits``: ``LimitService.stats``, ``redis``: ``RedisClient.stats``)."""
     return MetricsResource(metrics_registry(status, effects, esl, durable=durable,
-                                            limits=limits))
+                                            limits=limits, redis=redis))

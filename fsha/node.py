@@ -65,6 +65,9 @@ UNFIT_INTERVALS = 40
 # Announcements go out as a burst: now and at these fractions of an interval later.
 BURST_DELAYS = (0.0, 0.25, 0.5)
 RECENT_EVENTS = 100
+#: A deadline tick runs this long after the exact dead-after moment (``check`` compares
+#: strictly; float rounding must not make it find the peer alive and wait a whole tick).
+DEADLINE_SLACK = 0.0005
 # Roles whose heartbeats are answered at once (their lease counts on our echoes).
 _HOLDING = (Role.MASTER, Role.CLAIMING)
 # Sequences of an incarnation start below this, at random (see ClusterNode.sequence).
@@ -275,6 +278,7 @@ class ClusterNode:
         self._ticker.clock = clock
         self._pending: list[IDelayedCall] = []
         self._drains: list[Callable[[], None]] = []
+        self._deadline_call: IDelayedCall | None = None
         self._role_listeners: list[RoleListener] = []
         self._tick_listeners: list[TickListener] = []
         self._event_listeners: list[EventListener] = []
@@ -503,6 +507,30 @@ class ClusterNode:
             except Exception:
                 self.log.failure("tick listener failed")
         self._send(MessageType.HEARTBEAT)
+        self._arm_deadline(now)
+
+    def _arm_deadline(self, now: float) -> None:
+        """Tick again right when a silent peer reaches dead-after, if that comes before the
+        next tick: detection no longer waits for the tick's phase, and every voter declares
+        the death within about a one-way latency of the others (they heard the last
+        heartbeat together) instead of up to an interval apart; the claimant waits for a
+        quorum of those votes. Never earlier than dead-after: ``check`` decides."""
+        due = self.detector.next_deadline()
+        if due is None:
+            return
+        delay = max(0.0, due - now + DEADLINE_SLACK)
+        if delay >= self.config.heartbeat_interval:
+            return
+        call = self._deadline_call
+        if call is not None and call.active():
+            call.reset(delay)
+        else:
+            self._deadline_call = self.clock.callLater(delay, self._deadline)
+
+    def _deadline(self) -> None:
+        self._deadline_call = None
+        if self._ticker.running and self.detector.suspects(self.clock.seconds()):
+            self._tick()
 
     # -- operator commands --------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final
 
@@ -395,12 +395,35 @@ class RedisClient:
 
     # -- status -----------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def stats(self) -> RedisStats:
         s = self.settings
-        return {"address": self.address, "tls": s.tls, "db": s.db, "state": self.state,
-                "since": self.since, "last_error": self.last_error, "connects": self.connects,
-                "disconnects": self.disconnects, "commands": self.commands,
-                "failures": self.failures, "timeouts": self.timeouts}
+        return RedisStats(self.address, s.tls, s.db, self.state, self.since, self.last_error,
+                          self.connects, self.disconnects, self.commands, self.failures,
+                          self.timeouts)
+
+    def status(self) -> dict[str, Any]:
+        return self.stats().as_status()
+
+
+@dataclass(frozen=True, slots=True)
+class RedisStats:
+    """The Redis connection's figures: its JSON status (:meth:`as_status`) and its
+    metrics (``fsha.metrics``) are both made from this."""
+
+    address: str
+    tls: bool
+    db: int
+    state: str  # up, down
+    since: float | None
+    last_error: str | None
+    connects: int
+    disconnects: int
+    commands: int
+    failures: int
+    timeouts: int
+
+    def as_status(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def _text(value: Any) -> str | None:

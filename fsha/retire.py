@@ -17,6 +17,11 @@ The grace covers the new master's first sweeps (its copies of the recovered call
 restored registrations are replicated by then) and the limits' reconciliation of the dead
 master's calls after the takeover; a new master that dies within it leaves the old records
 to its own successor. Limit usage records (``Kind.LIMIT`` and others) are left alone.
+
+Registrations do not wait for the grace: every pass hands the cluster view to
+:meth:`~fsha.replication.state.ReplicatedState.set_owners`, and from then on each
+registration the slot's master replicates supersedes the other origins' copy of it at once
+(100,000 of them would otherwise sit twice on every node for the grace).
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ class SupersededRecords:
 
     def __init__(self, state: Any, masters: Callable[[], dict[int, int]],
                  clock: IReactorTime, *, forget_own: Callable[[int], int] | None = None,
-                 interval: float = 5.0, grace: float = 60.0) -> None:
+                 interval: float = 5.0, grace: float = 60.0,
+                 freed: Callable[[], object] | None = None) -> None:
         self.state = state  # fsha.replication.state.ReplicatedState
         self.masters = masters
         self.clock = clock
@@ -56,6 +62,8 @@ class SupersededRecords:
         self._last: dict[int, float] = {}  # slot -> last pass that looked (one per grace)
         self._loop: LoopingCall | None = None
         self.dropped = 0  # records retired so far (status)
+        self.freed = freed  # called after a pass that dropped many records (memory trim)
+        self._superseded_seen = 0
 
     def start(self) -> None:
         if self._loop is None:
@@ -73,6 +81,8 @@ class SupersededRecords:
         """One pass; returns how many records were retired."""
         now = self.clock.seconds()
         masters = self.masters()
+        # the masters' own copies supersede other origins' registrations at once
+        self.state.set_owners(masters)
         for slot in [s for s in self._since if s not in masters]:
             del self._since[slot]
             self._last.pop(slot, None)
@@ -88,6 +98,10 @@ class SupersededRecords:
             self._last[slot] = now
             total += self._retire(slot, master)
         self.dropped += total
+        superseded = getattr(self.state, "superseded", 0)
+        if self.freed is not None and total + superseded - self._superseded_seen >= 1000:
+            self.freed()
+        self._superseded_seen = superseded
         return total
 
     def _retire(self, slot: int, master: int) -> int:

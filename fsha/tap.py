@@ -41,6 +41,7 @@ from fsha.health import SwitchHealth, esl_clients
 from fsha.history import HistoryResource, StateDir
 from fsha.limitsvc import LimitService
 from fsha.localdrop import GuardSettings, report_problems
+from fsha.memtrim import MemoryTrimmer
 from fsha.metrics import SessionWatch, metrics_resource
 from fsha.node import ClusterNode
 from fsha.notify import Notifier
@@ -338,6 +339,9 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         health.guard = guard
     effects.add_report_listener(
         lambda report: node.record_event("takeover-" + report.action, **report.as_event()))
+    # a takeover of a big slot frees the rows it wrote: give the memory back
+    trimmer = MemoryTrimmer(reactor)
+    effects.add_report_listener(lambda report: trimmer.trim())
 
     def switch_state(old: ConnectionState, new: ConnectionState) -> None:
         # Tell the cluster at once rather than at the next tick.
@@ -372,7 +376,8 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
                     and node.roles.owner_of(m.slot) == m.node_id}
 
         feeds = FeedsService(fed, SupersededRecords(replication.state, masters, reactor,
-                                                    forget_own=fed.forget_slot))
+                                                    forget_own=fed.forget_slot,
+                                                    freed=trimmer.trim))
         feeds.setName("feeds")
         feeds.setServiceParent(top)
         node.add_role_listener(feeds.role_changed)
@@ -447,7 +452,8 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         root.putChild(b"history", HistoryResource(state.path))
     root.putChild(b"metrics", metrics_resource(
         status, effects, esl, durable=durable.stats if durable is not None else None,
-        limits=limits.stats if limits is not None else None))
+        limits=limits.stats if limits is not None else None,
+        redis=redis.stats if redis is not None else None))
     site = StatusSite(root, control)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # polled: no access log

@@ -141,6 +141,17 @@ class StoreLogicTests(unittest.TestCase):
         self.assertEqual(load["state"], "failed")
         self.assertIn("no load within 3 s", load["error"])
 
+    def test_a_load_read_after_discovery_is_applied_at_once(self) -> None:
+        self.redis.answer = lambda args: ["0", "5:1:0:fs2"] if args == ("HGETALL",
+                                                                       PREFIX + "slots") \
+            else ScriptedRedis.default(args)
+        self.node.set_role(Role.SLAVE)  # discovery over before Redis answered
+        self.assertEqual(self.store.load_state, "waiting")
+        self.redis.up()
+        self.assertEqual(self.store.load_state, "applied")
+        self.assertTrue(self.store.ready())
+        self.assertEqual((self.node.known_epochs, self.node.last_holder), ({0: 5}, {0: 1}))
+
     def test_a_load_that_ends_after_load_wait_is_not_applied(self) -> None:
         hung: Deferred[Any] = Deferred()
         self.redis.answer = lambda args: hung if args == ("HGETALL", PREFIX + "slots") \

@@ -33,6 +33,7 @@ from fsha.limits import (
     plan_reconcile,
 )
 from fsha.limitsvc import LimitService
+from fsha.redisclient import RedisStats
 from fsha.replication.state import ApplyResult, ReplicatedState
 from fsha.takeover import RecoveryRow
 from fsha.wire.esl import Event, Headers
@@ -772,7 +773,8 @@ class StatusAndMetricsTests(SynchronousTestCase):
         self.assertTrue(any(p.startswith("redis: down since") and "cannot connect" in p
                             for p in found), found)
         self.assertIn("limits: 1 hiredis unit(s) waiting to be released in Redis", found)
-        _, samples = scrape(status, limits=cl.svcs[n3].stats)
+        redis = RedisStats(**status["redis"], db=0, disconnects=1)
+        _, samples = scrape(status, limits=cl.svcs[n3].stats, redis=lambda: redis)
         self.assertEqual(one(samples, "fsha_limit_usage", key="realm_a"), 1.0)
         self.assertEqual(one(samples, "fsha_limit_adopted_calls"), 1.0)
         self.assertEqual(one(samples, "fsha_limit_pending_releases"), 1.0)

@@ -22,6 +22,7 @@ from fsha.metrics import (
     metrics_registry,
     metrics_resource,
 )
+from fsha.redisclient import RedisStats
 from fsha.takeover import FAILED, OK, SKIPPED, WARNING, StepResult, TakeoverReport
 from fsha.wire.esl import Event, Headers
 
@@ -373,6 +374,16 @@ class TypedStatsTests(SynchronousTestCase):
         self.assertEqual(value("fsha_limit_poll_errors_total"), 4.0)
         self.assertEqual(stats.as_status()["totals"], {"gw_out": 7})
         self.assertEqual(len(stats.as_status()), 27)  # every field, as /status always had
+
+    def test_redis_metrics_from_its_stats(self) -> None:
+        stats = RedisStats("10.0.0.5:6379", True, 0, "down", 1.0, "refused", 2, 1, 30, 4, 3)
+        value = metrics_registry(lambda: SAMPLE, redis=lambda: stats).get_sample_value
+        self.assertEqual(value("fsha_redis_up"), 0.0)
+        self.assertEqual(value("fsha_redis_commands_total"), 30.0)
+        self.assertEqual(value("fsha_redis_failures_total"), 4.0)
+        self.assertEqual(value("fsha_redis_timeouts_total"), 3.0)
+        self.assertEqual(value("fsha_redis_connects_total"), 2.0)
+        self.assertEqual(stats.as_status()["address"], "10.0.0.5:6379")
 
     def test_no_durable_store_no_durable_metrics(self) -> None:
         registry = metrics_registry(lambda: {**SAMPLE, "durable": {"state": "in-sync"}})

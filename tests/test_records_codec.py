@@ -9,12 +9,14 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from fsha.fsdb import (
+    RecordValueError,
     RecoveryRow,
     RegistrationRow,
     decode_call_row,
     decode_registration,
     encode_call_row,
     encode_registration,
+    encode_registration_v1,
 )
 from fsha.replication.identity import Identity, decode_identity, encode_identity
 
@@ -41,7 +43,8 @@ def hex_block(lines: list[str]) -> bytes:
 
 class RecordVectorTests(SynchronousTestCase):
     def test_doc_has_every_vector(self) -> None:
-        self.assertEqual(sorted(doc_blocks()), ["call", "identity", "registration"])
+        self.assertEqual(sorted(doc_blocks()),
+                         ["call", "identity", "registration", "registration-v1"])
 
     def test_call(self) -> None:
         data = hex_block(doc_blocks()["call"])
@@ -49,9 +52,20 @@ class RecordVectorTests(SynchronousTestCase):
         self.assertEqual(decode_call_row(data), CALL)
 
     def test_registration(self) -> None:
-        data = "".join(doc_blocks()["registration"]).encode()
-        self.assertEqual(encode_registration(REGISTRATION), data)
+        data = hex_block(doc_blocks()["registration"])
+        self.assertEqual(encode_registration(REGISTRATION).hex(" "), data.hex(" "))
         self.assertEqual(decode_registration(data), REGISTRATION)
+
+    def test_registration_v1_still_decoded(self) -> None:
+        data = "".join(doc_blocks()["registration-v1"]).encode()
+        self.assertEqual(encode_registration_v1(REGISTRATION), data)
+        self.assertEqual(decode_registration(data), REGISTRATION)
+
+    def test_registration_rejects_bad_bytes(self) -> None:
+        good = encode_registration(REGISTRATION)
+        for bad in (b"", b"\x03" + good[1:], good[:-1], good + b"x", good[:20]):
+            with self.assertRaises(RecordValueError):
+                decode_registration(bad)
 
     def test_identity(self) -> None:
         data = "".join(doc_blocks()["identity"]).encode()

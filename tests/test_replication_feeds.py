@@ -41,6 +41,7 @@ from fsha.fsdb import (
     decode_registration,
     encode_call_row,
     encode_registration,
+    encode_registration_v1,
     inline_runner,
     registration_key,
 )
@@ -295,7 +296,8 @@ class EncodingTests(SynchronousTestCase):
                               "Registered(UDP)", "unknown", NOW_S, "ua \u00e9", "internal",
                               "192.0.2.7", "5062", "1000", "example.org")
         self.assertEqual(decode_registration(encode_registration(row)), row)
-        self.assertEqual(json.loads(encode_registration(row))["expires"], NOW_S)
+        self.assertEqual(decode_registration(encode_registration_v1(row)), row)
+        self.assertEqual(json.loads(encode_registration_v1(row))["expires"], NOW_S)
         ident = Identity("fs1", "slot1", CORE, "1.10", ("a", "b"))
         self.assertEqual(decode_identity(encode_identity(ident)), ident)
         with self.assertRaises(RecordValueError):
@@ -546,6 +548,15 @@ class ManualDB:
     def registrations(self, profiles: Sequence[str]) -> Deferred[list[RegistrationRow] | None]:
         return self._q("registrations")
 
+    def registration_page(self, profile: str, after: int, limit: int
+                          ) -> Deferred[tuple[list[RegistrationRow], int] | None]:
+        # the test answers for the first profile with its rows (a last page); the slot's
+        # other profile has no table
+        if profile != "internal":
+            return defer.succeed(None)
+        return self._q("registrations").addCallback(
+            lambda rows: None if rows is None else (rows, after + len(rows)))
+
     def interrupt(self) -> None:
         self.interrupted += 1
         for _, d in list(self.calls):
@@ -667,6 +678,23 @@ class CoreDBTests(SynchronousTestCase):
             h.writer.delete_registration(f"c{i}", "internal")
         h.clock.advance(30)
         self.assertEqual(len(h.regs()), 2)
+
+    def test_registration_sweep_reads_pages(self) -> None:
+        h = Harness(self)
+        h.feeds.registrations.page_size = 3
+        for i in range(8):
+            h.writer.upsert_registration(reg_row("internal", str(1000 + i), f"c{i}",
+                                                 NOW_S + 600))
+        h.feeds.start_slot(0)
+        self.assertEqual(len(h.regs()), 8)
+        self.assertEqual(h.feeds.status()["registration_sweeps"], 1)
+        # 3 + 3 + 2 rows of "internal", then "internal-b" (no rows)
+        queries = h.db.queries
+        for i in (1, 6):
+            h.writer.delete_registration(f"c{i}", "internal")
+        h.clock.advance(30)
+        self.assertEqual(len(h.regs()), 6)
+        self.assertGreaterEqual(h.db.queries - queries, 4)
 
 
 # -- registrations ---------------------------------------------------------------------------

@@ -380,3 +380,56 @@ class SnapshotTests(SynchronousTestCase):
         self.assertEqual([r.key for r in peer.retired(1)], ["old"])
         self.assertEqual(peer.position(1), Position(1, 2, 7))
         self.assertIs(peer.apply(change(1, 2, 8, "next")), ApplyResult.APPLIED)
+
+
+class SupersedeTests(SynchronousTestCase):
+    """A slot's master's own copy of a registration supersedes other origins' at once."""
+
+    def fill(self, state: ReplicatedState, origin: int, n: int, kind: Kind,
+             expires_ms: int = 0) -> None:
+        for i in range(1, n + 1):
+            self.assertIs(state.apply(Change(origin, 7, i, 1, kind, f"k{i}", Op.PUT,
+                                             b"v%d" % origin, expires_ms)),
+                          ApplyResult.APPLIED)
+
+    def test_owner_copies_drop_the_dead_masters_and_release_its_log(self) -> None:
+        state = receiver(node=0)
+        self.fill(state, 1, 10, Kind.REGISTRATION)  # the dead master
+        self.assertEqual(len(state.catch_up(1, None) or []), 10)
+        for i in range(1, 4):  # the new master already holds three
+            state.apply(Change(2, 9, i, 1, Kind.REGISTRATION, f"k{i}", Op.PUT, b"v2", 0))
+        self.assertEqual(state.set_owners({1: 2}), 3)
+        self.assertEqual(len(list(state.records(origin=1))), 7)
+        self.assertIsNone(state.catch_up(1, None))  # its log went: a peer gets a snapshot
+        # the owner's next copies drop the rest as they come in
+        for i in range(4, 11):
+            state.apply(Change(2, 9, i, 1, Kind.REGISTRATION, f"k{i}", Op.PUT, b"v2", 0))
+        self.assertEqual(list(state.records(origin=1)), [])
+        self.assertEqual(len(list(state.records(origin=2))), 10)
+        self.assertEqual(state.superseded, 10)
+
+    def test_calls_other_slots_and_own_records_stay(self) -> None:
+        state = receiver(node=0)
+        self.fill(state, 1, 2, Kind.CALL)
+        state.apply(Change(1, 7, 3, 2, Kind.REGISTRATION, "k1", Op.PUT, b"x", 0))  # slot 2
+        state.put(1, Kind.REGISTRATION, "k1", b"mine")
+        state.set_owners({1: 2, 2: 2})
+        for i, kind in enumerate((Kind.CALL, Kind.CALL, Kind.REGISTRATION), 1):
+            state.apply(Change(2, 9, i, 1, kind, f"k{min(i, 2) if i < 3 else 1}", Op.PUT,
+                               b"v2", 0))
+        self.assertEqual(len(list(state.records(origin=1, kind=Kind.CALL))), 2)
+        self.assertEqual(len(list(state.records(origin=1, kind=Kind.REGISTRATION))), 1)
+        self.assertIsNotNone(state.get(0, 1, Kind.REGISTRATION, "k1"))
+
+    def test_expiry_heap_stays_bounded(self) -> None:
+        clock = clock_at()
+        state = receiver(node=0, clock=clock)
+        far = int((NOW + 86400) * 1000)
+        for round_ in range(20):  # refreshed again and again: one live record each
+            for i in range(1000):
+                state.put(1, Kind.REGISTRATION, f"k{i}", b"v", far + round_)
+        self.assertLessEqual(len(state._expiry), 2 * len(state) + 4096)
+        for i in range(1000):
+            state.delete(1, Kind.REGISTRATION, f"k{i}")
+        state.expire()
+        self.assertLessEqual(len(state._expiry), 4096)

@@ -84,3 +84,24 @@ class TimingWarningTests(SynchronousTestCase):
         (line,) = timing_warnings(make_config(heartbeat_interval_ms=5, dead_after_ms=25))
         self.assertIn("only 20 ms more than one heartbeat interval (5 ms)", line)
         self.assertIn(f"dead_after_ms >= heartbeat_interval_ms + {STALL_MARGIN_MS}", line)
+
+
+class DeadlineTests(SynchronousTestCase):
+    def test_detection_is_dead_after_not_dead_after_plus_a_tick(self) -> None:
+        """With 20/100 ms: every survivor declares the death within a few ms of dead-after
+        after the last heartbeat heard (not up to one tick later), and the claim follows
+        within a latency, not within an interval."""
+        c = converged(20, 100)
+        last = c.clock.seconds()
+        c.kill("fs1")
+        c.advance(0.5)
+        downs = {name: next(e["time"] for e in node.events
+                            if e["event"] == "peer-down" and e["peer"] == "fs1")
+                 for name, node in c.nodes.items() if name != "fs1"}
+        for name, at in downs.items():
+            # heard at most one interval before the kill, declared dead-after later
+            self.assertLessEqual(at - last, 0.100 + 0.002, name)
+        self.assertLessEqual(max(downs.values()) - min(downs.values()), 0.003)
+        claim = next(e["time"] for node in c.nodes.values() for e in node.events
+                     if e["event"] == "claim" and e["slot"] == "slot1")
+        self.assertLessEqual(claim - max(downs.values()), 0.005)

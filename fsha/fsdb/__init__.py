@@ -16,6 +16,7 @@ from fsha.fsdb.codecs import (
     decode_registration,
     encode_call_row,
     encode_registration,
+    encode_registration_v1,
 )
 from fsha.fsdb.reader import LOOKUP_BATCH, CoreDBReader, CoreDBReads
 from fsha.fsdb.rows import (
@@ -52,6 +53,7 @@ __all__ = [
     "decode_registration",
     "encode_call_row",
     "encode_registration",
+    "encode_registration_v1",
     "inline_runner",
     "registration_key",
     "registration_prefix",

@@ -16,15 +16,18 @@ from fsha.fsdb.rows import REGISTRATION_COLUMNS, RecoveryRow, RegistrationRow
 __all__ = [
     "CALL_VALUE_VERSION",
     "MAX_METADATA_BYTES",
+    "REGISTRATION_VALUE_VERSION",
     "RecordValueError",
     "decode_call_row",
     "decode_registration",
     "encode_call_row",
     "encode_registration",
+    "encode_registration_v1",
 ]
 
 _U16: Final = struct.Struct(">H")
 CALL_VALUE_VERSION: Final = 2  # metadata compressed (zlib); 1: raw, still decoded
+REGISTRATION_VALUE_VERSION: Final = 2  # binary; 1: JSON, still decoded
 MAX_METADATA_BYTES: Final = 16 * 1024 * 1024  # a bound on an inflated metadata value
 _ZLIB_LEVEL: Final = 1  # ~4x on XML CDRs at a fraction of the cost of the default level
 
@@ -74,12 +77,54 @@ def decode_call_row(value: bytes) -> RecoveryRow:
     return RecoveryRow(fields[0], fields[1], fields[2], fields[3], fields[4], metadata)
 
 
+#: The text columns of a version 2 registration value, in this order (all but expires).
+_REG_TEXT: Final = tuple(c for c in REGISTRATION_COLUMNS if c != "expires")
+_REG_EXPIRES: Final = struct.Struct(">Q")
+
+
 def encode_registration(row: RegistrationRow) -> bytes:
+    """Version 2: binary, about half the size of version 1's JSON (100,000 of them sit on
+    every node)."""
+    parts = [bytes((REGISTRATION_VALUE_VERSION,)), _REG_EXPIRES.pack(max(0, row.expires))]
+    for c in _REG_TEXT:
+        raw = getattr(row, c).encode("utf-8", "surrogateescape")
+        if len(raw) > 0xFFFF:
+            raise RecordValueError(f"registration {c} longer than 65535 bytes")
+        parts.append(_U16.pack(len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def decode_registration(value: bytes) -> RegistrationRow:
+    """Inverse of :func:`encode_registration`; also decodes version 1 (JSON, ``{``)."""
+    if value[:1] == b"{":
+        return _decode_registration_json(value)
+    if value[:1] != bytes((REGISTRATION_VALUE_VERSION,)) or len(value) < 9:
+        raise RecordValueError("not a version 1 or 2 registration record")
+    (expires,) = _REG_EXPIRES.unpack_from(value, 1)
+    pos = 9
+    texts: list[str] = []
+    for c in _REG_TEXT:
+        if pos + 2 > len(value):
+            raise RecordValueError("registration record truncated")
+        (n,) = _U16.unpack_from(value, pos)
+        pos += 2
+        if pos + n > len(value):
+            raise RecordValueError(f"registration record truncated in {c}")
+        texts.append(value[pos:pos + n].decode("utf-8", "surrogateescape"))
+        pos += n
+    if pos != len(value):
+        raise RecordValueError("registration record has trailing bytes")
+    return RegistrationRow(*texts[:7], expires, *texts[7:])  # type: ignore[arg-type]
+
+
+def encode_registration_v1(row: RegistrationRow) -> bytes:
+    """Version 1 (JSON): what nodes before version 2 write (tests, the docs' vectors)."""
     obj = {c: getattr(row, c) for c in REGISTRATION_COLUMNS}
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("ascii")
 
 
-def decode_registration(value: bytes) -> RegistrationRow:
+def _decode_registration_json(value: bytes) -> RegistrationRow:
     try:
         obj = json.loads(value)
     except ValueError as e:

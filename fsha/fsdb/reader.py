@@ -41,6 +41,12 @@ class CoreDBReads(Protocol):
         """The rows of these profiles, or None if the table does not exist."""
         ...
 
+    def registration_page(self, profile: str, after: int, limit: int
+                          ) -> Deferred[tuple[list[RegistrationRow], int] | None]:
+        """Up to ``limit`` rows of ``profile`` whose rowid is above ``after``, in rowid
+        order, and the last one's rowid; None if the profile's table is not there."""
+        ...
+
     def interrupt(self) -> None: ...
 
     def reset(self) -> None: ...
@@ -81,6 +87,10 @@ def _registration_row(r: tuple[Any, ...]) -> RegistrationRow:
     values: list[Any] = [_text(v) for v in r]
     values[7] = _int(r[7])
     return RegistrationRow(*values)
+
+
+def _page(rows: list[tuple[Any, ...]], after: int) -> tuple[list[RegistrationRow], int]:
+    return [_registration_row(r[1:]) for r in rows], (_int(rows[-1][0]) if rows else after)
 
 
 def _placeholders(n: int) -> str:
@@ -209,6 +219,50 @@ class CoreDBReader:
             if self._registration_db is None:
                 return in_core()
             return per_profile(self._registration_db)
+        return self._run(q)
+
+    def registration_page(self, profile: str, after: int, limit: int
+                          ) -> Deferred[tuple[list[RegistrationRow], int] | None]:
+        # a rowid range scan (+profile_name: not sofia's profile index) bounded by limit: a
+        # sweep of 100,000 rows never holds more than one page of them
+        sql = (f"select rowid, {', '.join(REGISTRATION_COLUMNS)} from sip_registrations "
+               "where rowid > ? and +profile_name = ? order by rowid limit ?")
+        args = (after, profile, limit)
+
+        def in_core() -> tuple[list[RegistrationRow], int] | None:
+            try:
+                return _page(self._query(sql, args), after)
+            except sqlite3.OperationalError as e:
+                if "no such table" in str(e):
+                    self._stale = False
+                    return None
+                raise
+
+        def own_file(path: str | Path) -> tuple[list[RegistrationRow], int] | None:
+            self._connection()  # reopens everything after an error or a restart
+            c = self._regs.get(profile)
+            try:
+                if c is None:
+                    c = self._regs[profile] = Connection(path, "ro", self._busy_timeout)
+                return _page(c.get().execute(sql, args).fetchall(), after)
+            except sqlite3.OperationalError as e:
+                # not created yet (a profile never started here) or not sofia's file
+                if "no such table" in str(e) or "unable to open" in str(e):
+                    bad = self._regs.pop(profile, None)
+                    if bad is not None:
+                        bad.reset()
+                    return None
+                self._stale = True
+                raise
+            except sqlite3.Error:
+                self._stale = True
+                raise
+
+        def q() -> tuple[list[RegistrationRow], int] | None:
+            if self._registration_db is None:
+                return in_core()
+            path = self._registration_db(profile)
+            return None if path is None else own_file(path)
         return self._run(q)
 
     def interrupt(self) -> None:

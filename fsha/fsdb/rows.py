@@ -9,7 +9,7 @@ or derivable (``fsha.fsdb.writer``).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 from fsha.wire import stream
@@ -86,20 +86,21 @@ class RegistrationRow:
     network_port: str
     sip_username: str
     sip_realm: str
-    # Derived once, where the row is built (the DB thread, for a sweep's 100k rows):
-    #: The replicated record's key (:func:`registration_key`).
-    key: str = field(init=False, compare=False, repr=False)
-    #: A 16-byte hash of every field but ``expires`` (what the feeds' index keeps).
-    binding: bytes = field(init=False, compare=False, repr=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "key", registration_key(
-            self.profile_name, self.sip_user, self.sip_host, self.call_id))
+    @property
+    def key(self) -> str:
+        """The replicated record's key (:func:`registration_key`)."""
+        return registration_key(self.profile_name, self.sip_user, self.sip_host, self.call_id)
+
+    @property
+    def binding(self) -> bytes:
+        """A 16-byte hash of every field but ``expires`` (what the feeds' index keeps).
+        Computed on use, not stored: a takeover holds 100,000 rows at once."""
         fields = (self.call_id, self.sip_user, self.sip_host, self.presence_hosts,
                   self.contact, self.status, self.rpid, self.user_agent, self.profile_name,
                   self.network_ip, self.network_port, self.sip_username, self.sip_realm)
-        object.__setattr__(self, "binding", hashlib.blake2b(
-            "\x00".join(fields).encode("utf-8", "surrogateescape"), digest_size=16).digest())
+        return hashlib.blake2b("\x00".join(fields).encode("utf-8", "surrogateescape"),
+                               digest_size=16).digest()
 
 
 def registration_key(profile: str, user: str, host: str, call_id: str) -> str:

@@ -49,6 +49,8 @@ RETRY_DELAYS: Final = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
 #: After an answered call's row is found, it is read again from this long after (then on
 #: the RETRY_DELAYS schedule until it changes): FreeSWITCH rewrites it when the ACK is in.
 ANSWER_FOLLOW_UP: Final = 0.05
+#: Full rows per query of a sweep (a row's metadata is 3-8 KB).
+FETCH_PAGE: Final = 500
 
 
 class _Call:
@@ -58,6 +60,17 @@ class _Call:
         self.slot = slot
         self.summary = summary
         self.gen = gen
+
+
+class _Fetch:
+    """The full rows a sweep reads, a page per job."""
+
+    __slots__ = ("pos", "start_gen", "uuids")
+
+    def __init__(self, uuids: list[str], start_gen: int) -> None:
+        self.uuids = uuids
+        self.pos = 0
+        self.start_gen = start_gen
 
 
 class _Lookup:
@@ -88,6 +101,7 @@ class CallFeed:
         self._pending: dict[str, _Lookup] = {}
         self._gone: dict[str, float] = {}  # hung up: uuid -> when (insertion order)
         self._rejected: dict[str, CallSummary] = {}  # rows that cannot be replicated
+        self._fetch: _Fetch | None = None  # the full rows a sweep still has to read
         self.sweep_wanted = False
         self.sweeps_done = 0
         # counters (status)
@@ -119,6 +133,7 @@ class CallFeed:
 
     def clear(self) -> None:
         """No slot is fed any more."""
+        self._fetch = None
         self._pending.clear()
         self._gone.clear()
         self._rejected.clear()
@@ -240,6 +255,8 @@ class CallFeed:
                 soonest = p.due
         if due:
             return "lookup", lambda: self._lookup(due)
+        if self._fetch is not None:
+            return "sweep", self._fetch_page
         if self.sweep_wanted:
             self.sweep_wanted = False
             return "sweep", self._sweep
@@ -318,20 +335,33 @@ class CallFeed:
     # -- the sweep --------------------------------------------------------------------------
 
     def _sweep(self) -> Deferred[None]:
-        db = self.db
+        """Read every row's small columns; what must be fetched in full is fetched by
+        later jobs, :data:`FETCH_PAGE` rows each (a master never holds 10,000 CDRs at
+        once, and lookups run between pages)."""
         start_gen = self.slots.gen
         self.sweeps_done += 1
         deep = self.sweeps_done % self.deep_sweep_every == 0
-        d = db.recovery_summaries()
+        d = self.db.recovery_summaries()
 
-        def summarised(summaries: list[CallSummary]) -> Deferred[list[CallRow]] | None:
-            fetch = self._reconcile(summaries, start_gen)
-            if deep:
-                return db.recovery_all(self.slots.profiles())
-            return db.recovery_rows(fetch) if fetch else None
+        def summarised(summaries: list[CallSummary]) -> None:
+            fetch, seen = self._reconcile(summaries, start_gen)
+            self._fetch = _Fetch(list(seen) if deep else fetch, start_gen)
+            if not self._fetch.uuids:
+                self._swept()
 
-        def fetched(rows: list[CallRow] | None) -> Deferred[None]:
-            found = self._prefer_current(rows) if rows else {}
+        d.addCallback(summarised)
+        return d
+
+    def _fetch_page(self) -> Deferred[None]:
+        f = self._fetch
+        assert f is not None
+        chunk = f.uuids[f.pos:f.pos + FETCH_PAGE]
+        f.pos += len(chunk)
+        d = self.db.recovery_rows(chunk)
+        start_gen = f.start_gen
+
+        def fetched(rows: list[CallRow]) -> Deferred[None]:
+            found = self._prefer_current(rows)
 
             def apply(row: CallRow) -> None:
                 uuid = row.uuid
@@ -346,19 +376,30 @@ class CallFeed:
                                 entry.gen if entry is not None else 0)
             return self.slots.sliced(list(found.values()), apply)
 
-        def swept(_: object) -> None:
-            now = self.slots.clock.seconds()
-            self.sweeps += 1
-            for feed in self.slots.fed.values():
-                feed.last_sweep = now
+        def done(_: object) -> None:
+            if self._fetch is f and f.pos >= len(f.uuids):
+                self._swept()
 
-        d.addCallback(summarised)
+        def failed(failure: Failure) -> Failure:
+            if self._fetch is f:
+                self._fetch = None  # the next sweep starts over
+            return failure
+
         d.addCallback(fetched)
-        d.addCallback(swept)
+        d.addCallbacks(done, failed)
         return d
 
-    def _reconcile(self, summaries: list[CallSummary], start_gen: int) -> list[str]:
-        """Delete records whose row is gone; return the uuids to fetch in full."""
+    def _swept(self) -> None:
+        self._fetch = None
+        now = self.slots.clock.seconds()
+        self.sweeps += 1
+        for feed in self.slots.fed.values():
+            feed.last_sweep = now
+
+    def _reconcile(self, summaries: list[CallSummary], start_gen: int
+                   ) -> tuple[list[str], dict[str, CallSummary]]:
+        """Delete records whose row is gone; return the uuids to fetch in full, and every
+        fed row's summary."""
         seen: dict[str, CallSummary] = {}
         mine = self.esl.core_uuid
         ignored = 0
@@ -388,4 +429,4 @@ class CallFeed:
             entry = self._calls.get(uuid)
             if entry is None or (entry.summary != s and entry.gen <= start_gen):
                 fetch.append(uuid)
-        return fetch
+        return fetch, seen

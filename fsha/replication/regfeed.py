@@ -3,7 +3,8 @@
 
 ``sofia::register`` puts a record (expiring when the registration does), ``unregister``
 and ``expire`` delete it, and a periodic sweep of each profile's ``sip_registrations``
-table (in ``<db dir>/sofia_reg_PROFILE.db``) reconciles the records with it.
+table (in ``<db dir>/sofia_reg_PROFILE.db``), a page of rows per query, reconciles the
+records with it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from twisted.logger import Logger
 from fsha.fsapi import RegistrationEvent, RegistrationKind, parse_event
 from fsha.fsdb import (
     CoreDBReads,
+    RecordValueError,
     RegistrationRow,
     decode_registration,
     encode_registration,
@@ -36,6 +38,8 @@ REGISTRATION_EVENTS: Final = tuple(k.value for k in RegistrationKind)
 #: A registration's expiry read from the table and from the event may differ by this much
 #: (seconds) without the sweep rewriting the record.
 REG_EXPIRES_TOLERANCE: Final = 30
+#: Rows per query of a sweep: what it holds at a time (rows of 1-2 KB as Python objects).
+PAGE_SIZE: Final = 2000
 
 
 class _Reg:
@@ -62,7 +66,7 @@ class RegistrationFeed:
 
     def __init__(self, slots: FedSlots, db: CoreDBReads | None, *,
                  sweep_interval: float, call_sweeps: Callable[[], int],
-                 where: str) -> None:
+                 where: str, page_size: int = PAGE_SIZE) -> None:
         self.slots = slots
         self.db = db
         self.sweep_interval = sweep_interval
@@ -70,6 +74,8 @@ class RegistrationFeed:
         self.where = where  # the database, for the log
         self._regs: dict[str, _Reg] = {}
         self._deleted: dict[str, int] = {}  # key -> gen of an unregistration event
+        self.page_size = max(1, page_size)
+        self._sweep: _Sweep | None = None
         self.sweep_wanted = False
         self.next_sweep = 0.0
         self.table = True
@@ -90,6 +96,7 @@ class RegistrationFeed:
 
     def clear(self) -> None:
         self._deleted.clear()
+        self._sweep = None
 
     def _store(self, feed: SlotFeed, row: RegistrationRow, gen: int) -> None:
         key = row.key
@@ -98,8 +105,12 @@ class RegistrationFeed:
         if entry is not None and entry.slot != slot_id:
             self._drop(key)
             entry = None
-        if not self.slots.put(feed, Kind.REGISTRATION, key, encode_registration(row),
-                              row.expires * 1000):
+        try:
+            value = encode_registration(row)
+        except RecordValueError:
+            feed.rows_rejected += 1
+            return
+        if not self.slots.put(feed, Kind.REGISTRATION, key, value, row.expires * 1000):
             return
         if entry is None:
             self._regs[key] = _Reg(slot_id, row, gen)
@@ -169,62 +180,115 @@ class RegistrationFeed:
             self.sweep_wanted = True
 
     def next_job(self, now: float) -> Job | float | None:
-        if self.sweep_wanted and self.db is not None:
+        if self.db is None:
+            return None
+        if self._sweep is None and self.sweep_wanted:
             self.sweep_wanted = False
             if self.table or self.call_sweeps() % 10 == 0:
-                return "registration sweep", self._sweep
+                self._sweep = _Sweep(self.slots)
+                self.next_sweep = now + self.sweep_interval
+        if self._sweep is not None:
+            return "registration sweep", self._page
         return None
 
-    def _sweep(self) -> Deferred[None]:
-        assert self.db is not None
+    def _page(self) -> Deferred[None]:
+        """One page of the sweep in progress (a DB job; lookups may run between pages)."""
+        assert self.db is not None and self._sweep is not None
+        sw = self._sweep
         slots = self.slots
-        start_gen = slots.gen
-        self.next_sweep = slots.clock.seconds() + self.sweep_interval
-        d = self.db.registrations(slots.profiles())
+        d = self.db.registration_page(sw.profiles[sw.index], sw.after, self.page_size)
 
-        def got(rows: list[RegistrationRow] | None) -> Deferred[None] | None:
-            if rows is None:
-                if self.table:
-                    log.info("No sip_registrations table in {db}: registrations come from "
-                             "events only", db=self.where)
-                self.table = False
-                return None
-            self.table = True
-            now = slots.clock.seconds()
-            seen: set[str] = set()
+        def apply(row: RegistrationRow) -> None:
+            if row.expires and row.expires <= sw.now:
+                return  # expired: sofia deletes it
+            key = row.key
+            sw.seen.add(key)
+            entry = self._regs.get(key)
+            if entry is not None and (entry.gen > sw.start_gen or entry.same(row)):
+                return
+            if self._deleted.get(key, 0) > sw.start_gen:
+                return  # unregistered after the sweep read the table
+            feed = slots.feed_of_profile(row.profile_name)
+            if feed is not None:
+                self._store(feed, row, entry.gen if entry is not None else 0)
 
-            def apply(row: RegistrationRow) -> None:
-                if row.expires and row.expires <= now:
-                    return  # expired: sofia deletes it
-                key = row.key
-                seen.add(key)
-                entry = self._regs.get(key)
-                if entry is not None and (entry.gen > start_gen or entry.same(row)):
-                    return
-                if self._deleted.get(key, 0) > start_gen:
-                    return  # unregistered after the sweep read the table
-                feed = slots.feed_of_profile(row.profile_name)
-                if feed is not None:
-                    self._store(feed, row, entry.gen if entry is not None else 0)
+        def got(page: tuple[list[RegistrationRow], int] | None) -> Deferred[None] | None:
+            if self._sweep is not sw:
+                return None  # abandoned (no slot fed any more)
+            if page is None:
+                sw.next_profile()
+            else:
+                sw.found = True
+                rows, last = page
+                sw.now = slots.clock.seconds()
+                if len(rows) < self.page_size:
+                    sw.next_profile()
+                else:
+                    sw.after = last
+                if rows:
+                    d = slots.sliced(rows, apply)
+                    d.addCallback(lambda _: self._finish_if_done(sw))
+                    return d
+            return self._finish_if_done(sw)
 
-            def drop(key: str) -> None:
-                entry = self._regs.get(key)
-                if entry is not None and entry.gen <= start_gen:
-                    self._drop(key)
+        def failed(failure: object) -> object:
+            if self._sweep is sw:
+                self._sweep = None  # tried again at the next tick, not at once
+            return failure
 
-            def done(_: object) -> None:
-                deleted = self._deleted
-                for key in [k for k, g in deleted.items() if g <= start_gen]:
-                    del deleted[key]
-                self.sweeps += 1
-                for feed in slots.fed.values():
-                    feed.last_registration_sweep = now
-
-            d = slots.sliced(rows, apply)
-            d.addCallback(lambda _: slots.sliced(
-                [k for k in self._regs if k not in seen], drop))
-            d.addCallback(done)
-            return d
-
-        d.addCallback(got)
+        d.addCallbacks(got, failed)
         return d
+
+    def _finish_if_done(self, sw: _Sweep) -> Deferred[None] | None:
+        if self._sweep is not sw or sw.index < len(sw.profiles):
+            return None
+        slots = self.slots
+        if not sw.found:
+            self._sweep = None
+            if self.table:
+                log.info("No sip_registrations table in {db}: registrations come from "
+                         "events only", db=self.where)
+            self.table = False
+            return None
+        self.table = True
+
+        def drop(key: str) -> None:
+            entry = self._regs.get(key)
+            if entry is not None and entry.gen <= sw.start_gen:
+                self._drop(key)
+
+        def done(_: object) -> None:
+            if self._sweep is sw:
+                self._sweep = None
+            deleted = self._deleted
+            for key in [k for k, g in deleted.items() if g <= sw.start_gen]:
+                del deleted[key]
+            self.sweeps += 1
+            for feed in slots.fed.values():
+                feed.last_registration_sweep = sw.now
+
+        unseen = [k for k, r in self._regs.items() if k not in sw.seen and r.slot in sw.slot_ids]
+        d = slots.sliced(unseen, drop)
+        d.addCallback(done)
+        return d
+
+
+class _Sweep:
+    """A registration sweep in progress: which profile, from which rowid, what it saw."""
+
+    __slots__ = ("after", "found", "index", "now", "profiles", "seen", "slot_ids",
+                 "start_gen")
+
+    def __init__(self, slots: FedSlots) -> None:
+        self.profiles = slots.profiles()
+        self.slot_ids = set(slots.fed)
+        self.start_gen = slots.gen
+        self.index = 0
+        self.after = 0
+        self.found = False
+        self.now = slots.clock.seconds()
+        self.seen: set[str] = set()
+
+    def next_profile(self) -> None:
+        self.index += 1
+        self.after = 0

@@ -18,8 +18,10 @@ applies every origin's changes in that order, idempotently:
 Records live in one namespace per origin, keyed by (slot, kind, key). Only the origin orders
 its own writes, so keeping each origin's records apart makes the merged state independent of
 how the origins' streams interleave, with no clock shared between nodes. A record of origin
-O is dropped when O deletes it, when its expiry passes on this node's (injected) clock, or
-when O starts a new incarnation (retired).
+O is dropped when O deletes it, when its expiry passes on this node's (injected) clock,
+when O starts a new incarnation (retired), or when another node masters its slot now and
+holds its own copy (:meth:`ReplicatedState.set_owners`, :meth:`~ReplicatedState.
+drop_superseded`; the origin's log is released then, or it would keep the values alive).
 
 Every node keeps the last ``log_limit`` changes of each origin's current incarnation, so any
 node can serve a peer that resumes from a position (:meth:`catch_up`); when the log no
@@ -61,6 +63,14 @@ __all__ = [
 DEFAULT_LOG_LIMIT: Final = 100_000
 _RECORD_HASH: Final = struct.Struct(">HHBQ")
 _POSITION: Final = struct.Struct(">HQQ")
+
+#: What a slot's current master replicates again itself, so that its copy supersedes any
+#: other origin's at once (:meth:`ReplicatedState.set_owners`): the bulk of a big slot.
+#: Calls and identities wait for :mod:`fsha.retire` (the limits read a dead master's calls
+#: after its takeover).
+EARLY_SUPERSEDED: Final = frozenset((Kind.REGISTRATION,))
+#: The expiry heap is rebuilt once it holds this many entries more than twice the records.
+_HEAP_SLACK: Final = 4096
 
 RecordKey = tuple[int, Kind, str]  # (slot, kind, key)
 #: (op "put" | "delete", origin, slot, kind, key, value)
@@ -179,6 +189,8 @@ class ReplicatedState:
         self._xor = 0
         self._counts: dict[int, dict[Kind, int]] = {}
         self._expiry: list[tuple[int, int, int, RecordKey]] = []  # (ms, origin, inc, key)
+        self._owners: dict[int, int] = {}  # slot -> origin of its master (set_owners)
+        self.superseded = 0  # records dropped because the slot's master holds its own copy
         self.last_frame = b""
         self.last_change: Change | None = None
         self._listeners: dict[Kind, list[Listener]] = {}
@@ -266,7 +278,52 @@ class ReplicatedState:
         if o.retired:
             o.retired = {k: r for k, r in o.retired.items()
                          if not (k[0] == slot and k[1] in wanted)}
+        if n:
+            self._release_log(o)
         return n
+
+    def set_owners(self, owners: dict[int, int]) -> int:
+        """Slot -> the origin of its master now (the cluster view, the same on every node).
+        From then on a record of :data:`EARLY_SUPERSEDED` kinds that the slot's owner holds
+        supersedes the same record (slot, kind, key) of every other origin: dropped on this
+        node at once, with no change written, live and retired (never this node's own
+        records, which go by replicated deletes). After a takeover the new master's feeds
+        replicate the slot's registrations again, so every node holds one copy of each
+        rather than two until :mod:`fsha.retire` drops the dead master's. Returns how many
+        records this call dropped (those the owner already held)."""
+        n = 0
+        for slot in [s for s in self._owners if s not in owners]:
+            del self._owners[slot]
+        for slot, origin in owners.items():
+            if self._owners.get(slot) == origin:
+                continue
+            self._owners[slot] = origin
+            o = self._origins.get(origin)
+            if o is not None:
+                for rkey in [k for k in o.records if k[0] == slot and k[1] in EARLY_SUPERSEDED]:
+                    n += self._supersede(origin, rkey)
+        return n
+
+    def _supersede(self, owner: int, rkey: RecordKey) -> int:
+        n = 0
+        for origin, o in self._origins.items():
+            if origin == owner or origin == self._node:
+                continue
+            if self._remove(o, rkey):
+                n += 1
+                self._release_log(o)
+            if o.retired:
+                o.retired.pop(rkey, None)
+        self.superseded += n
+        return n
+
+    @staticmethod
+    def _release_log(o: _Origin) -> None:
+        """Forget an origin's log once some of its records were dropped: it would keep
+        their values alive (for a dead master, forever). A peer behind on that origin then
+        gets a snapshot of it instead of the changes."""
+        if len(o.log):
+            o.log.clear()
 
     def counts(self) -> dict[int, dict[Kind, int]]:
         """Records held per slot and kind (all origins; expired ones go at :meth:`expire`)."""
@@ -302,8 +359,21 @@ class ReplicatedState:
                 listener("put", record.origin, record.slot, record.kind, record.key,
                          record.value)
         if record.expires_ms:
-            heapq.heappush(self._expiry,
-                           (record.expires_ms, record.origin, o.incarnation, rkey))
+            heap = self._expiry
+            heapq.heappush(heap, (record.expires_ms, record.origin, o.incarnation, rkey))
+            if len(heap) > 2 * len(self) + _HEAP_SLACK:
+                self._rebuild_expiry()  # amortised: after as many pushes as records
+        if record.kind in EARLY_SUPERSEDED and self._owners.get(record.slot) == record.origin:
+            self._supersede(record.origin, rkey)
+
+    def _rebuild_expiry(self) -> None:
+        """Only the live records' expiries: an overwritten or deleted record leaves its
+        entry (and key) in the heap until it is due, days for a registration."""
+        heap = [(r.expires_ms, origin, o.incarnation, rkey)
+                for origin, o in self._origins.items()
+                for rkey, (r, _) in o.records.items() if r.expires_ms]
+        heapq.heapify(heap)
+        self._expiry = heap
 
     def _remove(self, o: _Origin, rkey: RecordKey) -> bool:
         entry = o.records.pop(rkey, None)
@@ -491,6 +561,8 @@ class ReplicatedState:
         for o in self._origins.values():
             if o.retired and seconds - o.retired_at >= self._retain:
                 o.retired = {}
+        if len(self._expiry) > len(self) + len(self) // 4 + _HEAP_SLACK:
+            self._rebuild_expiry()  # records went by drops (a dead master's): their keys too
         return dropped
 
     def next_expiry(self) -> float | None:

@@ -233,7 +233,10 @@ class RealTakeoverTests(TestCase):
         second = sipp.start_calls(self.ip, self.port, 3, self.work / "second",
                                   reinvite_within=60, local_port=free_port("127.0.0.1", 2))
         self.addCleanup(lambda: second.poll() is None and second.kill())
-        wait_blocking(lambda: len(read_rows(b)[0]) == 3, "B's 3 new calls in its table")
+        # rows as FreeSWITCH rewrites them once each caller's ACK is in (with the dialog's
+        # tags; a row read before it recovers a dialog the caller cannot match: 481)
+        wait_blocking(lambda: [b"sip_to_tag" in r.metadata for r in read_rows(b)[0]]
+                      == [True] * 3, "B's 3 new calls in its table, ACKed")
         calls, _ = read_rows(b)
         b.kill(signal.SIGKILL)
         on_a = yield self.effects_on(a2, StaticRecords(calls, []))
