@@ -51,6 +51,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
 from fsha.fsdb.connection import Connection
