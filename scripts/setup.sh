@@ -16,6 +16,9 @@ command -v xmllint >/dev/null 2>&1 || need_packages+=(libxml2-utils)
 command -v systemd-analyze >/dev/null 2>&1 || need_packages+=(systemd)
 # for the limit/Redis tests (they start their own redis-server on a free loopback port)
 command -v redis-server >/dev/null 2>&1 || need_packages+=(redis-server)
+# for the status page's test in a real headless browser (tests/test_webpage.py)
+command -v chromium >/dev/null 2>&1 || need_packages+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_packages+=(chromium-driver)
 if [ ${#need_packages[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "setup: installing ${need_packages[*]}"

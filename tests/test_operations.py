@@ -294,6 +294,33 @@ class OperationsClusterTests(SynchronousTestCase):
         off = fsha("maintenance", "fs3", "off", "--wait", "30")
         self.assertEqual(off.returncode, 0, off.stderr)
 
+        # a drill of slot2 with calls and registrations, and back
+        home = wait_for("slot2 mastered", lambda: cluster.owner("slot2"), 30)
+        cluster.sim_control(home, "/calls", {"profile": "slot2", "count": 20, "answer": True})
+        cluster.sim_control(home, "/register", {"profile": "slot2", "count": 5})
+        wait_for("the calls and registrations on every node", lambda: all(
+            st["replication"]["slots"].get("slot2", {}).get("call", 0) == 20
+            and st["replication"]["slots"]["slot2"].get("registration", 0) == 5
+            for st in cluster.statuses().values()), 30)
+        sip = str(cluster.sip_port)
+        drill = fsha("drill", "slot2", "--sip-port", sip, "--wait", "60")
+        self.assertEqual(drill.returncode, 0, drill.stdout + drill.stderr)
+        self.assertIn(f"drill of slot2: {home} -> fs3", drill.stdout)
+        self.assertIn("ok   calls recovered 20 of 20", drill.stdout)
+        self.assertIn("ok   registrations restored 5 of 5", drill.stdout)
+        self.assertRegex(drill.stdout, r"after: 127\.0\.10\.2:\d+ answered SIP/2\.0 200")
+        self.assertTrue(drill.stdout.rstrip().endswith("PASSED"))
+        back = fsha("drill", "slot2", "--back", "--sip-port", sip, "--wait", "60", "--json")
+        self.assertEqual(back.returncode, 0, back.stdout + back.stderr)
+        report = json.loads(back.stdout)
+        self.assertEqual((report["from"], report["to"], report["calls_recovered"]),
+                         ("fs3", home, 20))
+        # and it can fail: nothing answers SIP on another port
+        wrong = fsha("drill", "slot2", "--sip-port", str(free_port(socket.SOCK_DGRAM)),
+                     "--timeout", "1", "--wait", "60")
+        self.assertEqual(wrong.returncode, 1, wrong.stdout + wrong.stderr)
+        self.assertIn("FAIL client address answered after", wrong.stdout)
+
         # a takeover: kill -9 the master of slot1
         master = cluster.owner("slot1") or wait_for("slot1 mastered",
                                                     lambda: cluster.owner("slot1"), 30)

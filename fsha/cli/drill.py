@@ -154,8 +154,14 @@ def drill(config: Any, args: argparse.Namespace) -> JSON:
                                                config.node(owner).status.port), args.timeout),
                    ranked, lambda st: f"{target} is not the primary candidate yet (ranking: "
                    f"{', '.join(st.get('ranking') or []) or 'none'})", args.wait)
-    held = (master_status.get("replication") or {}).get("slots", {}).get(slot, {})
-    calls_before, regs_before = held.get("call", 0), held.get("registration", 0)
+    # what the master feeds from its FreeSWITCH now (the replicated records of the slot may
+    # still hold a previous master's, until they are retired)
+    fed = ((master_status.get("feeds") or {}).get("slots") or {}).get(slot)
+    if fed is not None:
+        calls_before, regs_before = int(fed["calls"]), int(fed["registrations"])
+    else:
+        held = (master_status.get("replication") or {}).get("slots", {}).get(slot, {})
+        calls_before, regs_before = held.get("call", 0), held.get("registration", 0)
     ips = next(s["ips"] for s in master_status["slots"] if s["name"] == slot)
     answered_before, before_lines = _probe(ips, args.sip_port, args.timeout)
     started = time.monotonic()
@@ -201,7 +207,7 @@ def render(r: JSON) -> str:
     if steps:
         lines.append("  steps: " + ", ".join(f"{k} {v} ms" for k, v in steps.items()))
     lines.append(f"  before: {r['calls_before']} call(s), {r['registrations_before']} "
-                 f"registration(s) replicated; " + "; ".join(r["probes_before"]))
+                 f"registration(s) on {r['from']}; " + "; ".join(r["probes_before"]))
     lines.append("  after: " + "; ".join(r["probes_after"]))
     for warning in r.get("warnings") or []:
         lines.append(f"  warning: {warning}")
