@@ -33,6 +33,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fsha import tomlout  # after the path above
+from fsha.harness import TLS_FILES
+
 NAMES = ("alpha", "beta", "gamma", "delta")
 TARGET_THROUGHPUT = 20_000
 TARGET_P99_MS = 20.0
@@ -46,21 +49,21 @@ def free_port(host: str) -> int:
 
 
 def write_cluster(directory: Path) -> Path:
-    lines = ['[cluster]', 'name = "bench"', 'secret_file = "secret"', '',
-             '[tls]', 'ca = "pki/ca.crt"', 'cert = "pki/{node}.crt"', 'key = "pki/{node}.key"',
-             '']
-    for net, third in (("a", 1), ("b", 2)):
-        lines += ['[[network]]', f'name = "{net}"', f'port = {free_port(f"127.0.{third}.1")}',
-                  '']
+    nodes = []
     for i, name in enumerate(NAMES):
         a, b = f"127.0.1.{i + 1}", f"127.0.2.{i + 1}"
-        lines += ['[[node]]', f'name = "{name}"', f'address = {{ a = "{a}", b = "{b}" }}',
-                  f'stream = "{a}:{free_port(a)}"', f'status = "{a}:{free_port(a)}"',
-                  'esl = { password = "ClueCon" }', '']
-    lines += ['[[slot]]', 'name = "s1"', 'profiles = ["internal"]',
-              'ip = [{ address = "127.0.9.1/32", interface = "lo" }]']
+        nodes.append({"name": name, "address": {"a": a, "b": b},
+                      "stream": f"{a}:{free_port(a)}", "status": f"{a}:{free_port(a)}",
+                      "esl": {"password": "ClueCon"}})
     path = directory / "cluster.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(tomlout.dumps({
+        "cluster": {"name": "bench", "secret_file": "secret"},
+        "tls": TLS_FILES,
+        "network": [{"name": net, "port": free_port(f"127.0.{third}.1")}
+                    for net, third in (("a", 1), ("b", 2))],
+        "node": nodes,
+        "slot": [{"name": "s1", "profiles": ["internal"],
+                  "ip": [{"address": "127.0.9.1/32", "interface": "lo"}]}]}))
     (directory / "secret").write_bytes(b"0123456789abcdef0123")
     return path
 

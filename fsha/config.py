@@ -3,6 +3,9 @@
 Loading is strict: every problem becomes one line ``FILE: KEY: what is wrong``, and all of
 them are collected so an operator fixes a file in one pass. ``fsha check-config FILE`` prints
 them and exits 2; the daemon refuses to start with the first one.
+
+Why about 1,000 lines: every table of the file is checked here, one function per
+table sharing one problem collector, so that all problems come out in one pass.
 """
 
 from __future__ import annotations
@@ -1033,6 +1036,27 @@ def check_tls_files(config: ClusterConfig, me: NodeConfig) -> None:
             raise ConfigError([f"{config.path}: {key}: {path} does not exist (make it with "
                                f"fsha certs init / fsha certs issue {me.name} --config "
                                f"{config.path})"])
+
+
+#: The silence a healthy node can show beyond one heartbeat interval on the machine class
+#: fsha is measured on (2 cores, a loaded host: docs/benchmarks.rst "Detection margins"):
+#: a process that is not scheduled for this long sends nothing meanwhile. At 5/25 ms
+#: (margin 20 ms) healthy masters were declared dead on idle links; at 10/50 (40 ms) and
+#: 20/100 (80 ms) never.
+STALL_MARGIN_MS = 40
+
+
+def timing_warnings(config: ClusterConfig) -> list[str]:
+    """Timings the config accepts but the measurements say flap on a busy host."""
+    interval_ms = round(config.heartbeat_interval * 1000)
+    dead_ms = round(config.dead_after * 1000)
+    if dead_ms - interval_ms >= STALL_MARGIN_MS:
+        return []
+    return [f"{config.path}: cluster.dead_after_ms: {dead_ms} ms is only "
+            f"{dead_ms - interval_ms} ms more than one heartbeat interval ({interval_ms} ms): "
+            f"a node whose process is not scheduled for that long (a busy 2-core host "
+            f"stalls {STALL_MARGIN_MS} ms) is declared dead and its slots move; "
+            f"use dead_after_ms >= heartbeat_interval_ms + {STALL_MARGIN_MS}"]
 
 
 def node_warnings(config: ClusterConfig) -> list[str]:

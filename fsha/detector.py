@@ -106,6 +106,11 @@ class FailureDetector:
                 changes.append(Transition(peer.node_id, False))
         return changes
 
+    def suspects(self, now: float) -> bool:
+        """Would :meth:`check` declare anyone dead now? (Changes nothing.)"""
+        deadline = now - self.dead_after
+        return any(p.alive and max(p.heard) < deadline for p in self.peers.values())
+
     def network_up(self, node_id: int, network: int, now: float) -> bool:
         return now - self.peers[node_id].heard[network] < self.dead_after
 

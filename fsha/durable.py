@@ -1,73 +1,22 @@
 """The durable store: this node's replicated records in Redis, so a restarted cluster
 starts warm (``[redis] durable_state = true``).
 
-The replicated state lives in the nodes' memory; when every node stops (a power cut, a
-whole-cluster upgrade) it is gone, and the first master of each slot starts with no calls to
-recover and no registrations. With a durable store each node also keeps its *own origin*
-(every record it writes: calls, registrations, identity, limit usage) in Redis, with the
-origin's position, and a node that starts loads the origins nobody else can give it.
+Each node writes its *own origin* (coalesced, one script per flush, a full resync when the
+incremental path cannot be trusted) and, at start, loads the origins of nodes that are not
+alive (``LoadMachine``), applied as replication snapshots only over older positions. The
+keys, the write and load rules and their limits: ``docs/protocol/durable.rst``.
 
-Writing (own origin only)
--------------------------
-A record listener marks each changed key dirty; every ``flush_interval`` the dirty keys are
-read back from the state (coalesced: a key changed 100 times is written once, with its
-current value or deleted) and written in **one** script (``EVAL``: atomic, one round trip)
-together with the origin's position ``(incarnation, sequence)``, so Redis always holds the
-origin exactly as it was at that position. The script writes only over the same
-incarnation; otherwise, and whenever the incremental path cannot be trusted, the origin is
-*resynchronised in full*: its records at one position are written in chunks into a scratch
-key, then a final script renames it over the origin's records and sets the position
-(atomic). Memory is bounded: at most ``max_pending`` dirty keys are kept; past that, or
-while Redis is down or a write fails, the keys are dropped and the origin is only marked
-*dirty* (one full resync when Redis answers again). At most one write is in flight.
-
-The slot table (``slots``: slot id -> ``epoch:node:time_ms:name``) is written by a node when it
-becomes a slot's master, so a restarted cluster knows which origin's calls a slot held.
-
-Keys (``P`` = ``[redis] key_prefix`` + ``{cluster name}:``; the braces keep every key of a
-cluster in one Redis Cluster hash slot)::
-
-    P origin:N:meta     hash: incarnation, sequence, written_ms, node (its name)
-    P origin:N:records  hash: "slot/kind/key" -> "expires_ms:" + value (bytes)
-    P origin:N:resync   scratch key of a full resync
-    P slots             hash: slot id -> "epoch:node_id:written_ms:name"
-
-A node's origin is the node's position in the config (its id): an entry whose name is not
-the configured name of that id (the node list was reordered) is not loaded.
-
-Records with an expiry (registrations) carry it; expired ones are deleted when the state
-expires them and skipped at load (Redis per-field TTLs need Redis 7.4).
-
-Loading (at start)
-------------------
-At start the node reads every other node's origin (its position, then its records in
-``HSCAN`` pages, then its position again: an origin that changed meanwhile is skipped) and
-the slot table; each command has the Redis deadline and the whole load is bounded by
-``load_wait`` (default: the larger of 5 s and ``connect_timeout`` + 4 ``timeout``). When
-discovery is over (the node knows which peers are alive), each loaded origin is
-applied as a replication snapshot (:meth:`ReplicatedState.apply_snapshot`) **only** if its
-node is not alive and this node holds nothing at an equal or newer position of it: a record
-from Redis never overrides newer replicated data, and what is loaded is ordered by the same
-positions as replication (a peer that supplies a newer position later simply supersedes
-it). A slot whose master is not known from heartbeats gets the stored epoch and master
-(``known_epochs`` / ``last_holder``) when that master is not alive, so the slot is taken
-over from it and the takeover reads its loaded rows exactly as replicated ones. A node waits
-for the load (at most ``load_wait``) before a cold-start claim of a never-owned slot
-(``ClusterNode.cold_start_gate``); a load that fails or times out is skipped (status) and
-nothing else waits for Redis. Writes of this node's origin start after the load, so a node
-that restarts does not overwrite its previous run before the others could load it.
-
-Limits: a node does not load its own previous run (it restarts with a new incarnation; its
-peers load it), nor the previous run of a node that is alive again. An origin loaded after
-the replication links came up is served to a peer only when its link restarts; every node
-loads on its own.
+Why about 650 lines: writing and loading share one Redis layout, its keys and its
+counters.
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+from automat import MethodicalMachine
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -186,8 +135,145 @@ class _Loaded:
         self.items, self.rejected = items, rejected
 
 
+@dataclass(frozen=True, slots=True)
+class DurableLoad:
+    """What the load at start did (``state``: :class:`LoadMachine`'s)."""
+
+    state: str
+    error: str | None
+    origins: dict[str, Any]
+    records: int
+    skipped: dict[str, str]
+    slots: dict[str, Any]
+    rejected: int
+
+
+@dataclass(frozen=True, slots=True)
+class DurableStats:
+    """The durable store's figures: the JSON status (:meth:`as_status`) and the metrics
+    (``fsha.metrics``) are both made from this."""
+
+    state: str  # loading, dirty, behind, in-sync
+    written: tuple[int, int] | None  # (incarnation, sequence) last written
+    position: tuple[int, int] | None  # this node's origin now
+    lag_changes: int | None  # None while a full resync is due
+    written_at: float | None
+    dirty_since: float | None
+    pending: int
+    max_pending: int
+    flushes: int
+    resyncs: int
+    overflows: int
+    records_written: int
+    write_errors: int
+    last_error: str | None
+    load: DurableLoad
+
+    def as_status(self) -> dict[str, Any]:
+        return {
+            "state": self.state, "written": list(self.written) if self.written else None,
+            "position": list(self.position) if self.position else None,
+            "lag_changes": self.lag_changes, "written_at": self.written_at,
+            "dirty_since": self.dirty_since, "pending": self.pending,
+            "max_pending": self.max_pending, "flushes": self.flushes,
+            "resyncs": self.resyncs, "overflows": self.overflows,
+            "records_written": self.records_written, "write_errors": self.write_errors,
+            "last_error": self.last_error, "load": {
+                "state": self.load.state, "error": self.load.error,
+                "origins": self.load.origins, "records": self.load.records,
+                "skipped": self.load.skipped, "slots": self.load.slots,
+                "rejected": self.load.rejected},
+        }
+
+
+class LoadMachine:
+    """The load's life: waiting (for Redis) -> loading -> loaded -> applied (once
+    discovery is over), or failed (an error, or ``load_wait`` ran out while waiting or
+    loading). Inputs that do not apply in a state are ignored, so the store feeds them
+    as things happen without checking where the load is."""
+
+    _machine = MethodicalMachine()
+
+    def __init__(self, store: DurableStore) -> None:
+        self._store = store
+
+    @_machine.state(initial=True, serialized="waiting")
+    def waiting(self) -> None:
+        "Redis not up yet."
+
+    @_machine.state(serialized="loading")
+    def loading(self) -> None:
+        "Reading the slot table and every other origin."
+
+    @_machine.state(serialized="loaded")
+    def loaded(self) -> None:
+        "Read; applied once discovery is over (who is alive is known)."
+
+    @_machine.state(serialized="applied")
+    def applied(self) -> None:
+        "Applied: writing this node's origin."
+
+    @_machine.state(serialized="failed")
+    def failed(self) -> None:
+        "Nothing loaded; writing this node's origin."
+
+    @_machine.input()
+    def redis_up(self) -> None:
+        "Redis answers (and the store runs)."
+
+    @_machine.input()
+    def read(self, origins: dict[int, _Loaded], slots: dict[int, tuple[int, int]]) -> None:
+        "Every origin and the slot table are read."
+
+    @_machine.input()
+    def error(self, why: str) -> None:
+        "The load failed, or ``load_wait`` ran out."
+
+    @_machine.input()
+    def discovered(self) -> None:
+        "The node's discovery is over."
+
+    @_machine.output()
+    def _begin(self) -> None:
+        self._store._begin_load()
+
+    @_machine.output()
+    def _keep(self, origins: dict[int, _Loaded], slots: dict[int, tuple[int, int]]) -> None:
+        self._store._loaded, self._store._slot_table = origins, slots
+
+    @_machine.output()
+    def _apply(self) -> None:
+        self._store._apply()
+
+    @_machine.output()
+    def _give_up(self, why: str) -> None:
+        self._store._give_up(why)
+
+    @_machine.serializer()
+    def name(self, state: str) -> str:
+        return state
+
+    waiting.upon(redis_up, enter=loading, outputs=[_begin])
+    waiting.upon(error, enter=failed, outputs=[_give_up])
+    waiting.upon(read, enter=waiting, outputs=[])
+    waiting.upon(discovered, enter=waiting, outputs=[])
+    loading.upon(read, enter=loaded, outputs=[_keep])
+    loading.upon(error, enter=failed, outputs=[_give_up])
+    loading.upon(redis_up, enter=loading, outputs=[])
+    loading.upon(discovered, enter=loading, outputs=[])
+    loaded.upon(discovered, enter=applied, outputs=[_apply])
+    for _done in (loaded, applied, failed):
+        _done.upon(redis_up, enter=_done, outputs=[])
+        _done.upon(error, enter=_done, outputs=[])  # too late to matter
+        _done.upon(read, enter=_done, outputs=[])  # given up meanwhile: nothing applied
+    for _done in (applied, failed):
+        _done.upon(discovered, enter=_done, outputs=[])
+    del _done
+
+
 class DurableStore(service.Service):
-    """This node's origin written to Redis; other origins loaded at start (module doc)."""
+    """This node's origin written to Redis; other origins loaded at start
+    (docs/protocol/durable.rst)."""
 
     def __init__(self, redis: RedisClient, state: ReplicatedState, node: NodeView,
                  node_ids: list[int], alive: Any, clock: IReactorTime, *,
@@ -218,7 +304,7 @@ class DurableStore(service.Service):
         self._slots: dict[int, str] = {}  # slot table entries to write
         self._timer: IDelayedCall | None = None
         self._busy = False
-        self._writing = False  # after the load: see the module doc
+        self._writing = False  # after the load: see docs/protocol/durable.rst, "Loading"
         self.written: tuple[int, int] | None = None  # position last written
         self.written_at: float | None = None
         self.flushes = 0
@@ -228,7 +314,7 @@ class DurableStore(service.Service):
         self.records_written = 0
         self.last_error: str | None = None
         # loading
-        self.load_state = "waiting"  # waiting, loading, loaded, applied, failed
+        self._load_machine = LoadMachine(self)
         self._load_started: float | None = None
         self._load_timer: IDelayedCall | None = None
         self._loaded: dict[int, _Loaded] | None = None
@@ -272,6 +358,11 @@ class DurableStore(service.Service):
                                         error=f.getErrorMessage()))
         return d
 
+    @property
+    def load_state(self) -> str:
+        """waiting, loading, loaded, applied or failed (:class:`LoadMachine`)."""
+        return self._load_machine.name()
+
     def ready(self) -> bool:
         """True once a cold-start claim need not wait for the load any more."""
         return self.load_state in ("applied", "failed")
@@ -279,40 +370,44 @@ class DurableStore(service.Service):
     # -- loading ----------------------------------------------------------------------------
 
     def _redis_up(self) -> None:
-        if self.load_state == "waiting":
-            self._try_load()
+        self._try_load()
         self._schedule(0.0)
 
     def _try_load(self) -> None:
-        if not self._running or self.load_state != "waiting" or self.redis.state != "up":
-            return
-        self.load_state = "loading"
+        if self._running and self.redis.state == "up":
+            self._load_machine.redis_up()
+
+    def _begin_load(self) -> None:
         d = self._load()
-        d.addErrback(self._load_failed)
+        d.addCallbacks(self._read, self._load_failed)
         d.addErrback(lambda f: log.failure("durable store: load bookkeeping failed", f))
+
+    def _read(self, read: tuple[dict[int, _Loaded], dict[int, tuple[int, int]]]) -> None:
+        self._load_machine.read(*read)
+        if self.node.role is not Role.STARTING:
+            self._load_machine.discovered()  # discovery was over before the load
 
     def _load_expired(self) -> None:
         self._load_timer = None
-        if self.load_state in ("waiting", "loading"):
-            self._give_up(f"no load within {self.load_wait:g} s"
-                          + (f" ({self.redis.last_error})" if self.redis.state != "up"
-                             and self.redis.last_error else ""))
+        self._load_machine.error(
+            f"no load within {self.load_wait:g} s"
+            + (f" ({self.redis.last_error})" if self.redis.state != "up"
+               and self.redis.last_error else ""))
 
     def _load_failed(self, f: Failure) -> None:
-        if self.load_state != "loading":
-            return
-        self._give_up(f.getErrorMessage() if f.check(RedisError, ValueError)
-                      else repr(f.value))
+        self._load_machine.error(f.getErrorMessage() if f.check(RedisError, ValueError)
+                                 else repr(f.value))
 
     def _give_up(self, why: str) -> None:
-        self.load_state = "failed"
         self.load_error = why
         log.warn("durable store: nothing loaded from Redis ({why}); starting without it",
                  why=why)
         self._start_writing()
 
     @inlineCallbacks
-    def _load(self) -> Generator[Deferred[Any], Any, None]:
+    def _load(self) -> Generator[Deferred[Any], Any,
+                                 tuple[dict[int, _Loaded], dict[int, tuple[int, int]]]]:
+        """Read the slot table and every other origin (the machine keeps them)."""
         p = self.prefix
         table = yield self.redis.execute("HGETALL", p + "slots")
         slots: dict[int, tuple[int, int]] = {}
@@ -333,12 +428,7 @@ class DurableStore(service.Service):
             data = yield self._load_origin(origin)
             if data is not None:
                 loaded[origin] = data
-        if self.load_state != "loading":
-            return  # given up meanwhile (load_wait): too late to matter, nothing applied
-        self._loaded, self._slot_table = loaded, slots
-        self.load_state = "loaded"
-        if self.node.role is not Role.STARTING:
-            self._apply()
+        return loaded, slots
 
     @inlineCallbacks
     def _load_origin(self, origin: int) -> Generator[Deferred[Any], Any, _Loaded | None]:
@@ -386,8 +476,8 @@ class DurableStore(service.Service):
                        int(meta.get("written_ms", "0")), items, rejected)
 
     def _role_changed(self, old: Role, new: Role, slot: Any) -> None:
-        if old is Role.STARTING and self.load_state == "loaded":
-            self._apply()  # discovery is over: apply before the first claim is evaluated
+        if old is Role.STARTING:
+            self._load_machine.discovered()  # apply before the first claim is evaluated
         if new is Role.MASTER and slot is not None:
             self._slots[slot.slot_id] = \
                 f"{self.node.epoch}:{self.me}:{int(self.clock.seconds() * 1000)}:{self.node_name}"
@@ -434,7 +524,6 @@ class DurableStore(service.Service):
             self.node.last_holder[slot] = holder
             report["slots"][str(slot)] = {"epoch": epoch, "master": holder}
         self.load_report = report
-        self.load_state = "applied"
         if self._load_timer is not None and self._load_timer.active():
             self._load_timer.cancel()
         self._load_timer = None
@@ -589,7 +678,7 @@ class DurableStore(service.Service):
 
     # -- status -----------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def stats(self) -> DurableStats:
         pos = self.state.position(self.me)
         current = (pos.incarnation, pos.sequence) if pos is not None else None
         if not self._writing:
@@ -604,18 +693,18 @@ class DurableStore(service.Service):
         if current is not None and self.written is not None and \
                 self.written[0] == current[0]:
             lag = current[1] - self.written[1]
-        return {
-            "state": state, "written": list(self.written) if self.written else None,
-            "position": list(current) if current else None, "lag_changes": lag,
-            "written_at": self.written_at, "dirty_since": self._behind_since,
-            "pending": len(self._dirty), "max_pending": self.max_pending,
-            "flushes": self.flushes, "resyncs": self.resyncs, "overflows": self.overflows,
-            "records_written": self.records_written, "write_errors": self.write_errors,
-            "last_error": self.last_error, "load": {
-                "state": self.load_state, "error": self.load_error,
-                "origins": self.load_report.get("origins", {}),
-                "records": self.load_report.get("records", 0),
-                "skipped": self.load_report.get("skipped", {}),
-                "slots": self.load_report.get("slots", {}),
-                "rejected": self.load_report.get("rejected", 0)},
-        }
+        report = self.load_report
+        return DurableStats(
+            state=state, written=self.written, position=current, lag_changes=lag,
+            written_at=self.written_at, dirty_since=self._behind_since,
+            pending=len(self._dirty), max_pending=self.max_pending, flushes=self.flushes,
+            resyncs=self.resyncs, overflows=self.overflows,
+            records_written=self.records_written, write_errors=self.write_errors,
+            last_error=self.last_error, load=DurableLoad(
+                state=self.load_state, error=self.load_error,
+                origins=report.get("origins", {}), records=report.get("records", 0),
+                skipped=report.get("skipped", {}), slots=report.get("slots", {}),
+                rejected=report.get("rejected", 0)))
+
+    def status(self) -> dict[str, Any]:
+        return self.stats().as_status()

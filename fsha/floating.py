@@ -3,6 +3,14 @@
 Three backends share one small interface (:class:`FloatingIPBackend`):
 
 ``ip``
+    On Linux, the kernel is asked directly (:class:`NetlinkIPBackend`): each address is one
+    rtnetlink request (what ``ip addr add|del`` sends) and each gratuitous ARP one datagram
+    on a packet socket (what ``arping -U`` sends), the first one at once and the others
+    ``ARP_INTERVAL`` apart, all from fsha's own process: tens of microseconds where a
+    subprocess costs milliseconds. It needs CAP_NET_ADMIN and CAP_NET_RAW, checked at
+    start-up. Where no rtnetlink socket can be opened, the subprocess path below is used.
+
+    The subprocess path (:class:`IPBackend`):
     ``ip addr add A/P dev IF`` (IPv6: ``ip -6 addr add A/P dev IF nodad``); an address
     already held is fine. For IPv4 a gratuitous ARP follows (iputils ``arping -U -c N -I IF
     A``, or Habets' ``arping -U -i IF -S A -c N A``, detected once). ``up`` resolves when
@@ -42,6 +50,7 @@ profiles can be started on a VIP before it is held.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -59,6 +68,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from fsha import kernelnet
 from fsha.config import FloatingIP, FloatingIPConfig
 from fsha.process import (
     ExecutableNotFound,
@@ -137,8 +147,11 @@ class FloatingIPBackend(Protocol):
 
 
 def make_backend(config: FloatingIPConfig, reactor: ProcessReactor,
-                 runner: ProcessRunner | None = None) -> FloatingIPBackend:
-    """The backend ``config.backend`` names, running its commands through ``runner``."""
+                 runner: ProcessRunner | None = None,
+                 net: KernelNet | None = None) -> FloatingIPBackend:
+    """The backend ``config.backend`` names, running its commands through ``runner``; the
+    ``ip`` backend speaks netlink through ``net`` (default: the kernel's, where there is
+    one) and runs ``ip``/``arping`` where it cannot."""
     if config.backend == "loopback":
         return LoopbackBackend(reactor)
     if config.backend not in ("ip", "command"):
@@ -146,6 +159,16 @@ def make_backend(config: FloatingIPConfig, reactor: ProcessReactor,
     if runner is None:
         runner = ProcessRunner(reactor)
     if config.backend == "ip":
+        if net is None:
+            why = kernelnet.supported()
+            if why is None:
+                net = kernelnet.LinuxNet(config.timeout)
+            else:
+                log.warn("floating IPs: {why}: running ip and arping instead of netlink",
+                         why=why)
+        if net is not None:
+            return NetlinkIPBackend(net, runner, reactor, timeout=config.timeout,
+                                    arping_count=config.arping_count)
         return IPBackend(runner, reactor, timeout=config.timeout,
                          arping_count=config.arping_count)
     return CommandBackend(runner, reactor, command=config.command, timeout=config.timeout)
@@ -588,6 +611,147 @@ class IPBackend:
             self._run(["cat", path]).addCallbacks(
                 read, lambda f, path=path: log.debug("cannot read {path}: {error}", path=path,
                                                      error=_reason(f)))
+
+
+# -- ip, through netlink ----------------------------------------------------------------
+
+
+class KernelNet(Protocol):
+    """What :class:`NetlinkIPBackend` asks of the kernel (:class:`fsha.kernelnet.LinuxNet`;
+    a fake in the unit tests). Every call is synchronous and raises ``OSError`` (with
+    ``errno``) when the kernel refuses."""
+
+    def change(self, action: str, address: str, prefix: int, interface: str) -> None: ...
+
+    def addresses(self) -> list[tuple[str, str, int, int, str]]: ...
+
+    def garp(self, address: str, interface: str) -> bool: ...
+
+
+class NetlinkIPBackend(IPBackend):
+    """The ``ip`` backend without processes: rtnetlink and a packet socket (module
+    docstring). ``up`` resolves once every address is added and its first gratuitous ARP
+    is out, which happens before ``up`` returns; the other announcements follow
+    ``ARP_INTERVAL`` apart on the reactor and stop when the address is released."""
+
+    def __init__(self, net: KernelNet, runner: ProcessRunner, clock: IReactorTime, *,
+                 timeout: float, arping_count: int) -> None:
+        super().__init__(runner, clock, timeout=timeout, arping_count=arping_count)
+        self.net = net
+        self._announcing: dict[str, Any] = {}  # address -> the next announcement's call
+
+    def _change(self, action: str, ip: FloatingIP) -> bool:
+        """Add or delete; False when that state already held (EEXIST / EADDRNOTAVAIL)."""
+        try:
+            self.net.change(action, ip.address, ip.prefix, ip.interface)
+        except OSError as e:
+            fine = errno.EEXIST if action == "add" else errno.EADDRNOTAVAIL
+            if e.errno == fine:
+                return False
+            raise
+        return True
+
+    def _up_one(self, slot: str, ip: FloatingIP) -> Deferred[None]:
+        start = self.clock.seconds()
+        try:
+            added = self._change("add", ip)
+        except OSError as e:
+            return _fail(e)
+        log.info("slot {slot}: {ip} {how} in {ms:.2f} ms (netlink)", slot=slot, ip=str(ip),
+                 how="added" if added else "already held", ms=_ms(self.clock, start))
+        if _version(ip.address) == 4 and self.arping_count > 0:
+            self._cancel_announcements(ip.address)
+            self._announce(slot, ip, self.arping_count, start)
+        return succeed(None)
+
+    def _announce(self, slot: str, ip: FloatingIP, left: int, start: float) -> None:
+        """Send one gratuitous ARP now and schedule the next while ``left`` > 1."""
+        self._announcing.pop(ip.address, None)
+        try:
+            sent = self.net.garp(ip.address, ip.interface)
+        except OSError as e:
+            self.garp_failures += 1
+            log.error("slot {slot}: {ip}: gratuitous ARP failed: {error}", slot=slot,
+                      ip=str(ip), error=e)
+            return
+        if not sent:
+            log.info("slot {slot}: {ip}: {interface} has no Ethernet address: no ARP",
+                     slot=slot, ip=str(ip), interface=ip.interface)
+            return
+        number = self.arping_count - left + 1
+        if number == 1:
+            log.debug("slot {slot}: {ip}: first gratuitous ARP sent after {ms:.2f} ms",
+                      slot=slot, ip=str(ip), ms=_ms(self.clock, start))
+        if left > 1:
+            self._announcing[ip.address] = self.clock.callLater(
+                ARP_INTERVAL, self._announce, slot, ip, left - 1, start)
+        else:
+            log.info("slot {slot}: {ip}: {count} gratuitous ARP(s) sent in {ms:.0f} ms",
+                     slot=slot, ip=str(ip), count=self.arping_count,
+                     ms=_ms(self.clock, start))
+
+    def _cancel_announcements(self, address: str) -> None:
+        call = self._announcing.pop(address, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _down_one(self, ip: FloatingIP) -> Deferred[bool]:
+        self._cancel_announcements(ip.address)  # never announce an address we give away
+        try:
+            return succeed(self._change("del", ip))
+        except OSError as e:
+            return _fail(e)
+
+    def cleanup(self, ips: Sequence[FloatingIP]) -> Deferred[list[FloatingIP]]:
+        start = self.clock.seconds()
+        wanted = {ipaddress.ip_address(ip.address) for ip in ips}
+        self._check_promote_secondaries(ips)
+        try:
+            held = self.net.addresses()
+        except OSError as e:
+            error = FloatingIPError("cleanup", [(ip, f"cannot list addresses: {e}")
+                                               for ip in ips])
+            log.error("{error}", error=error)
+            return _fail(error)
+        found = [FloatingIP(address, prefix, interface)
+                 for interface, address, prefix, _, _ in held
+                 if ipaddress.ip_address(address) in wanted]
+        if not found:
+            log.info("floating IP cleanup: none of {count} address(es) held here "
+                     "({ms:.2f} ms, netlink)", count=len(ips), ms=_ms(self.clock, start))
+            return succeed([])
+        gone: list[FloatingIP] = []
+        failed: list[tuple[FloatingIP, str]] = []
+        for ip in found:
+            log.warn("floating IP cleanup: {ip} left over from a previous run: removing",
+                     ip=str(ip))
+            try:
+                self._change("del", ip)
+                gone.append(ip)
+            except OSError as e:
+                failed.append((ip, str(e)))
+        if failed:
+            error = FloatingIPError("cleanup", failed, gone)
+            log.error("{error} ({ms:.2f} ms)", error=error, ms=_ms(self.clock, start))
+            return _fail(error)
+        log.info("floating IP cleanup: removed {ips} in {ms:.2f} ms (netlink)",
+                 ips=", ".join(_cidr(ip) for ip in gone), ms=_ms(self.clock, start))
+        return succeed(gone)
+
+    def _check_promote_secondaries(self, ips: Sequence[FloatingIP]) -> None:
+        for interface in sorted({ip.interface for ip in ips if _version(ip.address) == 4}):
+            path = f"/proc/sys/net/ipv4/conf/{interface}/promote_secondaries"
+            try:
+                with open(path, "rb") as f:
+                    value = f.read().strip()
+            except OSError as e:
+                log.debug("cannot read {path}: {error}", path=path, error=e)
+                continue
+            if value == b"0":
+                log.warn("net.ipv4.conf.{interface}.promote_secondaries is 0: releasing a "
+                         "floating IP that is the primary address of its subnet removes "
+                         "every other address of that subnet on {interface}; set it to 1",
+                         interface=interface)
 
 
 # -- command ----------------------------------------------------------------------------

@@ -30,8 +30,13 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from fsha import tomlout
+
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 FSHA = [sys.executable, "-m", "fsha"]
+# The [tls] table of generated configs: the per-node files of fsha.pki, relative to the
+# config's directory.
+TLS_FILES = {"ca": "pki/ca.crt", "cert": "pki/{node}.crt", "key": "pki/{node}.key"}
 
 
 class HarnessError(Exception):
@@ -240,34 +245,34 @@ class LoopbackCluster:
         port_b = _free_port(socket.SOCK_DGRAM, b_hosts)
         stream_port = _free_port(socket.SOCK_STREAM, a_hosts)
         status_port = _free_port(socket.SOCK_STREAM, a_hosts)
-        lines = [
-            "# written by fsha.harness: a loopback cluster", "[cluster]",
-            'name = "demo"', f'secret_file = "{secret}"',
-            f"heartbeat_interval_ms = {self.interval_ms}",
-            f"dead_after_ms = {self.dead_after_ms}", 'quorum = "majority"', "",
-            '[floating_ip]', 'backend = "loopback"', "",
-            '[state]', 'dir = "state/{node}"', "",
-            '[tls]', 'ca = "pki/ca.crt"', 'cert = "pki/{node}.crt"', 'key = "pki/{node}.key"',
-            "", self.extra_config, "",
-            '[[network]]', 'name = "A"', f"port = {port_a}", "",
-            '[[network]]', 'name = "B"', f"port = {port_b}", ""]
+        nodes = []
         for node in self.nodes:
-            esl_host, esl_port = node.sim_ports["esl"]["host"], node.sim_ports["esl"]["port"]
-            lines += ['[[node]]', f'name = "{node.name}"',
-                      f"priority = {100 if node.index <= self.slot_count else 50}",
-                      f'address = {{ A = "{self.address(1, node.index)}", '
-                      f'B = "{self.address(2, node.index)}" }}',
-                      f'stream = "{self.address(1, node.index)}:{stream_port}"',
-                      f'status = "{self.address(1, node.index)}:{status_port}"',
-                      f'esl = {{ host = "{esl_host}", port = {int(esl_port)}, '
-                      f'password = "ClueCon", timeout_ms = {self.esl_timeout_ms}, '
-                      f'core_db = "{self.db_path(node)}" }}', ""]
-            node.status_url = f"http://{self.address(1, node.index)}:{status_port}/status"
+            a, b = self.address(1, node.index), self.address(2, node.index)
+            nodes.append({
+                "name": node.name, "priority": 100 if node.index <= self.slot_count else 50,
+                "address": {"A": a, "B": b}, "stream": f"{a}:{stream_port}",
+                "status": f"{a}:{status_port}",
+                "esl": {"host": node.sim_ports["esl"]["host"],
+                        "port": int(node.sim_ports["esl"]["port"]), "password": "ClueCon",
+                        "timeout_ms": self.esl_timeout_ms, "core_db": str(self.db_path(node))}})
+            node.status_url = f"http://{a}:{status_port}/status"
+        slots = []
         for s in range(1, self.slot_count + 1):
             name, ip, _ = self.slot_profile(s)
-            lines += ['[[slot]]', f'name = "{name}"', f'profiles = ["{name}"]',
-                      f'ip = [{{ address = "{ip}/32", interface = "lo" }}]', ""]
-        self.config_path.write_text("\n".join(lines))
+            slots.append({"name": name, "profiles": [name],
+                          "ip": [{"address": f"{ip}/32", "interface": "lo"}]})
+        text = tomlout.dumps({
+            "cluster": {"name": "demo", "secret_file": str(secret),
+                        "heartbeat_interval_ms": self.interval_ms,
+                        "dead_after_ms": self.dead_after_ms, "quorum": "majority"},
+            "floating_ip": {"backend": "loopback"},
+            "state": {"dir": "state/{node}"},
+            "tls": TLS_FILES,
+            "network": [{"name": "A", "port": port_a}, {"name": "B", "port": port_b}],
+            "node": nodes, "slot": slots,
+        }, header="written by fsha.harness: a loopback cluster")
+        # extra_config: TOML text from the caller, tables only ([limits], [redis]...)
+        self.config_path.write_text(text + "\n" + self.extra_config)
         check = subprocess.run([*FSHA, "check-config", str(self.config_path)],
                                capture_output=True, text=True, timeout=60)
         if check.returncode != 0:

@@ -26,12 +26,17 @@ formats: :mod:`fsha.limits`):
 - after a hand-over (the previous FreeSWITCH gave the units back when it stopped the
   profile) the adopted calls' hiredis units are taken again (``t/`` records, then the
   exactly-once ``INCR`` script), before any release.
+
+Why about 650 lines: the node's side of limits is one service (polling, totals,
+adoption, reconciliation, releases) over one limit book; its logic and record formats
+are apart in ``fsha.limits``.
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 from twisted.internet import defer
@@ -96,7 +101,11 @@ class LimitService:
                  me: NodeConfig, clock: IReactorTime, limits: LimitsConfig, *,
                  redis: RedisClient | None = None,
                  publish: Callable[[Change], object] | None = None,
-                 api_timeout: float = 2.0) -> None:
+                 api_timeout: float = 2.0,
+                 peer_fs_ok: Callable[[int], bool | None] | None = None) -> None:
+        """``peer_fs_ok(node_id)``: a peer's last FS_OK flag (``ClusterNode.peer_fs_ok``;
+        None: not known), so a hand-over from a node whose FreeSWITCH is gone is
+        reconciled as a death."""
         self.esl = esl
         self.api = FSApi(esl, api_timeout)
         self.state = state
@@ -115,7 +124,7 @@ class LimitService:
         # a peer's FreeSWITCH usable, from its heartbeats (the node's): a master that gave
         # its slot up because its FreeSWITCH stopped answering did not stop the profile,
         # so that FreeSWITCH gave nothing back
-        self.peer_fs_ok: Callable[[int], bool | None] | None = None
+        self.peer_fs_ok = peer_fs_ok
         self._running = False
         self._poll_timer: IDelayedCall | None = None
         self._sweep_timer: IDelayedCall | None = None
@@ -634,35 +643,71 @@ class LimitService:
 
     # -- status -----------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def stats(self) -> LimitStats:
         book = self.book
         names = self._names
-        per_node = {names.get(o, str(o)): share for o, share in book.per_origin().items()}
-        return {
-            "totals": dict(sorted(book.totals().items())),
-            "per_node": per_node,
-            "superseded": sorted(names.get(o, str(o)) for o in book.superseded()),
-            "adopted": len(self._own(book.adopted)),
-            "adopted_cluster": sum(len(v) for o, v in book.adopted.items()
-                                   if o in set(book.counted_origins())),
-            "hiredis_held": {f"{r}/{k}": n for (r, k), n in
-                             sorted(book.hiredis_held().items())},
-            "pending_releases": len(self._own(book.pending)),
-            "pending_releases_cluster": sum(len(v) for v in book.pending.values()),
-            "pending_retakes": len(self._own(book.retakes)),
-            "retaken": dict(self.retaken), "retake_errors": self.retake_errors,
-            "held_calls": len(self._own(book.held)),
-            "held_calls_cluster": sum(len(v) for v in book.held.values()),
-            "released": dict(self.released),
-            "release_errors": self.release_errors,
-            "adopted_released": self.adopted_released,
-            "polls": self.polls, "poll_errors": self.poll_errors, "last_poll": self.last_poll,
-            "hash_realm": self.limits.hash_realm, "hash_writes": self.hash_writes,
-            "hash_errors": self.hash_errors, "rejected_records": book.rejected,
-            "reconciles_waiting": len(self._todo), "last_reconciles": list(self.reports),
-            "last_error": self.last_error,
-            "redis": self.redis.status() if self.redis is not None else None,
-        }
+        counted = set(book.counted_origins())
+        return LimitStats(
+            totals=dict(sorted(book.totals().items())),
+            per_node={names.get(o, str(o)): share for o, share in book.per_origin().items()},
+            superseded=sorted(names.get(o, str(o)) for o in book.superseded()),
+            adopted=len(self._own(book.adopted)),
+            adopted_cluster=sum(len(v) for o, v in book.adopted.items() if o in counted),
+            hiredis_held={f"{r}/{k}": n for (r, k), n in sorted(book.hiredis_held().items())},
+            pending_releases=len(self._own(book.pending)),
+            pending_releases_cluster=sum(len(v) for v in book.pending.values()),
+            pending_retakes=len(self._own(book.retakes)),
+            retaken=dict(self.retaken), retake_errors=self.retake_errors,
+            held_calls=len(self._own(book.held)),
+            held_calls_cluster=sum(len(v) for v in book.held.values()),
+            released=dict(self.released), release_errors=self.release_errors,
+            adopted_released=self.adopted_released, polls=self.polls,
+            poll_errors=self.poll_errors, last_poll=self.last_poll,
+            hash_realm=self.limits.hash_realm, hash_writes=self.hash_writes,
+            hash_errors=self.hash_errors, rejected_records=book.rejected,
+            reconciles_waiting=len(self._todo), last_reconciles=list(self.reports),
+            last_error=self.last_error,
+            redis=self.redis.status() if self.redis is not None else None)
+
+    def status(self) -> dict[str, Any]:
+        return self.stats().as_status()
+
+
+@dataclass(frozen=True, slots=True)
+class LimitStats:
+    """This node's view of the cluster-wide limits: the JSON status (:meth:`as_status`)
+    and the metrics (``fsha.metrics``) are both made from this."""
+
+    totals: dict[str, int]  # realm_resource -> cluster-wide usage
+    per_node: dict[str, dict[str, int]]  # node -> its share
+    superseded: list[str]
+    adopted: int
+    adopted_cluster: int
+    hiredis_held: dict[str, int]
+    pending_releases: int
+    pending_releases_cluster: int
+    pending_retakes: int
+    retaken: dict[str, int]
+    retake_errors: int
+    held_calls: int
+    held_calls_cluster: int
+    released: dict[str, int]  # outcome -> count
+    release_errors: int
+    adopted_released: int
+    polls: int
+    poll_errors: int
+    last_poll: float | None
+    hash_realm: str
+    hash_writes: int
+    hash_errors: int
+    rejected_records: int
+    reconciles_waiting: int
+    last_reconciles: list[dict[str, Any]]
+    last_error: str | None
+    redis: dict[str, Any] | None
+
+    def as_status(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def _hash_token(value: str) -> bool:

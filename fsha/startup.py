@@ -1,8 +1,9 @@
 """Checks a node runs before it starts, so that what would fail later (at a claim, in a
 traceback) ends the start with one line naming the cause (exit status 2).
 
-- the ``ip`` floating-IP backend: ``ip`` and ``arping`` are installed and this process has
-  CAP_NET_ADMIN (``ip addr add``) and CAP_NET_RAW (arping's raw socket);
+- the ``ip`` floating-IP backend: ``ip`` and ``arping`` are installed (the guard and the
+  fallback path run them) and this process has CAP_NET_ADMIN (address changes over
+  netlink) and CAP_NET_RAW (the gratuitous ARP's packet socket);
 - an explicit ``[state] dir`` is a writable directory;
 - every address the node listens on is free: the heartbeat port on each network, the
   replication stream port, the status address.
@@ -55,7 +56,7 @@ def check_backend(config: ClusterConfig, which: Callable[[str], str | None] = sh
     if lacking:
         raise StartupError(
             f"{config.path}: floating_ip.backend = \"ip\" needs {' and '.join(lacking)} "
-            "(ip addr add, arping): run fsha as root or with AmbientCapabilities="
+            "(address changes, gratuitous ARP): run fsha as root or with AmbientCapabilities="
             "CAP_NET_ADMIN CAP_NET_RAW (contrib/fsha.service)")
 
 

@@ -87,7 +87,11 @@ Release (never fails; every step bounded, failures logged and reported)
    standby command, so this pauses every profile of this FreeSWITCH until the stop) and
    the stop is retried once the 10 s are over (at most :data:`STOP_RETRIES` times), then
    ``sofia global standby off``. Acquiring the slot again cancels the retry (``recover``
-   clears the profile's standby).
+   clears the profile's standby). A stop FreeSWITCH does not answer (dead, hung, the ESL
+   connection down) is a warning (count ``unanswered``) and is tried again every
+   :data:`STOP_UNANSWERED_INTERVAL` seconds, at most :data:`STOP_UNANSWERED_RETRIES`
+   times: a FreeSWITCH back from a SIGSTOP or a stall still serves the profile and
+   copies of the calls the successor has recovered.
 3. ``rollback`` (only when the acquisition did not complete): the recovery rows written and
    not consumed are deleted (by ``uuid`` and the dead master's ``runtime_uuid``: never a
    row of this FreeSWITCH), and so are the registrations and hash entries restored.
@@ -175,6 +179,12 @@ FAILED = "failed"
 SKIPPED = "skipped"
 
 STOP_RETRIES = 3
+#: A stop FreeSWITCH did not answer (dead, hung, reconnecting) is tried again every
+#: ``STOP_UNANSWERED_INTERVAL`` seconds, at most ``STOP_UNANSWERED_RETRIES`` times: a
+#: FreeSWITCH back from a pause (SIGSTOP, a stall) still holds the profile and copies of
+#: calls the successor now serves.
+STOP_UNANSWERED_INTERVAL = 2.0
+STOP_UNANSWERED_RETRIES = 30
 PROFILE_GUARD_SECONDS = 10.0  # FreeSWITCH: "must be up for at least 10 seconds"
 #: registrations written per transaction (a few ms each; FreeSWITCH's own writers wait
 #: behind it at most that long)
@@ -1287,6 +1297,8 @@ class SlotEffects:
         assert api is not None
         stopped = not_running = 0
         young: list[tuple[str, float]] = []
+        unanswered: list[str] = []
+        reason = ""
         for profile in slot.profiles:
             try:
                 yield api.sofia_profile(profile, "stop")
@@ -1297,7 +1309,19 @@ class SlotEffects:
             except ProfileTooYoung as e:
                 m = _PLEASE_WAIT.search(e.output)
                 young.append((profile, float(m.group(1)) if m else PROFILE_GUARD_SECONDS))
+            except ESLError as e:
+                unanswered.append(profile)
+                reason = str(e) or type(e).__name__
         step.counts.update(stopped=stopped, not_running=not_running, too_young=len(young))
+        if unanswered:
+            # FreeSWITCH dead or hung: a hung one that comes back still serves the profile
+            # (and copies of the calls the successor now has): stop it once it answers
+            step.counts["unanswered"] = len(unanswered)
+            if not young:
+                self._schedule_stop_retry(slot, unanswered, STOP_UNANSWERED_INTERVAL, 1)
+            step.warn(f"stop of {', '.join(unanswered)} not answered ({reason}); retried "
+                      f"every {STOP_UNANSWERED_INTERVAL:g} s, at most "
+                      f"{STOP_UNANSWERED_RETRIES} times")
         if young:
             # The successor recovers these calls: end the copies here now (the addresses
             # are already down, so their BYEs do not reach the callers), whatever becomes
@@ -1313,7 +1337,7 @@ class SlotEffects:
             yield api.sofia_global_standby(True)
             self._standby_on = True
             wait = max(w for _, w in young) + 0.5
-            self._schedule_stop_retry(slot, [p for p, _ in young], wait, 1)
+            self._schedule_stop_retry(slot, [p for p, _ in young] + unanswered, wait, 1)
             step.warn(f"profile(s) {', '.join(p for p, _ in young)} started less than "
                       f"{PROFILE_GUARD_SECONDS:g} s ago: calls hung up, global standby on, "
                       f"stop retried in {wait:g} s")
@@ -1381,6 +1405,7 @@ class SlotEffects:
         assert api is not None
         young: list[str] = []
         waits: list[float] = []
+        unanswered: list[str] = []
 
         @inlineCallbacks
         def run() -> Generator[Any, Any, None]:
@@ -1396,6 +1421,8 @@ class SlotEffects:
                     m = _PLEASE_WAIT.search(e.output)
                     young.append(profile)
                     waits.append(float(m.group(1)) if m else PROFILE_GUARD_SECONDS)
+                except ESLError:
+                    unanswered.append(profile)  # still dead or hung: once more later
 
         d = run()
         d.addTimeout(self.timeouts.esl * (len(profiles) + 1), self.clock)
@@ -1405,13 +1432,21 @@ class SlotEffects:
                 log.warn("slot {slot}: delayed stop of {profiles} failed: {error}",
                          slot=slot.name, profiles=",".join(profiles),
                          error=_reason(result, self.timeouts.esl))
-            elif young and attempt < STOP_RETRIES:
-                self._schedule_stop_retry(slot, young, max(waits) + 0.5, attempt + 1)
-                return None
-            elif young:
-                log.error("slot {slot}: profile(s) {profiles} still refuse to stop after "
-                          "{n} attempts; left in standby", slot=slot.name,
-                          profiles=",".join(young), n=attempt + 1)
+            else:
+                again = young + unanswered
+                limit = STOP_UNANSWERED_RETRIES if unanswered else STOP_RETRIES
+                if again and attempt < limit:
+                    wait = max(waits) + 0.5 if young else STOP_UNANSWERED_INTERVAL
+                    self._schedule_stop_retry(slot, again, wait, attempt + 1)
+                    return None
+                if unanswered:
+                    log.error("slot {slot}: FreeSWITCH did not answer the stop of "
+                              "{profiles} in {n} attempts; given up", slot=slot.name,
+                              profiles=",".join(unanswered), n=attempt + 1)
+                if young:
+                    log.error("slot {slot}: profile(s) {profiles} still refuse to stop "
+                              "after {n} attempts; left in standby", slot=slot.name,
+                              profiles=",".join(young), n=attempt + 1)
             if self._standby_on and not self._stop_retries:
                 self._standby_on = False
                 off = api.sofia_global_standby(False)

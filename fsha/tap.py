@@ -26,6 +26,7 @@ from fsha.config import (
     choose_node,
     load_config,
     read_redis_password,
+    timing_warnings,
 )
 from fsha.control import ControlResource, StatusSite
 from fsha.durable import DurableStore, key_prefix
@@ -268,6 +269,8 @@ def makeService(options: Options) -> service.MultiService:
 def build_service(options: Options, reactor: NodeReactor) -> service.MultiService:
     """The service tree of one node on ``reactor`` (see the comments for the order)."""
     config, me = options.cluster, options.me
+    for line in timing_warnings(config):
+        _log.warn("{warning}", warning=line)
     top = OrderedServices()
     top.setName(f"fsha-{me.name}")
     # Two connections: commands and events, and a probe that no long command delays
@@ -345,10 +348,9 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
     if config.limits is not None and replication is not None:
         limits = LimitService(esl, replication.state, config, me, reactor, config.limits,
                               redis=redis, publish=replication.publish,
-                              api_timeout=me.esl.timeout)
+                              api_timeout=me.esl.timeout, peer_fs_ok=node.peer_fs_ok)
         # after the takeover, never part of it: a slow or dead Redis cannot delay a claim
         effects.add_report_listener(limits.takeover_done)
-        limits.peer_fs_ok = node.peer_fs_ok
     if limits is not None or redis is not None:
         limits_service = LimitsService(limits, redis)
         limits_service.setName("limits")
@@ -410,7 +412,9 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         (lambda: read_history(state.path, limit=20)) if state is not None else lambda: None))
     if state is not None:
         root.putChild(b"history", HistoryResource(state.path))
-    root.putChild(b"metrics", metrics_resource(status, effects, esl))
+    root.putChild(b"metrics", metrics_resource(
+        status, effects, esl, durable=durable.stats if durable is not None else None,
+        limits=limits.stats if limits is not None else None))
     site = StatusSite(root, control)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # polled: no access log

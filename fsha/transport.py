@@ -25,6 +25,14 @@ class HeartbeatProtocol(DatagramProtocol):
 
     def startProtocol(self) -> None:
         self.node.attach(self.network.name, self.send)
+        self.node.add_drain(self.drain)
+
+    def drain(self) -> None:
+        """Read every datagram waiting in the socket now (the reactor would at its next
+        turn): Twisted's UDP port reads until the socket is empty, or 256 KiB."""
+        read = getattr(self.transport, "doRead", None)
+        if read is not None:
+            read()
 
     def datagramReceived(self, datagram: bytes, addr: Address) -> None:
         self.node.datagram_received(self._index, datagram, addr)

@@ -10,6 +10,8 @@ command -v ip >/dev/null 2>&1 || need_packages+=(iproute2)
 command -v arping >/dev/null 2>&1 || need_packages+=(iputils-arping)
 # an independent SIP client for the network-namespace scenarios (tests/e2e)
 command -v sipp >/dev/null 2>&1 || need_packages+=(sip-tester)
+# the side-by-side benchmark (bench/failover_netns.py --vs-keepalived)
+command -v keepalived >/dev/null 2>&1 || need_packages+=(keepalived)
 # for the deployment files' tests: the OCF agent checker, an XML validator, systemd's verifier
 command -v ocf-tester >/dev/null 2>&1 || need_packages+=(resource-agents)
 command -v xmllint >/dev/null 2>&1 || need_packages+=(libxml2-utils)

@@ -38,6 +38,7 @@ TIERS: dict[str, str] = {
     "e2e/test_linkemu.py::Commands": "unit",
     "e2e/test_linkemu.py::Impairments": "unit",
     "test_floating.py::NetnsTests": "netns",
+    "test_floating_netlink.py::NetnsTests": "netns",
     "test_systemd_unit.py::CapabilityTests": "netns",
     # real processes (twistd, the simulator, redis-server, scripts) or sockets on loopback
     "test_big_slot_processes.py": "process",

@@ -103,6 +103,8 @@ class FakeCluster:
         self.health: dict[str, FakeHealth] = {}
         self.dead: set[str] = set()
         self.paused: dict[str, list[tuple[int, str, bytes, Address]]] = {}
+        # what a resumed node's socket still holds until its reactor reads it
+        self.buffered: dict[str, list[tuple[int, str, bytes, Address]]] = {}
         self.cut: set[tuple[str, str]] = set()  # (node, network) pairs that are down
         self.blocked: set[tuple[str, str]] = set()  # (from, to) node pairs that cannot talk
         self.loss: dict[str, float] = {}
@@ -132,6 +134,7 @@ class FakeCluster:
                            first_sequence=self._incarnation * 7919 % 1_000_003 * 1000)
         for net in self.config.networks:
             node.attach(net.name, self._sender(name, net.index, net.name))
+        node.add_drain(lambda: self._flush(name, node))
         self.nodes[name] = node
         self.dead.discard(name)
         self.paused.pop(name, None)
@@ -191,13 +194,28 @@ class FakeCluster:
             node._ticker.stop()
 
     def resume(self, name: str) -> None:
-        """Like SIGCONT: the late timer runs first, then the datagrams that waited."""
+        """Like SIGCONT: the late timer runs first, then the datagrams that waited (unless
+        the timer reads them itself: the node's drain)."""
         node = self.nodes[name]
-        queue = self.paused.pop(name)
+        self.buffered[name] = self.paused.pop(name)
         node.running = True
         node._ticker.start(self.config.heartbeat_interval, now=True).addErrback(
             lambda f: node.log.failure("heartbeat loop failed", f))
+        self._flush(name, node)
+
+    def stall(self, name: str, seconds: float) -> None:
+        """The node's process is not scheduled for ``seconds`` (a loaded host): the same
+        as a pause and a resume, with the rest of the cluster running meanwhile."""
+        self.pause(name)
+        self.advance(seconds)
+        self.resume(name)
+
+    def _flush(self, name: str, node: ClusterNode) -> None:
+        """Deliver what waited in ``name``'s socket buffer (the reactor reading it)."""
+        queue = self.buffered.pop(name, [])
         for index, _network, data, source in queue:
+            if self.nodes.get(name) is not node:
+                return
             self.delivered += 1
             node.datagram_received(index, data, source)
 

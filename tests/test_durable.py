@@ -30,7 +30,7 @@ from fsha.fsdb import (
     encode_registration,
     registration_key,
 )
-from fsha.harness import poll_until as wait_for
+from fsha.harness import poll_until
 from fsha.redisclient import RedisClient, RedisSettings, RedisUnavailable
 from fsha.replication.state import ReplicatedState
 from fsha.takeover import RecoveryRow, ReplicatedRecords
@@ -140,6 +140,22 @@ class StoreLogicTests(unittest.TestCase):
         load = self.store.status()["load"]
         self.assertEqual(load["state"], "failed")
         self.assertIn("no load within 3 s", load["error"])
+
+    def test_a_load_that_ends_after_load_wait_is_not_applied(self) -> None:
+        hung: Deferred[Any] = Deferred()
+        self.redis.answer = lambda args: hung if args == ("HGETALL", PREFIX + "slots") \
+            else ScriptedRedis.default(args)
+        self.redis.up()
+        self.assertEqual(self.store.load_state, "loading")
+        self.node.set_role(Role.SLAVE)  # discovery over: nothing read yet to apply
+        self.assertEqual(self.store.load_state, "loading")
+        self.clock.advance(3.1)
+        self.assertEqual(self.store.load_state, "failed")
+        hung.callback(["0", "5:1:0:fs2"])  # too late: the slot table is not seeded
+        self.assertEqual(self.store.load_state, "failed")
+        self.assertEqual(self.node.known_epochs, {})
+        self.redis.up()  # Redis again: no second load
+        self.assertEqual(self.store.load_state, "failed")
 
     def test_redis_down_nothing_queues_and_the_origin_is_dirty(self) -> None:
         self.node.set_role(Role.SLAVE)
@@ -357,8 +373,9 @@ class StoreRedisTests(unittest.TestCase):
             key, value = registration(user, int(now + ttl))
             a.state.put(0, Kind.REGISTRATION, key, value, int((now + ttl) * 1000))
         a.state.put(0, Kind.IDENTITY, "identity", b'{"core_uuid":"runtime-0"}')
-        yield wait_for(lambda: a.store.status()["state"] == "in-sync"
-                       and a.store.status()["written"][1] == calls + 3, "node 0 written")
+        yield poll_until(lambda: a.store.status()["state"] == "in-sync"
+                       and a.store.status()["written"][1] == calls + 3, "node 0 written",
+                       clock=reactor)
         return a
 
     @inlineCallbacks
@@ -370,7 +387,8 @@ class StoreRedisTests(unittest.TestCase):
             a.state.delete(0, Kind.CALL, f"call-{i}")
         pos = a.state.position(0)
         assert pos is not None
-        yield wait_for(lambda: a.store.status()["written"] == [11, pos.sequence], "written")
+        yield poll_until(lambda: a.store.status()["written"] == [11, pos.sequence], "written",
+                         clock=reactor)
         meta, records = stored(self.server, 0)
         self.assertEqual((meta["incarnation"], meta["sequence"], meta["node"]),
                          ("11", str(pos.sequence), "fs1"))
@@ -387,14 +405,14 @@ class StoreRedisTests(unittest.TestCase):
     def test_redis_down_bounded_then_full_resync(self) -> Generator[Any, Any, None]:
         a = yield self.writer(calls=10)
         self.server.kill()
-        yield wait_for(lambda: a.redis.state == "down", "Redis down")
+        yield poll_until(lambda: a.redis.state == "down", "Redis down", clock=reactor)
         for i in range(3000):
             a.state.put(0, Kind.CALL, f"call-{i}", call_value(f"late-{i}"))
         status = a.store.status()
         self.assertEqual((status["state"], status["pending"]), ("dirty", 0))
         self.server.start()  # empty: it kept nothing
-        yield wait_for(lambda: a.store.status()["state"] == "in-sync", "resynced",
-                       timeout=20)
+        yield poll_until(lambda: a.store.status()["state"] == "in-sync", "resynced",
+                       timeout=20, clock=reactor)
         meta, records = stored(self.server, 0)
         pos = a.state.position(0)
         assert pos is not None
@@ -416,11 +434,11 @@ class StoreRedisTests(unittest.TestCase):
                          encode_field(1, Kind.CALL, "old"), "0:x")
         # the short registration expires (Redis still holds it: nothing changed since)
         self.clock.ahead += self.SHORT_TTL + 1
-        yield wait_for(lambda: not any("/1001@" in r.key for r in a.state.records(
-            origin=0, kind=Kind.REGISTRATION)), "a registration to expire")
+        yield poll_until(lambda: not any("/1001@" in r.key for r in a.state.records(
+            origin=0, kind=Kind.REGISTRATION)), "a registration to expire", clock=reactor)
         self.assertEqual(len(stored(self.server, 0)[1]), 53)
         b = self.side(1, 20, alive={2})
-        yield wait_for(lambda: b.store.load_state == "loaded", "loaded")
+        yield poll_until(lambda: b.store.load_state == "loaded", "loaded", clock=reactor)
         self.assertFalse(b.store.ready(), "waits until discovery is over")
         self.assertEqual(len(b.state), 0)
         b.node.set_role(Role.SLAVE)
@@ -436,7 +454,7 @@ class StoreRedisTests(unittest.TestCase):
         self.assertEqual(sorted(c.uuid for c in calls), sorted(f"call-{i}" for i in range(50)))
         self.assertEqual([r.sip_user for r in regs], ["1000"])
         # b writes its own origin; origin 0 stays as it was
-        yield wait_for(lambda: b.store.status()["state"] == "in-sync", "b written")
+        yield poll_until(lambda: b.store.status()["state"] == "in-sync", "b written", clock=reactor)
         self.assertEqual(stored(self.server, 0)[0]["incarnation"], "11")
         self.assertEqual(stored(self.server, 1)[0]["incarnation"], "20")
 
@@ -450,7 +468,7 @@ class StoreRedisTests(unittest.TestCase):
             c.state.apply(change)
         c.state.apply(a.state.put(0, Kind.CALL, "newer", call_value("newer")))
         before = c.state.digest()
-        yield wait_for(lambda: c.store.load_state == "loaded", "loaded")
+        yield poll_until(lambda: c.store.load_state == "loaded", "loaded", clock=reactor)
         c.node.known_epochs[0] = 4  # heard from the cluster: newer than the stored epoch 3
         c.node.last_holder[0] = 1
         c.node.set_role(Role.SLAVE)
@@ -466,13 +484,13 @@ class StoreRedisTests(unittest.TestCase):
         d.start()
         self.addCleanup(d.stop)
         d.node.set_role(Role.SLAVE)
-        yield wait_for(d.store.ready, "the load given up")
+        yield poll_until(d.store.ready, "the load given up", clock=reactor)
         self.assertEqual(d.store.status()["load"]["state"], "failed")
         d.state.put(0, Kind.CALL, "x", call_value("x"))
         self.assertEqual(d.store.status()["state"], "dirty")
         self.server.start()
-        yield wait_for(lambda: d.store.status()["state"] == "in-sync", "written when back",
-                       timeout=20)
+        yield poll_until(lambda: d.store.status()["state"] == "in-sync", "written when back",
+                       timeout=20, clock=reactor)
         self.assertEqual(stored(self.server, 1)[0]["sequence"], "1")
 
 

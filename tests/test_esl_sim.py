@@ -20,7 +20,7 @@ from twisted.trial.unittest import TestCase
 
 from fsha.esl import ConnectionState, ESLClient, ESLConnectionLost, ESLNotConnected
 from fsha.fsapi import ChannelEvent, ChannelEventKind, EventRouter, FSApi
-from fsha.harness import poll_until as wait_for
+from fsha.harness import poll_until
 
 reactor: Any = _reactor
 
@@ -85,7 +85,7 @@ class ClientAgainstSimulatorTests(TestCase):
     @inlineCallbacks
     def test_kill_restart_and_hang(self) -> Any:
         sim1 = Sim(self, "fs1")
-        yield wait_for(sim1.read_ready, "simulator ready file")
+        yield poll_until(sim1.read_ready, "simulator ready file", clock=reactor)
         port = sim1.ready["esl"]["port"]
         client = ESLClient.tcp(
             reactor,
@@ -124,7 +124,7 @@ class ClientAgainstSimulatorTests(TestCase):
         self.assertTrue(out.startswith("UP "), out)
 
         uuids = sim1.control("/calls", {"profile": "internal"})["uuids"]
-        yield wait_for(lambda: uuids[0] in answered, "CHANNEL_ANSWER event")
+        yield poll_until(lambda: uuids[0] in answered, "CHANNEL_ANSWER event", clock=reactor)
         self.assertEqual(answered[uuids[0]].core_uuid, core1)
         self.assertTrue((yield api.uuid_exists(uuids[0])))
 
@@ -141,15 +141,16 @@ class ClientAgainstSimulatorTests(TestCase):
 
         # ... and comes back on the same port with a new Core-UUID: a restart
         sim2 = Sim(self, "fs1", esl=f"127.0.0.1:{port}")
-        yield wait_for(sim2.read_ready, "second simulator ready file")
+        yield poll_until(sim2.read_ready, "second simulator ready file", clock=reactor)
         yield client.when_ready().addTimeout(DEADLINE, reactor)
         core2 = sim2.ready["core_uuid"]
         self.assertNotEqual(core1, core2)
-        yield wait_for(lambda: restarts, "restart detected")
+        yield poll_until(lambda: restarts, "restart detected", clock=reactor)
         self.assertEqual(restarts, [(core1, core2)])
         # subscriptions were re-applied on the new connection
         uuids = sim2.control("/calls", {"profile": "internal"})["uuids"]
-        yield wait_for(lambda: uuids[0] in answered, "CHANNEL_ANSWER after the restart")
+        yield poll_until(lambda: uuids[0] in answered, "CHANNEL_ANSWER after the restart",
+                         clock=reactor)
 
         # FreeSWITCH hangs: the socket stays open but nothing is answered
         lost = state_becomes(client, ConnectionState.CONNECTING)

@@ -772,7 +772,7 @@ class StatusAndMetricsTests(SynchronousTestCase):
         self.assertTrue(any(p.startswith("redis: down since") and "cannot connect" in p
                             for p in found), found)
         self.assertIn("limits: 1 hiredis unit(s) waiting to be released in Redis", found)
-        _, samples = scrape(status)
+        _, samples = scrape(status, limits=cl.svcs[n3].stats)
         self.assertEqual(one(samples, "fsha_limit_usage", key="realm_a"), 1.0)
         self.assertEqual(one(samples, "fsha_limit_adopted_calls"), 1.0)
         self.assertEqual(one(samples, "fsha_limit_pending_releases"), 1.0)

@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from fsha.config import LimitsConfig
 from fsha.fsdb import encode_call_row
-from fsha.harness import poll_until as wait_for
+from fsha.harness import poll_until
 from fsha.limitsvc import LimitService
 from fsha.redisclient import RedisClient
 from fsha.replication.state import ReplicatedState
@@ -91,12 +91,13 @@ class ServiceRedisTests(unittest.TestCase):
     @inlineCallbacks
     def test_two_nodes_reconcile_the_same_dead_master(self) -> Generator[Any, Any, None]:
         self.dead_master_calls(150, units=2)
-        yield wait_for(lambda: self.a.redis.state == self.b.redis.state == "up", "connected")
+        yield poll_until(lambda: self.a.redis.state == self.b.redis.state == "up", "connected",
+                         clock=reactor)
         self.a.svc.takeover_done(self.report())
         self.b.svc.takeover_done(self.report())
-        yield wait_for(lambda: not self.a.svc.status()["pending_releases"]
+        yield poll_until(lambda: not self.a.svc.status()["pending_releases"]
                        and not self.b.svc.status()["pending_releases"], "releases done",
-                       timeout=30)
+                       timeout=30, clock=reactor)
         self.assertEqual(self.server.call("GET", "trunk"), "0")
         released = [n.svc.released for n in (self.a, self.b)]
         self.assertEqual(sum(r.get("released", 0) for r in released), 300)
@@ -114,28 +115,28 @@ class ServiceRedisTests(unittest.TestCase):
         self.server.call("SET", "trunk", "0")
         for i in range(100):
             self.a.fs.calls[f"call-{i}"] = Call(f"call-{i}", frozenset(), (), recovered=True)
-        yield wait_for(lambda: self.a.redis.state == "up", "connected")
+        yield poll_until(lambda: self.a.redis.state == "up", "connected", clock=reactor)
         report = _Report("acquire", CONFIG.slots[0].name, self.dead.config.name,
                          handover=True, epoch=7)
         self.a.svc.takeover_done(report)
-        yield wait_for(lambda: not self.a.svc.status()["pending_retakes"], "retakes done",
-                       timeout=30)
+        yield poll_until(lambda: not self.a.svc.status()["pending_retakes"], "retakes done",
+                       timeout=30, clock=reactor)
         self.a.svc.takeover_done(report)  # again: every marker is there
-        yield wait_for(lambda: self.a.svc.retaken.get("already") == 200, "second pass",
-                       timeout=30)
+        yield poll_until(lambda: self.a.svc.retaken.get("already") == 200, "second pass",
+                       timeout=30, clock=reactor)
         self.assertEqual(self.server.call("GET", "trunk"), "200")
         self.assertEqual(self.a.svc.retaken, {"retaken": 200, "already": 200})
         for i in range(100):
             self.a.fs.hangup(f"call-{i}")
-        yield wait_for(lambda: not self.a.svc.status()["pending_releases"], "releases done",
-                       timeout=30)
+        yield poll_until(lambda: not self.a.svc.status()["pending_releases"], "releases done",
+                       timeout=30, clock=reactor)
         self.assertEqual(self.server.call("GET", "trunk"), "0")
         self.assertEqual(self.a.svc.released, {"released": 200})
 
     @inlineCallbacks
     def test_redis_killed_in_the_middle(self) -> Generator[Any, Any, None]:
         self.dead_master_calls(400)
-        yield wait_for(lambda: self.a.redis.state == "up", "connected")
+        yield poll_until(lambda: self.a.redis.state == "up", "connected", clock=reactor)
         self.server.call("SAVE")
         calls = [0]
         release = self.a.redis.release
@@ -151,12 +152,12 @@ class ServiceRedisTests(unittest.TestCase):
         self.a.svc.takeover_done(self.report())
         # the takeover's bookkeeping is done whatever Redis does: the releases wait
         self.assertEqual(self.a.svc.book.totals(), {})
-        yield wait_for(lambda: self.a.redis.state == "down", "Redis down")
+        yield poll_until(lambda: self.a.redis.state == "down", "Redis down", clock=reactor)
         self.assertGreater(self.a.svc.status()["pending_releases"], 0)
         self.assertIn("down", self.a.svc.status()["redis"]["state"])
         self.server.start()
-        yield wait_for(lambda: not self.a.svc.status()["pending_releases"],
-                       "releases finished after Redis came back", timeout=30)
+        yield poll_until(lambda: not self.a.svc.status()["pending_releases"],
+                       "releases finished after Redis came back", timeout=30, clock=reactor)
         self.assertEqual(self.server.call("GET", "trunk"), "0")
         outcomes = self.a.svc.released
         self.assertEqual(outcomes.get("clamped", 0) + outcomes.get("missing", 0), 0)
@@ -167,19 +168,20 @@ class ServiceRedisTests(unittest.TestCase):
     @inlineCallbacks
     def test_hung_redis_never_blocks_the_takeover(self) -> Generator[Any, Any, None]:
         self.dead_master_calls(50)
-        yield wait_for(lambda: self.a.redis.state == "up", "connected")
+        yield poll_until(lambda: self.a.redis.state == "up", "connected", clock=reactor)
         assert self.server.proc is not None
         os.kill(self.server.proc.pid, signal.SIGSTOP)
         try:
             d = self.a.svc.reconcile(CONFIG.slots[0], self.dead.config)
             self.assertTrue(d.called)  # no Redis round trip in the reconciliation itself
             self.assertEqual((yield d)["released"], 50)
-            yield wait_for(lambda: self.a.svc.release_errors > 0, "releases timing out")
+            yield poll_until(lambda: self.a.svc.release_errors > 0, "releases timing out",
+                             clock=reactor)
             self.assertEqual(self.a.svc.status()["pending_releases"], 50)
         finally:
             os.kill(self.server.proc.pid, signal.SIGCONT)
-        yield wait_for(lambda: not self.a.svc.status()["pending_releases"], "released",
-                       timeout=30)
+        yield poll_until(lambda: not self.a.svc.status()["pending_releases"], "released",
+                       timeout=30, clock=reactor)
         self.assertEqual(self.server.call("GET", "trunk"), "0")
 
     test_hung_redis_never_blocks_the_takeover.redis_timeout = 0.3  # type: ignore[attr-defined]

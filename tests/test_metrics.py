@@ -12,6 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
+from fsha.durable import DurableLoad, DurableStats
+from fsha.limitsvc import LimitStats
 from fsha.metrics import (
     ClusterCollector,
     ESLRequestStats,
@@ -82,8 +84,9 @@ def parse(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
     return result
 
 
-def scrape(status: Any, effects: Any = None) -> tuple[str, dict[str, Any]]:
-    resource = metrics_resource(lambda: status, effects)
+def scrape(status: Any, effects: Any = None, **typed: Any) -> tuple[str, dict[str, Any]]:
+    """``typed``: the typed stats callables (``durable=``, ``limits=``)."""
+    resource = metrics_resource(lambda: status, effects, **typed)
     request = DummyRequest([b""])
     body = resource.render(request)
     text = body.decode() if isinstance(body, bytes) else b"".join(request.written).decode()
@@ -327,6 +330,53 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(registry.get_sample_value("fsha_role", {"role": "master"}), 1.0)
         names = {f.name for f in ClusterCollector(lambda: SAMPLE).collect()}
         self.assertIn("fsha_peer_network_up", names)
+
+
+class TypedStatsTests(SynchronousTestCase):
+    """Components with typed stats: their metrics come from the object, not the dict."""
+
+    def test_durable_metrics_from_its_stats(self) -> None:
+        stats = DurableStats(
+            state="behind", written=(7, 90), position=(7, 100), lag_changes=10,
+            written_at=1.0, dirty_since=None, pending=3, max_pending=100, flushes=5,
+            resyncs=1, overflows=0, records_written=120, write_errors=2, last_error=None,
+            load=DurableLoad("applied", None, {}, 42, {}, {}, 0))
+        registry = metrics_registry(lambda: SAMPLE, durable=lambda: stats)
+        value = registry.get_sample_value
+        self.assertEqual(value("fsha_durable_in_sync"), 0.0)
+        self.assertEqual(value("fsha_durable_lag_changes"), 10.0)
+        self.assertEqual(value("fsha_durable_writes_total"), 5.0)
+        self.assertEqual(value("fsha_durable_resyncs_total"), 1.0)
+        self.assertEqual(value("fsha_durable_write_errors_total"), 2.0)
+        self.assertEqual(value("fsha_durable_loaded_records"), 42.0)
+        # the JSON status is the same object's
+        self.assertEqual(stats.as_status()["written"], [7, 90])
+        self.assertEqual(stats.as_status()["load"]["records"], 42)
+
+    def test_limit_metrics_from_their_stats(self) -> None:
+        stats = LimitStats(
+            totals={"gw_out": 7}, per_node={"fs1": {"gw_out": 4}, "fs2": {"gw_out": 3}},
+            superseded=[], adopted=2, adopted_cluster=2, hiredis_held={},
+            pending_releases=1, pending_releases_cluster=1, pending_retakes=0, retaken={},
+            retake_errors=0, held_calls=0, held_calls_cluster=0,
+            released={"released": 5, "already": 1}, release_errors=3, adopted_released=0,
+            polls=10, poll_errors=4, last_poll=None, hash_realm="fsha_limit",
+            hash_writes=0, hash_errors=0, rejected_records=0, reconciles_waiting=0,
+            last_reconciles=[], last_error=None, redis=None)
+        value = metrics_registry(lambda: SAMPLE, limits=lambda: stats).get_sample_value
+        self.assertEqual(value("fsha_limit_usage", {"key": "gw_out"}), 7.0)
+        self.assertEqual(value("fsha_limit_node_usage", {"node": "fs2", "key": "gw_out"}), 3.0)
+        self.assertEqual(value("fsha_limit_adopted_calls"), 2.0)
+        self.assertEqual(value("fsha_limit_pending_releases"), 1.0)
+        self.assertEqual(value("fsha_limit_releases_total", {"outcome": "already"}), 1.0)
+        self.assertEqual(value("fsha_limit_release_errors_total"), 3.0)
+        self.assertEqual(value("fsha_limit_poll_errors_total"), 4.0)
+        self.assertEqual(stats.as_status()["totals"], {"gw_out": 7})
+        self.assertEqual(len(stats.as_status()), 27)  # every field, as /status always had
+
+    def test_no_durable_store_no_durable_metrics(self) -> None:
+        registry = metrics_registry(lambda: {**SAMPLE, "durable": {"state": "in-sync"}})
+        self.assertIsNone(registry.get_sample_value("fsha_durable_in_sync"))
 
 
 class ResourceTests(SynchronousTestCase):

@@ -44,7 +44,7 @@ from fsha.fsdb import (
     inline_runner,
     registration_key,
 )
-from fsha.harness import poll_until as wait_for
+from fsha.harness import poll_until
 from fsha.replication.callfeed import RETRY_DELAYS
 from fsha.replication.feeds import Feeds
 from fsha.replication.identity import (
@@ -828,7 +828,7 @@ class SimulatorEndToEndTests(TestCase):
                     return json.load(f)
             except (OSError, ValueError):
                 return None
-        ready = await wait_for(read_ready, "the simulator's ready file")
+        ready = await poll_until(read_ready, "the simulator's ready file", clock=reactor)
         ctl = ready["control"]["port"]
 
         esl = ESLClient(TCP4ClientEndpoint(reactor, "127.0.0.1", ready["esl"]["port"],
@@ -849,15 +849,16 @@ class SimulatorEndToEndTests(TestCase):
         def calls() -> set[str]:
             return {r.key for r in state.records(kind=Kind.CALL)}
 
-        identity = await wait_for(lambda: state.get(0, 0, Kind.IDENTITY, IDENTITY_KEY),
-                                  "the identity record")
+        identity = await poll_until(lambda: state.get(0, 0, Kind.IDENTITY, IDENTITY_KEY),
+                                  "the identity record", clock=reactor)
         self.assertEqual(decode_identity(identity.value).core_uuid, ready["core_uuid"])
 
         placed = await self.control(ctl, "/calls", {"profile": "internal", "count": 3,
                                                     "bridge": True})
         uuids = set(placed["uuids"])
         self.assertEqual(len(uuids), 6)
-        await wait_for(lambda: calls() == uuids, "the calls in the replicated state")
+        await poll_until(lambda: calls() == uuids, "the calls in the replicated state",
+                         clock=reactor)
         # each record is the row as FreeSWITCH stored it, after the bridge update
         with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:
             conn.text_factory = bytes
@@ -870,28 +871,30 @@ class SimulatorEndToEndTests(TestCase):
                 if (row.runtime_uuid, row.metadata) != rows[u]:
                     return False
             return True
-        await wait_for(exact, "the bridged metadata")
+        await poll_until(exact, "the bridged metadata", clock=reactor)
         self.assertTrue(all(c.slot == 0 for c in published if c.kind is Kind.CALL))
 
         stray = await self.control(ctl, "/calls", {"profile": "lab"})
-        await wait_for(lambda: feeds.status()["rows_ignored"] == 1, "the lab call counted")
+        await poll_until(lambda: feeds.status()["rows_ignored"] == 1, "the lab call counted",
+                         clock=reactor)
         self.assertEqual(calls(), uuids)
 
         regs = await self.control(ctl, "/register", {"profile": "internal", "count": 2,
                                                      "expires": 300})
-        keys = await wait_for(
-            lambda: {r.key for r in state.records(kind=Kind.REGISTRATION)}, "registrations")
+        keys = await poll_until(
+            lambda: {r.key for r in state.records(kind=Kind.REGISTRATION)}, "registrations",
+            clock=reactor)
         self.assertEqual(len(keys), 2)
         self.assertTrue(all(k.startswith("internal/100") for k in keys))
         await self.control(ctl, "/unregister", {"profile": "internal",
                                                 "call_ids": regs["call_ids"][:1]})
-        await wait_for(lambda: len(list(state.records(kind=Kind.REGISTRATION))) == 1,
-                       "the unregistration")
+        await poll_until(lambda: len(list(state.records(kind=Kind.REGISTRATION))) == 1,
+                       "the unregistration", clock=reactor)
 
         await self.control(ctl, "/hangup", {"uuids": placed["uuids"][:2]})  # one bridged pair
-        await wait_for(lambda: len(calls()) == 4, "the hangup")
+        await poll_until(lambda: len(calls()) == 4, "the hangup", clock=reactor)
         await self.control(ctl, "/hangup", {"all": True})
-        await wait_for(lambda: calls() == set(), "every call gone")
+        await poll_until(lambda: calls() == set(), "every call gone", clock=reactor)
         self.assertEqual(stray["uuids"][0] not in calls(), True)
         status = feeds.status()
         self.assertEqual(status["slots"]["slot1"]["calls"], 0)

@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 
 from fsha import pki
 from fsha.config import ClusterConfig, load_config
-from fsha.harness import poll_until as wait_for
+from fsha.harness import poll_until
 from fsha.replication.service import ReplicationService, dial_routes, listen_addresses
 from fsha.replication.session import SessionConfig
 from fsha.wire.stream import Kind
@@ -97,7 +97,7 @@ class ServiceTests(TestCase):
         alpha = self.start("alpha", 101)
         beta = self.start("beta", 202)
         gamma = self.start("gamma", 303)
-        yield wait_for(self.all_up, "every link up")
+        yield poll_until(self.all_up, "every link up", clock=reactor)
         for i in range(200):
             alpha.put(0, Kind.CALL, f"call-{i}", b"<xml>" + b"r" * 500 + b"</xml>")
         for i in range(50):
@@ -110,7 +110,7 @@ class ServiceTests(TestCase):
         # batch after it is not mistaken for a contiguous one
         beta.state.put(0, Kind.REGISTRATION, "unpublished@pbx", b"sip:y")
         beta.put(0, Kind.REGISTRATION, "after@pbx", b"sip:z")
-        yield wait_for(self.converged, "the same state on every node")
+        yield poll_until(self.converged, "the same state on every node", clock=reactor)
         self.assertEqual(len(gamma.state), 199 + 52 + 1)
         status = alpha.status()
         self.assertEqual(status["slots"], {"s1": {"call": 199, "registration": 52},
@@ -125,8 +125,8 @@ class ServiceTests(TestCase):
         self.assertEqual(peer["identity"]["cluster"], "repl-test")
         self.assertGreater(peer["bytes_out"], 200 * 500)
         self.assertGreater(peer["bytes_in"], 50 * 20)
-        yield wait_for(lambda: alpha.status()["peers"]["gamma"]["lag_changes"] == 0,
-                       "gamma acknowledging everything")
+        yield poll_until(lambda: alpha.status()["peers"]["gamma"]["lag_changes"] == 0,
+                       "gamma acknowledging everything", clock=reactor)
         self.assertEqual(alpha.status()["peers"]["gamma"]["lag_ms"], 0.0)
         self.assertIsNotNone(alpha.status()["peers"]["gamma"]["last_ack_lag_ms"])
         self.assertFalse(gamma.status()["peers"]["alpha"]["dials"])
@@ -139,13 +139,13 @@ class ServiceTests(TestCase):
         # beta is unreachable on network a: nothing listens there any more
         yield beta.ports["127.0.1.2"].stopListening()
         alpha = self.start("alpha", 1)
-        yield wait_for(self.all_up, "alpha-beta up over network b")
+        yield poll_until(self.all_up, "alpha-beta up over network b", clock=reactor)
         peer = alpha.status()["peers"]["beta"]
         self.assertEqual((peer["network"], peer["address"]), ("b", "127.0.2.2"))
         self.assertEqual(peer["dial_failures"], {"a": 1})
         self.assertEqual(beta.status()["peers"]["alpha"]["network"], "b")
         alpha.put(0, Kind.CALL, "c", b"v")
-        yield wait_for(self.converged, "beta has alpha's call")
+        yield poll_until(self.converged, "beta has alpha's call", clock=reactor)
 
     @defer.inlineCallbacks
     def test_plain_tcp_is_refused_and_counted(self) -> Any:
@@ -163,15 +163,15 @@ class ServiceTests(TestCase):
         factory = ClientFactory.forProtocol(Plain)
         reactor.connectTCP("127.0.1.2", port, factory, bindAddress=("127.0.1.1", 0))
         yield closed
-        yield wait_for(lambda: beta.status()["links"]["refused"].get("tls") == 1,
-                       "the refusal counted")
+        yield poll_until(lambda: beta.status()["links"]["refused"].get("tls") == 1,
+                       "the refusal counted", clock=reactor)
 
     @defer.inlineCallbacks
     def test_restarted_node_catches_up_exactly(self) -> Any:
         alpha = self.start("alpha", 11, log_limit=300)  # gamma's absence outlasts it
         beta = self.start("beta", 21)
         gamma = self.start("gamma", 31)
-        yield wait_for(self.all_up, "every link up")
+        yield poll_until(self.all_up, "every link up", clock=reactor)
         gamma.put(0, Kind.REGISTRATION, "gamma-user@pbx", b"contact")
         beta.put(0, Kind.LIMIT, "gw1", b"3")
         counter = iter(range(1_000_000))
@@ -193,22 +193,24 @@ class ServiceTests(TestCase):
             return position.sequence if position is not None else 0
 
         # (counted in changes, not in time: a loaded machine runs the writer less often)
-        yield wait_for(lambda: written() > 100, "alpha writing")
+        yield poll_until(lambda: written() > 100, "alpha writing", clock=reactor)
         # gamma goes away mid-stream
         yield gamma.stopService()
-        yield wait_for(lambda: not alpha.status()["peers"]["gamma"]["up"], "alpha sees gamma go")
+        yield poll_until(lambda: not alpha.status()["peers"]["gamma"]["up"], "alpha sees gamma go",
+                         clock=reactor)
         # more changes while gamma is away, until alpha's log no longer reaches back to an
         # empty node
-        yield wait_for(lambda: alpha.state.catch_up(0, None, limit=1) is None,
-                       "alpha's log to outgrow gamma's absence")
+        yield poll_until(lambda: alpha.state.catch_up(0, None, limit=1) is None,
+                       "alpha's log to outgrow gamma's absence", clock=reactor)
         beta.put(0, Kind.LIMIT, "gw1", b"4")
         # a new run of gamma: new incarnation, empty state
         gamma2 = self.start("gamma", 32)
-        yield wait_for(self.all_up, "gamma's links up again")
+        yield poll_until(self.all_up, "gamma's links up again", clock=reactor)
         more = written() + 100
-        yield wait_for(lambda: written() > more, "alpha writing while gamma catches up")
+        yield poll_until(lambda: written() > more, "alpha writing while gamma catches up",
+                         clock=reactor)
         writer.stop()
-        yield wait_for(self.converged, "every node holding the same state")
+        yield poll_until(self.converged, "every node holding the same state", clock=reactor)
         # nothing missing, nothing duplicated, and gamma's previous run is retired
         self.assertEqual(sorted((r.key, r.value) for r in gamma2.state.records(origin=0)),
                          sorted((r.key, r.value) for r in alpha.state.records(origin=0)))
@@ -227,14 +229,14 @@ class ServiceTests(TestCase):
     def test_stop_is_clean_and_peers_redial(self) -> Any:
         alpha = self.start("alpha", 1)
         beta = self.start("beta", 2)
-        yield wait_for(self.all_up, "link up")
+        yield poll_until(self.all_up, "link up", clock=reactor)
         yield beta.stopService()
         self.assertEqual(beta.status()["listening"], [])
         self.assertFalse(beta.status()["peers"]["alpha"]["up"])
-        yield wait_for(lambda: alpha.status()["peers"]["beta"]["dial_failures"].get("b", 0) >= 2,
-                       "alpha redialling over both networks")
+        yield poll_until(lambda: alpha.status()["peers"]["beta"]["dial_failures"].get("b", 0) >= 2,
+                       "alpha redialling over both networks", clock=reactor)
         beta2 = self.start("beta", 3)
-        yield wait_for(self.all_up, "link up again")
+        yield poll_until(self.all_up, "link up again", clock=reactor)
         alpha.put(0, Kind.CALL, "after", b"v")
-        yield wait_for(self.converged, "beta's new run has alpha's call")
+        yield poll_until(self.converged, "beta's new run has alpha's call", clock=reactor)
         self.assertEqual(len(beta2.state), 1)

@@ -201,3 +201,25 @@ class CapabilityTests(SynchronousTestCase):
         # And the check can fail: without the capabilities, ip is refused.
         refused = as_unit("", "")
         self.assertNotEqual(refused.returncode, 0)
+        # fsha's own netlink path (no ip, no arping) with the same capabilities, and not
+        # without them. As root stripped of every other capability: the interpreter may
+        # live where only its owner can read it.
+        script = ("from fsha import kernelnet as k; n = k.LinuxNet(5.0); "
+                  "n.change('add', '198.18.0.5', 32, 'fsha0'); "
+                  "assert n.garp('198.18.0.5', 'fsha0'); "
+                  "n.change('del', '198.18.0.5', 32, 'fsha0'); print('done')")
+        src = str(Path(__file__).resolve().parent.parent)
+
+        def python_as_unit(capabilities: str, bounding_set: str
+                           ) -> subprocess.CompletedProcess[str]:
+            return run(["ip", "netns", "exec", netns, "setpriv",
+                        f"--inh-caps=-all{capabilities}",
+                        f"--ambient-caps=-all{capabilities}",
+                        f"--bounding-set=-all{bounding_set}", "--no-new-privs",
+                        "env", f"PYTHONPATH={src}", sys.executable, "-c", script],
+                       capture_output=True, text=True, timeout=30)
+        ok = python_as_unit("," + caps, "," + bset)
+        self.assertEqual((ok.returncode, ok.stdout.strip()), (0, "done"), ok.stderr)
+        refused = python_as_unit("", "")
+        self.assertNotEqual(refused.returncode, 0)
+        self.assertIn("Operation not permitted", refused.stderr)

@@ -62,7 +62,7 @@ from fsha.fsdb import (
     ThreadRunner,
     inline_runner,
 )
-from fsha.harness import poll_until as wait_for
+from fsha.harness import poll_until
 from fsha.process import (
     DRAIN,
     KILL_GRACE,
@@ -76,7 +76,10 @@ from fsha.sim.switch import NullSipBinder, ProfileConfig, Switch
 from fsha.takeover import (
     FAILED,
     OK,
+    PROFILE_GUARD_SECONDS,
     SKIPPED,
+    STOP_UNANSWERED_INTERVAL,
+    STOP_UNANSWERED_RETRIES,
     WARNING,
     NoRecords,
     ReplicatedRecords,
@@ -860,6 +863,49 @@ class ReleaseTests(SynchronousTestCase):
         self.assertIn("hupall MANAGER_REQUEST sofia_profile_name slot1", s.esl.commands)
         self.assertTrue(s.b.profiles[PROFILE].running)  # the stop itself comes later
 
+    def test_unanswered_stop_is_retried_once_freeswitch_is_back(self) -> None:
+        s = Scenario(self, calls=1, regs=0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        s.clock.advance(PROFILE_GUARD_SECONDS + 1)  # not a young profile
+        s.esl.down = True  # FreeSWITCH hung or gone: the stop is not answered
+        self.successResultOf(s.effects.release(SLOT))
+        step = s.effects.last_report.step("profiles")
+        self.assertEqual((step.outcome, step.counts["unanswered"]), (WARNING, 1), step)
+        self.assertTrue(s.effects.status()["pending_profile_stops"])
+        stops = "sofia profile slot1 stop"
+        s.clock.advance(STOP_UNANSWERED_INTERVAL)
+        self.assertEqual(s.esl.commands.count(stops), 2)  # still down: tried again
+        self.assertTrue(s.b.profiles[PROFILE].running)
+        s.esl.down = False  # back, with the profile and a copy of the call
+        s.clock.advance(STOP_UNANSWERED_INTERVAL)
+        self.assertEqual(s.esl.commands.count(stops), 3)
+        self.assertFalse(s.b.profiles[PROFILE].running)
+        self.assertEqual(s.b.channels, {})
+        self.assertEqual(s.effects.status()["pending_profile_stops"], [])
+
+    def test_unanswered_stop_retries_are_bounded(self) -> None:
+        s = Scenario(self, calls=0, regs=0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        s.clock.advance(PROFILE_GUARD_SECONDS + 1)
+        s.esl.down = True
+        self.successResultOf(s.effects.release(SLOT))
+        s.clock.pump([STOP_UNANSWERED_INTERVAL] * (STOP_UNANSWERED_RETRIES + 5))
+        self.assertEqual(s.esl.commands.count("sofia profile slot1 stop"),
+                         1 + STOP_UNANSWERED_RETRIES)
+        self.assertEqual(s.effects.status()["pending_profile_stops"], [])
+
+    def test_acquire_cancels_an_unanswered_stop_retry(self) -> None:
+        s = Scenario(self, calls=0, regs=0)
+        self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        s.clock.advance(PROFILE_GUARD_SECONDS + 1)
+        s.esl.down = True
+        self.successResultOf(s.effects.release(SLOT))
+        s.esl.down = False
+        self.successResultOf(s.effects.acquire(SLOT, 3, None))  # the slot is back here
+        s.clock.advance(STOP_UNANSWERED_INTERVAL * 3)
+        self.assertEqual(s.esl.commands.count("sofia profile slot1 stop"), 1)
+        self.assertTrue(s.b.profiles[PROFILE].running)
+
     def test_stop_at_exit_waits_for_the_deferred_stop(self) -> None:
         s = Scenario(self, calls=1, regs=0)
         self.successResultOf(s.effects.acquire(SLOT, 1, DEAD))
@@ -979,8 +1025,10 @@ class ReleaseTests(SynchronousTestCase):
         assert report is not None
         self.assertFalse(report.ok)
         self.assertEqual([(st.name, st.outcome) for st in report.steps],
-                         [("floating_ips", FAILED), ("profiles", FAILED)])
-        self.assertIn("no ready connection", report.error or "")
+                         [("floating_ips", FAILED), ("profiles", WARNING)])
+        # the stop is tried again once FreeSWITCH answers
+        self.assertIn("no ready connection", report.step("profiles").error or "")
+        self.assertTrue(s.effects.status()["pending_profile_stops"])
 
     def test_release_steps_time_out(self) -> None:
         s = Scenario(self)
@@ -1378,6 +1426,37 @@ class CoreDBWriterTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(self.writer.delete_recovery(rows)), 3)
         self.assertEqual([r[0] for r in recovery_rows_raw(self.path)], ["mine"])
 
+    def test_a_locked_database_is_tried_again(self) -> None:
+        rows = [RecoveryRow("dead", "sofia", "p", "h", f"u{i}", b"<cdr/>") for i in range(3)]
+
+        class LockedOnce:
+            """FreeSWITCH held the lock past the busy timeout, once."""
+
+            def execute(self, sql: str, *args: object) -> Any:
+                raise sqlite3.OperationalError("database is locked")
+
+            def close(self) -> None:
+                pass
+
+        connection = self.writer._connection(Path(self.path))
+        connection.conn = LockedOnce()  # type: ignore[assignment]
+        self.successResultOf(self.writer.write_recovery(rows, None))
+        self.assertEqual(self.writer.locked_retries, 1)
+        self.assertEqual(len(recovery_rows_raw(self.path)), 3)
+
+    def test_a_database_locked_for_good_fails_after_its_attempts(self) -> None:
+        writer = CoreDBWriter(self.path, inline_runner, busy_timeout=0.01)
+        self.addCleanup(writer.close)
+        holder = sqlite3.connect(self.path, isolation_level=None)
+        self.addCleanup(holder.close)
+        holder.execute("BEGIN EXCLUSIVE")
+        rows = [RecoveryRow("dead", "sofia", "p", "h", "u", b"<cdr/>")]
+        failure = self.failureResultOf(writer.write_recovery(rows, None), CoreDBError)
+        self.assertIn("database is locked (3 attempts)", str(failure.value))
+        self.assertEqual(writer.locked_retries, 2)
+        holder.execute("ROLLBACK")
+        self.successResultOf(writer.write_recovery(rows, None))  # a new connection works
+
     def test_own_runtime_is_replaced(self) -> None:
         rows = [RecoveryRow("me", "sofia", "p", "h", "u", "<cdr/>")]  # type: ignore[arg-type]
         written = self.successResultOf(self.writer.write_recovery(rows, "me"))
@@ -1631,8 +1710,8 @@ class SimulatorTakeoverTests(TestCase):
         # length) and an asynchronous stop, as sofia's
         b = SimProcess(self, workdir, "simB", f"--define-profile {PROFILE}={vip}:{port} "
                        "--profile-guard 2 --profile-stop-delay 0.3")
-        yield wait_for(a.read_ready, "sim A ready")
-        yield wait_for(b.read_ready, "sim B ready")
+        yield poll_until(a.read_ready, "sim A ready", clock=reactor)
+        yield poll_until(b.read_ready, "sim B ready", clock=reactor)
         n = 20
         uuids = a.control("/calls", {"profile": PROFILE, "count": n // 2, "bridge": True})
         uuids = uuids["uuids"]
@@ -1687,7 +1766,7 @@ class SimulatorTakeoverTests(TestCase):
         listening = reactor.listenUDP(0, probe, interface="127.0.0.1")
         self.addCleanup(listening.stopListening)
         probe.options(vip, port, "t1")
-        yield wait_for(lambda: probe.responses, "an answer to OPTIONS")
+        yield poll_until(lambda: probe.responses, "an answer to OPTIONS", clock=reactor)
         answer = probe.responses[0].decode()
         self.assertTrue(answer.startswith("SIP/2.0 200 OK"), answer)
         self.assertIn("X-FSHA-Node: simB", answer)
@@ -1699,7 +1778,8 @@ class SimulatorTakeoverTests(TestCase):
         assert release is not None
         self.assertEqual(release.count("profiles", "too_young"), 1)
         probe.options(vip, port, "t2")
-        yield wait_for(lambda: len(probe.responses) > 1, "an answer to the second OPTIONS")
+        yield poll_until(lambda: len(probe.responses) > 1, "an answer to the second OPTIONS",
+                         clock=reactor)
         self.assertTrue(probe.responses[1].decode().startswith("SIP/2.0 503 System Paused"))
         self.assertEqual(effects.status()["pending_profile_stops"], [0])
         # the copies of the calls ended at once (the successor recovers them)

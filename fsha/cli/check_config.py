@@ -17,6 +17,7 @@ from fsha.config import (
     node_warnings,
     plural,
     secret_file_warnings,
+    timing_warnings,
 )
 
 
@@ -36,7 +37,8 @@ def main(argv: list[str]) -> int:
         for line in e.problems:
             print(line, file=sys.stderr)
         return 2
-    for line in secret_file_warnings(config) + node_warnings(config):
+    for line in secret_file_warnings(config) + node_warnings(config) + \
+            timing_warnings(config):
         print(f"warning: {line}", file=sys.stderr)
     if len(config.networks) < 2:
         print(f"warning: {config.path}: network: only one network; two or more are needed "

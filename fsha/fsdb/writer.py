@@ -39,20 +39,22 @@ serialises the operations, so a rollback's delete always runs after the write it
 even if that write was abandoned on a timeout. A caller that gives up on an operation
 calls :meth:`CoreDBWriter.interrupt` (thread-safe): the running statement is aborted
 (``sqlite3.Connection.interrupt``) and its transaction rolled back. Each statement waits at
-most ``busy_timeout`` seconds for FreeSWITCH's locks. The writer's connection uses
+most ``busy_timeout`` seconds for FreeSWITCH's locks; a transaction still locked out then is
+rolled back and run again (:data:`LOCKED_ATTEMPTS` in all: a real FreeSWITCH recovering a
+big batch holds its core DB for a while). The writer's connection uses
 ``synchronous=NORMAL`` and ``wal_autocheckpoint=0`` (its own settings; see
 :class:`~fsha.fsdb.connection.Connection`).
 """
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from twisted.internet import defer
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from fsha.fsdb.connection import Connection
 from fsha.fsdb.rows import RecoveryRow, RegistrationRow
@@ -103,6 +105,15 @@ def _metadata(value: bytes | str) -> bytes:
     return value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
 
 
+#: Attempts of one transaction that finds the database locked (see ``_transaction``).
+LOCKED_ATTEMPTS = 3
+_LOCKED = re.compile(r"database (table )?is locked|database is busy")
+
+
+class _Locked(Exception):
+    """The database stayed locked for the connection's busy timeout."""
+
+
 class CoreDBWriter:
     """Writes (and removes) recovery rows and registrations; see the module docstring.
 
@@ -120,6 +131,7 @@ class CoreDBWriter:
         self.busy_timeout = busy_timeout
         self._connections: dict[Path, Connection] = {}
         self._lock = threading.Lock()
+        self.locked_retries = 0  # transactions run again after "database is locked"
 
     def registration_path(self, profile: str) -> Path:
         path = None if self._registration_db is None else self._registration_db(profile)
@@ -136,11 +148,28 @@ class CoreDBWriter:
 
     def _transaction(self, path: Path, table: str,
                      work: Callable[[sqlite3.Connection], int]) -> int:
+        """``work`` in one transaction; one that found the database locked beyond
+        ``busy_timeout`` (FreeSWITCH writing: it logs ``SQLite is BUSY`` recovering a big
+        batch) is rolled back and run again, :data:`LOCKED_ATTEMPTS` times in all. Every
+        operation here is idempotent (rows replaced or deleted by key)."""
+        last: _Locked | None = None
+        for attempt in range(1, LOCKED_ATTEMPTS + 1):
+            try:
+                return self._attempt(path, table, work)
+            except _Locked as e:
+                self.locked_retries += attempt < LOCKED_ATTEMPTS
+                last = e
+        raise CoreDBError(f"{path}: {last} ({LOCKED_ATTEMPTS} attempts)")
+
+    def _attempt(self, path: Path, table: str,
+                 work: Callable[[sqlite3.Connection], int]) -> int:
         c = self._connection(path)
         try:
             conn = c.get()
         except sqlite3.Error as e:
             c.reset()
+            if _LOCKED.search(str(e)):
+                raise _Locked(str(e)) from None
             raise CoreDBError(f"cannot open {path}: {e}") from None
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -156,6 +185,8 @@ class CoreDBWriter:
             return n
         except sqlite3.Error as e:
             c.reset()  # never reuse a connection in an unknown state
+            if isinstance(e, sqlite3.OperationalError) and _LOCKED.search(str(e)):
+                raise _Locked(str(e)) from None
             if "no such table" in str(e):
                 raise CoreDBError(f"{path} has no {table} table: is it FreeSWITCH's "
                                   "database?") from None
@@ -210,7 +241,7 @@ class CoreDBWriter:
         would bring them back as ghosts."""
         names, keep = list(profiles), sorted(set(keep_runtimes))
         if not names:
-            return defer.succeed(0)
+            return succeed(0)
         sql = (f"delete from recovery where profile_name in ({','.join('?' * len(names))})"
                + (f" and runtime_uuid not in ({','.join('?' * len(keep))})" if keep else ""))
 

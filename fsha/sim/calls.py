@@ -44,6 +44,10 @@ def _usec(epoch: float | None) -> str:
     return "0" if epoch is None else str(int(epoch * 1_000_000))
 
 
+class SimError(ValueError):
+    """A request to the simulator that cannot be done (bad profile, unknown call...)."""
+
+
 @dataclass(slots=True)
 class Channel:
     """One sofia channel of the simulator."""

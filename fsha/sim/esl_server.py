@@ -5,6 +5,9 @@ using the project's codec (:mod:`fsha.wire.esl`) for every byte. Each connection
 bounded event queue (100,000 by default, as FreeSWITCH); after 500 consecutive lost events
 the connection is killed. The factory can be *hung*: commands are no longer read or
 answered and events no longer written, but sockets stay open (a hung FreeSWITCH).
+
+Why about 650 lines: every command of ``mod_event_socket``'s server side, with its
+exact reply text.
 """
 
 from __future__ import annotations

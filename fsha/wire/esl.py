@@ -30,6 +30,10 @@ would break the framing, e.g. a CR or LF inside a command line (command injectio
 percent-decodes the whole header block with a handful of C-level passes and checks that the
 block is well formed in the process; anything unusual falls back to a line-by-line decoder
 that gives the same result for every well-formed block.
+
+Why about 900 lines: one wire format, both directions (frames, commands, events,
+their decoders and encoders, the event hot path), as every codec in ``fsha/wire/`` is one
+module.
 """
 
 from __future__ import annotations

@@ -47,7 +47,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fsha.harness import FSHA, TWISTD, HarnessError, LoopbackCluster, NodeProcesses, wait_for
+from fsha import tomlout
+from fsha.harness import (
+    FSHA,
+    TLS_FILES,
+    TWISTD,
+    HarnessError,
+    LoopbackCluster,
+    NodeProcesses,
+    wait_for,
+)
 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/run/netns")
@@ -463,40 +472,36 @@ class NetnsCluster(LoopbackCluster):
         # restarting) must not end in a TCP self-connect, which a source port equal to
         # the destination port would give.
         hb_port, stream_port, status_port = random.sample(range(20000, 32000), 3)
-        lines = [
-            "# written by tests.e2e.netns: a cluster of network namespaces", "[cluster]",
-            'name = "e2e"', f'secret_file = "{secret}"',
-            f"heartbeat_interval_ms = {self.interval_ms}",
-            f"dead_after_ms = {self.dead_after_ms}", 'quorum = "majority"', "",
-            "[state]", 'dir = "state/{node}"', "",
-            "[floating_ip]", 'backend = "ip"', f"arping_count = {self.arping_count}",
-            "timeout_ms = 5000", "",
-            *(["[fencing]", "command = [" + ", ".join(json.dumps(a) for a in
-                                                     self.fence_command) + "]",
-               f"timeout_ms = {self.fence_timeout_ms}", "required = true", ""]
-              if self.fence_command else []),
-            "[tls]", 'ca = "pki/ca.crt"', 'cert = "pki/{node}.crt"', 'key = "pki/{node}.key"',
-            ""]
-        for net in self.networks:
-            lines += ["[[network]]", f'name = "{net}"', f"port = {hb_port}", ""]
+        doc: dict[str, Any] = {
+            "cluster": {"name": "e2e", "secret_file": str(secret),
+                        "heartbeat_interval_ms": self.interval_ms,
+                        "dead_after_ms": self.dead_after_ms, "quorum": "majority"},
+            "state": {"dir": "state/{node}"},
+            "floating_ip": {"backend": "ip", "arping_count": self.arping_count,
+                            "timeout_ms": 5000}}
+        if self.fence_command:
+            doc["fencing"] = {"command": list(self.fence_command),
+                              "timeout_ms": self.fence_timeout_ms, "required": True}
+        doc["tls"] = TLS_FILES
+        doc["network"] = [{"name": net, "port": hb_port} for net in self.networks]
+        doc["node"] = []
         for node in self.nodes:
-            esl_port = int(node.sim_ports["esl"]["port"])
-            addresses = ", ".join(f'{net} = "{self.net_address(net, node.index)}"'
-                                  for net in self.networks)
-            lines += ["[[node]]", f'name = "{node.name}"',
-                      f"priority = {100 if node.index <= self.slot_count else 50}",
-                      f"address = {{ {addresses} }}",
-                      f'stream = "{self.net_address("A", node.index)}:{stream_port}"',
-                      f'status = "127.0.0.1:{status_port}"',
-                      f'esl = {{ host = "127.0.0.1", port = {esl_port}, '
-                      f'password = "ClueCon", timeout_ms = 1000, '
-                      f'core_db = "{self.db_path(node)}" }}', ""]
+            doc["node"].append({
+                "name": node.name, "priority": 100 if node.index <= self.slot_count else 50,
+                "address": {net: self.net_address(net, node.index) for net in self.networks},
+                "stream": f"{self.net_address('A', node.index)}:{stream_port}",
+                "status": f"127.0.0.1:{status_port}",
+                "esl": {"host": "127.0.0.1", "port": int(node.sim_ports["esl"]["port"]),
+                        "password": "ClueCon", "timeout_ms": 1000,
+                        "core_db": str(self.db_path(node))}})
             node.status_url = f"http://127.0.0.1:{status_port}/status"
+        doc["slot"] = []
         for s in range(1, self.slot_count + 1):
             name, ip, _ = self.slot_profile(s)
-            lines += ["[[slot]]", f'name = "{name}"', f'profiles = ["{name}"]',
-                      f'ip = [{{ address = "{ip}/24", interface = "ethC" }}]', ""]
-        self.config_path.write_text("\n".join(lines))
+            doc["slot"].append({"name": name, "profiles": [name],
+                                "ip": [{"address": f"{ip}/24", "interface": "ethC"}]})
+        self.config_path.write_text(tomlout.dumps(
+            doc, header="written by tests.e2e.netns: a cluster of network namespaces"))
         check = subprocess.run([*FSHA, "check-config", str(self.config_path)],
                                capture_output=True, text=True, timeout=60)
         if check.returncode != 0:
