@@ -354,7 +354,8 @@ class OperationsClusterTests(SynchronousTestCase):
         notify_log = cluster.dir / f"notify-{new}.log"
         runs = wait_for("the notify hook's run for the takeover", lambda: [
             r for r in map(json.loads, notify_log.read_text().splitlines())
-            if r["argv"][0] == "takeover-acquire"], 60)
+            if r["argv"][:1] + r["argv"][2:] == ["takeover-acquire", "slot1", str(epoch)]],
+            60)
         self.assertEqual(runs[0]["argv"], ["takeover-acquire", new, "slot1", str(epoch)])
         self.assertEqual(runs[0]["takeover"], tid)
 
