@@ -240,7 +240,8 @@ class StaticRecords:
         self.hang = False
         self.asked: list[tuple[str, str | None]] = []
 
-    def rows_for(self, slot: SlotConfig, previous: NodeConfig | None) -> Any:
+    def rows_for(self, slot: SlotConfig, previous: NodeConfig | None,
+                 progress: Any = None) -> Any:
         self.asked.append((slot.name, previous.name if previous else None))
         if self.hang:
             return Deferred()
@@ -608,7 +609,7 @@ class FailureTests(SynchronousTestCase):
 
     def test_records_fail_and_time_out(self) -> None:
         s = Scenario(self)
-        s.records.rows_for = lambda slot, prev: 1 / 0  # type: ignore[method-assign]
+        s.records.rows_for = lambda slot, prev, progress: 1 / 0  # type: ignore[method-assign]
         self.assertIn("division", self.acquire_fails(s, "records"))
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)  # a bug: traced
         self.assert_rolled_back(s, "records")
@@ -1804,7 +1805,7 @@ class DeadMasterRecords:
     def __init__(self, paths: dict[str, str]) -> None:
         self.paths = paths
 
-    def rows_for(self, slot: SlotConfig, previous: NodeConfig | None
+    def rows_for(self, slot: SlotConfig, previous: NodeConfig | None, progress: Any = None
                  ) -> tuple[list[RecoveryRow], list[RegistrationRow]]:
         if previous is None:
             return [], []
