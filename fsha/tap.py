@@ -324,7 +324,8 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         floating, reactor, esl=esl,
         db=CoreDBWriter(me.core_db, ThreadRunner(reactor),
                         registration_db=me.registration_db_for) if me.core_db else None,
-        records=ReplicatedRecords(replication.state) if replication is not None else None,
+        records=(ReplicatedRecords(replication.state, reactor) if replication is not None
+                 else None),
         timeouts=timeouts, fencing=config.fencing, me=me,
         recover_batch=config.takeover.recover_batch, hot_standby=hot_standby, egress=egress)
     budget = max(timeouts.acquire_budget(slot, hot_standby) for slot in config.slots)
