@@ -1,122 +1,10 @@
-"""What owning a slot means for this node: the timed, rolled-back takeover sequence.
+"""The effects of owning a slot: :class:`SlotEffects`, the acquire and release sequences
+(docs/takeover.rst specifies every step).
 
-:class:`SlotEffects` implements ``fsha.node.SlotActions``. The node calls
-:meth:`SlotEffects.acquire` when it claims a slot (after its quorum and maintenance checks
-and the takeover announcement) and :meth:`SlotEffects.release` when it gives the slot up or
-rolls back a failed claim. Every step has its own timeout and its duration is recorded in a
-:class:`TakeoverReport` (``last_report``, ``reports``, :meth:`SlotEffects.add_report_listener`).
-
-Acquire (a failed *fatal* step fails ``acquire``; the node then calls ``release``)
-------------------------------------------------------------------------------------
-
-1. ``self_check`` (fatal): this node's FreeSWITCH answers ``api status`` within
-   ``TakeoverTimeouts.self_check`` and says ``is ready``. A node whose FreeSWITCH does not is
-   not fit to take the calls: the acquisition fails, the node marks itself unfit and the
-   next candidate proceeds. Skipped without an ESL client.
-2. ``fence`` (fatal if ``[fencing] required``, else a warning): makes sure the previous
-   master is dead before its addresses move here. The contract of the fencing command:
-   it is run once, through the :class:`~fsha.process.ProcessRunner` (never a shell), as
-   ``COMMAND... fence NODE`` where ``NODE`` is the previous master's name, and is given
-   ``[fencing] timeout_ms``; **exit 0 means NODE is fenced** (powered off, isolated from
-   the networks, or its FreeSWITCH killed: whatever the operator's setup guarantees, it can
-   no longer answer on the slot's addresses). Any other exit code, a command that cannot be
-   run, or one still running at the timeout (it is then killed: SIGTERM, then SIGKILL) is a
-   failed fence. Its output is not parsed (the first stderr line appears in the report;
-   the count ``exit_code`` is negative for a signal). The step's own bound is
-   :func:`fence_bound` (the timeout plus the runner's time to kill and reap). Skipped with
-   no command configured, on a fresh claim (no previous master), when the previous master
-   released the slot itself (``acquire(..., fence=False)``: a planned switchover or
-   hand-over), and against this node itself (``me``). A node that died claiming the slot
-   (``acquire(..., claimers=[...])``: it may hold the addresses and a started profile) is
-   fenced too, side by side with the previous master, in the same step and bound; it is
-   fenced even when the previous master handed the slot over.
-3. ``floating_ips`` (fatal): the slot's addresses up through the floating-IP backend.
-4. ``records`` (fatal): the dead master's replicated rows (:class:`SlotRecords`), kept only
-   for the slot's profiles (``technology`` ``sofia``; one row per call UUID) and, for
-   registrations, only those not yet expired.
-5. ``recovery_rows`` (fatal): ``global_getvar core_uuid``, the rows planned in batches of
-   ``recover_batch`` (:mod:`fsha.recovery`: the first batch of each profile first), then
-   the first batch of each profile written into the local core DB (``recovery``) in one
-   transaction on the DB thread, keeping the dead master's ``runtime_uuid`` (see
-   :mod:`fsha.fsdb`). Before it, the slot's rows of every other runtime (ghosts: this
-   FreeSWITCH killed with calls once, the slot failing back to it now) are purged
-   (count ``purged``), with or without calls to take over. A node that cannot write them
-   is not fit to take the calls; the next candidate may be. Without a configured
-   ``core_db`` the step is a *warning* (the slot is served, its calls are not recovered).
-6. ``profiles`` (fatal): ``sofia profile P start`` for each profile (its text is printed
-   even when binding fails), then ``sofia status`` is polled until every profile is listed
-   ``RUNNING`` (FreeSWITCH lists a running profile only; one that failed to bind is
-   missing). A profile whose URL is not on one of the slot's addresses is a warning.
-   With hot standby profiles they already run (from boot): one ``sofia status`` shows it
-   and nothing is started (``already_running``); one that does not run is started as
-   above.
-7. ``egress`` (fatal; only with hot standby profiles, ``[takeover] profiles =
-   "hot_standby"``): the host's egress fence (:mod:`fsha.egress`) read back must cover
-   every address of the slot: once this node releases the slot again, the BYEs of the
-   calls it hangs up must not leave from an address it no longer holds. A node whose
-   fence is gone (a firewall's ``flush ruleset``) does not take the slot: it rolls back
-   before any call is recovered. The read (an ``nft`` run, 30-60 ms here) starts with the
-   acquire and runs beside the steps above; this step only waits for its answer.
-8. ``recover`` (fatal until calls are back): per batch, its rows written (the first ones
-   already are), then ``sofia profile P recover`` (which also clears standby; FreeSWITCH
-   rewrites the recovered rows under its own runtime, so each recover sees only the new
-   batch). Every batch has its own bounds (``db`` to write, ``recover`` to recover) and
-   the step's timeout counts from the last batch done: a big slot takes as long as it
-   takes while batches keep coming back, a stalled batch ends it. Until a batch has
-   brought calls back, a failure fails the step; once calls are live here, a failed or
-   stalled batch is a *warning* naming the calls not recovered and the takeover
-   completes: a rollback would hang up every call already recovered. The slot is served
-   (addresses up, profiles running) from the first batch on; the node announces itself
-   master only after the last batch (and the registrations): until then a second failure
-   is taken over from the original master's records, which hold every call. The reported
-   counts are compared with the rows written per profile. A mismatch is a *warning*,
-   not a failure: fewer means some rows could not be recovered here (bad metadata, an
-   RTP port in use) and the next candidate would read the same rows; more means rows of
-   another runtime reached the table after the purge (step 5). Counts: ``batches``,
-   ``batches_done``, ``written`` (rows written by this step: all but the first
-   batches), ``recovered``, ``expected``, ``first_call_ms`` (from the acquire's start to
-   the first batch with calls back; also in the acquire's event), ``not_recovered``
-   (after a stalled batch).
-9. ``registrations`` (never fatal: the calls are already up): the rows written into
-   ``sip_registrations`` with this FreeSWITCH's hostname (``global_getvar switchname``,
-   else ``hostname``: sofia expires rows per hostname), then, if ``hash_realm`` is set, one
-   ``hash insert/REALM/USER@HOST/PROFILE`` per registered user (up to ``hash_window``
-   commands in flight). The hash lets this node's dialplan find which slot profile holds a
-   user's registration, e.g. ``sofia_contact ${hash(select/fsha_reg/1000@example.com)}/
-   1000@example.com``. It is per FreeSWITCH; the entries of a slot's users appear on the
-   node that restored them.
-
-Release (never fails; every step bounded, failures logged and reported)
------------------------------------------------------------------------
-
-1. ``floating_ips``: the addresses down first, so that nothing a stopping profile sends
-   (BYEs of its calls) leaves from the slot's addresses; the successor recovers the calls.
-2. ``profiles``: with hot standby profiles, ``hupall MANAGER_REQUEST sofia_profile_name
-   P``: the calls end here (their BYEs cannot leave: the address is gone, and the egress
-   fence drops them) and the profile keeps running for the next takeover. Classic:
-   ``sofia profile P stop``. ``Invalid Profile`` means it was not running
-   (fine). FreeSWITCH refuses to stop a profile started less than 10 s ago: then
-   ``sofia global standby on`` (new requests get ``503``; FreeSWITCH has no per-profile
-   standby command, so this pauses every profile of this FreeSWITCH until the stop) and
-   the stop is retried once the 10 s are over (at most :data:`STOP_RETRIES` times), then
-   ``sofia global standby off``. Acquiring the slot again cancels the retry (``recover``
-   clears the profile's standby). A stop FreeSWITCH does not answer (dead, hung, the ESL
-   connection down) is a warning (count ``unanswered``) and is tried again every
-   :data:`STOP_UNANSWERED_INTERVAL` seconds, at most :data:`STOP_UNANSWERED_RETRIES`
-   times: a FreeSWITCH back from a SIGSTOP or a stall still serves the profile and
-   copies of the calls the successor has recovered.
-3. ``rollback`` (only when the acquisition did not complete): the recovery rows written and
-   not consumed are deleted (by ``uuid`` and the dead master's ``runtime_uuid``: never a
-   row of this FreeSWITCH), and so are the registrations and hash entries restored.
-   After a completed acquisition the rows are FreeSWITCH's own business.
-
-The report of a release that undoes an incomplete acquisition has the action ``rollback``.
-:meth:`SlotEffects.stop` cancels pending delayed stops (process shutdown).
-
-Every step's timeout is in :class:`TakeoverTimeouts` and counts from the step's last
-progress; :meth:`TakeoverTimeouts.acquire_budget` bounds a stretch without progress (the
-node's claim timeout, which counts from :meth:`SlotEffects.claim_progress`).
-"""
+Over 600 lines on purpose: the acquire steps, their rollback (release) and the deferred
+profile stops share one object's state (the slot's pending stops, the standby flag, the
+reports, the progress deadline); split by step, each part would reach into the others.
+The report, the records and the timeouts live beside it in this package."""
 
 from __future__ import annotations
 
@@ -124,7 +12,7 @@ import re
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, inlineCallbacks
@@ -133,64 +21,33 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from fsha.config import ClusterConfig, FencingConfig, NodeConfig, SlotConfig
+from fsha.config import FencingConfig, NodeConfig, SlotConfig
 from fsha.egress import EgressFence, FenceStatus
 from fsha.esl import ESLError
 from fsha.floating import FloatingIPBackend, FloatingIPError
-from fsha.fsapi import (
-    ApiRunner,
-    FSApi,
-    FSApiError,
-    ProfileNotFound,
-    ProfileTooYoung,
-    parse_status,
-)
+from fsha.fsapi import ApiRunner, FSApi, FSApiError, ProfileNotFound, ProfileTooYoung, parse_status
 from fsha.fsdb import (
     FOREIGN_RUNTIME_PREFIX,
     CoreDBError,
     CoreDBWriter,
-    RecordValueError,
     RecoveryRow,
     RegistrationRow,
-    decode_call_row,
-    decode_registration,
 )
-from fsha.process import (
-    DRAIN,
-    KILL_GRACE,
-    ProcessError,
-    ProcessFailed,
-    ProcessRunner,
-    ProcessTimeout,
-)
+from fsha.process import ProcessError, ProcessFailed, ProcessRunner, ProcessTimeout
 from fsha.recovery import DEFAULT_RECOVER_BATCH, Batch, plan_batches
-from fsha.wire.stream import Kind
-
-__all__ = [
-    "FAILED",
-    "OK",
-    "SKIPPED",
-    "STOP_RETRIES",
-    "WARNING",
-    "NoRecords",
-    "RecoveryRow",
-    "RegistrationRow",
-    "ReplicatedRecords",
-    "SlotEffects",
-    "SlotRecords",
-    "StepResult",
-    "TakeoverReport",
-    "TakeoverStepError",
-    "TakeoverTimeouts",
-    "fence_bound",
-]
+from fsha.takeover.records import NoRecords, SlotRecords
+from fsha.takeover.report import (
+    FAILED,
+    OK,
+    SKIPPED,
+    WARNING,
+    StepResult,
+    TakeoverReport,
+    TakeoverStepError,
+)
+from fsha.takeover.timeouts import PROFILE_GUARD_SECONDS, TakeoverTimeouts, fence_bound
 
 log = Logger(namespace="fsha.takeover")
-
-OK = "ok"
-WARNING = "warning"  # done, with something to look at (counts differ, a part failed)
-FAILED = "failed"
-SKIPPED = "skipped"
 
 STOP_RETRIES = 3
 #: A stop FreeSWITCH did not answer (dead, hung, reconnecting) is tried again every
@@ -199,271 +56,12 @@ STOP_RETRIES = 3
 #: calls the successor now serves.
 STOP_UNANSWERED_INTERVAL = 2.0
 STOP_UNANSWERED_RETRIES = 30
-PROFILE_GUARD_SECONDS = 10.0  # FreeSWITCH: "must be up for at least 10 seconds"
 #: registrations written per transaction (a few ms each; FreeSWITCH's own writers wait
 #: behind it at most that long)
 REGISTRATION_PAGE = 2000
-#: replicated records decoded per reactor turn by a takeover (ReplicatedRecords): ~10 ms
-RECORDS_CHUNK = 1000
 _PLEASE_WAIT = re.compile(r"Please wait (\d+) second")
 
 
-class TakeoverStepError(Exception):
-    """A fatal step of the acquire sequence failed (the node rolls back)."""
-
-    def __init__(self, step: str, reason: str) -> None:
-        super().__init__(f"{step}: {reason}")
-        self.step = step
-        self.reason = reason
-
-
-# ---------------------------------------------------------------------------------------
-# Reports
-
-
-@dataclass(slots=True)
-class StepResult:
-    name: str
-    outcome: str  # OK, WARNING, FAILED, SKIPPED
-    ms: float
-    counts: dict[str, int] = field(default_factory=dict)
-    error: str | None = None  # what failed, or the warning
-
-    @property
-    def ok(self) -> bool:
-        return self.outcome != FAILED
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "outcome": self.outcome, "ms": round(self.ms, 3),
-                "counts": dict(self.counts), "error": self.error}
-
-
-@dataclass(slots=True)
-class TakeoverReport:
-    """One acquire or release of a slot: per step, name, duration, outcome and counts."""
-
-    action: str  # "acquire" | "release"
-    slot: str
-    epoch: int
-    previous: str | None  # the dead master (acquire)
-    started: float  # clock time
-    steps: list[StepResult] = field(default_factory=list)
-    ok: bool = True
-    error: str | None = None
-    total_ms: float = 0.0
-    finished: bool = False
-    handover: bool = False  # acquire: the previous master handed the slot over itself
-
-    def step(self, name: str) -> StepResult | None:
-        for s in self.steps:
-            if s.name == name:
-                return s
-        return None
-
-    @property
-    def warnings(self) -> list[str]:
-        return [f"{s.name}: {s.error}" for s in self.steps if s.outcome == WARNING]
-
-    def count(self, step: str, name: str, default: int = 0) -> int:
-        s = self.step(step)
-        return s.counts.get(name, default) if s is not None else default
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"action": self.action, "slot": self.slot, "epoch": self.epoch,
-                "previous": self.previous, "ok": self.ok, "error": self.error,
-                "total_ms": round(self.total_ms, 3),
-                "steps": [s.as_dict() for s in self.steps]}
-
-    def as_event(self) -> dict[str, Any]:
-        """A compact form for the node's event list and the demo's timeline."""
-        event: dict[str, Any] = {
-            "action": self.action, "slot": self.slot, "epoch": self.epoch, "ok": self.ok,
-            "total_ms": round(self.total_ms, 1),
-            "steps_ms": {s.name: round(s.ms, 1) for s in self.steps}}
-        if self.action == "acquire":
-            # the first batches are written by recovery_rows, the others by recover
-            event.update(calls_written=self.count("recovery_rows", "written")
-                         + self.count("recover", "written"),
-                         calls_recovered=self.count("recover", "recovered"),
-                         registrations_restored=self.count("registrations", "written"))
-            first = self.step("recover")
-            if first is not None and "first_call_ms" in first.counts:
-                # from the acquire's start to the first recovered batch (issue 16's goal)
-                event["first_call_ms"] = first.counts["first_call_ms"]
-        if self.error is not None:
-            event["error"] = self.error
-        warnings = self.warnings
-        if warnings:
-            event["warnings"] = warnings
-        return event
-
-    def summary(self) -> str:
-        parts = []
-        for s in self.steps:
-            counts = ",".join(f"{k}={v}" for k, v in s.counts.items())
-            parts.append(f"{s.name} {s.outcome} {s.ms:.1f}ms" + (f" [{counts}]" if counts
-                                                                  else ""))
-        return "; ".join(parts)
-
-
-# ---------------------------------------------------------------------------------------
-# Where the dead master's rows come from
-
-
-class SlotRecords(Protocol):
-    """The replicated rows a successor of ``previous`` needs for ``slot``."""
-
-    def rows_for(self, slot: SlotConfig, previous: NodeConfig | None,
-                 progress: Callable[[], None] | None = None
-                 ) -> (tuple[list[RecoveryRow], list[RegistrationRow]]
-                       | Deferred[tuple[list[RecoveryRow], list[RegistrationRow]]]):
-        """The rows, or a Deferred of them; ``progress`` is called after each part read
-        (the ``records`` step's timeout counts from it)."""
-        ...
-
-
-class NoRecords:
-    """No replication (yet): a takeover brings up the slot with no calls to recover."""
-
-    def rows_for(self, slot: SlotConfig, previous: NodeConfig | None,
-                 progress: Callable[[], None] | None = None
-                 ) -> tuple[list[RecoveryRow], list[RegistrationRow]]:
-        return [], []
-
-
-class ReplicatedRecords:
-    """:class:`SlotRecords` from a :class:`fsha.replication.state.ReplicatedState`.
-
-    The records of origin ``previous`` for the slot: ``Kind.CALL`` values decoded with
-    :func:`fsha.fsdb.decode_call_row`, ``Kind.REGISTRATION`` with
-    :func:`~fsha.fsdb.decode_registration`; plus the records its previous
-    incarnation left (retired) that the current one does not hold. A value that does not
-    decode is skipped and counted (``rejected``).
-
-    With a ``clock``, the values are decoded ``chunk`` records per reactor turn (a
-    Deferred of the rows): decoding 10,000 calls and 100,000 registrations at once blocks
-    the reactor for seconds, longer than the failure detector's ``dead_after``, so the
-    claiming node's heartbeats stop and its peers (or it, reading late) end the claim.
-    """
-
-    def __init__(self, state: Any, clock: IReactorTime | None = None,
-                 chunk: int = RECORDS_CHUNK) -> None:
-        self.state = state  # fsha.replication.state.ReplicatedState
-        self.clock = clock
-        self.chunk = max(1, chunk)
-        self.rejected = 0
-
-    def _records(self, slot: SlotConfig, previous: NodeConfig) -> list[Any]:
-        origin = previous.node_id
-        live = list(self.state.records(origin=origin, slot=slot.slot_id))
-        held = {(r.kind, r.key) for r in live}
-        live.extend(r for r in self.state.retired(origin)
-                    if r.slot == slot.slot_id and (r.kind, r.key) not in held)
-        return live
-
-    def _decode(self, records: Sequence[Any], previous: NodeConfig,
-                calls: list[RecoveryRow], regs: list[RegistrationRow]) -> None:
-        for record in records:
-            try:
-                if record.kind is Kind.CALL:
-                    calls.append(decode_call_row(record.value))
-                elif record.kind is Kind.REGISTRATION:
-                    regs.append(decode_registration(record.value))
-            except RecordValueError as e:
-                self.rejected += 1
-                log.warn("replicated {kind} record {key} of {node} skipped: {error}",
-                         kind=record.kind.name, key=record.key, node=previous.name,
-                         error=str(e))
-
-    def rows_for(self, slot: SlotConfig, previous: NodeConfig | None,
-                 progress: Callable[[], None] | None = None
-                 ) -> (tuple[list[RecoveryRow], list[RegistrationRow]]
-                       | Deferred[tuple[list[RecoveryRow], list[RegistrationRow]]]):
-        if previous is None:
-            return [], []
-        records = self._records(slot, previous)
-        calls: list[RecoveryRow] = []
-        regs: list[RegistrationRow] = []
-        if self.clock is None:
-            self._decode(records, previous, calls, regs)
-            return calls, regs
-        return self._paced(records, previous, calls, regs, progress)
-
-    @inlineCallbacks
-    def _paced(self, records: list[Any], previous: NodeConfig, calls: list[RecoveryRow],
-               regs: list[RegistrationRow], progress: Callable[[], None] | None
-               ) -> Generator[Any, Any, tuple[list[RecoveryRow], list[RegistrationRow]]]:
-        assert self.clock is not None
-        for start in range(0, len(records), self.chunk):
-            self._decode(records[start:start + self.chunk], previous, calls, regs)
-            if progress is not None:
-                progress()
-            if start + self.chunk < len(records):
-                # the reactor's turn: timers (heartbeats, the detector) and sockets
-                yield deferLater(self.clock, 0, lambda: None)
-        return calls, regs
-
-
-# ---------------------------------------------------------------------------------------
-# Timeouts
-
-
-def fence_bound(timeout: float, kill_grace: float = KILL_GRACE, drain: float = DRAIN) -> float:
-    """The longest the fence step can take: the command's ``timeout``, then the runner's
-    SIGTERM-to-SIGKILL grace and its wait for the killed process (see :mod:`fsha.process`)."""
-    return timeout + 2 * kill_grace + drain
-
-
-@dataclass(frozen=True, slots=True)
-class TakeoverTimeouts:
-    floating: float = 5.0  # floating IPs up / down
-    esl: float = 2.0  # one ordinary ESL command (start, stop, status, getvar, hash)
-    records: float = 2.0  # reading the replicated rows
-    db: float = 5.0  # one core-DB write (10,000 rows take ~0.1 s; FreeSWITCH may hold locks)
-    confirm: float = 3.0  # a started profile listed RUNNING in `sofia status`
-    recover: float = 10.0  # one batch's `sofia profile P recover` (fsha.recovery)
-    registrations: float = 5.0  # the whole registrations step
-    poll: float = 0.05  # between two `sofia status` polls
-    # a profile this node stopped is released asynchronously by sofia (its socket freed,
-    # then UNPUBLISH): a start before that answers success yet cannot bind for 17 s+.
-    # How long a start waits for the UNPUBLISH of a stop this node issued.
-    stop_settle: float = 15.0
-    self_check: float = 2.0  # `api status` answered, "is ready"
-    fence: float = 0.0  # the fence step, fence_bound(command timeout); 0: derived, or none
-
-    @classmethod
-    def from_config(cls, config: ClusterConfig, me: NodeConfig, **overrides: float
-                    ) -> TakeoverTimeouts:
-        values: dict[str, float] = {"floating": config.floating_ip.timeout,
-                                    "esl": me.esl.timeout, "self_check": me.esl.timeout,
-                                    "recover": config.takeover.recover_timeout}
-        if config.fencing is not None:
-            values["fence"] = fence_bound(config.fencing.timeout)
-        values.update(overrides)
-        return cls(**values)
-
-    def acquire_budget(self, slot: SlotConfig, hot_standby: bool = False) -> float:
-        """A bound on how long an acquire of ``slot`` goes without progress with these
-        timeouts (the node's claim timeout, counted from the last progress: see
-        :meth:`SlotEffects.claim_progress`). The recovery of the calls is one batch
-        (``db`` + ``recover``) per progress, whatever the slot's size. ``hot_standby``:
-        the ``egress`` step too (one ``nft`` run, bounded like a floating-IP command)."""
-        n = len(slot.profiles)
-        return (self.floating * hot_standby + self.self_check + self.fence + self.floating
-                + self.records + self.esl
-                + self.db + self.esl * (n + 1) + self.confirm + self.stop_settle
-                + self.db + self.recover + self.esl + self.registrations)
-
-    def release_budget(self, slot: SlotConfig) -> float:
-        return self.floating + self.esl * (len(slot.profiles) + 2) + self.db + self.esl
-
-    def stop_budget(self) -> float:
-        """The longest :meth:`SlotEffects.stop` waits for deferred profile stops."""
-        return PROFILE_GUARD_SECONDS + 1.0 + 3 * self.esl
-
-
-# ---------------------------------------------------------------------------------------
-# The effects
 
 
 class _Step:
@@ -1655,3 +1253,4 @@ def _hash_token(value: str) -> bool:
 def _expected(failure: Failure) -> bool:
     """Errors of the outside world (ESL, DB, floating IPs): logged as warnings, no trace."""
     return bool(failure.check(ESLError, CoreDBError, FloatingIPError, ProcessError))
+
