@@ -46,6 +46,11 @@ Host set-up for the ``ip`` backend: ``net.ipv4.conf.IF.promote_secondaries=1`` (
 VIP that happens to be the primary address of its subnet deletes the other addresses of that
 subnet too; ``cleanup`` warns), and optionally ``net.ipv4.ip_nonlocal_bind=1`` so sofia
 profiles can be started on a VIP before it is held.
+
+Why about 800 lines: the netlink backend is the subprocess backend with its two commands
+replaced (it falls back to them where the kernel socket cannot be opened, and shares their
+error rules, the pending-ARP bookkeeping and ``cleanup``'s parser); splitting them apart
+would split one contract over two files.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ through the ``write`` function it was given, the link is dropped through ``close
 comes from an injected clock. The service glues it to a :class:`~fsha.replication.link.
 LinkProtocol` and registers it as the link transport's push producer.
 
+Why about 700 lines: serving and receiving share one set of positions, the flow control and
+the snapshot hand-over of one link; the pieces that stand alone (the write times, the live
+batches) are already classes of their own.
+
 Serving (the sending half)
 --------------------------
 After both HELLOs, for every origin this node knows that the peer lacks, the session keeps a
