@@ -203,6 +203,8 @@ PROFILE_GUARD_SECONDS = 10.0  # FreeSWITCH: "must be up for at least 10 seconds"
 #: registrations written per transaction (a few ms each; FreeSWITCH's own writers wait
 #: behind it at most that long)
 REGISTRATION_PAGE = 2000
+#: replicated records decoded per reactor turn by a takeover (ReplicatedRecords): ~10 ms
+RECORDS_CHUNK = 1000
 _PLEASE_WAIT = re.compile(r"Please wait (\d+) second")
 
 
@@ -311,14 +313,20 @@ class TakeoverReport:
 class SlotRecords(Protocol):
     """The replicated rows a successor of ``previous`` needs for ``slot``."""
 
-    def rows_for(self, slot: SlotConfig, previous: NodeConfig | None
-                 ) -> tuple[list[RecoveryRow], list[RegistrationRow]]: ...
+    def rows_for(self, slot: SlotConfig, previous: NodeConfig | None,
+                 progress: Callable[[], None] | None = None
+                 ) -> (tuple[list[RecoveryRow], list[RegistrationRow]]
+                       | Deferred[tuple[list[RecoveryRow], list[RegistrationRow]]]):
+        """The rows, or a Deferred of them; ``progress`` is called after each part read
+        (the ``records`` step's timeout counts from it)."""
+        ...
 
 
 class NoRecords:
     """No replication (yet): a takeover brings up the slot with no calls to recover."""
 
-    def rows_for(self, slot: SlotConfig, previous: NodeConfig | None
+    def rows_for(self, slot: SlotConfig, previous: NodeConfig | None,
+                 progress: Callable[[], None] | None = None
                  ) -> tuple[list[RecoveryRow], list[RegistrationRow]]:
         return [], []
 
@@ -331,24 +339,31 @@ class ReplicatedRecords:
     :func:`~fsha.fsdb.decode_registration`; plus the records its previous
     incarnation left (retired) that the current one does not hold. A value that does not
     decode is skipped and counted (``rejected``).
+
+    With a ``clock``, the values are decoded ``chunk`` records per reactor turn (a
+    Deferred of the rows): decoding 10,000 calls and 100,000 registrations at once blocks
+    the reactor for seconds, longer than the failure detector's ``dead_after``, so the
+    claiming node's heartbeats stop and its peers (or it, reading late) end the claim.
     """
 
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: Any, clock: IReactorTime | None = None,
+                 chunk: int = RECORDS_CHUNK) -> None:
         self.state = state  # fsha.replication.state.ReplicatedState
+        self.clock = clock
+        self.chunk = max(1, chunk)
         self.rejected = 0
 
-    def rows_for(self, slot: SlotConfig, previous: NodeConfig | None
-                 ) -> tuple[list[RecoveryRow], list[RegistrationRow]]:
-        if previous is None:
-            return [], []
+    def _records(self, slot: SlotConfig, previous: NodeConfig) -> list[Any]:
         origin = previous.node_id
         live = list(self.state.records(origin=origin, slot=slot.slot_id))
         held = {(r.kind, r.key) for r in live}
-        retired = [r for r in self.state.retired(origin)
-                   if r.slot == slot.slot_id and (r.kind, r.key) not in held]
-        calls: list[RecoveryRow] = []
-        regs: list[RegistrationRow] = []
-        for record in live + retired:
+        live.extend(r for r in self.state.retired(origin)
+                    if r.slot == slot.slot_id and (r.kind, r.key) not in held)
+        return live
+
+    def _decode(self, records: Sequence[Any], previous: NodeConfig,
+                calls: list[RecoveryRow], regs: list[RegistrationRow]) -> None:
+        for record in records:
             try:
                 if record.kind is Kind.CALL:
                     calls.append(decode_call_row(record.value))
@@ -359,6 +374,33 @@ class ReplicatedRecords:
                 log.warn("replicated {kind} record {key} of {node} skipped: {error}",
                          kind=record.kind.name, key=record.key, node=previous.name,
                          error=str(e))
+
+    def rows_for(self, slot: SlotConfig, previous: NodeConfig | None,
+                 progress: Callable[[], None] | None = None
+                 ) -> (tuple[list[RecoveryRow], list[RegistrationRow]]
+                       | Deferred[tuple[list[RecoveryRow], list[RegistrationRow]]]):
+        if previous is None:
+            return [], []
+        records = self._records(slot, previous)
+        calls: list[RecoveryRow] = []
+        regs: list[RegistrationRow] = []
+        if self.clock is None:
+            self._decode(records, previous, calls, regs)
+            return calls, regs
+        return self._paced(records, previous, calls, regs, progress)
+
+    @inlineCallbacks
+    def _paced(self, records: list[Any], previous: NodeConfig, calls: list[RecoveryRow],
+               regs: list[RegistrationRow], progress: Callable[[], None] | None
+               ) -> Generator[Any, Any, tuple[list[RecoveryRow], list[RegistrationRow]]]:
+        assert self.clock is not None
+        for start in range(0, len(records), self.chunk):
+            self._decode(records[start:start + self.chunk], previous, calls, regs)
+            if progress is not None:
+                progress()
+            if start + self.chunk < len(records):
+                # the reactor's turn: timers (heartbeats, the detector) and sockets
+                yield deferLater(self.clock, 0, lambda: None)
         return calls, regs
 
 
@@ -949,7 +991,7 @@ class SlotEffects:
 
     def _load(self, slot: SlotConfig, previous: NodeConfig | None, step: _Step
               ) -> Deferred[tuple[list[RecoveryRow], list[RegistrationRow]]]:
-        d = defer.maybeDeferred(self.records.rows_for, slot, previous)
+        d = defer.maybeDeferred(self.records.rows_for, slot, previous, step.progress)
 
         def select(rows: tuple[Sequence[RecoveryRow], Sequence[RegistrationRow]]
                    ) -> tuple[list[RecoveryRow], list[RegistrationRow]]:

@@ -240,7 +240,8 @@ class StaticRecords:
         self.hang = False
         self.asked: list[tuple[str, str | None]] = []
 
-    def rows_for(self, slot: SlotConfig, previous: NodeConfig | None) -> Any:
+    def rows_for(self, slot: SlotConfig, previous: NodeConfig | None,
+                 progress: Any = None) -> Any:
         self.asked.append((slot.name, previous.name if previous else None))
         if self.hang:
             return Deferred()
@@ -608,7 +609,7 @@ class FailureTests(SynchronousTestCase):
 
     def test_records_fail_and_time_out(self) -> None:
         s = Scenario(self)
-        s.records.rows_for = lambda slot, prev: 1 / 0  # type: ignore[method-assign]
+        s.records.rows_for = lambda slot, prev, progress: 1 / 0  # type: ignore[method-assign]
         self.assertIn("division", self.acquire_fails(s, "records"))
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)  # a bug: traced
         self.assert_rolled_back(s, "records")
@@ -1616,6 +1617,34 @@ class ReplicatedRecordsTests(SynchronousTestCase):
         self.assertEqual(sorted(c.uuid for c in calls), ["u1", "u2"])
         self.assertEqual(len(regs), 1)
 
+    def test_a_big_slot_is_decoded_a_chunk_per_reactor_turn(self) -> None:
+        # 10,000 calls + 100,000 registrations decoded at once blocked the reactor for
+        # 4-7 s (bench/memory.py): past dead_after, so the claim was cancelled 10 times.
+        from fsha.fsdb import CallRow, encode_call_row
+        from fsha.replication.state import ReplicatedState
+        from fsha.wire.stream import Change, Kind, Op
+
+        clock = Clock()
+        state = ReplicatedState(clock, 2, 1)
+        for i in range(10):
+            state.apply(Change(0, 7, i + 1, 0, Kind.CALL, f"u{i}", Op.PUT, encode_call_row(
+                CallRow("rt-a", "sofia", PROFILE, "fs1", f"u{i}", b"<cdr/>")), 0))
+        records = ReplicatedRecords(state, clock, chunk=3)
+        turns: list[int] = []
+        progress: list[int] = []
+        clock.callLater(0, lambda: turns.append(len(progress)))  # e.g. a heartbeat
+        d = records.rows_for(SLOT, DEAD, lambda: progress.append(1))
+        self.assertIsInstance(d, Deferred)
+        self.assertNoResult(d)  # the first chunk only: the reactor runs before the rest
+        self.assertEqual(len(progress), 1)
+        for _ in range(3):
+            clock.advance(0)
+        calls, regs = self.successResultOf(d)
+        self.assertEqual(sorted(c.uuid for c in calls), [f"u{i}" for i in range(10)])
+        self.assertEqual(regs, [])
+        self.assertEqual(len(progress), 4)  # one per chunk: the step's timeout follows it
+        self.assertEqual(turns, [1])  # the timer ran between two chunks
+
 
 # -- against real simulator processes on loopback -----------------------------------------------
 
@@ -1804,7 +1833,7 @@ class DeadMasterRecords:
     def __init__(self, paths: dict[str, str]) -> None:
         self.paths = paths
 
-    def rows_for(self, slot: SlotConfig, previous: NodeConfig | None
+    def rows_for(self, slot: SlotConfig, previous: NodeConfig | None, progress: Any = None
                  ) -> tuple[list[RecoveryRow], list[RegistrationRow]]:
         if previous is None:
             return [], []
