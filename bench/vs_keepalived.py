@@ -14,15 +14,26 @@ system, in alternation, so both see the same load:
 
 Idle: the master host (its fsha or keepalived and its simulator) is ``kill -9``ed; the
 outage is the client's longest gap. Stress (scenario 6 with both cluster networks
-impaired): 5 % loss and 20 +- 20 ms delay on every cable of A and B and a CPU hog per core,
-for ``--soak`` seconds, nobody killed: false takeovers (fsha: ``claim`` events;
-keepalived: a backup "Entering MASTER STATE") and the client's longest gap. The load
-average (1 min) is recorded beside every figure.
+impaired): 5 % loss and 20 +- 20 ms delay between any two hosts on A and on B and a CPU
+hog per core, for ``--soak`` seconds, nobody killed: false takeovers (fsha: a ``claim`` by
+another node than the slot's holder; keepalived: a backup "Entering MASTER STATE") and the
+client's longest gap. The load average (1 min) is recorded beside every figure.
+
+The impairment is set on each host's cable in the ``out`` direction only: a frame crosses
+two cables (its sender's, then its receiver's), so impairing both directions would give
+every path about 10 % loss and 40 +- 40 ms one way, a round trip of up to 160 ms. fsha's
+lease (``dead_after - interval / 2``: 90 ms at 20/100, counted from the send time of a
+heartbeat a quorum echoed) cannot be renewed over such round trips, so every master let
+its slot go and claimed it again every ~150 ms (``lease-expired`` then a ``claim`` by the
+same node: the 19 "false takeovers" of the first run; on a fake clock, the same with or
+without the deadline tick and the drain). fsha's stress is counted from the nodes' whole
+logs, by kind (``peer_down``, ``lease_expired``, ``reclaims``) beside the takeovers.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -210,9 +221,13 @@ def stress_run(system: str, seconds: float, interval_ms: int, dead_after_ms: int
         probe = cluster.start_probe(duration=seconds + 60, slots=[1])
         _serving(cluster, ip, owner, probe)
         before = _moves(cluster)
+        counted = fsha_counts(_fsha_logs(cluster)) if not isinstance(
+            cluster, KeepalivedCluster) else {}
         for node in cluster.nodes:
             for net in impaired:
-                cluster.impair(node.name, net, loss=0.05, delay_ms=20, jitter_ms=20)
+                # one impaired hop per path (see the module docstring)
+                cluster.impair(node.name, net, loss=0.05, delay_ms=20, jitter_ms=20,
+                               direction="out")
         start = time.time()
         hogs = cluster.cpu_hog(cluster.nodes[-1].name, seconds)
         loads = []
@@ -222,6 +237,7 @@ def stress_run(system: str, seconds: float, interval_ms: int, dead_after_ms: int
             return all(h.poll() is not None for h in hogs)
         wait_for("the soak to end", soaked, timeout=seconds + 60, interval=1.0)
         end = time.time()
+        links = cluster.link_stats()
         for node in cluster.nodes:
             for net in impaired:
                 cluster.impair(node.name, net)
@@ -229,20 +245,56 @@ def stress_run(system: str, seconds: float, interval_ms: int, dead_after_ms: int
         answers = [a for a in probe.answers_for(ip, start) if a["received"] <= end]
         gap, _ = outage(answers, start)
         expected = (end - start) / 0.01
-        return {"false_takeovers": float(_moves(cluster) - before),
-                "longest_gap_ms": gap * 1000,
-                "unanswered_pct": max(0.0, 100 * (1 - len(answers) / expected)),
-                "load1": statistics.mean(loads) if loads else os.getloadavg()[0]}
+        frames = sum(d["frames"] for link in links.values() for d in link.values())
+        dropped = sum(d["dropped"] for link in links.values() for d in link.values())
+        result = {"false_takeovers": float(_moves(cluster) - before),
+                  "longest_gap_ms": gap * 1000,
+                  "unanswered_pct": max(0.0, 100 * (1 - len(answers) / expected)),
+                  "dropped_pct": 100 * dropped / frames if frames else 0.0,
+                  "load1": statistics.mean(loads) if loads else os.getloadavg()[0]}
+        if not isinstance(cluster, KeepalivedCluster):
+            after = fsha_counts(_fsha_logs(cluster))
+            result.update({k: float(after[k] - counted[k]) for k in after
+                           if k != "takeovers"})
+        return result
+
+
+_CLAIM = re.compile(r"\] claiming slot \S+ with epoch \d+ \(previous master: (\S+)\)")
+
+
+def fsha_counts(logs: dict[str, str]) -> dict[str, int]:
+    """What fsha did, from every node's whole log (``logs``: node name to text; the status
+    keeps only each node's last 100 events, a second or two of this stress): ``takeovers``
+    (a claim of a slot whose previous master is another node), ``reclaims`` (a node claiming
+    again the slot it let go itself: no other node took anything over), ``lease_expired``
+    and ``peer_down`` (node-local verdicts). First claims (no previous master) are none of
+    these."""
+    counts = dict.fromkeys(("takeovers", "reclaims", "lease_expired", "peer_down"), 0)
+    for node, text in logs.items():
+        for line in text.splitlines():
+            m = _CLAIM.search(line)
+            if m:
+                if m.group(1) == node:
+                    counts["reclaims"] += 1
+                elif m.group(1) != "none":
+                    counts["takeovers"] += 1
+            elif ": lease expired: " in line:
+                counts["lease_expired"] += 1
+            elif "] peer " in line and " is down: " in line:
+                counts["peer_down"] += 1
+    return counts
+
+
+def _fsha_logs(cluster: NetnsCluster) -> dict[str, str]:
+    return {n.name: n.log_path.read_text(errors="replace") if n.log_path.exists() else ""
+            for n in cluster.nodes}
 
 
 def _moves(cluster: NetnsCluster) -> int:
     if isinstance(cluster, KeepalivedCluster):
         # fs1 entering MASTER once at start is the election; any other entry is a move
         return sum(cluster.masters_entered(n.name) for n in cluster.nodes) - 1
-    total = 0
-    for node in cluster.nodes:
-        total += sum(1 for e in cluster.status(node)["events"] if e["event"] == "claim")
-    return total
+    return fsha_counts(_fsha_logs(cluster))["takeovers"]
 
 
 def run(rounds: int, soak: float, interval_ms: int, dead_after_ms: int) -> dict[str, Any]:
