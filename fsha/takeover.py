@@ -516,6 +516,17 @@ class _Restore:
     hash_failed: int = 0
     invalid: int = 0  # registrations without a usable user@host key
     cancelled: bool = False
+    total: int = 0  # registrations to restore in all (``regs`` loses the pages written)
+
+    def __post_init__(self) -> None:
+        self.total = len(self.regs)
+
+    def drop_written(self) -> None:
+        """Let the rows and entries written so far go: once the acquire is complete
+        nothing is rolled back, and 100,000 decoded registrations are tens of MB."""
+        del self.regs[:self.reg_pos]
+        del self.entries[:self.hash_pos]
+        self.reg_pos = self.hash_pos = 0
 
     @property
     def done(self) -> bool:
@@ -1318,6 +1329,8 @@ class SlotEffects:
             n = yield d.addTimeout(bound, self.clock)
             restore.reg_pos += len(page)
             restore.written += n
+            if acq is None:
+                restore.drop_written()
             if step is not None:
                 step.counts["written"] = restore.written
         if self.hash_realm is None:
@@ -1337,6 +1350,8 @@ class SlotEffects:
             ok = sum(1 for success, _ in results if success)
             restore.hash_pos += len(chunk)
             restore.hashed += ok
+            if acq is None:
+                restore.drop_written()
             restore.hash_failed += len(chunk) - ok
             if step is not None:
                 step.counts["hash_entries"] = restore.hashed
@@ -1348,6 +1363,7 @@ class SlotEffects:
         if old is not None:
             old.cancelled = True
         self._restores[slot.slot_id] = restore
+        restore.drop_written()
         log.info("slot {slot}: restoring {n} more registration(s) in the background",
                  slot=slot.name, n=len(restore.regs) - restore.reg_pos)
         d = self._restore_pages(restore, None, None)
@@ -1358,7 +1374,7 @@ class SlotEffects:
             if isinstance(result, Failure):
                 log.warn("slot {slot}: registration restore stopped after {n} of {total}: "
                          "{error}", slot=slot.name, n=restore.written,
-                         total=len(restore.regs),
+                         total=restore.total,
                          error=_reason(result, self.timeouts.registrations))
             elif not restore.cancelled:
                 log.info("slot {slot}: {n} registration(s) and {h} hash entries restored "
