@@ -888,6 +888,7 @@ class SlotEffects:
         yield self._step(
             report, "recovery_rows", lambda s: self._write_rows(slot, calls, acq, s),
             t.esl + t.db, acq=acq)
+        calls = []  # the plan holds the rows now (each batch's let go once recovered)
         n = len(slot.profiles)
         settle = max(self._stops_pending(slot).values(), default=0.0)
         standby = t.esl if self._standby_on else 0.0  # global standby off first
@@ -1075,7 +1076,10 @@ class SlotEffects:
         """Write the next batch of the plan (``batch``) into the core DB, within
         ``timeouts.db``; recorded first, so an abandoned write is still rolled back."""
         assert self.db is not None
-        acq.rows.extend(batch.rows)
+        # the keys only (the rollback deletes by uuid and runtime_uuid): not a second
+        # reference to 10,000 calls' metadata
+        acq.rows.extend(RecoveryRow(r.runtime_uuid, r.technology, r.profile_name,
+                                    r.hostname, r.uuid, b"") for r in batch.rows)
         d = self._db_call(self.db.write_recovery(batch.rows, None))
         wait = self.timeouts.db
         d.addTimeout(wait, self.clock)
@@ -1233,6 +1237,8 @@ class SlotEffects:
                            f"{len(batch.rows)} rows) failed: {reason}")
                 break
             step.progress()
+            # recovered: FreeSWITCH has the rows; their metadata (3-8 KB a call) can go
+            plan[i] = Batch(batch.profile, (), batch.round)
             got[batch.profile] += n
             total += n
             step.counts.update(recovered=total, batches_done=i + 1)
