@@ -130,25 +130,30 @@ def history_files(path: Path) -> list[Path]:
 
 def read_history(path: Path, limit: int | None = None, since: float | None = None,
                  takeover: str | None = None) -> list[dict[str, Any]]:
-    """The newest ``limit`` entries (all if None), oldest first, of a state directory."""
-    entries = [e for e in _entries(path) if (since is None or (e.get("time") or 0) >= since)
-               and (takeover is None or e.get("takeover") == takeover)]
-    return entries[-limit:] if limit else entries
+    """The newest ``limit`` entries (all if None), oldest first, of a state directory;
+    files are read newest first, only as many as the limit needs."""
+    found: list[dict[str, Any]] = []
+    for file in reversed(history_files(path)):
+        found = [e for e in _entries(file)
+                 if (since is None or (e.get("time") or 0) >= since)
+                 and (takeover is None or e.get("takeover") == takeover)] + found
+        if limit and len(found) >= limit:
+            break
+    return found[-limit:] if limit else found
 
 
-def _entries(path: Path) -> Iterator[dict[str, Any]]:
-    for file in history_files(path):
-        try:
-            with open(file, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    try:
-                        entry = json.loads(line)
-                    except ValueError:
-                        continue  # a line cut by a crash mid-write
-                    if isinstance(entry, dict):
-                        yield entry
-        except OSError:
-            continue  # rotated away while reading
+def _entries(file: Path) -> Iterator[dict[str, Any]]:
+    try:
+        with open(file, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a crash mid-write
+                if isinstance(entry, dict):
+                    yield entry
+    except OSError:
+        return  # rotated away while reading
 
 
 class HistoryResource(resource.Resource):

@@ -13,14 +13,17 @@ blocking the reactor for longer.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
+import struct
 import sys
 from itertools import count
 
 from fsha.wire import netlink
 
 _RECV = 65536
+SIOCGIFHWADDR = 0x8927  # struct ifreq: name[16], then a sockaddr (family u16, data[14])
 
 
 class KernelError(OSError):
@@ -63,6 +66,9 @@ class LinuxNet:
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self._sequence = count(1)
+        # One packet socket for the process's life: closing one waits for an RCU grace
+        # period in the kernel (10-30 ms measured here), which a takeover must not pay.
+        self._packet: socket.socket | None = None
 
     def _socket(self) -> socket.socket:
         s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
@@ -121,15 +127,20 @@ class LinuxNet:
     def garp(self, address: str, interface: str) -> bool:
         """Send one gratuitous ARP for ``address`` out of ``interface``. False: the
         interface does not speak ARP (no Ethernet address: loopback, tunnels)."""
-        with socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0) as s:
-            s.settimeout(self.timeout)
-            try:
-                s.bind((interface, 0))  # protocol 0: receive nothing
-            except OSError as e:
-                raise KernelError(e.errno or errno.ENODEV, f"interface {interface!r}") from None
-            _, _, _, hatype, mac = s.getsockname()
-            if hatype != netlink.ARPHRD_ETHER or len(mac) != 6:
-                return False
-            s.sendto(netlink.garp(mac, address),
-                     (interface, netlink.ETH_P_ARP, 0, 0, netlink.BROADCAST_MAC))
+        if self._packet is None:
+            # protocol 0 and never bound: it receives nothing
+            self._packet = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
+            self._packet.settimeout(self.timeout)
+        s = self._packet
+        try:
+            answer = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR,
+                                 struct.pack("16s16x", interface.encode()[:15]))
+        except OSError as e:
+            raise KernelError(e.errno or errno.ENODEV, f"interface {interface!r}") from None
+        hatype = struct.unpack_from("H", answer, 16)[0]
+        mac = answer[18:24]
+        if hatype != netlink.ARPHRD_ETHER:
+            return False
+        s.sendto(netlink.garp(mac, address),
+                 (interface, netlink.ETH_P_ARP, 0, 0, netlink.BROADCAST_MAC))
         return True

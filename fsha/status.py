@@ -32,10 +32,18 @@ class StatusResource(resource.Resource):
 
 
 def status_site_root(status: Callable[[], JSON],
-                     control: resource.Resource | None = None) -> resource.Resource:
+                     control: resource.Resource | None = None,
+                     history: Callable[[], list[JSON] | None] = lambda: None
+                     ) -> resource.Resource:
+    """``/status`` JSON; ``/`` the page for a browser (JSON for anything else), ``/view``
+    its live part (:mod:`fsha.webpage`); ``/control`` the signed operator requests."""
+    from fsha.webpage import PageResource, ViewResource
+
     root = resource.Resource()
-    root.putChild(b"status", StatusResource(status))
-    root.putChild(b"", StatusResource(status))
+    json_status = StatusResource(status)
+    root.putChild(b"status", json_status)
+    root.putChild(b"", PageResource(status, json_status, history))
+    root.putChild(b"view", ViewResource(status, history))
     if control is not None:
         root.putChild(b"control", control)
     return root

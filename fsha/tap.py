@@ -38,7 +38,7 @@ from fsha.fsevents import ClusterEvents
 from fsha.guard import default_lease
 from fsha.guardlink import GuardLink
 from fsha.health import SwitchHealth, esl_clients
-from fsha.history import HistoryResource, StateDir
+from fsha.history import HistoryResource, StateDir, read_history
 from fsha.limitsvc import LimitService
 from fsha.localdrop import GuardSettings, report_problems
 from fsha.memtrim import MemoryTrimmer
@@ -448,7 +448,8 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
             _log.warn("maintenance on (kept from before the restart; fsha maintenance "
                       "{node} off ends it)", node=me.name)
             node.set_maintenance(True)
-    root = status_site_root(status, control)
+    root = status_site_root(status, control, history=(
+        (lambda: read_history(state.path, limit=20)) if state is not None else lambda: None))
     if state is not None:
         root.putChild(b"history", HistoryResource(state.path))
     root.putChild(b"metrics", metrics_resource(

@@ -22,6 +22,9 @@ command -v redis-server >/dev/null 2>&1 || need_packages+=(redis-server)
 # the packet captures of the real-FreeSWITCH scenarios and benchmarks
 command -v nft >/dev/null 2>&1 || need_packages+=(nftables)
 command -v tcpdump >/dev/null 2>&1 || need_packages+=(tcpdump)
+# for the status page's test in a real headless browser (tests/test_webpage.py)
+command -v chromium >/dev/null 2>&1 || need_packages+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_packages+=(chromium-driver)
 if [ ${#need_packages[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "setup: installing ${need_packages[*]}"

@@ -276,23 +276,54 @@ class OperationsClusterTests(SynchronousTestCase):
             return subprocess.run([*FSHA, *args, "--config", str(cluster.config_path)],
                                   capture_output=True, text=True, timeout=120)
 
+        owners = {s["name"]: s["owner"] for s in cluster.wait_converged(60)["slots"]}
+        [spare] = [n.name for n in cluster.nodes if n.name not in owners.values()]
         # maintenance is kept across a restart, and told in plain text
-        on = fsha("maintenance", "fs3", "on", "--wait", "30")
+        on = fsha("maintenance", spare, "on", "--wait", "30")
         self.assertEqual(on.returncode, 0, on.stderr)
-        self.assertIn("fs3: maintenance on; it held no slot", on.stdout)
+        self.assertIn(f"{spare}: maintenance on; it held no slot", on.stdout)
         self.assertNotIn("{", on.stdout)
-        cluster.stop("fs3", timeout=60)
-        stopped = wait_for("status --all to tell fs3 stopped", lambda: (
-            r := fsha("status", "--all")).returncode == 1 and "fs3 stopped cleanly" in r.stdout
-            and r, 30)
-        self.assertRegex(stopped.stdout, r"role\s+master slot\d/\d+\s+master slot\d/\d+"
-                                         r"\s+NO ANSWER")
-        cluster.restart("fs3")
-        wait_for("fs3 back, still in maintenance", lambda: "maintenance" in next(
-            n for n in cluster.status(cluster.node("fs3"))["nodes"] if n["self"])["flags"]
-            and cluster.status(cluster.node("fs3"))["role"] == "slave", 60)
-        off = fsha("maintenance", "fs3", "off", "--wait", "30")
+        cluster.stop(spare, timeout=60)
+        stopped = wait_for("status --all to tell the spare stopped", lambda: (
+            r := fsha("status", "--all")).returncode == 1
+            and f"{spare} stopped cleanly" in r.stdout and r, 30)
+        self.assertIn("NO ANSWER", stopped.stdout)
+        cluster.restart(spare)
+        wait_for("the spare back, still in maintenance", lambda: "maintenance" in next(
+            n for n in cluster.status(cluster.node(spare))["nodes"] if n["self"])["flags"]
+            and cluster.status(cluster.node(spare))["role"] == "slave", 60)
+        off = fsha("maintenance", spare, "off", "--wait", "30")
         self.assertEqual(off.returncode, 0, off.stderr)
+
+        # a drill of slot2 with calls and registrations, and back
+        home = wait_for("slot2 mastered", lambda: cluster.owner("slot2"), 30)
+        cluster.sim_control(home, "/calls", {"profile": "slot2", "count": 20, "answer": True})
+        cluster.sim_control(home, "/register", {"profile": "slot2", "count": 5})
+        wait_for("the calls and registrations on every node", lambda: all(
+            st["replication"]["slots"].get("slot2", {}).get("call", 0) == 20
+            and st["replication"]["slots"]["slot2"].get("registration", 0) == 5
+            for st in cluster.statuses().values()), 30)
+        sip = str(cluster.sip_port)
+        drill = fsha("drill", "slot2", "--sip-port", sip, "--wait", "60")
+        self.assertEqual(drill.returncode, 0, drill.stdout + drill.stderr)
+        self.assertIn(f"drill of slot2: {home} -> {spare}", drill.stdout)
+        self.assertIn("ok   calls recovered 20 of 20", drill.stdout)
+        self.assertIn("ok   registrations restored 5 of 5", drill.stdout)
+        self.assertRegex(drill.stdout, r"after: 127\.0\.10\.2:\d+ answered SIP/2\.0 200")
+        self.assertTrue(drill.stdout.rstrip().endswith("PASSED"))
+        back = fsha("drill", "slot2", "--back", "--sip-port", sip, "--wait", "60", "--json")
+        self.assertEqual(back.returncode, 0, back.stdout + back.stderr)
+        report = json.loads(back.stdout)
+        self.assertEqual((report["from"], report["to"], report["calls_recovered"]),
+                         (spare, home, 20))
+        # and it can fail: nothing answers SIP on another port (once fs3, which just
+        # handed slot2 back, is its primary candidate again)
+        wait_for("the spare ranked again", lambda: (cluster.status(cluster.node(home))
+                                              .get("ranking") or [None])[0] == spare, 60)
+        wrong = fsha("drill", "slot2", "--sip-port", str(free_port(socket.SOCK_DGRAM)),
+                     "--timeout", "1", "--wait", "60")
+        self.assertEqual(wrong.returncode, 1, wrong.stdout + wrong.stderr)
+        self.assertIn("FAIL client address answered after", wrong.stdout)
 
         # a takeover: kill -9 the master of slot1
         master = cluster.owner("slot1") or wait_for("slot1 mastered",
@@ -317,13 +348,14 @@ class OperationsClusterTests(SynchronousTestCase):
         self.assertTrue(others, story.stdout)  # a peer tells the same takeover
         text = fsha("history", "--node", new, "-n", "20")
         self.assertIn(f"[{tid}]", text.stdout)
-        self.assertIn("maintenance on=yes", fsha("history", "--node", "fs3").stdout)
+        self.assertIn("maintenance on=yes", fsha("history", "--node", spare).stdout)
 
         # the hook ran for the takeover, with the event as arguments and environment
         notify_log = cluster.dir / f"notify-{new}.log"
         runs = wait_for("the notify hook's run for the takeover", lambda: [
             r for r in map(json.loads, notify_log.read_text().splitlines())
-            if r["argv"][0] == "takeover-acquire"], 60)
+            if r["argv"][:1] + r["argv"][2:] == ["takeover-acquire", "slot1", str(epoch)]],
+            60)
         self.assertEqual(runs[0]["argv"], ["takeover-acquire", new, "slot1", str(epoch)])
         self.assertEqual(runs[0]["takeover"], tid)
 

@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "maintenance": ("fsha.cli.control:maintenance_main",
                     "drain a node (on) or bring it back (off)"),
     "switchover": ("fsha.cli.control:switchover_main", "move a slot to the primary candidate"),
+    "drill": ("fsha.cli.drill", "a planned failover of a slot, checked end to end"),
     "history": ("fsha.cli.history", "a node's history (--all: every node's, merged)"),
     "reconcile": ("fsha.localdrop:reconcile_main",
                   "while fsha is stopped: no slot address, profile or call left here"),

@@ -11,6 +11,7 @@ its slot profile on a 127.x address. Every wait is on a condition with a deadlin
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -19,6 +20,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from fsha.harness import LoopbackCluster, NodeProcesses
+from fsha.harness import wait_for as wait_blocking
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = Path(os.environ.get("FSHA_FREESWITCH", "/opt/freeswitch"))
@@ -122,8 +126,10 @@ class RealFreeSWITCH:
     """One FreeSWITCH process with its own folders (see the module docstring)."""
 
     def __init__(self, workdir: Path, name: str, *, slot_ip: str, sip_port: int,
-                 rtp: tuple[int, int], profile: str = "slot1") -> None:
+                 rtp: tuple[int, int], profile: str = "slot1", netns: str | None = None
+                 ) -> None:
         self.name = name
+        self.netns = netns  # run inside this network namespace (its own 127.0.0.1)
         self.dir = workdir / name
         for f in FOLDERS:
             (self.dir / f).mkdir(parents=True, exist_ok=True)
@@ -160,6 +166,8 @@ class RealFreeSWITCH:
                 "-storage", str(d / "storage"), "-cache", str(d / "cache"),
                 "-mod", str(PREFIX / "lib" / "freeswitch" / "mod")]
         self.out = open(d / "stdout.txt", "wb")
+        if self.netns is not None:
+            argv = ["ip", "netns", "exec", self.netns, *argv]  # exec: the pid is FreeSWITCH's
         self.proc = subprocess.Popen(argv, stdout=self.out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
 
@@ -175,7 +183,11 @@ class RealFreeSWITCH:
         wait_for(ready, f"FreeSWITCH {self.name} ready")
 
     def api(self, command: str, timeout: float = 10.0) -> str:
-        return api(self.esl_port, command, timeout)
+        if self.netns is None:
+            return api(self.esl_port, command, timeout)
+        from tests.e2e.netns import in_netns
+        with in_netns(self.netns):
+            return api(self.esl_port, command, timeout)
 
     def profile_running(self) -> bool:
         return any(line.split()[:1] == [self.profile] and "RUNNING" in line
@@ -200,3 +212,39 @@ class RealFreeSWITCH:
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
+
+
+class RealFreeSWITCHCluster(LoopbackCluster):
+    """:class:`~fsha.harness.LoopbackCluster` with a real FreeSWITCH per node."""
+
+    def __init__(self, workdir: Path, nodes: int = 3, rtp_ports: int = 200,
+                 esl_timeout_ms: int = 1000) -> None:
+        rng = random.Random()
+        self.slot_ip = f"127.{rng.randint(100, 250)}.{rng.randint(1, 250)}.1"
+        base = 20000 + 2 * rng.randint(0, (20000 - rtp_ports) // 2)
+        self.rtp = (base, base + rtp_ports - 2)  # RTP and RTCP: 2 ports a call
+        self.fs: dict[str, RealFreeSWITCH] = {}
+        super().__init__(nodes, 1, interval_ms=50, dead_after_ms=300, workdir=workdir,
+                         esl_timeout_ms=esl_timeout_ms)
+        self.sip_port = free_sip_port(self.slot_ip)
+
+    def slot_profile(self, slot: int) -> tuple[str, str, int]:
+        return f"slot{slot}", self.slot_ip, self.sip_port
+
+    def db_path(self, node: NodeProcesses) -> Path:
+        return self.fs[node.name].core_db
+
+    def start_sim(self, node: NodeProcesses) -> None:
+        fs = RealFreeSWITCH(self.dir, f"{node.name}-freeswitch", slot_ip=self.slot_ip,
+                            sip_port=self.sip_port, rtp=self.rtp, profile="slot1")
+        self.fs[node.name] = fs
+        fs.start()
+        if node.index == 1:  # the first to boot holds the slot's address:port
+            wait_blocking("the slot profile on fs1", fs.profile_running, 30)
+        node.sim = fs.proc
+
+    def wait_sim(self, node: NodeProcesses, timeout: float) -> None:
+        fs = self.fs[node.name]
+        if node.index > 1:
+            wait_blocking(f"{node.name}'s slot profile to give up", fs.bind_given_up, timeout)
+        node.sim_ports = {"esl": {"host": "127.0.0.1", "port": fs.esl_port}}

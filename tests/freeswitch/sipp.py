@@ -138,15 +138,19 @@ def register(host: str, port: int, users: list[str], work: Path, timeout: float 
 
 
 def start_calls(host: str, port: int, calls: int, work: Path, reinvite_within: float,
-                local_port: int) -> subprocess.Popen[bytes]:
-    """``calls`` calls to the slot (sipp in the background); :func:`finish_calls` waits."""
+                local_port: int, *, local_ip: str = "127.0.0.1", netns: str | None = None,
+                rate: int = 50) -> subprocess.Popen[bytes]:
+    """``calls`` calls to the slot (sipp in the background, inside ``netns`` if given);
+    :func:`finish_calls` waits."""
     assert SIPP is not None
     work = work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     (work / "call.xml").write_text(CALL.replace("TIMEOUT_MS", str(int(reinvite_within * 1000))))
+    prefix = ["ip", "netns", "exec", netns] if netns else []
     return subprocess.Popen(
-        [SIPP, "-sf", str(work / "call.xml"), "-s", "2000", "-i", "127.0.0.1",
-         "-p", str(local_port), "-m", str(calls), "-r", "50", "-l", str(calls), "-nostdin",
+        [*prefix, SIPP, "-sf", str(work / "call.xml"), "-s", "2000", "-i", local_ip,
+         "-p", str(local_port), "-m", str(calls), "-r", str(rate), "-l", str(calls),
+         "-max_socket", str(calls + 100), "-nostdin",
          "-timeout", f"{int(reinvite_within + 30)}s", "-timeout_error",
          "-trace_err", "-trace_msg", f"{host}:{port}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=work)

@@ -92,6 +92,17 @@ class HotStandbyRealTests(SynchronousTestCase):
             return all(st["replication"]["slots"].get("slot1", {}).get("call", 0) == CALLS
                        for st in cluster.statuses().values())
         wait_for("the calls replicated to every node", replicated, 60)
+
+        def flowing() -> bool:
+            # a second of RTP on every call: each was ACKed and its recovery row rewritten
+            # (FreeSWITCH updates it after the ACK, asynchronously) well before the fault
+            ports: dict[int, int] = {}
+            for p in read_pcap(pcap):
+                if p.src == ip and p.sport != 5060:
+                    ports[p.sport] = ports.get(p.sport, 0) + 1
+            return sum(1 for n in ports.values() if n >= 50) >= CALLS
+        wait_for("RTP on every call", flowing, 60, interval=0.2)
+        wait_for("the calls replicated to every node", replicated, 60)
         mac = {n.name: cluster.mac(n.name) for n in cluster.nodes}
         if fault == "kill":
             at = cluster.kill(master)  # fsha only: its FreeSWITCH keeps the calls
