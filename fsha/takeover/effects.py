@@ -114,6 +114,17 @@ class _Restore:
     hash_failed: int = 0
     invalid: int = 0  # registrations without a usable user@host key
     cancelled: bool = False
+    total: int = 0  # registrations to restore in all (``regs`` loses the pages written)
+
+    def __post_init__(self) -> None:
+        self.total = len(self.regs)
+
+    def drop_written(self) -> None:
+        """Let the rows and entries written so far go: once the acquire is complete
+        nothing is rolled back, and 100,000 decoded registrations are tens of MB."""
+        del self.regs[:self.reg_pos]
+        del self.entries[:self.hash_pos]
+        self.reg_pos = self.hash_pos = 0
 
     @property
     def done(self) -> bool:
@@ -475,6 +486,7 @@ class SlotEffects:
         yield self._step(
             report, "recovery_rows", lambda s: self._write_rows(slot, calls, acq, s),
             t.esl + t.db, acq=acq)
+        calls = []  # the plan holds the rows now (each batch's let go once recovered)
         n = len(slot.profiles)
         settle = max(self._stops_pending(slot).values(), default=0.0)
         standby = t.esl if self._standby_on else 0.0  # global standby off first
@@ -662,7 +674,10 @@ class SlotEffects:
         """Write the next batch of the plan (``batch``) into the core DB, within
         ``timeouts.db``; recorded first, so an abandoned write is still rolled back."""
         assert self.db is not None
-        acq.rows.extend(batch.rows)
+        # the keys only (the rollback deletes by uuid and runtime_uuid): not a second
+        # reference to 10,000 calls' metadata
+        acq.rows.extend(RecoveryRow(r.runtime_uuid, r.technology, r.profile_name,
+                                    r.hostname, r.uuid, b"") for r in batch.rows)
         d = self._db_call(self.db.write_recovery(batch.rows, None))
         wait = self.timeouts.db
         d.addTimeout(wait, self.clock)
@@ -820,6 +835,8 @@ class SlotEffects:
                            f"{len(batch.rows)} rows) failed: {reason}")
                 break
             step.progress()
+            # recovered: FreeSWITCH has the rows; their metadata (3-8 KB a call) can go
+            plan[i] = Batch(batch.profile, (), batch.round)
             got[batch.profile] += n
             total += n
             step.counts.update(recovered=total, batches_done=i + 1)
@@ -916,6 +933,8 @@ class SlotEffects:
             n = yield d.addTimeout(bound, self.clock)
             restore.reg_pos += len(page)
             restore.written += n
+            if acq is None:
+                restore.drop_written()
             if step is not None:
                 step.counts["written"] = restore.written
         if self.hash_realm is None:
@@ -935,6 +954,8 @@ class SlotEffects:
             ok = sum(1 for success, _ in results if success)
             restore.hash_pos += len(chunk)
             restore.hashed += ok
+            if acq is None:
+                restore.drop_written()
             restore.hash_failed += len(chunk) - ok
             if step is not None:
                 step.counts["hash_entries"] = restore.hashed
@@ -946,6 +967,7 @@ class SlotEffects:
         if old is not None:
             old.cancelled = True
         self._restores[slot.slot_id] = restore
+        restore.drop_written()
         log.info("slot {slot}: restoring {n} more registration(s) in the background",
                  slot=slot.name, n=len(restore.regs) - restore.reg_pos)
         d = self._restore_pages(restore, None, None)
@@ -956,7 +978,7 @@ class SlotEffects:
             if isinstance(result, Failure):
                 log.warn("slot {slot}: registration restore stopped after {n} of {total}: "
                          "{error}", slot=slot.name, n=restore.written,
-                         total=len(restore.regs),
+                         total=restore.total,
                          error=_reason(result, self.timeouts.registrations))
             elif not restore.cancelled:
                 log.info("slot {slot}: {n} registration(s) and {h} hash entries restored "
