@@ -25,6 +25,7 @@ from fsha.durable import (
     key_prefix,
 )
 from fsha.fsdb import (
+    RecoveryRow,
     RegistrationRow,
     encode_call_row,
     encode_registration,
@@ -33,7 +34,7 @@ from fsha.fsdb import (
 from fsha.harness import poll_until
 from fsha.redisclient import RedisClient, RedisSettings, RedisUnavailable
 from fsha.replication.state import ReplicatedState
-from fsha.takeover import RecoveryRow, ReplicatedRecords
+from fsha.takeover import ReplicatedRecords
 from fsha.wire.heartbeat import Role
 from fsha.wire.stream import Kind
 from tests.redisserver import RedisServer, start_redis

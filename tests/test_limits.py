@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from fsha.config import LimitsConfig, load_config
-from fsha.fsdb import encode_call_row
+from fsha.fsdb import RecoveryRow, encode_call_row
 from fsha.limits import (
     Adoption,
     CallHolding,
@@ -35,7 +35,6 @@ from fsha.limits import (
 from fsha.limitsvc import LimitService
 from fsha.redisclient import RedisStats
 from fsha.replication.state import ApplyResult, ReplicatedState
-from fsha.takeover import RecoveryRow
 from fsha.wire.esl import Event, Headers
 from fsha.wire.stream import NO_SLOT, Change, Kind
 

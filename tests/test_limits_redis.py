@@ -13,12 +13,11 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial import unittest
 
 from fsha.config import LimitsConfig
-from fsha.fsdb import encode_call_row
+from fsha.fsdb import RecoveryRow, encode_call_row
 from fsha.harness import poll_until
 from fsha.limitsvc import LimitService
 from fsha.redisclient import RedisClient
 from fsha.replication.state import ReplicatedState
-from fsha.takeover import RecoveryRow
 from fsha.wire.stream import Change, Kind
 from tests.redisserver import RedisServer, start_redis
 from tests.test_limits import CONFIG, Call, FakeFS, _Report, cdr

@@ -16,6 +16,7 @@ from fsha.wire import stream
 
 __all__ = [
     "REGISTRATION_COLUMNS",
+    "SIP_REGISTRATIONS_COLUMNS",
     "CallRow",
     "CallSummary",
     "RecoveryRow",
@@ -58,6 +59,17 @@ class CallSummary:
 def summary_of(row: RecoveryRow) -> CallSummary:
     return CallSummary(row.runtime_uuid, row.technology, row.profile_name, row.hostname,
                        row.uuid, len(row.metadata))
+
+
+#: Every column of sofia's ``sip_registrations`` table, in FreeSWITCH's order (what a
+#: restore writes; the simulator creates the same table).
+SIP_REGISTRATIONS_COLUMNS: Final = (
+    "call_id", "sip_user", "sip_host", "presence_hosts", "contact", "status", "ping_status",
+    "ping_count", "ping_time", "force_ping", "rpid", "expires", "ping_expires", "user_agent",
+    "server_user", "server_host", "profile_name", "hostname", "network_ip", "network_port",
+    "sip_username", "sip_realm", "mwi_user", "mwi_host", "orig_server_host", "orig_hostname",
+    "sub_host",
+)  # fmt: skip
 
 
 #: The ``sip_registrations`` columns a registration record carries, in this order.

@@ -57,7 +57,7 @@ from pathlib import Path
 from twisted.internet.defer import Deferred, succeed
 
 from fsha.fsdb.connection import Connection
-from fsha.fsdb.rows import RecoveryRow, RegistrationRow
+from fsha.fsdb.rows import SIP_REGISTRATIONS_COLUMNS, RecoveryRow, RegistrationRow
 from fsha.fsdb.runner import Runner
 
 __all__ = [
@@ -74,23 +74,14 @@ class CoreDBError(Exception):
     """The database cannot be written (missing file or table, locked, interrupted...)."""
 
 
-# sofia's sip_registrations columns, in FreeSWITCH's order.
-REGISTRATION_TABLE_COLUMNS = (
-    "call_id", "sip_user", "sip_host", "presence_hosts", "contact", "status", "ping_status",
-    "ping_count", "ping_time", "force_ping", "rpid", "expires", "ping_expires", "user_agent",
-    "server_user", "server_host", "profile_name", "hostname", "network_ip", "network_port",
-    "sip_username", "sip_realm", "mwi_user", "mwi_host", "orig_server_host", "orig_hostname",
-    "sub_host",
-)  # fmt: skip
-
 _INSERT_RECOVERY = (
     "insert into recovery (runtime_uuid, technology, profile_name, hostname, uuid, metadata) "
     "values (?, ?, ?, ?, ?, CAST(? AS TEXT))"
 )
 _DELETE_RECOVERY = "delete from recovery where uuid=? and runtime_uuid=?"
 _INSERT_REGISTRATION = (
-    "insert into sip_registrations (" + ", ".join(REGISTRATION_TABLE_COLUMNS) + ") values ("
-    + ", ".join("?" * len(REGISTRATION_TABLE_COLUMNS)) + ")"
+    "insert into sip_registrations (" + ", ".join(SIP_REGISTRATIONS_COLUMNS) + ") values ("
+    + ", ".join("?" * len(SIP_REGISTRATIONS_COLUMNS)) + ")"
 )
 # Only call_id may pick the index: sofia indexes nearly every column, and SQLite (no
 # ANALYZE) would otherwise pick sr_profile_name, a scan of the whole profile per row (a
@@ -339,4 +330,4 @@ def _registration_values(r: RegistrationRow, hostname: str, server_host: str
         "sip_realm": r.sip_realm, "mwi_user": r.sip_user, "mwi_host": r.sip_host,
         "orig_server_host": server_host, "orig_hostname": hostname, "sub_host": r.sip_host,
     }
-    return tuple(values[c] for c in REGISTRATION_TABLE_COLUMNS)
+    return tuple(values[c] for c in SIP_REGISTRATIONS_COLUMNS)

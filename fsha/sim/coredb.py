@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from fsha.fsdb.rows import SIP_REGISTRATIONS_COLUMNS
+
 RECOVERY_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS recovery (\n"
     "   runtime_uuid    VARCHAR(255),\n"
@@ -35,14 +37,6 @@ RECOVERY_INDEXES = (
     "CREATE INDEX IF NOT EXISTS recovery4 ON recovery(runtime_uuid)",
 )
 
-# sofia's sip_registrations: 27 columns, in FreeSWITCH's order.
-SIP_REGISTRATIONS_COLUMNS: tuple[str, ...] = (
-    "call_id", "sip_user", "sip_host", "presence_hosts", "contact", "status", "ping_status",
-    "ping_count", "ping_time", "force_ping", "rpid", "expires", "ping_expires", "user_agent",
-    "server_user", "server_host", "profile_name", "hostname", "network_ip", "network_port",
-    "sip_username", "sip_realm", "mwi_user", "mwi_host", "orig_server_host", "orig_hostname",
-    "sub_host",
-)  # fmt: skip
 SIP_REGISTRATIONS_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS sip_registrations (\n"
     "   call_id          VARCHAR(255),\n"

@@ -7,7 +7,6 @@ counts are recorded in a :class:`TakeoverReport` (``report``); the dead master's
 from a :class:`SlotRecords` (``records``). docs/takeover.rst specifies every step.
 """
 
-from fsha.fsdb import RecoveryRow, RegistrationRow
 from fsha.takeover.effects import (
     REGISTRATION_PAGE,
     STOP_RETRIES,
@@ -39,8 +38,6 @@ __all__ = [
     "STOP_UNANSWERED_RETRIES",
     "WARNING",
     "NoRecords",
-    "RecoveryRow",
-    "RegistrationRow",
     "ReplicatedRecords",
     "SlotEffects",
     "SlotRecords",
