@@ -46,7 +46,7 @@ from fsha.fsdb import (
     registration_key,
 )
 from fsha.harness import poll_until
-from fsha.replication.callfeed import RETRY_DELAYS
+from fsha.replication.callfeed import ACK_WAIT, RETRY_DELAYS
 from fsha.replication.feeds import Feeds
 from fsha.replication.identity import (
     IDENTITY_KEY,
@@ -342,6 +342,38 @@ class CallFeedTests(SynchronousTestCase):
         h.settle(2)
         self.assertEqual(h.db.queries, before)
         self.assertEqual(h.feeds.status()["pending_lookups"], 0)
+
+    def test_row_waiting_for_the_ack_is_followed_until_it_comes(self) -> None:
+        # on a loaded host the ACK (and the row's rewrite) comes long after the retry
+        # schedule; a row with the INVITE's From tag but no To tag is followed until it does
+        h = Harness(self, sweep_interval=60.0)
+        h.feeds.start_slot(0)
+        early = b"<cdr><variables><sip_from_tag>f1</sip_from_tag></variables></cdr>"
+        acked = (b"<cdr><variables><sip_from_tag>f1</sip_from_tag>"
+                 b"<sip_to_tag>t1</sip_to_tag></variables></cdr>")
+        h.track("call-1", meta=early)
+        h.esl.channel("CHANNEL_ANSWER", "call-1")
+        h.settle(5)
+        self.assertEqual(h.feeds.status()["pending_lookups"], 1)
+        h.update("call-1", acked)
+        h.settle(1)
+        self.assertEqual(h.call("call-1").metadata, acked)
+        self.assertEqual(h.feeds.status()["pending_lookups"], 0)
+        before = h.db.queries
+        h.settle(2)
+        self.assertEqual(h.db.queries, before)
+
+    def test_wait_for_the_ack_is_bounded(self) -> None:
+        h = Harness(self, sweep_interval=600.0)
+        h.feeds.start_slot(0)
+        early = b"<cdr><variables><sip_from_tag>f1</sip_from_tag></variables></cdr>"
+        h.track("call-1", meta=early)
+        h.esl.channel("CHANNEL_ANSWER", "call-1")
+        h.settle(ACK_WAIT - 2)
+        self.assertEqual(h.feeds.status()["pending_lookups"], 1)
+        h.settle(4)
+        self.assertEqual(h.feeds.status()["pending_lookups"], 0)
+        self.assertEqual(h.call("call-1").metadata, early)
 
     def test_row_written_after_the_event_is_retried(self) -> None:
         h = Harness(self, sweep_interval=60.0)

@@ -29,12 +29,15 @@ from fsha.wire.esl import Event
 from fsha.wire.stream import Kind
 
 __all__ = [
+    "ACK_POLL",
+    "ACK_WAIT",
     "ANSWER_EVENTS",
     "ANSWER_FOLLOW_UP",
     "HANGUP_EVENTS",
     "RETRY_DELAYS",
     "UPDATE_EVENTS",
     "CallFeed",
+    "awaits_ack",
 ]
 
 #: Events after which a call's recovery row is (re)read: the row appears on answer.
@@ -49,6 +52,12 @@ RETRY_DELAYS: Final = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
 #: After an answered call's row is found, it is read again from this long after (then on
 #: the RETRY_DELAYS schedule until it changes): FreeSWITCH rewrites it when the ACK is in.
 ANSWER_FOLLOW_UP: Final = 0.05
+#: A row that still waits for the caller's ACK (its INVITE's From tag is there, the dialog's
+#: To tag is not) is read every ACK_POLL seconds after the RETRY_DELAYS schedule, for at most
+#: ACK_WAIT seconds after the answer: SIP gives up on a missing ACK after 64*T1 = 32 s, and
+#: on a loaded host the ACK is written well after the schedule's 0.8 s.
+ACK_POLL: Final = 0.5
+ACK_WAIT: Final = 32.0
 #: Full rows per query of a sweep (a row's metadata is 3-8 KB).
 FETCH_PAGE: Final = 500
 
@@ -73,14 +82,23 @@ class _Fetch:
         self.start_gen = start_gen
 
 
+def awaits_ack(metadata: bytes) -> bool:
+    """True for a sofia row written at the answer, before the caller's ACK: mod_sofia sets
+    ``sip_from_tag`` from the INVITE and ``sip_to_tag`` only when the ACK is in (then it
+    rewrites the row). Recovered from such a row, the re-INVITE's dialog is unknown to the
+    caller (its BYE then gets 481)."""
+    return b"<sip_from_tag>" in metadata and b"<sip_to_tag>" not in metadata
+
+
 class _Lookup:
-    __slots__ = ("attempt", "baseline", "due", "followed")
+    __slots__ = ("attempt", "baseline", "due", "followed", "since")
 
     def __init__(self, due: float, baseline: bytes | None) -> None:
         self.attempt = 0
         self.due = due
         self.baseline = baseline  # the value before an update event; None: any row will do
         self.followed = False  # the answer's row was found: this looks for its rewrite
+        self.since = due  # when the follow began (bounds the wait for the ACK)
 
 
 class CallFeed:
@@ -305,17 +323,28 @@ class CallFeed:
                 if lookup.baseline is None or value != lookup.baseline:
                     del self._pending[uuid]
                     self._store(feed, row, value, self.slots.next_gen())
-                    if lookup.baseline is None and not lookup.followed:
+                    if not lookup.followed and lookup.baseline is None:
                         # FreeSWITCH rewrites the row once the caller's ACK is in (the
                         # dialog's tags, sip_to_tag...), with no event: look again soon,
                         # or a master dying now leaves a row whose re-INVITE the caller
                         # cannot match (its BYE then gets 481)
                         follow = _Lookup(now + ANSWER_FOLLOW_UP, value)
                         follow.followed = True
+                        follow.since = now
+                        self._pending[uuid] = follow
+                    elif lookup.followed and awaits_ack(row.metadata):
+                        follow = _Lookup(now + ACK_POLL, value)  # changed, still no ACK
+                        follow.followed = True
+                        follow.since = lookup.since
+                        follow.attempt = len(self.retry_delays)
                         self._pending[uuid] = follow
                     continue
             lookup.attempt += 1
             if lookup.attempt >= len(self.retry_delays):
+                if (row is not None and lookup.followed and awaits_ack(row.metadata)
+                        and now - lookup.since < ACK_WAIT):
+                    lookup.due = now + ACK_POLL
+                    continue
                 del self._pending[uuid]
                 if row is None:
                     self.lookup_misses += 1

@@ -288,6 +288,11 @@ class Probe:
     def answers_for(self, ip: str, since: float = 0.0) -> list[dict[str, Any]]:
         return [a for a in self.read() if a["ip"] == ip and a["received"] >= since]
 
+    def answers_to_probes_sent(self, ip: str, since: float) -> list[dict[str, Any]]:
+        """The answers to probes sent at or after ``since`` (a probe sent just before a
+        fault may still be answered, and received, after it by the old owner)."""
+        return [a for a in self.read() if a["ip"] == ip and a["sent"] >= since]
+
     def last_node(self, ip: str) -> str | None:
         answers = self.answers_for(ip)
         return answers[-1]["node"] if answers else None

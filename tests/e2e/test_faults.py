@@ -170,8 +170,9 @@ class SimulatorDies(FaultScenario):
                   "independent-client check of scenario 2 is skipped")
 
         killed = cluster.kill_sim(master)
+        dead = time.time()  # reaped: no probe sent from now on is answered by the master
         figures = self.check_release_and_takeover(killed, master, candidate)
-        answers = self.wait_answers(probe, ip, killed, 20)
+        answers = self.wait_answers(probe, ip, dead, 20)
         self.assertEqual({a["node"] for a in answers}, {candidate})
         downtime, first = outage(probe.answers_for(ip), killed)
         self.assertEqual(first and first["node"], candidate)

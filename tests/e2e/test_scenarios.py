@@ -98,10 +98,11 @@ class ScenarioBase(SynchronousTestCase):
 
     def wait_answers(self, probe: Probe, ip: str, since: float, count: int,
                      timeout: float = 20.0) -> list[dict[str, Any]]:
-        """Wait until the client has ``count`` answers from ``ip`` received after ``since``."""
+        """Wait until the client has ``count`` answers from ``ip`` to probes sent after
+        ``since``; return them."""
         return wait_for(f"{count} answers from {ip}",
-                        lambda: len(probe.answers_for(ip, since)) >= count
-                        and probe.answers_for(ip, since), timeout)
+                        lambda: (lambda got: len(got) >= count and got)(
+                            probe.answers_to_probes_sent(ip, since)), timeout)
 
 
 class MasterKilled(ScenarioBase):
@@ -127,9 +128,10 @@ class MasterKilled(ScenarioBase):
         probe = self.probe_until_serving()
 
         killed = cluster.kill_host(master)
+        dead = time.time()  # the kill is done: no probe sent from now on reaches the master
         wait_for("slot1 to move", lambda: self.owner_in(candidate, "slot1") == candidate,
                  timeout=30)
-        answers = self.wait_answers(probe, ip, killed, 20)
+        answers = self.wait_answers(probe, ip, dead, 20)
         self.assertEqual({a["node"] for a in answers}, {candidate},
                          "after the kill only the new master answers")
         downtime, first = outage(probe.answers_for(ip), killed)

@@ -15,9 +15,11 @@ import random
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +214,25 @@ class RealFreeSWITCH:
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
+
+
+def recovery_metadata(db: Path) -> list[bytes]:
+    """The metadata of every recovery row of a FreeSWITCH's core DB (read-only)."""
+    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        conn.text_factory = bytes
+        return [row[0] for row in conn.execute("select metadata from recovery")]
+
+
+def calls_count(fs: RealFreeSWITCH) -> int:
+    """``show calls count`` of ``fs`` (-1 when it does not answer that)."""
+    text = fs.api("show calls count").strip()
+    return int(text.split()[0]) if text.endswith("total.") else -1
+
+
+def every_row_acked(fs: RealFreeSWITCH) -> bool:
+    """FreeSWITCH rewrites an answered call's recovery row when the caller's ACK is in
+    (``sip_to_tag``); a row recovered before that is a dialog the caller cannot match."""
+    return all(b"<sip_to_tag>" in m for m in recovery_metadata(fs.core_db))
 
 
 class RealFreeSWITCHCluster(LoopbackCluster):

@@ -11,8 +11,6 @@ its re-INVITE and its BYE gets a 200) and list every registration.
 
 from __future__ import annotations
 
-import sqlite3
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +19,17 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from fsha.harness import wait_for
 from tests.freeswitch import sipp
-from tests.freeswitch.realfs import RealFreeSWITCH, RealFreeSWITCHCluster, free_port, skip_reason
+from tests.freeswitch.realfs import (
+    RealFreeSWITCHCluster,
+    calls_count,
+    every_row_acked,
+    free_port,
+    skip_reason,
+)
 
 pytestmark = pytest.mark.freeswitch
 
 
-def sqlite_rows(db: Path) -> list[tuple[bytes]]:
-    """The metadata of every recovery row of a FreeSWITCH's core DB (read-only)."""
-    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-        conn.text_factory = bytes
-        return conn.execute("select metadata from recovery").fetchall()
-
-
-def calls_count(fs: RealFreeSWITCH) -> int:
-    text = fs.api("show calls count").strip()
-    return int(text.split()[0]) if text.endswith("total.") else -1
 
 
 class RealClusterTests(SynchronousTestCase):
@@ -73,8 +67,7 @@ class RealClusterTests(SynchronousTestCase):
         # recovered dialog the caller cannot match (481). Kill once every row is rewritten,
         # a sweep of the master's feed began after that (it replicates changed rows), and
         # every node holds the same state.
-        wait_for("every row rewritten at the ACK", lambda: all(
-            b"sip_to_tag" in row[0] for row in sqlite_rows(master.core_db)), 30)
+        wait_for("every row rewritten at the ACK", lambda: every_row_acked(master), 30)
         swept = cluster.status(cluster.node("fs1"))["feeds"]["sweeps"]
         wait_for("two sweeps of fs1's feed", lambda: cluster.status(
             cluster.node("fs1"))["feeds"]["sweeps"] >= swept + 2, 30)
