@@ -159,7 +159,7 @@ def fsha_protocol_count(parts: list[bytes]) -> int:
     from twisted.internet.task import Clock
     from twisted.internet.testing import StringTransport
 
-    from fsha.esl import ESLProtocol
+    from fsha.eslclient import ESLProtocol
 
     count = [0]
 
@@ -244,7 +244,7 @@ def end_to_end(n: int, fmt: str, deadline: float = 120.0) -> dict[str, Any]:
     from twisted.internet import reactor as _reactor
     from twisted.internet.endpoints import TCP4ClientEndpoint
 
-    from fsha.esl import ESLClient
+    from fsha.eslclient import ESLClient
 
     reactor: Any = _reactor
     tmp = tempfile.mkdtemp(prefix="fsha-bench-esl-")

@@ -31,7 +31,7 @@ def watch(seconds: float, calls: int, rate: int, folder: Path) -> dict[str, Any]
     from twisted.internet.defer import Deferred
     from twisted.internet.task import LoopingCall, deferLater
 
-    from fsha.esl import ConnectionState, ESLClient
+    from fsha.eslclient import ConnectionState, ESLClient
     from fsha.health import PROBE_INTERVAL, SwitchHealth
 
     main = ESLClient.tcp(reactor, IP, ESL_PORT, "ClueCon", request_timeout=1.0,

@@ -168,7 +168,7 @@ def trial_main(esl_port: int, db: str, port: int, rows_path: str) -> int:
     from twisted.internet.task import react
 
     from fsha.config import FloatingIP, NodeConfig, SlotConfig
-    from fsha.esl import ESLClient
+    from fsha.eslclient import ESLClient
     from fsha.floating import LoopbackBackend
     from fsha.fsdb import CoreDBWriter, ThreadRunner
     from fsha.takeover import SlotEffects, TakeoverTimeouts

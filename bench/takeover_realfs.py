@@ -38,7 +38,7 @@ def acquire(fs: RealFS, rows: list[tuple[Any, ...]], batch: int) -> dict[str, An
     from twisted.internet.defer import Deferred
 
     from fsha.config import FloatingIP, SlotConfig
-    from fsha.esl import ESLClient
+    from fsha.eslclient import ESLClient
     from fsha.floating import LoopbackBackend
     from fsha.fsdb import CoreDBWriter, RecoveryRow, ThreadRunner
     from fsha.takeover import SlotEffects, TakeoverTimeouts

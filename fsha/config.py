@@ -171,7 +171,7 @@ class TakeoverConfig:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    """``[limits]``: cluster-wide call-limit usage (see :mod:`fsha.limits`)."""
+    """``[limits]``: cluster-wide call-limit usage (see :mod:`fsha.limitbook`)."""
 
     poll_interval: float  # seconds between two `hash_dump limit` of the local FreeSWITCH
     hash_realm: str | None  # realm of the `hash insert` of the totals; None: not written

@@ -4,7 +4,7 @@
   hangup-complete), :class:`RegistrationEvent` (``sofia::register``, ``sofia::unregister``,
   ``sofia::expire``) and :class:`HeartbeatEvent`, built by :func:`parse_event` from a
   decoded :class:`fsha.wire.esl.Event`; :class:`EventRouter` subscribes an
-  :class:`fsha.esl.ESLClient` to them and calls typed callbacks.
+  :class:`fsha.eslclient.ESLClient` to them and calls typed callbacks.
 * API calls of the facts sheet (section 3) with their real outputs parsed: :class:`FSApi`.
   Outputs are parsed by pure functions (``parse_*``) so they are tested without a socket.
   Several sofia commands report errors without ``-ERR`` (``Invalid Profile [P]``); they
@@ -498,7 +498,7 @@ def parse_sofia_status(command: str, output: str) -> list[SofiaStatusEntry]:
 
 
 class ApiRunner(Protocol):
-    """What :class:`FSApi` needs: :class:`fsha.esl.ESLClient` provides it."""
+    """What :class:`FSApi` needs: :class:`fsha.eslclient.ESLClient` provides it."""
 
     def api(self, command: str, timeout: float | None = None) -> Deferred[str]: ...
 

@@ -66,7 +66,7 @@ _UNSAFE = str.maketrans({"\r": " ", "\n": " ", "\0": " "})
 
 
 class EventSender(Protocol):
-    """What :class:`ClusterEvents` needs of ``fsha.esl.ESLClient``."""
+    """What :class:`ClusterEvents` needs of ``fsha.eslclient.ESLClient``."""
 
     @property
     def is_healthy(self) -> bool: ...

@@ -11,7 +11,7 @@ FreeSWITCH dead, and a master would give its slot (and its calls) up for nothing
   thread, so a recover on the main connection never delays it.
 * **Busy**: an answer later than ``timeout_ms`` fails that request but is not fatal; the
   request keeps its place in the connection's FIFO and its late answer is discarded
-  (:mod:`fsha.esl`, ``hung_timeout``). The probe is then *busy* (shown in the status).
+  (:mod:`fsha.eslclient`, ``hung_timeout``). The probe is then *busy* (shown in the status).
 * **Hung**: no answer at all for ``hung_after_ms`` (the bounded grace): the connection is
   dropped and FreeSWITCH counts as down; so does a refused or closed connection (dead) at
   once. Only then does a master give its slot up (fsha.node).
@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 
 from fsha.config import ClusterConfig, NodeConfig
-from fsha.esl import ConnectionState, ESLClient
+from fsha.eslclient import ConnectionState, ESLClient
 from fsha.reactors import NetReactor
 
 __all__ = ["PROBE_INTERVAL", "SwitchHealth", "esl_clients"]

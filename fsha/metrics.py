@@ -38,7 +38,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from fsha.durable import DurableStats
-from fsha.limitsvc import LimitStats
+from fsha.limitservice import LimitStats
 from fsha.redisclient import RedisStats
 
 StatusFunction = Callable[[], Mapping[str, Any]]
@@ -167,7 +167,7 @@ class TakeoverStats:
 
 
 class RequestSource(Protocol):
-    """What :class:`ESLRequestStats` listens to (``fsha.esl.ESLClient``)."""
+    """What :class:`ESLRequestStats` listens to (``fsha.eslclient.ESLClient``)."""
 
     def add_request_listener(self, listener: Callable[[str, float, str], object]) -> None: ...
 

@@ -3,7 +3,7 @@
 ``ClusterNode`` knows nothing of sockets: transports hand it datagrams
 (``datagram_received``) and give it one send function per network. Time comes from an
 injected clock. The node's own role is an Automat state machine (``RoleMachine``); what to
-do with a slot (floating IPs, FreeSWITCH) is behind ``SlotActions``, so the whole node runs
+do with a slot (floating IPs, FreeSWITCH) is behind ``SlotOwner``, so the whole node runs
 in tests with a fake clock and fake effects, and for real under twistd.
 
 Why about 1,000 lines: the datagram hot path, the role evaluation and the status
@@ -74,7 +74,7 @@ _HOLDING = (Role.MASTER, Role.CLAIMING)
 FIRST_SEQUENCE_RANGE = 1 << 62
 
 
-class SlotActions(Protocol):
+class SlotOwner(Protocol):
     """The effects of owning a slot. Both calls must finish or fail within their timeout."""
 
     def acquire(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None, *,
@@ -215,7 +215,7 @@ class ClusterNode:
     log = Logger()
 
     def __init__(self, config: ClusterConfig, me: NodeConfig, secret: bytes,
-                 clock: IReactorTime, actions: SlotActions, health: HealthSource,
+                 clock: IReactorTime, actions: SlotOwner, health: HealthSource,
                  incarnation: int | None = None, claim_timeout: float | None = None,
                  first_sequence: int | None = None) -> None:
         self.config = config

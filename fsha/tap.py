@@ -28,10 +28,9 @@ from fsha.config import (
     read_redis_password,
     timing_warnings,
 )
-from fsha.control import ControlResource, StatusSite
 from fsha.durable import DurableStore, key_prefix
 from fsha.egress import EgressFence, FenceStatus, NftEgressFence
-from fsha.esl import ConnectionState
+from fsha.eslclient import ConnectionState
 from fsha.floating import FloatingIPBackend, make_backend
 from fsha.fsdb import CoreDBWriter, ThreadRunner
 from fsha.fsevents import ClusterEvents
@@ -39,11 +38,12 @@ from fsha.guard import default_lease
 from fsha.guardlink import GuardLink
 from fsha.health import SwitchHealth, esl_clients
 from fsha.history import HistoryResource, StateDir, read_history
-from fsha.limitsvc import LimitService
+from fsha.limitservice import LimitService
 from fsha.localdrop import GuardSettings, report_problems
 from fsha.memtrim import MemoryTrimmer
 from fsha.metrics import SessionWatch, metrics_resource
 from fsha.node import ClusterNode
+from fsha.nodecontrol import ControlResource, StatusSite
 from fsha.notify import Notifier
 from fsha.process import ProcessRunner
 from fsha.reactors import NetReactor, NodeReactor

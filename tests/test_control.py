@@ -24,7 +24,7 @@ from fsha.cli.control import (
     switchover_done,
     wait_until,
 )
-from fsha.control import ControlResource, StatusSite
+from fsha.nodecontrol import ControlResource, StatusSite
 from fsha.status import status_site_root
 from fsha.wire.control import ControlAuth, sign
 from fsha.wire.heartbeat import Flags, Role

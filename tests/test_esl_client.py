@@ -1,4 +1,4 @@
-"""The Event Socket client (fsha.esl) against StringTransport and a fake clock."""
+"""The Event Socket client (fsha.eslclient) against StringTransport and a fake clock."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from fsha.esl import (
+from fsha.eslclient import (
     ConnectionState,
     ESLClient,
     ESLCommandFailed,
@@ -424,7 +424,7 @@ class RequestTimingTests(ClientTestBase):
         self.assertEqual(seen, [("api status", 5.0, "timeout"), ("api uptime", 5.0, "lost")])
 
     def test_labels_never_carry_arguments(self) -> None:
-        from fsha.esl import request_label
+        from fsha.eslclient import request_label
 
         self.assertEqual(request_label("auth ***"), "auth")
         self.assertEqual(request_label("api hash insert/fsha_reg/1000@x/slot1"), "api hash")

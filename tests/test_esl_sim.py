@@ -18,7 +18,7 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from fsha.esl import ConnectionState, ESLClient, ESLConnectionLost, ESLNotConnected
+from fsha.eslclient import ConnectionState, ESLClient, ESLConnectionLost, ESLNotConnected
 from fsha.fsapi import ChannelEvent, ChannelEventKind, EventRouter, FSApi
 from fsha.harness import poll_until
 

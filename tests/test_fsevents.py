@@ -13,7 +13,7 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from fsha.esl import ESLClient, ESLTimeout
+from fsha.eslclient import ESLClient, ESLTimeout
 from fsha.fsevents import ClusterEvents, event_headers, header_name
 from fsha.harness import poll_until
 from fsha.wire.esl import Event

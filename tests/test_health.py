@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fsha.config import parse_config
-from fsha.esl import ESLClient
+from fsha.eslclient import ESLClient
 from fsha.health import PROBE_INTERVAL, SwitchHealth, esl_clients
 from tests.test_config import DEMO, demo_raw
 from tests.test_esl_client import CORE1, ClientTestBase, Conn

@@ -1,4 +1,4 @@
-"""fsha.limits (holdings, totals, the takeover plan) and fsha.limitsvc with a fake
+"""fsha.limitbook (holdings, totals, the takeover plan) and fsha.limitservice with a fake
 FreeSWITCH, a fake clock and synchronous replication between nodes."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from fsha.config import LimitsConfig, load_config
 from fsha.fsdb import RecoveryRow, encode_call_row
-from fsha.limits import (
+from fsha.limitbook import (
     Adoption,
     CallHolding,
     Holdings,
@@ -32,7 +32,7 @@ from fsha.limits import (
     parse_hash_dump,
     plan_reconcile,
 )
-from fsha.limitsvc import LimitService
+from fsha.limitservice import LimitService
 from fsha.redisclient import RedisStats
 from fsha.replication.state import ApplyResult, ReplicatedState
 from fsha.wire.esl import Event, Headers
@@ -584,7 +584,7 @@ class ClusterTests(SynchronousTestCase):
         self.assertNotIn(n1, cl.svcs[n2].book.held)
 
     def test_held_unit_from_the_event(self) -> None:
-        from fsha.limits import held_unit
+        from fsha.limitbook import held_unit
         self.assertEqual(held_unit("hiredis default trunk 10", "hash,hiredis", None, "3"),
                          ("default", "trunk"))
         self.assertEqual(held_unit("hiredis default trunk", "hiredis", None, None),
@@ -721,7 +721,7 @@ class ClusterTests(SynchronousTestCase):
 class HangupMemoryTests(SynchronousTestCase):
     def test_hung_up_calls_are_forgotten_after_their_ttl(self) -> None:
         """A master's every hangup is remembered for GONE_TTL only, without a takeover."""
-        from fsha.limitsvc import GONE_TTL
+        from fsha.limitservice import GONE_TTL
 
         cl = Cluster()
         nid = cl.nodes[0].node_id

@@ -15,7 +15,7 @@ from twisted.trial import unittest
 from fsha.config import LimitsConfig
 from fsha.fsdb import RecoveryRow, encode_call_row
 from fsha.harness import poll_until
-from fsha.limitsvc import LimitService
+from fsha.limitservice import LimitService
 from fsha.redisclient import RedisClient
 from fsha.replication.state import ReplicatedState
 from fsha.wire.stream import Change, Kind

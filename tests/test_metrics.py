@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from fsha.durable import DurableLoad, DurableStats
-from fsha.limitsvc import LimitStats
+from fsha.limitservice import LimitStats
 from fsha.metrics import (
     ClusterCollector,
     ESLRequestStats,

@@ -29,7 +29,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from fsha.config import ClusterConfig, NodeConfig
-from fsha.esl import ConnectionState, ESLClient
+from fsha.eslclient import ConnectionState, ESLClient
 from fsha.fsdb import (
     MAX_METADATA_BYTES,
     CallRow,

@@ -50,7 +50,7 @@ from fsha.config import (
     SlotConfig,
     parse_config,
 )
-from fsha.esl import ESLClient, ESLNotConnected, ESLTimeout
+from fsha.eslclient import ESLClient, ESLNotConnected, ESLTimeout
 from fsha.floating import FloatingIPError, LoopbackBackend
 from fsha.fsapi import FSApiError, parse_sofia_status
 from fsha.fsdb import (

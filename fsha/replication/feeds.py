@@ -44,7 +44,7 @@ log = Logger(namespace="fsha.replication.feeds")
 class Feeds:
     """Turns this node's FreeSWITCH into replicated records for the slots it masters.
 
-    ``esl`` is the node's :class:`fsha.esl.ESLClient`; ``state`` the node's replicated
+    ``esl`` is the node's :class:`fsha.eslclient.ESLClient`; ``state`` the node's replicated
     state (records are written to its own origin); ``me`` this node's config (its
     ``core_db`` is the SQLite core DB; None disables the call feed and the registration
     sweep). ``clock`` must also provide ``IReactorFromThreads`` unless ``db`` is given.

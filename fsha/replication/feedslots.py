@@ -29,7 +29,7 @@ _T = TypeVar("_T")
 
 
 class FeedsESL(Protocol):
-    """What the feeds use of :class:`fsha.esl.ESLClient`."""
+    """What the feeds use of :class:`fsha.eslclient.ESLClient`."""
 
     core_uuid: str | None
 

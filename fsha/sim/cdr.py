@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
-from fsha.cdr import CDRError, read_cdr
+from fsha.fsdb.cdr import CDRError, read_cdr
 from fsha.sim.calls import CS_NUMBERS, Channel
 from fsha.wire.esl import url_encode
 

@@ -1,6 +1,6 @@
 """What owning a slot means for this node: the timed, rolled-back takeover sequence.
 
-:class:`SlotEffects` (``effects``) implements ``fsha.node.SlotActions``: the node calls
+:class:`SlotEffects` (``effects``) implements ``fsha.node.SlotOwner``: the node calls
 ``acquire`` when it claims a slot and ``release`` when it gives the slot up or rolls back a
 failed claim. Every step has its own timeout (``timeouts``) and its duration, outcome and
 counts are recorded in a :class:`TakeoverReport` (``report``); the dead master's rows come

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from fsha.config import FencingConfig, NodeConfig, SlotConfig
 from fsha.egress import EgressFence, FenceStatus
-from fsha.esl import ESLError
+from fsha.eslclient import ESLError
 from fsha.floating import FloatingIPBackend, FloatingIPError
 from fsha.fsapi import ApiRunner, FSApi, FSApiError, ProfileNotFound, ProfileTooYoung, parse_status
 from fsha.fsdb import (
@@ -161,7 +161,7 @@ def _reason(failure: Failure, timeout: float | None = None) -> str:
 
 
 class SlotEffects:
-    """The effects of owning a slot (``fsha.node.SlotActions``); see the module docstring.
+    """The effects of owning a slot (``fsha.node.SlotOwner``); see the module docstring.
 
     ``floating``: the floating-IP backend. ``clock``: the reactor's clock (required: library
     code never reaches the global reactor). ``esl``: the node's ESL client (None: only the

@@ -17,7 +17,7 @@ window (then it is remembered until its time leaves the window). So a captured r
 cannot be replayed (same nonce), sent later (time), nor sent to another node (node name
 under the MAC). The nonces remembered are bounded: a node that would need more refuses
 (503) rather than forget one still inside the window. Pure functions and one small class,
-no I/O: the HTTP side is :mod:`fsha.control`.
+no I/O: the HTTP side is :mod:`fsha.nodecontrol`.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
 from fsha.config import FloatingIP, SlotConfig
-from fsha.esl import ESLClient
+from fsha.eslclient import ESLClient
 from fsha.floating import LoopbackBackend
 from fsha.fsdb import (
     CoreDBReader,

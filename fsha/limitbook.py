@@ -2,7 +2,7 @@
 
 FreeSWITCH's ``limit`` app counts in the backend and releases in-process at hangup, so a
 dead master's counters leak and each node's ``hash`` backend sees only its own calls. This
-module is the logic (no I/O; the node's :class:`fsha.limitsvc.LimitService` does the ESL and
+module is the logic (no I/O; the node's :class:`fsha.limitservice.LimitService` does the ESL and
 Redis side):
 
 What a call holds (:func:`holdings_from_metadata`)
@@ -65,7 +65,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
-from fsha.cdr import CDRError, read_cdr
+from fsha.fsdb.cdr import CDRError, read_cdr
 from fsha.wire.stream import Kind
 
 __all__ = [

@@ -1,7 +1,7 @@
 """The node's side of cluster-wide limits: polling, totals, adoption, reconciliation.
 
 :class:`LimitService` runs on every node with a ``[limits]`` section (logic and record
-formats: :mod:`fsha.limits`):
+formats: :mod:`fsha.limitbook`):
 
 - every ``poll_interval``: ``hash_dump limit`` of the local FreeSWITCH -> this node's
   ``u/`` records (only changes are written); then the cluster totals are computed from every
@@ -29,7 +29,7 @@ formats: :mod:`fsha.limits`):
 
 Why about 650 lines: the node's side of limits is one service (polling, totals,
 adoption, reconciliation, releases) over one limit book; its logic and record formats
-are apart in ``fsha.limits``.
+are apart in ``fsha.limitbook``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from twisted.python.failure import Failure
 from fsha.config import ClusterConfig, LimitsConfig, NodeConfig, SlotConfig
 from fsha.fsapi import FSApi, parse_uuid_exists
 from fsha.fsdb import RecordValueError, decode_call_row
-from fsha.limits import (
+from fsha.limitbook import (
     ADOPT_PREFIX,
     HELD_PREFIX,
     PENDING_PREFIX,
