@@ -1,7 +1,9 @@
-"""The control endpoint each node serves beside its status: maintenance and switchover.
+"""The control endpoint each node serves beside its status: maintenance, switchover and
+an online config change.
 
-``POST /control/maintenance`` (``{"on": true|false}``) and ``POST /control/switchover``
-(``{"slot": NAME, "to": NODE|null}``) on the node's status address. Every request is
+``POST /control/maintenance`` (``{"on": true|false}``), ``POST /control/switchover``
+(``{"slot": NAME, "to": NODE|null}``) and ``POST /control/config/{show,stage,activate,
+abort}`` (``fsha config push``: :mod:`fsha.configstage`) on the node's status address. Every request is
 signed for one node (:mod:`fsha.wire.control`): a node refuses one meant for another node
 (421), an old bearer token, a replay, a stale or forged signature (401), and changes
 nothing. The commands that send them are in :mod:`fsha.cli.control`.
@@ -26,11 +28,14 @@ from twisted.logger import Logger
 from twisted.web import http, resource
 from twisted.web.server import Request, Site
 
+from fsha.configstage import ConfigStager, Refused
 from fsha.node import ClusterNode
 from fsha.wire.control import Accepted, ControlAuth, Refusal, body_digest
 from fsha.wire.heartbeat import Role
 
 MAX_BODY = 16 * 1024  # control bodies are a few dozen bytes; status and metrics have none
+MAX_CONFIG_BODY = 1024 * 1024  # a pushed config file (JSON-quoted)
+CONFIG_PATH = b"/control/config/"
 log = Logger()
 
 
@@ -41,12 +46,19 @@ def _is_control(path: bytes) -> bool:
     return bool(segments) and segments[0] == b"control"
 
 
+def max_body(path: bytes) -> int:
+    """The largest body a request to ``path`` may have."""
+    return MAX_CONFIG_BODY if path.startswith(CONFIG_PATH) else MAX_BODY
+
+
 class ControlResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self, node: ClusterNode, auth: ControlAuth, clock: IReactorTime) -> None:
+    def __init__(self, node: ClusterNode, auth: ControlAuth, clock: IReactorTime,
+                 config: ConfigStager | None = None) -> None:
         super().__init__()
         self.node = node
+        self.config = config
         self.auth = auth
         self.clock = clock
         self.accepted = 0  # authentic requests for this node
@@ -86,8 +98,9 @@ class ControlResource(resource.Resource):
                                         path)
         if isinstance(verdict, Refusal):
             return self._answer(request, verdict.code, {"error": verdict.message})
-        raw = request.content.read(MAX_BODY + 1) if request.content else b""
-        if len(raw) > MAX_BODY:
+        limit = max_body(path)
+        raw = request.content.read(limit + 1) if request.content else b""
+        if len(raw) > limit:
             return self._answer(request, 413, {"error": "request body too large"})
         if not hmac.compare_digest(body_digest(raw), verdict.body):
             return self._answer(request, 400, {"error": "the body does not match its "
@@ -120,13 +133,49 @@ class ControlResource(resource.Resource):
                     raise ValueError('"slot" must be a slot name, "to" a node name or null')
                 successor = node.switchover(slot, to)
                 result = {"slot": slot, "from": node.me.name, "to": successor}
+            elif path.startswith(CONFIG_PATH) and self.config is not None:
+                result = self._config(path[len(CONFIG_PATH):], body)
             else:
                 return self._answer(request, 404, {"error": "no such control command"})
         except ValueError as e:
             return self._answer(request, 409, {"error": str(e)})
+        except Refused as e:
+            log.warn("control: {path} refused: {why}", path=path.decode(errors="replace"),
+                     why="; ".join(e.reasons))
+            return self._answer(request, 409, {"error": "; ".join(e.reasons),
+                                               "reasons": e.reasons, "node": node.me.name})
+        if path.startswith(CONFIG_PATH):  # the file's text is not logged (ESL passwords)
+            log.info("control: {path} done: {result}", path=path.decode(errors="replace"),
+                     result=json.dumps({k: v for k, v in result.items() if k != "text"}))
+            return self._answer(request, 200, result)
         log.info("control: {path} {body} done", path=path.decode(errors="replace"),
                  body=json.dumps(body))
         return self._answer(request, 200, result)
+
+    def _config(self, command: bytes, body: dict[str, Any]) -> dict[str, Any]:
+        assert self.config is not None
+        if command == b"show":
+            return self.config.show()
+        epoch = body.get("epoch")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 < epoch < 1 << 62:
+            raise ValueError('"epoch" must be a positive integer')
+        if command == b"stage":
+            text = body.get("text")
+            if not isinstance(text, str):
+                raise ValueError('"text" must be the config file\'s text')
+            return self.config.stage(epoch, text)
+        digest = body.get("digest")
+        try:
+            raw_digest = bytes.fromhex(digest) if isinstance(digest, str) else b""
+        except ValueError:
+            raw_digest = b""
+        if len(raw_digest) != 8:
+            raise ValueError('"digest" must be the config digest (16 hex digits)')
+        if command == b"activate":
+            return self.config.activate(epoch, raw_digest)
+        if command == b"abort":
+            return self.config.abort(epoch, raw_digest)
+        raise ValueError(f"no such config command {command.decode(errors='replace')!r}")
 
     @staticmethod
     def _answer(request: Request, code: int, body: dict[str, Any]) -> bytes:
@@ -156,6 +205,7 @@ class StatusRequest(Request):
     fsha_control: Accepted | None = None
     _refused = False
     _received = 0
+    _limit = MAX_BODY
 
     def gotLength(self, length: int | None) -> None:
         # The request line is parsed, the headers are in, not a byte of body yet. The
@@ -173,16 +223,17 @@ class StatusRequest(Request):
             if isinstance(verdict, Refusal):
                 return self._refuse(verdict.code, verdict.message)
             self.fsha_control = verdict
-        if length is not None and length > MAX_BODY:
-            return self._refuse(413, f"request body of {length} bytes: at most {MAX_BODY}")
+        self._limit = max_body(path)
+        if length is not None and length > self._limit:
+            return self._refuse(413, f"request body of {length} bytes: at most {self._limit}")
         self.content = io.BytesIO()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
             return
         self._received += len(data)
-        if self._received > MAX_BODY:  # chunked: no length announced
-            self._refuse(413, f"request body over {MAX_BODY} bytes")
+        if self._received > self._limit:  # chunked: no length announced
+            self._refuse(413, f"request body over {self._limit} bytes")
             return
         self.content.write(data)
 

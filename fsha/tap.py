@@ -28,6 +28,7 @@ from fsha.config import (
     read_redis_password,
     timing_warnings,
 )
+from fsha.configstage import ConfigStager
 from fsha.durable import DurableStore, key_prefix
 from fsha.egress import EgressFence, FenceStatus, NftEgressFence
 from fsha.eslclient import ConnectionState
@@ -410,7 +411,21 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         durable.setName("durable")
         durable.setServiceParent(top)
 
-    control = ControlResource(node, ControlAuth(options.secret, config.name, me.name), reactor)
+    notifier: Notifier | None = None
+
+    def apply_config(new: ClusterConfig) -> None:
+        """An online change (fsha.configstage): only what fsha.configplan.diff allows
+        (priorities, [notify]) differs, so swapping the config where it is read is all."""
+        node.replace_config(new)
+        if replication is not None:
+            replication.config, replication.me = new, new.node(me.name)
+        if notifier is not None and new.notify is not None:
+            notifier.config = new.notify
+
+    stager = ConfigStager(config, me.name, options.secret, reactor, apply_config,
+                          node.record_event)
+    control = ControlResource(node, ControlAuth(options.secret, config.name, me.name), reactor,
+                              stager)
 
     def status() -> dict[str, Any]:
         result = node.status()
@@ -428,10 +443,10 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         result["guard"] = guard.status() if guard is not None else {"enabled": False}
         result["history"] = state.status() if state is not None else None
         result["notify"] = notifier.status() if notifier is not None else None
+        result["config"] = stager.status()
         return result
 
     state = state_dir(config, me)
-    notifier: Notifier | None = None
     if config.notify is not None:
         notifier = Notifier(config.notify, config.name, me.name, reactor,
                             ProcessRunner(reactor))
@@ -440,6 +455,9 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         node.add_event_listener(state.record)
         node.add_event_listener(lambda e: state.set_maintenance(bool(e["on"]))
                                 if e["event"] == "maintenance" else None)
+        # an online change (fsha config push) is the config a restart reads: remember it
+        node.add_event_listener(lambda e: state.config_changed(e["digest"])
+                                if e["event"] == "config" else None)
         previous = state.config_changed(config.digest.hex())
         if previous is not None:
             node.record_event("config", digest=config.digest.hex(), previous=previous)
