@@ -228,21 +228,22 @@ def moves(old: ClusterConfig, new: ClusterConfig, status: Mapping[str, Any] | No
         first_a = after.ranking[0] if after.ranking else None
         if first_a != first_b:
             lines.append(f"primary candidate (takes the next slot whose master fails): "
-                         f"{names.get(first_b, 'none') if first_b is not None else 'none'}"
-                         f" -> {names[first_a] if first_a is not None else 'none'}")
+                         f"{names[first_b] if first_b is not None else 'none'} -> "
+                         f"{names[first_a] if first_a is not None else 'none'}")
     else:
         lines.append(f"ranking of the slaves unchanged: {ranking(after)}")
+    def who(node_id: int | None) -> str:
+        return names[node_id] if node_id is not None else "none"
+
     for slot in old.slots:
         b, a = before.owners.get(slot.slot_id), after.owners.get(slot.slot_id)
         if a != b:
-            lines.append(f"slot {slot.name}: master {names.get(b, 'none') if b is not None "
-                         f"else 'none'} -> {names[a] if a is not None else 'none'}")
+            lines.append(f"slot {slot.name}: master {who(b)} -> {who(a)}")
     if before.assignments != after.assignments:
+        was = {s: n for n, (s, _) in before.assignments.items()}
         for node_id, (slot_id, _epoch) in sorted(after.assignments.items()):
-            lines.append(f"orphaned slot {old.slots[slot_id].name} goes to "
-                         f"{names[node_id]} (was "
-                         f"{next((names[n] for n, (s, _) in before.assignments.items()
-                                  if s == slot_id), 'nobody')})")
+            lines.append(f"orphaned slot {old.slots[slot_id].name} goes to {who(node_id)} "
+                         f"(was {who(was.get(slot_id))})")
     if all(before.owners.get(s.slot_id) == after.owners.get(s.slot_id) for s in old.slots):
         lines.append("no slot changes master and no floating IP moves (a slot moves only "
                      "when its master fails, or by fsha switchover)")

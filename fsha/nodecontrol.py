@@ -3,10 +3,11 @@ an online config change.
 
 ``POST /control/maintenance`` (``{"on": true|false}``), ``POST /control/switchover``
 (``{"slot": NAME, "to": NODE|null}``) and ``POST /control/config/{show,stage,activate,
-abort}`` (``fsha config push``: :mod:`fsha.configstage`) on the node's status address. Every request is
-signed for one node (:mod:`fsha.wire.control`): a node refuses one meant for another node
-(421), an old bearer token, a replay, a stale or forged signature (401), and changes
-nothing. The commands that send them are in :mod:`fsha.cli.control`.
+abort,relay}`` (``fsha config push``: :mod:`fsha.configstage`,
+:mod:`fsha.replication.relay`) on the node's status address. Every request is signed
+for one node (:mod:`fsha.wire.control`): a node refuses one meant for another node (421),
+an old bearer token, a replay, a stale or forged signature (401), and changes nothing.
+The commands that send them are in :mod:`fsha.cli.control` and :mod:`fsha.cli.config`.
 
 The status site reads a request's headers before its body: :class:`StatusSite` makes
 requests that check a control request's signature, and any request's announced length,
@@ -26,16 +27,19 @@ from urllib.parse import unquote_to_bytes
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import http, resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from fsha.configstage import ConfigStager, Refused
 from fsha.node import ClusterNode
+from fsha.replication.relay import ControlRelay
 from fsha.wire.control import Accepted, ControlAuth, Refusal, body_digest
 from fsha.wire.heartbeat import Role
+from fsha.wire.stream import ControlAnswer, ControlRequest
 
 MAX_BODY = 16 * 1024  # control bodies are a few dozen bytes; status and metrics have none
 MAX_CONFIG_BODY = 1024 * 1024  # a pushed config file (JSON-quoted)
 CONFIG_PATH = b"/control/config/"
+RELAY_PATH = b"/control/config/relay"
 log = Logger()
 
 
@@ -55,10 +59,14 @@ class ControlResource(resource.Resource):
     isLeaf = True
 
     def __init__(self, node: ClusterNode, auth: ControlAuth, clock: IReactorTime,
-                 config: ConfigStager | None = None) -> None:
+                 config: ConfigStager | None = None, relay: ControlRelay | None = None
+                 ) -> None:
         super().__init__()
         self.node = node
         self.config = config
+        self.relay = relay
+        if relay is not None:
+            relay.handler = self.relayed
         self.auth = auth
         self.clock = clock
         self.accepted = 0  # authentic requests for this node
@@ -102,15 +110,21 @@ class ControlResource(resource.Resource):
         raw = request.content.read(limit + 1) if request.content else b""
         if len(raw) > limit:
             return self._answer(request, 413, {"error": "request body too large"})
+        if path == RELAY_PATH:
+            return self._relay(request, raw, verdict)
+        code, result = self.execute(path, raw, verdict)
+        return self._answer(request, code, result)
+
+    def execute(self, path: bytes, raw: bytes, verdict: Accepted) -> tuple[int, dict[str, Any]]:
+        """An authentic request's effect: (HTTP status, JSON answer)."""
         if not hmac.compare_digest(body_digest(raw), verdict.body):
-            return self._answer(request, 400, {"error": "the body does not match its "
-                                                        "signature"})
+            return 400, {"error": "the body does not match its signature"}
         try:
             body = json.loads(raw or b"{}")
             if not isinstance(body, dict):
                 raise ValueError("the body must be a JSON object")
         except ValueError as e:
-            return self._answer(request, 400, {"error": f"bad request: {e}"})
+            return 400, {"error": f"bad request: {e}"}
         node = self.node
         try:
             if path == b"/control/maintenance":
@@ -136,21 +150,79 @@ class ControlResource(resource.Resource):
             elif path.startswith(CONFIG_PATH) and self.config is not None:
                 result = self._config(path[len(CONFIG_PATH):], body)
             else:
-                return self._answer(request, 404, {"error": "no such control command"})
+                return 404, {"error": "no such control command"}
         except ValueError as e:
-            return self._answer(request, 409, {"error": str(e)})
+            return 409, {"error": str(e)}
         except Refused as e:
             log.warn("control: {path} refused: {why}", path=path.decode(errors="replace"),
                      why="; ".join(e.reasons))
-            return self._answer(request, 409, {"error": "; ".join(e.reasons),
-                                               "reasons": e.reasons, "node": node.me.name})
-        if path.startswith(CONFIG_PATH):  # the file's text is not logged (ESL passwords)
-            log.info("control: {path} done: {result}", path=path.decode(errors="replace"),
-                     result=json.dumps({k: v for k, v in result.items() if k != "text"}))
-            return self._answer(request, 200, result)
+            return 409, {"error": "; ".join(e.reasons), "reasons": e.reasons,
+                         "node": node.me.name}
+        # a config request's text is not logged (it holds ESL passwords)
+        shown = {k: v for k, v in result.items() if k != "text"} \
+            if path.startswith(CONFIG_PATH) else body
         log.info("control: {path} {body} done", path=path.decode(errors="replace"),
-                 body=json.dumps(body))
-        return self._answer(request, 200, result)
+                 body=json.dumps(shown))
+        return 200, result
+
+    def relayed(self, frame: ControlRequest) -> ControlAnswer:
+        """A request another node relays to this one over its replication link: checked
+        exactly as an HTTP request to this endpoint (signed for this node, fresh, new)."""
+        path = frame.path.encode("ascii")
+        verdict = self.authenticate(frame.auth.encode("latin-1"), b"POST", path)
+        if isinstance(verdict, Refusal):
+            code, result = verdict.code, {"error": verdict.message}
+        elif not path.startswith(CONFIG_PATH) or path == RELAY_PATH:
+            code, result = 404, {"error": "only /control/config/* requests are relayed"}
+        elif len(frame.body) > max_body(path):
+            code, result = 413, {"error": "request body too large"}
+        else:
+            code, result = self.execute(path, frame.body, verdict)
+        return ControlAnswer(frame.id, code, json.dumps(result).encode() + b"\n")
+
+    def _relay(self, request: Request, raw: bytes, verdict: Accepted) -> Any:
+        """``POST /control/config/relay`` (``{"to", "path", "auth", "body"}``): send a
+        request signed for another node over the replication link to it, and answer with
+        its answer (``{"status", "answer"}``): fsha.replication.relay."""
+        if not hmac.compare_digest(body_digest(raw), verdict.body):
+            return self._answer(request, 400, {"error": "the body does not match its "
+                                                        "signature"})
+        try:
+            body = json.loads(raw or b"{}")
+            fields = [body.get(k) if isinstance(body, dict) else None
+                      for k in ("to", "path", "auth", "body")]
+            if not all(isinstance(f, str) and f.isascii() for f in fields):
+                raise ValueError('"to", "path", "auth" and "body" must be ASCII strings')
+        except ValueError as e:
+            return self._answer(request, 400, {"error": f"bad request: {e}"})
+        if self.relay is None:
+            return self._answer(request, 404, {"error": "no replication links here (no "
+                                                        "[tls]): cannot relay"})
+        to, path, auth, inner = fields
+        finished = []
+        request.notifyFinish().addBoth(finished.append)
+
+        def answered(result: tuple[int, bytes]) -> None:
+            status, answer = result
+            try:
+                decoded = json.loads(answer)
+            except ValueError:
+                decoded = {"error": answer.decode(errors="replace")}
+            if not finished:
+                request.write(self._answer(request, 200, {"status": status,
+                                                          "answer": decoded}))
+                request.finish()
+
+        def failed(f: Any) -> None:
+            if not finished:
+                request.write(self._answer(request, 504, {"error": f.getErrorMessage()}))
+                request.finish()
+
+        d = self.relay.request(to, auth, path, inner.encode("ascii"))
+        d.addCallbacks(answered, failed)
+        d.addErrback(lambda f: log.failure("relaying {path} to {to} failed", f, path=path,
+                                           to=to))
+        return NOT_DONE_YET
 
     def _config(self, command: bytes, body: dict[str, Any]) -> dict[str, Any]:
         assert self.config is not None

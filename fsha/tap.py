@@ -425,7 +425,7 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
     stager = ConfigStager(config, me.name, options.secret, reactor, apply_config,
                           node.record_event)
     control = ControlResource(node, ControlAuth(options.secret, config.name, me.name), reactor,
-                              stager)
+                              stager, replication.relay if replication is not None else None)
 
     def status() -> dict[str, Any]:
         result = node.status()
@@ -444,6 +444,8 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         result["history"] = state.status() if state is not None else None
         result["notify"] = notifier.status() if notifier is not None else None
         result["config"] = stager.status()
+        if replication is not None:
+            result["config"]["relay"] = replication.relay.status()
         return result
 
     state = state_dir(config, me)

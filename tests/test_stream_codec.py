@@ -14,11 +14,11 @@ from fsha.wire import stream
 from fsha.wire.stream import (
     Ack,
     Change,
+    ControlAnswer,
+    ControlRequest,
     Frame,
     Hello,
     Keepalive,
-    ControlAnswer,
-    ControlRequest,
     Kind,
     Op,
     Position,

@@ -56,10 +56,11 @@ from fsha.replication.link import (
     client_tls,
     server_tls,
 )
+from fsha.replication.relay import ControlRelay
 from fsha.replication.session import LiveBatch, PeerSession, SessionConfig, WriteTimes
 from fsha.replication.state import DEFAULT_LOG_LIMIT, ReplicatedState
 from fsha.wire import stream
-from fsha.wire.stream import NO_SLOT, Change, Frame, Hello, Kind
+from fsha.wire.stream import NO_SLOT, Change, ControlAnswer, ControlRequest, Frame, Hello, Kind
 
 __all__ = ["ReplicationService", "dial_routes", "listen_addresses"]
 
@@ -185,6 +186,8 @@ class ReplicationService(service.Service):
                                      time.time_ns() if incarnation is None else incarnation,
                                      log_limit=log_limit)
         self.session_config = session_config if session_config is not None else SessionConfig()
+        # fsha config push's requests to the other nodes ride on the links
+        self.relay = ControlRelay(self._link_named, reactor)
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
         self.backoff_initial = backoff_initial
@@ -430,6 +433,10 @@ class ReplicationService(service.Service):
         session.start(hello)
 
     def frame_received(self, link: LinkProtocol, frame: Frame) -> None:
+        if isinstance(frame, ControlRequest | ControlAnswer):  # not replicated state
+            if link.peer is not None:
+                self.relay.frame(link.peer.name, link, frame)
+            return
         session = link.session  # type: ignore[attr-defined]
         if session is not None:
             session.frame_received(frame)
@@ -459,6 +466,11 @@ class ReplicationService(service.Service):
             peer.closed[reason] += 1
         link.close()
 
+    def _link_named(self, name: str) -> _Link | None:
+        """The up link to the node called ``name`` (None: none up)."""
+        return next((p.link for p in self._peers.values()
+                     if p.node.name == name and p.link is not None), None)
+
     def _peer_of(self, link: _Link) -> _Peer | None:
         for peer in self._peers.values():
             if peer.link is link:
@@ -466,6 +478,7 @@ class ReplicationService(service.Service):
         return None
 
     def _detach(self, peer: _Peer, why: str) -> None:
+        self.relay.link_closed(peer.node.name)
         link, session = peer.link, peer.session
         if session is not None:
             session.stop()
