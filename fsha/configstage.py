@@ -52,7 +52,7 @@ class Refused(Exception):
 def write_atomically(path: Path, text: str) -> None:
     """Replace ``path`` by ``text``: the old file or the new one survives any crash; the
     file keeps its mode."""
-    tmp = path.with_name(f".{path.name}.fsha-push")
+    tmp = path.with_name(f".{path.name}.fsha-push.{os.getpid()}")  # nodes may share a file
     try:
         mode = path.stat().st_mode & 0o7777
     except OSError:
