@@ -83,9 +83,11 @@ class ConfigStager:
         self.record_event = record_event
         self.ttl = ttl
         try:
-            self.epoch = file_epoch(running.path.read_text(encoding="utf-8"))
+            # the text this node runs (what "show" answers, whatever the file becomes)
+            self.text: str | None = running.path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
-            self.epoch = 0
+            self.text = None
+        self.epoch = file_epoch(self.text or "")
         self.staged: Staged | None = None
 
     def _current_staged(self) -> Staged | None:
@@ -105,13 +107,12 @@ class ConfigStager:
                     "age_s": round(self.clock.seconds() - staged.at, 1)}}
 
     def show(self) -> dict[str, Any]:
-        """The running config's text (for the push's diff), with its epoch and digest."""
-        try:
-            text = self.running.path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise Refused([f"cannot read {self.running.path}: {e}"]) from None
+        """The running config's text (for the push's diff), with its epoch and digest: as
+        read at start-up or last activated, not whatever the file holds now."""
+        if self.text is None:
+            raise Refused([f"{self.running.path} could not be read at start-up"])
         return {"node": self.me, "epoch": self.epoch, "digest": self.running.digest.hex(),
-                "path": str(self.running.path), "text": text}
+                "path": str(self.running.path), "text": self.text}
 
     def check(self, text: str) -> ClusterConfig:
         """The pushed text as this node's config, checked for this node; Refused if not."""
@@ -162,6 +163,7 @@ class ConfigStager:
         old = self.running
         self.apply(staged.config)
         self.running, self.epoch, self.staged = staged.config, epoch, None
+        self.text = staged.text
         log.info("config epoch {epoch} active (digest {digest}, was {previous}); {path} "
                  "written", epoch=epoch, digest=staged.digest.hex(),
                  previous=old.digest.hex(), path=str(path))

@@ -419,6 +419,8 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         node.replace_config(new)
         if replication is not None:
             replication.config, replication.me = new, new.node(me.name)
+            # after this request's answer is on its way (it may ride on such a link)
+            reactor.callLater(0, replication.close_control_links)
         if notifier is not None and new.notify is not None:
             notifier.config = new.notify
 

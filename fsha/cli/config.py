@@ -101,7 +101,7 @@ class Push:
             return 0, {"error": str(getattr(e, "reason", e))}
 
 
-def _targets(push: Push, via: str | None) -> list[Target]:
+def _targets(push: Push, via: str | None, relay_all: bool = False) -> list[Target]:
     targets = []
     for node in push.config.nodes:
         url = base_url(node.status.host, node.status.port)
@@ -119,6 +119,12 @@ def _targets(push: Push, via: str | None) -> list[Target]:
             raise ConfigError([f"--via {via}: its status address does not answer as it"])
     else:
         push.via = next((t for t in targets if t.url is not None), None)
+    if relay_all:
+        if push.via is None:
+            raise ConfigError(["--relay: no node's status address answers here"])
+        for target in targets:
+            if target is not push.via:
+                target.url = None
     for target in targets:
         code, answer = push.safe_call(target, "/control/config/show", {})
         if code == 200:
@@ -158,6 +164,9 @@ def main(argv: list[str]) -> int:
                    help="print the difference and what will move; change nothing")
     p.add_argument("--via", metavar="NODE", help="the node that relays to the nodes whose "
                                                  "status address does not answer here")
+    p.add_argument("--relay", action="store_true",
+                   help="ask every node but the --via one through its replication links, "
+                        "even those whose status address answers here")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per request")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     args = parser.parse_args(argv)
@@ -175,7 +184,7 @@ def main(argv: list[str]) -> int:
         timing_warnings(new_file)
     push = Push(current, secret, args.timeout)
     try:
-        targets = _targets(push, args.via)
+        targets = _targets(push, args.via, args.relay)
     except ConfigError as e:
         print(e.problems[0], file=sys.stderr)
         return 2
@@ -291,6 +300,9 @@ def _stage_and_activate(push: Push, chosen: list[Target], text: str, epoch: int,
                           "every node keeps its config")
     out.line(f"staged epoch {epoch} on {', '.join(t.name for t in staged)}")
     failed = []
+    # the relaying node last: activating closes its links to nodes of another config,
+    # which may be the only way to the nodes relayed
+    staged.sort(key=lambda t: (t is push.via, t.url is not None))
     for t in staged:
         code, answer = push.safe_call(t, "/control/config/activate",
                                       {"epoch": epoch, "digest": digest})
@@ -300,7 +312,7 @@ def _stage_and_activate(push: Push, chosen: list[Target], text: str, epoch: int,
             t.steps["activate"] = str(answer.get("error", f"HTTP {code}"))
             failed.append(f"{t.name}: {t.steps['activate']}")
     out.data["nodes"] = {t.name: t.steps for t in chosen}
-    done = [t.name for t in staged if t.steps.get("activate") == "active"]
+    done = [t.name for t in chosen if t.steps.get("activate") == "active"]  # config order
     if done:
         out.line(f"activated epoch {epoch} (digest {digest}) on {', '.join(done)}")
     if failed:

@@ -127,6 +127,16 @@ class _Factory(LinkFactory):
         self.owner = owner
         self.dialled = peer
 
+    # The listening factory lives as long as the service: it reads the owner's config
+    # (replaced by an online change, fsha config push) rather than keep its own.
+    @property  # type: ignore[override]
+    def config(self) -> ClusterConfig:
+        return self.owner.config
+
+    @config.setter
+    def config(self, value: ClusterConfig) -> None:
+        pass  # LinkFactory.__init__ sets it: the owner's is the one
+
     def buildProtocol(self, addr: object) -> _Link:
         link = _Link(self, self.expected)
         self.owner._connections.add(link)
@@ -188,6 +198,8 @@ class ReplicationService(service.Service):
         self.session_config = session_config if session_config is not None else SessionConfig()
         # fsha config push's requests to the other nodes ride on the links
         self.relay = ControlRelay(self._link_named, reactor)
+        # links to peers running another config: control frames only (fsha.replication.link)
+        self._control_links: dict[str, _Link] = {}
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
         self.backoff_initial = backoff_initial
@@ -469,7 +481,28 @@ class ReplicationService(service.Service):
     def _link_named(self, name: str) -> _Link | None:
         """The up link to the node called ``name`` (None: none up)."""
         return next((p.link for p in self._peers.values()
-                     if p.node.name == name and p.link is not None), None)
+                     if p.node.name == name and p.link is not None),
+                    self._control_links.get(name))
+
+    def control_link_up(self, link: LinkProtocol, node: NodeConfig, hello: Hello) -> None:
+        """A peer running another config: the link carries control requests only, until
+        one of the two changes config (:meth:`close_control_links`)."""
+        assert isinstance(link, _Link)
+        old = self._control_links.get(node.name)
+        self._control_links[node.name] = link
+        if old is not None and old is not link:
+            old.close()
+        log.warn("replication: {peer} runs config digest {theirs}, this node {ours}: nothing "
+                 "is replicated between them until their configs are equal (fsha config "
+                 "push); the link carries control requests only", peer=node.name,
+                 theirs=hello.config_digest.hex(), ours=self.config.digest.hex())
+
+    def close_control_links(self) -> None:
+        """This node changed config: links opened between two configs are closed (and
+        redialled, to come up whole where the configs are now equal)."""
+        for link in list(self._control_links.values()):
+            if link.transport is not None:
+                link.transport.loseConnection()  # after what is written (an answer)
 
     def _peer_of(self, link: _Link) -> _Peer | None:
         for peer in self._peers.values():
@@ -499,6 +532,9 @@ class ReplicationService(service.Service):
     def _connection_closed(self, link: _Link, dialled: _Peer | None, was_up: bool,
                            reason: Failure) -> None:
         self._connections.discard(link)
+        if link.peer is not None and self._control_links.get(link.peer.name) is link:
+            del self._control_links[link.peer.name]
+            self.relay.link_closed(link.peer.name)
         lost = self._lost.pop(link, None)
         peer = self._peer_of(link)
         if peer is not None:
@@ -571,4 +607,6 @@ class ReplicationService(service.Service):
                       "unexpected_inbound": self.unexpected_inbound,
                       "bytes_in": self.stats.bytes_in, "bytes_out": self.stats.bytes_out},
             "peers": peers,
+            # peers running another config: a link for control requests only
+            "control_links": sorted(self._control_links),
         }
