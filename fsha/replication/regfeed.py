@@ -37,8 +37,9 @@ REGISTRATION_EVENTS: Final = tuple(k.value for k in RegistrationKind)
 #: A registration's expiry read from the table and from the event may differ by this much
 #: (seconds) without the sweep rewriting the record.
 REG_EXPIRES_TOLERANCE: Final = 30
-#: Rows per query of a sweep: what it holds at a time (rows of 1-2 KB as Python objects).
-PAGE_SIZE: Final = 2000
+#: Rows per query of a sweep: what it holds at a time (rows of 1-2 KB as Python objects,
+#: a fetched page and its decoded rows at once: 2,000 were 10 MB of small objects).
+PAGE_SIZE: Final = 500
 
 
 #: An index entry is one int: ``gen << 17 | mark << 16 | slot`` (slot ids are 16 bits on
