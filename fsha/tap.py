@@ -269,6 +269,9 @@ class OrderedServices(service.MultiService):
 def makeService(options: Options) -> service.MultiService:
     """twistd's entry point: the node on the process's reactor (chosen by twistd)."""
     from twisted.internet import reactor
+
+    from fsha import memprofile
+    memprofile.install()  # only with FSHA_TRACEMALLOC set (benchmarks)
     return build_service(options, reactor)  # type: ignore[arg-type]
 
 
