@@ -176,9 +176,9 @@ class FailureDetector:
             return Verdict.REPLAY
         peer.net_sequence[network] = hb.sequence
         peer.heard[network] = now
+        # A silence that made the peer dead counts too (when shorter than the ceiling): a
+        # peer judged dead for a stall must not be judged dead again for the next one.
         arrivals = peer.arrivals[network]
-        if not peer.alive:
-            arrivals.restart()  # the silence that made it dead is no silence of a live peer
         arrivals.add(now, self.dead_after)
         due = now + arrivals.bound(self.interval, self.floor, self.dead_after)
         if due > peer.deadline[network]:
