@@ -56,6 +56,11 @@ HOLD = 30.0
 SIGMAS = 4.0
 #: Weight of a new silence in the running mean and variance.
 GAIN = 1 / 16
+#: Intervals the bound leaves beyond the largest recent round trip: a master's lease
+#: lasts the bound its peers promise minus half an interval from its own send time, and
+#: the support renewing it arrives a round trip later, a lost one an interval after that
+#: (fsha.quorum). A bound under a round trip would make healthy masters let go.
+RTT_INTERVALS = 3.0
 
 
 @dataclass(slots=True)
@@ -73,6 +78,15 @@ class Arrivals:
     peak: float = 0.0  # the largest silence since peak_since
     old_peak: float = 0.0  # the largest of the window before
     peak_since: float = NEVER
+    rtt_peak: float = 0.0  # the largest round trip since rtt_since
+    old_rtt_peak: float = 0.0
+    rtt_since: float = NEVER
+
+    def round_trip(self, rtt: float, now: float) -> None:
+        if now - self.rtt_since >= HOLD:
+            self.old_rtt_peak, self.rtt_peak, self.rtt_since = self.rtt_peak, 0.0, now
+        if rtt > self.rtt_peak:
+            self.rtt_peak = rtt
 
     def add(self, now: float, ceiling: float) -> None:
         last, self.last = self.last, now
@@ -101,11 +115,13 @@ class Arrivals:
     def bound(self, interval: float, floor: float, ceiling: float) -> float:
         """How long a silence on this link may last before it is judged: the ceiling while
         the link is new, else the largest recent silence or the mean plus SIGMAS deviations,
-        whichever is more, plus one interval, between the floor and the ceiling."""
+        whichever is more, plus one interval, and at least the largest recent round trip
+        plus RTT_INTERVALS intervals, between the floor and the ceiling."""
         if self.samples < WARMUP:
             return ceiling
         expected = max(self.peak, self.old_peak, self.mean + SIGMAS * math.sqrt(self.var))
-        return min(ceiling, max(floor, expected + interval))
+        rtt = max(self.rtt_peak, self.old_rtt_peak)
+        return min(ceiling, max(floor, expected + interval, rtt + RTT_INTERVALS * interval))
 
 
 @dataclass(slots=True)
@@ -298,6 +314,7 @@ class RoundTrips:
         if last is None:
             return None
         last[network] = rtt
+        self._detector.peers[node_id].arrivals[network].round_trip(rtt, now)
         smoothed = self.smoothed[node_id]
         old = smoothed[network]
         smoothed[network] = rtt if old is None else old + RTT_GAIN * (rtt - old)
