@@ -24,6 +24,7 @@ recover.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
@@ -32,7 +33,7 @@ from fsha.config import ClusterConfig, NodeConfig
 from fsha.eslclient import ConnectionState, ESLClient
 from fsha.reactors import NetReactor
 
-__all__ = ["PROBE_INTERVAL", "SwitchHealth", "esl_clients"]
+__all__ = ["PROBE_INTERVAL", "ProbeStats", "SwitchHealth", "SwitchStats", "esl_clients"]
 
 #: Seconds between two probes of the local FreeSWITCH.
 PROBE_INTERVAL = 0.5
@@ -102,21 +103,69 @@ class SwitchHealth:
         waiting = probe.ping_waiting()
         return waiting is not None and waiting > probe.ping_timeout
 
-    def status(self) -> dict[str, Any]:
+    def stats(self) -> SwitchStats:
         esl = self.esl
-        result: dict[str, Any] = {
-            "state": esl.state.value, "ok": self.is_ok(), "core_uuid": esl.core_uuid,
-            "last_error": esl.last_error, "connections": esl.connections,
-            "restarts": esl.restarts, "late_replies": esl.late_reply_count,
-            "malformed_core_uuids": esl.malformed_core_uuids, "busy": self.busy()}
         probe = self.probe
+        probe_stats: ProbeStats | None = None
         if probe is not None:
             waiting = probe.ping_waiting()
             last = probe.last_ping_seconds
-            result["probe"] = {
-                "state": probe.state.value, "ok": probe.is_healthy,
-                "last_error": probe.last_error, "connections": probe.connections,
-                "late_replies": probe.late_reply_count,
-                "last_ping_ms": round(last * 1000, 1) if last is not None else None,
-                "waiting_ms": round(waiting * 1000, 1) if waiting is not None else None}
+            probe_stats = ProbeStats(
+                state=probe.state.value, ok=probe.is_healthy, last_error=probe.last_error,
+                connections=probe.connections, late_replies=probe.late_reply_count,
+                last_ping_ms=round(last * 1000, 1) if last is not None else None,
+                waiting_ms=round(waiting * 1000, 1) if waiting is not None else None)
+        return SwitchStats(
+            state=esl.state.value, ok=self.is_ok(), core_uuid=esl.core_uuid,
+            last_error=esl.last_error, connections=esl.connections, restarts=esl.restarts,
+            late_replies=esl.late_reply_count, malformed_core_uuids=esl.malformed_core_uuids,
+            busy=self.busy(), probe=probe_stats)
+
+    def status(self) -> dict[str, Any]:
+        return self.stats().as_status()
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeStats:
+    """The probe connection's figures (``freeswitch.probe`` in the status)."""
+
+    state: str
+    ok: bool
+    last_error: str | None
+    connections: int
+    late_replies: int
+    last_ping_ms: float | None
+    waiting_ms: float | None  # a probe answer overdue this long (None: none waiting)
+
+    def as_status(self) -> dict[str, Any]:
+        return {"state": self.state, "ok": self.ok, "last_error": self.last_error,
+                "connections": self.connections, "late_replies": self.late_replies,
+                "last_ping_ms": self.last_ping_ms, "waiting_ms": self.waiting_ms}
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchStats:
+    """The local FreeSWITCH as the node sees it: the ``freeswitch`` status section
+    (:meth:`as_status`, plus the session count of ``fsha.metrics.SessionWatch``) and the
+    ``fsha_freeswitch_*`` metrics are both made from this."""
+
+    state: str  # the main ESL connection's (fsha.eslclient.ConnectionState value)
+    ok: bool
+    core_uuid: str | None
+    last_error: str | None
+    connections: int
+    restarts: int
+    late_replies: int
+    malformed_core_uuids: int
+    busy: bool
+    probe: ProbeStats | None
+
+    def as_status(self) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "state": self.state, "ok": self.ok, "core_uuid": self.core_uuid,
+            "last_error": self.last_error, "connections": self.connections,
+            "restarts": self.restarts, "late_replies": self.late_replies,
+            "malformed_core_uuids": self.malformed_core_uuids, "busy": self.busy}
+        if self.probe is not None:
+            result["probe"] = self.probe.as_status()
         return result

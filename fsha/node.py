@@ -31,6 +31,14 @@ from fsha.claims import ClaimFacts, claim_hold, cold_start_wait
 from fsha.config import ClusterConfig, NodeConfig, SlotConfig
 from fsha.detector import FailureDetector, RoundTrips
 from fsha.dropwindow import DropWindow
+from fsha.nodestats import (
+    MemberStats,
+    NetworkView,
+    NodeStats,
+    QuorumStats,
+    SenderStats,
+    SlotStats,
+)
 from fsha.quorum import (
     NEVER,
     PeerView,
@@ -1037,78 +1045,80 @@ class ClusterNode:
             except Exception:
                 self.log.failure("event listener failed on {kind}", kind=kind)
 
-    def status(self) -> dict[str, Any]:
+    def stats(self) -> NodeStats:
         now = self.clock.seconds()
         roles = self.roles
         nodes = []
         for node in self.config.nodes:
-            entry: dict[str, Any] = {"name": node.name, "priority": node.priority,
-                                     "rank": roles.rank_of(node.node_id)}
             if node is self.me:
-                entry.update(self=True, alive=True, live=True, config="same",
-                             hears=sorted(self._name(n) for n in range(len(self.config.nodes))
-                                          if self.quorum.heard_bits() >> n & 1),
-                             role=self.role.name.lower(),
-                             slot=self._slot_name(self.slot), epoch=self.epoch,
-                             incarnation=self.incarnation, flags=_flag_names(self.flags()),
-                             view_agrees=True, networks={})
-            else:
-                peer = self.detector.peers[node.node_id]
-                hb = peer.latest
-                entry.update(
-                    self=False, alive=peer.alive,
-                    # heard and proven live now: counts toward quorum (fsha.quorum)
-                    live=self.quorum.is_live(node.node_id),
-                    config="other" if node.node_id in self.quorum.foreign else "same",
+                nodes.append(MemberStats(
+                    name=node.name, priority=node.priority, rank=roles.rank_of(node.node_id),
+                    is_self=True, alive=True, live=True, config="same",
                     hears=sorted(self._name(n) for n in range(len(self.config.nodes))
-                                 if hb.heard >> n & 1)
-                    if hb is not None and hb.version >= 3 and peer.alive else None,
-                    role=hb.role.name.lower() if hb and peer.alive else "unknown",
-                    slot=self._slot_name(hb.slot) if hb and peer.alive else None,
-                    epoch=hb.epoch if hb and peer.alive else None,
-                    incarnation=peer.incarnation if peer.incarnation >= 0 else None,
-                    flags=_flag_names(hb.flags) if hb and peer.alive else [],
-                    view_agrees=bool(hb and peer.alive and hb.view_digest == roles.digest),
-                    restarts=peer.restarts,
-                    heartbeat_version=self.peer_versions[node.node_id]
-                    if peer.incarnation >= 0 else None,
-                    networks={net.name: {
-                        "up": self.detector.network_up(node.node_id, net.index, now),
-                        "last_heard_ms": _ms_since(now, peer.heard[net.index]),
-                        # the silence judged death there now (fsha.detector)
-                        "bound_ms": round(self.detector.bound(node.node_id, net.index)
-                                          * 1000, 1),
-                        "rtt_ms": _ms(self.round_trips.smoothed[node.node_id][net.index])}
-                        for net in self.config.networks})
-            nodes.append(entry)
-        slots = [{"name": s.name, "owner": self._name(roles.owners[s.slot_id])
-                  if s.slot_id in roles.owners else None,
-                  "epoch": roles.epochs.get(s.slot_id, self.known_epochs.get(s.slot_id, 0)),
-                  "profiles": list(s.profiles), "ips": [str(ip) for ip in s.ips]}
+                                 if self.quorum.heard_bits() >> n & 1),
+                    role=self.role.name.lower(), slot=self._slot_name(self.slot),
+                    epoch=self.epoch, incarnation=self.incarnation,
+                    flags=_flag_names(self.flags()), view_agrees=True, networks={}))
+                continue
+            peer = self.detector.peers[node.node_id]
+            hb = peer.latest
+            heard = hb is not None and peer.alive
+            nodes.append(MemberStats(
+                name=node.name, priority=node.priority, rank=roles.rank_of(node.node_id),
+                is_self=False, alive=peer.alive,
+                # heard and proven live now: counts toward quorum (fsha.quorum)
+                live=self.quorum.is_live(node.node_id),
+                config="other" if node.node_id in self.quorum.foreign else "same",
+                hears=sorted(self._name(n) for n in range(len(self.config.nodes))
+                             if hb.heard >> n & 1)
+                if hb is not None and hb.version >= 3 and peer.alive else None,
+                role=hb.role.name.lower() if hb is not None and heard else "unknown",
+                slot=self._slot_name(hb.slot) if hb is not None and heard else None,
+                epoch=hb.epoch if hb is not None and heard else None,
+                incarnation=peer.incarnation if peer.incarnation >= 0 else None,
+                flags=_flag_names(hb.flags) if hb is not None and heard else [],
+                view_agrees=bool(hb is not None and heard and hb.view_digest == roles.digest),
+                restarts=peer.restarts,
+                heartbeat_version=self.peer_versions[node.node_id]
+                if peer.incarnation >= 0 else None,
+                networks={net.name: NetworkView(
+                    up=self.detector.network_up(node.node_id, net.index, now),
+                    last_heard_ms=_ms_since(now, peer.heard[net.index]),
+                    # the silence judged death there now (fsha.detector)
+                    bound_ms=round(self.detector.bound(node.node_id, net.index) * 1000, 1),
+                    rtt_ms=_ms(self.round_trips.smoothed[node.node_id][net.index]))
+                    for net in self.config.networks}))
+        slots = [SlotStats(name=s.name, owner=self._name(roles.owners[s.slot_id])
+                           if s.slot_id in roles.owners else None,
+                           epoch=roles.epochs.get(s.slot_id,
+                                                  self.known_epochs.get(s.slot_id, 0)),
+                           profiles=list(s.profiles), ips=[str(ip) for ip in s.ips])
                  for s in self.config.slots]
-        return {
-            "cluster": self.config.name, "node": self.me.name,
-            "incarnation": self.incarnation, "role": self.role.name.lower(),
-            "slot": self._slot_name(self.slot), "epoch": self.epoch,
-            "uptime_s": round(now - self.started_at, 3),
-            "quorum": {"required": self.config.quorum, "alive": self.alive_count(),
-                       "ok": self.sees_quorum(), "spec": self.config.quorum_spec,
-                       "lease_ms": round(self.lease * 1000, 3),
-                       "lease_left_ms": self._lease_left_ms(now),
-                       "claim_hold": self.claim_hold or None},
-            "config_digest": self.config.digest.hex(), "view_digest": roles.digest.hex(),
-            "heartbeat_interval_ms": round(self.config.heartbeat_interval * 1000, 3),
-            "dead_after_ms": round(self.config.dead_after * 1000, 3),
-            "dead_after_min_ms": round(self.config.detection_floor * 1000, 3),
-            "ranking": [self._name(n) for n in roles.ranking],
-            "nodes": nodes, "slots": slots,
-            "networks": [{"name": link.name, "sent": link.sent,
-                          "send_errors": link.send_errors, "last_error": link.last_error}
-                         for link in self.links],
-            "received": self.received, "drops": dict(self.drops),
-            "recent_drops": self.recent_drops.recent(now),
-            "events": list(self.events),
-        }
+        return NodeStats(
+            cluster=self.config.name, node=self.me.name,
+            incarnation=self.incarnation, role=self.role.name.lower(),
+            slot=self._slot_name(self.slot), epoch=self.epoch,
+            uptime_s=round(now - self.started_at, 3),
+            quorum=QuorumStats(required=self.config.quorum, alive=self.alive_count(),
+                               ok=self.sees_quorum(), spec=self.config.quorum_spec,
+                               lease_ms=round(self.lease * 1000, 3),
+                               lease_left_ms=self._lease_left_ms(now),
+                               claim_hold=self.claim_hold or None),
+            config_digest=self.config.digest.hex(), view_digest=roles.digest.hex(),
+            heartbeat_interval_ms=round(self.config.heartbeat_interval * 1000, 3),
+            dead_after_ms=round(self.config.dead_after * 1000, 3),
+            dead_after_min_ms=round(self.config.detection_floor * 1000, 3),
+            ranking=[self._name(n) for n in roles.ranking],
+            nodes=nodes, slots=slots,
+            networks=[SenderStats(name=link.name, sent=link.sent,
+                                send_errors=link.send_errors, last_error=link.last_error)
+                      for link in self.links],
+            received=self.received, drops=dict(self.drops),
+            recent_drops=self.recent_drops.recent(now),
+            events=list(self.events))
+
+    def status(self) -> dict[str, Any]:
+        return self.stats().as_status()
 
     def _lease_left_ms(self, now: float) -> float | None:
         """How long this master's lease still runs (None when it holds no slot)."""

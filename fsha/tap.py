@@ -41,7 +41,7 @@ from fsha.history import HistoryResource, StateDir, read_history
 from fsha.limitservice import LimitService
 from fsha.localdrop import GuardSettings, report_problems
 from fsha.memtrim import MemoryTrimmer
-from fsha.metrics import SessionWatch, metrics_resource
+from fsha.metrics import SessionWatch, StatsSources, metrics_resource
 from fsha.node import ClusterNode
 from fsha.nodecontrol import ControlResource, StatusSite
 from fsha.notify import Notifier
@@ -452,10 +452,14 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         (lambda: read_history(state.path, limit=20)) if state is not None else lambda: None))
     if state is not None:
         root.putChild(b"history", HistoryResource(state.path))
-    root.putChild(b"metrics", metrics_resource(
-        status, effects, esl, durable=durable.stats if durable is not None else None,
+    root.putChild(b"metrics", metrics_resource(StatsSources(
+        node=node.stats, freeswitch=health.stats, sessions=sessions,
+        replication=replication.stats if replication is not None else None,
+        feeds=feeds.feeds.stats if replication is not None else None,
+        takeover=effects.stats, fsevents=cluster_events.stats, control=control.stats,
+        durable=durable.stats if durable is not None else None,
         limits=limits.stats if limits is not None else None,
-        redis=redis.stats if redis is not None else None))
+        redis=redis.stats if redis is not None else None), effects, esl))
     site = StatusSite(root, control)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # polled: no access log

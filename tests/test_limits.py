@@ -738,6 +738,7 @@ class HangupMemoryTests(SynchronousTestCase):
 
 class StatusAndMetricsTests(SynchronousTestCase):
     def test_status_lines_problems_and_metrics(self) -> None:
+        from fsha.metrics import StatsSources
         from fsha.status import problems, render
         from tests.fakecluster import FakeCluster, make_config
         from tests.test_metrics import one, scrape
@@ -773,7 +774,8 @@ class StatusAndMetricsTests(SynchronousTestCase):
                             for p in found), found)
         self.assertIn("limits: 1 hiredis unit(s) waiting to be released in Redis", found)
         redis = RedisStats(**status["redis"], db=0, disconnects=1)
-        _, samples = scrape(status, limits=cl.svcs[n3].stats, redis=lambda: redis)
+        _, samples = scrape(StatsSources(node=fake.nodes["fs3"].stats,
+                                         limits=cl.svcs[n3].stats, redis=lambda: redis))
         self.assertEqual(one(samples, "fsha_limit_usage", key="realm_a"), 1.0)
         self.assertEqual(one(samples, "fsha_limit_adopted_calls"), 1.0)
         self.assertEqual(one(samples, "fsha_limit_pending_releases"), 1.0)

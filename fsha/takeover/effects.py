@@ -160,6 +160,23 @@ def _reason(failure: Failure, timeout: float | None = None) -> str:
     return failure.getErrorMessage() or failure.type.__name__  # type: ignore[union-attr]
 
 
+@dataclass(frozen=True, slots=True)
+class EffectsStats:
+    """The slot effects' figures: the ``takeover`` status section (:meth:`as_status`) and
+    the ``fsha_takeover_*`` gauges (``fsha.metrics``) are both made from this."""
+
+    last_report: dict[str, Any] | None
+    pending_profile_stops: list[int]  # slots whose profile stop is being retried
+    profiles_stopping: list[str]  # stops issued, their UNPUBLISH not seen yet
+    global_standby: bool
+
+    def as_status(self) -> dict[str, Any]:
+        return {"last_report": self.last_report,
+                "pending_profile_stops": list(self.pending_profile_stops),
+                "profiles_stopping": list(self.profiles_stopping),
+                "global_standby": self.global_standby}
+
+
 class SlotEffects:
     """The effects of owning a slot (``fsha.node.SlotOwner``); see the module docstring.
 
@@ -257,11 +274,14 @@ class SlotEffects:
             return None
         return acq.progressed
 
+    def stats(self) -> EffectsStats:
+        return EffectsStats(
+            last_report=self.last_report.as_dict() if self.last_report else None,
+            pending_profile_stops=sorted(self._stop_retries),
+            profiles_stopping=sorted(self._stopping), global_standby=self._standby_on)
+
     def status(self) -> dict[str, Any]:
-        return {"last_report": self.last_report.as_dict() if self.last_report else None,
-                "pending_profile_stops": sorted(self._stop_retries),
-                "profiles_stopping": sorted(self._stopping),
-                "global_standby": self._standby_on}
+        return self.stats().as_status()
 
     def _profile_unpublished(self, event: Any) -> None:
         """UNPUBLISH (sofia's profile thread ended): a stop issued here is complete."""
