@@ -27,9 +27,10 @@ formats: :mod:`fsha.limitbook`):
   profile) the adopted calls' hiredis units are taken again (``t/`` records, then the
   exactly-once ``INCR`` script), before any release.
 
-Why about 650 lines: the node's side of limits is one service (polling, totals,
-adoption, reconciliation, releases) over one limit book; its logic and record formats
-are apart in ``fsha.limitbook``.
+Why about 800 lines: the node's side of limits is one service (polling, totals,
+adoption, reconciliation, releases, its life) over one limit book, whose parts share
+the book, the timers and the jobs in flight; its logic and record formats are apart in
+``fsha.limitbook``.
 """
 
 from __future__ import annotations
