@@ -376,8 +376,30 @@ class ClusterEvents(Service):
         nodes, networks = self.node.config.nodes, self.node.config.networks
         return sorted((nodes[p].name, networks[n].name) for p, n in self._down)
 
+    def stats(self) -> EventsStats:
+        return EventsStats(running=self.accepting, sent=self.sent, queued=len(self.queue),
+                           dropped=dict(self.dropped), last_error=self.last_error,
+                           sequence=self.sequence,
+                           degraded=[f"{peer}/{net}" for peer, net in self.degraded()])
+
     def status(self) -> dict[str, Any]:
-        return {"running": self.accepting, "sent": self.sent, "queued": len(self.queue),
+        return self.stats().as_status()
+
+
+@dataclass(frozen=True, slots=True)
+class EventsStats:
+    """The cluster events' figures: the ``fsevents`` status section (:meth:`as_status`)
+    and the ``fsha_fsevents_*`` metrics (``fsha.metrics``) are both made from this."""
+
+    running: bool
+    sent: int
+    queued: int
+    dropped: dict[str, int]  # by reason
+    last_error: str | None
+    sequence: int
+    degraded: list[str]  # peer/network pairs
+
+    def as_status(self) -> dict[str, Any]:
+        return {"running": self.running, "sent": self.sent, "queued": self.queued,
                 "dropped": dict(self.dropped), "last_error": self.last_error,
-                "sequence": self.sequence,
-                "degraded": [f"{peer}/{net}" for peer, net in self.degraded()]}
+                "sequence": self.sequence, "degraded": list(self.degraded)}

@@ -24,15 +24,17 @@ recover.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 
 from fsha.config import ClusterConfig, NodeConfig
 from fsha.eslclient import ConnectionState, ESLClient
+from fsha.latch import Signal
 from fsha.reactors import NetReactor
 
-__all__ = ["PROBE_INTERVAL", "SwitchHealth", "esl_clients"]
+__all__ = ["PROBE_INTERVAL", "ProbeStats", "SwitchHealth", "SwitchStats", "esl_clients"]
 
 #: Seconds between two probes of the local FreeSWITCH.
 PROBE_INTERVAL = 0.5
@@ -62,13 +64,6 @@ def esl_clients(config: ClusterConfig, me: NodeConfig, reactor: NetReactor, ping
     return main, probe
 
 
-class GuardState(Protocol):
-    """What the health needs of the guard (fsha.guardlink.GuardLink)."""
-
-    @property
-    def ok(self) -> bool: ...
-
-
 class SwitchHealth:
     """The node's view of its FreeSWITCH; busy (still healthy) while a probe's answer is
     overdue.
@@ -82,13 +77,15 @@ class SwitchHealth:
     unusable too: nothing would stop it serving a slot if fsha died."""
 
     def __init__(self, esl: ESLClient, probe: ESLClient | None = None,
-                 guard: GuardState | None = None) -> None:
+                 guard_given_up: Signal | None = None) -> None:
+        """``guard_given_up``: the latch fsha.guardlink.GuardLink sets when it gives the
+        guard up."""
         self.esl = esl
         self.probe = probe
-        self.guard = guard
+        self.guard_given_up = guard_given_up
 
     def is_ok(self) -> bool:
-        if self.guard is not None and not self.guard.ok:
+        if self.guard_given_up is not None and self.guard_given_up.is_set:
             return False
         if self.probe is None:
             return self.esl.is_healthy
@@ -102,21 +99,69 @@ class SwitchHealth:
         waiting = probe.ping_waiting()
         return waiting is not None and waiting > probe.ping_timeout
 
-    def status(self) -> dict[str, Any]:
+    def stats(self) -> SwitchStats:
         esl = self.esl
-        result: dict[str, Any] = {
-            "state": esl.state.value, "ok": self.is_ok(), "core_uuid": esl.core_uuid,
-            "last_error": esl.last_error, "connections": esl.connections,
-            "restarts": esl.restarts, "late_replies": esl.late_reply_count,
-            "malformed_core_uuids": esl.malformed_core_uuids, "busy": self.busy()}
         probe = self.probe
+        probe_stats: ProbeStats | None = None
         if probe is not None:
             waiting = probe.ping_waiting()
             last = probe.last_ping_seconds
-            result["probe"] = {
-                "state": probe.state.value, "ok": probe.is_healthy,
-                "last_error": probe.last_error, "connections": probe.connections,
-                "late_replies": probe.late_reply_count,
-                "last_ping_ms": round(last * 1000, 1) if last is not None else None,
-                "waiting_ms": round(waiting * 1000, 1) if waiting is not None else None}
+            probe_stats = ProbeStats(
+                state=probe.state.value, ok=probe.is_healthy, last_error=probe.last_error,
+                connections=probe.connections, late_replies=probe.late_reply_count,
+                last_ping_ms=round(last * 1000, 1) if last is not None else None,
+                waiting_ms=round(waiting * 1000, 1) if waiting is not None else None)
+        return SwitchStats(
+            state=esl.state.value, ok=self.is_ok(), core_uuid=esl.core_uuid,
+            last_error=esl.last_error, connections=esl.connections, restarts=esl.restarts,
+            late_replies=esl.late_reply_count, malformed_core_uuids=esl.malformed_core_uuids,
+            busy=self.busy(), probe=probe_stats)
+
+    def status(self) -> dict[str, Any]:
+        return self.stats().as_status()
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeStats:
+    """The probe connection's figures (``freeswitch.probe`` in the status)."""
+
+    state: str
+    ok: bool
+    last_error: str | None
+    connections: int
+    late_replies: int
+    last_ping_ms: float | None
+    waiting_ms: float | None  # a probe answer overdue this long (None: none waiting)
+
+    def as_status(self) -> dict[str, Any]:
+        return {"state": self.state, "ok": self.ok, "last_error": self.last_error,
+                "connections": self.connections, "late_replies": self.late_replies,
+                "last_ping_ms": self.last_ping_ms, "waiting_ms": self.waiting_ms}
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchStats:
+    """The local FreeSWITCH as the node sees it: the ``freeswitch`` status section
+    (:meth:`as_status`, plus the session count of ``fsha.metrics.SessionWatch``) and the
+    ``fsha_freeswitch_*`` metrics are both made from this."""
+
+    state: str  # the main ESL connection's (fsha.eslclient.ConnectionState value)
+    ok: bool
+    core_uuid: str | None
+    last_error: str | None
+    connections: int
+    restarts: int
+    late_replies: int
+    malformed_core_uuids: int
+    busy: bool
+    probe: ProbeStats | None
+
+    def as_status(self) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "state": self.state, "ok": self.ok, "core_uuid": self.core_uuid,
+            "last_error": self.last_error, "connections": self.connections,
+            "restarts": self.restarts, "late_replies": self.late_replies,
+            "malformed_core_uuids": self.malformed_core_uuids, "busy": self.busy}
+        if self.probe is not None:
+            result["probe"] = self.probe.as_status()
         return result

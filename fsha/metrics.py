@@ -1,27 +1,27 @@
 """Prometheus metrics of one node, served at ``/metrics`` (see docs/monitoring.rst).
 
 Nothing here runs per datagram or per ESL event: :class:`ClusterCollector` reads, at
-scrape time, the typed stats of the components that have them (``DurableStats``,
-``LimitStats``, ``RedisStats``: they also make those components' JSON status) and, for
-the others, the node's ``status()`` dict (the one ``/status`` serves), and turns them
-into metric families. The only state kept between scrapes is what a status dict cannot
-give:
-the takeover histograms (:class:`TakeoverStats`, fed by ``SlotEffects`` reports) and the
-FreeSWITCH session count (:class:`SessionWatch`, from FreeSWITCH's own ``HEARTBEAT`` event,
-every 20 s by default).
+scrape time, the typed stats of every component (``NodeStats``, ``SwitchStats``,
+``ReplicationStats``, ``FeedsStats``, ``EffectsStats``, ``EventsStats``, ``ControlStats``,
+``DurableStats``, ``LimitStats``, ``RedisStats``: each also makes its component's section
+of the JSON status, so the two cannot disagree) and turns them into metric families. The
+only state kept between scrapes is what no component keeps: the takeover histograms
+(:class:`TakeoverStats`, fed by ``SlotEffects`` reports), the ESL request latencies
+(:class:`ESLRequestStats`) and the FreeSWITCH session count (:class:`SessionWatch`, from
+FreeSWITCH's own ``HEARTBEAT`` event, every 20 s by default).
 
-The exposition is generated synchronously in the reactor thread (the status callables are
+The exposition is generated synchronously in the reactor thread (the stats callables are
 not thread-safe; ``prometheus_client.twisted.MetricsResource`` would use a thread). No
 secret is ever exported: only names, counters, states and durations.
 
-Why about 650 lines: one function per component's status; typed stats objects per
-component (issue 14, item 5) would remove the defensive parsing and shorten it.
+Why about 650 lines: one function per component, each naming and documenting its
+families (the names are checked against docs/monitoring.rst by tests/test_docs_names.py).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from prometheus_client.core import (
@@ -38,10 +38,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from fsha.durable import DurableStats
+from fsha.fsevents import EventsStats
+from fsha.health import SwitchStats
 from fsha.limitservice import LimitStats
+from fsha.nodecontrol import ControlStats
+from fsha.nodestats import NodeStats
 from fsha.redisclient import RedisStats
-
-StatusFunction = Callable[[], Mapping[str, Any]]
+from fsha.replication.stats import FeedsStats, ReplicationStats
+from fsha.takeover.effects import EffectsStats
 
 # Takeover and step durations, seconds: from a fast bare IP move to a slow core DB write.
 DURATION_BUCKETS: tuple[float, ...] = (
@@ -233,59 +237,51 @@ class SessionWatch:
             esl.add_event_listener(self.heartbeat, "HEARTBEAT")
 
     def heartbeat(self, event: Any) -> None:
-        self.sessions = _int(event.get("Session-Count"))
-        self.max_sessions = _int(event.get("Max-Sessions"))
+        self.sessions = _header_int(event.get("Session-Count"))
+        self.max_sessions = _header_int(event.get("Max-Sessions"))
 
     def status(self) -> dict[str, int | None]:
         return {"sessions": self.sessions, "max_sessions": self.max_sessions}
 
 
-def _int(value: Any) -> int | None:
+def _header_int(value: str | None) -> int | None:
+    """An integer header of a FreeSWITCH event (None: missing or not a number)."""
     try:
-        return int(value)
-    except (TypeError, ValueError):
+        return int(value) if value is not None else None
+    except ValueError:
         return None
 
 
-def _num(value: Any) -> float | None:
-    """A finite number, or None (missing, None, text, bool is fine as 0/1)."""
-    if isinstance(value, bool):
-        return 1.0 if value else 0.0
-    if isinstance(value, int | float) and math.isfinite(value):
-        return float(value)
-    return None
+def _seconds(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1000
 
 
-def _map(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
+Sample = float | int | bool | None
 
 
 class _Families:
-    """Small helper: families created on first use, samples skipped when not numbers."""
+    """Small helper: families created on first use; a None sample is left out (a figure
+    not known yet: absent, not 0)."""
 
     def __init__(self) -> None:
         self._families: dict[str, Metric] = {}
 
     def add(self, kind: str, name: str, doc: str, labels: Mapping[str, str] | None,
-            value: Any, unit: str = "") -> None:
-        number = _num(value)
+            value: Sample, unit: str = "") -> None:
         family = self._families.get(name)
         if family is None:
             label_names = list(labels) if labels else []
             cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             family = cls(name, doc, labels=label_names, unit=unit)
             self._families[name] = family
-        if number is not None:
-            family.add_metric([str(v) for v in labels.values()] if labels else [], number)
+        if value is not None:
+            family.add_metric(list(labels.values()) if labels else [], float(value))
 
-    def gauge(self, name: str, doc: str, value: Any, unit: str = "", **labels: str) -> None:
+    def gauge(self, name: str, doc: str, value: Sample, unit: str = "",
+              **labels: str) -> None:
         self.add("gauge", name, doc, labels, value, unit)
 
-    def counter(self, name: str, doc: str, value: Any, **labels: str) -> None:
+    def counter(self, name: str, doc: str, value: Sample, **labels: str) -> None:
         self.add("counter", name, doc, labels, value)
 
     def declare(self, kind: str, name: str, doc: str, labels: Iterable[str],
@@ -295,49 +291,65 @@ class _Families:
             cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             self._families[name] = cls(name, doc, labels=list(labels), unit=unit)
 
+    def info(self, name: str, doc: str, value: dict[str, str]) -> None:
+        family = InfoMetricFamily(name, doc)
+        family.add_metric([], value)
+        self._families[name] = family
+
     def families(self) -> Iterator[Metric]:
         yield from self._families.values()
 
 
+@dataclass(frozen=True, slots=True)
+class StatsSources:
+    """Where the collector reads each component's typed stats, at scrape time (None: the
+    component is not configured on this node)."""
+
+    node: Callable[[], NodeStats]
+    freeswitch: Callable[[], SwitchStats] | None = None
+    sessions: SessionWatch | None = None
+    replication: Callable[[], ReplicationStats] | None = None
+    feeds: Callable[[], FeedsStats] | None = None
+    takeover: Callable[[], EffectsStats] | None = None
+    fsevents: Callable[[], EventsStats] | None = None
+    control: Callable[[], ControlStats] | None = None
+    durable: Callable[[], DurableStats] | None = None
+    limits: Callable[[], LimitStats] | None = None
+    redis: Callable[[], RedisStats] | None = None
+
+
 class ClusterCollector:
-    """A ``prometheus_client`` collector over a node's ``status()`` callable.
+    """A ``prometheus_client`` collector over the typed stats of a node's components."""
 
-    Sections it reads (any may be missing or None): the node's own keys, ``freeswitch``
-    (``fsha.health.SwitchHealth.status()`` plus ``sessions``/``max_sessions``),
-    ``replication``, ``feeds``, ``takeover`` and ``fsevents``.
-    """
-
-    def __init__(self, status: StatusFunction, stats: TakeoverStats | None = None,
-                 esl: ESLRequestStats | None = None,
-                 durable: Callable[[], DurableStats] | None = None,
-                 limits: Callable[[], LimitStats] | None = None,
-                 redis: Callable[[], RedisStats] | None = None) -> None:
-        self.status = status
+    def __init__(self, sources: StatsSources, stats: TakeoverStats | None = None,
+                 esl: ESLRequestStats | None = None) -> None:
+        self.sources = sources
         self.stats = stats
         self.esl = esl
-        # Typed stats (read as they are, no parsing of the status dict): the components
-        # that have them so far; the others still come from ``status``.
-        self.durable = durable
-        self.limits = limits
-        self.redis = redis
 
     def collect(self) -> Iterator[Metric]:
-        st = self.status()
+        src = self.sources
         f = _Families()
-        self._node(st, f)
-        self._peers(st, f)
-        self._freeswitch(_map(st.get("freeswitch")), f)
-        self._replication(st.get("replication"), f)
-        self._feeds(st.get("feeds"), f)
-        self._takeover(_map(st.get("takeover")), f)
-        self._fsevents(st.get("fsevents"), f)
-        if self.limits is not None:
-            self._limits(self.limits(), f)
-        if self.redis is not None:
-            self._redis(self.redis(), f)
-        if self.durable is not None:
-            self._durable(self.durable(), f)
-        self._control(st.get("control"), f)
+        node = src.node()
+        self._node(node, f)
+        self._peers(node, f)
+        if src.freeswitch is not None:
+            self._freeswitch(src.freeswitch(), src.sessions, f)
+        self._replication(src.replication() if src.replication is not None else None, f)
+        if src.feeds is not None:
+            self._feeds(src.feeds(), f)
+        if src.takeover is not None:
+            self._takeover(src.takeover(), f)
+        if src.fsevents is not None:
+            self._fsevents(src.fsevents(), f)
+        if src.limits is not None:
+            self._limits(src.limits(), f)
+        if src.redis is not None:
+            self._redis(src.redis(), f)
+        if src.durable is not None:
+            self._durable(src.durable(), f)
+        if src.control is not None:
+            self._control(src.control(), f)
         yield from f.families()
         if self.stats is not None:
             yield from self.stats.collect()
@@ -347,234 +359,196 @@ class ClusterCollector:
     # -- sections ---------------------------------------------------------------------
 
     @staticmethod
-    def _node(st: Mapping[str, Any], f: _Families) -> None:
-        info = InfoMetricFamily("fsha_node", "This node: cluster and node name, incarnation.")
-        info.add_metric([], {"cluster": str(st.get("cluster", "")),
-                             "node": str(st.get("node", "")),
-                             "incarnation": str(st.get("incarnation", ""))})
-        f._families["fsha_node"] = info
-        f.gauge("fsha_uptime_seconds", "Seconds since this node started.",
-                st.get("uptime_s"), unit="seconds")
-        role = str(st.get("role", ""))
+    def _node(st: NodeStats, f: _Families) -> None:
+        f.info("fsha_node", "This node: cluster and node name, incarnation.",
+               {"cluster": st.cluster, "node": st.node, "incarnation": str(st.incarnation)})
+        f.gauge("fsha_uptime_seconds", "Seconds since this node started.", st.uptime_s,
+                unit="seconds")
         for r in ROLES:
             f.gauge("fsha_role", "This node's role (1 for the current one).",
-                    1 if r == role else 0, role=r)
+                    r == st.role, role=r)
         f.gauge("fsha_epoch", "Epoch of the slot this node holds or claims (0: none).",
-                st.get("epoch"))
-        quorum = _map(st.get("quorum"))
+                st.epoch)
+        quorum = st.quorum
         f.gauge("fsha_quorum_required", "Nodes this node must see alive (itself included) "
-                "to take over.", quorum.get("required"))
+                "to take over.", quorum.required)
         f.gauge("fsha_quorum_alive_nodes", "Nodes this node counts toward quorum (heard and "
-                "live now), itself included.",
-                quorum.get("alive"))
-        f.gauge("fsha_quorum_ok", "1 if this node sees a quorum.", quorum.get("ok"))
+                "live now), itself included.", quorum.alive)
+        f.gauge("fsha_quorum_ok", "1 if this node sees a quorum.", quorum.ok)
         f.declare("gauge", "fsha_lease_remaining_seconds", "How long this master's lease "
                   "runs without another quorum support (absent: no slot held, or quorum 1).",
                   [], unit="seconds")
-        left = _num(quorum.get("lease_left_ms"))
-        f.gauge("fsha_lease_remaining_seconds", "", None if left is None else left / 1000)
-        interval = _num(st.get("heartbeat_interval_ms"))
+        f.gauge("fsha_lease_remaining_seconds", "", _seconds(quorum.lease_left_ms))
         f.gauge("fsha_heartbeat_interval_seconds", "Configured heartbeat interval.",
-                None if interval is None else interval / 1000, unit="seconds")
-        dead = _num(st.get("dead_after_ms"))
+                st.heartbeat_interval_ms / 1000, unit="seconds")
         f.gauge("fsha_dead_after_seconds", "Silence after which a peer is declared down.",
-                None if dead is None else dead / 1000, unit="seconds")
+                st.dead_after_ms / 1000, unit="seconds")
         f.counter("fsha_heartbeats_received", "Datagrams received on every network (accepted "
-                  "or dropped).", st.get("received"))
+                  "or dropped).", st.received)
         f.declare("counter", "fsha_datagrams_dropped", "Datagrams dropped, by reason.",
                   ["reason"])
-        for reason, n in sorted(_map(st.get("drops")).items()):
-            f.counter("fsha_datagrams_dropped", "", n, reason=str(reason))
-        for net in _list(st.get("networks")):
-            net = _map(net)
-            name = str(net.get("name", ""))
-            f.counter("fsha_heartbeats_sent", "Datagrams sent, per network.", net.get("sent"),
-                      network=name)
+        for reason, n in sorted(st.drops.items()):
+            f.counter("fsha_datagrams_dropped", "", n, reason=reason)
+        for net in st.networks:
+            f.counter("fsha_heartbeats_sent", "Datagrams sent, per network.", net.sent,
+                      network=net.name)
             f.counter("fsha_heartbeat_send_errors", "Datagrams that could not be sent "
-                      "(e.g. NIC down), per network.", net.get("send_errors"), network=name)
-        for slot in _list(st.get("slots")):
-            slot = _map(slot)
-            name = str(slot.get("name", ""))
-            owner = slot.get("owner")
+                      "(e.g. NIC down), per network.", net.send_errors, network=net.name)
+        for slot in st.slots:
             f.gauge("fsha_slot_owned", "1 if the slot has a master in this node's view.",
-                    owner is not None, slot=name)
+                    slot.owner is not None, slot=slot.name)
             f.declare("gauge", "fsha_slot_owner", "The slot's master in this node's view "
                       "(1 for the owner).", ["slot", "node"])
-            if owner is not None:
-                f.gauge("fsha_slot_owner", "", 1, slot=name, node=str(owner))
-            f.gauge("fsha_slot_epoch", "The slot's epoch in this node's view.",
-                    slot.get("epoch"), slot=name)
+            if slot.owner is not None:
+                f.gauge("fsha_slot_owner", "", 1, slot=slot.name, node=slot.owner)
+            f.gauge("fsha_slot_epoch", "The slot's epoch in this node's view.", slot.epoch,
+                    slot=slot.name)
 
     @staticmethod
-    def _peers(st: Mapping[str, Any], f: _Families) -> None:
-        ranking = _list(st.get("ranking"))
-        for node in _list(st.get("nodes")):
-            node = _map(node)
-            name = str(node.get("name", ""))
-            role = str(node.get("role", "unknown"))
+    def _peers(st: NodeStats, f: _Families) -> None:
+        for node in st.nodes:
+            name = node.name
             for r in (*ROLES, "unknown"):
                 f.gauge("fsha_node_role", "Each node's role as this node sees it (1 for the "
-                        "current one; unknown: not heard).", 1 if r == role else 0,
+                        "current one; unknown: not heard).", r == node.role,
                         node=name, role=r)
             f.gauge("fsha_node_alive", "1 if the node is alive in this node's view.",
-                    node.get("alive"), node=name)
+                    node.alive, node=name)
             f.declare("gauge", "fsha_node_rank", "Slave ranking position (0: primary "
                       "candidate); absent for masters.", ["node"])
-            rank = node.get("rank")
-            if rank is None and name in ranking:
-                rank = ranking.index(name)
-            f.gauge("fsha_node_rank", "", rank, node=name)
+            f.gauge("fsha_node_rank", "", node.rank, node=name)
             f.gauge("fsha_node_epoch", "Epoch each node announces for its slot.",
-                    node.get("epoch"), node=name)
-            if node.get("self"):
+                    node.epoch, node=name)
+            if node.is_self:
                 continue
             f.gauge("fsha_peer_view_agrees", "1 if the peer computed the same roles.",
-                    node.get("view_agrees"), peer=name)
+                    node.view_agrees, peer=name)
             f.gauge("fsha_peer_live", "1 if the peer is heard and has shown it is live now "
-                    "(counts toward quorum).", node.get("live"), peer=name)
+                    "(counts toward quorum).", node.live, peer=name)
             f.gauge("fsha_peer_same_config", "1 if the peer runs this node's config file "
-                    "(0: a rollout under way).",
-                    None if node.get("config") is None else node.get("config") == "same",
-                    peer=name)
+                    "(0: a rollout under way).", node.config == "same", peer=name)
             f.counter("fsha_peer_restarts", "Restarts (new incarnations) of the peer seen.",
-                      node.get("restarts"), peer=name)
-            for net, h in sorted(_map(node.get("networks")).items()):
-                h = _map(h)
+                      node.restarts, peer=name)
+            for net, h in sorted(node.networks.items()):
                 f.gauge("fsha_peer_network_up", "1 while the peer's heartbeats arrive on "
-                        "this network.", h.get("up"), peer=name, network=str(net))
+                        "this network.", h.up, peer=name, network=net)
                 f.declare("gauge", "fsha_peer_network_last_heard_seconds",
                           "Age of the peer's latest heartbeat on this network (absent: "
                           "never heard).", ["peer", "network"], unit="seconds")
-                ms = _num(h.get("last_heard_ms"))
                 f.gauge("fsha_peer_network_last_heard_seconds", "",
-                        None if ms is None else ms / 1000, peer=name, network=str(net))
+                        _seconds(h.last_heard_ms), peer=name, network=net)
                 f.declare("gauge", "fsha_peer_network_rtt_seconds",
                           "Round trip to the peer on this network, smoothed, from heartbeat "
                           "echoes (absent: no sample yet).", ["peer", "network"],
                           unit="seconds")
-                rtt = _num(h.get("rtt_ms"))
-                f.gauge("fsha_peer_network_rtt_seconds", "",
-                        None if rtt is None else rtt / 1000, peer=name, network=str(net))
+                f.gauge("fsha_peer_network_rtt_seconds", "", _seconds(h.rtt_ms), peer=name,
+                        network=net)
             f.declare("gauge", "fsha_peer_heartbeat_version", "Heartbeat protocol version "
                       "the peer was last heard speaking.", ["peer"])
-            f.gauge("fsha_peer_heartbeat_version", "", node.get("heartbeat_version"),
-                    peer=name)
+            f.gauge("fsha_peer_heartbeat_version", "", node.heartbeat_version, peer=name)
 
     @staticmethod
-    def _freeswitch(fs: Mapping[str, Any], f: _Families) -> None:
-        state = str(fs.get("state", ""))
+    def _freeswitch(fs: SwitchStats, sessions: SessionWatch | None, f: _Families) -> None:
         for s in ESL_STATES:
             f.gauge("fsha_freeswitch_esl_state", "ESL connection state to the local "
-                    "FreeSWITCH (1 for the current one).", 1 if s == state else 0, state=s)
-        f.gauge("fsha_freeswitch_up", "1 while the local FreeSWITCH answers over ESL.",
-                fs.get("ok", False))
-        f.counter("fsha_freeswitch_esl_connections", "ESL connections made.",
-                  fs.get("connections"))
+                    "FreeSWITCH (1 for the current one).", s == fs.state, state=s)
+        f.gauge("fsha_freeswitch_up", "1 while the local FreeSWITCH answers over ESL.", fs.ok)
+        f.counter("fsha_freeswitch_esl_connections", "ESL connections made.", fs.connections)
         f.counter("fsha_freeswitch_restarts", "FreeSWITCH restarts seen (new Core-UUID).",
-                  fs.get("restarts"))
+                  fs.restarts)
         f.counter("fsha_freeswitch_malformed_core_uuids", "Core-UUIDs received that are "
-                  "not UUIDs (ignored, not taken as a restart).", fs.get("malformed_core_uuids"))
+                  "not UUIDs (ignored, not taken as a restart).", fs.malformed_core_uuids)
         f.declare("gauge", "fsha_freeswitch_sessions", "Sessions in the local FreeSWITCH "
                   "(from its HEARTBEAT event).", [])
-        f.gauge("fsha_freeswitch_sessions", "", fs.get("sessions"))
         f.declare("gauge", "fsha_freeswitch_max_sessions", "FreeSWITCH's max-sessions.", [])
-        f.gauge("fsha_freeswitch_max_sessions", "", fs.get("max_sessions"))
+        if sessions is not None:
+            f.gauge("fsha_freeswitch_sessions", "", sessions.sessions)
+            f.gauge("fsha_freeswitch_max_sessions", "", sessions.max_sessions)
 
     @staticmethod
-    def _replication(rep: Any, f: _Families) -> None:
+    def _replication(rep: ReplicationStats | None, f: _Families) -> None:
         f.gauge("fsha_replication_enabled", "1 if replication is configured ([tls]).",
-                isinstance(rep, Mapping))
-        if not isinstance(rep, Mapping):
+                rep is not None)
+        if rep is None:
             return
         f.declare("gauge", "fsha_replication_records", "Replicated records held, per slot "
                   "and kind.", ["slot", "kind"])
-        for slot, kinds in sorted(_map(rep.get("slots")).items()):
-            for kind, n in sorted(_map(kinds).items()):
-                f.gauge("fsha_replication_records", "", n, slot=str(slot), kind=str(kind))
-        links = _map(rep.get("links"))
+        for slot, kinds in sorted(rep.slots.items()):
+            for kind, n in sorted(kinds.items()):
+                f.gauge("fsha_replication_records", "", n, slot=slot, kind=kind)
         f.counter("fsha_replication_links_established", "Replication links established.",
-                  links.get("established"))
+                  rep.links.established)
         f.declare("counter", "fsha_replication_links_refused", "Replication links refused, "
                   "by reason.", ["reason"])
-        for reason, n in sorted(_map(links.get("refused")).items()):
-            f.counter("fsha_replication_links_refused", "", n, reason=str(reason))
-        for peer, p in sorted(_map(rep.get("peers")).items()):
-            p = _map(p)
-            peer = str(peer)
+        for reason, n in sorted(rep.links.refused.items()):
+            f.counter("fsha_replication_links_refused", "", n, reason=reason)
+        for peer, p in sorted(rep.peers.items()):
+            session = p.session
             f.gauge("fsha_replication_peer_up", "1 while the replication session with the "
-                    "peer is up.", p.get("up"), peer=peer)
+                    "peer is up.", p.up, peer=peer)
             f.declare("gauge", "fsha_replication_lag_changes", "Changes sent to the peer "
                       "and not yet acknowledged.", ["peer"])
-            f.gauge("fsha_replication_lag_changes", "", p.get("lag_changes"), peer=peer)
             f.declare("gauge", "fsha_replication_lag_seconds", "Age of the oldest change "
                       "not yet acknowledged by the peer.", ["peer"], unit="seconds")
-            ms = _num(p.get("lag_ms"))
-            f.gauge("fsha_replication_lag_seconds", "", None if ms is None else ms / 1000,
-                    unit="seconds", peer=peer)
             f.declare("gauge", "fsha_replication_rtt_seconds", "Round-trip time of the "
                       "replication session.", ["peer"], unit="seconds")
-            rtt = _num(p.get("rtt_ms"))
-            f.gauge("fsha_replication_rtt_seconds", "", None if rtt is None else rtt / 1000,
-                    unit="seconds", peer=peer)
+            if session is not None:  # what the peer lacks is unknown without a session
+                f.gauge("fsha_replication_lag_changes", "", session.lag_changes, peer=peer)
+                f.gauge("fsha_replication_lag_seconds", "", session.lag_ms / 1000,
+                        unit="seconds", peer=peer)
+                f.gauge("fsha_replication_rtt_seconds", "", _seconds(session.rtt_ms),
+                        unit="seconds", peer=peer)
             f.counter("fsha_replication_changes_sent", "Changes sent to the peer.",
-                      p.get("changes_sent", 0), peer=peer)
+                      session.changes_sent if session is not None else 0, peer=peer)
             f.counter("fsha_replication_changes_applied", "Changes from the peer applied.",
-                      p.get("changes_applied", 0), peer=peer)
+                      session.changes_applied if session is not None else 0, peer=peer)
             f.counter("fsha_replication_received_bytes", "Bytes received from the peer.",
-                      p.get("bytes_in"), peer=peer)
+                      p.bytes_in, peer=peer)
             f.counter("fsha_replication_sent_bytes", "Bytes sent to the peer.",
-                      p.get("bytes_out"), peer=peer)
+                      p.bytes_out, peer=peer)
             f.declare("counter", "fsha_replication_sessions_closed", "Replication sessions "
                       "with the peer dropped, by reason (a gap in the changes, silence, a "
                       "bad frame...).", ["peer", "reason"])
-            for reason, n in sorted(_map(p.get("closed")).items()):
-                f.counter("fsha_replication_sessions_closed", "", n, peer=peer,
-                          reason=str(reason))
+            for reason, n in sorted(p.closed.items()):
+                f.counter("fsha_replication_sessions_closed", "", n, peer=peer, reason=reason)
             f.declare("counter", "fsha_replication_dial_failures", "Failed dials to the peer, "
                       "by network or reason.", ["peer", "reason"])
-            for reason, n in sorted(_map(p.get("dial_failures")).items()):
-                f.counter("fsha_replication_dial_failures", "", n, peer=peer,
-                          reason=str(reason))
+            for reason, n in sorted(p.dial_failures.items()):
+                f.counter("fsha_replication_dial_failures", "", n, peer=peer, reason=reason)
             f.declare("counter", "fsha_replication_duplicate_changes", "Changes from the peer "
                       "already applied (dropped as duplicates).", ["peer"])
-            f.counter("fsha_replication_duplicate_changes", "", p.get("duplicates"), peer=peer)
+            if session is not None:
+                f.counter("fsha_replication_duplicate_changes", "", session.duplicates,
+                          peer=peer)
 
     @staticmethod
-    def _feeds(feeds: Any, f: _Families) -> None:
-        if not isinstance(feeds, Mapping):
-            return
-        for slot, s in sorted(_map(feeds.get("slots")).items()):
-            s = _map(s)
-            slot = str(slot)
+    def _feeds(feeds: FeedsStats, f: _Families) -> None:
+        for slot, s in sorted(feeds.slots.items()):
             f.gauge("fsha_feed_calls", "Calls of a slot this node masters, fed to the peers.",
-                    s.get("calls"), slot=slot)
+                    s.calls, slot=slot)
             f.gauge("fsha_feed_registrations", "Registrations of a slot this node masters, "
-                    "fed to the peers.", s.get("registrations"), slot=slot)
+                    "fed to the peers.", s.registrations, slot=slot)
             f.counter("fsha_feed_errors", "Errors reading the local FreeSWITCH's state.",
-                      s.get("errors"), slot=slot)
+                      s.errors, slot=slot)
             f.counter("fsha_feed_rows_rejected", "Rows not replicated (malformed).",
-                      s.get("rows_rejected"), slot=slot)
+                      s.rows_rejected, slot=slot)
 
     @staticmethod
-    def _takeover(tk: Mapping[str, Any], f: _Families) -> None:
+    def _takeover(tk: EffectsStats, f: _Families) -> None:
         f.gauge("fsha_takeover_global_standby", "1 while sofia global standby is on.",
-                tk.get("global_standby", False))
+                tk.global_standby)
         f.gauge("fsha_takeover_pending_profile_stops", "Slot profiles whose stop is being "
-                "retried.", len(_list(tk.get("pending_profile_stops"))))
+                "retried.", len(tk.pending_profile_stops))
 
     @staticmethod
-    def _fsevents(ev: Any, f: _Families) -> None:
-        if not isinstance(ev, Mapping):
-            return
+    def _fsevents(ev: EventsStats, f: _Families) -> None:
         f.counter("fsha_fsevents_sent", "Cluster events fired into the local FreeSWITCH.",
-                  ev.get("sent"))
-        f.gauge("fsha_fsevents_queued", "Cluster events waiting to be fired.",
-                ev.get("queued"))
+                  ev.sent)
+        f.gauge("fsha_fsevents_queued", "Cluster events waiting to be fired.", ev.queued)
         f.declare("counter", "fsha_fsevents_dropped", "Cluster events not delivered to "
                   "FreeSWITCH, by reason.", ["reason"])
-        for reason, n in sorted(_map(ev.get("dropped")).items()):
-            f.counter("fsha_fsevents_dropped", "", n, reason=str(reason))
-
+        for reason, n in sorted(ev.dropped.items()):
+            f.counter("fsha_fsevents_dropped", "", n, reason=reason)
 
     @staticmethod
     def _limits(lim: LimitStats, f: _Families) -> None:
@@ -610,16 +584,13 @@ class ClusterCollector:
         f.counter("fsha_redis_timeouts", "Redis commands past their deadline.", r.timeouts)
         f.counter("fsha_redis_connects", "Redis connections made.", r.connects)
 
-
     @staticmethod
-    def _control(c: Any, f: _Families) -> None:
-        if not isinstance(c, Mapping):
-            return
+    def _control(c: ControlStats, f: _Families) -> None:
         f.declare("counter", "fsha_control_requests", "Control requests (fsha maintenance, "
                   "switchover) judged: accepted, or refused by HTTP status.", ["result"])
-        f.counter("fsha_control_requests", "", c.get("accepted"), result="accepted")
-        for code, n in _map(c.get("refused")).items():
-            f.counter("fsha_control_requests", "", n, result=str(code))
+        f.counter("fsha_control_requests", "", c.accepted, result="accepted")
+        for code, n in c.refused.items():
+            f.counter("fsha_control_requests", "", n, result=code)
 
     @staticmethod
     def _durable(d: DurableStats, f: _Families) -> None:
@@ -636,18 +607,13 @@ class ClusterCollector:
         f.gauge("fsha_durable_loaded_records", "Records loaded from Redis at start.",
                 d.load.records)
 
-
-def metrics_registry(status: StatusFunction, effects: ReportSource | None = None,
-                     esl: RequestSource | None = None, *,
-                     durable: Callable[[], DurableStats] | None = None,
-                     limits: Callable[[], LimitStats] | None = None,
-                     redis: Callable[[], RedisStats] | None = None) -> CollectorRegistry:
+def metrics_registry(sources: StatsSources, effects: ReportSource | None = None,
+                     esl: RequestSource | None = None) -> CollectorRegistry:
     """A registry of its own (never the process-global one) holding one collector."""
     registry = CollectorRegistry(auto_describe=False)
     stats = TakeoverStats(effects) if effects is not None else None
     requests = ESLRequestStats(esl) if esl is not None else None
-    registry.register(ClusterCollector(status, stats, requests,  # type: ignore[arg-type]
-                                       durable=durable, limits=limits, redis=redis))
+    registry.register(ClusterCollector(sources, stats, requests))  # type: ignore[arg-type]
     return registry
 
 
@@ -677,15 +643,10 @@ class MetricsResource(Resource):
         return self.render_GET(request)
 
 
-def metrics_resource(status: StatusFunction, effects: ReportSource | None,
-                     esl: RequestSource | None = None, *,
-                     durable: Callable[[], DurableStats] | None = None,
-                     limits: Callable[[], LimitStats] | None = None,
-                     redis: Callable[[], RedisStats] | None = None) -> Resource:
-    """The ``/metrics`` resource over ``status`` (the node's merged status callable),
-    ``effects`` (the ``SlotEffects`` whose takeover reports feed the histograms; None: no
-    takeover histograms), ``esl`` (the ESL client whose requests are timed) and the typed
-    stats of the components that have them (``durable``: ``DurableStore.stats``,
-    ``limits``: ``LimitService.stats``, ``redis``: ``RedisClient.stats``)."""
-    return MetricsResource(metrics_registry(status, effects, esl, durable=durable,
-                                            limits=limits, redis=redis))
+def metrics_resource(sources: StatsSources, effects: ReportSource | None,
+                     esl: RequestSource | None = None) -> Resource:
+    """The ``/metrics`` resource over ``sources`` (the typed stats of the node's
+    components), ``effects`` (the ``SlotEffects`` whose takeover reports feed the
+    histograms; None: no takeover histograms) and ``esl`` (the ESL client whose requests
+    are timed)."""
+    return MetricsResource(metrics_registry(sources, effects, esl))

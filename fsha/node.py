@@ -2,7 +2,7 @@
 
 ``ClusterNode`` knows nothing of sockets: transports hand it datagrams
 (``datagram_received``) and give it one send function per network. Time comes from an
-injected clock. The node's own role is an Automat state machine (``RoleMachine``); what to
+injected clock. The node's own role is an Automat state machine (``fsha.rolemachine``); what to
 do with a slot (floating IPs, FreeSWITCH) is behind ``SlotOwner``, so the whole node runs
 in tests with a fake clock and fake effects, and for real under twistd.
 
@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from automat import MethodicalMachine
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
@@ -31,6 +30,15 @@ from fsha.claims import ClaimFacts, claim_hold, cold_start_wait
 from fsha.config import ClusterConfig, NodeConfig, SlotConfig
 from fsha.detector import FailureDetector, RoundTrips
 from fsha.dropwindow import DropWindow
+from fsha.latch import Signal
+from fsha.nodestats import (
+    MemberStats,
+    NetworkView,
+    NodeStats,
+    QuorumStats,
+    SenderStats,
+    SlotStats,
+)
 from fsha.quorum import (
     NEVER,
     PeerView,
@@ -39,8 +47,10 @@ from fsha.quorum import (
     lease_for,
     live_count,
 )
+from fsha.rolemachine import RoleMachine
 from fsha.roles import Member, Roles, compute_roles
 from fsha.wire.heartbeat import (
+    MAX_ECHO_DELAY_US,
     NO_NODE,
     NO_SLOT,
     EchoEncoder,
@@ -101,123 +111,17 @@ class NetworkLink:
     last_error: str = ""
 
 
-class RoleMachine:
-    """This node's role: starting -> slave <-> claiming -> master -> releasing -> slave.
-
-    The machine owns the role and the slot and epoch it concerns (``role``, ``slot``,
-    ``epoch``: read them here, or through the node's read-only properties); only its
-    outputs change them. Inputs are total: one that does not apply in the current state
-    (``lost`` while a slave, say) is ignored here, so callers need not check the role
-    before feeding it.
-    """
-
-    _machine = MethodicalMachine()
-
-    def __init__(self, node: ClusterNode) -> None:
-        self._node = node
-        self.role = Role.STARTING
-        self.slot = NO_SLOT
-        self.epoch = 0
-
-    def _hold(self, role: Role, slot: int, epoch: int) -> None:
-        old, old_slot = self.role, self.slot
-        self.role, self.slot, self.epoch = role, slot, epoch
-        if old is not role:
-            self._node._role_changed(old, old_slot)
-
-    @_machine.state(initial=True)
-    def starting(self) -> None:
-        "Listening for the cluster before taking any part in it."
-
-    @_machine.state()
-    def slave(self) -> None:
-        "Ranked and ready to take over."
-
-    @_machine.state()
-    def claiming(self) -> None:
-        "Taking a slot over: announced, acquiring its resources."
-
-    @_machine.state()
-    def master(self) -> None:
-        "Serving a slot."
-
-    @_machine.state()
-    def releasing(self) -> None:
-        "Giving a slot up."
-
-    @_machine.input()
-    def discovered(self) -> None:
-        "The discovery window is over."
-
-    @_machine.input()
-    def assigned(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None,
-                 handed_over: bool, claimers: tuple[NodeConfig, ...] = ()) -> None:
-        "The role engine gives this node an orphan slot (its previous master may have let it go)."
-
-    @_machine.input()
-    def acquired(self) -> None:
-        "The slot's resources are ours."
-
-    @_machine.input()
-    def acquire_failed(self, reason: str) -> None:
-        "Acquiring failed (and was rolled back)."
-
-    @_machine.input()
-    def lost(self, reason: str) -> None:
-        "Another node holds the slot by a better claim, or we must let it go."
-
-    @_machine.input()
-    def released(self) -> None:
-        "The slot's resources are released."
-
-    @_machine.output()
-    def _enter_slave(self) -> None:
-        self._hold(Role.SLAVE, NO_SLOT, 0)
-
-    @_machine.output()
-    def _begin_claim(self, slot: SlotConfig, epoch: int, previous: NodeConfig | None,
-                     handed_over: bool, claimers: tuple[NodeConfig, ...] = ()) -> None:
-        self._hold(Role.CLAIMING, slot.slot_id, epoch)
-        self._node._begin_claim(slot, epoch, previous, handed_over, claimers)
-
-    @_machine.output()
-    def _become_master(self) -> None:
-        self._hold(Role.MASTER, self.slot, self.epoch)
-        self._node._become_master()
-
-    @_machine.output()
-    def _claim_aborted(self, reason: str) -> None:
-        slot = self.slot
-        self._node._claim_aborted(slot, reason)
-        self._hold(Role.SLAVE, NO_SLOT, 0)
-        self._node._announce(MessageType.HEARTBEAT)
-
-    @_machine.output()
-    def _begin_release(self, reason: str) -> None:
-        slot = self._node._stop_claim(reason)  # the claim is cancelled before the release
-        self._hold(Role.RELEASING, self.slot, self.epoch)
-        self._node._release(slot, reason)
-
-    starting.upon(discovered, enter=slave, outputs=[_enter_slave])
-    slave.upon(assigned, enter=claiming, outputs=[_begin_claim])
-    claiming.upon(acquired, enter=master, outputs=[_become_master])
-    claiming.upon(acquire_failed, enter=slave, outputs=[_claim_aborted])
-    claiming.upon(lost, enter=releasing, outputs=[_begin_release])
-    master.upon(lost, enter=releasing, outputs=[_begin_release])
-    releasing.upon(released, enter=slave, outputs=[_enter_slave])
-    # Nothing held, or already letting go: nothing to lose.
-    starting.upon(lost, enter=starting, outputs=[])
-    slave.upon(lost, enter=slave, outputs=[])
-    releasing.upon(lost, enter=releasing, outputs=[])
-
-
 class ClusterNode:
     log = Logger()
 
     def __init__(self, config: ClusterConfig, me: NodeConfig, secret: bytes,
                  clock: IReactorTime, actions: SlotOwner, health: HealthSource,
                  incarnation: int | None = None, claim_timeout: float | None = None,
-                 first_sequence: int | None = None) -> None:
+                 first_sequence: int | None = None,
+                 cold_start_gate: Signal | None = None) -> None:
+        """``cold_start_gate``: set once what this node needs before a cold-start claim is
+        settled (the durable store's load, bounded by the store: fsha.durable); None:
+        nothing to wait for."""
         self.config = config
         self.me = me
         self.clock = clock
@@ -226,7 +130,9 @@ class ClusterNode:
         self.incarnation = time.time_ns() if incarnation is None else incarnation
         self.codec = HeartbeatCodec(secret, cluster_id_for(config.name))
         self.detector = FailureDetector([n.node_id for n in config.nodes if n is not me],
-                                        len(config.networks), config.dead_after)
+                                        len(config.networks), config.dead_after,
+                                        floor=config.detection_floor,
+                                        interval=config.heartbeat_interval)
         self.links: list[NetworkLink] = []
         # Where each peer must send from, per network (a datagram from elsewhere is dropped).
         self._sources = [{n.addresses[net.name]: n.node_id for n in config.nodes}
@@ -244,8 +150,9 @@ class ClusterNode:
             if first_sequence is None else first_sequence
         # Who is live now, who supports our lease, who runs another config (fsha.quorum).
         self.quorum = QuorumTracker(self.detector, me.node_id, config.heartbeat_interval,
-                                    config.dead_after)
-        self.lease = lease_for(config.heartbeat_interval, config.dead_after)
+                                    config.dead_after, config.detection_floor)
+        # The lease a support gives when its peer states no promise (fsha.quorum).
+        self.lease = lease_for(config.heartbeat_interval, config.detection_floor)
         self._lease_call: IDelayedCall | None = None
         self._lease_verdict: IDelayedCall | None = None
         self._answered: dict[int, float] = {}  # peer -> when we last answered it at once
@@ -289,9 +196,7 @@ class ClusterNode:
         self._stopped_release: defer.Deferred[None] | None = None
         self._had_quorum = False
         self._quorum_since = 0.0
-        # False while something this node needs before a cold-start claim is not settled
-        # (the durable store's load, bounded by the store): see fsha.durable.
-        self.cold_start_gate: Callable[[], bool] | None = None
+        self.cold_start_gate = cold_start_gate
 
     # The role machine owns these (see RoleMachine): read-only here.
     @property
@@ -495,9 +400,10 @@ class ClusterNode:
                 # its successor fences it.
                 for slot in [s for s, n in self.released_by.items() if n == change.node_id]:
                     del self.released_by[slot]
-            self._event("peer-down", peer=name)
+            silent_ms = round((now - self.detector.peers[change.node_id].last_heard()) * 1000, 1)
+            self._event("peer-down", peer=name, silent_ms=silent_ms)
             self.log.warn("peer {peer} is down: no heartbeat on any network for {ms:.0f} ms",
-                          peer=name, ms=self.config.dead_after * 1000)
+                          peer=name, ms=silent_ms)
         self._evaluate()
         # Before the heartbeat goes out: a lease renewed here (fsha.guardlink) is never
         # older than the last heartbeat the peers heard.
@@ -786,7 +692,7 @@ class ClusterNode:
                 if claimer is not None and claimer[0] != me else ()
             gate = self.cold_start_gate
             if cold_start_wait(previous, epoch, self._anyone_starting(),
-                               gate is None or gate()):
+                               gate is None or gate.is_set):
                 return
             self._machine.assigned(self.config.slots[slot_id], epoch,
                                    self.config.nodes[previous] if previous is not None else None,
@@ -984,6 +890,7 @@ class ClusterNode:
         # how a peer shows it is live now, and how a master keeps its lease).
         encoders: dict[int, EchoEncoder] = {}
         echo_to = self.round_trips.echo_to
+        promise = self.detector.promise
         for link in self.links:
             if only is not None and link.index != only[1]:
                 continue
@@ -995,10 +902,16 @@ class ClusterNode:
                 if encode is None:
                     encode = encoders[version] = self.codec.prepare(Heartbeat(
                         **fields, version=version,
-                        heard=heard if version >= HEARTBEAT_VERSION else 0))
+                        heard=heard if version >= 3 else 0))
                 echo = echo_to(node_id, link.index, now) if version >= 2 else None
-                payload = encode(NO_NODE, 0, 0) if echo is None \
-                    else encode(node_id, echo[0], echo[1])
+                if echo is None:
+                    payload = encode(NO_NODE, 0, 0, 0)
+                elif version >= 4:
+                    # the promise (fsha.detector), rounded down: never more than is kept
+                    payload = encode(node_id, echo[0], echo[1], min(
+                        MAX_ECHO_DELAY_US, int(promise(node_id, link.index) * 1_000_000)))
+                else:
+                    payload = encode(node_id, echo[0], echo[1], 0)
                 try:
                     link.send(payload, address)
                     link.sent += 1
@@ -1035,74 +948,80 @@ class ClusterNode:
             except Exception:
                 self.log.failure("event listener failed on {kind}", kind=kind)
 
-    def status(self) -> dict[str, Any]:
+    def stats(self) -> NodeStats:
         now = self.clock.seconds()
         roles = self.roles
         nodes = []
         for node in self.config.nodes:
-            entry: dict[str, Any] = {"name": node.name, "priority": node.priority,
-                                     "rank": roles.rank_of(node.node_id)}
             if node is self.me:
-                entry.update(self=True, alive=True, live=True, config="same",
-                             hears=sorted(self._name(n) for n in range(len(self.config.nodes))
-                                          if self.quorum.heard_bits() >> n & 1),
-                             role=self.role.name.lower(),
-                             slot=self._slot_name(self.slot), epoch=self.epoch,
-                             incarnation=self.incarnation, flags=_flag_names(self.flags()),
-                             view_agrees=True, networks={})
-            else:
-                peer = self.detector.peers[node.node_id]
-                hb = peer.latest
-                entry.update(
-                    self=False, alive=peer.alive,
-                    # heard and proven live now: counts toward quorum (fsha.quorum)
-                    live=self.quorum.is_live(node.node_id),
-                    config="other" if node.node_id in self.quorum.foreign else "same",
+                nodes.append(MemberStats(
+                    name=node.name, priority=node.priority, rank=roles.rank_of(node.node_id),
+                    is_self=True, alive=True, live=True, config="same",
                     hears=sorted(self._name(n) for n in range(len(self.config.nodes))
-                                 if hb.heard >> n & 1)
-                    if hb is not None and hb.version >= 3 and peer.alive else None,
-                    role=hb.role.name.lower() if hb and peer.alive else "unknown",
-                    slot=self._slot_name(hb.slot) if hb and peer.alive else None,
-                    epoch=hb.epoch if hb and peer.alive else None,
-                    incarnation=peer.incarnation if peer.incarnation >= 0 else None,
-                    flags=_flag_names(hb.flags) if hb and peer.alive else [],
-                    view_agrees=bool(hb and peer.alive and hb.view_digest == roles.digest),
-                    restarts=peer.restarts,
-                    heartbeat_version=self.peer_versions[node.node_id]
-                    if peer.incarnation >= 0 else None,
-                    networks={net.name: {
-                        "up": self.detector.network_up(node.node_id, net.index, now),
-                        "last_heard_ms": _ms_since(now, peer.heard[net.index]),
-                        "rtt_ms": _ms(self.round_trips.smoothed[node.node_id][net.index])}
-                        for net in self.config.networks})
-            nodes.append(entry)
-        slots = [{"name": s.name, "owner": self._name(roles.owners[s.slot_id])
-                  if s.slot_id in roles.owners else None,
-                  "epoch": roles.epochs.get(s.slot_id, self.known_epochs.get(s.slot_id, 0)),
-                  "profiles": list(s.profiles), "ips": [str(ip) for ip in s.ips]}
+                                 if self.quorum.heard_bits() >> n & 1),
+                    role=self.role.name.lower(), slot=self._slot_name(self.slot),
+                    epoch=self.epoch, incarnation=self.incarnation,
+                    flags=_flag_names(self.flags()), view_agrees=True, networks={}))
+                continue
+            peer = self.detector.peers[node.node_id]
+            hb = peer.latest
+            heard = hb is not None and peer.alive
+            nodes.append(MemberStats(
+                name=node.name, priority=node.priority, rank=roles.rank_of(node.node_id),
+                is_self=False, alive=peer.alive,
+                # heard and proven live now: counts toward quorum (fsha.quorum)
+                live=self.quorum.is_live(node.node_id),
+                config="other" if node.node_id in self.quorum.foreign else "same",
+                hears=sorted(self._name(n) for n in range(len(self.config.nodes))
+                             if hb.heard >> n & 1)
+                if hb is not None and hb.version >= 3 and peer.alive else None,
+                role=hb.role.name.lower() if hb is not None and heard else "unknown",
+                slot=self._slot_name(hb.slot) if hb is not None and heard else None,
+                epoch=hb.epoch if hb is not None and heard else None,
+                incarnation=peer.incarnation if peer.incarnation >= 0 else None,
+                flags=_flag_names(hb.flags) if hb is not None and heard else [],
+                view_agrees=bool(hb is not None and heard and hb.view_digest == roles.digest),
+                restarts=peer.restarts,
+                heartbeat_version=self.peer_versions[node.node_id]
+                if peer.incarnation >= 0 else None,
+                networks={net.name: NetworkView(
+                    up=self.detector.network_up(node.node_id, net.index, now),
+                    last_heard_ms=_ms_since(now, peer.heard[net.index]),
+                    # the silence judged death there now (fsha.detector)
+                    bound_ms=round(self.detector.bound(node.node_id, net.index) * 1000, 1),
+                    rtt_ms=_ms(self.round_trips.smoothed[node.node_id][net.index]))
+                    for net in self.config.networks}))
+        slots = [SlotStats(name=s.name, owner=self._name(roles.owners[s.slot_id])
+                           if s.slot_id in roles.owners else None,
+                           epoch=roles.epochs.get(s.slot_id,
+                                                  self.known_epochs.get(s.slot_id, 0)),
+                           profiles=list(s.profiles), ips=[str(ip) for ip in s.ips])
                  for s in self.config.slots]
-        return {
-            "cluster": self.config.name, "node": self.me.name,
-            "incarnation": self.incarnation, "role": self.role.name.lower(),
-            "slot": self._slot_name(self.slot), "epoch": self.epoch,
-            "uptime_s": round(now - self.started_at, 3),
-            "quorum": {"required": self.config.quorum, "alive": self.alive_count(),
-                       "ok": self.sees_quorum(), "spec": self.config.quorum_spec,
-                       "lease_ms": round(self.lease * 1000, 3),
-                       "lease_left_ms": self._lease_left_ms(now),
-                       "claim_hold": self.claim_hold or None},
-            "config_digest": self.config.digest.hex(), "view_digest": roles.digest.hex(),
-            "heartbeat_interval_ms": round(self.config.heartbeat_interval * 1000, 3),
-            "dead_after_ms": round(self.config.dead_after * 1000, 3),
-            "ranking": [self._name(n) for n in roles.ranking],
-            "nodes": nodes, "slots": slots,
-            "networks": [{"name": link.name, "sent": link.sent,
-                          "send_errors": link.send_errors, "last_error": link.last_error}
-                         for link in self.links],
-            "received": self.received, "drops": dict(self.drops),
-            "recent_drops": self.recent_drops.recent(now),
-            "events": list(self.events),
-        }
+        return NodeStats(
+            cluster=self.config.name, node=self.me.name,
+            incarnation=self.incarnation, role=self.role.name.lower(),
+            slot=self._slot_name(self.slot), epoch=self.epoch,
+            uptime_s=round(now - self.started_at, 3),
+            quorum=QuorumStats(required=self.config.quorum, alive=self.alive_count(),
+                               ok=self.sees_quorum(), spec=self.config.quorum_spec,
+                               lease_ms=round(self.lease * 1000, 3),
+                               lease_left_ms=self._lease_left_ms(now),
+                               claim_hold=self.claim_hold or None),
+            config_digest=self.config.digest.hex(), view_digest=roles.digest.hex(),
+            heartbeat_interval_ms=round(self.config.heartbeat_interval * 1000, 3),
+            dead_after_ms=round(self.config.dead_after * 1000, 3),
+            dead_after_min_ms=round(self.config.detection_floor * 1000, 3),
+            ranking=[self._name(n) for n in roles.ranking],
+            nodes=nodes, slots=slots,
+            networks=[SenderStats(name=link.name, sent=link.sent,
+                                send_errors=link.send_errors, last_error=link.last_error)
+                      for link in self.links],
+            received=self.received, drops=dict(self.drops),
+            recent_drops=self.recent_drops.recent(now),
+            events=list(self.events))
+
+    def status(self) -> dict[str, Any]:
+        return self.stats().as_status()
 
     def _lease_left_ms(self, now: float) -> float | None:
         """How long this master's lease still runs (None when it holds no slot)."""

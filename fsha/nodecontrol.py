@@ -21,6 +21,7 @@ import hmac
 import io
 import json
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -55,6 +56,20 @@ def max_body(path: bytes) -> int:
     return MAX_CONFIG_BODY if path.startswith(CONFIG_PATH) else MAX_BODY
 
 
+@dataclass(frozen=True, slots=True)
+class ControlStats:
+    """Control requests judged: the ``control`` status section (:meth:`as_status`) and
+    ``fsha_control_requests_total`` (``fsha.metrics``) are both made from this."""
+
+    accepted: int
+    refused: dict[str, int]  # by HTTP status code
+    nonces: int  # remembered against replays
+
+    def as_status(self) -> dict[str, Any]:
+        return {"accepted": self.accepted, "refused": dict(self.refused),
+                "nonces": self.nonces}
+
+
 class ControlResource(resource.Resource):
     isLeaf = True
 
@@ -72,10 +87,13 @@ class ControlResource(resource.Resource):
         self.accepted = 0  # authentic requests for this node
         self.refused: Counter[int] = Counter()  # refusals by HTTP status, before any change
 
+    def stats(self) -> ControlStats:
+        return ControlStats(accepted=self.accepted,
+                            refused={str(k): v for k, v in sorted(self.refused.items())},
+                            nonces=self.auth.remembered)
+
     def status(self) -> dict[str, Any]:
-        return {"accepted": self.accepted, "refused": {str(k): v for k, v in
-                                                        sorted(self.refused.items())},
-                "nonces": self.auth.remembered}
+        return self.stats().as_status()
 
     def authenticate(self, header: bytes | None, method: bytes, path: bytes
                      ) -> Accepted | Refusal:

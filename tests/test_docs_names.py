@@ -85,3 +85,53 @@ class MetricNameTests(SynchronousTestCase):
         self.assertEqual(sorted(documented - code), [], "documented, not exported")
         rows = {base(n) for n in re.findall(r"^``(fsha_[a-z0-9_]+)``", text, re.M)}
         self.assertEqual(sorted(code - rows), [], "exported, not in a table of the docs")
+
+
+class StatusNameTests(SynchronousTestCase):
+    """``/status`` is made from each component's typed stats (``as_status()``): its sections
+    are the ones the docs and ``fsha status`` read, and a path the docs name
+    (``freeswitch.probe``, ``limits.totals``...) is in a real node's status."""
+
+    SECTIONS = {"control", "freeswitch", "replication", "feeds", "takeover", "fsevents",
+                "limits", "redis", "durable", "guard", "history", "notify", "config"}
+    FILE_SUFFIXES = {"service", "jsonl", "conf", "toml", "py", "rst", "xml", "db", "key",
+                     "secret", "timer", "socket"}
+
+    def setUp(self) -> None:
+        import gc
+
+        from fsha.tap import build_service
+        from tests.test_tap_services import _options, _Reactor
+
+        self.addCleanup(gc.unfreeze)  # build_service freezes what it built
+        reactor = _Reactor()
+        top = build_service(_options(Path(self.mktemp()).resolve(), limits=True), reactor)
+        top.startService()
+        self.addCleanup(top.stopService)
+        reactor.advance(0.1)
+        site = next(s for s in top if s.name == "status").args[1]  # type: ignore[attr-defined]
+        self.status = site.resource.children[b"status"]._status()
+
+    def test_sections_and_node_keys(self) -> None:
+        from fsha.nodestats import NodeStats
+
+        self.assertEqual(set(self.status), self.SECTIONS | set(NodeStats.__slots__))
+        for section in ("freeswitch", "replication", "feeds", "takeover", "fsevents",
+                        "limits", "control"):
+            self.assertIsInstance(self.status[section], dict, section)
+
+    def test_documented_status_paths_exist(self) -> None:
+        paths = set()
+        for doc in DOCS.rglob("*.rst"):
+            for path in re.findall(r"``([a-z_]+(?:\.[a-z_]+)+)``", doc.read_text()):
+                # (file names such as freeswitch.service or history.jsonl are not paths)
+                if path.split(".")[0] in self.SECTIONS \
+                        and path.rsplit(".", 1)[1] not in self.FILE_SUFFIXES:
+                    paths.add(path)
+        self.assertGreaterEqual(len(paths), 3, paths)
+        for path in sorted(paths):
+            value: object = self.status
+            for key in path.split("."):
+                self.assertIsInstance(value, dict, path)
+                self.assertIn(key, value, f"{path}: documented, not in /status")
+                value = value[key]  # type: ignore[index]

@@ -20,12 +20,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 
 from fsha.config import ClusterConfig, NodeConfig, SlotConfig
+from fsha.eslclient import ConnectionState
 from fsha.fsdb import CoreDBReader, CoreDBReads, RecordValueError, ThreadRunner
 from fsha.replication.callfeed import RETRY_DELAYS, CallFeed
 from fsha.replication.dbjobs import DBJobs
@@ -33,7 +35,9 @@ from fsha.replication.feedslots import FedSlots, FeedsESL, SlotFeed
 from fsha.replication.identity import IdentityRefresh, decode_identity
 from fsha.replication.regfeed import RegistrationFeed
 from fsha.replication.state import ReplicatedState
+from fsha.replication.stats import FeedSlotStats, FeedsStats
 from fsha.wire.esl import Event
+from fsha.wire.heartbeat import Role
 from fsha.wire.stream import Change, Kind
 
 __all__ = ["Feeds"]
@@ -41,7 +45,7 @@ __all__ = ["Feeds"]
 log = Logger(namespace="fsha.replication.feeds")
 
 
-class Feeds:
+class Feeds(service.Service):
     """Turns this node's FreeSWITCH into replicated records for the slots it masters.
 
     ``esl`` is the node's :class:`fsha.eslclient.ESLClient`; ``state`` the node's replicated
@@ -118,6 +122,23 @@ class Feeds:
         self.esl.add_restart_listener(self._fs_restarted)
         d = self.esl.subscribe(*[name for _, name in self._listeners])
         d.addErrback(self.slots.failed, "subscribing to the feed events")
+
+    def startService(self) -> None:
+        super().startService()
+        self.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.stop()
+
+    def role_changed(self, old: Role, new: Role, slot: SlotConfig | None) -> None:
+        """A node role listener: feed the slots this node masters."""
+        if slot is None:
+            return
+        if new is Role.MASTER:
+            self.start_slot(slot)
+        elif old is Role.MASTER:
+            self.stop_slot(slot)  # its records stay: the successor needs them
 
     def stop(self) -> Deferred[None]:
         """Stop feeding every slot and listening; fires when no query is running."""
@@ -265,8 +286,8 @@ class Feeds:
 
     # -- ESL state --------------------------------------------------------------------------
 
-    def _esl_state(self, old: Any, new: Any) -> None:
-        if self.slots.running and self.slots.fed and getattr(new, "value", new) == "ready":
+    def _esl_state(self, old: ConnectionState, new: ConnectionState) -> None:
+        if self.slots.running and self.slots.fed and new is ConnectionState.READY:
             # events may have been missed while disconnected
             self._want_sweeps()
             self._kick()
@@ -285,46 +306,47 @@ class Feeds:
 
     # -- status -----------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def stats(self) -> FeedsStats:
         now = self.clock.seconds()
 
         def ago(t: float | None) -> float | None:
             return None if t is None else round((now - t) * 1000, 1)
 
-        slots: dict[str, Any] = {}
+        slots: dict[str, FeedSlotStats] = {}
         for feed in self.slots.fed.values():
             ident = feed.identity
-            slots[feed.slot.name] = {
-                "calls": feed.calls,
-                "registrations": feed.registrations,
-                "identity": None if ident is None else {
+            slots[feed.slot.name] = FeedSlotStats(
+                calls=feed.calls,
+                registrations=feed.registrations,
+                identity=None if ident is None else {
                     "core_uuid": ident.core_uuid, "version": ident.version},
-                "last_sweep_ms_ago": ago(feed.last_sweep),
-                "last_registration_sweep_ms_ago": ago(feed.last_registration_sweep),
-                "rows_rejected": feed.rows_rejected,
-                "puts": feed.puts,
-                "deletes": feed.deletes,
-                "errors": feed.errors,
-                "last_error": feed.last_error,
-                "fed_for_s": round(now - feed.since, 3),
-            }
+                last_sweep_ms_ago=ago(feed.last_sweep),
+                last_registration_sweep_ms_ago=ago(feed.last_registration_sweep),
+                rows_rejected=feed.rows_rejected,
+                puts=feed.puts,
+                deletes=feed.deletes,
+                errors=feed.errors,
+                last_error=feed.last_error,
+                fed_for_s=round(now - feed.since, 3))
         calls = self.calls
-        return {
-            "running": self.slots.running,
-            "core_db": None if self.me.core_db is None else str(self.me.core_db),
-            "registration_db": self.me.registration_db,
-            "calls_enabled": self.db is not None,
-            "registration_table": self.registrations.table,
-            "slots": slots,
-            "rows_ignored": calls.rows_ignored if calls is not None else 0,
-            "ignored_profiles": list(calls.ignored_profiles) if calls is not None else [],
-            "events_ignored": self.slots.events_ignored,
-            "lookups": calls.lookups if calls is not None else 0,
-            "lookup_misses": calls.lookup_misses if calls is not None else 0,
-            "pending_lookups": calls.pending if calls is not None else 0,
-            "sweeps": calls.sweeps if calls is not None else 0,
-            "registration_sweeps": self.registrations.sweeps,
-            "db_busy": self.jobs.busy if self.jobs is not None else False,
-            "errors": self.slots.errors,
-            "last_error": self.slots.last_error,
-        }
+        return FeedsStats(
+            running=self.slots.running,
+            core_db=None if self.me.core_db is None else str(self.me.core_db),
+            registration_db=self.me.registration_db,
+            calls_enabled=self.db is not None,
+            registration_table=self.registrations.table,
+            slots=slots,
+            rows_ignored=calls.rows_ignored if calls is not None else 0,
+            ignored_profiles=list(calls.ignored_profiles) if calls is not None else [],
+            events_ignored=self.slots.events_ignored,
+            lookups=calls.lookups if calls is not None else 0,
+            lookup_misses=calls.lookup_misses if calls is not None else 0,
+            pending_lookups=calls.pending if calls is not None else 0,
+            sweeps=calls.sweeps if calls is not None else 0,
+            registration_sweeps=self.registrations.sweeps,
+            db_busy=self.jobs.busy if self.jobs is not None else False,
+            errors=self.slots.errors,
+            last_error=self.slots.last_error)
+
+    def status(self) -> dict[str, Any]:
+        return self.stats().as_status()

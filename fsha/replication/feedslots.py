@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from fsha.config import ClusterConfig, SlotConfig
+from fsha.eslclient import ConnectionState
 from fsha.replication.state import ReplicatedState
 from fsha.wire.esl import Event, Headers
 from fsha.wire.stream import Change, Kind
@@ -46,7 +47,8 @@ class FeedsESL(Protocol):
 
     def api(self, command: str, timeout: float | None = None) -> Deferred[str]: ...
 
-    def add_state_listener(self, callback: Callable[[Any, Any], object]) -> None: ...
+    def add_state_listener(self, callback: Callable[[ConnectionState, ConnectionState],
+                                                    object]) -> None: ...
 
     def add_restart_listener(self, callback: Callable[[str, str], object]) -> None: ...
 

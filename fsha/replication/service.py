@@ -59,6 +59,7 @@ from fsha.replication.link import (
 from fsha.replication.relay import ControlRelay
 from fsha.replication.session import LiveBatch, PeerSession, SessionConfig, WriteTimes
 from fsha.replication.state import DEFAULT_LOG_LIMIT, ReplicatedState
+from fsha.replication.stats import LinkCounts, PeerStats, ReplicationStats
 from fsha.wire import stream
 from fsha.wire.stream import NO_SLOT, Change, ControlAnswer, ControlRequest, Frame, Hello, Kind
 
@@ -121,7 +122,7 @@ class _Factory(LinkFactory):
 
     def __init__(self, owner: ReplicationService, peer: _Peer | None) -> None:
         super().__init__(owner.config, owner.me, owner.state.incarnation, owner,
-                         owner.clock, expected=peer.node if peer else None, stats=owner.stats,
+                         owner.clock, expected=peer.node if peer else None, stats=owner.link_counts,
                          positions=owner.state.positions,
                          handshake_timeout=owner.handshake_timeout)
         self.owner = owner
@@ -204,7 +205,7 @@ class ReplicationService(service.Service):
         self.handshake_timeout = handshake_timeout
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
-        self.stats = LinkStats()
+        self.link_counts = LinkStats()  # every link's, together
         self.unexpected_inbound = 0
         self._on_lag = on_lag
         self._times = WriteTimes(log_limit)
@@ -561,52 +562,47 @@ class ReplicationService(service.Service):
 
     # -- status -----------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def stats(self) -> ReplicationStats:
         """Per peer: link, network, TLS identity, bytes, lag; per slot: record counts."""
         slots: dict[str, dict[str, int]] = {}
         for slot, kinds in sorted(self.state.counts().items()):
             name = ("none" if slot == NO_SLOT else self.config.slots[slot].name
                     if slot < len(self.config.slots) else str(slot))
             slots[name] = {kind.name.lower(): n for kind, n in sorted(kinds.items())}
-        peers: dict[str, dict[str, Any]] = {}
+        peers: dict[str, PeerStats] = {}
         now = self.clock.seconds()
         for peer in self._peers.values():
             link, session = peer.link, peer.session
-            entry: dict[str, Any] = {
-                "up": session is not None and not session.closed,
-                "dials": peer.dials,
-                "network": peer.network if link is not None else None,
-                "address": peer.address if link is not None else None,
-                "identity": peer.identity if link is not None else None,
-                "up_for_s": None if peer.up_since is None else round(now - peer.up_since, 3),
-                "connects": peer.connects,
-                "bytes_in": peer.bytes_in + (link.bytes_in if link else 0),
-                "bytes_out": peer.bytes_out + (link.bytes_out if link else 0),
-                "dial_failures": dict(peer.dial_failures),
-                "closed": dict(peer.closed),
-                "last_error": peer.last_error,
-                "last_end": peer.last_end,
-            }
-            if session is not None:
-                entry.update(session.status())
-            else:  # what the peer has is unknown until it says so in its HELLO
-                entry.update({"lag_changes": None, "lag_ms": None})
-            peers[peer.node.name] = entry
-        return {
-            "node": self.me.name,
-            "incarnation": self.state.incarnation,
-            "listening": [f"{host}:{self.me.stream.port}" for host in self._ports],
-            "digest": self.state.digest().hex(),
-            "records": len(self.state),
-            "positions": {self.config.nodes[p.origin].name
-                          if p.origin < len(self.config.nodes) else str(p.origin):
-                          [p.incarnation, p.sequence] for p in self.state.positions()},
-            "slots": slots,
-            "links": {"established": self.stats.established,
-                      "refused": dict(self.stats.refused),
-                      "unexpected_inbound": self.unexpected_inbound,
-                      "bytes_in": self.stats.bytes_in, "bytes_out": self.stats.bytes_out},
-            "peers": peers,
-            # peers running another config: a link for control requests only
-            "control_links": sorted(self._control_links),
-        }
+            peers[peer.node.name] = PeerStats(
+                up=session is not None and not session.closed,
+                dials=peer.dials,
+                network=peer.network if link is not None else None,
+                address=peer.address if link is not None else None,
+                identity=peer.identity if link is not None else None,
+                up_for_s=None if peer.up_since is None else round(now - peer.up_since, 3),
+                connects=peer.connects,
+                bytes_in=peer.bytes_in + (link.bytes_in if link else 0),
+                bytes_out=peer.bytes_out + (link.bytes_out if link else 0),
+                dial_failures=dict(peer.dial_failures),
+                closed=dict(peer.closed),
+                last_error=peer.last_error,
+                last_end=peer.last_end,
+                session=session.stats() if session is not None else None)
+        counts = self.link_counts
+        return ReplicationStats(
+            node=self.me.name,
+            incarnation=self.state.incarnation,
+            listening=[f"{host}:{self.me.stream.port}" for host in self._ports],
+            digest=self.state.digest().hex(),
+            records=len(self.state),
+            positions={self.config.nodes[p.origin].name
+                       if p.origin < len(self.config.nodes) else str(p.origin):
+                       [p.incarnation, p.sequence] for p in self.state.positions()},
+            slots=slots,
+            links=LinkCounts(established=counts.established, refused=dict(counts.refused),
+                             unexpected_inbound=self.unexpected_inbound,
+                             bytes_in=counts.bytes_in, bytes_out=counts.bytes_out),
+            peers=peers, control_links=tuple(sorted(self._control_links)))
+
+    def status(self) -> dict[str, Any]:
+        return self.stats().as_status()

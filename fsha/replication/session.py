@@ -55,9 +55,6 @@ Per peer, of this node's own origin: in changes (written minus acknowledged) and
 age of the oldest change the peer has not acknowledged, from :class:`WriteTimes`). Each ACK
 also gives a sample of the replication delay: acknowledgement time minus write time of the
 newest change it covers (``on_lag``).
-
-Why about 650 lines: the serving and receiving halves of one session share its
-flow control (window, acknowledgements, pause).
 """
 
 from __future__ import annotations
@@ -73,6 +70,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from fsha.replication.state import ApplyResult, ReplicatedState, SnapshotError
+from fsha.replication.stats import SessionStats
 from fsha.wire import stream
 from fsha.wire.stream import (
     Ack,
@@ -663,22 +661,20 @@ class PeerSession:
             return behind, 0.0
         return behind, max(0.0, (self._clock.seconds() - written) * 1000)
 
-    def status(self) -> dict[str, Any]:
+    def stats(self) -> SessionStats:
         changes, ms = self.lag()
-        return {
-            "lag_changes": changes,
-            "lag_ms": round(ms, 3),
-            "last_ack_lag_ms": None if self.last_lag_ms is None else round(self.last_lag_ms, 3),
-            "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
-            "changes_sent": self.changes_sent,
-            "changes_applied": self.applied,
-            "duplicates": self.duplicates,
-            "snapshots_sent": self.snapshots_sent,
-            "snapshots_applied": self.snapshots_applied,
-            "in_flight_changes": self.in_flight_changes,
-            "in_flight_bytes": self.in_flight_bytes,
-            "paused": self._paused,
-            "catching_up": [f.origin for f in self._feeds
-                            if f.snapshot is not None or f.target is not None
-                            or f.peer != self.state.position(f.origin)],
-        }
+        return SessionStats(
+            lag_changes=changes, lag_ms=round(ms, 3),
+            last_ack_lag_ms=None if self.last_lag_ms is None else round(self.last_lag_ms, 3),
+            rtt_ms=None if self.rtt_ms is None else round(self.rtt_ms, 3),
+            changes_sent=self.changes_sent, changes_applied=self.applied,
+            duplicates=self.duplicates, snapshots_sent=self.snapshots_sent,
+            snapshots_applied=self.snapshots_applied,
+            in_flight_changes=self.in_flight_changes, in_flight_bytes=self.in_flight_bytes,
+            paused=self._paused,
+            catching_up=[f.origin for f in self._feeds
+                         if f.snapshot is not None or f.target is not None
+                         or f.peer != self.state.position(f.origin)])
+
+    def status(self) -> dict[str, Any]:
+        return self.stats().as_status()
