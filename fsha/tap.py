@@ -8,6 +8,8 @@ A config problem ends the process with status 2 and one line naming the file and
 from __future__ import annotations
 
 import gc
+import itertools
+import os
 import sys
 import time
 from typing import Any
@@ -42,6 +44,7 @@ from fsha.history import HistoryResource, StateDir, read_history
 from fsha.latch import Latch
 from fsha.limitservice import LimitService
 from fsha.localdrop import GuardSettings, report_problems
+from fsha.logs import logfile_argument
 from fsha.memtrim import MemoryTrimmer
 from fsha.metrics import SessionWatch, StatsSources, metrics_resource
 from fsha.node import ClusterNode
@@ -198,6 +201,17 @@ class NodeService(service.Service):
         return d
 
 
+def guard_log_args(argv: list[str]) -> list[str]:
+    """Where the guard logs: fsha's own ``--logfile`` (twistd's, made absolute) in fsha's
+    format, so a daemon's guard lines are not lost on a closed stderr; [] without one."""
+    path = logfile_argument(argv)
+    if path is None:
+        return []
+    as_json = "--logger=fsha.logs.json" in argv or any(
+        a == "--logger" and b == "fsha.logs.json" for a, b in itertools.pairwise(argv))
+    return ["--logfile", os.path.abspath(path), "--log-format", "json" if as_json else "text"]
+
+
 def state_dir(config: ClusterConfig, me: NodeConfig) -> StateDir | None:
     """The node's state directory (history, maintenance); None, said once, if the default
     one cannot be used (an explicit one was checked at start: fsha.startup)."""
@@ -329,7 +343,8 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         lease = guard_config.lease if guard_config is not None else default_lease(
             config.heartbeat_interval, config.detection_floor)
         guard = GuardLink(GuardSettings.from_config(config, me, lease), node, reactor,
-                          given_up=guard_given_up)
+                          given_up=guard_given_up,
+                          argv=[sys.executable, "-m", "fsha.guard", *guard_log_args(sys.argv)])
     effects.add_report_listener(
         lambda report: node.record_event("takeover-" + report.action, **report.as_event()))
     # a takeover of a big slot frees the rows it wrote: give the memory back

@@ -24,6 +24,10 @@ Local changes
 The node writes through :meth:`ReplicationService.put` / :meth:`~ReplicationService.delete`
 (not ``state.put`` directly: the service must see the change to stream it). Changes made
 during one reactor turn are encoded once, as one batch, and offered to every peer's session.
+
+Why about 610 lines: the links' whole lifecycle (listening, dialling per route, redialling,
+sessions, control-only links) is one state per peer; split, each half would reach into
+the other's peer records.
 """
 
 from __future__ import annotations
