@@ -319,6 +319,7 @@ class NetnsCluster(LoopbackCluster):
 
     def __init__(self, nodes: int = 3, slots: int = 2, *, networks: int = 2,
                  interval_ms: int = 20, dead_after_ms: int = 100, profile_guard: int = 0,
+                 dead_after_min_ms: int | None = None,
                  arping_count: int = 3, workdir: Path | None = None,
                  keep: bool = False, emulated: tuple[str, ...] = (),
                  fence_command: list[str] | None = None, fence_timeout_ms: int = 10_000
@@ -329,6 +330,7 @@ class NetnsCluster(LoopbackCluster):
             raise ValueError(f"need 2..{len(NETWORK_NAMES)} cluster networks")
         self.node_count, self.slot_count = nodes, slots
         self.interval_ms, self.dead_after_ms = interval_ms, dead_after_ms
+        self.dead_after_min_ms = dead_after_min_ms  # the adaptive detector's floor
         self.networks = list(NETWORK_NAMES[:networks])
         self.profile_guard, self.arping_count = profile_guard, arping_count
         unknown = set(emulated) - set(self.networks)
@@ -480,7 +482,9 @@ class NetnsCluster(LoopbackCluster):
         doc: dict[str, Any] = {
             "cluster": {"name": "e2e", "secret_file": str(secret),
                         "heartbeat_interval_ms": self.interval_ms,
-                        "dead_after_ms": self.dead_after_ms, "quorum": "majority"},
+                        "dead_after_ms": self.dead_after_ms, "quorum": "majority",
+                        **({} if self.dead_after_min_ms is None
+                           else {"dead_after_min_ms": self.dead_after_min_ms})},
             "state": {"dir": "state/{node}"},
             "floating_ip": {"backend": "ip", "arping_count": self.arping_count,
                             "timeout_ms": 5000}}
