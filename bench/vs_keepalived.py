@@ -171,22 +171,12 @@ def idle_trial(system: str, interval_ms: int, dead_after_ms: int,
                dead_after_min_ms: int | None = None) -> dict[str, float]:
     load = os.getloadavg()[0]
     if system == "fsha":
-        with NetnsCluster(nodes=3, slots=2, interval_ms=interval_ms,
-                          dead_after_ms=dead_after_ms,
-                          dead_after_min_ms=dead_after_min_ms) as cluster:
-            cluster.start(timeout=60)
-            view = cluster.wait_converged(timeout=60)
-            master = {s["name"]: s["owner"] for s in view["slots"]}["slot1"]
-            candidate = view["ranking"][0]
-            ip = cluster.floating_ip(1)
-            probe = cluster.start_probe(duration=60)
-            _serving(cluster, ip, master, probe)
-            killed = cluster.kill_host(master)
-            wait_for("the new master", lambda: probe.last_node(ip) == candidate, 30)
-            wait_for("20 answers", lambda: len(probe.answers_for(ip, killed)) >= 20, 20)
-            probe.stop()
-            gap, _ = outage(probe.answers_for(ip), killed)
-            return {"outage_ms": gap * 1000, "load1": load}
+        # the same trial as failover_netns.py's, with its phases (where the time goes)
+        from bench.failover_netns import trial
+
+        r = trial(interval_ms, dead_after_ms, dead_after_min_ms)
+        return {"outage_ms": r["downtime_ms"], "load1": load,
+                **{k: r[k] for k in PHASES if k in r}}
     advert = float(system.rpartition("-")[2])
     with KeepalivedCluster(advert) as ka:
         ka.start()
@@ -200,6 +190,11 @@ def idle_trial(system: str, interval_ms: int, dead_after_ms: int,
         probe.stop()
         gap, _ = outage(probe.answers_for(ip), killed)
         return {"outage_ms": gap * 1000, "load1": load}
+
+
+#: fsha's phases kept from each idle trial (bench/failover_netns.py)
+PHASES = ("detection_ms", "agreement_ms", "acquire_ms", "first_answer_ms",
+          "bound_before_kill_ms", "false_peer_down")
 
 
 def stress_run(system: str, seconds: float, interval_ms: int, dead_after_ms: int,
@@ -318,8 +313,9 @@ def run(rounds: int, soak: float, interval_ms: int, dead_after_ms: int,
                 print(f"round {n} {system}: FAILED: {e}", flush=True)
                 continue
             idle[system].append(r)
-            print(f"round {n} {system}: outage {r['outage_ms']:.1f} ms, load {r['load1']:.2f}",
-                  flush=True)
+            phases = ", ".join(f"{k} {r[k]:.1f}" for k in PHASES if k in r)
+            print(f"round {n} {system}: outage {r['outage_ms']:.1f} ms, load {r['load1']:.2f}"
+                  + (f", {phases}" if phases else ""), flush=True)
     stress: dict[str, dict[str, float]] = {}
     if soak > 0:
         for system in SYSTEMS:
@@ -341,6 +337,8 @@ def run(rounds: int, soak: float, interval_ms: int, dead_after_ms: int,
         values = [r["outage_ms"] for r in idle[system]]
         loads = [r["load1"] for r in idle[system]]
         out[system] = {"idle_outage_ms": summary(values), "failed_trials": failures[system],
+                       **{f"idle_{k}": summary([r[k] for r in idle[system] if k in r])
+                          for k in PHASES if any(k in r for r in idle[system])},
                        "idle_load1": [round(min(loads), 2), round(max(loads), 2)]
                        if loads else None, "stress": stress.get(system)}
     return out
