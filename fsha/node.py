@@ -31,6 +31,7 @@ from fsha.claims import ClaimFacts, claim_hold, cold_start_wait
 from fsha.config import ClusterConfig, NodeConfig, SlotConfig
 from fsha.detector import FailureDetector, RoundTrips
 from fsha.dropwindow import DropWindow
+from fsha.latch import Signal
 from fsha.nodestats import (
     MemberStats,
     NetworkView,
@@ -226,7 +227,11 @@ class ClusterNode:
     def __init__(self, config: ClusterConfig, me: NodeConfig, secret: bytes,
                  clock: IReactorTime, actions: SlotOwner, health: HealthSource,
                  incarnation: int | None = None, claim_timeout: float | None = None,
-                 first_sequence: int | None = None) -> None:
+                 first_sequence: int | None = None,
+                 cold_start_gate: Signal | None = None) -> None:
+        """``cold_start_gate``: set once what this node needs before a cold-start claim is
+        settled (the durable store's load, bounded by the store: fsha.durable); None:
+        nothing to wait for."""
         self.config = config
         self.me = me
         self.clock = clock
@@ -301,9 +306,7 @@ class ClusterNode:
         self._stopped_release: defer.Deferred[None] | None = None
         self._had_quorum = False
         self._quorum_since = 0.0
-        # False while something this node needs before a cold-start claim is not settled
-        # (the durable store's load, bounded by the store): see fsha.durable.
-        self.cold_start_gate: Callable[[], bool] | None = None
+        self.cold_start_gate = cold_start_gate
 
     # The role machine owns these (see RoleMachine): read-only here.
     @property
@@ -789,7 +792,7 @@ class ClusterNode:
                 if claimer is not None and claimer[0] != me else ()
             gate = self.cold_start_gate
             if cold_start_wait(previous, epoch, self._anyone_starting(),
-                               gate is None or gate()):
+                               gate is None or gate.is_set):
                 return
             self._machine.assigned(self.config.slots[slot_id], epoch,
                                    self.config.nodes[previous] if previous is not None else None,

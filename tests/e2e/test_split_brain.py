@@ -223,8 +223,11 @@ class ReplayedHeartbeats(SplitBrainScenario):
         cluster.restart(victim)
         wait_for(f"{victim} to answer", lambda: cluster.status(cluster.node(victim)),
                  timeout=30)
-        # the capture lasts 4 s: the victim's discovery (its guard is ready about 2 s after
-        # the status answers on a loaded machine) ends within it
+        # the replay (4 s, as captured) starts once the victim's start-up has ended (its
+        # guard is ready seconds after the status answers on a loaded machine), so the
+        # master is heard while the victim decides as a slave, whatever the load
+        wait_for("discovery to end", lambda: cluster.status(cluster.node(victim))["role"]
+                 != "starting", timeout=30)
         # replay, spoofing the master's address, into the victim's own stack, with the
         # spacing the heartbeats had (the victim hears a live-looking master all along)
         target = (cluster.net_address("A", cluster.node(victim).index), port)
@@ -256,8 +259,6 @@ class ReplayedHeartbeats(SplitBrainScenario):
         peer = next(n for n in status["nodes"] if n["name"] == self.master)  # type: ignore[attr-defined]
         self.assertFalse(peer["live"], "heard, never live")
         self.assertFalse(status["quorum"]["ok"])  # type: ignore[index]
-        wait_for("discovery to end", lambda: cluster.status(cluster.node(victim))["role"]
-                 != "starting", timeout=10)
         status = cluster.status(cluster.node(victim))
         self.assertEqual(self.claims_since(victim, at), [])
         self.assertEqual(cluster.held_addresses(victim), [])
