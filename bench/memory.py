@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -51,6 +53,22 @@ def sample(cluster: LoopbackCluster) -> dict[str, Any]:
     return out
 
 
+def profile(cluster: LoopbackCluster, directory: Path | None, label: str) -> None:
+    """With ``--profile``: every live node writes its tracemalloc top sites
+    (fsha.memprofile), renamed ``LABEL-NODE.txt``."""
+    if directory is None:
+        return
+    for n in cluster.nodes:
+        if n.fsha is None or n.fsha.poll() is not None:
+            continue
+        before = set(directory.glob(f"tracemalloc-{n.fsha.pid}-*.txt"))
+        os.kill(n.fsha.pid, signal.SIGUSR2)
+        pid = n.fsha.pid
+        new = wait_for(f"{n.name}'s profile", lambda pid=pid, before=before: set(
+            directory.glob(f"tracemalloc-{pid}-*.txt")) - before, 120, interval=0.5)
+        next(iter(new)).rename(directory / f"{label}-{n.name}.txt")
+
+
 def seed_registrations(db: Path, profile: str, count: int, host: str) -> None:
     expires = int(time.time()) + 7 * 86400
     rows = [(f"bench-{i}@{host}", f"u{i:06d}", "example.com", "example.com",
@@ -74,7 +92,13 @@ def main() -> None:
     p.add_argument("--after", type=float, default=90.0, help="seconds of the flatness check")
     p.add_argument("--every", type=float, default=15.0, help="seconds between samples")
     p.add_argument("--recover-ms-per-call", type=float, default=0.0)
+    p.add_argument("--profile", type=Path, default=None,
+                   help="trace the nodes' allocations (slower, bigger) and write their top "
+                        "sites into this directory before and after the takeover")
     args = p.parse_args()
+    if args.profile is not None:
+        args.profile = args.profile.resolve()
+        os.environ["FSHA_TRACEMALLOC"] = str(args.profile)  # inherited by the nodes
     extra = "[takeover]\nrecover_batch = 100\n"
     sim_args = ["--max-sessions", str(2 * args.calls + 100),
                 "--recover-ms-per-call", str(args.recover_ms_per_call)]
@@ -104,6 +128,7 @@ def main() -> None:
         wait_for("everything replicated", held, 600, interval=1.0)
         time.sleep(5)
         result["before"] = sample(cluster)
+        profile(cluster, args.profile, "before")
         cluster.kill(master, sim_too=True)
         t = time.monotonic()
         new = wait_for("a new master", lambda: (cluster.owner("slot1") or master) != master
@@ -121,6 +146,7 @@ def main() -> None:
             time.sleep(args.every)  # a bench samples on a schedule: that is its measurement
             series.append({"t_s": round(time.monotonic() - start), **sample(cluster)})
         result["series"] = series
+        profile(cluster, args.profile, "after")
         nodes = [k for k in result["after"] if not k.endswith("-sim")]
         every = [result["before"], result["after"], *series]
         result["max_fsha_mb"] = max(v for s in every for k, v in s.items()

@@ -269,6 +269,9 @@ class OrderedServices(service.MultiService):
 def makeService(options: Options) -> service.MultiService:
     """twistd's entry point: the node on the process's reactor (chosen by twistd)."""
     from twisted.internet import reactor
+
+    from fsha import memprofile
+    memprofile.install()  # only with FSHA_TRACEMALLOC set (benchmarks)
     return build_service(options, reactor)  # type: ignore[arg-type]
 
 
@@ -323,7 +326,7 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
     guard: GuardLink | None = None
     if guarded:
         lease = guard_config.lease if guard_config is not None else default_lease(
-            config.heartbeat_interval, config.dead_after)
+            config.heartbeat_interval, config.detection_floor)
         guard = GuardLink(GuardSettings.from_config(config, me, lease), node, reactor,
                           given_up=guard_given_up)
     effects.add_report_listener(

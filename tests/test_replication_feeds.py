@@ -728,6 +728,34 @@ class CoreDBTests(SynchronousTestCase):
         self.assertEqual(len(h.regs()), 6)
         self.assertGreaterEqual(h.db.queries - queries, 4)
 
+    def test_an_abandoned_sweep_leaves_no_stale_marks(self) -> None:
+        # the index marks what a sweep saw in its entries (no set of 100,000 keys): a
+        # sweep that fails half-way must not make the next one keep rows that are gone
+        h = Harness(self)
+        h.feeds.registrations.page_size = 2
+        for i in range(6):
+            h.writer.upsert_registration(reg_row("internal", str(1000 + i), f"c{i}",
+                                                 NOW_S + 600))
+        h.feeds.start_slot(0)
+        self.assertEqual(len(h.regs()), 6)
+        page = h.db.registration_page
+        calls = [0]
+
+        def failing(*args: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == 2:  # the second page of the next sweep
+                return defer.fail(sqlite3.OperationalError("disk I/O error"))
+            return page(*args)
+
+        h.db.registration_page = failing  # type: ignore[method-assign]
+        for i in (0, 5):
+            h.writer.delete_registration(f"c{i}", "internal")
+        h.clock.advance(30)  # abandoned after one page (c0's row was not in it)
+        self.assertEqual(len(h.regs()), 6)
+        h.clock.advance(30)  # a whole sweep
+        self.assertEqual(sorted(r.call_id for r in h.regs().values()),
+                         ["c1", "c2", "c3", "c4"])
+
 
 # -- registrations ---------------------------------------------------------------------------
 

@@ -421,6 +421,18 @@ class SupersedeTests(SynchronousTestCase):
         self.assertEqual(len(list(state.records(origin=1, kind=Kind.REGISTRATION))), 1)
         self.assertIsNotNone(state.get(0, 1, Kind.REGISTRATION, "k1"))
 
+    def test_one_object_per_record(self) -> None:
+        """The log and the expiry heap refer to the stored record (issue 16: 110,000
+        records on every node), and the changes a peer gets are rebuilt from it."""
+        state = receiver(node=0)
+        change = state.put(1, Kind.REGISTRATION, "k", b"v", LATER)
+        record = state.get(0, 1, Kind.REGISTRATION, "k")
+        self.assertIs(state._expiry[0], record)
+        self.assertIs(state._origins[0].log.slice(0)[0], record)
+        gone = state.delete(1, Kind.REGISTRATION, "k")
+        self.assertEqual(state.catch_up(0, None), [change, gone])
+        self.assertEqual(state._origins[0].records, {})  # an emptied table goes whole
+
     def test_expiry_heap_stays_bounded(self) -> None:
         clock = clock_at()
         state = receiver(node=0, clock=clock)

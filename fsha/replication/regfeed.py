@@ -20,7 +20,6 @@ from fsha.fsdb import (
     CoreDBReads,
     RecordValueError,
     RegistrationRow,
-    decode_registration,
     encode_registration,
     registration_key,
     registration_prefix,
@@ -38,25 +37,23 @@ REGISTRATION_EVENTS: Final = tuple(k.value for k in RegistrationKind)
 #: A registration's expiry read from the table and from the event may differ by this much
 #: (seconds) without the sweep rewriting the record.
 REG_EXPIRES_TOLERANCE: Final = 30
-#: Rows per query of a sweep: what it holds at a time (rows of 1-2 KB as Python objects).
-PAGE_SIZE: Final = 2000
+#: Rows per query of a sweep: what it holds at a time (rows of 1-2 KB as Python objects,
+#: a fetched page and its decoded rows at once: 2,000 were 10 MB of small objects).
+PAGE_SIZE: Final = 500
 
 
-class _Reg:
-    """What the index keeps of a registration: the binding's hash and its expiry."""
-
-    __slots__ = ("binding", "expires", "gen", "slot")
-
-    def __init__(self, slot: int, row: RegistrationRow, gen: int) -> None:
-        self.slot = slot
-        self.binding = row.binding
-        self.expires = row.expires
-        self.gen = gen
-
-    def same(self, row: RegistrationRow) -> bool:
-        """The same binding, expiring within :data:`REG_EXPIRES_TOLERANCE` seconds."""
-        return (self.binding == row.binding
-                and abs(self.expires - row.expires) <= REG_EXPIRES_TOLERANCE)
+#: An index entry is one int: ``gen << 17 | mark << 16 | slot`` (slot ids are 16 bits on
+#: the wire). 100,000 objects holding a binding hash and an expiry were 14 MB on a master;
+#: whether a row changed is read from the record itself (:meth:`RegistrationFeed._same`),
+#: and the sweep marks what it saw in the entry (``mark``: the sweep's parity) rather than
+#: in a set of 100,000 keys of its own.
+_SLOT_MASK: Final = 0xFFFF
+_MARK: Final = 1 << 16
+_GEN_SHIFT: Final = 17
+#: where the expiry sits in a version 2 value (fsha.fsdb.codecs), and where the rest begins
+_V2: Final = 2
+_EXPIRES: Final = slice(1, 9)
+_TEXTS: Final = 9
 
 
 class RegistrationFeed:
@@ -72,7 +69,10 @@ class RegistrationFeed:
         self.sweep_interval = sweep_interval
         self.call_sweeps = call_sweeps
         self.where = where  # the database, for the log
-        self._regs: dict[str, _Reg] = {}
+        self._regs: dict[str, int] = {}  # key -> gen << 17 | mark << 16 | slot
+        self._mark = 0  # what a sweep that saw an entry leaves in it (flips per sweep)
+        self._marks_clean = True  # no sweep was abandoned since the last one completed
+        self._small: dict[int, int] = {}  # the gen-0 entries, one int object per value
         self._deleted: dict[str, int] = {}  # key -> gen of an unregistration event
         self.page_size = max(1, page_size)
         self._sweep: _Sweep | None = None
@@ -86,23 +86,53 @@ class RegistrationFeed:
 
     # -- the index --------------------------------------------------------------------------
 
+    def _entry(self, slot_id: int, gen: int) -> int:
+        entry = gen << _GEN_SHIFT | self._mark << 16 | slot_id
+        return self._small.setdefault(entry, entry) if not gen else entry
+
     def reindex(self, feed: SlotFeed, key: str, value: bytes) -> None:
-        self._regs[key] = _Reg(feed.slot.slot_id, decode_registration(value), 0)
+        self._regs[key] = self._entry(feed.slot.slot_id, 0)
         feed.registrations += 1
 
     def forget_slot(self, slot_id: int) -> None:
-        for key in [k for k, r in self._regs.items() if r.slot == slot_id]:
+        for key in [k for k, e in self._regs.items() if e & _SLOT_MASK == slot_id]:
             del self._regs[key]
+
+    def _same(self, slot_id: int, key: str, row: RegistrationRow) -> bool:
+        """The record holds this row, expiring within :data:`REG_EXPIRES_TOLERANCE`."""
+        stored = self.slots.own_value(slot_id, Kind.REGISTRATION, key)
+        if stored is None or stored[:1] != bytes((_V2,)):
+            return False
+        try:
+            value = encode_registration(row)
+        except RecordValueError:
+            return False
+        return (stored[_TEXTS:] == value[_TEXTS:]
+                and abs(int.from_bytes(stored[_EXPIRES], "big") - max(0, row.expires))
+                <= REG_EXPIRES_TOLERANCE)
 
     def clear(self) -> None:
         self._deleted.clear()
         self._sweep = None
 
+    def _start_marks(self) -> None:
+        """A new sweep's mark: every entry carries the other one then (after an abandoned
+        sweep some carry either: they are all set back first, once)."""
+        if not self._marks_clean:
+            regs, small = self._regs, self._small
+            for key, entry in regs.items():
+                if entry >> 16 & 1 != self._mark:
+                    entry ^= _MARK
+                    regs[key] = entry if entry >> _GEN_SHIFT else small.setdefault(entry,
+                                                                                   entry)
+        self._mark ^= 1
+        self._marks_clean = False
+
     def _store(self, feed: SlotFeed, row: RegistrationRow, gen: int) -> None:
         key = row.key
         slot_id = feed.slot.slot_id
         entry = self._regs.get(key)
-        if entry is not None and entry.slot != slot_id:
+        if entry is not None and entry & _SLOT_MASK != slot_id:
             self._drop(key)
             entry = None
         try:
@@ -113,21 +143,18 @@ class RegistrationFeed:
         if not self.slots.put(feed, Kind.REGISTRATION, key, value, row.expires * 1000):
             return
         if entry is None:
-            self._regs[key] = _Reg(slot_id, row, gen)
             feed.registrations += 1
-        else:
-            entry.binding = row.binding
-            entry.expires = row.expires
-            entry.gen = gen
+        self._regs[key] = self._entry(slot_id, gen)
 
     def _drop(self, key: str) -> None:
         entry = self._regs.pop(key, None)
         if entry is None:
             return
-        feed = self.slots.fed.get(entry.slot)
+        slot_id = entry & _SLOT_MASK
+        feed = self.slots.fed.get(slot_id)
         if feed is not None:
             feed.registrations -= 1
-        self.slots.delete(entry.slot, Kind.REGISTRATION, key)
+        self.slots.delete(slot_id, Kind.REGISTRATION, key)
 
     # -- events -----------------------------------------------------------------------------
 
@@ -185,7 +212,8 @@ class RegistrationFeed:
         if self._sweep is None and self.sweep_wanted:
             self.sweep_wanted = False
             if self.table or self.call_sweeps() % 10 == 0:
-                self._sweep = _Sweep(self.slots)
+                self._start_marks()
+                self._sweep = _Sweep(self.slots, self._mark)
                 self.next_sweep = now + self.sweep_interval
         if self._sweep is not None:
             return "registration sweep", self._page
@@ -202,15 +230,20 @@ class RegistrationFeed:
             if row.expires and row.expires <= sw.now:
                 return  # expired: sofia deletes it
             key = row.key
-            sw.seen.add(key)
             entry = self._regs.get(key)
-            if entry is not None and (entry.gen > sw.start_gen or entry.same(row)):
-                return
+            if entry is not None:
+                if entry >> 16 & 1 != sw.mark:  # seen by this sweep
+                    entry ^= _MARK
+                    self._regs[key] = (entry if entry >> _GEN_SHIFT
+                                       else self._small.setdefault(entry, entry))
+                if entry >> _GEN_SHIFT > sw.start_gen or self._same(
+                        entry & _SLOT_MASK, key, row):
+                    return
             if self._deleted.get(key, 0) > sw.start_gen:
                 return  # unregistered after the sweep read the table
             feed = slots.feed_of_profile(row.profile_name)
             if feed is not None:
-                self._store(feed, row, entry.gen if entry is not None else 0)
+                self._store(feed, row, entry >> _GEN_SHIFT if entry is not None else 0)
 
         def got(page: tuple[list[RegistrationRow], int] | None) -> Deferred[None] | None:
             if self._sweep is not sw:
@@ -254,12 +287,14 @@ class RegistrationFeed:
 
         def drop(key: str) -> None:
             entry = self._regs.get(key)
-            if entry is not None and entry.gen <= sw.start_gen:
+            if entry is not None and entry >> _GEN_SHIFT <= sw.start_gen \
+                    and entry >> 16 & 1 != sw.mark:
                 self._drop(key)
 
         def done(_: object) -> None:
             if self._sweep is sw:
                 self._sweep = None
+                self._marks_clean = True
             deleted = self._deleted
             for key in [k for k, g in deleted.items() if g <= sw.start_gen]:
                 del deleted[key]
@@ -267,7 +302,8 @@ class RegistrationFeed:
             for feed in slots.fed.values():
                 feed.last_registration_sweep = sw.now
 
-        unseen = [k for k, r in self._regs.items() if k not in sw.seen and r.slot in sw.slot_ids]
+        unseen = [k for k, e in self._regs.items()
+                  if e >> 16 & 1 != sw.mark and e & _SLOT_MASK in sw.slot_ids]
         d = slots.sliced(unseen, drop)
         d.addCallback(done)
         return d
@@ -276,10 +312,11 @@ class RegistrationFeed:
 class _Sweep:
     """A registration sweep in progress: which profile, from which rowid, what it saw."""
 
-    __slots__ = ("after", "found", "index", "now", "profiles", "seen", "slot_ids",
+    __slots__ = ("after", "found", "index", "mark", "now", "profiles", "slot_ids",
                  "start_gen")
 
-    def __init__(self, slots: FedSlots) -> None:
+    def __init__(self, slots: FedSlots, mark: int) -> None:
+        self.mark = mark  # what the entries seen (or written) during this sweep carry
         self.profiles = slots.profiles()
         self.slot_ids = set(slots.fed)
         self.start_gen = slots.gen
@@ -287,7 +324,6 @@ class _Sweep:
         self.after = 0
         self.found = False
         self.now = slots.clock.seconds()
-        self.seen: set[str] = set()
 
     def next_profile(self) -> None:
         self.index += 1

@@ -72,7 +72,6 @@ EARLY_SUPERSEDED: Final = frozenset((Kind.REGISTRATION,))
 #: The expiry heap is rebuilt once it holds this many entries more than twice the records.
 _HEAP_SLACK: Final = 4096
 
-RecordKey = tuple[int, Kind, str]  # (slot, kind, key)
 #: (op "put" | "delete", origin, slot, kind, key, value)
 Listener = Callable[[str, int, int, Kind, str, bytes], object]
 
@@ -97,6 +96,20 @@ class Record:
     value: bytes
     expires_ms: int  # Unix time in milliseconds; 0 = never
 
+    def __lt__(self, other: Record) -> bool:
+        """By expiry: the state's expiry heap holds the records themselves."""
+        return self.expires_ms < other.expires_ms
+
+
+#: One origin's records: (slot, kind) -> key -> record. Nested rather than keyed by a
+#: (slot, kind, key) tuple: at 110,000 records the tuples alone would cost 7 MB a node.
+_Table = dict[tuple[int, Kind], dict[str, Record]]
+#: An entry of an origin's log: the record a PUT stored, or the (slot, kind, key) a DELETE
+#: removed; the change is rebuilt from it when a peer needs it (:meth:`ReplicatedState.
+#: catch_up`), so the log costs a reference per change, not a second object holding the
+#: same value.
+_Logged = Record | tuple[int, Kind, str]
+
 
 class _Log:
     """The last ``limit`` changes of one origin, sliceable by index in O(slice length).
@@ -109,16 +122,16 @@ class _Log:
     __slots__ = ("_items", "_limit", "_start")
 
     def __init__(self, limit: int) -> None:
-        self._items: list[Change | None] = []
+        self._items: list[_Logged | None] = []
         self._start = 0
         self._limit = limit
 
     def __len__(self) -> int:
         return len(self._items) - self._start
 
-    def append(self, change: Change) -> None:
+    def append(self, entry: _Logged) -> None:
         items = self._items
-        items.append(change)
+        items.append(entry)
         if len(items) - self._start > self._limit:
             items[self._start] = None  # release the oldest change now
             self._start += 1
@@ -130,8 +143,8 @@ class _Log:
         self._items = []
         self._start = 0
 
-    def slice(self, start: int, stop: int | None = None) -> list[Change]:
-        """Changes ``start`` (0 = the oldest held) up to ``stop`` (exclusive, None = all)."""
+    def slice(self, start: int, stop: int | None = None) -> list[_Logged]:
+        """Entries ``start`` (0 = the oldest held) up to ``stop`` (exclusive, None = all)."""
         base = self._start
         end = len(self._items) if stop is None else min(len(self._items), base + stop)
         return self._items[base + start:end]  # type: ignore[return-value]
@@ -145,9 +158,9 @@ class _Origin:
     def __init__(self, incarnation: int, log_limit: int) -> None:
         self.incarnation = incarnation
         self.sequence = 0
-        self.records: dict[RecordKey, tuple[Record, int]] = {}  # -> (record, hash)
+        self.records: _Table = {}
         self.log = _Log(log_limit)
-        self.retired: dict[RecordKey, Record] = {}  # records of the previous incarnation
+        self.retired: _Table = {}  # records of the previous incarnation
         self.retired_at = 0.0
 
     @property
@@ -166,11 +179,35 @@ def _record_hash(record: Record) -> int:
     return int.from_bytes(h.digest(), "big")
 
 
+def _lookup(table: _Table, slot: int, kind: Kind, key: str) -> Record | None:
+    group = table.get((slot, kind))
+    return None if group is None else group.get(key)
+
+
+def _pop(table: _Table, slot: int, kind: Kind, key: str) -> Record | None:
+    group = table.get((slot, kind))
+    if group is None:
+        return None
+    record = group.pop(key, None)
+    if not group:
+        del table[(slot, kind)]  # a dict never shrinks: an emptied big one goes whole
+    return record
+
+
+def _all(table: _Table) -> Iterator[Record]:
+    for group in table.values():
+        yield from group.values()
+
+
 class ReplicatedState:
     """All origins' records and logs as this node knows them.
 
     ``node`` and ``incarnation`` are this node's own origin: :meth:`put` and :meth:`delete`
     write to it. Changes from peers go through :meth:`apply` / :meth:`apply_snapshot`.
+
+    Memory (issue 16: 110,000 records on every node): a record is stored once, as a
+    :class:`Record` in its origin's nested table; the log and the expiry heap refer to that
+    same object, and a record's digest hash is computed again when it goes rather than kept.
     """
 
     def __init__(self, clock: IReactorTime, node: int, incarnation: int, *,
@@ -187,8 +224,11 @@ class ReplicatedState:
         self._retain = retain_retired
         self._origins: dict[int, _Origin] = {node: _Origin(incarnation, log_limit)}
         self._xor = 0
+        self._size = 0  # live records of every origin
         self._counts: dict[int, dict[Kind, int]] = {}
-        self._expiry: list[tuple[int, int, int, RecordKey]] = []  # (ms, origin, inc, key)
+        #: the records with an expiry (ordered by it); an entry whose record was replaced
+        #: or dropped stays until due or until the heap is rebuilt
+        self._expiry: list[Record] = []
         self._owners: dict[int, int] = {}  # slot -> origin of its master (set_owners)
         self.superseded = 0  # records dropped because the slot's master holds its own copy
         self.last_frame = b""
@@ -226,10 +266,9 @@ class ReplicatedState:
 
     def get(self, origin: int, slot: int, kind: Kind, key: str) -> Record | None:
         o = self._origins.get(origin)
-        entry = None if o is None else o.records.get((slot, kind, key))
-        if entry is None:
+        record = None if o is None else _lookup(o.records, slot, kind, key)
+        if record is None:
             return None
-        record = entry[0]
         if record.expires_ms and record.expires_ms <= self._now_ms():
             return None
         return record
@@ -241,19 +280,18 @@ class ReplicatedState:
         origins = (self._origins.values() if origin is None
                    else [self._origins[origin]] if origin in self._origins else [])
         for o in origins:
-            for record, _ in o.records.values():
-                if slot is not None and record.slot != slot:
+            for (s, k), group in o.records.items():
+                if (slot is not None and s != slot) or (kind is not None and k != kind):
                     continue
-                if kind is not None and record.kind != kind:
-                    continue
-                if record.expires_ms and record.expires_ms <= now:
-                    continue
-                yield record
+                for record in group.values():
+                    if record.expires_ms and record.expires_ms <= now:
+                        continue
+                    yield record
 
     def retired(self, origin: int) -> list[Record]:
         """The records ``origin``'s previous incarnation left (e.g. for a takeover)."""
         o = self._origins.get(origin)
-        return [] if o is None else list(o.retired.values())
+        return [] if o is None else list(_all(o.retired))
 
     def forget_retired(self, origin: int) -> None:
         o = self._origins.get(origin)
@@ -271,13 +309,14 @@ class ReplicatedState:
         o = self._origins.get(origin)
         if o is None:
             return 0
-        wanted = set(kinds)
         n = 0
-        for rkey in [k for k in o.records if k[0] == slot and k[1] in wanted]:
-            n += self._remove(o, rkey)
-        if o.retired:
-            o.retired = {k: r for k, r in o.retired.items()
-                         if not (k[0] == slot and k[1] in wanted)}
+        for kind in set(kinds):
+            group = o.records.pop((slot, kind), None)
+            if group is not None:
+                for record in group.values():
+                    self._forget(record)
+                n += len(group)
+            o.retired.pop((slot, kind), None)
         if n:
             self._release_log(o)
         return n
@@ -300,20 +339,21 @@ class ReplicatedState:
             self._owners[slot] = origin
             o = self._origins.get(origin)
             if o is not None:
-                for rkey in [k for k in o.records if k[0] == slot and k[1] in EARLY_SUPERSEDED]:
-                    n += self._supersede(origin, rkey)
+                for kind in EARLY_SUPERSEDED:
+                    for key in list(o.records.get((slot, kind), ())):
+                        n += self._supersede(origin, slot, kind, key)
         return n
 
-    def _supersede(self, owner: int, rkey: RecordKey) -> int:
+    def _supersede(self, owner: int, slot: int, kind: Kind, key: str) -> int:
         n = 0
         for origin, o in self._origins.items():
             if origin == owner or origin == self._node:
                 continue
-            if self._remove(o, rkey):
+            if self._remove(o, slot, kind, key):
                 n += 1
                 self._release_log(o)
             if o.retired:
-                o.retired.pop(rkey, None)
+                _pop(o.retired, slot, kind, key)
         self.superseded += n
         return n
 
@@ -331,7 +371,7 @@ class ReplicatedState:
                 for slot, kinds in self._counts.items() if any(kinds.values())}
 
     def __len__(self) -> int:
-        return sum(len(o.records) for o in self._origins.values())
+        return self._size
 
     def digest(self) -> bytes:
         """16 bytes equal on two nodes holding the same records at the same positions."""
@@ -344,70 +384,86 @@ class ReplicatedState:
     # -- record bookkeeping -----------------------------------------------------------------
 
     def _store(self, o: _Origin, record: Record) -> None:
-        rkey = (record.slot, record.kind, record.key)
-        old = o.records.get(rkey)
-        h = _record_hash(record)
+        group = o.records.get((record.slot, record.kind))
+        if group is None:
+            group = o.records[(record.slot, record.kind)] = {}
+        old = group.get(record.key)
         if old is not None:
-            self._xor ^= old[1]
+            self._xor ^= _record_hash(old)
         else:
             kinds = self._counts.setdefault(record.slot, {})
             kinds[record.kind] = kinds.get(record.kind, 0) + 1
-        self._xor ^= h
-        o.records[rkey] = (record, h)
+            self._size += 1
+        self._xor ^= _record_hash(record)
+        group[record.key] = record
         if record.kind in self._listeners:
             for listener in self._listeners[record.kind]:
                 listener("put", record.origin, record.slot, record.kind, record.key,
                          record.value)
         if record.expires_ms:
             heap = self._expiry
-            heapq.heappush(heap, (record.expires_ms, record.origin, o.incarnation, rkey))
-            if len(heap) > 2 * len(self) + _HEAP_SLACK:
-                self._rebuild_expiry()  # amortised: after as many pushes as records
+            heapq.heappush(heap, record)
+            if len(heap) > self._size + self._size // 4 + _HEAP_SLACK:
+                # amortised (after a quarter as many pushes as records): the entries of
+                # replaced records hold their old values
+                self._rebuild_expiry()
         if record.kind in EARLY_SUPERSEDED and self._owners.get(record.slot) == record.origin:
-            self._supersede(record.origin, rkey)
+            self._supersede(record.origin, record.slot, record.kind, record.key)
 
     def _rebuild_expiry(self) -> None:
-        """Only the live records' expiries: an overwritten or deleted record leaves its
-        entry (and key) in the heap until it is due, days for a registration."""
-        heap = [(r.expires_ms, origin, o.incarnation, rkey)
-                for origin, o in self._origins.items()
-                for rkey, (r, _) in o.records.items() if r.expires_ms]
+        """Only the live records' expiries: a replaced or deleted record leaves its entry
+        (and value) in the heap until it is due, days for a registration."""
+        heap = [r for o in self._origins.values() for r in _all(o.records) if r.expires_ms]
         heapq.heapify(heap)
         self._expiry = heap
 
-    def _remove(self, o: _Origin, rkey: RecordKey) -> bool:
-        entry = o.records.pop(rkey, None)
-        if entry is None:
-            return False
-        self._xor ^= entry[1]
-        self._counts[rkey[0]][rkey[1]] -= 1
-        if rkey[1] in self._listeners:
-            record = entry[0]
-            for listener in self._listeners[rkey[1]]:
+    def _forget(self, record: Record) -> None:
+        """The bookkeeping of a record that is no longer held (already out of its table)."""
+        self._xor ^= _record_hash(record)
+        self._counts[record.slot][record.kind] -= 1
+        self._size -= 1
+        if record.kind in self._listeners:
+            for listener in self._listeners[record.kind]:
                 listener("delete", record.origin, record.slot, record.kind, record.key, b"")
-        return True
 
-    def _clear(self, o: _Origin) -> None:
-        for rkey in list(o.records):
-            self._remove(o, rkey)
+    def _remove(self, o: _Origin, slot: int, kind: Kind, key: str) -> bool:
+        record = _pop(o.records, slot, kind, key)
+        if record is None:
+            return False
+        self._forget(record)
+        return True
 
     def _new_incarnation(self, origin: int, o: _Origin | None, incarnation: int) -> _Origin:
         fresh = _Origin(incarnation, self._log_limit)
         if o is not None:
-            fresh.retired = {k: r for k, (r, _) in o.records.items()}
+            fresh.retired = o.records  # the same objects, retired
             fresh.retired_at = self._clock.seconds()
-            self._clear(o)
+            o.records = {}
+            for record in _all(fresh.retired):
+                self._forget(record)
         self._origins[origin] = fresh
         return fresh
 
-    def _apply_record(self, o: _Origin, change: Change) -> None:
+    def _apply_record(self, o: _Origin, change: Change) -> _Logged:
+        """Apply a change to ``o``'s records; returns what its log keeps of it."""
         if change.op is Op.DELETE:
-            self._remove(o, (change.slot, change.kind, change.key))
-        elif change.expires_ms and change.expires_ms <= self._now_ms():
-            self._remove(o, (change.slot, change.kind, change.key))  # already expired
+            self._remove(o, change.slot, change.kind, change.key)
+            return (change.slot, change.kind, change.key)
+        record = Record(change.origin, change.slot, change.kind, change.key, change.value,
+                        change.expires_ms)
+        if change.expires_ms and change.expires_ms <= self._now_ms():
+            self._remove(o, change.slot, change.kind, change.key)  # already expired
         else:
-            self._store(o, Record(change.origin, change.slot, change.kind, change.key,
-                                  change.value, change.expires_ms))
+            self._store(o, record)
+        return record
+
+    def _change(self, origin: int, incarnation: int, sequence: int, entry: _Logged) -> Change:
+        """The change a log entry stands for."""
+        if isinstance(entry, Record):
+            return Change(origin, incarnation, sequence, entry.slot, entry.kind, entry.key,
+                          Op.PUT, entry.value, entry.expires_ms)
+        slot, kind, key = entry
+        return Change(origin, incarnation, sequence, slot, kind, key, Op.DELETE, b"", 0)
 
     # -- writing (this node's own origin) ---------------------------------------------------
 
@@ -420,8 +476,7 @@ class ReplicatedState:
         self.last_frame = stream.encode(change)  # validates every field; raises ValueError
         self.last_change = change
         o.sequence += 1
-        o.log.append(change)
-        self._apply_record(o, change)
+        o.log.append(self._apply_record(o, change))
         return change
 
     def put(self, slot: int, kind: Kind, key: str, value: bytes, expires_ms: int = 0
@@ -431,7 +486,7 @@ class ReplicatedState:
 
     def delete(self, slot: int, kind: Kind, key: str) -> Change | None:
         """Delete a record of this node's origin; None if there was none."""
-        if (slot, kind, key) not in self._origins[self._node].records:
+        if _lookup(self._origins[self._node].records, slot, kind, key) is None:
             return None
         return self._local(slot, kind, key, Op.DELETE, b"", 0)
 
@@ -457,8 +512,7 @@ class ReplicatedState:
                 return ApplyResult.GAP
             o = self._new_incarnation(origin, o, change.incarnation)
         o.sequence = change.sequence
-        o.log.append(change)
-        self._apply_record(o, change)
+        o.log.append(self._apply_record(o, change))
         return ApplyResult.APPLIED
 
     # -- resuming and snapshots -------------------------------------------------------------
@@ -483,7 +537,9 @@ class ReplicatedState:
         if have + 1 < first:
             return None
         start = have + 1 - first
-        return o.log.slice(start, None if limit is None else start + limit)
+        entries = o.log.slice(start, None if limit is None else start + limit)
+        return [self._change(origin, o.incarnation, have + 1 + i, entry)
+                for i, entry in enumerate(entries)]
 
     def observe_incarnation(self, origin: int, incarnation: int) -> bool:
         """A peer announced (in its HELLO) that ``origin`` now runs ``incarnation``.
@@ -506,7 +562,7 @@ class ReplicatedState:
         o = self._origins[origin]
         now = self._now_ms()
         items = [SnapshotItem(r.slot, r.kind, r.key, r.value, r.expires_ms)
-                 for r, _ in o.records.values()
+                 for r in _all(o.records)
                  if not r.expires_ms or r.expires_ms > now]
         return (SnapshotBegin(origin, o.incarnation, o.sequence), items,
                 SnapshotEnd(origin, o.incarnation, o.sequence, len(items)))
@@ -531,7 +587,9 @@ class ReplicatedState:
         if o is None or begin.incarnation > o.incarnation:
             o = self._new_incarnation(origin, o, begin.incarnation)
         else:
-            self._clear(o)
+            old, o.records = o.records, {}
+            for record in _all(old):
+                self._forget(record)
         o.sequence = begin.sequence
         o.log.clear()
         now = self._now_ms()
@@ -548,23 +606,22 @@ class ReplicatedState:
         now = self._now_ms()
         dropped = 0
         heap = self._expiry
-        while heap and heap[0][0] <= now:
-            expires, origin, incarnation, rkey = heapq.heappop(heap)
-            o = self._origins.get(origin)
-            if o is None or o.incarnation != incarnation:
-                continue
-            entry = o.records.get(rkey)
-            if entry is not None and entry[0].expires_ms == expires:
-                self._remove(o, rkey)
+        while heap and heap[0].expires_ms <= now:
+            record = heapq.heappop(heap)
+            o = self._origins.get(record.origin)
+            # the record itself, not one that replaced it (or a later incarnation's)
+            if o is not None and _lookup(o.records, record.slot, record.kind,
+                                         record.key) is record:
+                self._remove(o, record.slot, record.kind, record.key)
                 dropped += 1
         seconds = self._clock.seconds()
         for o in self._origins.values():
             if o.retired and seconds - o.retired_at >= self._retain:
                 o.retired = {}
         if len(self._expiry) > len(self) + len(self) // 4 + _HEAP_SLACK:
-            self._rebuild_expiry()  # records went by drops (a dead master's): their keys too
+            self._rebuild_expiry()  # records went by drops (a dead master's): their values too
         return dropped
 
     def next_expiry(self) -> float | None:
         """When (clock seconds) the earliest pending expiry falls, or None."""
-        return self._expiry[0][0] / 1000 if self._expiry else None
+        return self._expiry[0].expires_ms / 1000 if self._expiry else None

@@ -35,7 +35,7 @@ from fsha.fsdb import (
 )
 from fsha.process import ProcessError, ProcessFailed, ProcessRunner, ProcessTimeout
 from fsha.recovery import DEFAULT_RECOVER_BATCH, Batch, plan_batches
-from fsha.takeover.records import NoRecords, SlotRecords
+from fsha.takeover.records import EncodedRegistrations, NoRecords, SlotRecords
 from fsha.takeover.report import (
     FAILED,
     OK,
@@ -97,18 +97,23 @@ class _Step:
             raise CancelledError(self.aborted)
 
 
+#: The registrations a restore holds: a list, or replicated values decoded a page at a time.
+MutableRows = list[RegistrationRow] | EncodedRegistrations
+
+
 @dataclass(slots=True)
 class _Restore:
     """A registration restore in progress: what is written so far (pages, then hash
     entries in windows)."""
 
     slot: SlotConfig
-    regs: list[RegistrationRow]
+    #: a list, or the replicated values decoded a page at a time (EncodedRegistrations)
+    regs: MutableRows
     hostname: str
     server_host: str
-    entries: list[tuple[str, str]]  # (user@host, profile) hash entries
-    reg_pos: int = 0
-    hash_pos: int = 0
+    hashing: bool  # the ``user@host -> profile`` hash entries are inserted too
+    reg_pos: int = 0  # regs[:reg_pos] are written
+    hash_pos: int = 0  # regs[:hash_pos] have their hash entries (after every page written)
     written: int = 0
     hashed: int = 0
     hash_failed: int = 0
@@ -120,15 +125,17 @@ class _Restore:
         self.total = len(self.regs)
 
     def drop_written(self) -> None:
-        """Let the rows and entries written so far go: once the acquire is complete
-        nothing is rolled back, and 100,000 decoded registrations are tens of MB."""
-        del self.regs[:self.reg_pos]
-        del self.entries[:self.hash_pos]
-        self.reg_pos = self.hash_pos = 0
+        """Let the rows written (and hashed) so far go: once the acquire is complete
+        nothing is rolled back."""
+        n = min(self.reg_pos, self.hash_pos) if self.hashing else self.reg_pos
+        del self.regs[:n]
+        self.reg_pos -= n
+        self.hash_pos = max(0, self.hash_pos - n)
 
     @property
     def done(self) -> bool:
-        return self.reg_pos >= len(self.regs) and self.hash_pos >= len(self.entries)
+        return self.reg_pos >= len(self.regs) and (
+            not self.hashing or self.hash_pos >= len(self.regs))
 
 
 @dataclass(slots=True)
@@ -138,7 +145,7 @@ class _Acquisition:
     slot: SlotConfig
     epoch: int = 0
     rows: list[RecoveryRow] = field(default_factory=list)
-    registrations: list[RegistrationRow] = field(default_factory=list)
+    registrations: Sequence[RegistrationRow] = field(default_factory=list)
     hostname: str = ""
     hash_keys: list[str] = field(default_factory=list)
     restore: _Restore | None = None  # registrations left for after the acquire
@@ -620,11 +627,11 @@ class SlotEffects:
         return d.addCallbacks(done, failed)
 
     def _load(self, slot: SlotConfig, previous: NodeConfig | None, step: _Step
-              ) -> Deferred[tuple[list[RecoveryRow], list[RegistrationRow]]]:
+              ) -> Deferred[tuple[list[RecoveryRow], MutableRows]]:
         d = defer.maybeDeferred(self.records.rows_for, slot, previous, step.progress)
 
         def select(rows: tuple[Sequence[RecoveryRow], Sequence[RegistrationRow]]
-                   ) -> tuple[list[RecoveryRow], list[RegistrationRow]]:
+                   ) -> tuple[list[RecoveryRow], MutableRows]:
             all_calls, all_regs = rows
             profiles = set(slot.profiles)
             calls: dict[str, RecoveryRow] = {}
@@ -632,8 +639,12 @@ class SlotEffects:
                 if row.profile_name in profiles and row.technology == "sofia":
                     calls[row.uuid] = row
             now = self.clock.seconds()
-            regs = [r for r in all_regs if r.profile_name in profiles
-                    and (r.expires == 0 or r.expires > now)]
+            regs: MutableRows
+            if isinstance(all_regs, EncodedRegistrations):
+                regs = all_regs.select(profiles, now)  # not decoded: a page at a time later
+            else:
+                regs = [r for r in all_regs if r.profile_name in profiles
+                        and (r.expires == 0 or r.expires > now)]
             step.counts.update(calls=len(calls), registrations=len(regs),
                                calls_skipped=len(all_calls) - len(calls),
                                registrations_skipped=len(all_regs) - len(regs))
@@ -880,7 +891,7 @@ class SlotEffects:
             step.warn("; ".join(problems))
 
     @inlineCallbacks
-    def _restore_registrations(self, slot: SlotConfig, regs: list[RegistrationRow],
+    def _restore_registrations(self, slot: SlotConfig, regs: MutableRows,
                                acq: _Acquisition, step: _Step) -> Generator[Any, Any, None]:
         """Registrations in pages of :data:`REGISTRATION_PAGE` rows (one short transaction
         each), then the hash entries in windows; what does not fit in this step's time
@@ -901,9 +912,8 @@ class SlotEffects:
             raise FSApiError("global_getvar hostname", "", "FreeSWITCH has no hostname")
         hostname = hostname.strip()
         acq.registrations, acq.hostname = regs, hostname
-        entries, invalid = self._hash_entries(regs) if self.hash_realm is not None else ([], 0)
         restore = _Restore(slot, regs, hostname, slot.ips[0].address if slot.ips else "",
-                           entries, invalid=invalid)
+                           self.hash_realm is not None)
         step.counts["written"] = 0
         # leave a margin of the step's bound for the last page in flight
         soft = self.clock.seconds() + self.timeouts.registrations * 0.6
@@ -916,13 +926,15 @@ class SlotEffects:
         if not restore.done:
             acq.restore = restore
             left = len(restore.regs) - restore.reg_pos
-            step.counts["continued"] = left + len(restore.entries) - restore.hash_pos
-            step.warn(f"{left} registration(s) and {len(restore.entries) - restore.hash_pos}"
-                      " hash entries continue once the slot is served")
+            hashes = len(restore.regs) - restore.hash_pos if restore.hashing else 0
+            step.counts["continued"] = left + hashes
+            step.warn(f"{left} registration(s) and {hashes} hash entries continue once the "
+                      "slot is served")
 
-    def _hash_entries(self, regs: list[RegistrationRow]) -> tuple[list[tuple[str, str]], int]:
-        """The ``user@host -> profile`` hash entries, and how many registrations have no
-        usable key."""
+    @staticmethod
+    def _hash_entries(regs: Sequence[RegistrationRow]) -> tuple[list[tuple[str, str]], int]:
+        """The ``user@host -> profile`` hash entries of these registrations (one per key:
+        the last wins), and how many registrations have no usable key."""
         entries: dict[str, str] = {}
         invalid = 0
         for r in regs:
@@ -960,19 +972,23 @@ class SlotEffects:
         if self.hash_realm is None:
             return
         realm = self.hash_realm
-        while restore.hash_pos < len(restore.entries):
+        # the entries of a window of rows at a time (decoded then), not of all at once: a
+        # key registered in two windows is inserted twice, the later profile last
+        while restore.hash_pos < len(restore.regs):
             if step is not None:
                 step.check()
             if restore.cancelled or (until is not None and self.clock.seconds() > until):
                 return
-            chunk = restore.entries[restore.hash_pos:restore.hash_pos + self.hash_window]
+            rows = restore.regs[restore.hash_pos:restore.hash_pos + self.hash_window]
+            chunk, invalid = self._hash_entries(rows)
+            restore.invalid += invalid
             if acq is not None:
                 acq.hash_keys.extend(k for k, _ in chunk)
             d = DeferredList([api.hash_insert(realm, k, v) for k, v in chunk],
                              consumeErrors=True)
             results = yield d.addTimeout(bound, self.clock)
             ok = sum(1 for success, _ in results if success)
-            restore.hash_pos += len(chunk)
+            restore.hash_pos += len(rows)
             restore.hashed += ok
             if acq is None:
                 restore.drop_written()
