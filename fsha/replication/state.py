@@ -1,8 +1,5 @@
 """The replicated state every node holds: the records of every origin, and their logs.
 
-Why about 630 lines: one class keeps the per-origin tables, logs and digests under one
-set of invariants (apply order, retirement, supersession); the rest is its spec below.
-
 Model
 -----
 Each node is the *origin* of the records it writes (a master writes its calls,
