@@ -37,6 +37,7 @@ from typing import Any, BinaryIO
 
 from twisted.logger import (
     Logger,
+    formatEvent,
     formatEventAsClassicLogText,
     globalLogBeginner,
     textFileLogObserver,
@@ -363,31 +364,39 @@ def _ignore_stop_signals() -> None:
             "guard: signal {num} ignored: leaving when fsha's pipe closes", num=num))
 
 
-class AppendingLogObserver:
-    """Log lines appended to ``path``, the file opened for each line: fsha's own log
-    (twistd ``--logfile``), which twistd may rotate (rename) under the guard; the guard
-    logs a few lines per slot event, so reopening costs nothing that matters. ``json``:
-    the lines as :func:`fsha.logs.render_json` writes them (``--logger=fsha.logs.json``)."""
+class FsharLogObserver:
+    """With fsha logging to a file (twistd ``--logfile``): each line goes to fsha through
+    the guard's stderr, a pipe fsha reads and logs in its own log (``LEVEL text``): twistd
+    writes that file at its own offset, so a line appended by another process would be
+    overwritten. Once fsha is gone (the pipe breaks: when a guard acts alone), the lines
+    are appended to the file itself, reopened for each line (rotation is followed); then
+    nobody else writes it. ``json``: lines as :func:`fsha.logs.render_json` writes them."""
 
     def __init__(self, path: str, json: bool = False) -> None:
         self.path = path
         self.json = json
+        self.piped = True
 
     def __call__(self, event: dict[str, Any]) -> None:
         from fsha.logs import render_json
 
-        if self.json:
-            line = render_json(event)
-        else:
-            text = formatEventAsClassicLogText(event)
-            if not text:
+        if self.piped:
+            level = getattr(event.get("log_level"), "name", "info")
+            text = formatEvent(event).replace("\n", " | ")
+            try:
+                sys.stderr.write(f"{level} {text}\n")
+                sys.stderr.flush()
                 return
-            line = text
+            except OSError:  # fsha is gone
+                self.piped = False
+        line = render_json(event) if self.json else formatEventAsClassicLogText(event)
+        if not line:
+            return
         try:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(line)
         except OSError:
-            sys.stderr.write(line)  # the file went away: at least not lost on purpose
+            pass  # nowhere left to write
 
 
 def log_observer(argv: list[str]) -> Any:
@@ -395,7 +404,7 @@ def log_observer(argv: list[str]) -> Any:
     path = argv[argv.index("--logfile") + 1] if "--logfile" in argv[:-1] else None
     as_json = "--log-format" in argv[:-1] and argv[argv.index("--log-format") + 1] == "json"
     if path:
-        return AppendingLogObserver(path, as_json)
+        return FsharLogObserver(path, as_json)
     return textFileLogObserver(sys.stderr)
 
 

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from twisted.application import service
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from fsha.latch import Latch
@@ -60,10 +60,15 @@ HOLDING = (Role.CLAIMING, Role.MASTER, Role.RELEASING)
 Spawner = Callable[[protocol.ProcessProtocol, Sequence[str]], Any]
 
 
+guard_log = Logger(namespace="fsha.guard")  # the guard's own lines, relayed
+_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+
 class _GuardProtocol(protocol.ProcessProtocol):
     def __init__(self, link: GuardLink) -> None:
         self.link = link
         self.lines = LineBuffer()
+        self.err = b""
         self.ended = False
         self._ended_waiters: list[defer.Deferred[None]] = []
 
@@ -77,6 +82,16 @@ class _GuardProtocol(protocol.ProcessProtocol):
                                         "{line!r}", error=str(e), line=line[:200])
         except GuardProtocolError as e:
             self.link.log.error("guard output unreadable: {error}", error=str(e))
+
+    def errReceived(self, data: bytes) -> None:
+        """The guard's log lines (``LEVEL text``) when fsha logs to a file: logged here,
+        in fsha's log (fsha.guard.FsharLogObserver)."""
+        self.err += data
+        *lines, self.err = self.err.split(b"\n")
+        for raw in lines:
+            level, _, text = raw.decode("utf-8", "replace").partition(" ")
+            guard_log.emit(LogLevel.levelWithName(level) if level in _LEVELS
+                           else LogLevel.info, "{text}", text=text)
 
     def processEnded(self, reason: Failure) -> None:
         self.ended = True
@@ -158,6 +173,9 @@ class GuardLink(service.Service):
         self.node = node
         self.reactor = reactor
         self.argv = list(argv) if argv is not None else [sys.executable, "-m", "fsha.guard"]
+        # the guard sends its log lines through its stderr to be logged here (to the
+        # file fsha logs to: fsha.guard.FsharLogObserver)
+        self.logs_piped = "--logfile" in self.argv
         self.spawn = spawn or self._spawn_process
         self.monotonic_ns = monotonic_ns
         self.lease_ns = int(settings.lease * 1e9)
@@ -192,7 +210,8 @@ class GuardLink(service.Service):
         try:
             process = self.reactor.spawnProcess(proto, argv[0], list(argv),
                                                 env=dict(os.environ),
-                                                childFDs={0: read, 1: "r", 2: 2})
+                                                childFDs={0: read, 1: "r",
+                                                          2: "r" if self.logs_piped else 2})
         except BaseException:
             os.close(write)
             raise

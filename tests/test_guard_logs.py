@@ -10,7 +10,7 @@ from pathlib import Path
 from twisted.logger import Logger, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from fsha.guard import AppendingLogObserver, log_observer
+from fsha.guard import FsharLogObserver, log_observer
 from fsha.tap import guard_log_args
 
 
@@ -38,7 +38,25 @@ class AppendingObserverTests(SynchronousTestCase):
         publisher = LogPublisher(observer)  # type: ignore[arg-type]
         return Logger(namespace="fsha.guard", observer=publisher)
 
-    def test_text_lines_appended_and_rotation_followed(self) -> None:
+    def test_lines_to_fsha_through_stderr_while_it_lives(self) -> None:
+        import io
+        import sys
+
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        log = self.log_through(log_observer(["--logfile", str(self.path)]))
+        log.warn("dropped slot {slot}", slot="slot1")
+        self.assertEqual(err.getvalue(), "warn dropped slot slot1\n")
+        self.assertFalse(self.path.exists())  # twistd writes that file at its own offset
+
+    def test_text_lines_appended_once_fsha_is_gone_and_rotation_followed(self) -> None:
+        import sys
+
+        class Broken:
+            def write(self, text: str) -> None:
+                raise BrokenPipeError(32, "Broken pipe")
+
+        self.patch(sys, "stderr", Broken())
         self.path.write_text("fsha's own line\n")
         log = self.log_through(log_observer(["--logfile", str(self.path)]))
         log.info("guard of {node} ready", node="fs1")
@@ -52,10 +70,12 @@ class AppendingObserverTests(SynchronousTestCase):
         self.assertNotIn("dropped", (self.dir / "fsha.log.1").read_text())
 
     def test_json_lines_as_fsha_writes_them(self) -> None:
-        log = self.log_through(AppendingLogObserver(str(self.path), json=True))
+        observer = FsharLogObserver(str(self.path), json=True)
+        observer.piped = False
+        log = self.log_through(observer)
         log.info("guard of {node} ready", node="fs1")
         event = json.loads(self.path.read_text())
         self.assertEqual((event["text"], event["node"]), ("guard of fs1 ready", "fs1"))
 
     def test_without_a_logfile_stderr(self) -> None:
-        self.assertNotIsInstance(log_observer([]), AppendingLogObserver)
+        self.assertNotIsInstance(log_observer([]), FsharLogObserver)
