@@ -241,7 +241,7 @@ class ClusterConfig:
     name: str
     secret_file: Path
     heartbeat_interval: float  # seconds
-    dead_after: float  # seconds
+    dead_after: float  # seconds: the longest silence before a peer is judged dead
     discovery: float  # seconds a starting node listens before it may claim anything
     quorum_spec: str  # as written: "majority", "none" or a number
     quorum: int  # nodes (self included) a node must see alive to take over
@@ -258,6 +258,14 @@ class ClusterConfig:
     takeover: TakeoverConfig = TakeoverConfig()  # [takeover]; not in the digest
     state: StateConfig = StateConfig()  # [state]; not in the digest
     notify: NotifyConfig | None = None  # [notify]; not in the digest
+    # cluster.dead_after_min_ms (seconds): the shortest silence judged death, the adaptive
+    # detector's floor (fsha.detector); None: not set, dead_after is a fixed time
+    dead_after_min: float | None = None
+
+    @property
+    def detection_floor(self) -> float:
+        """The shortest silence after which a peer may be judged dead (seconds)."""
+        return self.dead_after if self.dead_after_min is None else self.dead_after_min
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:
@@ -399,7 +407,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
 
     cluster = c.table(raw.get("cluster", {}), "cluster",
                       ("name", "secret_file", "heartbeat_interval_ms", "dead_after_ms",
-                       "discovery_ms", "quorum")) or {}
+                       "dead_after_min_ms", "discovery_ms", "quorum")) or {}
     if "cluster" not in raw:
         c.problem("cluster", "missing")
     name = c.get(cluster, "cluster", "name", str, check=_nonempty) if "cluster" in raw else None
@@ -416,6 +424,15 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
                   f"{dead_ms} ms is shorter than two heartbeat intervals "
                   f"({2 * interval_ms} ms): one lost datagram would declare a node dead")
         dead_ms = None
+    # The adaptive detector's floor (fsha.detector): judged dead after a silence between
+    # this and dead_after_ms, following what each link has shown.
+    floor_ms = c.get(cluster, "cluster", "dead_after_min_ms", int, None)
+    if floor_ms is not None and interval_ms and dead_ms is not None \
+            and not 2 * interval_ms <= floor_ms <= dead_ms:
+        c.problem("cluster.dead_after_min_ms",
+                  f"{floor_ms} ms must be at least two heartbeat intervals "
+                  f"({2 * interval_ms} ms) and at most dead_after_ms ({dead_ms} ms)")
+        floor_ms = None
     discovery_ms = c.get(cluster, "cluster", "discovery_ms", int, None,
                          check=lambda v: None if v >= 0 else "must be >= 0")
     if discovery_ms is None and dead_ms and interval_ms:
@@ -437,7 +454,8 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
     fencing = _fencing(c, raw.get("fencing"), base)
     redis = _redis(c, raw.get("redis"), base)
     limits = _limits(c, raw.get("limits"))
-    guard = _guard(c, raw.get("guard", {}), interval_ms, dead_ms)
+    guard = _guard(c, raw.get("guard", {}), interval_ms, dead_ms,
+                   dead_ms if floor_ms is None else floor_ms)
     takeover = _takeover(c, raw.get("takeover", {}))
     if takeover is not None and takeover.hot_standby and floating is not None \
             and floating.backend == "loopback":
@@ -485,7 +503,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> ClusterConfig:
         networks=tuple(networks), nodes=tuple(nodes), slots=tuple(slots),
         floating_ip=floating, tls=tls, digest=b"", fencing=fencing, limits=limits,
         redis=redis, guard=guard, takeover=takeover, state=state or StateConfig(),
-        notify=notify)
+        notify=notify, dead_after_min=None if floor_ms is None else floor_ms / 1000)
     object.__setattr__(config, "digest", config_digest(config))
     return config
 
@@ -759,22 +777,23 @@ def _fencing(c: _Checker, raw: Any, base: Path) -> FencingConfig | None:
     return FencingConfig(_argv(command, base), timeout / 1000, required)
 
 
-def _guard(c: _Checker, raw: Any, interval_ms: int | None, dead_ms: int | None
-           ) -> GuardConfig | None:
+def _guard(c: _Checker, raw: Any, interval_ms: int | None, dead_ms: int | None,
+           floor_ms: int | None) -> GuardConfig | None:
     t = c.table(raw, "guard", ("enabled", "lease_ms"))
     if t is None:
         return None
     enabled = c.get(t, "guard", "enabled", bool, True)
     lease_ms = c.get(t, "guard", "lease_ms", int, None)
-    if not interval_ms or dead_ms is None or enabled is None:
+    if not interval_ms or dead_ms is None or floor_ms is None or enabled is None:
         return None
     if lease_ms is None and "lease_ms" not in t:
-        lease_ms = dead_ms  # see docs/design.rst, "Leases and the guard"
-    elif lease_ms is not None and not interval_ms <= lease_ms <= dead_ms:
+        lease_ms = floor_ms  # see docs/design.rst, "Leases and the guard"
+    elif lease_ms is not None and not interval_ms <= lease_ms <= floor_ms:
+        key = "dead_after_ms" if floor_ms == dead_ms else "dead_after_min_ms"
         c.problem("guard.lease_ms", f"{lease_ms} ms must be at least one heartbeat interval "
-                                    f"({interval_ms} ms) and at most cluster.dead_after_ms "
-                                    f"({dead_ms} ms): the guard must drop a slot before the "
-                                    "others may claim it")
+                                    f"({interval_ms} ms) and at most the shortest silence the "
+                                    f"peers judge death ({floor_ms} ms: cluster.{key}): the "
+                                    "guard must drop a slot before the others may claim it")
         return None
     if lease_ms is None:
         return None
@@ -1004,6 +1023,8 @@ def config_digest(config: ClusterConfig) -> bytes:
         "name": config.name,
         "interval": config.heartbeat_interval, "dead_after": config.dead_after,
         "discovery": config.discovery, "quorum": config.quorum,
+        # only when set: the digests of configs without it stay what they were
+        **({} if config.dead_after_min is None else {"dead_after_min": config.dead_after_min}),
         "networks": [[n.name, n.port] for n in config.networks],
         "nodes": [[n.name, n.priority, sorted(n.addresses.items()), str(n.stream), str(n.status)]
                   for n in config.nodes],
@@ -1069,16 +1090,19 @@ STALL_MARGIN_MS = 40
 
 
 def timing_warnings(config: ClusterConfig) -> list[str]:
-    """Timings the config accepts but the measurements say flap on a busy host."""
+    """Timings the config accepts but the measurements say flap on a busy host. With the
+    adaptive detector (dead_after_min_ms) the floor is what counts: a stall longer than
+    the floor that a link has not shown in the last half minute is judged death."""
     interval_ms = round(config.heartbeat_interval * 1000)
-    dead_ms = round(config.dead_after * 1000)
+    dead_ms = round(config.detection_floor * 1000)
+    key = "dead_after_ms" if config.dead_after_min is None else "dead_after_min_ms"
     if dead_ms - interval_ms >= STALL_MARGIN_MS:
         return []
-    return [f"{config.path}: cluster.dead_after_ms: {dead_ms} ms is only "
+    return [f"{config.path}: cluster.{key}: {dead_ms} ms is only "
             f"{dead_ms - interval_ms} ms more than one heartbeat interval ({interval_ms} ms): "
             f"a node whose process is not scheduled for that long (a busy 2-core host "
             f"stalls {STALL_MARGIN_MS} ms) is declared dead and its slots move; "
-            f"use dead_after_ms >= heartbeat_interval_ms + {STALL_MARGIN_MS}"]
+            f"use {key} >= heartbeat_interval_ms + {STALL_MARGIN_MS}"]
 
 
 def node_warnings(config: ClusterConfig) -> list[str]:

@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from fsha.latch import Latch
 from fsha.redisclient import RedisClient, RedisError
 from fsha.replication.state import ApplyResult, ReplicatedState
 from fsha.wire.heartbeat import Role
@@ -80,7 +81,6 @@ class NodeView(Protocol):
     epoch: int
     known_epochs: dict[int, int]
     last_holder: dict[int, int]
-    cold_start_gate: Any
 
     def add_role_listener(self, callback: Any) -> None: ...
 
@@ -279,9 +279,12 @@ class DurableStore(service.Service):
                  node_ids: list[int], alive: Callable[[int], bool], clock: IReactorTime, *,
                  prefix: str, flush_interval: float = DEFAULT_FLUSH_INTERVAL,
                  max_pending: int = DEFAULT_MAX_PENDING, load_wait: float | None = None,
-                 names: dict[int, str] | None = None) -> None:
+                 names: dict[int, str] | None = None, loaded: Latch | None = None) -> None:
         """``alive(node_id) -> bool`` says whether a peer is heard now; ``node_ids`` are
-        every configured node's id (this one included), ``names`` their names."""
+        every configured node's id (this one included), ``names`` their names. ``loaded``
+        is set when the load is over (applied or given up: :meth:`ready`); the node, given
+        the same latch, holds its cold-start claims until then."""
+        self.loaded = loaded if loaded is not None else Latch()
         self.redis = redis
         self.state = state
         self.node = node
@@ -336,7 +339,6 @@ class DurableStore(service.Service):
                 self.state.add_listener(kind, self._changed)
             self.node.add_role_listener(self._role_changed)
             self.redis.add_up_listener(self._redis_up)
-        self.node.cold_start_gate = self.ready
         self._load_started = self.clock.seconds()
         self._load_timer = self.clock.callLater(self.load_wait, self._load_expired)
         self._try_load()
@@ -400,6 +402,7 @@ class DurableStore(service.Service):
 
     def _give_up(self, why: str) -> None:
         self.load_error = why
+        self.loaded.set()
         log.warn("durable store: nothing loaded from Redis ({why}); starting without it",
                  why=why)
         self._start_writing()
@@ -485,6 +488,7 @@ class DurableStore(service.Service):
 
     def _apply(self) -> None:
         """Apply what was loaded: only origins not alive, only over older positions."""
+        self.loaded.set()  # as ready(): the machine is in "applied" already
         loaded, self._loaded = self._loaded or {}, None
         report: dict[str, Any] = {"origins": {}, "records": 0, "skipped": {},
                                   "slots": {}, "rejected": 0}

@@ -59,8 +59,9 @@ STOP_RETRIES = 3
 
 
 def default_lease(heartbeat_interval: float, dead_after: float) -> float:
-    """``dead_after`` itself: the guard starts dropping when the peers may first declare
-    this node dead, before any of them can have the address up (docs/design.rst)."""
+    """``dead_after`` itself (the detection floor, ``dead_after_min_ms``, when the detector
+    adapts): the guard starts dropping when the peers may first declare this node dead,
+    before any of them can have the address up (docs/design.rst)."""
     return dead_after
 
 

@@ -32,6 +32,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from fsha.latch import Latch
 from fsha.localdrop import GuardSettings, report_problems
 from fsha.reactors import ProcessReactor
 from fsha.wire.guard import (
@@ -148,8 +149,12 @@ class GuardLink(service.Service):
 
     def __init__(self, settings: GuardSettings, node: GuardedNode, reactor: ProcessReactor, *,
                  spawn: Spawner | None = None, argv: Sequence[str] | None = None,
-                 monotonic_ns: Callable[[], int] = time.monotonic_ns) -> None:
+                 monotonic_ns: Callable[[], int] = time.monotonic_ns,
+                 given_up: Latch | None = None) -> None:
+        """``given_up``: set when the guard is given up (its health, fsha.health, reads the
+        same latch: FreeSWITCH is then unusable)."""
         self.settings = settings
+        self.given_up = given_up if given_up is not None else Latch()
         self.node = node
         self.reactor = reactor
         self.argv = list(argv) if argv is not None else [sys.executable, "-m", "fsha.guard"]
@@ -297,6 +302,7 @@ class GuardLink(service.Service):
         self.deaths.append(now)
         if len(self.deaths) == MAX_DEATHS and now - self.deaths[0] < DEATH_WINDOW:
             self.state = "failed"
+            self.given_up.set()
             self.log.critical("the guard died {n} times within {s:.0f} s: given up; this node "
                               "is unhealthy (no slot, no takeover) until fsha restarts",
                               n=MAX_DEATHS, s=DEATH_WINDOW)

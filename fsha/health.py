@@ -25,12 +25,13 @@ recover.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 
 from fsha.config import ClusterConfig, NodeConfig
 from fsha.eslclient import ConnectionState, ESLClient
+from fsha.latch import Signal
 from fsha.reactors import NetReactor
 
 __all__ = ["PROBE_INTERVAL", "ProbeStats", "SwitchHealth", "SwitchStats", "esl_clients"]
@@ -63,13 +64,6 @@ def esl_clients(config: ClusterConfig, me: NodeConfig, reactor: NetReactor, ping
     return main, probe
 
 
-class GuardState(Protocol):
-    """What the health needs of the guard (fsha.guardlink.GuardLink)."""
-
-    @property
-    def ok(self) -> bool: ...
-
-
 class SwitchHealth:
     """The node's view of its FreeSWITCH; busy (still healthy) while a probe's answer is
     overdue.
@@ -83,13 +77,15 @@ class SwitchHealth:
     unusable too: nothing would stop it serving a slot if fsha died."""
 
     def __init__(self, esl: ESLClient, probe: ESLClient | None = None,
-                 guard: GuardState | None = None) -> None:
+                 guard_given_up: Signal | None = None) -> None:
+        """``guard_given_up``: the latch fsha.guardlink.GuardLink sets when it gives the
+        guard up."""
         self.esl = esl
         self.probe = probe
-        self.guard = guard
+        self.guard_given_up = guard_given_up
 
     def is_ok(self) -> bool:
-        if self.guard is not None and not self.guard.ok:
+        if self.guard_given_up is not None and self.guard_given_up.is_set:
             return False
         if self.probe is None:
             return self.esl.is_healthy

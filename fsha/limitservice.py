@@ -39,6 +39,7 @@ from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
+from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -94,7 +95,7 @@ class LimitESL(Protocol):
     def subscribe(self, *names: str) -> Deferred[None]: ...
 
 
-class LimitService:
+class LimitService(service.Service):
     """See the module doc. ``publish`` streams this node's changes to its peers."""
 
     def __init__(self, esl: LimitESL, state: ReplicatedState, config: ClusterConfig,
@@ -179,6 +180,15 @@ class LimitService:
             self.redis.add_up_listener(self.kick_releases)
         self._poll_timer = self.clock.callLater(0, self._poll)
         self._sweep_timer = self.clock.callLater(self.limits.sweep_interval, self._sweep)
+
+    def startService(self) -> None:
+        super().startService()
+        self.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self.stop()
+        return defer.succeed(None)
 
     def stop(self) -> None:
         """Stop; this node's usage and adoptions leave the cluster totals (its slot was

@@ -31,6 +31,7 @@ from fsha.claims import ClaimFacts, claim_hold, cold_start_wait
 from fsha.config import ClusterConfig, NodeConfig, SlotConfig
 from fsha.detector import FailureDetector, RoundTrips
 from fsha.dropwindow import DropWindow
+from fsha.latch import Signal
 from fsha.nodestats import (
     MemberStats,
     NetworkView,
@@ -49,6 +50,7 @@ from fsha.quorum import (
 )
 from fsha.roles import Member, Roles, compute_roles
 from fsha.wire.heartbeat import (
+    MAX_ECHO_DELAY_US,
     NO_NODE,
     NO_SLOT,
     EchoEncoder,
@@ -225,7 +227,11 @@ class ClusterNode:
     def __init__(self, config: ClusterConfig, me: NodeConfig, secret: bytes,
                  clock: IReactorTime, actions: SlotOwner, health: HealthSource,
                  incarnation: int | None = None, claim_timeout: float | None = None,
-                 first_sequence: int | None = None) -> None:
+                 first_sequence: int | None = None,
+                 cold_start_gate: Signal | None = None) -> None:
+        """``cold_start_gate``: set once what this node needs before a cold-start claim is
+        settled (the durable store's load, bounded by the store: fsha.durable); None:
+        nothing to wait for."""
         self.config = config
         self.me = me
         self.clock = clock
@@ -234,7 +240,9 @@ class ClusterNode:
         self.incarnation = time.time_ns() if incarnation is None else incarnation
         self.codec = HeartbeatCodec(secret, cluster_id_for(config.name))
         self.detector = FailureDetector([n.node_id for n in config.nodes if n is not me],
-                                        len(config.networks), config.dead_after)
+                                        len(config.networks), config.dead_after,
+                                        floor=config.detection_floor,
+                                        interval=config.heartbeat_interval)
         self.links: list[NetworkLink] = []
         # Where each peer must send from, per network (a datagram from elsewhere is dropped).
         self._sources = [{n.addresses[net.name]: n.node_id for n in config.nodes}
@@ -252,8 +260,9 @@ class ClusterNode:
             if first_sequence is None else first_sequence
         # Who is live now, who supports our lease, who runs another config (fsha.quorum).
         self.quorum = QuorumTracker(self.detector, me.node_id, config.heartbeat_interval,
-                                    config.dead_after)
-        self.lease = lease_for(config.heartbeat_interval, config.dead_after)
+                                    config.dead_after, config.detection_floor)
+        # The lease a support gives when its peer states no promise (fsha.quorum).
+        self.lease = lease_for(config.heartbeat_interval, config.detection_floor)
         self._lease_call: IDelayedCall | None = None
         self._lease_verdict: IDelayedCall | None = None
         self._answered: dict[int, float] = {}  # peer -> when we last answered it at once
@@ -297,9 +306,7 @@ class ClusterNode:
         self._stopped_release: defer.Deferred[None] | None = None
         self._had_quorum = False
         self._quorum_since = 0.0
-        # False while something this node needs before a cold-start claim is not settled
-        # (the durable store's load, bounded by the store): see fsha.durable.
-        self.cold_start_gate: Callable[[], bool] | None = None
+        self.cold_start_gate = cold_start_gate
 
     # The role machine owns these (see RoleMachine): read-only here.
     @property
@@ -503,9 +510,10 @@ class ClusterNode:
                 # its successor fences it.
                 for slot in [s for s, n in self.released_by.items() if n == change.node_id]:
                     del self.released_by[slot]
-            self._event("peer-down", peer=name)
+            silent_ms = round((now - self.detector.peers[change.node_id].last_heard()) * 1000, 1)
+            self._event("peer-down", peer=name, silent_ms=silent_ms)
             self.log.warn("peer {peer} is down: no heartbeat on any network for {ms:.0f} ms",
-                          peer=name, ms=self.config.dead_after * 1000)
+                          peer=name, ms=silent_ms)
         self._evaluate()
         # Before the heartbeat goes out: a lease renewed here (fsha.guardlink) is never
         # older than the last heartbeat the peers heard.
@@ -784,7 +792,7 @@ class ClusterNode:
                 if claimer is not None and claimer[0] != me else ()
             gate = self.cold_start_gate
             if cold_start_wait(previous, epoch, self._anyone_starting(),
-                               gate is None or gate()):
+                               gate is None or gate.is_set):
                 return
             self._machine.assigned(self.config.slots[slot_id], epoch,
                                    self.config.nodes[previous] if previous is not None else None,
@@ -982,6 +990,7 @@ class ClusterNode:
         # how a peer shows it is live now, and how a master keeps its lease).
         encoders: dict[int, EchoEncoder] = {}
         echo_to = self.round_trips.echo_to
+        promise = self.detector.promise
         for link in self.links:
             if only is not None and link.index != only[1]:
                 continue
@@ -993,10 +1002,16 @@ class ClusterNode:
                 if encode is None:
                     encode = encoders[version] = self.codec.prepare(Heartbeat(
                         **fields, version=version,
-                        heard=heard if version >= HEARTBEAT_VERSION else 0))
+                        heard=heard if version >= 3 else 0))
                 echo = echo_to(node_id, link.index, now) if version >= 2 else None
-                payload = encode(NO_NODE, 0, 0) if echo is None \
-                    else encode(node_id, echo[0], echo[1])
+                if echo is None:
+                    payload = encode(NO_NODE, 0, 0, 0)
+                elif version >= 4:
+                    # the promise (fsha.detector), rounded down: never more than is kept
+                    payload = encode(node_id, echo[0], echo[1], min(
+                        MAX_ECHO_DELAY_US, int(promise(node_id, link.index) * 1_000_000)))
+                else:
+                    payload = encode(node_id, echo[0], echo[1], 0)
                 try:
                     link.send(payload, address)
                     link.sent += 1
@@ -1072,6 +1087,8 @@ class ClusterNode:
                 networks={net.name: NetworkView(
                     up=self.detector.network_up(node.node_id, net.index, now),
                     last_heard_ms=_ms_since(now, peer.heard[net.index]),
+                    # the silence judged death there now (fsha.detector)
+                    bound_ms=round(self.detector.bound(node.node_id, net.index) * 1000, 1),
                     rtt_ms=_ms(self.round_trips.smoothed[node.node_id][net.index]))
                     for net in self.config.networks}))
         slots = [SlotStats(name=s.name, owner=self._name(roles.owners[s.slot_id])
@@ -1093,6 +1110,7 @@ class ClusterNode:
             config_digest=self.config.digest.hex(), view_digest=roles.digest.hex(),
             heartbeat_interval_ms=round(self.config.heartbeat_interval * 1000, 3),
             dead_after_ms=round(self.config.dead_after * 1000, 3),
+            dead_after_min_ms=round(self.config.detection_floor * 1000, 3),
             ranking=[self._name(n) for n in roles.ranking],
             nodes=nodes, slots=slots,
             networks=[SenderStats(name=link.name, sent=link.sent,

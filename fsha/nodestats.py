@@ -24,9 +24,11 @@ class NetworkView:
     up: bool
     last_heard_ms: float | None  # None: never heard
     rtt_ms: float | None  # None: no echo yet
+    bound_ms: float = 0.0  # the silence judged death there now (fsha.detector)
 
     def as_status(self) -> dict[str, Any]:
-        return {"up": self.up, "last_heard_ms": self.last_heard_ms, "rtt_ms": self.rtt_ms}
+        return {"up": self.up, "last_heard_ms": self.last_heard_ms, "rtt_ms": self.rtt_ms,
+                "bound_ms": self.bound_ms}
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +135,7 @@ class NodeStats:
     view_digest: str
     heartbeat_interval_ms: float
     dead_after_ms: float
+    dead_after_min_ms: float  # the detector's floor (dead_after_ms when it is fixed)
     ranking: list[str]
     nodes: list[MemberStats]
     slots: list[SlotStats]
@@ -149,7 +152,8 @@ class NodeStats:
             "uptime_s": self.uptime_s, "quorum": self.quorum.as_status(),
             "config_digest": self.config_digest, "view_digest": self.view_digest,
             "heartbeat_interval_ms": self.heartbeat_interval_ms,
-            "dead_after_ms": self.dead_after_ms, "ranking": list(self.ranking),
+            "dead_after_ms": self.dead_after_ms,
+            "dead_after_min_ms": self.dead_after_min_ms, "ranking": list(self.ranking),
             "nodes": [n.as_status() for n in self.nodes],
             "slots": [s.as_status() for s in self.slots],
             "networks": [n.as_status() for n in self.networks],

@@ -22,6 +22,11 @@ never let two nodes hold a slot beyond the bounded overlap:
   when the master *sent* that sequence (on its own clock), a lower bound of when the peer
   last heard it; the peer cannot stop hearing it before a dead-after time after that. With
   ``lease < dead_after`` a master lets go before any quorum can have declared it dead.
+  With the adaptive detector the dead-after time is each peer's own and changes: a peer of
+  version 4 says in each echo how long after hearing that sequence it will not judge the
+  master dead (its *promise*, ``fsha.detector``), and that support lasts until the send
+  time plus the promise minus half an interval; a peer that says nothing is taken to
+  promise the configured floor (``dead_after_min_ms``, else ``dead_after_ms``).
 * **Agreement before a claim.** A claimant also needs a quorum of live voting nodes
   (itself included) that computed the same view (their view digest equals its own: the
   same owners, epochs and ranking, hence the same assignment). A node that never heard
@@ -62,6 +67,13 @@ class PeerView:
     # Send time (this node's clock) of the newest sequence of ours the peer echoed while
     # listing us as heard; NEVER if none.
     support_at: float = NEVER
+    # When the lease this peer's supports give ends (this node's clock): None, the
+    # support time plus the configured lease.
+    support_until: float | None = None
+
+    def lease_end(self, lease: float) -> float:
+        until = self.support_until
+        return self.support_at + lease if until is None else until
 
     def hears_node(self, node_id: int, default: bool) -> bool:
         hears = self.hears
@@ -89,16 +101,17 @@ def master_dead(master: int, me_hears_master: bool, me_voting: bool,
 
 
 def lease_expires_at(peers: Iterable[PeerView], quorum: int, lease: float) -> float:
-    """When this master's lease ends unless renewed: the (quorum - 1)-th newest support
-    plus ``lease``. FOREVER when this node alone is a quorum; NEVER when too few peers
-    ever supported it."""
+    """When this master's lease ends unless renewed: the (quorum - 1)-th latest end of the
+    peers' supports (their support time plus ``lease``, or the end their promise gives).
+    FOREVER when this node alone is a quorum; NEVER when too few peers ever supported
+    it."""
     needed = quorum - 1
     if needed <= 0:
         return FOREVER
-    times = sorted((p.support_at for p in peers), reverse=True)
+    times = sorted((p.lease_end(lease) for p in peers), reverse=True)
     if len(times) < needed:
         return NEVER
-    return times[needed - 1] + lease
+    return times[needed - 1]
 
 
 def lease_holds(now: float, peers: Iterable[PeerView], quorum: int, lease: float) -> bool:
@@ -134,21 +147,27 @@ class QuorumTracker:
     __slots__ = (
         "_dead_after",
         "_detector",
+        "_floor",
         "_interval",
         "_me",
         "foreign",
         "support",
+        "support_until",
         "verified",
     )
 
     def __init__(self, detector: FailureDetector, me: int, interval: float,
-                 dead_after: float) -> None:
+                 dead_after: float, floor: float | None = None) -> None:
         self._detector = detector
         self._me = me
         self._interval = interval
         self._dead_after = dead_after
+        # What a peer that states no promise is taken to promise: the configured floor.
+        self._floor = dead_after if floor is None else floor
         self.verified: dict[int, int] = {}  # peer -> its incarnation that echoed us
         self.support: dict[int, float] = {}  # peer -> our send time it last supported
+        # peer -> when the lease its supports give ends (the latest of them)
+        self.support_until: dict[int, float] = {}
         self.foreign: set[int] = set()  # peers heard running another config file
 
     def heard(self, hb: Heartbeat, sent_at: float | None, now: float,
@@ -165,6 +184,8 @@ class QuorumTracker:
             # It cannot echo: heard is the best it can show (the rule before version 2),
             # and it is taken to have heard us an interval ago.
             self.support[node_id] = now - self._interval
+            self._supported(node_id, now - self._interval + lease_for(self._interval,
+                                                                      self._floor))
             if self.verified.get(node_id) == hb.incarnation:
                 return False
             self.verified[node_id] = hb.incarnation
@@ -174,10 +195,18 @@ class QuorumTracker:
         if hb.version < 3 or hb.heard >> self._me & 1:
             if sent_at > self.support.get(node_id, NEVER):
                 self.support[node_id] = sent_at
+            promise = hb.echo_bound_us / 1_000_000 if hb.version >= 4 else self._floor
+            self._supported(node_id, sent_at + lease_for(self._interval, promise))
         if self.verified.get(node_id) == hb.incarnation:
             return False
         self.verified[node_id] = hb.incarnation
         return True
+
+    def _supported(self, node_id: int, until: float) -> None:
+        # Every promise made stays kept (fsha.detector), so the latest end counts even
+        # when a newer support promises less.
+        if until > self.support_until.get(node_id, NEVER):
+            self.support_until[node_id] = until
 
     def forget(self, node_id: int) -> None:
         """The peer went down: it must show it is live again. (Its supports stay: they
@@ -207,5 +236,6 @@ class QuorumTracker:
                 live=peer.alive and verified.get(peer.node_id) == peer.incarnation,
                 hears=hb.heard if hb is not None and hb.version >= 3 else None,
                 voting=hb is not None and hb.role is not Role.STARTING,
-                support_at=support.get(peer.node_id, NEVER)))
+                support_at=support.get(peer.node_id, NEVER),
+                support_until=self.support_until.get(peer.node_id, NEVER)))
         return views

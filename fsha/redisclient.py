@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import txredisapi
+from twisted.application import service
 from twisted.internet import defer, ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -196,7 +197,7 @@ class _Factory(txredisapi.RedisFactory):  # type: ignore[misc]
         self.owner._connection_error(self, why)
 
 
-class RedisClient:
+class RedisClient(service.Service):
     """One Redis connection with deadlines, reconnect, TLS and AUTH (module doc).
 
     ``clock`` is used for the deadlines and state times; the connection itself runs on
@@ -258,6 +259,14 @@ class RedisClient:
             factory.startConnecting(self._endpoint())
         except Exception as e:  # e.g. an unreadable CA file
             self._connection_error(factory, f"cannot connect: {e}")
+
+    def startService(self) -> None:
+        super().startService()
+        self.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.stop()
 
     def stop(self) -> Deferred[None]:
         self._running = False

@@ -29,6 +29,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.application import service
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -43,7 +45,7 @@ log = Logger(namespace="fsha.retire")
 RETIRED_KINDS = (Kind.CALL, Kind.REGISTRATION, Kind.IDENTITY)
 
 
-class SupersededRecords:
+class SupersededRecords(service.Service):
     """See the module docstring. ``masters()``: slot id -> node id of its ``MASTER`` now
     (the cluster view); ``forget_own(slot_id)``: delete this node's own records of a slot
     it no longer feeds (returns how many, or raises ``RuntimeError`` while it feeds it)."""
@@ -71,6 +73,15 @@ class SupersededRecords:
             self._loop.clock = self.clock
             self._loop.start(self.interval, now=False).addErrback(
                 lambda f: log.failure("retiring superseded records failed", f))
+
+    def startService(self) -> None:
+        super().startService()
+        self.start()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        self.stop()
+        return defer.succeed(None)
 
     def stop(self) -> None:
         if self._loop is not None and self._loop.running:

@@ -38,6 +38,7 @@ from fsha.guard import default_lease
 from fsha.guardlink import GuardLink
 from fsha.health import SwitchHealth, esl_clients
 from fsha.history import HistoryResource, StateDir, read_history
+from fsha.latch import Latch
 from fsha.limitservice import LimitService
 from fsha.localdrop import GuardSettings, report_problems
 from fsha.memtrim import MemoryTrimmer
@@ -209,27 +210,6 @@ def state_dir(config: ClusterConfig, me: NodeConfig) -> StateDir | None:
         return None
 
 
-class LimitsService(service.Service):
-    """Cluster-wide limits (``[limits]``) and the Redis connection (``[redis]``)."""
-
-    def __init__(self, limits: LimitService | None, redis: RedisClient | None) -> None:
-        self.limits = limits
-        self.redis = redis
-
-    def startService(self) -> None:
-        super().startService()
-        if self.redis is not None:
-            self.redis.start()
-        if self.limits is not None:
-            self.limits.start()
-
-    def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        if self.limits is not None:
-            self.limits.stop()
-        return self.redis.stop() if self.redis is not None else defer.succeed(None)
-
-
 def redis_client(config: ClusterConfig, password: str | None, reactor: NetReactor
                  ) -> RedisClient | None:
     r = config.redis
@@ -240,36 +220,33 @@ def redis_client(config: ClusterConfig, password: str | None, reactor: NetReacto
         r.connect_timeout, r.reconnect_min, r.reconnect_max, r.marker_ttl), reactor)
 
 
-class FeedsService(service.Service):
-    """Feeds the replicated state from this node's FreeSWITCH for the slots it masters,
-    and retires the records of a slot's previous masters (``retire``)."""
-
-    def __init__(self, feeds: Feeds, retire: SupersededRecords | None = None) -> None:
-        self.feeds = feeds
-        self.retire = retire
-
-    def startService(self) -> None:
-        super().startService()
-        self.feeds.start()
-        if self.retire is not None:
-            self.retire.start()
-
-    def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        if self.retire is not None:
-            self.retire.stop()
-        return self.feeds.stop()
-
-    def role_changed(self, old: Role, new: Role, slot: Any) -> None:
-        if slot is None:
-            return
-        if new is Role.MASTER:
-            self.feeds.start_slot(slot)
-        elif old is Role.MASTER:
-            self.feeds.stop_slot(slot)  # its records stay: the successor needs them
-
-
 _log = Logger(namespace="fsha.tap")
+
+
+#: The start order of one node's services (``build_service``), and why each is where it is.
+#: They stop in reverse, each once the previous one's stop has finished
+#: (:class:`OrderedServices`); a service not configured is left out. ``heartbeat``: one
+#: service per network (``heartbeat-<network>``).
+SERVICE_ORDER: tuple[tuple[str, str], ...] = (
+    ("esl", "FreeSWITCH commands and events: stopped last, the hand-over on stop uses it"),
+    ("esl-probe", "FreeSWITCH's health probe (busy is not dead), which also carries the "
+                  "cluster events"),
+    ("fsevents", "stopped after the node's hand-over, whose events it still sends, and "
+                 "before the ESL client"),
+    ("heartbeat", "the node's heartbeats: the hand-over on stop still announces the "
+                  "release"),
+    ("replication", "a hand-over on stop still reaches the peers"),
+    ("feeds", "this node's FreeSWITCH into the replicated state, for the slots it masters"),
+    ("superseded", "retires the records of a slot's previous masters"),
+    ("redis", "before its users (limits, durable), stopped after their last write"),
+    ("limits", "needs the replicated state and Redis; told after a takeover, never part of "
+               "one, so a slow or dead Redis cannot delay a claim"),
+    ("durable", "before the node, which waits for its load before a cold-start claim"),
+    ("status", "/status, /metrics and the signed control requests"),
+    ("guard", "before the node; stopped after its hand-over (what is still held then is "
+              "the guard's to drop)"),
+    ("node", "joins last (after clearing a previous run's leftovers), hands over first"),
+)
 
 
 class OrderedServices(service.MultiService):
@@ -299,7 +276,11 @@ def makeService(options: Options) -> service.MultiService:
 
 
 def build_service(options: Options, reactor: NodeReactor) -> service.MultiService:
-    """The service tree of one node on ``reactor`` (see the comments for the order)."""
+    """The service tree of one node on ``reactor``, in :data:`SERVICE_ORDER`.
+
+    Collaborators are constructor arguments; where two parts need each other, a
+    :class:`~fsha.latch.Latch` made first is handed to both (the durable store's load and
+    the node's cold-start claims; the guard and the FreeSWITCH health)."""
     config, me = options.cluster, options.me
     for line in timing_warnings(config):
         _log.warn("{warning}", warning=line)
@@ -310,7 +291,10 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
     esl, probe = esl_clients(config, me, reactor,
                              ping_interval=max(0.5, 10 * config.heartbeat_interval))
     floating = make_backend(config.floating_ip, reactor)
-    health = SwitchHealth(esl, probe)
+    guard_config = config.guard
+    guarded = guard_config is None or guard_config.enabled
+    guard_given_up = Latch() if guarded else None
+    health = SwitchHealth(esl, probe, guard_given_up=guard_given_up)
     replication: ReplicationService | None = None
     incarnation = time.time_ns()
     if config.tls is not None:
@@ -332,15 +316,19 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         timeouts=timeouts, fencing=config.fencing, me=me,
         recover_batch=config.takeover.recover_batch, hot_standby=hot_standby, egress=egress)
     budget = max(timeouts.acquire_budget(slot, hot_standby) for slot in config.slots)
+    # [redis] durable_state: the node holds its cold-start claims until the load is over
+    durable_state = (replication is not None and config.redis is not None
+                     and config.redis.durable_state)
+    durable_loaded = Latch() if durable_state else None
     node = ClusterNode(config, me, options.secret, reactor, effects, health,
-                       incarnation=incarnation, claim_timeout=budget + 1.0)
-    guard_config = config.guard
+                       incarnation=incarnation, claim_timeout=budget + 1.0,
+                       cold_start_gate=durable_loaded)
     guard: GuardLink | None = None
-    if guard_config is None or guard_config.enabled:
+    if guarded:
         lease = guard_config.lease if guard_config is not None else default_lease(
-            config.heartbeat_interval, config.dead_after)
-        guard = GuardLink(GuardSettings.from_config(config, me, lease), node, reactor)
-        health.guard = guard
+            config.heartbeat_interval, config.detection_floor)
+        guard = GuardLink(GuardSettings.from_config(config, me, lease), node, reactor,
+                          given_up=guard_given_up)
     effects.add_report_listener(
         lambda report: node.record_event("takeover-" + report.action, **report.as_event()))
     # a takeover of a big slot frees the rows it wrote: give the memory back
@@ -356,22 +344,11 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
     sessions = SessionWatch(esl)
     # On the probe: a takeover's step events must not wait behind its recover batches.
     cluster_events = ClusterEvents(probe, node, clock=reactor, send_timeout=me.esl.timeout)
-    cluster_events.setName("fsevents")
     effects.add_step_listener(cluster_events.takeover_step)
-    # Stopped after the node (services stop in reverse order), so a hand-over on stop can
-    # still use FreeSWITCH.
-    esl.setServiceParent(top)
-    probe.setServiceParent(top)
-    # After the ESL client: started before the node, stopped after its hand-over (whose
-    # events it still sends) and before the ESL client.
-    cluster_events.setServiceParent(top)
-    for udp in heartbeat_services(node, reactor):
-        udp.setServiceParent(top)
-    # Replication starts before the node and stops after it, so a hand-over on stop can
-    # still reach the peers.
+    feeds: Feeds | None = None
+    retire: SupersededRecords | None = None
     if replication is not None:
-        replication.setServiceParent(top)
-        fed = Feeds(esl, replication.state, config, me, reactor, publish=replication.publish)
+        feeds = Feeds(esl, replication.state, config, me, reactor, publish=replication.publish)
 
         def masters() -> dict[int, int]:
             # who serves which slot now, the same view on every node (heartbeats)
@@ -379,13 +356,9 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
                     if m.role is Role.MASTER and m.slot != NO_SLOT
                     and node.roles.owner_of(m.slot) == m.node_id}
 
-        feeds = FeedsService(fed, SupersededRecords(replication.state, masters, reactor,
-                                                    forget_own=fed.forget_slot,
-                                                    freed=trimmer.trim))
-        feeds.setName("feeds")
-        feeds.setServiceParent(top)
+        retire = SupersededRecords(replication.state, masters, reactor,
+                                   forget_own=feeds.forget_slot, freed=trimmer.trim)
         node.add_role_listener(feeds.role_changed)
-    # [limits] (needs the replicated state) and [redis]: after replication, before the node
     redis = redis_client(config, getattr(options, "redis_password", None), reactor)
     limits: LimitService | None = None
     if config.limits is not None and replication is not None:
@@ -394,24 +367,16 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
                               api_timeout=me.esl.timeout, peer_fs_ok=node.peer_fs_ok)
         # after the takeover, never part of it: a slow or dead Redis cannot delay a claim
         effects.add_report_listener(limits.takeover_done)
-    if limits is not None or redis is not None:
-        limits_service = LimitsService(limits, redis)
-        limits_service.setName("limits")
-        limits_service.setServiceParent(top)
-    # [redis] durable_state: after the Redis client (started before it, stopped after its
-    # last write), before the node (which waits for its load before a cold-start claim)
     durable: DurableStore | None = None
     if redis is not None and replication is not None and config.redis is not None \
-            and config.redis.durable_state:
+            and durable_state:
         peers = node.detector.peers
         durable = DurableStore(
             redis, replication.state, node, [n.node_id for n in config.nodes],
             lambda n: n in peers and peers[n].alive, reactor,
             prefix=key_prefix(config.redis.key_prefix, config.name),
             flush_interval=config.redis.durable_flush,
-            names={n.node_id: n.name for n in config.nodes})
-        durable.setName("durable")
-        durable.setServiceParent(top)
+            names={n.node_id: n.name for n in config.nodes}, loaded=durable_loaded)
 
     control = ControlResource(node, ControlAuth(options.secret, config.name, me.name), reactor)
 
@@ -420,9 +385,9 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         result["control"] = control.status()
         result["freeswitch"] = {**health.status(), **sessions.status()}
         result["replication"] = replication.status() if replication is not None else None
-        result["feeds"] = feeds.feeds.status() if replication is not None else None
-        if replication is not None and feeds.retire is not None:
-            result["feeds"]["superseded"] = feeds.retire.status()
+        result["feeds"] = feeds.status() if feeds is not None else None
+        if feeds is not None and retire is not None:
+            result["feeds"]["superseded"] = retire.status()
         result["takeover"] = effects.status()
         result["fsevents"] = cluster_events.status()
         result["limits"] = limits.status() if limits is not None else None
@@ -458,7 +423,7 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
     root.putChild(b"metrics", metrics_resource(StatsSources(
         node=node.stats, freeswitch=health.stats, sessions=sessions,
         replication=replication.stats if replication is not None else None,
-        feeds=feeds.feeds.stats if replication is not None else None,
+        feeds=feeds.stats if feeds is not None else None,
         takeover=effects.stats, fsevents=cluster_events.stats, control=control.stats,
         durable=durable.stats if durable is not None else None,
         limits=limits.stats if limits is not None else None,
@@ -466,17 +431,24 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
     site = StatusSite(root, control)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # polled: no access log
-    status = internet.TCPServer(me.status.port, site, interface=me.status.host,
-                                reactor=reactor)
-    status.setName("status")
-    status.setServiceParent(top)
+    status_server = internet.TCPServer(me.status.port, site, interface=me.status.host,
+                                       reactor=reactor)
     release_budget = max(timeouts.release_budget(slot) for slot in config.slots)
-    # Started before the node and stopped after its hand-over (what is still held then is
-    # the guard's to drop).
-    if guard is not None:
-        guard.setServiceParent(top)
-    NodeService(node, floating, effects, release_budget + 1.0, guard,
-                egress).setServiceParent(top)
+    node_service = NodeService(node, floating, effects, release_budget + 1.0, guard, egress)
+    parts: dict[str, list[service.IService | None]] = {
+        "esl": [esl], "esl-probe": [probe], "fsevents": [cluster_events],
+        "heartbeat": list(heartbeat_services(node, reactor)), "replication": [replication],
+        "feeds": [feeds], "superseded": [retire], "redis": [redis], "limits": [limits],
+        "durable": [durable], "status": [status_server], "guard": [guard],
+        "node": [node_service]}
+    for name, _why in SERVICE_ORDER:
+        for part in parts.pop(name):
+            if part is None:
+                continue  # not configured
+            if not part.name:
+                part.setName(name)
+            part.setServiceParent(top)
+    assert not parts, f"not in SERVICE_ORDER: {sorted(parts)}"
     # What exists now lives as long as the process: keep the collector from re-scanning it
     # (a full collection over a large replicated state stalls the reactor for 100s of ms).
     gc.freeze()

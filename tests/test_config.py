@@ -607,3 +607,54 @@ class LimitsRedisConfigTests(SynchronousTestCase):
             read_redis_password(parse_config(raw, path))
         self.assertIn("redis.ca:", str(caught.exception))
         self.assertIsNone(read_redis_password(parse_config(demo_raw(), path)))
+
+
+class AdaptiveDetectorConfigTests(SynchronousTestCase):
+    """cluster.dead_after_min_ms: the adaptive detector's floor (fsha.detector)."""
+
+    def parse(self, **cluster: Any) -> Any:
+        raw = copy.deepcopy(demo_raw())
+        raw["cluster"].update(cluster)
+        return parse_config(raw, DEMO)
+
+    def test_absent_is_a_fixed_dead_after(self) -> None:
+        config = self.parse(heartbeat_interval_ms=20, dead_after_ms=100)
+        self.assertIsNone(config.dead_after_min)
+        self.assertEqual(config.detection_floor, 0.1)
+        self.assertEqual(config.guard.lease if config.guard else 0.1, 0.1)
+
+    def test_floor_and_ceiling(self) -> None:
+        config = self.parse(heartbeat_interval_ms=5, dead_after_min_ms=25, dead_after_ms=100)
+        self.assertEqual((config.detection_floor, config.dead_after), (0.025, 0.1))
+        fixed = self.parse(heartbeat_interval_ms=5, dead_after_ms=100)
+        self.assertNotEqual(config.digest, fixed.digest)
+
+    def test_out_of_range(self) -> None:
+        for floor in (9, 101):
+            with self.assertRaises(ConfigError) as caught:
+                self.parse(heartbeat_interval_ms=5, dead_after_min_ms=floor, dead_after_ms=100)
+            (line,) = caught.exception.problems
+            self.assertIn("cluster.dead_after_min_ms", line)
+            self.assertIn("at least two heartbeat intervals (10 ms) and at most "
+                          "dead_after_ms (100 ms)", line)
+
+    def test_the_guard_drops_by_the_floor(self) -> None:
+        raw = copy.deepcopy(demo_raw())
+        raw["cluster"].update(heartbeat_interval_ms=5, dead_after_min_ms=25,
+                              dead_after_ms=100)
+        raw["guard"] = {"enabled": True}
+        self.assertEqual(parse_config(raw, DEMO).guard.lease, 0.025)  # type: ignore[union-attr]
+        raw["guard"] = {"lease_ms": 50}
+        with self.assertRaises(ConfigError) as caught:
+            parse_config(raw, DEMO)
+        self.assertIn("at most the shortest silence the peers judge death (25 ms: "
+                      "cluster.dead_after_min_ms)", caught.exception.problems[0])
+
+    def test_the_stall_warning_is_about_the_floor(self) -> None:
+        from fsha.config import timing_warnings
+
+        (line,) = timing_warnings(self.parse(heartbeat_interval_ms=5, dead_after_min_ms=25,
+                                             dead_after_ms=100))
+        self.assertIn("cluster.dead_after_min_ms: 25 ms is only 20 ms more", line)
+        self.assertEqual(timing_warnings(self.parse(
+            heartbeat_interval_ms=10, dead_after_min_ms=50, dead_after_ms=100)), [])

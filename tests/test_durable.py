@@ -52,7 +52,6 @@ class FakeNode:
         self.epoch = 0
         self.known_epochs: dict[int, int] = {}
         self.last_holder: dict[int, int] = {}
-        self.cold_start_gate: Callable[[], bool] | None = None
         self._listeners: list[Any] = []
 
     def add_role_listener(self, callback: Any) -> None:
@@ -131,13 +130,14 @@ class StoreLogicTests(unittest.TestCase):
         self.assertEqual(self.store.status()["state"], "in-sync")
 
     def test_the_cold_start_claim_waits_for_the_load_at_most_load_wait(self) -> None:
-        self.assertEqual(self.node.cold_start_gate, self.store.ready)
         self.assertFalse(self.store.ready())
         self.node.set_role(Role.SLAVE)
         self.clock.advance(2.9)
         self.assertFalse(self.store.ready())
+        self.assertFalse(self.store.loaded.is_set)  # the node's cold-start gate
         self.clock.advance(0.2)
         self.assertTrue(self.store.ready())
+        self.assertTrue(self.store.loaded.is_set)
         load = self.store.status()["load"]
         self.assertEqual(load["state"], "failed")
         self.assertIn("no load within 3 s", load["error"])
@@ -151,6 +151,7 @@ class StoreLogicTests(unittest.TestCase):
         self.redis.up()
         self.assertEqual(self.store.load_state, "applied")
         self.assertTrue(self.store.ready())
+        self.assertTrue(self.store.loaded.is_set)
         self.assertEqual((self.node.known_epochs, self.node.last_holder), ({0: 5}, {0: 1}))
 
     def test_a_load_that_ends_after_load_wait_is_not_applied(self) -> None:

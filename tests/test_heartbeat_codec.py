@@ -17,12 +17,14 @@ from fsha.wire.heartbeat import (
     BODY_SIZE,
     BODY_SIZE_V1,
     BODY_SIZE_V2,
+    BODY_SIZE_V3,
     NO_NODE,
     NO_SLOT,
     REASONS,
     SIZE,
     SIZE_V1,
     SIZE_V2,
+    SIZE_V3,
     VERSION,
     Flags,
     Heartbeat,
@@ -123,7 +125,7 @@ GOLDEN: dict[str, tuple[Heartbeat, str]] = {
         Heartbeat(
             MessageType.HEARTBEAT, CLUSTER, 2, 1700000000000, 44, Role.SLAVE, FQ,
             NO_SLOT, 0, NO_NODE, CFG, VIEW, echo_node=1, echo_sequence=1000,
-            echo_delay_us=1234, heard=0b1011,
+            echo_delay_us=1234, heard=0b1011, version=3,
         ),
         "4648 0301 2a97 516c 0000 018b cfe5 6800"
         "0000 0000 0000 002c 0000 0000 0000 0000"
@@ -137,6 +139,7 @@ GOLDEN: dict[str, tuple[Heartbeat, str]] = {
         Heartbeat(
             MessageType.TAKEOVER, CLUSTER, 3, 1700000005000, 79, Role.CLAIMING, FQ,
             1, 8, 2, CFG, bytes.fromhex("0102030405060708"), heard=0b1_0001_0011,
+            version=3,
         ),
         "4648 0302 2a97 516c 0000 018b cfe5 7b88"
         "0000 0000 0000 004f 0000 0000 0000 0008"
@@ -145,6 +148,33 @@ GOLDEN: dict[str, tuple[Heartbeat, str]] = {
         "0000 0000 00ff ff02 1301 2f37 0ed6 4514"
         "2054 361e b7d3 cc4c a4ac 9539 c047 1485"
         "abe5 ab10 1851 7faf 2ab2",
+    ),
+    "heartbeat-slave-v4": (
+        Heartbeat(
+            MessageType.HEARTBEAT, CLUSTER, 2, 1700000000000, 45, Role.SLAVE, FQ,
+            NO_SLOT, 0, NO_NODE, CFG, VIEW, echo_node=1, echo_sequence=1000,
+            echo_delay_us=1234, heard=0b1011, echo_bound_us=25_000,
+        ),
+        "4648 0401 2a97 516c 0000 018b cfe5 6800"
+        "0000 0000 0000 002d 0000 0000 0000 0000"
+        "0002 ffff ffff 0005 0100 1122 3344 5566"
+        "7788 99aa bbcc ddee ff00 0000 0000 0003"
+        "e800 0004 d200 0100 0061 a801 0b08 d217"
+        "85aa 053c 7394 32ba dbf5 2365 f4f3 6167"
+        "8979 28df b4ac 812e a79e 7273 7b",
+    ),
+    "takeover-v4": (
+        Heartbeat(
+            MessageType.TAKEOVER, CLUSTER, 3, 1700000005000, 80, Role.CLAIMING, FQ,
+            1, 8, 2, CFG, bytes.fromhex("0102030405060708"), heard=0b1_0001_0011,
+        ),
+        "4648 0402 2a97 516c 0000 018b cfe5 7b88"
+        "0000 0000 0000 0050 0000 0000 0000 0008"
+        "0003 0001 0002 0005 0200 1122 3344 5566"
+        "7701 0203 0405 0607 0800 0000 0000 0000"
+        "0000 0000 00ff ff00 0000 0002 1301 c66d"
+        "dd11 b128 6d80 d1d6 0e70 da2b 58d9 5454"
+        "903b 426e 3b32 e1ef f010 d9fa 75a5",
     ),
 }  # fmt: skip
 
@@ -178,6 +208,7 @@ def reference_body(
     echo_sequence: int = 0,
     echo_delay: int = 0,
     echo_node: int = NO_NODE,
+    echo_bound: int = 0,
     heard: bytes = b"",
 ) -> bytes:
     body = (
@@ -191,6 +222,8 @@ def reference_body(
     )
     if version >= 2:
         body += struct.pack(">QIH", echo_sequence, echo_delay, echo_node)
+    if version >= 4:
+        body += struct.pack(">I", echo_bound)
     if version >= 3:
         body += struct.pack(">B", len(heard)) + heard
     return body
@@ -235,13 +268,15 @@ def heartbeats(draw: st.DrawFn) -> Heartbeat:
         slot = draw(st.integers(0, NO_SLOT - 1))
         subject = draw(st.integers(0, NO_NODE - 1))
     node_id = draw(st.integers(0, NO_NODE - 1))
-    version = draw(st.sampled_from((1, 2, 3)))
-    echo_node, echo_sequence, echo_delay = NO_NODE, 0, 0
-    heard = draw(st.integers(0, 2**2040 - 1) | st.integers(0, 2**64)) if version == 3 else 0
+    version = draw(st.sampled_from((1, 2, 3, 4)))
+    echo_node, echo_sequence, echo_delay, echo_bound = NO_NODE, 0, 0, 0
+    heard = draw(st.integers(0, 2**2040 - 1) | st.integers(0, 2**64)) if version >= 3 else 0
     if version >= 2 and draw(st.booleans()):
         echo_node = draw(st.integers(0, NO_NODE - 1).filter(lambda n: n != node_id))
         echo_sequence = draw(u64)
         echo_delay = draw(st.integers(0, 2**32 - 1))
+        if version >= 4:
+            echo_bound = draw(st.integers(0, 2**32 - 1))
     return Heartbeat(
         type=msg_type,
         cluster_id=CLUSTER,
@@ -260,12 +295,15 @@ def heartbeats(draw: st.DrawFn) -> Heartbeat:
         echo_delay_us=echo_delay,
         version=version,
         heard=heard,
+        echo_bound_us=echo_bound,
     )
 
 
 def size_of(msg: Heartbeat) -> int:
-    if msg.version == 3:
+    if msg.version == 4:
         return SIZE + (msg.heard.bit_length() + 7) // 8
+    if msg.version == 3:
+        return SIZE_V3 + (msg.heard.bit_length() + 7) // 8
     return SIZE_V2 if msg.version == 2 else SIZE_V1
 
 
@@ -293,10 +331,10 @@ class GoldenVectorTests(SynchronousTestCase):
             self.assertIs(type(got.flags), Flags)
 
     def test_size_and_tag_construction(self) -> None:
-        """104 bytes + the bitmap (version 2: 103, version 1: 89); the tag is plain
-        HMAC-SHA256 (stdlib) over the bytes before it."""
-        self.assertEqual((SIZE, BODY_SIZE, SIZE_V2, BODY_SIZE_V2, SIZE_V1, BODY_SIZE_V1),
-                         (104, 72, 103, 71, 89, 57))
+        """108 bytes + the bitmap (version 3: 104 + the bitmap, 2: 103, 1: 89); the tag
+        is plain HMAC-SHA256 (stdlib) over the bytes before it."""
+        self.assertEqual((SIZE, BODY_SIZE, SIZE_V3, BODY_SIZE_V3, SIZE_V2, BODY_SIZE_V2,
+                          SIZE_V1, BODY_SIZE_V1), (108, 76, 104, 72, 103, 71, 89, 57))
         for name, (msg, _) in GOLDEN.items():
             data = golden_bytes(name)
             body = size_of(msg) - 32
@@ -326,6 +364,7 @@ class GoldenVectorTests(SynchronousTestCase):
             incarnation=msg.incarnation, sequence=msg.sequence, node=msg.node_id,
             flags=int(msg.flags), role=int(msg.role), echo_sequence=msg.echo_sequence,
             echo_delay=msg.echo_delay_us, echo_node=msg.echo_node, heard=bytes([0b1011]),
+            version=3,
         )  # fmt: skip
         self.assertEqual(signed(body), golden_bytes("heartbeat-slave-v3"))
         msg, _ = GOLDEN["takeover-v3"]
@@ -333,8 +372,25 @@ class GoldenVectorTests(SynchronousTestCase):
             type_=2, incarnation=msg.incarnation, sequence=msg.sequence, epoch=msg.epoch,
             node=msg.node_id, slot=msg.slot, subject=msg.subject, flags=int(msg.flags),
             role=int(msg.role), view=msg.view_digest, heard=bytes([0b0001_0011, 0b1]),
+            version=3,
         )  # fmt: skip
         self.assertEqual(signed(body), golden_bytes("takeover-v3"))
+        msg, _ = GOLDEN["heartbeat-slave-v4"]
+        body = reference_body(
+            incarnation=msg.incarnation, sequence=msg.sequence, node=msg.node_id,
+            flags=int(msg.flags), role=int(msg.role), echo_sequence=msg.echo_sequence,
+            echo_delay=msg.echo_delay_us, echo_node=msg.echo_node, echo_bound=25_000,
+            heard=bytes([0b1011]), version=4,
+        )  # fmt: skip
+        self.assertEqual(signed(body), golden_bytes("heartbeat-slave-v4"))
+        msg, _ = GOLDEN["takeover-v4"]
+        body = reference_body(
+            type_=2, incarnation=msg.incarnation, sequence=msg.sequence, epoch=msg.epoch,
+            node=msg.node_id, slot=msg.slot, subject=msg.subject, flags=int(msg.flags),
+            role=int(msg.role), view=msg.view_digest, heard=bytes([0b0001_0011, 0b1]),
+            version=4,
+        )  # fmt: skip
+        self.assertEqual(signed(body), golden_bytes("takeover-v4"))
 
     def test_doc_has_same_vectors(self) -> None:
         doc = parse_doc_vectors(DOC.read_text(encoding="utf-8"))
@@ -370,10 +426,10 @@ class DecodeErrorTests(SynchronousTestCase):
 
     def test_version(self) -> None:
         good = golden_bytes("heartbeat-slave-v2")
-        self.assertReason(good[:2] + b"\x04" + good[3:], "version")
+        self.assertReason(good[:2] + b"\x05" + good[3:], "version")
         self.assertReason(good[:2] + b"\x00" + good[3:], "version")
         # A future version of another size is reported as a version, not a length, problem.
-        self.assertReason(good[:2] + b"\x04" + good[3:] + b"\x00" * 20, "version")
+        self.assertReason(good[:2] + b"\x05" + good[3:] + b"\x00" * 20, "version")
         # Each known version has its own size.
         v1 = golden_bytes("heartbeat-slave")
         self.assertReason(v1[:2] + b"\x02" + v1[3:], "length")
@@ -383,6 +439,12 @@ class DecodeErrorTests(SynchronousTestCase):
         self.assertReason(good[:2] + b"\x03" + good[3:], "length")  # heard length 0xd2
         self.assertReason(v3[:71] + b"\x02" + v3[72:], "length")
         self.assertReason(v3[:2] + b"\x03" + v3[3:70], "length")  # not even the fixed part
+        # Version 4's is its fixed part plus the heard length at byte 75.
+        v4 = golden_bytes("heartbeat-slave-v4")
+        self.assertReason(v3[:2] + b"\x04" + v3[3:], "length")
+        self.assertReason(v4[:2] + b"\x03" + v4[3:], "length")
+        self.assertReason(v4[:75] + b"\x02" + v4[76:], "length")
+        self.assertReason(v4[:2] + b"\x04" + v4[3:74], "length")
 
     def test_heard_bitmap_canonical(self) -> None:
         """A bitmap ending with a zero byte is refused: one encoding per heartbeat."""
@@ -436,6 +498,7 @@ class DecodeErrorTests(SynchronousTestCase):
             "echo sequence without echo node": reference_body(echo_sequence=5),
             "echo delay without echo node": reference_body(echo_delay=5),
             "echo of itself": reference_body(node=1, echo_node=1, echo_sequence=5),
+            "echo bound without echo node": reference_body(echo_bound=5),
         }
         for name, body in cases.items():
             err = self.assertRaises(HeartbeatError, codec().decode, signed(body))
@@ -523,9 +586,12 @@ class EncodeErrorTests(SynchronousTestCase):
         self.bad(version=2, echo_node=self.base.node_id, echo_sequence=1)  # itself
         self.bad(version=2, echo_sequence=1)  # no echo node
         self.bad(version=1, echo_node=2, echo_sequence=1)  # version 1 has no echo
-        self.bad(version=4)
+        self.bad(version=5)
         self.bad(version=0)
-        self.bad(version=2, heard=1)  # only version 3 carries a bitmap
+        self.bad(echo_bound_us=1)  # no echo node
+        self.bad(version=3, echo_node=2, echo_sequence=1, echo_bound_us=1)  # from version 4
+        self.bad(echo_node=2, echo_sequence=1, echo_bound_us=2**32)
+        self.bad(version=2, heard=1)  # only versions 3 and 4 carry a bitmap
         self.bad(version=3, heard=-1)
         self.bad(version=3, heard=1 << 2040)  # beyond 255 bytes
         codec().encode(dataclasses.replace(self.base, version=3, heard=(1 << 2040) - 1))
@@ -548,6 +614,7 @@ class BoundaryTests(SynchronousTestCase):
             Heartbeat(
                 MessageType.TAKEOVER, CLUSTER, NO_NODE - 1, top, top, Role.RELEASING,
                 Flags(15), NO_SLOT - 1, top, NO_NODE - 1, b"\xff" * 8, b"\xff" * 8,
+                version=3,
             )
         )  # fmt: skip
         self.roundtrip(
@@ -561,6 +628,14 @@ class BoundaryTests(SynchronousTestCase):
                 MessageType.HEARTBEAT, CLUSTER, NO_NODE - 1, top, top, Role.MASTER,
                 Flags(15), NO_SLOT, top, NO_NODE, b"\xff" * 8, b"\xff" * 8,
                 echo_node=NO_NODE - 2, echo_sequence=top, echo_delay_us=2**32 - 1,
+            )
+        )  # fmt: skip
+        self.roundtrip(
+            Heartbeat(
+                MessageType.HEARTBEAT, CLUSTER, NO_NODE - 1, top, top, Role.MASTER,
+                Flags(15), NO_SLOT, top, NO_NODE, b"\xff" * 8, b"\xff" * 8,
+                echo_node=NO_NODE - 2, echo_sequence=top, echo_delay_us=2**32 - 1,
+                echo_bound_us=2**32 - 1, heard=(1 << 2040) - 1,
             )
         )  # fmt: skip
 
@@ -624,15 +699,16 @@ class PropertyTests(SynchronousTestCase):
         self.assertRaises(HeartbeatError, codec().decode, data)
 
     @settings(max_examples=200, deadline=None)
-    @given(st.sampled_from(MessageType), st.sampled_from((1, 2, 3)), st.data())
+    @given(st.sampled_from(MessageType), st.sampled_from((1, 2, 3, 4)), st.data())
     def test_arbitrary_bytes_valid_prefix(self, msg_type: MessageType, version: int,
                                           data: st.DataObject) -> None:
         """Bytes that pass every cheap check still fail, on the tag."""
-        size = {3: SIZE, 2: SIZE_V2, 1: SIZE_V1}[version]
+        size = {4: SIZE, 3: SIZE_V3, 2: SIZE_V2, 1: SIZE_V1}[version]
         rest = data.draw(st.binary(min_size=size - 8, max_size=size - 8))
-        if version == 3:  # a heard length that matches what follows
+        if version >= 3:  # a heard length that matches what follows
+            body = BODY_SIZE if version == 4 else BODY_SIZE_V3
             heard = data.draw(st.binary(max_size=20))
-            rest = rest[:BODY_SIZE - 9] + bytes([len(heard)]) + heard + rest[BODY_SIZE - 8:]
+            rest = rest[:body - 9] + bytes([len(heard)]) + heard + rest[body - 8:]
         prefix = b"FH" + bytes([version, msg_type]) + CLUSTER.to_bytes(4, "big")
         err = self.assertRaises(HeartbeatError, codec().decode, prefix + rest)
         self.assertEqual(err.reason, "tag")
@@ -644,7 +720,7 @@ class PropertyTests(SynchronousTestCase):
         pos %= len(data)
         data[pos] ^= xor
         err = self.assertRaises(HeartbeatError, codec().decode, bytes(data))
-        if pos == BODY_SIZE - 1 and msg.version == 3:
+        if (pos, msg.version) in ((BODY_SIZE - 1, 4), (BODY_SIZE_V3 - 1, 3)):
             self.assertEqual(err.reason, "length")  # the heard length
         elif pos >= 8:
             self.assertEqual(err.reason, "tag")
@@ -662,14 +738,15 @@ class PropertyTests(SynchronousTestCase):
         self.assertEqual(err.reason, "length")
 
     @settings(max_examples=200, deadline=None)
-    @given(st.sampled_from(MessageType), st.sampled_from((1, 2, 3)), st.data())
+    @given(st.sampled_from(MessageType), st.sampled_from((1, 2, 3, 4)), st.data())
     def test_signed_arbitrary_body(self, msg_type: MessageType, version: int,
                                    draw: st.DataObject) -> None:
         """A correctly tagged body with arbitrary fields is either refused as "field" or
         decodes to a message that encodes back to exactly the same bytes (one encoding)."""
-        size = {3: BODY_SIZE - 1, 2: BODY_SIZE_V2, 1: BODY_SIZE_V1}[version] - 8
+        size = {4: BODY_SIZE - 1, 3: BODY_SIZE_V3 - 1, 2: BODY_SIZE_V2,
+                1: BODY_SIZE_V1}[version] - 8
         rest = draw.draw(st.binary(min_size=size, max_size=size))
-        if version == 3:
+        if version >= 3:
             heard = draw.draw(st.binary(max_size=20))
             rest += bytes([len(heard)]) + heard
         body = b"FH" + bytes([version, msg_type]) + CLUSTER.to_bytes(4, "big") + rest

@@ -55,7 +55,7 @@ NODE = NodeStats(
     quorum=QuorumStats(required=2, alive=3, ok=True, spec="majority", lease_ms=600.0,
                        lease_left_ms=None, claim_hold=None),
     config_digest="ab" * 16, view_digest="cd" * 16, heartbeat_interval_ms=50.0,
-    dead_after_ms=200.0, ranking=["fs3"],
+    dead_after_ms=200.0, dead_after_min_ms=200.0, ranking=["fs3"],
     nodes=[
         MemberStats(name="fs1", priority=100, rank=None, is_self=True, alive=True, live=True,
                     config="same", hears=["fs2"], role="master", slot="slot1", epoch=7,

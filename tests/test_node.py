@@ -460,7 +460,7 @@ class RoundTripTests(SynchronousTestCase):
         fs1 = cluster.nodes["fs1"]
         for peer in ("fs2", "fs3"):
             info = next(n for n in fs1.status()["nodes"] if n["name"] == peer)
-            self.assertEqual(info["heartbeat_version"], 3)
+            self.assertEqual(info["heartbeat_version"], 4)
             # twice the one-way latency; the fake clock moves in 1 ms steps
             self.assertLess(abs(info["networks"][nets[0]]["rtt_ms"] - 4.0), 1.5)
             self.assertLess(abs(info["networks"][nets[1]]["rtt_ms"] - 20.0), 1.5)
@@ -516,11 +516,11 @@ class RoundTripTests(SynchronousTestCase):
         status = {n["name"]: n for n in fs1.status()["nodes"]}
         self.assertTrue(status["fs3"]["alive"])
         self.assertEqual(status["fs3"]["heartbeat_version"], 1)
-        self.assertEqual(status["fs2"]["heartbeat_version"], 3)
+        self.assertEqual(status["fs2"]["heartbeat_version"], 4)
         self.assertIsNone(status["fs3"]["networks"]["A"]["rtt_ms"])
         self.assertIsNotNone(status["fs2"]["networks"]["A"]["rtt_ms"])
-        # fs3 got version 3 only until it was heard, then version 1 only
-        self.assertIn(3, received_by_legacy[:10])
+        # fs3 got version 4 only until it was heard, then version 1 only
+        self.assertIn(4, received_by_legacy[:10])
         self.assertEqual(set(received_by_legacy[-20:]), {1})
         # and fs1 never echoes fs3 (it could not read the echo)
         fs3_id = legacy.node_id

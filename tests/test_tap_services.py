@@ -17,7 +17,7 @@ from fsha import tomlout
 from fsha.config import load_config
 from fsha.harness import TLS_FILES
 from fsha.pki import ensure_cluster_pki
-from fsha.tap import NodeService, Options, OrderedServices, build_service
+from fsha.tap import SERVICE_ORDER, NodeService, Options, OrderedServices, build_service
 
 
 class _Child(service.Service):
@@ -83,7 +83,8 @@ class _Reactor(MemoryReactorClock):
         return self.udp[-1]
 
 
-def _options(directory: Path, *, limits: bool = False) -> Options:
+def _options(directory: Path, *, limits: bool = False, redis: bool = False,
+             guard: bool = False) -> Options:
     directory.mkdir(parents=True)
     secret = directory / "secret"
     secret.write_bytes(b"0123456789abcdef0123")
@@ -101,6 +102,10 @@ def _options(directory: Path, *, limits: bool = False) -> Options:
     }
     if limits:
         doc["limits"] = {}
+    if redis:
+        doc["redis"] = {"address": "127.0.0.1:6379", "durable_state": True}
+    if guard:
+        del doc["guard"]
     path = directory / "cluster.toml"
     path.write_text(tomlout.dumps(doc))
     config = load_config(path)
@@ -122,11 +127,23 @@ class BuildServiceTests(SynchronousTestCase):
     def test_the_tree_starts_listens_connects_and_stops_in_order(self) -> None:
         top = build_service(_options(Path(self.mktemp()).resolve(), limits=True),
                             self.reactor)
-        # The start order; services stop in reverse (fsha.tap's comments say why).
-        self.assertEqual([s.name for s in top], [
-            "esl", "esl-probe", "fsevents", "heartbeat-A", "heartbeat-B", "replication",
-            "feeds", "limits", "status", None])  # None: the node's service
+        # The start order is SERVICE_ORDER's (no Redis, no guard configured here); services
+        # stop in reverse, each once the previous one's stop has finished.
+        names = ["esl", "esl-probe", "fsevents", "heartbeat-A", "heartbeat-B", "replication",
+                 "feeds", "superseded", "limits", "status", "node"]
+        self.assertEqual([s.name for s in top], names)
+        order = [name for name, _ in SERVICE_ORDER]
+        self.assertEqual(sorted(names, key=lambda n: order.index(n.partition("-")[0]
+                                                                 if n.startswith("heartbeat")
+                                                                 else n)), names)
+        stopped: list[str] = []
+        for child in top:
+            def stop(child: Any = child, real: Any = child.stopService) -> Any:
+                stopped.append(child.name)
+                return real()
+            child.stopService = stop  # type: ignore[method-assign]
         top.startService()
+        self.assertTrue(all(s.running for s in top))
         self.assertEqual(sorted((p.interface, p.port) for p in self.reactor.udp),
                          [("127.0.1.1", 9000), ("127.0.2.1", 9001)])
         self.assertEqual([(port, iface) for port, _, _, _, iface in self.reactor.sslServers],
@@ -145,5 +162,22 @@ class BuildServiceTests(SynchronousTestCase):
         done = top.stopService()
         self.reactor.advance(1.0)
         self.assertIsNone(self.successResultOf(done))
+        self.assertEqual(stopped, names[::-1])
+        self.assertFalse(any(s.running for s in top))
         self.assertFalse(node.running)
         self.assertEqual([p.listening for p in self.reactor.udp], [False, False])
+
+    def test_every_configured_part_in_the_order(self) -> None:
+        """With Redis, the durable store and the guard (not started: its process)."""
+        top = build_service(_options(Path(self.mktemp()).resolve(), limits=True, redis=True,
+                                     guard=True), self.reactor)
+        self.assertEqual([s.name for s in top], [
+            "esl", "esl-probe", "fsevents", "heartbeat-A", "heartbeat-B", "replication",
+            "feeds", "superseded", "redis", "limits", "durable", "status", "guard", "node"])
+        node = next(s for s in top if isinstance(s, NodeService)).node
+        durable = next(s for s in top if s.name == "durable")
+        guard = next(s for s in top if s.name == "guard")
+        # the latches both sides were built with: no back reference set afterwards
+        self.assertIs(node.cold_start_gate, durable.loaded)  # type: ignore[attr-defined]
+        self.assertIs(node.health.guard_given_up, guard.given_up)  # type: ignore[attr-defined]
+        self.assertEqual(len({name for name, _ in SERVICE_ORDER}), len(SERVICE_ORDER))

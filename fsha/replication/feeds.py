@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
@@ -36,6 +37,7 @@ from fsha.replication.regfeed import RegistrationFeed
 from fsha.replication.state import ReplicatedState
 from fsha.replication.stats import FeedSlotStats, FeedsStats
 from fsha.wire.esl import Event
+from fsha.wire.heartbeat import Role
 from fsha.wire.stream import Change, Kind
 
 __all__ = ["Feeds"]
@@ -43,7 +45,7 @@ __all__ = ["Feeds"]
 log = Logger(namespace="fsha.replication.feeds")
 
 
-class Feeds:
+class Feeds(service.Service):
     """Turns this node's FreeSWITCH into replicated records for the slots it masters.
 
     ``esl`` is the node's :class:`fsha.eslclient.ESLClient`; ``state`` the node's replicated
@@ -120,6 +122,23 @@ class Feeds:
         self.esl.add_restart_listener(self._fs_restarted)
         d = self.esl.subscribe(*[name for _, name in self._listeners])
         d.addErrback(self.slots.failed, "subscribing to the feed events")
+
+    def startService(self) -> None:
+        super().startService()
+        self.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.stop()
+
+    def role_changed(self, old: Role, new: Role, slot: SlotConfig | None) -> None:
+        """A node role listener: feed the slots this node masters."""
+        if slot is None:
+            return
+        if new is Role.MASTER:
+            self.start_slot(slot)
+        elif old is Role.MASTER:
+            self.stop_slot(slot)  # its records stay: the successor needs them
 
     def stop(self) -> Deferred[None]:
         """Stop feeding every slot and listening; fires when no query is running."""

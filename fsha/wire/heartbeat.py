@@ -6,12 +6,12 @@ things first (length, magic, version, message type, cluster id), then the HMAC-S
 in constant time, and only then builds a :class:`Heartbeat`. It raises nothing but
 :class:`HeartbeatError`, whose ``reason`` is a short stable token meant for a drop counter.
 
-Layout (version 3, big-endian, 104 bytes + the heard bitmap; ``docs/protocol/heartbeat.rst``
+Layout (version 4, big-endian, 108 bytes + the heard bitmap; ``docs/protocol/heartbeat.rst``
 has the full specification and the golden vectors)::
 
     off size type  field
       0    2 bytes magic b"FH"
-      2    1 u8    version (3)
+      2    1 u8    version (4)
       3    1 u8    message type  (MessageType)
       4    4 u32   cluster id    (cluster_id_for(cluster name))
       8    8 u64   incarnation
@@ -27,17 +27,21 @@ has the full specification and the golden vectors)::
      57    8 u64   echo sequence (the latest sequence heard from the echo node here)
      65    4 u32   echo delay    (microseconds between hearing it and sending this)
      69    2 u16   echo node     (NO_NODE = no echo)
-     71    1 u8    heard length  (L, bytes of the bitmap that follows, 0..255)
-     72    L bytes heard bitmap  (bit i % 8 of byte i // 8: the sender hears node i)
-   72+L   32 bytes HMAC-SHA256(secret, bytes 0..71+L)
+     71    4 u32   echo bound    (microseconds after hearing the echoed sequence before which
+                                  the sender will not judge the echo node dead)
+     75    1 u8    heard length  (L, bytes of the bitmap that follows, 0..255)
+     76    L bytes heard bitmap  (bit i % 8 of byte i // 8: the sender hears node i)
+   76+L   32 bytes HMAC-SHA256(secret, bytes 0..75+L)
 
-Version 2 (103 bytes) is version 3 without the heard length and bitmap (the tag over bytes
+Version 3 (104 bytes + L) is version 4 without the echo bound (the heard length at 71);
+version 2 (103 bytes) is version 3 without the heard length and bitmap (the tag over bytes
 0..70 at offset 71); version 1 (89 bytes) is version 2 without the three echo fields (the
-tag over bytes 0..56 at offset 57). Both are still decoded, and encoded on request
-(``version=1`` or ``2``), so nodes of every version keep hearing each other during a
+tag over bytes 0..56 at offset 57). All are still decoded, and encoded on request
+(``version=1``, ``2`` or ``3``), so nodes of every version keep hearing each other during a
 rolling upgrade. The echo fields give the sender of the echoed heartbeat a round-trip time
 per network, as RTCP's LSR/DLSR do; the heard bitmap lets the receivers decide a node's
-death by a quorum of ears rather than one (``fsha.quorum``).
+death by a quorum of ears rather than one (``fsha.quorum``); the echo bound lets a master's
+lease follow the adaptive detectors of its peers (``fsha.detector``).
 
 The first 57 bytes are ordered (compared with the order of the design notes) so that every
 integer is naturally aligned without any padding byte, and the four fields the decoder
@@ -60,6 +64,7 @@ __all__ = [
     "BODY_SIZE",
     "BODY_SIZE_V1",
     "BODY_SIZE_V2",
+    "BODY_SIZE_V3",
     "DIGEST_SIZE",
     "MAGIC",
     "MAX_ECHO_DELAY_US",
@@ -72,6 +77,7 @@ __all__ = [
     "SIZE",
     "SIZE_V1",
     "SIZE_V2",
+    "SIZE_V3",
     "TAG_SIZE",
     "VERSION",
     "VERSIONS",
@@ -86,9 +92,9 @@ __all__ = [
 ]
 
 MAGIC: Final = b"FH"
-VERSION: Final = 3
+VERSION: Final = 4
 #: The versions this codec decodes (and encodes).
-VERSIONS: Final = (1, 2, 3)
+VERSIONS: Final = (1, 2, 3, 4)
 NO_SLOT: Final = 0xFFFF
 NO_NODE: Final = 0xFFFF
 DIGEST_SIZE: Final = 8
@@ -98,16 +104,20 @@ MIN_SECRET_SIZE: Final = 16
 
 _BODY_V1: Final = struct.Struct(">2sBBIQQQHHHHB8s8s")
 _BODY_V2: Final = struct.Struct(">2sBBIQQQHHHHB8s8sQIH")
-_BODY: Final = struct.Struct(">2sBBIQQQHHHHB8s8sQIHB")  # + the heard bitmap
-#: The fixed part of version 3's body, before the bitmap (57 bytes, then the echo).
+_BODY_V3: Final = struct.Struct(">2sBBIQQQHHHHB8s8sQIHB")  # + the heard bitmap
+_BODY: Final = struct.Struct(">2sBBIQQQHHHHB8s8sQIHIB")  # + the heard bitmap
+#: The fixed part of every version's body (57 bytes, then the echo).
 _HEAD: Final = struct.Struct(">2sBBIQQQHHHHB8s8s")
 _ECHO: Final = struct.Struct(">QIH")
-#: Bytes covered by the tag (version 3 with an empty bitmap; versions 2 and 1).
+_ECHO_V4: Final = struct.Struct(">QIHI")
+#: Bytes covered by the tag (version 4 or 3 with an empty bitmap; versions 2 and 1).
 BODY_SIZE: Final = _BODY.size
+BODY_SIZE_V3: Final = _BODY_V3.size
 BODY_SIZE_V2: Final = _BODY_V2.size
 BODY_SIZE_V1: Final = _BODY_V1.size
-#: Size of a datagram (version 3 with an empty bitmap: add its length; versions 2, 1).
+#: Size of a datagram (versions 4 and 3 with an empty bitmap: add its length; 2, 1).
 SIZE: Final = BODY_SIZE + TAG_SIZE
+SIZE_V3: Final = BODY_SIZE_V3 + TAG_SIZE
 SIZE_V2: Final = BODY_SIZE_V2 + TAG_SIZE
 SIZE_V1: Final = BODY_SIZE_V1 + TAG_SIZE
 #: The longest heard bitmap: node ids 0..2039 (fsha.config.MAX_NODES).
@@ -194,10 +204,14 @@ class Heartbeat:
     # Version 3: the node ids this sender hears (bit i = node i), see fsha.quorum. 0 in
     # versions 1 and 2, which do not say (check ``version``).
     heard: int = 0
+    # Version 4, with an echo: microseconds after hearing ``echo_sequence`` before which
+    # the sender will not judge ``echo_node`` dead (fsha.detector). 0 before version 4.
+    echo_bound_us: int = 0
 
 
-#: (echo node, echo sequence, echo delay) -> datagram: see :meth:`HeartbeatCodec.prepare`.
-EchoEncoder = Callable[[int, int, int], bytes]
+#: (echo node, echo sequence, echo delay, echo bound) -> datagram: see
+#: :meth:`HeartbeatCodec.prepare`.
+EchoEncoder = Callable[[int, int, int, int], bytes]
 
 
 def cluster_id_for(name: str) -> int:
@@ -216,14 +230,14 @@ _FLAG_VALUES: Final = tuple(Flags(v) for v in range(_FLAGS_MASK + 1))
 
 
 def _check_relations(msg_type: int, node_id: int, slot: int, subject: int,
-                     echo_node: int = NO_NODE, echo_sequence: int = 0, echo_delay: int = 0
-                     ) -> str | None:
+                     echo_node: int = NO_NODE, echo_sequence: int = 0, echo_delay: int = 0,
+                     echo_bound: int = 0) -> str | None:
     """The cross-field rules; returns a description of the first one broken, or None."""
     if node_id == NO_NODE:
         return f"node id {NO_NODE:#06x} is reserved for 'no node'"
     if echo_node == NO_NODE:
-        if echo_sequence or echo_delay:
-            return "an echo sequence or delay without an echo node"
+        if echo_sequence or echo_delay or echo_bound:
+            return "an echo sequence, delay or bound without an echo node"
     elif echo_node == node_id:
         return "a node echoes its own heartbeat"
     if msg_type == MessageType.HEARTBEAT:
@@ -246,7 +260,7 @@ class HeartbeatCodec:
     """
 
     __slots__ = ("_cluster_id", "_inner", "_outer", "_prefixes", "_prefixes_v1",
-                 "_prefixes_v2")
+                 "_prefixes_v2", "_prefixes_v3")
 
     def __init__(self, secret: bytes, cluster_id: int) -> None:
         if not isinstance(secret, bytes | bytearray):
@@ -271,6 +285,7 @@ class HeartbeatCodec:
         self._prefixes = frozenset(MAGIC + bytes((VERSION, t)) + cid for t in _TYPES)
         self._prefixes_v1 = frozenset(MAGIC + bytes((1, t)) + cid for t in _TYPES)
         self._prefixes_v2 = frozenset(MAGIC + bytes((2, t)) + cid for t in _TYPES)
+        self._prefixes_v3 = frozenset(MAGIC + bytes((3, t)) + cid for t in _TYPES)
 
     @property
     def cluster_id(self) -> int:
@@ -285,13 +300,15 @@ class HeartbeatCodec:
 
     def encode(self, msg: Heartbeat) -> bytes:
         """The datagram for ``msg``; raises ValueError if a field is out of range."""
-        return self.prepare(msg)(msg.echo_node, msg.echo_sequence, msg.echo_delay_us)
+        return self.prepare(msg)(msg.echo_node, msg.echo_sequence, msg.echo_delay_us,
+                                 msg.echo_bound_us)
 
     def prepare(self, msg: Heartbeat) -> EchoEncoder:
         """Validate ``msg`` once (ValueError if a field is out of range) and return a
-        function of (echo node, echo sequence, echo delay) giving its datagram with that
-        echo (``msg``'s own echo fields are ignored): one copy per destination at the cost
-        of a pack and a tag (the copies of one heartbeat differ only in their echo)."""
+        function of (echo node, echo sequence, echo delay, echo bound) giving its datagram
+        with that echo (``msg``'s own echo fields are ignored): one copy per destination at
+        the cost of a pack and a tag (the copies of one heartbeat differ only in their
+        echo). The bound must be 0 before version 4."""
         msg_type = _TYPES.get(msg.type)
         if msg_type is None:
             raise ValueError(f"type {msg.type!r} is not a MessageType")
@@ -331,7 +348,7 @@ class HeartbeatCodec:
         if not isinstance(heard, int) or isinstance(heard, bool) or heard < 0:
             raise ValueError(f"heard {heard!r} is not a bit set of node ids")
         tail = b""
-        if version == 3:
+        if version >= 3:
             size = (heard.bit_length() + 7) // 8
             if size > MAX_HEARD_BYTES:
                 raise ValueError(f"heard names node {heard.bit_length() - 1}, beyond the "
@@ -347,15 +364,18 @@ class HeartbeatCodec:
         node_id = msg.node_id
         tag = self._tag
         pack_echo = _ECHO.pack
+        pack_echo_v4 = _ECHO_V4.pack
 
-        def with_echo(echo_node: int, echo_sequence: int, echo_delay_us: int) -> bytes:
+        def with_echo(echo_node: int, echo_sequence: int, echo_delay_us: int,
+                      echo_bound_us: int = 0) -> bytes:
             # Once per destination: ranges are left to struct.pack (a ValueError below).
             if echo_node.__class__ is not int or echo_sequence.__class__ is not int \
-                    or echo_delay_us.__class__ is not int:
+                    or echo_delay_us.__class__ is not int \
+                    or echo_bound_us.__class__ is not int:
                 raise ValueError("the echo fields must be ints")
             if echo_node == NO_NODE:
-                if echo_sequence or echo_delay_us:
-                    raise ValueError("an echo sequence or delay without an echo node")
+                if echo_sequence or echo_delay_us or echo_bound_us:
+                    raise ValueError("an echo sequence, delay or bound without an echo node")
                 if version == 1:
                     body = head
                     return body + tag(body)
@@ -364,10 +384,16 @@ class HeartbeatCodec:
             elif version == 1:
                 raise ValueError("a version 1 heartbeat has no echo")
             try:
-                echo = pack_echo(echo_sequence, echo_delay_us, echo_node)
+                if version >= 4:
+                    echo = pack_echo_v4(echo_sequence, echo_delay_us, echo_node, echo_bound_us)
+                elif echo_bound_us:
+                    raise ValueError(f"a version {version} heartbeat has no echo bound")
+                else:
+                    echo = pack_echo(echo_sequence, echo_delay_us, echo_node)
             except struct.error:
                 raise ValueError(f"echo out of range: node {echo_node}, sequence "
-                                 f"{echo_sequence}, delay {echo_delay_us}") from None
+                                 f"{echo_sequence}, delay {echo_delay_us}, bound "
+                                 f"{echo_bound_us}") from None
             body = head + echo + tail
             return body + tag(body)
 
@@ -380,7 +406,7 @@ class HeartbeatCodec:
                 raise HeartbeatError("short", f"not a byte string: {type(data).__name__}")
             data = bytes(data)
         size = len(data)
-        heard = 0
+        heard = echo_bound = 0
         if size >= SIZE and data[:PREFIX_SIZE] in self._prefixes \
                 and size == SIZE + data[BODY_SIZE - 1]:
             body = data[:-TAG_SIZE]
@@ -389,12 +415,26 @@ class HeartbeatCodec:
             (
                 _magic, version, msg_type, cluster_id, incarnation, sequence, epoch, node_id,
                 slot, subject, flag_bits, role_value, config_digest, view_digest,
-                echo_sequence, echo_delay, echo_node, heard_size,
+                echo_sequence, echo_delay, echo_node, echo_bound, heard_size,
             ) = _BODY.unpack_from(body)
             if heard_size:
                 if body[-1] == 0:
                     raise HeartbeatError("field", "the heard bitmap ends with a zero byte")
                 heard = int.from_bytes(body[BODY_SIZE:], "little")
+        elif size >= SIZE_V3 and data[:PREFIX_SIZE] in self._prefixes_v3 \
+                and size == SIZE_V3 + data[BODY_SIZE_V3 - 1]:
+            body = data[:-TAG_SIZE]
+            if not compare_digest(self._tag(body), data[-TAG_SIZE:]):
+                raise HeartbeatError("tag", "the HMAC tag does not match")
+            (
+                _magic, version, msg_type, cluster_id, incarnation, sequence, epoch, node_id,
+                slot, subject, flag_bits, role_value, config_digest, view_digest,
+                echo_sequence, echo_delay, echo_node, heard_size,
+            ) = _BODY_V3.unpack_from(body)
+            if heard_size:
+                if body[-1] == 0:
+                    raise HeartbeatError("field", "the heard bitmap ends with a zero byte")
+                heard = int.from_bytes(body[BODY_SIZE_V3:], "little")
         elif size == SIZE_V2 and data[:PREFIX_SIZE] in self._prefixes_v2:
             body = data[:BODY_SIZE_V2]
             if not compare_digest(self._tag(body), data[BODY_SIZE_V2:]):
@@ -422,7 +462,7 @@ class HeartbeatCodec:
         if flag_bits & ~_FLAGS_MASK:
             raise HeartbeatError("field", f"undefined flag bits {flag_bits:#06x}")
         problem = _check_relations(msg_type, node_id, slot, subject, echo_node, echo_sequence,
-                                   echo_delay)
+                                   echo_delay, echo_bound)
         if problem is not None:
             raise HeartbeatError("field", problem)
         return Heartbeat(
@@ -443,6 +483,7 @@ class HeartbeatCodec:
             echo_delay,
             version,
             heard,
+            echo_bound,
         )
 
     def _raise_prefix_error(self, data: bytes) -> NoReturn:
@@ -453,11 +494,12 @@ class HeartbeatCodec:
             raise HeartbeatError("magic", f"magic {data[:2].hex()}, expected {MAGIC.hex()}")
         if data[2] not in VERSIONS:
             raise HeartbeatError("version", f"version {data[2]}, only {VERSIONS} are known")
-        if data[2] == VERSION:
-            if len(data) < SIZE:
-                raise HeartbeatError("length", f"{len(data)} bytes, a version {VERSION} "
-                                     f"heartbeat has at least {SIZE}")
-            size = SIZE + data[BODY_SIZE - 1]
+        if data[2] >= 3:
+            least, body_size = (SIZE, BODY_SIZE) if data[2] == 4 else (SIZE_V3, BODY_SIZE_V3)
+            if len(data) < least:
+                raise HeartbeatError("length", f"{len(data)} bytes, a version {data[2]} "
+                                     f"heartbeat has at least {least}")
+            size = least + data[body_size - 1]
         else:
             size = _SIZES[data[2]]
         if len(data) != size:
