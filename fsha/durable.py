@@ -6,7 +6,7 @@ incremental path cannot be trusted) and, at start, loads the origins of nodes th
 alive (``LoadMachine``), applied as replication snapshots only over older positions. The
 keys, the write and load rules and their limits: ``docs/protocol/durable.rst``.
 
-Why about 650 lines: writing and loading share one Redis layout, its keys and its
+Why about 700 lines: writing and loading share one Redis layout, its keys and its
 counters.
 """
 

@@ -27,9 +27,10 @@ formats: :mod:`fsha.limitbook`):
   profile) the adopted calls' hiredis units are taken again (``t/`` records, then the
   exactly-once ``INCR`` script), before any release.
 
-Why about 650 lines: the node's side of limits is one service (polling, totals,
-adoption, reconciliation, releases) over one limit book; its logic and record formats
-are apart in ``fsha.limitbook``.
+Why about 800 lines: the node's side of limits is one service (polling, totals,
+adoption, reconciliation, releases, its life) over one limit book, whose parts share
+the book, the timers and the jobs in flight; its logic and record formats are apart in
+``fsha.limitbook``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
+from automat import MethodicalMachine
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
@@ -95,6 +97,62 @@ class LimitESL(Protocol):
     def subscribe(self, *names: str) -> Deferred[None]: ...
 
 
+class LimitLife:
+    """The limit service's life: idle -> running -> stopped (and running again on a new
+    start). The machine owns it: ``start``/``stop`` in a state where they do not apply are
+    explicit no-ops, so the service feeds them without checking first. What is in flight
+    (a poll, a sweep, a reconciliation, releases) is a one-job guard of its own, not a
+    state; the three timers are armed while running and cancelled on the way out."""
+
+    _machine = MethodicalMachine()
+
+    def __init__(self, service: LimitService) -> None:
+        self._service = service
+
+    @_machine.state(initial=True, serialized="idle")
+    def idle(self) -> None:
+        "Never started."
+
+    @_machine.state(serialized="running")
+    def running(self) -> None:
+        "Polling, sweeping, reconciling, releasing."
+
+    @_machine.state(serialized="stopped")
+    def stopped(self) -> None:
+        "Its usage and adoptions have left the cluster totals."
+
+    @_machine.input()
+    def start(self) -> None:
+        "The service starts."
+
+    @_machine.input()
+    def stop(self) -> None:
+        "The service stops."
+
+    @_machine.output()
+    def _begin(self) -> None:
+        self._service._begin()
+
+    @_machine.output()
+    def _withdraw(self) -> None:
+        self._service._withdraw()
+
+    @_machine.output()
+    def _disarm(self) -> None:
+        self._service._disarm()
+
+    @_machine.serializer()
+    def name(self, state: str) -> str:
+        return state
+
+    idle.upon(start, enter=running, outputs=[_begin])
+    stopped.upon(start, enter=running, outputs=[_begin])
+    running.upon(start, enter=running, outputs=[])
+    running.upon(stop, enter=stopped, outputs=[_withdraw, _disarm])
+    idle.upon(stop, enter=idle, outputs=[])
+    stopped.upon(stop, enter=stopped, outputs=[])
+
+
 class LimitService(service.Service):
     """See the module doc. ``publish`` streams this node's changes to its peers."""
 
@@ -126,10 +184,12 @@ class LimitService(service.Service):
         # its slot up because its FreeSWITCH stopped answering did not stop the profile,
         # so that FreeSWITCH gave nothing back
         self.peer_fs_ok = peer_fs_ok
-        self._running = False
+        self._life = LimitLife(self)
+        # armed while running only (LimitLife's outputs and their own callbacks)
         self._poll_timer: IDelayedCall | None = None
         self._sweep_timer: IDelayedCall | None = None
         self._retry_timer: IDelayedCall | None = None
+        # one job in flight each (not states: see LimitLife)
         self._polling = False
         self._sweeping = False
         self._releasing = False
@@ -159,10 +219,26 @@ class LimitService(service.Service):
         p = self.state.position(node)
         return None if p is None else p.incarnation
 
+    @property
+    def life(self) -> str:
+        """idle, running or stopped (:class:`LimitLife`)."""
+        return self._life.name()
+
+    @property
+    def _running(self) -> bool:
+        return self._life.name() == "running"
+
     def start(self) -> None:
-        if self._running:
-            return
-        self._running = True
+        self._life.start()
+
+    def stop(self) -> None:
+        """Stop; this node's usage and adoptions leave the cluster totals (its slot was
+        handed over before: the successor adopts the calls it recovers). Its pending
+        releases and supersede records stay: a successor finishes the former, and the
+        latter keep dead nodes from counting again."""
+        self._life.stop()
+
+    def _begin(self) -> None:
         self.esl.add_event_listener(self._on_hangup, HANGUP_EVENT)
         events = [HANGUP_EVENT]
         if self.limits.hiredis_realms:
@@ -190,20 +266,16 @@ class LimitService(service.Service):
         self.stop()
         return defer.succeed(None)
 
-    def stop(self) -> None:
-        """Stop; this node's usage and adoptions leave the cluster totals (its slot was
-        handed over before: the successor adopts the calls it recovers). Its pending
-        releases and supersede records stay: a successor finishes the former, and the
-        latter keep dead nodes from counting again."""
-        if self._running:
-            for key in list(self._own(self.book.usage)):
-                self._delete(NO_SLOT, USAGE_PREFIX + key)
-            for uuid in list(self._own(self.book.adopted)):
-                self._delete(self._adoption_slot(uuid), ADOPT_PREFIX + uuid)
-            # handed over: the profile stop hung these calls up, FreeSWITCH released them
-            for uuid, h in list(self._own(self.book.held).items()):
-                self._delete(h.slot, HELD_PREFIX + uuid)
-        self._running = False
+    def _withdraw(self) -> None:
+        for key in list(self._own(self.book.usage)):
+            self._delete(NO_SLOT, USAGE_PREFIX + key)
+        for uuid in list(self._own(self.book.adopted)):
+            self._delete(self._adoption_slot(uuid), ADOPT_PREFIX + uuid)
+        # handed over: the profile stop hung these calls up, FreeSWITCH released them
+        for uuid, h in list(self._own(self.book.held).items()):
+            self._delete(h.slot, HELD_PREFIX + uuid)
+
+    def _disarm(self) -> None:
         for timer in (self._poll_timer, self._sweep_timer, self._retry_timer):
             if timer is not None and timer.active():
                 timer.cancel()

@@ -424,7 +424,7 @@ class RequestTimingTests(ClientTestBase):
         self.assertEqual(seen, [("api status", 5.0, "timeout"), ("api uptime", 5.0, "lost")])
 
     def test_labels_never_carry_arguments(self) -> None:
-        from fsha.eslclient import request_label
+        from fsha.eslprotocol import request_label
 
         self.assertEqual(request_label("auth ***"), "auth")
         self.assertEqual(request_label("api hash insert/fsha_reg/1000@x/slot1"), "api hash")

@@ -782,3 +782,41 @@ class StatusAndMetricsTests(SynchronousTestCase):
         self.assertEqual(one(samples, "fsha_redis_up"), 0.0)
         self.assertEqual(one(samples, "fsha_limit_node_usage", node=cl.nodes[2].name,
                              key="realm_a"), 1.0)
+
+
+class LifeTests(SynchronousTestCase):
+    """LimitLife owns the service's life; start and stop are total (no-ops where they do
+    not apply), and nothing is armed once stopped."""
+
+    def test_start_stop_restart(self) -> None:
+        cl = Cluster(n=2)
+        n1, n2 = (n.node_id for n in cl.nodes)
+        svc = cl.svcs[n1]
+        self.assertEqual(svc.life, "running")
+        svc.start()  # again: nothing more armed, nothing subscribed twice
+        self.assertEqual(svc.life, "running")
+        cl.write_call(n1, 0, Call("c0", frozenset({"realm_a"}), ()))
+        cl.poll()
+        self.assertEqual(cl.svcs[n2].book.totals(), {"realm_a": 1})
+        svc.stop()
+        self.assertEqual(svc.life, "stopped")
+        self.assertEqual(cl.svcs[n2].book.totals(), {})  # its usage left the totals
+        self.assertEqual((svc._poll_timer, svc._sweep_timer, svc._retry_timer),
+                         (None, None, None))
+        armed = len(cl.clock.getDelayedCalls())
+        cl.clock.advance(cl.limits.poll_interval)
+        self.assertLessEqual(len(cl.clock.getDelayedCalls()), armed)  # n2's only
+        svc.stop()  # again: a no-op
+        self.assertEqual(svc.life, "stopped")
+        svc.start()
+        self.assertEqual(svc.life, "running")
+        cl.poll()
+        self.assertEqual(cl.svcs[n2].book.totals(), {"realm_a": 1})
+
+    def test_stop_before_start_is_a_no_op(self) -> None:
+        cl = Cluster(n=1)
+        (n1,) = (n.node_id for n in cl.nodes)
+        idle = LimitService(cl.fs[n1], cl.states[n1], CONFIG, cl.nodes[0], cl.clock,
+                            cl.limits)
+        idle.stop()
+        self.assertEqual(idle.life, "idle")

@@ -55,9 +55,6 @@ Per peer, of this node's own origin: in changes (written minus acknowledged) and
 age of the oldest change the peer has not acknowledged, from :class:`WriteTimes`). Each ACK
 also gives a sample of the replication delay: acknowledgement time minus write time of the
 newest change it covers (``on_lag``).
-
-Why about 650 lines: the serving and receiving halves of one session share its
-flow control (window, acknowledgements, pause).
 """
 
 from __future__ import annotations

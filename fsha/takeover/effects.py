@@ -1,7 +1,7 @@
 """The effects of owning a slot: :class:`SlotEffects`, the acquire and release sequences
 (docs/takeover.rst specifies every step).
 
-Over 600 lines on purpose: the acquire steps, their rollback (release) and the deferred
+Why about 1,300 lines: the acquire steps, their rollback (release) and the deferred
 profile stops share one object's state (the slot's pending stops, the standby flag, the
 reports, the progress deadline); split by step, each part would reach into the others.
 The report, the records and the timeouts live beside it in this package."""
