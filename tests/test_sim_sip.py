@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase
 
-from fsha.sim.sip import SipParseError, UdpSipBinder, respond
+from fsha.sim.sip import SipParseError, SipResponder, UdpSipBinder, respond
 from fsha.sim.switch import Profile
 
 OPTIONS = (
@@ -105,6 +105,21 @@ class RespondTests(SynchronousTestCase):
             respond(data, node="n", standby=False, src=("1.2.3.4", 1), local=("1.1.1.1", 1))
         except SipParseError:
             pass
+
+
+class _Unreachable:
+    def write(self, data: bytes, addr: object) -> None:
+        raise OSError(101, "Network is unreachable")
+
+
+class ResponderTests(SynchronousTestCase):
+    def test_an_answer_that_cannot_leave_is_counted_not_raised(self) -> None:
+        # the floating address left this host between the request and the answer
+        responder = SipResponder(Profile("slot1", "127.0.1.1", 5060), lambda: "fs1",
+                                 lambda: False)
+        responder.transport = _Unreachable()  # type: ignore[assignment]
+        responder.datagramReceived(OPTIONS, ("10.0.0.1", 5070))
+        self.assertEqual((responder.answered, responder.dropped), (0, 1))
 
 
 class BinderTests(SynchronousTestCase):

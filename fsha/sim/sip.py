@@ -175,8 +175,16 @@ class SipResponder(DatagramProtocol):
                       profile=self.profile.name, addr=addr, error=str(e))
             return
         if out is not None and self.transport is not None:
+            try:
+                self.transport.write(out, addr)
+            except OSError as e:
+                # the floating address just left this host (a release): the answer is
+                # lost, as a real FreeSWITCH's would be; counted, never an unhandled error
+                self.dropped += 1
+                log.debug("sip {profile}: cannot answer {addr}: {error}",
+                          profile=self.profile.name, addr=addr, error=str(e))
+                return
             self.answered += 1
-            self.transport.write(out, addr)
 
 
 class UdpSipBinder:
