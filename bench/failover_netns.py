@@ -73,9 +73,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def trial(interval_ms: int, dead_after_ms: int) -> dict[str, float]:
+def trial(interval_ms: int, dead_after_ms: int, dead_after_min_ms: int | None = None,
+          nice: int = 0) -> dict[str, float]:
     with NetnsCluster(nodes=3, slots=2, interval_ms=interval_ms,
-                      dead_after_ms=dead_after_ms) as cluster:
+                      dead_after_ms=dead_after_ms, dead_after_min_ms=dead_after_min_ms,
+                      nice=nice) as cluster:
         try:
             cluster.start(timeout=60)
             view = cluster.wait_converged(timeout=60)
@@ -86,6 +88,11 @@ def trial(interval_ms: int, dead_after_ms: int) -> dict[str, float]:
             wait_for("the client to reach slot1", lambda: probe.last_node(ip) == master, 20)
             # a short steady state before the fault (the client's answers are the clock)
             wait_for("50 answers", lambda: len(probe.answers_for(ip)) >= 50, 20)
+            # the silence the candidate would judge death just before the kill: what the
+            # master's heartbeats showed until then (fsha.detector; its sender's stalls)
+            seen = next(n for n in cluster.status(cluster.node(candidate))["nodes"]
+                        if n["name"] == master)
+            bound = max(v.get("bound_ms", 0.0) for v in seen["networks"].values())
             killed = cluster.kill_host(master)
             wait_for("the client to reach the new master",
                      lambda: probe.last_node(ip) == candidate, 30)
@@ -118,6 +125,11 @@ def trial(interval_ms: int, dead_after_ms: int) -> dict[str, float]:
                     "agreement_ms": (claim - down) * 1000,
                     "acquire_ms": (took - claim) * 1000,
                     "first_answer_ms": (first - took) * 1000, **steps,
+                    "bound_before_kill_ms": bound,
+                    "silent_at_peer_down_ms": float(next(
+                        e.get("silent_ms", math.nan) for e in events
+                        if e["event"] == "peer-down" and e["peer"] == master
+                        and e["time"] >= killed)),
                     "false_peer_down": float(false_downs), "load1": os.getloadavg()[0]}
         except (HarnessError, StopIteration):
             print(cluster.all_logs(), file=sys.stderr)
@@ -280,6 +292,11 @@ def main(argv: list[str]) -> int:
                    help="trials (default 30 with the simulator, 3 per mode with real)")
     p.add_argument("--interval-ms", type=int, default=20)
     p.add_argument("--dead-after-ms", type=int, default=100)
+    p.add_argument("--nice", type=int, default=0,
+                   help="run fsha with this niceness (as systemd's Nice=; -20..19)")
+    p.add_argument("--dead-after-min-ms", type=int, default=None,
+                   help="the adaptive detector's floor (cluster.dead_after_min_ms); "
+                        "--dead-after-ms is then its ceiling")
     p.add_argument("--freeswitch", choices=("sim", "real"), default="sim")
     p.add_argument("--profiles", choices=("classic", "hot_standby", "both"), default="both",
                    help="real: [takeover] profiles")
@@ -306,7 +323,8 @@ def main(argv: list[str]) -> int:
     if args.vs_keepalived:
         from bench.vs_keepalived import run
 
-        result = run(args.trials, args.soak, args.interval_ms, args.dead_after_ms)
+        result = run(args.trials, args.soak, args.interval_ms, args.dead_after_ms,
+                     args.dead_after_min_ms)
         print(json.dumps(result))
         return 0 if "skipped" not in result and not any(
             result[s]["failed_trials"] for s in ("fsha", "keepalived-0.01", "keepalived-0.1")
@@ -317,7 +335,7 @@ def main(argv: list[str]) -> int:
     failures = 0
     for n in range(1, args.trials + 1):
         try:
-            r = trial(args.interval_ms, args.dead_after_ms)
+            r = trial(args.interval_ms, args.dead_after_ms, args.dead_after_min_ms, args.nice)
         except (HarnessError, StopIteration) as e:
             failures += 1
             print(f"trial {n}: FAILED: {e}", flush=True)
@@ -327,6 +345,7 @@ def main(argv: list[str]) -> int:
     summary: dict[str, Any] = {
         "benchmark": "failover_netns", "trials": args.trials, "failed_trials": failures,
         "heartbeat_interval_ms": args.interval_ms, "dead_after_ms": args.dead_after_ms,
+        "dead_after_min_ms": args.dead_after_min_ms, "nice": args.nice,
         "probe_interval_ms": 10, "target": TARGET,
         "false_peer_down": int(sum(r["false_peer_down"] for r in results)),
         "load1": [round(min(r["load1"] for r in results), 2),

@@ -137,7 +137,8 @@ class Records:
     def __init__(self, calls: list[Any], regs: list[Any]) -> None:
         self.calls, self.regs = calls, regs
 
-    def rows_for(self, slot: Any, previous: Any) -> tuple[list[Any], list[Any]]:
+    def rows_for(self, slot: Any, previous: Any, progress: Any = None
+                 ) -> tuple[list[Any], list[Any]]:
         return self.calls, self.regs
 
 

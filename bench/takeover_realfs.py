@@ -47,7 +47,8 @@ def acquire(fs: RealFS, rows: list[tuple[Any, ...]], batch: int) -> dict[str, An
              for r in rows]
 
     class Records:
-        def rows_for(self, slot: Any, previous: Any) -> tuple[list[Any], list[Any]]:
+        def rows_for(self, slot: Any, previous: Any, progress: Any = None
+                     ) -> tuple[list[Any], list[Any]]:
             return calls, []
 
     out: dict[str, Any] = {}

@@ -167,24 +167,16 @@ def _serving(cluster: NetnsCluster, ip: str, node: str, probe: Any) -> None:
     wait_for("50 answers", lambda: len(probe.answers_for(ip)) >= 50, 20)
 
 
-def idle_trial(system: str, interval_ms: int, dead_after_ms: int) -> dict[str, float]:
+def idle_trial(system: str, interval_ms: int, dead_after_ms: int,
+               dead_after_min_ms: int | None = None) -> dict[str, float]:
     load = os.getloadavg()[0]
     if system == "fsha":
-        with NetnsCluster(nodes=3, slots=2, interval_ms=interval_ms,
-                          dead_after_ms=dead_after_ms) as cluster:
-            cluster.start(timeout=60)
-            view = cluster.wait_converged(timeout=60)
-            master = {s["name"]: s["owner"] for s in view["slots"]}["slot1"]
-            candidate = view["ranking"][0]
-            ip = cluster.floating_ip(1)
-            probe = cluster.start_probe(duration=60)
-            _serving(cluster, ip, master, probe)
-            killed = cluster.kill_host(master)
-            wait_for("the new master", lambda: probe.last_node(ip) == candidate, 30)
-            wait_for("20 answers", lambda: len(probe.answers_for(ip, killed)) >= 20, 20)
-            probe.stop()
-            gap, _ = outage(probe.answers_for(ip), killed)
-            return {"outage_ms": gap * 1000, "load1": load}
+        # the same trial as failover_netns.py's, with its phases (where the time goes)
+        from bench.failover_netns import trial
+
+        r = trial(interval_ms, dead_after_ms, dead_after_min_ms)
+        return {"outage_ms": r["downtime_ms"], "load1": load,
+                **{k: r[k] for k in PHASES if k in r}}
     advert = float(system.rpartition("-")[2])
     with KeepalivedCluster(advert) as ka:
         ka.start()
@@ -200,13 +192,20 @@ def idle_trial(system: str, interval_ms: int, dead_after_ms: int) -> dict[str, f
         return {"outage_ms": gap * 1000, "load1": load}
 
 
-def stress_run(system: str, seconds: float, interval_ms: int, dead_after_ms: int
-               ) -> dict[str, float]:
+#: fsha's phases kept from each idle trial (bench/failover_netns.py)
+PHASES = ("detection_ms", "agreement_ms", "acquire_ms", "first_answer_ms",
+          "bound_before_kill_ms", "false_peer_down")
+
+
+def stress_run(system: str, seconds: float, interval_ms: int, dead_after_ms: int,
+               dead_after_min_ms: int | None = None) -> dict[str, float]:
     """Scenario 6 on both cluster networks: nobody killed; what moved, the longest gap."""
     impaired = ("A", "B")
     if system == "fsha":
         cluster: NetnsCluster = NetnsCluster(nodes=3, slots=2, interval_ms=interval_ms,
-                                             dead_after_ms=dead_after_ms, emulated=impaired)
+                                             dead_after_ms=dead_after_ms,
+                                             dead_after_min_ms=dead_after_min_ms,
+                                             emulated=impaired)
     else:
         cluster = KeepalivedCluster(float(system.rpartition("-")[2]), emulated=impaired)
     with cluster:
@@ -297,7 +296,8 @@ def _moves(cluster: NetnsCluster) -> int:
     return fsha_counts(_fsha_logs(cluster))["takeovers"]
 
 
-def run(rounds: int, soak: float, interval_ms: int, dead_after_ms: int) -> dict[str, Any]:
+def run(rounds: int, soak: float, interval_ms: int, dead_after_ms: int,
+        dead_after_min_ms: int | None = None) -> dict[str, Any]:
     if subprocess.run(["sh", "-c", "command -v keepalived"], capture_output=True,
                       timeout=10).returncode != 0:
         return {"benchmark": "failover_netns_vs_keepalived",
@@ -307,33 +307,38 @@ def run(rounds: int, soak: float, interval_ms: int, dead_after_ms: int) -> dict[
     for n in range(1, rounds + 1):
         for system in SYSTEMS:  # alternating: each round runs every system once
             try:
-                r = idle_trial(system, interval_ms, dead_after_ms)
+                r = idle_trial(system, interval_ms, dead_after_ms, dead_after_min_ms)
             except (HarnessError, StopIteration) as e:
                 failures[system] += 1
                 print(f"round {n} {system}: FAILED: {e}", flush=True)
                 continue
             idle[system].append(r)
-            print(f"round {n} {system}: outage {r['outage_ms']:.1f} ms, load {r['load1']:.2f}",
-                  flush=True)
+            phases = ", ".join(f"{k} {r[k]:.1f}" for k in PHASES if k in r)
+            print(f"round {n} {system}: outage {r['outage_ms']:.1f} ms, load {r['load1']:.2f}"
+                  + (f", {phases}" if phases else ""), flush=True)
     stress: dict[str, dict[str, float]] = {}
     if soak > 0:
         for system in SYSTEMS:
             try:
                 stress[system] = {k: round(v, 2) for k, v in
-                                  stress_run(system, soak, interval_ms, dead_after_ms).items()}
+                                  stress_run(system, soak, interval_ms, dead_after_ms,
+                                             dead_after_min_ms).items()}
             except (HarnessError, StopIteration) as e:
                 print(f"stress {system}: FAILED: {e}", flush=True)
                 continue
             print(f"stress {system}: {stress[system]}", flush=True)
     out: dict[str, Any] = {"benchmark": "failover_netns_vs_keepalived", "rounds": rounds,
                            "soak_s": soak, "heartbeat_interval_ms": interval_ms,
-                           "dead_after_ms": dead_after_ms, "probe_interval_ms": 10,
+                           "dead_after_ms": dead_after_ms,
+                           "dead_after_min_ms": dead_after_min_ms, "probe_interval_ms": 10,
                            "goal": {"idle_p50_ms": 50, "idle_p99_ms": 80,
                                     "stress_false_takeovers": 0}}
     for system in SYSTEMS:
         values = [r["outage_ms"] for r in idle[system]]
         loads = [r["load1"] for r in idle[system]]
         out[system] = {"idle_outage_ms": summary(values), "failed_trials": failures[system],
+                       **{f"idle_{k}": summary([r[k] for r in idle[system] if k in r])
+                          for k in PHASES if any(k in r for r in idle[system])},
                        "idle_load1": [round(min(loads), 2), round(max(loads), 2)]
                        if loads else None, "stress": stress.get(system)}
     return out

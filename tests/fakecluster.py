@@ -10,6 +10,7 @@ restarted (new incarnation).
 from __future__ import annotations
 
 import copy
+import random
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,9 @@ from fsha.wire.heartbeat import Role
 DEMO = Path(__file__).resolve().parent.parent / "conf" / "demo.toml"
 SECRET = b"fake-cluster-secret-0123456789"
 LATENCY = 0.001
+#: One impaired cable (tests/e2e/linkemu.py's model of scenario 6): 5 % loss, 0-40 ms.
+HOP_LOSS = 0.05
+HOP_JITTER = 0.040
 
 
 def make_config(nodes: int = 3, slots: int = 2, **cluster: Any) -> ClusterConfig:
@@ -109,6 +113,10 @@ class FakeCluster:
         self.blocked: set[tuple[str, str]] = set()  # (from, to) node pairs that cannot talk
         self.loss: dict[str, float] = {}
         self.latency: dict[str, float] = {}  # per network name; LATENCY otherwise
+        # impaired cables every datagram crosses (HOP_LOSS, HOP_JITTER each), drawn from
+        # hop_rng so a seeded run repeats exactly
+        self.hops = 0
+        self.hop_rng = random.Random(1)
         self.delivered = 0
         self._incarnation = 1000
         self._by_address: dict[tuple[int, str], tuple[str, int]] = {}
@@ -154,8 +162,12 @@ class FakeCluster:
             target = self._by_address.get((index, address[0]))
             if target is None or (name, target[0]) in self.blocked:
                 return
-            self.clock.callLater(self.latency.get(network, LATENCY), self._deliver, target[0],
-                                 index, network, data, source)
+            delay = self.latency.get(network, LATENCY)
+            for _ in range(self.hops):
+                if self.hop_rng.random() < HOP_LOSS:
+                    return
+                delay += self.hop_rng.uniform(0.0, HOP_JITTER)
+            self.clock.callLater(delay, self._deliver, target[0], index, network, data, source)
         return send
 
     def _deliver(self, target: str, index: int, network: str, data: bytes,
@@ -257,3 +269,15 @@ class FakeCluster:
 
     def roles_of(self) -> dict[str, str]:
         return {n.me.name: n.role.name.lower() for n in self.live()}
+
+
+def impairable_cluster(config: ClusterConfig, seed: int = 1) -> FakeCluster:
+    """``config``'s cluster converged on clean links (0.5 ms), seeded so that setting
+    ``hops`` later impairs every path of every network reproducibly."""
+    c = FakeCluster(config)
+    c.hop_rng = random.Random(seed)
+    c.latency = {net.name: 0.0005 for net in config.networks}
+    c.start_all()
+    c.advance(3.0)
+    assert c.masters() == {"slot1": "fs1", "slot2": "fs2"}, c.roles_of()
+    return c

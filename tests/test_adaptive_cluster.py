@@ -5,7 +5,6 @@ heartbeats (version 4), or the floor for a peer that states none."""
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -13,40 +12,16 @@ from twisted.trial.unittest import SynchronousTestCase
 from fsha.detector import FailureDetector
 from fsha.quorum import QuorumTracker, lease_for
 from fsha.wire.heartbeat import NO_NODE, NO_SLOT, Flags, Heartbeat, MessageType, Role
-from tests.fakecluster import FakeCluster, make_config
+from tests.fakecluster import FakeCluster, impairable_cluster, make_config
 from tests.test_bench_stress import kinds, soak
 
 ADAPTIVE = dict(heartbeat_interval_ms=5, dead_after_min_ms=25, dead_after_ms=100)
 
 
-def impaired_cluster(seed: int = 1, **timings: Any) -> tuple[FakeCluster, list[int]]:
-    """3 nodes, 2 slots, converged on clean links; ``hops[0]`` impaired cables (5 % loss,
-    0-40 ms each, tests/e2e/linkemu.py's model) on every path of both networks once a test
-    sets it."""
-    rng = random.Random(seed)
-    hops = [0]
-    c = FakeCluster(make_config(3, 2, **(timings or ADAPTIVE)))
-
-    def sender(name: str, index: int, network: str) -> Any:
-        source = (c.config.node(name).addresses[network], c.config.networks[index].port)
-
-        def send(data: bytes, address: Any) -> None:
-            target = c._by_address.get((index, address[0]))
-            if target is None:
-                return
-            delay = 0.0005
-            for _ in range(hops[0]):
-                if rng.random() < 0.05:
-                    return
-                delay += rng.uniform(0.0, 0.040)
-            c.clock.callLater(delay, c._deliver, target[0], index, network, data, source)
-        return send
-
-    c._sender = sender  # type: ignore[method-assign]
-    c.start_all()
-    c.advance(3.0)
-    assert c.masters() == {"slot1": "fs1", "slot2": "fs2"}, c.roles_of()
-    return c, hops
+def impaired_cluster(seed: int = 1, **timings: Any) -> FakeCluster:
+    """3 nodes, 2 slots, converged on clean links; a test sets ``hops`` to impair every
+    path of both networks (tests.fakecluster.HOP_LOSS, HOP_JITTER per cable)."""
+    return impairable_cluster(make_config(3, 2, **(timings or ADAPTIVE)), seed)
 
 
 def downs(c: FakeCluster, since: float) -> list[tuple[str, str, float]]:
@@ -56,7 +31,7 @@ def downs(c: FakeCluster, since: float) -> list[tuple[str, str, float]]:
 
 class Cluster(SynchronousTestCase):
     def test_a_clean_link_is_judged_at_the_floor(self) -> None:
-        c, _ = impaired_cluster()
+        c = impaired_cluster()
         status = c.nodes["fs3"].status()
         bounds = {n["name"]: n["networks"]["A"]["bound_ms"] for n in status["nodes"]
                   if not n["self"]}
@@ -75,8 +50,8 @@ class Cluster(SynchronousTestCase):
         """Scenario 6 on both networks (5 % loss, 20 +- 20 ms): the onset may cost a
         master its lease (a link that was clean promised the floor; it re-claims its own
         slot), never a takeover nor two holders; once learnt, nothing moves."""
-        c, hops = impaired_cluster()
-        hops[0] = 1
+        c = impaired_cluster()
+        c.hops = 1
         onset = kinds(soak(c, 1.0))
         self.assertEqual((onset["takeovers"], onset["peer_down"]), (0, 0), onset)
         calm = kinds(soak(c, 3.0))
@@ -90,8 +65,8 @@ class Cluster(SynchronousTestCase):
     def test_the_fixed_floor_flaps_where_the_adaptive_one_does_not(self) -> None:
         """The same stress with a fixed 25 ms (5/25, the lowest the config accepts): the
         masters keep losing their leases. (The test above can fail.)"""
-        c, hops = impaired_cluster(heartbeat_interval_ms=5, dead_after_ms=25)
-        hops[0] = 1
+        c = impaired_cluster(heartbeat_interval_ms=5, dead_after_ms=25)
+        c.hops = 1
         soak(c, 1.0)
         calm = kinds(soak(c, 3.0))
         self.assertGreater(calm["lease_expired"], 3, calm)
@@ -100,7 +75,7 @@ class Cluster(SynchronousTestCase):
         """A master whose process stalls 50 ms on an idle link looks dead at a 25 ms floor
         the first time (its slot moves); the same stall of that node later is a silence
         its link has shown, and nothing moves."""
-        c, _ = impaired_cluster()
+        c = impaired_cluster()
         t = c.clock.seconds()
         c.stall("fs1", 0.050)
         c.advance(1.0)

@@ -10,44 +10,22 @@ path (scenario 6's 5 % and 20 +- 20 ms) leaves the masters alone."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from bench.vs_keepalived import fsha_counts
-from tests.fakecluster import FakeCluster, make_config
+from tests.fakecluster import FakeCluster, impairable_cluster, make_config
 
 
 def impaired_cluster(hops: int, seed: int = 1) -> FakeCluster:
     """3 nodes, 2 slots at 20/100 ms, converged on clean links; from then on every datagram
     crosses ``hops`` impaired cables, each 5 % loss and 20 +- 20 ms (tests/e2e/linkemu.py's
     model), on both networks."""
-    rng = random.Random(seed)
-    impaired = [0]
-    c = FakeCluster(make_config(3, 2, heartbeat_interval_ms=20, dead_after_ms=100))
-
-    def sender(name: str, index: int, network: str) -> Any:
-        source = (c.config.node(name).addresses[network], c.config.networks[index].port)
-
-        def send(data: bytes, address: Any) -> None:
-            target = c._by_address.get((index, address[0]))
-            if target is None:
-                return
-            delay = 0.0005
-            for _ in range(impaired[0]):
-                if rng.random() < 0.05:
-                    return
-                delay += rng.uniform(0.0, 0.040)
-            c.clock.callLater(delay, c._deliver, target[0], index, network, data, source)
-        return send
-
-    c._sender = sender  # type: ignore[method-assign]
-    c.start_all()
-    c.advance(3.0)
-    assert c.masters() == {"slot1": "fs1", "slot2": "fs2"}, c.roles_of()
-    impaired[0] = hops
+    c = impairable_cluster(make_config(3, 2, heartbeat_interval_ms=20, dead_after_ms=100),
+                           seed)
+    c.hops = hops
     return c
 
 

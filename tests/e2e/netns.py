@@ -319,6 +319,7 @@ class NetnsCluster(LoopbackCluster):
 
     def __init__(self, nodes: int = 3, slots: int = 2, *, networks: int = 2,
                  interval_ms: int = 20, dead_after_ms: int = 100, profile_guard: int = 0,
+                 dead_after_min_ms: int | None = None, nice: int = 0,
                  arping_count: int = 3, workdir: Path | None = None,
                  keep: bool = False, emulated: tuple[str, ...] = (),
                  fence_command: list[str] | None = None, fence_timeout_ms: int = 10_000
@@ -329,6 +330,10 @@ class NetnsCluster(LoopbackCluster):
             raise ValueError(f"need 2..{len(NETWORK_NAMES)} cluster networks")
         self.node_count, self.slot_count = nodes, slots
         self.interval_ms, self.dead_after_ms = interval_ms, dead_after_ms
+        self.dead_after_min_ms = dead_after_min_ms  # the adaptive detector's floor
+        # fsha's scheduling niceness (systemd's Nice=): below 0, the node's reactor gets
+        # the CPU before the simulators, the probe and the load of other jobs
+        self.nice = nice
         self.networks = list(NETWORK_NAMES[:networks])
         self.profile_guard, self.arping_count = profile_guard, arping_count
         unknown = set(emulated) - set(self.networks)
@@ -480,7 +485,9 @@ class NetnsCluster(LoopbackCluster):
         doc: dict[str, Any] = {
             "cluster": {"name": "e2e", "secret_file": str(secret),
                         "heartbeat_interval_ms": self.interval_ms,
-                        "dead_after_ms": self.dead_after_ms, "quorum": "majority"},
+                        "dead_after_ms": self.dead_after_ms, "quorum": "majority",
+                        **({} if self.dead_after_min_ms is None
+                           else {"dead_after_min_ms": self.dead_after_min_ms})},
             "state": {"dir": "state/{node}"},
             "floating_ip": {"backend": "ip", "arping_count": self.arping_count,
                             "timeout_ms": 5000}}
@@ -517,8 +524,9 @@ class NetnsCluster(LoopbackCluster):
         ensure_cluster_pki(load_config(self.config_path))
 
     def start_node(self, node: NodeProcesses) -> None:
-        argv = ["ip", "netns", "exec", self.ns(node), *TWISTD, "-n", "--pidfile=", "fsha",
-                "--config", str(self.config_path), "--node", node.name]
+        argv = ["ip", "netns", "exec", self.ns(node),
+                *(["nice", "-n", str(self.nice)] if self.nice else []), *TWISTD, "-n",
+                "--pidfile=", "fsha", "--config", str(self.config_path), "--node", node.name]
         with open(node.log_path, "ab") as log:
             node.fsha = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
