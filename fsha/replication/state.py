@@ -1,9 +1,5 @@
 """The replicated state every node holds: the records of every origin, and their logs.
 
-Why about 630 lines: the records, the log, the expiry heap, the counts and the digest keep
-one shared bookkeeping of each record (one object per record, issue 16's memory); apart,
-each would reach into the others' tables.
-
 Model
 -----
 Each node is the *origin* of the records it writes (a master writes its calls,
