@@ -17,6 +17,12 @@ def _short(digest: str | None) -> str:
     return (digest or "?")[:8]
 
 
+def _epoch(status: JSON) -> str:
+    """`` epoch N`` (nothing from a node that does not say)."""
+    epoch = (status.get("config") or {}).get("epoch")
+    return "" if epoch is None else f" epoch {epoch}"
+
+
 def _me(status: JSON) -> JSON:
     return next(n for n in status["nodes"] if n["self"])
 
@@ -50,7 +56,7 @@ def table(order: list[str], views: Mapping[str, JSON | str]) -> list[str]:
     row("role", lambda v: v["role"] + (f" {v['slot']}/{v['epoch']}" if v.get("slot") else ""))
     row("quorum", lambda v: ("ok" if v["quorum"]["ok"] else "LOST")
         + f" {v['quorum']['alive']} of {v['quorum']['required']}")
-    row("config", lambda v: _short(v.get("config_digest")))
+    row("config", lambda v: _short(v.get("config_digest")) + _epoch(v))
     row("view", lambda v: _short(v.get("view_digest")))
     for other in order:
         def sees(v: JSON, other: str = other) -> str:
@@ -78,14 +84,17 @@ def disagreements(order: list[str], views: Mapping[str, JSON | str]) -> list[str
     answered = {n: v for n, v in views.items() if isinstance(v, dict)}
     found: list[str] = []
     for key, what, why in (
-            ("config_digest", "config", "a rollout not finished? takeovers wait while the "
-                                        "files give different views"),
+            ("config_digest", "config", "config mismatch: a push or rollout not finished? "
+                                        "the same fsha config push again brings the nodes "
+                                        "behind up; takeovers wait while the files give "
+                                        "different views"),
             ("view_digest", "view of the cluster", "transient during a change; persistent "
                                                    "means different inputs")):
-        groups = _groups({n: v.get(key) or "?" for n, v in answered.items()})
+        groups = _groups({n: _short(v.get(key)) + (_epoch(v) if key == "config_digest"
+                                                   else "") for n, v in answered.items()})
         if len(groups) > 1:
             parts = [f"{_names(names)} {'runs' if len(names) == 1 else 'run'} "
-                     f"{_short(value)}" for value, names in groups]
+                     f"{value}" for value, names in groups]
             found.append(f"the {what} differs: {'; '.join(parts)} ({why})")
     slot_names = [s["name"] for s in next(iter(answered.values()))["slots"]] if answered \
         else []

@@ -35,7 +35,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from twisted.logger import (
+    Logger,
+    formatEventAsClassicLogText,
+    globalLogBeginner,
+    textFileLogObserver,
+)
 
 from fsha.localdrop import GuardSettings, LocalEffects, report_problems
 from fsha.wire.guard import (
@@ -358,10 +363,47 @@ def _ignore_stop_signals() -> None:
             "guard: signal {num} ignored: leaving when fsha's pipe closes", num=num))
 
 
+class AppendingLogObserver:
+    """Log lines appended to ``path``, the file opened for each line: fsha's own log
+    (twistd ``--logfile``), which twistd may rotate (rename) under the guard; the guard
+    logs a few lines per slot event, so reopening costs nothing that matters. ``json``:
+    the lines as :func:`fsha.logs.render_json` writes them (``--logger=fsha.logs.json``)."""
+
+    def __init__(self, path: str, json: bool = False) -> None:
+        self.path = path
+        self.json = json
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        from fsha.logs import render_json
+
+        if self.json:
+            line = render_json(event)
+        else:
+            text = formatEventAsClassicLogText(event)
+            if not text:
+                return
+            line = text
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+        except OSError:
+            sys.stderr.write(line)  # the file went away: at least not lost on purpose
+
+
+def log_observer(argv: list[str]) -> Any:
+    """``--logfile PATH`` [``--log-format json``]: fsha's log file; else standard error."""
+    path = argv[argv.index("--logfile") + 1] if "--logfile" in argv[:-1] else None
+    as_json = "--log-format" in argv[:-1] and argv[argv.index("--log-format") + 1] == "json"
+    if path:
+        return AppendingLogObserver(path, as_json)
+    return textFileLogObserver(sys.stderr)
+
+
 def serve(argv: list[str] | None = None) -> int:
-    """``python -m fsha.guard``: the guard process (stdin/stdout: the pipe to fsha)."""
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
-                                     redirectStandardIO=False)
+    """``python -m fsha.guard [--logfile PATH [--log-format json]]``: the guard process
+    (stdin/stdout: the pipe to fsha; its log lines to fsha's log file, else stderr)."""
+    args = sys.argv[1:] if argv is None else argv
+    globalLogBeginner.beginLoggingTo([log_observer(args)], redirectStandardIO=False)
     _ignore_stop_signals()
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
     return GuardProcess(sys.stdin.fileno(), out).run()

@@ -596,6 +596,16 @@ class ClusterNode:
         hb = peer.latest if peer is not None else None
         return None if hb is None else bool(hb.flags & Flags.FS_OK)
 
+    def replace_config(self, config: ClusterConfig) -> None:
+        """Run with ``config`` from now on: an online change (``fsha config push``) that
+        :func:`fsha.configplan.diff` allowed (priorities, ``[notify]``): the same nodes,
+        networks and slots, so every id and address stays valid. Heartbeats carry the new
+        digest from the next tick; the roles are recomputed at once."""
+        self.config = config
+        self.me = config.node(self.me.name)
+        self._state_keys.clear()  # a peer's "foreign" flag is judged anew
+        self._evaluate()
+
     def members(self) -> list[Member]:
         nodes = self.config.nodes
         result = [Member(self.me.node_id, self.me.name, self.me.priority, self.incarnation,

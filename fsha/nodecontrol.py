@@ -1,10 +1,13 @@
-"""The control endpoint each node serves beside its status: maintenance and switchover.
+"""The control endpoint each node serves beside its status: maintenance, switchover and
+an online config change.
 
-``POST /control/maintenance`` (``{"on": true|false}``) and ``POST /control/switchover``
-(``{"slot": NAME, "to": NODE|null}``) on the node's status address. Every request is
-signed for one node (:mod:`fsha.wire.control`): a node refuses one meant for another node
-(421), an old bearer token, a replay, a stale or forged signature (401), and changes
-nothing. The commands that send them are in :mod:`fsha.cli.control`.
+``POST /control/maintenance`` (``{"on": true|false}``), ``POST /control/switchover``
+(``{"slot": NAME, "to": NODE|null}``) and ``POST /control/config/{show,stage,activate,
+abort,relay}`` (``fsha config push``: :mod:`fsha.configstage`,
+:mod:`fsha.replication.relay`) on the node's status address. Every request is signed
+for one node (:mod:`fsha.wire.control`): a node refuses one meant for another node (421),
+an old bearer token, a replay, a stale or forged signature (401), and changes nothing.
+The commands that send them are in :mod:`fsha.cli.control` and :mod:`fsha.cli.config`.
 
 The status site reads a request's headers before its body: :class:`StatusSite` makes
 requests that check a control request's signature, and any request's announced length,
@@ -25,13 +28,19 @@ from urllib.parse import unquote_to_bytes
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import http, resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from fsha.configstage import ConfigStager, Refused
 from fsha.node import ClusterNode
+from fsha.replication.relay import ControlRelay
 from fsha.wire.control import Accepted, ControlAuth, Refusal, body_digest
 from fsha.wire.heartbeat import Role
+from fsha.wire.stream import ControlAnswer, ControlRequest
 
 MAX_BODY = 16 * 1024  # control bodies are a few dozen bytes; status and metrics have none
+MAX_CONFIG_BODY = 1024 * 1024  # a pushed config file (JSON-quoted)
+CONFIG_PATH = b"/control/config/"
+RELAY_PATH = b"/control/config/relay"
 log = Logger()
 
 
@@ -40,6 +49,11 @@ def _is_control(path: bytes) -> bool:
     a false positive only asks a status request for a signature.)"""
     segments = [s for s in unquote_to_bytes(path).split(b"/") if s]
     return bool(segments) and segments[0] == b"control"
+
+
+def max_body(path: bytes) -> int:
+    """The largest body a request to ``path`` may have."""
+    return MAX_CONFIG_BODY if path.startswith(CONFIG_PATH) else MAX_BODY
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +73,15 @@ class ControlStats:
 class ControlResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self, node: ClusterNode, auth: ControlAuth, clock: IReactorTime) -> None:
+    def __init__(self, node: ClusterNode, auth: ControlAuth, clock: IReactorTime,
+                 config: ConfigStager | None = None, relay: ControlRelay | None = None
+                 ) -> None:
         super().__init__()
         self.node = node
+        self.config = config
+        self.relay = relay
+        if relay is not None:
+            relay.handler = self.relayed
         self.auth = auth
         self.clock = clock
         self.accepted = 0  # authentic requests for this node
@@ -104,18 +124,25 @@ class ControlResource(resource.Resource):
                                         path)
         if isinstance(verdict, Refusal):
             return self._answer(request, verdict.code, {"error": verdict.message})
-        raw = request.content.read(MAX_BODY + 1) if request.content else b""
-        if len(raw) > MAX_BODY:
+        limit = max_body(path)
+        raw = request.content.read(limit + 1) if request.content else b""
+        if len(raw) > limit:
             return self._answer(request, 413, {"error": "request body too large"})
+        if path == RELAY_PATH:
+            return self._relay(request, raw, verdict)
+        code, result = self.execute(path, raw, verdict)
+        return self._answer(request, code, result)
+
+    def execute(self, path: bytes, raw: bytes, verdict: Accepted) -> tuple[int, dict[str, Any]]:
+        """An authentic request's effect: (HTTP status, JSON answer)."""
         if not hmac.compare_digest(body_digest(raw), verdict.body):
-            return self._answer(request, 400, {"error": "the body does not match its "
-                                                        "signature"})
+            return 400, {"error": "the body does not match its signature"}
         try:
             body = json.loads(raw or b"{}")
             if not isinstance(body, dict):
                 raise ValueError("the body must be a JSON object")
         except ValueError as e:
-            return self._answer(request, 400, {"error": f"bad request: {e}"})
+            return 400, {"error": f"bad request: {e}"}
         node = self.node
         try:
             if path == b"/control/maintenance":
@@ -138,13 +165,107 @@ class ControlResource(resource.Resource):
                     raise ValueError('"slot" must be a slot name, "to" a node name or null')
                 successor = node.switchover(slot, to)
                 result = {"slot": slot, "from": node.me.name, "to": successor}
+            elif path.startswith(CONFIG_PATH) and self.config is not None:
+                result = self._config(path[len(CONFIG_PATH):], body)
             else:
-                return self._answer(request, 404, {"error": "no such control command"})
+                return 404, {"error": "no such control command"}
         except ValueError as e:
-            return self._answer(request, 409, {"error": str(e)})
+            return 409, {"error": str(e)}
+        except Refused as e:
+            log.warn("control: {path} refused: {why}", path=path.decode(errors="replace"),
+                     why="; ".join(e.reasons))
+            return 409, {"error": "; ".join(e.reasons), "reasons": e.reasons,
+                         "node": node.me.name}
+        # a config request's text is not logged (it holds ESL passwords)
+        shown = {k: v for k, v in result.items() if k != "text"} \
+            if path.startswith(CONFIG_PATH) else body
         log.info("control: {path} {body} done", path=path.decode(errors="replace"),
-                 body=json.dumps(body))
-        return self._answer(request, 200, result)
+                 body=json.dumps(shown))
+        return 200, result
+
+    def relayed(self, frame: ControlRequest) -> ControlAnswer:
+        """A request another node relays to this one over its replication link: checked
+        exactly as an HTTP request to this endpoint (signed for this node, fresh, new)."""
+        path = frame.path.encode("ascii")
+        verdict = self.authenticate(frame.auth.encode("latin-1"), b"POST", path)
+        if isinstance(verdict, Refusal):
+            code, result = verdict.code, {"error": verdict.message}
+        elif not path.startswith(CONFIG_PATH) or path == RELAY_PATH:
+            code, result = 404, {"error": "only /control/config/* requests are relayed"}
+        elif len(frame.body) > max_body(path):
+            code, result = 413, {"error": "request body too large"}
+        else:
+            code, result = self.execute(path, frame.body, verdict)
+        return ControlAnswer(frame.id, code, json.dumps(result).encode() + b"\n")
+
+    def _relay(self, request: Request, raw: bytes, verdict: Accepted) -> Any:
+        """``POST /control/config/relay`` (``{"to", "path", "auth", "body"}``): send a
+        request signed for another node over the replication link to it, and answer with
+        its answer (``{"status", "answer"}``): fsha.replication.relay."""
+        if not hmac.compare_digest(body_digest(raw), verdict.body):
+            return self._answer(request, 400, {"error": "the body does not match its "
+                                                        "signature"})
+        try:
+            body = json.loads(raw or b"{}")
+            fields = [body.get(k) if isinstance(body, dict) else None
+                      for k in ("to", "path", "auth", "body")]
+            if not all(isinstance(f, str) and f.isascii() for f in fields):
+                raise ValueError('"to", "path", "auth" and "body" must be ASCII strings')
+        except ValueError as e:
+            return self._answer(request, 400, {"error": f"bad request: {e}"})
+        if self.relay is None:
+            return self._answer(request, 404, {"error": "no replication links here (no "
+                                                        "[tls]): cannot relay"})
+        to, path, auth, inner = fields
+        finished = []
+        request.notifyFinish().addBoth(finished.append)
+
+        def answered(result: tuple[int, bytes]) -> None:
+            status, answer = result
+            try:
+                decoded = json.loads(answer)
+            except ValueError:
+                decoded = {"error": answer.decode(errors="replace")}
+            if not finished:
+                request.write(self._answer(request, 200, {"status": status,
+                                                          "answer": decoded}))
+                request.finish()
+
+        def failed(f: Any) -> None:
+            if not finished:
+                request.write(self._answer(request, 504, {"error": f.getErrorMessage()}))
+                request.finish()
+
+        d = self.relay.request(to, auth, path, inner.encode("ascii"))
+        d.addCallbacks(answered, failed)
+        d.addErrback(lambda f: log.failure("relaying {path} to {to} failed", f, path=path,
+                                           to=to))
+        return NOT_DONE_YET
+
+    def _config(self, command: bytes, body: dict[str, Any]) -> dict[str, Any]:
+        assert self.config is not None
+        if command == b"show":
+            return self.config.show()
+        epoch = body.get("epoch")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 < epoch < 1 << 62:
+            raise ValueError('"epoch" must be a positive integer')
+        if command == b"stage":
+            text = body.get("text")
+            if not isinstance(text, str):
+                raise ValueError('"text" must be the config file\'s text')
+            return self.config.stage(epoch, text)
+        digest = body.get("digest")
+        try:
+            raw_digest = bytes.fromhex(digest) if isinstance(digest, str) else b""
+        except ValueError:
+            raw_digest = b""
+        if len(raw_digest) != 8:
+            raise ValueError('"digest" must be the config digest (16 hex digits)')
+        if command == b"activate":
+            return self.config.activate(epoch, raw_digest)
+        if command == b"abort":
+            return self.config.abort(epoch, raw_digest)
+        raise ValueError(f"no such config command {command.decode(errors='replace')!r}")
 
     @staticmethod
     def _answer(request: Request, code: int, body: dict[str, Any]) -> bytes:
@@ -174,6 +295,7 @@ class StatusRequest(Request):
     fsha_control: Accepted | None = None
     _refused = False
     _received = 0
+    _limit = MAX_BODY
 
     def gotLength(self, length: int | None) -> None:
         # The request line is parsed, the headers are in, not a byte of body yet. The
@@ -191,16 +313,17 @@ class StatusRequest(Request):
             if isinstance(verdict, Refusal):
                 return self._refuse(verdict.code, verdict.message)
             self.fsha_control = verdict
-        if length is not None and length > MAX_BODY:
-            return self._refuse(413, f"request body of {length} bytes: at most {MAX_BODY}")
+        self._limit = max_body(path)
+        if length is not None and length > self._limit:
+            return self._refuse(413, f"request body of {length} bytes: at most {self._limit}")
         self.content = io.BytesIO()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
             return
         self._received += len(data)
-        if self._received > MAX_BODY:  # chunked: no length announced
-            self._refuse(413, f"request body over {MAX_BODY} bytes")
+        if self._received > self._limit:  # chunked: no length announced
+            self._refuse(413, f"request body over {self._limit} bytes")
             return
         self.content.write(data)
 

@@ -72,9 +72,10 @@ def problems(status: JSON) -> list[str]:
                 when = f"for {heard / 1000:.1f} s" if heard is not None else "since start"
                 found.append(f"network {net}: {node['name']} unreachable {when}")
         if node.get("config") == "other":
-            found.append(f"{node['name']} runs a different config file (a rollout under "
-                         "way? finish it: takeovers wait while the files give different "
-                         "views)")
+            found.append(f"config mismatch: {node['name']} runs a different config file "
+                         "(a push or rollout not finished? fsha status --all names each "
+                         "node's epoch; the same fsha config push again brings the nodes "
+                         "behind up; takeovers wait while the files give different views)")
         if node.get("live") is False:
             found.append(f"{node['name']} is heard but has not shown it is live now (no "
                          "echo of this node's heartbeats yet: counts for no quorum)")
@@ -184,6 +185,16 @@ def _age(node: JSON) -> str:
     return f"{min(heard) / 1000:.1f} s ago" if heard else ""
 
 
+def config_label(status: JSON) -> str:
+    """``a1b2c3d4e5f60718 epoch 6`` (+ ``, epoch 7 staged``): the config a node runs."""
+    config = status.get("config") or {}
+    label = f"{status.get('config_digest', '?')} epoch {config.get('epoch', '?')}"
+    staged = config.get("staged")
+    if staged:
+        label += f", epoch {staged['epoch']} staged"
+    return label
+
+
 def render(status: JSON) -> str:
     lines: list[str] = []
     q = status["quorum"]
@@ -191,7 +202,7 @@ def render(status: JSON) -> str:
                  f"({status['role']}{' of ' + status['slot'] if status['slot'] else ''})   "
                  f"quorum {'ok' if q['ok'] else 'LOST'} ({q['alive']} seen, "
                  f"{q['required']} needed)   "
-                 f"config {status['config_digest']}")
+                 f"config {config_label(status)}")
     nets = [n["name"] for n in status.get("networks", [])] or \
         sorted({k for node in status["nodes"] for k in node["networks"]})
     header = ["NODE", "ROLE", "RANK", "SLOT", "EPOCH", *[f"NET {n}" for n in nets], "FLAGS"]

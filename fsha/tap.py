@@ -8,6 +8,8 @@ A config problem ends the process with status 2 and one line naming the file and
 from __future__ import annotations
 
 import gc
+import itertools
+import os
 import sys
 import time
 from typing import Any
@@ -28,6 +30,7 @@ from fsha.config import (
     read_redis_password,
     timing_warnings,
 )
+from fsha.configstage import ConfigStager
 from fsha.durable import DurableStore, key_prefix
 from fsha.egress import EgressFence, FenceStatus, NftEgressFence
 from fsha.eslclient import ConnectionState
@@ -41,6 +44,7 @@ from fsha.history import HistoryResource, StateDir, read_history
 from fsha.latch import Latch
 from fsha.limitservice import LimitService
 from fsha.localdrop import GuardSettings, report_problems
+from fsha.logs import logfile_argument
 from fsha.memtrim import MemoryTrimmer
 from fsha.metrics import SessionWatch, StatsSources, metrics_resource
 from fsha.node import ClusterNode
@@ -197,6 +201,17 @@ class NodeService(service.Service):
         return d
 
 
+def guard_log_args(argv: list[str]) -> list[str]:
+    """Where the guard logs: fsha's own ``--logfile`` (twistd's, made absolute) in fsha's
+    format, so a daemon's guard lines are not lost on a closed stderr; [] without one."""
+    path = logfile_argument(argv)
+    if path is None:
+        return []
+    as_json = "--logger=fsha.logs.json" in argv or any(
+        a == "--logger" and b == "fsha.logs.json" for a, b in itertools.pairwise(argv))
+    return ["--logfile", os.path.abspath(path), "--log-format", "json" if as_json else "text"]
+
+
 def state_dir(config: ClusterConfig, me: NodeConfig) -> StateDir | None:
     """The node's state directory (history, maintenance); None, said once, if the default
     one cannot be used (an explicit one was checked at start: fsha.startup)."""
@@ -328,7 +343,8 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         lease = guard_config.lease if guard_config is not None else default_lease(
             config.heartbeat_interval, config.detection_floor)
         guard = GuardLink(GuardSettings.from_config(config, me, lease), node, reactor,
-                          given_up=guard_given_up)
+                          given_up=guard_given_up,
+                          argv=[sys.executable, "-m", "fsha.guard", *guard_log_args(sys.argv)])
     effects.add_report_listener(
         lambda report: node.record_event("takeover-" + report.action, **report.as_event()))
     # a takeover of a big slot frees the rows it wrote: give the memory back
@@ -378,7 +394,23 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
             flush_interval=config.redis.durable_flush,
             names={n.node_id: n.name for n in config.nodes}, loaded=durable_loaded)
 
-    control = ControlResource(node, ControlAuth(options.secret, config.name, me.name), reactor)
+    notifier: Notifier | None = None
+
+    def apply_config(new: ClusterConfig) -> None:
+        """An online change (fsha.configstage): only what fsha.configplan.diff allows
+        (priorities, [notify]) differs, so swapping the config where it is read is all."""
+        node.replace_config(new)
+        if replication is not None:
+            replication.config, replication.me = new, new.node(me.name)
+            # after this request's answer is on its way (it may ride on such a link)
+            reactor.callLater(0, replication.close_control_links)
+        if notifier is not None and new.notify is not None:
+            notifier.config = new.notify
+
+    stager = ConfigStager(config, me.name, options.secret, reactor, apply_config,
+                          node.record_event)
+    control = ControlResource(node, ControlAuth(options.secret, config.name, me.name), reactor,
+                              stager, replication.relay if replication is not None else None)
 
     def status() -> dict[str, Any]:
         result = node.status()
@@ -396,10 +428,12 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         result["guard"] = guard.status() if guard is not None else {"enabled": False}
         result["history"] = state.status() if state is not None else None
         result["notify"] = notifier.status() if notifier is not None else None
+        result["config"] = stager.status()
+        if replication is not None:
+            result["config"]["relay"] = replication.relay.status()
         return result
 
     state = state_dir(config, me)
-    notifier: Notifier | None = None
     if config.notify is not None:
         notifier = Notifier(config.notify, config.name, me.name, reactor,
                             ProcessRunner(reactor))
@@ -408,6 +442,9 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         node.add_event_listener(state.record)
         node.add_event_listener(lambda e: state.set_maintenance(bool(e["on"]))
                                 if e["event"] == "maintenance" else None)
+        # an online change (fsha config push) is the config a restart reads: remember it
+        node.add_event_listener(lambda e: state.config_changed(e["digest"])
+                                if e["event"] == "config" else None)
         previous = state.config_changed(config.digest.hex())
         if previous is not None:
             node.record_event("config", digest=config.digest.hex(), previous=previous)

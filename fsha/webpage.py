@@ -18,7 +18,7 @@ from typing import Any
 from twisted.web import resource
 from twisted.web.server import Request
 
-from fsha.status import event_text, problems
+from fsha.status import config_label, event_text, problems
 
 JSON = dict[str, Any]
 REFRESH_S = 2.0
@@ -68,7 +68,7 @@ def render_view(status: JSON, history: list[JSON] | None = None) -> str:
              + (f" of {escape(status['slot'])}" if status.get("slot") else "") + ")</h1>",
              f"<div>quorum <span class=\"{'ok' if q['ok'] else 'bad'}\">"
              f"{'ok' if q['ok'] else 'LOST'}</span> ({q['alive']} seen, {q['required']} "
-             f"needed) &middot; config <code>{escape(status['config_digest'])}</code>"
+             f"needed) &middot; config <code>{escape(config_label(status))}</code>"
              f" &middot; view <code>{escape(status['view_digest'])}</code></div>"]
     nets = [n["name"] for n in status.get("networks", [])]
     rows = []

@@ -57,6 +57,7 @@ TIERS: dict[str, str] = {
     "test_ocf_agent.py": "process",
     "test_operations.py::OperationsClusterTests": "process",
     "test_operations.py::StartupProcessTests": "process",
+    "test_config_push_process.py": "process",
     "test_packaging.py": "process",
     "test_webpage.py::BrowserTests": "process",
     "test_process.py::RealProcessTests": "process",

@@ -93,7 +93,7 @@ class StatusNameTests(SynchronousTestCase):
     (``freeswitch.probe``, ``limits.totals``...) is in a real node's status."""
 
     SECTIONS = {"control", "freeswitch", "replication", "feeds", "takeover", "fsevents",
-                "limits", "redis", "durable", "guard", "history", "notify"}
+                "limits", "redis", "durable", "guard", "history", "notify", "config"}
     FILE_SUFFIXES = {"service", "jsonl", "conf", "toml", "py", "rst", "xml", "db", "key",
                      "secret", "timer", "socket"}
 

@@ -26,7 +26,16 @@ from fsha.replication.link import (
     node_at,
     server_tls,
 )
-from fsha.wire.stream import Change, Frame, Hello, Keepalive, Kind, Op, Position
+from fsha.wire.stream import (
+    Change,
+    ControlRequest,
+    Frame,
+    Hello,
+    Keepalive,
+    Kind,
+    Op,
+    Position,
+)
 from tests.test_pki import write_config
 
 ALPHA_IP = "127.0.1.1"  # alpha's address on network a
@@ -246,6 +255,34 @@ class LinkTests(SynchronousTestCase):
         self.assertGreaterEqual(server.stats.refused["hello"] + client.stats.refused["hello"], 1)
         self.assertEqual(set(server.stats.refused) | set(client.stats.refused), {"hello"})
         self.assertNoLink(client, server)
+
+    def test_config_digest_mismatch_control_only(self) -> None:
+        # a handler that takes control-only links (the replication service): the link
+        # stays up for control frames, refuses replicated data, and is never "up"
+        text = (self.dir / "cluster.toml").read_text()
+        other_dir = Path(self.mktemp())
+        other_dir.mkdir()
+        (other_dir / "cluster.toml").write_text(
+            text.replace('secret_file = "secret"',
+                         'secret_file = "secret"\nheartbeat_interval_ms = 20'))
+        (other_dir / "secret").write_bytes(b"0123456789abcdef0123")
+        (other_dir / "pki").symlink_to((self.dir / "pki").resolve())
+        other = load_config(other_dir / "cluster.toml")
+        controls: list[str] = []
+        Recorder.control_link_up = (  # type: ignore[attr-defined]
+            lambda self, link, peer, hello: controls.append(peer.name))
+        self.addCleanup(delattr, Recorder, "control_link_up")
+        client, server, pump = self.connect(client_config=other)
+        self.assertEqual(sorted(controls), ["alpha", "beta"])
+        self.assertNoLink(client, server)
+        self.assertEqual(dict(server.stats.refused), {})
+        request = ControlRequest(1, "auth", "/control/config/show", b"{}")
+        client.link.send(request)
+        pump.flush()
+        self.assertEqual(server.handler.frames, [request])
+        client.link.send(Keepalive(5, 0))  # replicated-state frames are refused
+        pump.flush()
+        self.assertRefused(server, "hello")
 
     def test_node_at(self) -> None:
         self.assertEqual(node_at(self.config, "127.0.2.1"), self.alpha)

@@ -14,6 +14,8 @@ from fsha.wire import stream
 from fsha.wire.stream import (
     Ack,
     Change,
+    ControlAnswer,
+    ControlRequest,
     Frame,
     Hello,
     Keepalive,
@@ -45,6 +47,9 @@ VECTORS: dict[str, Frame] = {
                             key=UUID, op=Op.DELETE, value=b"", expires_ms=0),
     "ack": Ack(positions=(Position(1, 7, 1002),)),
     "keepalive": Keepalive(sent=123456789, echo=987654321),
+    "control-request": ControlRequest(id=5, auth="FSHA v2 mac=ab",
+                                      path="/control/config/abort", body=b'{"epoch":6}'),
+    "control-answer": ControlAnswer(id=5, status=200, body=b'{"dropped":6}'),
 }
 
 
@@ -87,6 +92,28 @@ class GoldenVectorTests(SynchronousTestCase):
         payload = struct.pack(">HQQHBBQH", 1, 7, 1001, 3, 1, 1, 0, len(key)) + key + b"<xml/>"
         self.assertEqual(encode(VECTORS["change-put"]),
                          struct.pack(">IBB", len(payload), 1, 5) + payload)
+
+    def test_control_request_by_hand(self) -> None:
+        # u32 id, u16 + auth, u16 + path, body: written out without the codec
+        payload = (struct.pack(">IH", 5, 14) + b"FSHA v2 mac=ab" + struct.pack(">H", 21)
+                   + b"/control/config/abort" + b'{"epoch":6}')
+        self.assertEqual(encode(VECTORS["control-request"]),
+                         struct.pack(">IBB", len(payload), 1, 8) + payload)
+
+    def test_control_frames_refuse_bad_fields(self) -> None:
+        for bad in (ControlRequest(1, "é", "/p", b""), ControlRequest(1, "a", "/p", "x"),  # type: ignore[arg-type]
+                    ControlAnswer(1, 99, b""), ControlAnswer(1 << 32, 200, b"")):
+            with self.assertRaises(ValueError):
+                encode(bad)
+        # a path length running past the frame, and a non-ASCII auth
+        overrun = struct.pack(">IH", 5, 1) + b"A" + struct.pack(">H", 50) + b"/x"
+        with self.assertRaises(StreamError) as e:
+            decode_one(struct.pack(">IBB", len(overrun), 1, 8) + overrun)
+        self.assertEqual(e.exception.reason, "length")
+        latin = struct.pack(">IH", 5, 1) + b"\xe9" + struct.pack(">H", 1) + b"/"
+        with self.assertRaises(StreamError) as e:
+            decode_one(struct.pack(">IBB", len(latin), 1, 8) + latin)
+        self.assertEqual(e.exception.reason, "field")
 
     def test_decoded_enums(self) -> None:
         frame = decode_one(encode(VECTORS["change-put"]))
@@ -131,6 +158,9 @@ frames = st.one_of(
     changes(),
     st.builds(Ack, positions()),
     st.builds(Keepalive, u64, u64),
+    st.builds(ControlRequest, u32, st.text(st.characters(max_codepoint=127), max_size=60),
+              st.text(st.characters(max_codepoint=127), max_size=40), values),
+    st.builds(ControlAnswer, u32, st.integers(100, 999), values),
 )
 
 
@@ -238,7 +268,7 @@ class ErrorTests(SynchronousTestCase):
     def test_version_and_type(self) -> None:
         self.assertReason(header(0, version=2)[:5], "version")
         self.assertReason(header(0, frame_type=0), "type")
-        self.assertReason(header(0, frame_type=8), "type")
+        self.assertReason(header(0, frame_type=10), "type")
 
     def test_lengths(self) -> None:
         self.assertReason(header(15, frame_type=7) + bytes(15), "length")

@@ -15,6 +15,8 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "check-config": ("fsha.cli.check_config", "validate a cluster config file (exit 0 or 2)"),
     "status": ("fsha.cli.status", "show the cluster as a node sees it"),
+    "config": ("fsha.cli.config", "config push FILE: change every node's config online "
+                                  "(--dry-run: the difference and what moves)"),
     "demo": ("fsha.demo", "run a live demo cluster on loopback"),
     "sim": ("fsha.sim.cli", "run the FreeSWITCH simulator"),
     "certs": ("fsha.pki", "cluster PKI: init a CA, issue and show node certificates"),

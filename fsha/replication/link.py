@@ -50,7 +50,14 @@ from zope.interface import implementer
 from fsha import pki
 from fsha.config import ClusterConfig, NodeConfig
 from fsha.wire import stream
-from fsha.wire.stream import Frame, Hello, StreamDecoder, StreamError
+from fsha.wire.stream import (
+    ControlAnswer,
+    ControlRequest,
+    Frame,
+    Hello,
+    StreamDecoder,
+    StreamError,
+)
 
 __all__ = [
     "HANDSHAKE_TIMEOUT",
@@ -201,6 +208,7 @@ class LinkProtocol(Protocol):
         self.expected = expected
         self.peer: NodeConfig | None = None
         self.peer_hello: Hello | None = None
+        self.control_only = False  # a peer running another config: control frames only
         self._decoder = StreamDecoder()
         self._timeout: IDelayedCall | None = None
         self._verified = False
@@ -296,10 +304,21 @@ class LinkProtocol(Protocol):
                 self._refuse(PeerRejected("hello", f"HELLO from node id {frame.node}, the "
                                                    f"certificate is {self.peer.name!r} "
                                                    f"(id {self.peer.node_id})"))
-            elif frame.config_digest != self.factory.config.digest:
+            elif frame.config_digest != self.factory.config.digest and getattr(
+                    self.factory.handler, "control_link_up", None) is None:
                 self._refuse(PeerRejected("hello", f"{self.peer.name!r} runs config digest "
                                                    f"{frame.config_digest.hex()}, this node "
                                                    f"{self.factory.config.digest.hex()}"))
+            elif frame.config_digest != self.factory.config.digest:
+                # Another config: no replicated state crosses (its slots and nodes may mean
+                # something else), only signed control requests, so that fsha config push
+                # can bring a node that is behind up to the cluster's config.
+                self.peer_hello = frame
+                self.control_only = True
+                if self._timeout is not None and self._timeout.active():
+                    self._timeout.cancel()
+                self._timeout = None
+                self.factory.handler.control_link_up(self, self.peer, frame)  # type: ignore[attr-defined]
             else:
                 self.peer_hello = frame
                 if self._timeout is not None and self._timeout.active():
@@ -312,6 +331,10 @@ class LinkProtocol(Protocol):
             return
         if isinstance(frame, Hello):
             self._refuse(PeerRejected("hello", "a second HELLO"))
+            return
+        if self.control_only and not isinstance(frame, ControlRequest | ControlAnswer):
+            self._refuse(PeerRejected("hello", "replicated data on a link between two "
+                                               "configs"))
             return
         self.factory.handler.frame_received(self, frame)
 

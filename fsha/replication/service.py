@@ -24,6 +24,10 @@ Local changes
 The node writes through :meth:`ReplicationService.put` / :meth:`~ReplicationService.delete`
 (not ``state.put`` directly: the service must see the change to stream it). Changes made
 during one reactor turn are encoded once, as one batch, and offered to every peer's session.
+
+Why about 610 lines: the links' whole lifecycle (listening, dialling per route, redialling,
+sessions, control-only links) is one state per peer; split, each half would reach into
+the other's peer records.
 """
 
 from __future__ import annotations
@@ -56,11 +60,12 @@ from fsha.replication.link import (
     client_tls,
     server_tls,
 )
+from fsha.replication.relay import ControlRelay
 from fsha.replication.session import LiveBatch, PeerSession, SessionConfig, WriteTimes
 from fsha.replication.state import DEFAULT_LOG_LIMIT, ReplicatedState
 from fsha.replication.stats import LinkCounts, PeerStats, ReplicationStats
 from fsha.wire import stream
-from fsha.wire.stream import NO_SLOT, Change, Frame, Hello, Kind
+from fsha.wire.stream import NO_SLOT, Change, ControlAnswer, ControlRequest, Frame, Hello, Kind
 
 __all__ = ["ReplicationService", "dial_routes", "listen_addresses"]
 
@@ -127,6 +132,16 @@ class _Factory(LinkFactory):
         self.owner = owner
         self.dialled = peer
 
+    # The listening factory lives as long as the service: it reads the owner's config
+    # (replaced by an online change, fsha config push) rather than keep its own.
+    @property  # type: ignore[override]
+    def config(self) -> ClusterConfig:
+        return self.owner.config
+
+    @config.setter
+    def config(self, value: ClusterConfig) -> None:
+        pass  # LinkFactory.__init__ sets it: the owner's is the one
+
     def buildProtocol(self, addr: object) -> _Link:
         link = _Link(self, self.expected)
         self.owner._connections.add(link)
@@ -186,6 +201,10 @@ class ReplicationService(service.Service):
                                      time.time_ns() if incarnation is None else incarnation,
                                      log_limit=log_limit)
         self.session_config = session_config if session_config is not None else SessionConfig()
+        # fsha config push's requests to the other nodes ride on the links
+        self.relay = ControlRelay(self._link_named, reactor)
+        # links to peers running another config: control frames only (fsha.replication.link)
+        self._control_links: dict[str, _Link] = {}
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
         self.backoff_initial = backoff_initial
@@ -431,6 +450,10 @@ class ReplicationService(service.Service):
         session.start(hello)
 
     def frame_received(self, link: LinkProtocol, frame: Frame) -> None:
+        if isinstance(frame, ControlRequest | ControlAnswer):  # not replicated state
+            if link.peer is not None:
+                self.relay.frame(link.peer.name, link, frame)
+            return
         session = link.session  # type: ignore[attr-defined]
         if session is not None:
             session.frame_received(frame)
@@ -460,6 +483,32 @@ class ReplicationService(service.Service):
             peer.closed[reason] += 1
         link.close()
 
+    def _link_named(self, name: str) -> _Link | None:
+        """The up link to the node called ``name`` (None: none up)."""
+        return next((p.link for p in self._peers.values()
+                     if p.node.name == name and p.link is not None),
+                    self._control_links.get(name))
+
+    def control_link_up(self, link: LinkProtocol, node: NodeConfig, hello: Hello) -> None:
+        """A peer running another config: the link carries control requests only, until
+        one of the two changes config (:meth:`close_control_links`)."""
+        assert isinstance(link, _Link)
+        old = self._control_links.get(node.name)
+        self._control_links[node.name] = link
+        if old is not None and old is not link:
+            old.close()
+        log.warn("replication: {peer} runs config digest {theirs}, this node {ours}: nothing "
+                 "is replicated between them until their configs are equal (fsha config "
+                 "push); the link carries control requests only", peer=node.name,
+                 theirs=hello.config_digest.hex(), ours=self.config.digest.hex())
+
+    def close_control_links(self) -> None:
+        """This node changed config: links opened between two configs are closed (and
+        redialled, to come up whole where the configs are now equal)."""
+        for link in list(self._control_links.values()):
+            if link.transport is not None:
+                link.transport.loseConnection()  # after what is written (an answer)
+
     def _peer_of(self, link: _Link) -> _Peer | None:
         for peer in self._peers.values():
             if peer.link is link:
@@ -467,6 +516,7 @@ class ReplicationService(service.Service):
         return None
 
     def _detach(self, peer: _Peer, why: str) -> None:
+        self.relay.link_closed(peer.node.name)
         link, session = peer.link, peer.session
         if session is not None:
             session.stop()
@@ -487,6 +537,9 @@ class ReplicationService(service.Service):
     def _connection_closed(self, link: _Link, dialled: _Peer | None, was_up: bool,
                            reason: Failure) -> None:
         self._connections.discard(link)
+        if link.peer is not None and self._control_links.get(link.peer.name) is link:
+            del self._control_links[link.peer.name]
+            self.relay.link_closed(link.peer.name)
         lost = self._lost.pop(link, None)
         peer = self._peer_of(link)
         if peer is not None:
@@ -553,7 +606,7 @@ class ReplicationService(service.Service):
             links=LinkCounts(established=counts.established, refused=dict(counts.refused),
                              unexpected_inbound=self.unexpected_inbound,
                              bytes_in=counts.bytes_in, bytes_out=counts.bytes_out),
-            peers=peers)
+            peers=peers, control_links=tuple(sorted(self._control_links)))
 
     def status(self) -> dict[str, Any]:
         return self.stats().as_status()

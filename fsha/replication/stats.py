@@ -103,6 +103,8 @@ class ReplicationStats:
     slots: dict[str, dict[str, int]]  # slot name -> record kind -> count
     links: LinkCounts
     peers: dict[str, PeerStats]  # by peer name
+    # peers running another config: a link for control requests only (fsha config push)
+    control_links: tuple[str, ...] = ()
 
     def as_status(self) -> dict[str, Any]:
         return {
@@ -112,7 +114,8 @@ class ReplicationStats:
             "positions": {k: list(v) for k, v in self.positions.items()},
             "slots": {k: dict(v) for k, v in self.slots.items()},
             "links": self.links.as_status(),
-            "peers": {name: p.as_status() for name, p in self.peers.items()}}
+            "peers": {name: p.as_status() for name, p in self.peers.items()},
+            "control_links": list(self.control_links)}
 
 
 @dataclass(frozen=True, slots=True)

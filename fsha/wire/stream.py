@@ -18,6 +18,8 @@ Payloads (``docs/protocol/stream.rst`` has every byte and the golden vectors)::
                     u64 expires_ms, u16 key length, key, value (rest)
     ACK             u16 count, count x POSITION
     KEEPALIVE       u64 sent, u64 echo
+    CONTROL_REQUEST u32 id, u16 auth length, auth, u16 path length, path, body (rest)
+    CONTROL_ANSWER  u32 id, u16 status, body (rest)
     POSITION        u16 origin, u64 incarnation, u64 sequence   (18 bytes)
 
 :class:`StreamDecoder` is incremental (``feed(bytes) -> list[Frame]``), rejects a frame whose
@@ -26,6 +28,9 @@ its payload), and raises nothing but :class:`StreamError`. Decoding CHANGE frame
 path: one ``unpack_from`` on the receive buffer, one copy of the value, no enum construction.
 
 This module does no I/O.
+
+Why about 620 lines: one codec for every frame type of one format (encoders, decoders and
+their checks side by side), so a change of the format is made and reviewed in one place.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ __all__ = [
     "VERSION",
     "Ack",
     "Change",
+    "ControlAnswer",
+    "ControlRequest",
     "Frame",
     "FrameType",
     "Hello",
@@ -87,6 +94,9 @@ _SNAP_END: Final = struct.Struct(">HQQI")
 _CHANGE: Final = struct.Struct(">HQQHBBQH")
 _ACK: Final = struct.Struct(">H")
 _KEEPALIVE: Final = struct.Struct(">QQ")
+_CONTROL_REQUEST: Final = struct.Struct(">IH")
+_CONTROL_ANSWER: Final = struct.Struct(">IH")
+_U16_LEN: Final = struct.Struct(">H")
 
 
 class StreamError(Exception):
@@ -119,6 +129,8 @@ class FrameType(enum.IntEnum):
     CHANGE = 5
     ACK = 6
     KEEPALIVE = 7
+    CONTROL_REQUEST = 8
+    CONTROL_ANSWER = 9
 
 
 class Kind(enum.IntEnum):
@@ -202,7 +214,26 @@ class Keepalive:
     echo: int  # the last ``sent`` received from the peer, 0 if none
 
 
-Frame = Hello | SnapshotBegin | SnapshotItem | SnapshotEnd | Change | Ack | Keepalive
+@dataclass(frozen=True, slots=True)
+class ControlRequest:
+    """A signed control request relayed to the peer (``fsha config push`` through this
+    node): the peer checks ``auth`` as its control endpoint would (fsha.wire.control)."""
+
+    id: int  # the sender's request number, echoed by the answer
+    auth: str  # the Authorization header, signed for the peer (ASCII)
+    path: str  # e.g. /control/config/stage (ASCII)
+    body: bytes  # the JSON body the signature covers
+
+
+@dataclass(frozen=True, slots=True)
+class ControlAnswer:
+    id: int  # the request's
+    status: int  # the HTTP status the control endpoint would have answered
+    body: bytes  # its JSON body
+
+
+Frame = (Hello | SnapshotBegin | SnapshotItem | SnapshotEnd | Change | Ack | Keepalive
+         | ControlRequest | ControlAnswer)
 
 _KINDS: Final = {int(k): k for k in Kind}
 _OPS: Final = {int(o): o for o in Op}
@@ -332,7 +363,36 @@ def _encode_keepalive(f: Keepalive) -> bytes:
     return _frame(FrameType.KEEPALIVE, _KEEPALIVE.pack(f.sent, f.echo))
 
 
+def _ascii(name: str, value: object) -> bytes:
+    if not isinstance(value, str) or not value.isascii():
+        raise ValueError(f"{name} must be an ASCII string")
+    raw = value.encode("ascii")
+    if len(raw) > _U16:
+        raise ValueError(f"{name} is {len(raw)} bytes, at most {_U16}")
+    return raw
+
+
+def _encode_control_request(f: ControlRequest) -> bytes:
+    _check_int("id", f.id, _U32)
+    auth, path = _ascii("auth", f.auth), _ascii("path", f.path)
+    if not isinstance(f.body, bytes):
+        raise ValueError("body must be bytes")
+    return _frame(FrameType.CONTROL_REQUEST,
+                  _CONTROL_REQUEST.pack(f.id, len(auth)) + auth
+                  + _U16_LEN.pack(len(path)) + path + f.body)
+
+
+def _encode_control_answer(f: ControlAnswer) -> bytes:
+    _check_int("id", f.id, _U32)
+    _check_int("status", f.status, 999, 100)
+    if not isinstance(f.body, bytes):
+        raise ValueError("body must be bytes")
+    return _frame(FrameType.CONTROL_ANSWER, _CONTROL_ANSWER.pack(f.id, f.status) + f.body)
+
+
 _ENCODERS: Final[dict[type, Callable[..., bytes]]] = {
+    ControlRequest: _encode_control_request,
+    ControlAnswer: _encode_control_answer,
     Hello: _encode_hello,
     SnapshotBegin: _encode_snapshot_begin,
     SnapshotItem: _encode_snapshot_item,
@@ -456,7 +516,37 @@ def _decode(frame_type: int, buf: bytearray, pos: int, end: int) -> Frame:
         if not incarnation:
             raise _bad("a snapshot needs a non-zero incarnation")
         return frame
+    if frame_type == FrameType.CONTROL_REQUEST:
+        return _decode_control_request(buf, pos, end)
+    if frame_type == FrameType.CONTROL_ANSWER:
+        if size < _CONTROL_ANSWER.size:
+            raise StreamError("length", f"CONTROL_ANSWER payload is {size} bytes, at least "
+                                        f"{_CONTROL_ANSWER.size} needed")
+        request_id, status = _CONTROL_ANSWER.unpack_from(buf, pos)
+        if not 100 <= status <= 999:
+            raise _bad(f"status {status} is not an HTTP status")
+        return ControlAnswer(request_id, status, bytes(buf[pos + _CONTROL_ANSWER.size:end]))
     raise StreamError("type", f"unknown frame type {frame_type}")
+
+
+def _decode_control_request(buf: bytearray, pos: int, end: int) -> ControlRequest:
+    if end - pos < _CONTROL_REQUEST.size:
+        raise StreamError("length", f"CONTROL_REQUEST payload is {end - pos} bytes, at "
+                                    f"least {_CONTROL_REQUEST.size + 2} needed")
+    request_id, auth_len = _CONTROL_REQUEST.unpack_from(buf, pos)
+    start = pos + _CONTROL_REQUEST.size
+    if start + auth_len + 2 > end:
+        raise StreamError("length", f"auth of {auth_len} bytes overruns the frame")
+    auth = bytes(buf[start:start + auth_len])
+    (path_len,) = _U16_LEN.unpack_from(buf, start + auth_len)
+    start += auth_len + 2
+    if start + path_len > end:
+        raise StreamError("length", f"path of {path_len} bytes overruns the frame")
+    path = bytes(buf[start:start + path_len])
+    if not auth.isascii() or not path.isascii():
+        raise _bad("auth and path must be ASCII")
+    return ControlRequest(request_id, auth.decode("ascii"), path.decode("ascii"),
+                          bytes(buf[start + path_len:end]))
 
 
 class StreamDecoder:

@@ -1,0 +1,289 @@
+"""An online config change, as pure logic: what differs, what can change without a restart,
+what will move, and the config epoch rules (``fsha config push``, :mod:`fsha.cli.config`;
+the node side is :mod:`fsha.configstage`).
+
+* **The diff.** Both configs are flattened to ``key -> value`` text (``node.fs2.priority``,
+  ``slot.pbx-a.ip``, ``notify.command``...) and compared key by key; secrets are shown as
+  a hash prefix, never in clear.
+* **Online or restart.** A change is applied online only if every running node can apply
+  it at once and mean the same thing: a node's priority (the slaves' ranking) and the
+  ``[notify]`` settings. Anything else (a node's own addresses, ports, ESL, TLS files,
+  timings, quorum, the node or slot lists, floating IPs, sections read at start) is
+  *restart-needed*: the push is refused, naming each key and why, and every node keeps
+  its config (a rolling restart with the file is the way: docs/operations.rst).
+* **What will move.** The pure role engine (:func:`fsha.roles.compute_roles`) is run on
+  the members a node's status shows, with the old and the new priorities: the ranking and
+  which orphaned slot would go to whom, before and after.
+* **Epochs.** A pushed config carries an epoch, written as the file's first line
+  (``# fsha-config-epoch: N``) so a restarted node keeps it; a file without the line is
+  epoch 0. A node stages an epoch only above the one it runs, and at most one staged
+  epoch at a time; a staged config is activated by the activate request for the same
+  epoch and digest, or dropped (abort, or :data:`STAGE_TTL` seconds without activation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fsha.config import ClusterConfig, ConfigError, NodeConfig, parse_config
+from fsha.roles import Member, compute_roles
+from fsha.wire.heartbeat import NO_SLOT, Flags, Role
+
+#: Seconds a staged config waits for its activation before it is dropped.
+STAGE_TTL = 60.0
+EPOCH_LINE = "# fsha-config-epoch: "
+_EPOCH_RE = re.compile(r"\A# fsha-config-epoch: (\d{1,18})[^\n]*\n?")
+#: Keys (regular expressions over the flattened keys) a running node applies online.
+ONLINE_KEYS = (re.compile(r"node\.[^.]+\.priority\Z"), re.compile(r"notify\.[a-z_]+\Z"))
+_SECRET_KEYS = (re.compile(r".*\.esl\.password\Z"),)
+
+
+# -- epochs in the file ---------------------------------------------------------------------
+
+
+def file_epoch(text: str) -> int:
+    """The epoch a config file's first line names (0 without one)."""
+    match = _EPOCH_RE.match(text)
+    return int(match.group(1)) if match else 0
+
+
+def with_epoch(text: str, epoch: int, note: str = "") -> str:
+    """``text`` with its epoch line set to ``epoch`` (added, or replacing the old one)."""
+    body = _EPOCH_RE.sub("", text, count=1)
+    return f"{EPOCH_LINE}{epoch}{('  ' + note) if note else ''}\n{body}"
+
+
+def parse_text(text: str, path: Path) -> ClusterConfig:
+    """A config from its text, relative paths resolved as if it were at ``path``."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
+    return parse_config(raw, path)
+
+
+# -- the diff -------------------------------------------------------------------------------
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_text(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if value is None:
+        return "(none)"
+    return str(value)
+
+
+def _section(out: dict[str, str], prefix: str, value: Any, skip: tuple[str, ...] = ()) -> None:
+    if value is None:
+        out[prefix] = "(none)"
+        return
+    for f in dataclasses.fields(value):
+        if f.name in skip:
+            continue
+        item = getattr(value, f.name)
+        if dataclasses.is_dataclass(item) and not isinstance(item, type):
+            _section(out, f"{prefix}.{f.name}", item)
+        elif isinstance(item, dict):
+            for k in sorted(item):
+                out[f"{prefix}.{f.name}.{k}"] = _text(item[k])
+        else:
+            out[f"{prefix}.{f.name}"] = _text(item)
+
+
+def flatten(config: ClusterConfig) -> dict[str, str]:
+    """Every setting of ``config`` as ``key -> text``; equal configs give equal dicts."""
+    out: dict[str, str] = {
+        "cluster.name": config.name, "cluster.secret_file": str(config.secret_file),
+        "cluster.heartbeat_interval": _text(config.heartbeat_interval),
+        "cluster.dead_after": _text(config.dead_after),
+        "cluster.discovery": _text(config.discovery), "cluster.quorum": config.quorum_spec,
+        "network (list)": _text([n.name for n in config.networks]),
+        "node (list)": _text([n.name for n in config.nodes]),
+        "slot (list)": _text([s.name for s in config.slots]),
+    }
+    for net in config.networks:
+        out[f"network.{net.name}.port"] = str(net.port)
+    for node in config.nodes:
+        _section(out, f"node.{node.name}", node, skip=("name", "node_id"))
+    for slot in config.slots:
+        out[f"slot.{slot.name}.ip"] = _text([str(ip) for ip in slot.ips])
+        out[f"slot.{slot.name}.profiles"] = _text(list(slot.profiles))
+    for name in ("floating_ip", "tls", "fencing", "limits", "redis", "guard", "takeover",
+                 "state", "notify"):
+        _section(out, name, getattr(config, name), skip=("explicit",))
+    for key in out:
+        if any(r.match(key) for r in _SECRET_KEYS):
+            out[key] = "sha256:" + hashlib.sha256(out[key].encode()).hexdigest()[:8]
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    key: str
+    old: str | None  # None: not in the old config
+    new: str | None  # None: not in the new config
+    online: bool
+    why: str  # for a restart-needed change: why, and who must restart
+
+    def __str__(self) -> str:
+        old = "(absent)" if self.old is None else self.old
+        new = "(absent)" if self.new is None else self.new
+        return f"{self.key}: {old} -> {new}"
+
+
+def _restart_reason(key: str, old: ClusterConfig) -> str:
+    parts = key.split(".")
+    if parts[0] == "node" and len(parts) > 2 and parts[1] in {n.name for n in old.nodes}:
+        return f"{parts[1]}'s own {'.'.join(parts[2:])}: restart {parts[1]} with the file"
+    if key.endswith("(list)"):
+        return "the cluster's shape: a rolling restart (docs/operations.rst, Config rollouts)"
+    if parts[0] == "notify":
+        return "[notify] added or removed: the notifier is made at start-up; restart each node"
+    if parts[0] == "cluster":
+        return "every node reads it at start-up: a rolling restart (whole-cluster for the " \
+               "secret or name)"
+    if parts[0] == "slot":
+        return "a slot's addresses or profiles: its master holds the old ones; restart " \
+               "each node (slaves first, then switch the slot over)"
+    if parts[0] == "network":
+        return "heartbeat sockets are bound at start-up: a rolling restart"
+    return f"[{parts[0]}] is read at start-up: restart each node"
+
+
+def diff(old: ClusterConfig, new: ClusterConfig) -> list[Change]:
+    """Every setting that differs, each marked online or restart-needed (with why)."""
+    a, b = flatten(old), flatten(new)
+    notify_both = old.notify is not None and new.notify is not None
+    changes = []
+    for key in sorted(set(a) | set(b), key=_order):
+        if a.get(key) == b.get(key):
+            continue
+        online = any(r.match(key) for r in ONLINE_KEYS) and (
+            notify_both if key.startswith("notify") else key in a and key in b)
+        changes.append(Change(key, a.get(key), b.get(key), online,
+                              "" if online else _restart_reason(key, old)))
+    return changes
+
+
+def _order(key: str) -> tuple[int, str]:
+    first = ("cluster", "network", "node", "slot").index(key.split(".")[0].split(" ")[0]) \
+        if key.split(".")[0].split(" ")[0] in ("cluster", "network", "node", "slot") else 4
+    return first, key
+
+
+# -- what will move -------------------------------------------------------------------------
+
+
+def members_from_status(status: Mapping[str, Any], config: ClusterConfig) -> list[Member]:
+    """The live members a node's status shows, with priorities from ``config``."""
+    slot_ids = {s.name: s.slot_id for s in config.slots}
+    by_name: dict[str, NodeConfig] = {n.name: n for n in config.nodes}
+    members = []
+    for entry in status.get("nodes", []):
+        node = by_name.get(entry.get("name"))
+        if node is None or not entry.get("alive") or entry.get("role") in (None, "unknown"):
+            continue
+        flags = Flags(0)
+        for name in entry.get("flags") or []:
+            flags |= Flags[name.upper()] if name.upper() in Flags.__members__ else Flags(0)
+        members.append(Member(node.node_id, node.name, node.priority,
+                              int(entry.get("incarnation") or 0), Role[entry["role"].upper()],
+                              flags, slot_ids.get(entry.get("slot") or "", NO_SLOT),
+                              int(entry.get("epoch") or 0)))
+    return members
+
+
+def moves(old: ClusterConfig, new: ClusterConfig, status: Mapping[str, Any] | None
+          ) -> list[str]:
+    """What the new priorities change, in words, computed with the role engine on the
+    members ``status`` (one node's status) shows; no status: only the priorities."""
+    lines = [f"priority of {n.name}: {old.node(n.name).priority} -> {n.priority}"
+             for n in new.nodes
+             if n.name in {o.name for o in old.nodes} and old.node(n.name).priority
+             != n.priority]
+    if status is None or not lines:
+        return lines
+    names = {n.node_id: n.name for n in old.nodes}
+    slots = range(len(old.slots))
+    known = {s.slot_id: int(next((x.get("epoch") or 0 for x in status.get("slots", [])
+                                  if x.get("name") == s.name), 0)) for s in old.slots}
+    before = compute_roles(members_from_status(status, old), slots, known)
+    after = compute_roles(members_from_status(status, new), slots, known)
+
+    def ranking(r: Any) -> str:
+        return ", ".join(names[n] for n in r.ranking) or "none"
+
+    if before.ranking != after.ranking:
+        lines.append(f"ranking of the slaves: {ranking(before)} -> {ranking(after)}")
+        first_b = before.ranking[0] if before.ranking else None
+        first_a = after.ranking[0] if after.ranking else None
+        if first_a != first_b:
+            lines.append(f"primary candidate (takes the next slot whose master fails): "
+                         f"{names[first_b] if first_b is not None else 'none'} -> "
+                         f"{names[first_a] if first_a is not None else 'none'}")
+    else:
+        lines.append(f"ranking of the slaves unchanged: {ranking(after)}")
+    def who(node_id: int | None) -> str:
+        return names[node_id] if node_id is not None else "none"
+
+    for slot in old.slots:
+        b, a = before.owners.get(slot.slot_id), after.owners.get(slot.slot_id)
+        if a != b:
+            lines.append(f"slot {slot.name}: master {who(b)} -> {who(a)}")
+    if before.assignments != after.assignments:
+        was = {s: n for n, (s, _) in before.assignments.items()}
+        for node_id, (slot_id, _epoch) in sorted(after.assignments.items()):
+            lines.append(f"orphaned slot {old.slots[slot_id].name} goes to {who(node_id)} "
+                         f"(was {who(was.get(slot_id))})")
+    if all(before.owners.get(s.slot_id) == after.owners.get(s.slot_id) for s in old.slots):
+        lines.append("no slot changes master and no floating IP moves (a slot moves only "
+                     "when its master fails, or by fsha switchover)")
+    return lines
+
+
+# -- epochs on a node -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    epoch: int
+    digest: bytes
+    text: str  # with its epoch line
+    config: ClusterConfig
+    at: float  # when it was staged (the node's clock)
+
+
+def stage_refusal(running_epoch: int, running_digest: bytes, staged: Staged | None,
+                  epoch: int, digest: bytes, now: float, ttl: float = STAGE_TTL) -> str | None:
+    """Why a node refuses to stage ``epoch``/``digest`` (None: it stages it)."""
+    if epoch <= running_epoch:
+        return (f"epoch {epoch} is not above the epoch this node runs ({running_epoch}, "
+                f"digest {running_digest.hex()}): push against the cluster's newest config")
+    if staged is not None and now - staged.at < ttl and (staged.epoch, staged.digest) \
+            != (epoch, digest) and staged.epoch >= epoch:
+        return (f"epoch {staged.epoch} (digest {staged.digest.hex()}) is staged already by "
+                f"another push, {now - staged.at:.0f} s ago: two pushes raced; retry once it "
+                f"is activated or dropped ({ttl:.0f} s)")
+    return None
+
+
+def activate_refusal(running_epoch: int, staged: Staged | None, epoch: int, digest: bytes,
+                     now: float, ttl: float = STAGE_TTL) -> str | None:
+    """Why a node refuses to activate ``epoch``/``digest`` (None: it activates it)."""
+    if staged is None or now - staged.at >= ttl:
+        return f"nothing staged for epoch {epoch} (never staged, or dropped after {ttl:.0f} s)"
+    if (staged.epoch, staged.digest) != (epoch, digest):
+        return (f"epoch {staged.epoch} digest {staged.digest.hex()} is staged, not epoch "
+                f"{epoch} digest {digest.hex()}")
+    if epoch <= running_epoch:
+        return f"epoch {epoch} is not above the epoch this node runs ({running_epoch})"
+    return None
