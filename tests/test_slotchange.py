@@ -355,3 +355,28 @@ class ClusterTests(SynchronousTestCase):
         self.assertEqual(cluster.masters(), {"slot1": successor})
         self.assertEqual(wire.held_by(successor), {"127.0.10.8"})
         self.assertEqual(wire.holders["127.0.10.1"], set())
+
+
+class StageTests(SynchronousTestCase):
+    """A node refuses at stage a profile removed while it carries calls (the replicated
+    calls): the push is aborted everywhere, nothing half-applied."""
+
+    def test_removing_a_profile_with_calls_is_refused_at_stage(self) -> None:
+        from fsha.configstage import ConfigStager, Refused
+        from tests.test_configpush import SECRET, Workspace
+
+        ws = Workspace(self)
+        counts = {(1, "slot2"): 3}
+        stager = ConfigStager(ws.config(), "fs1", SECRET, Clock(), lambda c: None,
+                              lambda kind, **fields: None,
+                              calls=lambda slot, profile: counts.get((slot, profile), 0))
+        text = ws.text.replace('profiles = ["slot2"]', 'profiles = ["slot2b"]')
+        self.assertNotEqual(text, ws.text)
+        with self.assertRaises(Refused) as e:
+            stager.stage(1, text)
+        self.assertEqual(e.exception.reasons, [
+            "slot.slot2.profiles: profile slot2 carries 3 call(s): it is stopped only "
+            "without calls; push again once they are over (or keep it in the list)"])
+        counts.clear()
+        answer = stager.stage(1, text)
+        self.assertEqual(answer["changes"], ["slot.slot2.profiles: [slot2] -> [slot2b]"])
