@@ -34,8 +34,8 @@ from fsha.configplan import (
     diff,
     file_epoch,
     parse_text,
+    sealed,
     stage_refusal,
-    with_epoch,
 )
 
 log = Logger(namespace="fsha.config")
@@ -116,6 +116,16 @@ class ConfigStager:
 
     def check(self, text: str) -> ClusterConfig:
         """The pushed text as this node's config, checked for this node; Refused if not."""
+        new = self.validate(text)
+        restart = [f"{c} needs a restart ({c.why})" for c in diff(self.running, new)
+                   if not c.online]
+        if restart:
+            raise Refused(restart)
+        return new
+
+    def validate(self, text: str) -> ClusterConfig:
+        """``text`` as this node's config: parsed, this node in it, the secret it runs
+        with, its TLS files there; Refused if not (a push and a catch-up alike)."""
         path = self.running.path
         try:
             new = parse_text(text, path)
@@ -127,10 +137,6 @@ class ConfigStager:
             check_tls_files(new, new.node(self.me))
         except ConfigError as e:
             raise Refused(e.problems) from None
-        restart = [f"{c} needs a restart ({c.why})" for c in diff(self.running, new)
-                   if not c.online]
-        if restart:
-            raise Refused(restart)
         return new
 
     def stage(self, epoch: int, text: str) -> dict[str, Any]:
@@ -140,7 +146,7 @@ class ConfigStager:
                             new.digest, now, self.ttl)
         if why:
             raise Refused([why])
-        self.staged = Staged(epoch, new.digest, with_epoch(text, epoch), new, now)
+        self.staged = Staged(epoch, new.digest, sealed(text, epoch, self.secret), new, now)
         changes = [str(c) for c in diff(self.running, new)]
         log.info("config epoch {epoch} (digest {digest}) staged: {changes}", epoch=epoch,
                  digest=new.digest.hex(), changes="; ".join(changes) or "no setting changes")
@@ -170,6 +176,15 @@ class ConfigStager:
         self.record_event("config", digest=staged.digest.hex(), previous=old.digest.hex(),
                           epoch=epoch)
         return {"node": self.me, "active": epoch, "digest": staged.digest.hex()}
+
+    def adopt(self, config: ClusterConfig, text: str, epoch: int, **event: Any) -> None:
+        """A config already written to the file (a catch-up, :mod:`fsha.configfetch`)
+        becomes the one this node runs: applied as an activation applies it."""
+        old = self.running
+        self.apply(config)
+        self.running, self.epoch, self.text = config, epoch, text
+        self.record_event("config", digest=config.digest.hex(), previous=old.digest.hex(),
+                          epoch=epoch, **event)
 
     def abort(self, epoch: int, digest: bytes) -> dict[str, Any]:
         staged = self._current_staged()
