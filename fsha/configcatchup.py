@@ -173,7 +173,8 @@ class CatchUpPlan:
         if own.seal == "hand-edited":
             where = f"; the cluster holds {_short(newest)}" if newest else ""
             found.append(f"this node's config file was edited after its push (its epoch "
-                         f"{own.epoch} line's seal does not match the file): fsha neither "
+                         f"{own.epoch} line has no seal that matches the file: edited, or "
+                         "the line written by hand): fsha neither "
                          f"offers it to the other nodes nor replaces it{where}; push it "
                          "(fsha config push) to make it the cluster's, or put the "
                          "cluster's file back")
@@ -200,13 +201,25 @@ class CatchUpPlan:
         return found
 
     def status(self, own: Held, now: float) -> dict[str, Any]:
+        """``state``: ``in step``, ``ahead`` (the others take from this node), ``behind``
+        (a newer file is being taken), ``not taken`` (only conflicting or refused files
+        are newer), ``conflict`` (a peer holds another file at this node's epoch),
+        ``hand-edited``; what each peer holds; the refusals."""
         peers = {p: {"epoch": a.held.epoch, "digest": a.held.digest, "file": a.held.file,
                      "seal": a.held.seal} for p, a in sorted(self.answers.items())}
         newer = self._newer(own)
+        takeable = [e for e, files in newer.items() if len(files) == 1 and not (
+            (e, next(iter(files))) in self.refused
+            and now - self.refused[(e, next(iter(files)))].at < self.refused_retry)]
         if own.seal == "hand-edited":
             state = "hand-edited"
-        elif newer:
+        elif takeable:
             state = "behind"
+        elif newer:  # only conflicts or refused files above: the problems say which
+            state = "not taken"
+        elif own.epoch > 0 and any(a.held.epoch == own.epoch and a.held.file != own.file
+                                   for a in self.answers.values()):
+            state = "conflict"
         elif self.answers and all(a.held.epoch < own.epoch for a in self.answers.values()):
             state = "ahead"
         else:

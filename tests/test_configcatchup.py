@@ -118,6 +118,7 @@ class PlanTests(SynchronousTestCase):
         self.assertEqual(plan.decide(held(1, "z"), 0.2), Take("fs1", held(2, "a"), "two"))
         self.assertEqual(plan.refusals, 1)
         self.assertIn("refused (1x", plan.problems(held(2, "a"), 0.2)[0])
+        self.assertEqual(plan.status(held(2, "a"), 0.2)["state"], "not taken")
         self.assertIsNone(plan.decide(held(2, "a"), REFUSED_RETRY))  # 0.1 s to go
         self.assertEqual(plan.decide(held(2, "a"), REFUSED_RETRY + 0.1), bogus)  # tried again
 
@@ -358,6 +359,7 @@ class CatchUpTests(SynchronousTestCase):
         self.run_for(POLL + 1)
         self.assertEqual({n.epoch for n in self.nodes.values()}, {1})
         self.assertNotEqual(fs1.ws.path.read_text(), fs2.ws.path.read_text())  # kept
+        self.assertEqual(fs1.catchup.status()["state"], "conflict")
         self.assertIn("another file at this node's epoch 1", fs1.catchup.status()["problems"][0])
 
     def test_a_file_edited_by_hand_is_neither_replaced_nor_offered(self) -> None:
@@ -424,3 +426,35 @@ class CatchUpTests(SynchronousTestCase):
             fs1.catchup.offer({"epoch": "2"})
 
 
+
+
+class StatusWordsTests(SynchronousTestCase):
+    """``fsha status`` and ``--all`` (real node statuses from a FakeCluster) with the
+    catch-up section of a node that caught up a restart-needed file."""
+
+    def test_restart_needed_and_catching_up_in_words(self) -> None:
+        from fsha.clusterview import render_all
+        from fsha.status import problems, render
+        from tests.fakecluster import FakeCluster, make_config
+
+        cluster = FakeCluster(make_config(nodes=3, slots=2))
+        cluster.start_all()
+        cluster.advance(cluster.config.discovery + 0.5)
+        views = {n: cluster.nodes[n].status() for n in ("fs1", "fs2", "fs3")}
+        pending = {"state": "restart needed", "taken": 1, "refusals": 0, "held": 2,
+                   "pending": {"epoch": 2, "digest": "b" * 16, "from": "fs1",
+                               "keys": ["cluster.heartbeat_interval"], "age_s": 3.0},
+                   "problems": ["config epoch 2 (digest bbbbbbbb, from fs1) is in the file "
+                                "but this node still runs epoch 1: cluster.heartbeat_interval "
+                                "need(s) a restart"]}
+        views["fs3"]["config"] = {"epoch": 1, "digest": "a" * 16, "staged": None,
+                                  "catch_up": pending}
+        views["fs2"]["config"] = {"epoch": 1, "digest": "a" * 16, "staged": None,
+                                  "catch_up": {"state": "behind", "problems": []}}
+        self.assertIn("config: config epoch 2 (digest bbbbbbbb, from fs1) is in the file",
+                      " ".join(problems(views["fs3"])))
+        self.assertIn("epoch 2 in the file (RESTART NEEDED)", render(views["fs3"]))
+        self.assertIn(", CATCHING UP", render(views["fs2"]))
+        text = render_all(["fs1", "fs2", "fs3"], views)  # type: ignore[arg-type]
+        self.assertIn("epoch 1 (file: 2, restart needed)", text)
+        self.assertIn("epoch 1 (catching up)", text)
