@@ -329,7 +329,8 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         records=(ReplicatedRecords(replication.state, reactor) if replication is not None
                  else None),
         timeouts=timeouts, fencing=config.fencing, me=me,
-        recover_batch=config.takeover.recover_batch, hot_standby=hot_standby, egress=egress)
+        recover_batch=config.takeover.recover_batch, hot_standby=hot_standby, egress=egress,
+        health=health)
     budget = max(timeouts.acquire_budget(slot, hot_standby) for slot in config.slots)
     # [redis] durable_state: the node holds its cold-start claims until the load is over
     durable_state = (replication is not None and config.redis is not None
