@@ -95,6 +95,9 @@ def main() -> None:
     p.add_argument("--profile", type=Path, default=None,
                    help="trace the nodes' allocations (slower, bigger) and write their top "
                         "sites into this directory before and after the takeover")
+    p.add_argument("--profile-during", type=float, default=None, metavar="SECONDS",
+                   help="with --profile: also this many seconds after the takeover (e.g. "
+                        "during the 60 s retire grace), labelled 'during'")
     args = p.parse_args()
     if args.profile is not None:
         args.profile = args.profile.resolve()
@@ -142,15 +145,28 @@ def main() -> None:
         result["after"] = sample(cluster)
         series: list[dict[str, Any]] = []
         start = time.monotonic()
+        profiled_during = False
         while time.monotonic() - start < args.after:
             time.sleep(args.every)  # a bench samples on a schedule: that is its measurement
-            series.append({"t_s": round(time.monotonic() - start), **sample(cluster)})
+            point: dict[str, Any] = {"t_s": round(time.monotonic() - start), **sample(cluster)}
+            try:  # what the new master holds: records of the slot (every origin), retired
+                st = cluster.status(cluster.node(new), timeout=10)
+                point["records"] = st["replication"]["slots"].get("slot1")
+                point["retired"] = st.get("feeds", {}).get("superseded", {}).get("retired")
+            except Exception as e:  # a bench goes on without the figure
+                point["records"] = f"unreadable: {e}"
+            series.append(point)
+            if args.profile_during is not None and not profiled_during and \
+                    time.monotonic() - start >= args.profile_during:
+                profiled_during = True
+                profile(cluster, args.profile, "during")
         result["series"] = series
         profile(cluster, args.profile, "after")
         nodes = [k for k in result["after"] if not k.endswith("-sim")]
         every = [result["before"], result["after"], *series]
         result["max_fsha_mb"] = max(v for s in every for k, v in s.items()
-                                    if k != "t_s" and not k.endswith("-sim") and v is not None)
+                                    if k not in ("t_s", "records", "retired")
+                                    and not k.endswith("-sim") and isinstance(v, float))
         if series:
             mid = series[len(series) // 2 - 1] if len(series) > 1 else result["after"]
             result["growth_mb"] = {k: round(series[-1][k] - mid[k], 1) for k in nodes

@@ -73,7 +73,7 @@ def write_atomically(path: Path, text: str) -> None:
 
 class ConfigStager:
     def __init__(self, running: ClusterConfig, me: str, secret: bytes, clock: IReactorTime,
-                 apply: Callable[[ClusterConfig], None],
+                 apply: Callable[[ClusterConfig], dict[str, Any] | None],
                  record_event: Callable[..., None], ttl: float = STAGE_TTL) -> None:
         self.running = running
         self.me = me
@@ -161,7 +161,7 @@ class ConfigStager:
             raise Refused([f"cannot write {path}: {e.strerror or e}; the old config stays"]
                           ) from None
         old = self.running
-        self.apply(staged.config)
+        applied = self.apply(staged.config) or {}  # what it began (fsha.slotchange)
         self.running, self.epoch, self.staged = staged.config, epoch, None
         self.text = staged.text
         log.info("config epoch {epoch} active (digest {digest}, was {previous}); {path} "
@@ -169,7 +169,8 @@ class ConfigStager:
                  previous=old.digest.hex(), path=str(path))
         self.record_event("config", digest=staged.digest.hex(), previous=old.digest.hex(),
                           epoch=epoch)
-        return {"node": self.me, "active": epoch, "digest": staged.digest.hex()}
+        return {**applied, "node": self.me, "active": epoch,
+                "digest": staged.digest.hex()}
 
     def abort(self, epoch: int, digest: bytes) -> dict[str, Any]:
         staged = self._current_staged()

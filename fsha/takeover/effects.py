@@ -164,6 +164,7 @@ class _Acquisition:
     plan: list[Batch] = field(default_factory=list)  # the recovery batches (fsha.recovery)
     batches_written: int = 0  # plan[:batches_written] are in the core DB
     committed: bool = False  # calls are live here: later failures are warnings, no rollback
+    recovered: int = 0  # calls recovered so far (a rollback after commit ends them silently)
 
 
 def _reason(failure: Failure, timeout: float | None = None) -> str:
@@ -895,6 +896,7 @@ class SlotEffects:
             plan[i] = Batch(batch.profile, (), batch.round)
             got[batch.profile] += n
             total += n
+            acq.recovered = total
             step.counts.update(recovered=total, batches_done=i + 1)
             if n and not acq.committed:
                 acq.committed = True
@@ -1057,6 +1059,15 @@ class SlotEffects:
         action = "rollback" if acq is not None and not acq.complete else "release"
         report = TakeoverReport(action, slot.name, acq.epoch if acq is not None else 0, None,
                                 self.clock.seconds())
+        if acq is not None and not acq.complete and acq.committed:
+            # The lease (or a better claim) won over calls already back here: they end
+            # silently (addresses down first) and the previous master's replicated
+            # records, which this release never touches, bring them back at the next
+            # attempt (docs/design.rst, "A takeover cancelled after calls were recovered").
+            log.warn("slot {slot}: rolling back a takeover that had recovered {n} call(s); "
+                     "they end here with the addresses already down, and the next attempt "
+                     "recovers them from the previous master's records", slot=slot.name,
+                     n=acq.recovered)
         d = self._release(slot, acq, report)
 
         def finish(result: object) -> None:
@@ -1084,6 +1095,11 @@ class SlotEffects:
             return self.floating.down(slot.name, slot.ips)
 
         yield self._step(report, "floating_ips", ips_down, t.floating, fatal=False)
+        if acq is not None and not acq.complete and acq.committed and \
+                report.steps[-1].outcome == FAILED:
+            # the lease wins all the same (the profile must stop serving), but say it
+            log.error("slot {slot}: the addresses may still be up while {n} recovered "
+                      "call(s) end: their BYEs may leave", slot=slot.name, n=acq.recovered)
         if self.api is not None and self.hot_standby:
             yield self._step(report, "profiles", lambda s: self._hangup_calls(slot, s),
                              t.esl * (len(slot.profiles) + 1), fatal=False)
@@ -1291,7 +1307,15 @@ class SlotEffects:
 
     @inlineCallbacks
     def _rollback(self, acq: _Acquisition, step: _Step) -> Generator[Any, Any, None]:
+        """Undo this node's own writes (rows not recovered, registrations, hash entries).
+        The replicated records the rows came from are not this release's to touch: the
+        next candidate (or this node's next attempt) reads the same ones."""
         problems = []
+        if acq.committed:
+            step.counts["calls_left"] = acq.recovered
+            problems.append(f"{acq.recovered} call(s) recovered here ended with the "
+                            "addresses already down (no BYE leaves); the next attempt "
+                            "recovers them from the previous master's records")
         if acq.rows and self.db is not None:
             try:
                 n = yield self._db_call(self.db.delete_recovery(acq.rows))

@@ -90,6 +90,11 @@ class TakeoverReport:
             if first is not None and "first_call_ms" in first.counts:
                 # from the acquire's start to the first recovered batch (issue 16's goal)
                 event["first_call_ms"] = first.counts["first_call_ms"]
+        elif self.action == "rollback":
+            rollback = self.step("rollback")
+            if rollback is not None and "calls_left" in rollback.counts:
+                # calls recovered by the cancelled attempt, left to the next one
+                event["calls_left"] = rollback.counts["calls_left"]
         if self.error is not None:
             event["error"] = self.error
         warnings = self.warnings
