@@ -336,7 +336,8 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         records=(ReplicatedRecords(replication.state, reactor) if replication is not None
                  else None),
         timeouts=timeouts, fencing=config.fencing, me=me,
-        recover_batch=config.takeover.recover_batch, hot_standby=hot_standby, egress=egress)
+        recover_batch=config.takeover.recover_batch, hot_standby=hot_standby, egress=egress,
+        health=health)
     budget = max(timeouts.acquire_budget(slot, hot_standby) for slot in config.slots)
     # the node's SlotOwner: the effects, with a slot's addresses and profiles following an
     # online config change (fsha.slotchange)
