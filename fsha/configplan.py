@@ -6,33 +6,49 @@ the node side is :mod:`fsha.configstage`).
   ``slot.pbx-a.ip``, ``notify.command``...) and compared key by key; secrets are shown as
   a hash prefix, never in clear.
 * **Online or restart.** A change is applied online only if every running node can apply
-  it at once and mean the same thing: a node's priority (the slaves' ranking) and the
-  ``[notify]`` settings. Anything else (a node's own addresses, ports, ESL, TLS files,
-  timings, quorum, the node or slot lists, floating IPs, sections read at start) is
-  *restart-needed*: the push is refused, naming each key and why, and every node keeps
-  its config (a rolling restart with the file is the way: docs/operations.rst).
+  it at once and mean the same thing: a node's priority (the slaves' ranking), the
+  ``[notify]`` settings, and a slot's floating IPs and profiles (:func:`slot_refusal`
+  says when not; :func:`slot_actions` what the slot's master does at activation:
+  :mod:`fsha.slotchange`). Anything else (a node's own addresses, ports, ESL, TLS files,
+  timings, quorum, the node or slot lists, sections read at start) is *restart-needed*:
+  the push is refused, naming each key and why, and every node keeps its config (a
+  rolling restart with the file is the way: docs/operations.rst).
 * **What will move.** The pure role engine (:func:`fsha.roles.compute_roles`) is run on
   the members a node's status shows, with the old and the new priorities: the ranking and
-  which orphaned slot would go to whom, before and after.
+  which orphaned slot would go to whom, before and after; and which addresses and profiles
+  each slot's master adds and removes (:func:`slot_moves`).
 * **Epochs.** A pushed config carries an epoch, written as the file's first line
   (``# fsha-config-epoch: N``) so a restarted node keeps it; a file without the line is
   epoch 0. A node stages an epoch only above the one it runs, and at most one staged
   epoch at a time; a staged config is activated by the activate request for the same
   epoch and digest, or dropped (abort, or :data:`STAGE_TTL` seconds without activation).
+* **Seals.** The epoch line of a pushed file carries a seal, ``seal=`` and an HMAC under
+  a key derived from the cluster secret of the epoch and the rest of the file, so a file
+  proves by itself that a push made it (:func:`seal_state`): a node that was behind takes
+  a newer epoch from a peer only with its seal right (:mod:`fsha.configcatchup`), and a
+  file edited by hand after its push (seal wrong) is neither offered nor replaced.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fsha.config import ClusterConfig, ConfigError, NodeConfig, parse_config
+from fsha.config import (
+    ClusterConfig,
+    ConfigError,
+    FloatingIP,
+    NodeConfig,
+    SlotConfig,
+    parse_config,
+)
 from fsha.roles import Member, compute_roles
 from fsha.wire.heartbeat import NO_SLOT, Flags, Role
 
@@ -42,6 +58,8 @@ EPOCH_LINE = "# fsha-config-epoch: "
 _EPOCH_RE = re.compile(r"\A# fsha-config-epoch: (\d{1,18})[^\n]*\n?")
 #: Keys (regular expressions over the flattened keys) a running node applies online.
 ONLINE_KEYS = (re.compile(r"node\.[^.]+\.priority\Z"), re.compile(r"notify\.[a-z_]+\Z"))
+#: A slot's keys applied online, unless :func:`slot_refusal` says why not.
+SLOT_KEY = re.compile(r"slot\.(?P<slot>[^.]+)\.(?P<what>ip|profiles)\Z")
 _SECRET_KEYS = (re.compile(r".*\.esl\.password\Z"),)
 
 
@@ -58,6 +76,41 @@ def with_epoch(text: str, epoch: int, note: str = "") -> str:
     """``text`` with its epoch line set to ``epoch`` (added, or replacing the old one)."""
     body = _EPOCH_RE.sub("", text, count=1)
     return f"{EPOCH_LINE}{epoch}{('  ' + note) if note else ''}\n{body}"
+
+
+_SEAL_RE = re.compile(r"\A# fsha-config-epoch: \d{1,18}\s+seal=([0-9a-f]{32})\s*\n")
+
+
+def _seal(secret: bytes, epoch: int, body: str) -> str:
+    key = hmac.new(secret, b"fsha config seal v1", hashlib.sha256).digest()
+    return hmac.new(key, f"{epoch}\n".encode() + body.encode("utf-8"),
+                    hashlib.sha256).hexdigest()[:32]
+
+
+def sealed(text: str, epoch: int, secret: bytes) -> str:
+    """``text`` with its epoch line set to ``epoch`` and sealed with the cluster secret."""
+    body = _EPOCH_RE.sub("", text, count=1)
+    return f"{EPOCH_LINE}{epoch}  seal={_seal(secret, epoch, body)}\n{body}"
+
+
+def seal_state(text: str, secret: bytes) -> str:
+    """``none``: no epoch line (epoch 0, never pushed); ``sealed``: the line's seal matches
+    the epoch and the rest of the file; ``hand-edited``: an epoch line without a seal, or
+    whose seal does not match (the file was changed after its push)."""
+    if not _EPOCH_RE.match(text):
+        return "none"
+    match = _SEAL_RE.match(text)
+    if match is None:
+        return "hand-edited"
+    body = _EPOCH_RE.sub("", text, count=1)
+    good = _seal(secret, file_epoch(text), body)
+    return "sealed" if hmac.compare_digest(good, match.group(1)) else "hand-edited"
+
+
+def file_id(text: str) -> str:
+    """The first 16 hex digits of the SHA-256 of a file's text: which file, exactly (the
+    config digest leaves out settings such as [notify])."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def parse_text(text: str, path: Path) -> ClusterConfig:
@@ -151,9 +204,6 @@ def _restart_reason(key: str, old: ClusterConfig) -> str:
     if parts[0] == "cluster":
         return "every node reads it at start-up: a rolling restart (whole-cluster for the " \
                "secret or name)"
-    if parts[0] == "slot":
-        return "a slot's addresses or profiles: its master holds the old ones; restart " \
-               "each node (slaves first, then switch the slot over)"
     if parts[0] == "network":
         return "heartbeat sockets are bound at start-up: a rolling restart"
     return f"[{parts[0]}] is read at start-up: restart each node"
@@ -167,11 +217,139 @@ def diff(old: ClusterConfig, new: ClusterConfig) -> list[Change]:
     for key in sorted(set(a) | set(b), key=_order):
         if a.get(key) == b.get(key):
             continue
+        slot_key = SLOT_KEY.match(key)
+        if slot_key is not None:
+            why = slot_refusal(slot_key["slot"], slot_key["what"], old, new)
+            changes.append(Change(key, a.get(key), b.get(key), why is None, why or ""))
+            continue
         online = any(r.match(key) for r in ONLINE_KEYS) and (
             notify_both if key.startswith("notify") else key in a and key in b)
         changes.append(Change(key, a.get(key), b.get(key), online,
                               "" if online else _restart_reason(key, old)))
     return changes
+
+
+def _slot(config: ClusterConfig, name: str) -> SlotConfig | None:
+    return next((s for s in config.slots if s.name == name), None)
+
+
+def slot_refusal(name: str, what: str, old: ClusterConfig, new: ClusterConfig) -> str | None:
+    """Why a change of slot ``name``'s ``ip`` or ``profiles`` is not applied online (None:
+    it is, by the slot's master at activation: :func:`slot_actions`)."""
+    before, after = _slot(old, name), _slot(new, name)
+    if before is None or after is None:
+        return ("a slot added or removed: the cluster's shape: a rolling restart "
+                "(docs/operations.rst, Config rollouts)")
+    if [s.name for s in old.slots] != [s.name for s in new.slots]:
+        return "the slot list changes in the same file: push the slot list change on its own"
+    if what == "ip":
+        if old.takeover.hot_standby or new.takeover.hot_standby:
+            return ("hot standby profiles: every node's profiles are bound to the slot's "
+                    "addresses and the egress fence lists them, both set up at start-up: "
+                    "a rolling restart")
+        old_ips = {ip.address for ip in before.ips}
+        for ip in after.ips:
+            owner = next((s.name for s in old.slots if s.name != name
+                          and any(o.address == ip.address for o in s.ips)), None)
+            if owner is not None and ip.address not in old_ips:
+                return (f"{ip.address} is slot {owner}'s in the running config: remove it "
+                        f"there first (one push), then add it here (another), so that no "
+                        f"two hosts hold it")
+        return None
+    for profile in after.profiles:
+        owner = next((s.name for s in old.slots if s.name != name
+                      and profile in s.profiles), None)
+        if owner is not None and profile not in before.profiles:
+            return (f"profile {profile} is slot {owner}'s in the running config: remove it "
+                    f"there first (one push), then add it here (another)")
+    return None
+
+
+def profile_refusals(old: ClusterConfig, new: ClusterConfig,
+                     calls: Callable[[int, str], int]) -> list[str]:
+    """Why a change is refused for the calls it would drop: a profile removed from a
+    slot while ``calls(slot_id, profile)`` (the replicated calls) counts some."""
+    out = []
+    for after in new.slots:
+        before = _slot(old, after.name)
+        if before is None:
+            continue
+        for profile in before.profiles:
+            n = calls(before.slot_id, profile) if profile not in after.profiles else 0
+            if n:
+                out.append(f"slot.{after.name}.profiles: profile {profile} carries {n} "
+                           f"call(s): it is stopped only without calls; push again once "
+                           f"they are over (or keep it in the list)")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class SlotActions:
+    """What one node does about one slot at an online change (:func:`slot_actions`)."""
+
+    slot: str
+    add: tuple[FloatingIP, ...] = ()  # addresses put up (with gratuitous ARP), first
+    remove: tuple[FloatingIP, ...] = ()  # then these taken down
+    start: tuple[str, ...] = ()  # profiles started
+    stop: tuple[str, ...] = ()  # profiles stopped (none of their calls may be up)
+
+    def __bool__(self) -> bool:
+        return bool(self.add or self.remove or self.start or self.stop)
+
+    def words(self, node: str) -> str:
+        """``pbx-a: 198.18.0.9/32 added on fs1, 198.18.0.5/32 removed``"""
+        parts = [f"{_addr(ip)} added on {node}" for ip in self.add]
+        parts += [f"{_addr(ip)} removed" + ("" if parts else f" on {node}")
+                  for ip in self.remove]
+        parts += [f"profile {p} started on {node}" for p in self.start]
+        parts += [f"profile {p} stopped on {node} (if it carries no call)" for p in self.stop]
+        return f"{self.slot}: " + ", ".join(parts)
+
+
+def _addr(ip: FloatingIP) -> str:
+    return f"{ip.address}/{ip.prefix}"
+
+
+def slot_actions(before: SlotConfig, after: SlotConfig, holds: bool, hot_standby: bool
+                 ) -> SlotActions:
+    """What a node does when ``before`` becomes ``after`` (the same slot): the addresses
+    only if it holds the slot (masters it: a slave just runs with the new config, and
+    claims the new addresses if it ever takes the slot); the profiles if it holds it, or
+    on every node with hot standby profiles (every node runs them)."""
+    actions = SlotActions(after.name)
+    if holds:
+        actions = dataclasses.replace(
+            actions, add=tuple(ip for ip in after.ips if ip not in before.ips),
+            remove=tuple(ip for ip in before.ips if ip not in after.ips))
+    if holds or hot_standby:
+        actions = dataclasses.replace(
+            actions, start=tuple(p for p in after.profiles if p not in before.profiles),
+            stop=tuple(p for p in before.profiles if p not in after.profiles))
+    return actions
+
+
+def slot_moves(old: ClusterConfig, new: ClusterConfig, status: Mapping[str, Any] | None
+               ) -> list[str]:
+    """What the slots' masters add and remove, in words, with the masters a node's status
+    shows (none: "its master")."""
+    owners = {s.get("name"): s.get("owner") for s in (status or {}).get("slots", [])}
+    lines = []
+    for after in new.slots:
+        before = _slot(old, after.name)
+        if before is None or (before.ips, before.profiles) == (after.ips, after.profiles):
+            continue
+        owner = owners.get(after.name)
+        actions = slot_actions(before, after, True, new.takeover.hot_standby)
+        where = "every node" if new.takeover.hot_standby and not (
+            actions.add or actions.remove) else (owner or "its master")
+        line = actions.words(where)
+        if status is not None and owner is None:
+            line += " (no master now: the next claim takes the new config)"
+        lines.append(line)
+    if lines:
+        lines.append("no slot changes master: each master changes its own addresses (new "
+                     "ones up first, then the old ones down) and keeps its calls")
+    return lines
 
 
 def _order(key: str) -> tuple[int, str]:

@@ -240,6 +240,13 @@ class GuardLink(service.Service):
         self._write(Hello(self.settings.as_json()))
         self.tick()  # a restarted guard takes over the lease at once
 
+    def update_settings(self, settings: GuardSettings) -> None:
+        """New slots' addresses and profiles (an online config change,
+        :mod:`fsha.slotchange`): sent at once (the guard takes a second ``HELLO`` as its
+        new settings and keeps its leases), and to every guard started later."""
+        self.settings = settings
+        self._write(Hello(settings.as_json()))
+
     def _write(self, message: Any) -> None:
         process = self._process
         if process is None or self._proto is None or self._proto.ended:

@@ -7,6 +7,7 @@ A config problem ends the process with status 2 and one line naming the file and
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import os
@@ -30,12 +31,14 @@ from fsha.config import (
     read_redis_password,
     timing_warnings,
 )
+from fsha.configfetch import ConfigCatchUp
 from fsha.configstage import ConfigStager
 from fsha.durable import DurableStore, key_prefix
 from fsha.egress import EgressFence, FenceStatus, NftEgressFence
 from fsha.eslclient import ConnectionState
 from fsha.floating import FloatingIPBackend, make_backend
-from fsha.fsdb import CoreDBWriter, ThreadRunner
+from fsha.fsapi import FSApi
+from fsha.fsdb import CoreDBWriter, RecordValueError, ThreadRunner, call_profile
 from fsha.fsevents import ClusterEvents
 from fsha.guard import default_lease
 from fsha.guardlink import GuardLink
@@ -56,11 +59,13 @@ from fsha.redisclient import RedisClient, RedisSettings
 from fsha.replication.feeds import Feeds
 from fsha.replication.service import ReplicationService
 from fsha.retire import SupersededRecords
+from fsha.slotchange import ProfileControl, SlotChanges
 from fsha.status import status_site_root
 from fsha.takeover import ReplicatedRecords, SlotEffects, TakeoverTimeouts
 from fsha.transport import heartbeat_services
 from fsha.wire.control import ControlAuth
 from fsha.wire.heartbeat import NO_SLOT, Role
+from fsha.wire.stream import Kind
 
 DEFAULT_CONFIG = "/etc/fsha/cluster.toml"
 
@@ -258,6 +263,8 @@ SERVICE_ORDER: tuple[tuple[str, str], ...] = (
                "one, so a slow or dead Redis cannot delay a claim"),
     ("durable", "before the node, which waits for its load before a cold-start claim"),
     ("status", "/status, /metrics and the signed control requests"),
+    ("config-catch-up", "asks the peers for a newer config epoch over the replication "
+                        "links (fsha.configfetch)"),
     ("guard", "before the node; stopped after its hand-over (what is still held then is "
               "the guard's to drop)"),
     ("node", "joins last (after clearing a previous run's leftovers), hands over first"),
@@ -329,20 +336,38 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         records=(ReplicatedRecords(replication.state, reactor) if replication is not None
                  else None),
         timeouts=timeouts, fencing=config.fencing, me=me,
-        recover_batch=config.takeover.recover_batch, hot_standby=hot_standby, egress=egress)
+        recover_batch=config.takeover.recover_batch, hot_standby=hot_standby, egress=egress,
+        health=health)
     budget = max(timeouts.acquire_budget(slot, hot_standby) for slot in config.slots)
+    # the node's SlotOwner: the effects, with a slot's addresses and profiles following an
+    # online config change (fsha.slotchange)
+    guard: GuardLink | None = None
+    changes = SlotChanges(effects, floating, reactor, config,
+                          timeout=config.floating_ip.timeout,
+                          profiles=ProfileControl(FSApi(esl, me.esl.timeout), me.esl.timeout),
+                          profile_timeout=me.esl.timeout + timeouts.confirm,
+                          on_held=lambda: guard.update_settings(guard_settings())
+                          if guard is not None else None)
     # [redis] durable_state: the node holds its cold-start claims until the load is over
     durable_state = (replication is not None and config.redis is not None
                      and config.redis.durable_state)
     durable_loaded = Latch() if durable_state else None
-    node = ClusterNode(config, me, options.secret, reactor, effects, health,
+    node = ClusterNode(config, me, options.secret, reactor, changes, health,
                        incarnation=incarnation, claim_timeout=budget + 1.0,
                        cold_start_gate=durable_loaded)
-    guard: GuardLink | None = None
+    lease = guard_config.lease if guard_config is not None else default_lease(
+        config.heartbeat_interval, config.detection_floor)
+
+    def guard_settings() -> GuardSettings:
+        """The config's slots, with what is still held of them (fsha.slotchange)."""
+        base = GuardSettings.from_config(changes.config, me, lease)
+        held = changes.guarded()
+        return dataclasses.replace(base, slots=tuple(
+            dataclasses.replace(s, ips=held[s.slot_id][0], profiles=held[s.slot_id][1])
+            for s in base.slots))
+
     if guarded:
-        lease = guard_config.lease if guard_config is not None else default_lease(
-            config.heartbeat_interval, config.detection_floor)
-        guard = GuardLink(GuardSettings.from_config(config, me, lease), node, reactor,
+        guard = GuardLink(guard_settings(), node, reactor,
                           given_up=guard_given_up,
                           argv=[sys.executable, "-m", "fsha.guard", *guard_log_args(sys.argv)])
     effects.add_report_listener(
@@ -396,21 +421,48 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
 
     notifier: Notifier | None = None
 
-    def apply_config(new: ClusterConfig) -> None:
+    def apply_config(new: ClusterConfig) -> dict[str, Any]:
         """An online change (fsha.configstage): only what fsha.configplan.diff allows
-        (priorities, [notify]) differs, so swapping the config where it is read is all."""
+        (priorities, [notify], slots' addresses and profiles) differs: the config is
+        swapped where it is read, and the slot this node masters follows it
+        (fsha.slotchange)."""
         node.replace_config(new)
+        if feeds is not None:
+            feeds.config_changed(new)
+        holding = (node.slot, node.epoch) if node.role is Role.MASTER else None
+        begun = changes.config_changed(new, holding, node.resources_lost)
+        # more profiles, a longer claim
+        node.claim_timeout = max(timeouts.acquire_budget(slot, hot_standby)
+                                 for slot in new.slots) + 1.0
         if replication is not None:
             replication.config, replication.me = new, new.node(me.name)
             # after this request's answer is on its way (it may ride on such a link)
             reactor.callLater(0, replication.close_control_links)
         if notifier is not None and new.notify is not None:
             notifier.config = new.notify
+        return begun
+
+    def calls_on(slot_id: int, profile: str) -> int:
+        """The replicated calls of ``profile`` in slot ``slot_id`` (a removed profile with
+        calls is refused at stage: fsha.configplan.profile_refusals)."""
+        if replication is None:
+            return 0
+        n = 0
+        for record in replication.state.records(slot=slot_id, kind=Kind.CALL):
+            try:
+                n += call_profile(record.value) == profile
+            except RecordValueError:
+                pass
+        return n
 
     stager = ConfigStager(config, me.name, options.secret, reactor, apply_config,
-                          node.record_event)
+                          node.record_event, calls=calls_on)
     control = ControlResource(node, ControlAuth(options.secret, config.name, me.name), reactor,
                               stager, replication.relay if replication is not None else None)
+    # a node behind the cluster's config epoch fetches it from a peer by itself
+    catchup = ConfigCatchUp(stager, options.secret, config.name, replication.relay, reactor) \
+        if replication is not None else None
+    control.catchup = catchup
 
     def status() -> dict[str, Any]:
         result = node.status()
@@ -429,8 +481,11 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         result["history"] = state.status() if state is not None else None
         result["notify"] = notifier.status() if notifier is not None else None
         result["config"] = stager.status()
+        result["config"]["slot_changes"] = changes.status()
+        result["config"]["held"] = changes.held_status()
         if replication is not None:
             result["config"]["relay"] = replication.relay.status()
+        result["config"]["catch_up"] = catchup.status() if catchup is not None else None
         return result
 
     state = state_dir(config, me)
@@ -476,7 +531,8 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         "esl": [esl], "esl-probe": [probe], "fsevents": [cluster_events],
         "heartbeat": list(heartbeat_services(node, reactor)), "replication": [replication],
         "feeds": [feeds], "superseded": [retire], "redis": [redis], "limits": [limits],
-        "durable": [durable], "status": [status_server], "guard": [guard],
+        "durable": [durable], "status": [status_server], "config-catch-up": [catchup],
+        "guard": [guard],
         "node": [node_service]}
     for name, _why in SERVICE_ORDER:
         for part in parts.pop(name):

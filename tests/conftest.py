@@ -58,6 +58,7 @@ TIERS: dict[str, str] = {
     "test_operations.py::OperationsClusterTests": "process",
     "test_operations.py::StartupProcessTests": "process",
     "test_config_push_process.py": "process",
+    "test_slotchange_process.py": "process",
     "test_packaging.py": "process",
     "test_webpage.py::BrowserTests": "process",
     "test_process.py::RealProcessTests": "process",

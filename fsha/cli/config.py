@@ -32,6 +32,7 @@ import json
 import sys
 import time
 import urllib.error
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from fsha.config import (
     secret_file_warnings,
     timing_warnings,
 )
-from fsha.configplan import STAGE_TTL, Change, diff, moves, parse_text
+from fsha.configplan import STAGE_TTL, Change, diff, moves, parse_text, slot_moves
 from fsha.wire.control import sign
 
 JSON = dict[str, Any]
@@ -63,6 +64,7 @@ class Target:
     text: str | None = None
     path: str | None = None
     error: str | None = None  # why it could not be asked
+    changes_after: Any = None  # its activation's "slot_changes_after" (fsha.slotchange)
     steps: dict[str, str] = field(default_factory=dict)
 
 
@@ -240,7 +242,8 @@ def run(push: Push, targets: list[Target], text: str, file: str, dry_run: bool,
     out.line(f"{file}: digest {digest}; the cluster runs epoch {top} (digest {base.digest}, "
              f"as {base.name} has it)")
     changes = diff(running, new)
-    moved = moves(running, new, push.via.status if push.via else None)
+    view = push.via.status if push.via else None
+    moved = moves(running, new, view) + slot_moves(running, new, view)
     for line in _plan_lines(changes, moved):
         out.line(line)
     out.data["changes"] = [{"key": c.key, "old": c.old, "new": c.new, "online": c.online,
@@ -275,11 +278,54 @@ def run(push: Push, targets: list[Target], text: str, file: str, dry_run: bool,
     if dry_run:
         return out.end(0, f"dry run: would activate epoch {epoch} on "
                           f"{', '.join(t.name for t in chosen)}")
-    return _stage_and_activate(push, chosen, text, epoch, digest, out)
+    # the masters of changed slots after the others: a master whose change fails lets
+    # its slot go, and a successor that already runs the new config claims the new
+    # addresses (fsha.slotchange)
+    changed = {s.name for s in new.slots if s not in running.slots}
+    movers = {str(s.get("owner")) for s in (view or {}).get("slots", [])
+              if s.get("name") in changed and s.get("owner")}
+    return _stage_and_activate(push, chosen, text, epoch, digest, out, movers)
+
+
+def _report_changes(push: Push, t: Target, out: Report) -> None:
+    """What the master of a changed slot did (fsha.slotchange), once it is done: read from
+    its status while its changes run (bounded)."""
+    after = t.changes_after
+    if not isinstance(after, int):
+        return
+    if t.url is None:
+        out.line(f"  {t.name}: changing its slot's addresses and profiles (relayed: see "
+                 "fsha status --all)")
+        return
+    cfg = push.config
+    deadline = time.monotonic() + 2 * cfg.floating_ip.timeout + 4 * push.timeout
+    mine: list[JSON] = []
+    while time.monotonic() < deadline:
+        try:
+            status = get_status(t.url, push.timeout)
+        except (urllib.error.URLError, OSError, ValueError):
+            status = {}
+        mine = [c for c in (status.get("config") or {}).get("slot_changes") or []
+                if c.get("seq", 0) > after]
+        if status and all(c.get("state") != "running" for c in mine):
+            break
+        time.sleep(0.1)
+    if not mine:
+        out.line(f"  {t.name}: nothing to change (it holds what the new config says)")
+    for c in mine:
+        what = [f"{a} added" for a in c.get("added", [])] + \
+            [f"{a} removed" for a in c.get("removed", [])] + \
+            [f"profile {p} started" for p in c.get("started", [])] + \
+            [f"profile {p} stopped" for p in c.get("stopped", [])
+             if not any(k.startswith(f"{p}:") for k in c.get("kept", []))] + \
+            [f"profile {k} kept" for k in c.get("kept", [])]
+        state = str(c.get("state"))
+        error = f": {c['error']}" if c.get("error") else ""
+        out.line(f"  {c.get('slot')} on {t.name}: {', '.join(what)} ({state}{error})")
 
 
 def _stage_and_activate(push: Push, chosen: list[Target], text: str, epoch: int, digest: str,
-                        out: Report) -> int:
+                        out: Report, movers: Collection[str] = ()) -> int:
     staged: list[Target] = []
     refusals: list[str] = []
     for t in chosen:
@@ -302,12 +348,13 @@ def _stage_and_activate(push: Push, chosen: list[Target], text: str, epoch: int,
     failed = []
     # the relaying node last: activating closes its links to nodes of another config,
     # which may be the only way to the nodes relayed
-    staged.sort(key=lambda t: (t is push.via, t.url is not None))
+    staged.sort(key=lambda t: (t is push.via, t.name in movers, t.url is not None))
     for t in staged:
         code, answer = push.safe_call(t, "/control/config/activate",
                                       {"epoch": epoch, "digest": digest})
         if code == 200:
             t.steps["activate"] = "active"
+            t.changes_after = answer.get("slot_changes_after")
         else:
             t.steps["activate"] = str(answer.get("error", f"HTTP {code}"))
             failed.append(f"{t.name}: {t.steps['activate']}")
@@ -315,6 +362,9 @@ def _stage_and_activate(push: Push, chosen: list[Target], text: str, epoch: int,
     done = [t.name for t in chosen if t.steps.get("activate") == "active"]  # config order
     if done:
         out.line(f"activated epoch {epoch} (digest {digest}) on {', '.join(done)}")
+    for t in staged:
+        if t.name in movers and t.steps.get("activate") == "active":
+            _report_changes(push, t, out)
     if failed:
         return out.end(1, f"not activated on {'; '.join(failed)}: those keep their config "
                           f"(the staged copy is dropped after {STAGE_TTL:.0f} s); run the "

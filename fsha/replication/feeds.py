@@ -188,6 +188,14 @@ class Feeds(service.Service):
                 return s
         raise KeyError(f"no slot {slot!r}")
 
+    def config_changed(self, config: ClusterConfig) -> None:
+        """An online change of the slots' profiles (fsha config push): events of an added
+        profile are fed from now on, those of a removed one no longer."""
+        self.config = config
+        self.slots.profile_slot = {p: s for s in config.slots for p in s.profiles}
+        for feed in self.slots.fed.values():
+            feed.slot = config.slots[feed.slot.slot_id]
+
     @property
     def fed_slots(self) -> list[str]:
         return [f.slot.name for f in self.slots.fed.values()]
