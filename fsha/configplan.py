@@ -36,7 +36,7 @@ import hashlib
 import hmac
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,6 +268,24 @@ def slot_refusal(name: str, what: str, old: ClusterConfig, new: ClusterConfig) -
             return (f"profile {profile} is slot {owner}'s in the running config: remove it "
                     f"there first (one push), then add it here (another)")
     return None
+
+
+def profile_refusals(old: ClusterConfig, new: ClusterConfig,
+                     calls: Callable[[int, str], int]) -> list[str]:
+    """Why a change is refused for the calls it would drop: a profile removed from a
+    slot while ``calls(slot_id, profile)`` (the replicated calls) counts some."""
+    out = []
+    for after in new.slots:
+        before = _slot(old, after.name)
+        if before is None:
+            continue
+        for profile in before.profiles:
+            n = calls(before.slot_id, profile) if profile not in after.profiles else 0
+            if n:
+                out.append(f"slot.{after.name}.profiles: profile {profile} carries {n} "
+                           f"call(s): it is stopped only without calls; push again once "
+                           f"they are over (or keep it in the list)")
+    return out
 
 
 @dataclass(frozen=True, slots=True)

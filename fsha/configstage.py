@@ -34,6 +34,7 @@ from fsha.configplan import (
     diff,
     file_epoch,
     parse_text,
+    profile_refusals,
     sealed,
     stage_refusal,
 )
@@ -74,7 +75,11 @@ def write_atomically(path: Path, text: str) -> None:
 class ConfigStager:
     def __init__(self, running: ClusterConfig, me: str, secret: bytes, clock: IReactorTime,
                  apply: Callable[[ClusterConfig], dict[str, Any] | None],
-                 record_event: Callable[..., None], ttl: float = STAGE_TTL) -> None:
+                 record_event: Callable[..., None], ttl: float = STAGE_TTL,
+                 calls: Callable[[int, str], int] | None = None) -> None:
+        """``calls(slot_id, profile)``: the calls a profile carries (replicated), for
+        refusing the removal of a profile with calls (None: not checked here; the slot's
+        master still keeps such a profile running: fsha.slotchange)."""
         self.running = running
         self.me = me
         self.secret = secret
@@ -82,6 +87,7 @@ class ConfigStager:
         self.apply = apply
         self.record_event = record_event
         self.ttl = ttl
+        self.calls = calls
         try:
             # the text this node runs (what "show" answers, whatever the file becomes)
             self.text: str | None = running.path.read_text(encoding="utf-8")
@@ -119,6 +125,8 @@ class ConfigStager:
         new = self.validate(text)
         restart = [f"{c} needs a restart ({c.why})" for c in diff(self.running, new)
                    if not c.online]
+        if self.calls is not None:
+            restart += profile_refusals(self.running, new, self.calls)
         if restart:
             raise Refused(restart)
         return new

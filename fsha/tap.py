@@ -38,7 +38,7 @@ from fsha.egress import EgressFence, FenceStatus, NftEgressFence
 from fsha.eslclient import ConnectionState
 from fsha.floating import FloatingIPBackend, make_backend
 from fsha.fsapi import FSApi
-from fsha.fsdb import CoreDBWriter, ThreadRunner
+from fsha.fsdb import CoreDBWriter, RecordValueError, ThreadRunner, call_profile
 from fsha.fsevents import ClusterEvents
 from fsha.guard import default_lease
 from fsha.guardlink import GuardLink
@@ -65,6 +65,7 @@ from fsha.takeover import ReplicatedRecords, SlotEffects, TakeoverTimeouts
 from fsha.transport import heartbeat_services
 from fsha.wire.control import ControlAuth
 from fsha.wire.heartbeat import NO_SLOT, Role
+from fsha.wire.stream import Kind
 
 DEFAULT_CONFIG = "/etc/fsha/cluster.toml"
 
@@ -335,7 +336,8 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         records=(ReplicatedRecords(replication.state, reactor) if replication is not None
                  else None),
         timeouts=timeouts, fencing=config.fencing, me=me,
-        recover_batch=config.takeover.recover_batch, hot_standby=hot_standby, egress=egress)
+        recover_batch=config.takeover.recover_batch, hot_standby=hot_standby, egress=egress,
+        health=health)
     budget = max(timeouts.acquire_budget(slot, hot_standby) for slot in config.slots)
     # the node's SlotOwner: the effects, with a slot's addresses and profiles following an
     # online config change (fsha.slotchange)
@@ -440,8 +442,21 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
             notifier.config = new.notify
         return begun
 
+    def calls_on(slot_id: int, profile: str) -> int:
+        """The replicated calls of ``profile`` in slot ``slot_id`` (a removed profile with
+        calls is refused at stage: fsha.configplan.profile_refusals)."""
+        if replication is None:
+            return 0
+        n = 0
+        for record in replication.state.records(slot=slot_id, kind=Kind.CALL):
+            try:
+                n += call_profile(record.value) == profile
+            except RecordValueError:
+                pass
+        return n
+
     stager = ConfigStager(config, me.name, options.secret, reactor, apply_config,
-                          node.record_event)
+                          node.record_event, calls=calls_on)
     control = ControlResource(node, ControlAuth(options.secret, config.name, me.name), reactor,
                               stager, replication.relay if replication is not None else None)
     # a node behind the cluster's config epoch fetches it from a peer by itself
