@@ -205,11 +205,17 @@ def stress_run(system: str, seconds: float, interval_ms: int, dead_after_ms: int
                ) -> dict[str, float]:
     """Scenario 6 on both cluster networks: nobody killed; what moved, the longest gap."""
     impaired = ("A", "B")
+    # FSHA_BENCH_KEEP=1: the soak's logs are kept (their folder is printed), to read what
+    # moved and why
+    keep = os.environ.get("FSHA_BENCH_KEEP") == "1"
     if system == "fsha":
         cluster: NetnsCluster = NetnsCluster(nodes=3, slots=2, interval_ms=interval_ms,
                                              dead_after_ms=dead_after_ms,
                                              dead_after_min_ms=dead_after_min_ms,
-                                             emulated=impaired, hot_standby=hot_standby)
+                                             emulated=impaired, hot_standby=hot_standby,
+                                             keep=keep)
+        if keep:
+            print(f"stress fsha: logs kept in {cluster.dir}", flush=True)
     else:
         cluster = KeepalivedCluster(float(system.rpartition("-")[2]), emulated=impaired)
     with cluster:
