@@ -31,13 +31,14 @@ from fsha.config import (
     read_redis_password,
     timing_warnings,
 )
+from fsha.configfetch import ConfigCatchUp
 from fsha.configstage import ConfigStager
 from fsha.durable import DurableStore, key_prefix
 from fsha.egress import EgressFence, FenceStatus, NftEgressFence
 from fsha.eslclient import ConnectionState
 from fsha.floating import FloatingIPBackend, make_backend
 from fsha.fsapi import FSApi
-from fsha.fsdb import CoreDBWriter, ThreadRunner
+from fsha.fsdb import CoreDBWriter, RecordValueError, ThreadRunner, call_profile
 from fsha.fsevents import ClusterEvents
 from fsha.guard import default_lease
 from fsha.guardlink import GuardLink
@@ -64,6 +65,7 @@ from fsha.takeover import ReplicatedRecords, SlotEffects, TakeoverTimeouts
 from fsha.transport import heartbeat_services
 from fsha.wire.control import ControlAuth
 from fsha.wire.heartbeat import NO_SLOT, Role
+from fsha.wire.stream import Kind
 
 DEFAULT_CONFIG = "/etc/fsha/cluster.toml"
 
@@ -261,6 +263,8 @@ SERVICE_ORDER: tuple[tuple[str, str], ...] = (
                "one, so a slow or dead Redis cannot delay a claim"),
     ("durable", "before the node, which waits for its load before a cold-start claim"),
     ("status", "/status, /metrics and the signed control requests"),
+    ("config-catch-up", "asks the peers for a newer config epoch over the replication "
+                        "links (fsha.configfetch)"),
     ("guard", "before the node; stopped after its hand-over (what is still held then is "
               "the guard's to drop)"),
     ("node", "joins last (after clearing a previous run's leftovers), hands over first"),
@@ -438,10 +442,27 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
             notifier.config = new.notify
         return begun
 
+    def calls_on(slot_id: int, profile: str) -> int:
+        """The replicated calls of ``profile`` in slot ``slot_id`` (a removed profile with
+        calls is refused at stage: fsha.configplan.profile_refusals)."""
+        if replication is None:
+            return 0
+        n = 0
+        for record in replication.state.records(slot=slot_id, kind=Kind.CALL):
+            try:
+                n += call_profile(record.value) == profile
+            except RecordValueError:
+                pass
+        return n
+
     stager = ConfigStager(config, me.name, options.secret, reactor, apply_config,
-                          node.record_event)
+                          node.record_event, calls=calls_on)
     control = ControlResource(node, ControlAuth(options.secret, config.name, me.name), reactor,
                               stager, replication.relay if replication is not None else None)
+    # a node behind the cluster's config epoch fetches it from a peer by itself
+    catchup = ConfigCatchUp(stager, options.secret, config.name, replication.relay, reactor) \
+        if replication is not None else None
+    control.catchup = catchup
 
     def status() -> dict[str, Any]:
         result = node.status()
@@ -464,6 +485,7 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         result["config"]["held"] = changes.held_status()
         if replication is not None:
             result["config"]["relay"] = replication.relay.status()
+        result["config"]["catch_up"] = catchup.status() if catchup is not None else None
         return result
 
     state = state_dir(config, me)
@@ -509,7 +531,8 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         "esl": [esl], "esl-probe": [probe], "fsevents": [cluster_events],
         "heartbeat": list(heartbeat_services(node, reactor)), "replication": [replication],
         "feeds": [feeds], "superseded": [retire], "redis": [redis], "limits": [limits],
-        "durable": [durable], "status": [status_server], "guard": [guard],
+        "durable": [durable], "status": [status_server], "config-catch-up": [catchup],
+        "guard": [guard],
         "node": [node_service]}
     for name, _why in SERVICE_ORDER:
         for part in parts.pop(name):

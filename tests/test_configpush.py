@@ -346,14 +346,16 @@ class PushTests(SynchronousTestCase):
         self.new = priority(self.ws.text, "fs3", 300)
 
     def run_push(self, text: str, dry_run: bool = False,
-                 alive: dict[str, bool] | None = None) -> tuple[int, dict[str, Any]]:
+                 alive: dict[str, bool] | None = None,
+                 owners: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
         push = FakePush(self.ws.config(), self.nodes)
         targets = []
         for name, node in self.nodes.items():
             status = {"nodes": [{"name": n, "alive": (alive or {}).get(n, True),
                                  "self": n == name, "role": "slave", "slot": None,
                                  "epoch": 0, "flags": ["fs_ok", "sees_quorum"]}
-                                for n in self.nodes]}
+                                for n in self.nodes],
+                      "slots": [{"name": s, "owner": o} for s, o in (owners or {}).items()]}
             targets.append(cli.Target(name, "direct", status if node.reachable else None))
         push.via = targets[0]
         for t in targets:
@@ -384,6 +386,22 @@ class PushTests(SynchronousTestCase):
         code, data = self.run_push(self.new)  # again: nothing to do
         self.assertEqual(code, 0)
         self.assertIn("nothing to push", data["result"])
+
+    def test_a_slot_change_activates_its_master_after_the_others(self) -> None:
+        order: list[str] = []
+        for node in self.nodes.values():
+            node.stager.apply = lambda c, name=node.name: order.append(name)  # type: ignore[misc]
+        text = self.ws.text.replace("127.0.10.2/32", "127.0.10.9/32")
+        code, data = self.run_push(text, dry_run=True, owners={"slot1": "fs1", "slot2": "fs2"})
+        self.assertEqual(code, 0, data)
+        self.assertIn("  slot.slot2.ip: [127.0.10.2/32 dev lo] -> [127.0.10.9/32 dev lo]   "
+                      "(online)", data["lines"])
+        self.assertIn("  slot2: 127.0.10.9/32 added on fs2, 127.0.10.2/32 removed",
+                      data["lines"])
+        code, data = self.run_push(text, owners={"slot1": "fs1", "slot2": "fs2"})
+        self.assertEqual(code, 0, data)
+        # fs1 relays (--via): last; fs2 masters slot2: after the slaves
+        self.assertEqual(order, ["fs3", "fs2", "fs1"])
 
     def test_restart_needed_sends_nothing(self) -> None:
         text = self.ws.text.replace("dead_after_ms = 200", "dead_after_ms = 300")

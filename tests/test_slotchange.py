@@ -355,3 +355,111 @@ class ClusterTests(SynchronousTestCase):
         self.assertEqual(cluster.masters(), {"slot1": successor})
         self.assertEqual(wire.held_by(successor), {"127.0.10.8"})
         self.assertEqual(wire.holders["127.0.10.1"], set())
+
+
+class StageTests(SynchronousTestCase):
+    """A node refuses at stage a profile removed while it carries calls (the replicated
+    calls): the push is aborted everywhere, nothing half-applied."""
+
+    def test_removing_a_profile_with_calls_is_refused_at_stage(self) -> None:
+        from fsha.configstage import ConfigStager, Refused
+        from tests.test_configpush import SECRET, Workspace
+
+        ws = Workspace(self)
+        counts = {(1, "slot2"): 3}
+        stager = ConfigStager(ws.config(), "fs1", SECRET, Clock(), lambda c: None,
+                              lambda kind, **fields: None,
+                              calls=lambda slot, profile: counts.get((slot, profile), 0))
+        text = ws.text.replace('profiles = ["slot2"]', 'profiles = ["slot2b"]')
+        self.assertNotEqual(text, ws.text)
+        with self.assertRaises(Refused) as e:
+            stager.stage(1, text)
+        self.assertEqual(e.exception.reasons, [
+            "slot.slot2.profiles: profile slot2 carries 3 call(s): it is stopped only "
+            "without calls; push again once they are over (or keep it in the list)"])
+        counts.clear()
+        answer = stager.stage(1, text)
+        self.assertEqual(answer["changes"], ["slot.slot2.profiles: [slot2] -> [slot2b]"])
+
+
+class GuardTests(SynchronousTestCase):
+    """The guard learns the union of old and new addresses by a second HELLO, keeps the
+    lease it holds, and drops with the new settings when fsha is gone."""
+
+    def test_a_second_hello_replaces_the_settings_and_keeps_the_lease(self) -> None:
+        import io
+        import os
+        import time
+
+        from fsha.guard import GuardProcess
+        from fsha.localdrop import GuardSettings, SlotSettings
+        from fsha.wire.guard import Dropped, Hello, Hold, decode, encode
+        from tests.test_guard import FakeEffects as GuardEffects
+        from tests.test_guard import settings
+
+        first = settings()
+        slot2 = first.slot(1)
+        wider = dataclasses.replace(first, slots=(first.slots[0], SlotSettings(
+            1, "slot2", (*slot2.ips, FloatingIP("198.18.0.109", 24, "ethC")),
+            slot2.profiles)))
+        read, write = os.pipe()
+        os.write(write, b"".join(encode(m) for m in [
+            Hello(first.as_json()), Hold(1, 5, time.monotonic_ns() + 10**9),
+            Hello(wider.as_json())]))
+        os.close(write)  # end of file right after: fsha is gone
+        out = io.BytesIO()
+        made: list[GuardEffects] = []
+
+        def effects_for(s: GuardSettings) -> Any:
+            made.append(GuardEffects(s))
+            return made[-1]
+        try:
+            self.assertEqual(GuardProcess(read, out, effects_for).run(), 0)  # type: ignore[arg-type]
+        finally:
+            os.close(read)
+        said = [decode(line) for line in out.getvalue().splitlines()]
+        self.assertEqual(len(made), 2)
+        self.assertEqual(made[0].drops, [])
+        self.assertEqual(made[1].drops, ["slot2"])  # dropped with the new settings
+        self.assertEqual([a.address for a in made[1].settings.slot(1).ips],
+                         ["198.18.0.102", "198.18.0.109"])
+        self.assertEqual([(m.slot, m.lease) for m in said if isinstance(m, Dropped)],
+                         [(1, 5)])
+
+    def test_the_link_sends_new_settings_at_once(self) -> None:
+        from fsha.guardlink import GuardLink
+        from fsha.localdrop import GuardSettings
+        from fsha.wire.guard import Hello
+        from tests.test_guard import FakeProcess
+
+        cluster = FakeCluster(make_config(nodes=3, slots=2))
+        config = cluster.config
+        processes: list[FakeProcess] = []
+        link = GuardLink(GuardSettings.from_config(config, config.nodes[0], 0.08),
+                         cluster.nodes.get("fs1") or cluster.start("fs1"), cluster.clock,
+                         spawn=lambda proto, argv: processes.append(FakeProcess(1))
+                         or processes[-1])
+        link.startService()
+        new = with_slot(config, "slot1", ips=(ip("127.0.10.7"),))
+        link.update_settings(GuardSettings.from_config(new, new.nodes[0], 0.08))
+        hellos = [m for m in processes[-1].written if isinstance(m, Hello)]
+        self.assertEqual(len(hellos), 2)
+        self.assertEqual(hellos[-1].settings["slots"][0]["ips"], [["127.0.10.7", 32, "lo"]])
+        link.stopService()
+
+
+class HotStandbyTests(SynchronousTestCase):
+    def test_every_node_starts_and_stops_the_profiles_none_moves_addresses(self) -> None:
+        old = make_config(nodes=3, slots=2)
+        old = dataclasses.replace(old, takeover=dataclasses.replace(
+            old.takeover, profiles="hot_standby"))
+        wire = Wire(self)
+        floating = FakeFloating(wire, "fs3")
+        profiles = FakeProfiles()
+        changes = SlotChanges(FakeEffects(floating), floating, Clock(), old, timeout=2.0,
+                              profiles=profiles)
+        new = with_slot(old, "slot2", profiles=("slot2b",))
+        changes.config_changed(new, None, lambda *a: None)  # a slave
+        self.assertEqual(profiles.done, ["start slot2b", "stop slot2"])
+        self.assertEqual(wire.log, [])
+        self.assertEqual(changes.standby[1], ["slot2b"])

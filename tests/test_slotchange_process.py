@@ -1,7 +1,9 @@
 """A live slot's floating IP changed by ``fsha config push`` on real ``twistd`` nodes
 (loopback backend, simulators): the master moves its own addresses and starts the profile
 that serves the new one while a client probes it; no slot move, calls intact, no address
-ever held by two nodes (every node's ``config.held`` watched throughout)."""
+ever held by two nodes (every node's ``config.held`` watched throughout). Then the master
+is killed: its guard (told the new settings by a second HELLO) stops the new profile too,
+and the successor claims the new address and recovers the calls."""
 
 from __future__ import annotations
 
@@ -124,3 +126,21 @@ class SlotAddressChangeTests(SynchronousTestCase):
             running = [n.name for n in c.nodes if c.sim_control(n.name, "/status")
                        ["profiles"]["slot1x"]["state"] == "running"]
             self.assertEqual(running, [master])
+
+            # kill -9 the master's fsha: its guard stops both profiles (the new one
+            # included, else the successor could not bind the new address), the successor
+            # claims with the new config and recovers the calls
+            c.kill(master)
+            successor = wait_for("slot1 taken over", lambda: c.owner("slot1") not in
+                                 (None, master) and c.owner("slot1"), 60)
+            status = c.status(c.node(successor))
+            self.assertEqual(status["config"]["held"],
+                             {"slot1": {"ips": [NEW_IP], "profiles": ["slot1", "slot1x"]}})
+            [report] = [e for e in status["events"] if e["event"] == "takeover-acquire"
+                        and e["ok"] and e["slot"] == "slot1"]
+            self.assertEqual(report["calls_recovered"], len(uuids), report)
+            self.assertIn(b"SIP/2.0 200", wait_for("the new address answers again",
+                                                   lambda: options(NEW_IP, c.sip_port), 30))
+            profiles = c.sim_control(master, "/status")["profiles"]
+            self.assertEqual({p: profiles[p]["state"] for p in ("slot1", "slot1x")},
+                             {"slot1": "stopped", "slot1x": "stopped"})

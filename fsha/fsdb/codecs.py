@@ -103,6 +103,12 @@ def decode_call_row_packed(value: bytes) -> RecoveryRow | PackedCallRow:
     return PackedCallRow(fields, value, pos)
 
 
+def call_profile(value: bytes) -> str:
+    """The sofia profile of a replicated call value, read without inflating its metadata;
+    raises :class:`RecordValueError` on bad bytes."""
+    return _call_head(value)[0][2]
+
+
 def _call_head(value: bytes) -> tuple[list[str], int]:
     """The five text columns and where the metadata begins."""
     if not value or value[0] not in (1, 2):
