@@ -12,7 +12,8 @@ it would read FreeSWITCH's). Once every node holds everything: VmRSS of every pr
 then kill -9 of the master (and its simulator); once the slot has a new master with every
 call back: VmRSS again, then every ``--every`` seconds for ``--after`` seconds (flat or
 growing). One JSON line: ``idle``, ``before``, ``after`` and ``series`` (VmRSS in MiB of
-every process: ``fsN`` the nodes, ``fsN-sim`` their simulators), ``max_fsha_mb`` (the
+every process: ``fsN`` the nodes, ``fsN-sim`` their simulators), ``load_before`` and
+``load_after`` (the load averages), ``max_fsha_mb`` (the
 largest node figure of them all), ``growth_mb`` (per node, last sample minus the one
 halfway through the series: about 0 when flat) and ``goal_met``.
 """
@@ -135,6 +136,7 @@ def main() -> None:
         wait_for("everything replicated", held, 600, interval=1.0)
         time.sleep(5)
         result["before"] = sample(cluster)
+        result["load_before"] = [round(x, 2) for x in os.getloadavg()]
         profile(cluster, args.profile, "before")
         cluster.kill(master, sim_too=True)
         t = time.monotonic()
@@ -165,6 +167,7 @@ def main() -> None:
                 profiled_during = True
                 profile(cluster, args.profile, "during")
         result["series"] = series
+        result["load_after"] = [round(x, 2) for x in os.getloadavg()]
         profile(cluster, args.profile, "after")
         nodes = [k for k in result["after"] if not k.endswith("-sim")]
         every = [result["before"], result["after"], *series]
