@@ -239,14 +239,15 @@ class RealFreeSWITCHCluster(LoopbackCluster):
     """:class:`~fsha.harness.LoopbackCluster` with a real FreeSWITCH per node."""
 
     def __init__(self, workdir: Path, nodes: int = 3, rtp_ports: int = 200,
-                 esl_timeout_ms: int = 1000) -> None:
+                 esl_timeout_ms: int = 1000, interval_ms: int = 50,
+                 dead_after_ms: int = 300) -> None:
         rng = random.Random()
         self.slot_ip = f"127.{rng.randint(100, 250)}.{rng.randint(1, 250)}.1"
         base = 20000 + 2 * rng.randint(0, (20000 - rtp_ports) // 2)
         self.rtp = (base, base + rtp_ports - 2)  # RTP and RTCP: 2 ports a call
         self.fs: dict[str, RealFreeSWITCH] = {}
-        super().__init__(nodes, 1, interval_ms=50, dead_after_ms=300, workdir=workdir,
-                         esl_timeout_ms=esl_timeout_ms)
+        super().__init__(nodes, 1, interval_ms=interval_ms, dead_after_ms=dead_after_ms,
+                         workdir=workdir, esl_timeout_ms=esl_timeout_ms)
         self.sip_port = free_sip_port(self.slot_ip)
 
     def slot_profile(self, slot: int) -> tuple[str, str, int]:
