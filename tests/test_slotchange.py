@@ -463,3 +463,23 @@ class HotStandbyTests(SynchronousTestCase):
         self.assertEqual(profiles.done, ["start slot2b", "stop slot2"])
         self.assertEqual(wire.log, [])
         self.assertEqual(changes.standby[1], ["slot2b"])
+
+
+class StatusTests(SynchronousTestCase):
+    def test_held_beyond_the_config_and_a_failed_change_are_problems(self) -> None:
+        from fsha.status import _slot_change_problems
+
+        status = {"node": "fs1", "slots": [{"name": "slot1", "ips": ["127.0.10.7/32 dev lo"],
+                                            "profiles": ["b"]}],
+                  "config": {"held": {"slot1": {"ips": ["127.0.10.7", "127.0.10.1"],
+                                                "profiles": ["b", "a"]}},
+                             "slot_changes": [{"slot": "slot1", "state": "failed",
+                                               "error": "old addresses not taken down: x"}]}}
+        self.assertEqual(_slot_change_problems(status), [
+            "slot slot1: fs1 still holds what the config no longer lists (address "
+            "127.0.10.1, profile a); its release takes them down",
+            "slot slot1: the online config change failed on fs1: old addresses not taken "
+            "down: x"])
+        status["config"] = {"held": {"slot1": {"ips": ["127.0.10.7"], "profiles": ["b"]}},
+                            "slot_changes": [{"slot": "slot1", "state": "done"}]}
+        self.assertEqual(_slot_change_problems(status), [])
