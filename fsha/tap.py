@@ -422,11 +422,15 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         (priorities, [notify], slots' addresses and profiles) differs: the config is
         swapped where it is read, and the slot this node masters follows it
         (fsha.slotchange)."""
-        node.replace_config(new)
         if feeds is not None:
             feeds.config_changed(new)
+        if limits is not None:
+            limits.config_changed(new)
+        # the slot changes (and the guard) first: a slot appended may be claimed as soon
+        # as the node runs the new config, and the guard must know it by then
         holding = (node.slot, node.epoch) if node.role is Role.MASTER else None
         begun = changes.config_changed(new, holding, node.resources_lost)
+        node.replace_config(new)
         # more profiles, a longer claim
         node.claim_timeout = max(timeouts.acquire_budget(slot, hot_standby)
                                  for slot in new.slots) + 1.0
