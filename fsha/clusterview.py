@@ -18,9 +18,17 @@ def _short(digest: str | None) -> str:
 
 
 def _epoch(status: JSON) -> str:
-    """`` epoch N`` (nothing from a node that does not say)."""
-    epoch = (status.get("config") or {}).get("epoch")
-    return "" if epoch is None else f" epoch {epoch}"
+    """`` epoch N`` (nothing from a node that does not say), and whether it catches up."""
+    config = status.get("config") or {}
+    epoch = config.get("epoch")
+    if epoch is None:
+        return ""
+    catch_up = config.get("catch_up") or {}
+    if catch_up.get("pending"):
+        return f" epoch {epoch} (file: {catch_up['pending']['epoch']}, restart needed)"
+    if catch_up.get("state") == "behind":
+        return f" epoch {epoch} (catching up)"
+    return f" epoch {epoch}"
 
 
 def _me(status: JSON) -> JSON:
@@ -85,9 +93,9 @@ def disagreements(order: list[str], views: Mapping[str, JSON | str]) -> list[str
     found: list[str] = []
     for key, what, why in (
             ("config_digest", "config", "config mismatch: a push or rollout not finished? "
-                                        "the same fsha config push again brings the nodes "
-                                        "behind up; takeovers wait while the files give "
-                                        "different views"),
+                                        "a node behind catches up by itself within "
+                                        "seconds (its status says how); takeovers wait "
+                                        "while the files give different views"),
             ("view_digest", "view of the cluster", "transient during a change; persistent "
                                                    "means different inputs")):
         groups = _groups({n: _short(v.get(key)) + (_epoch(v) if key == "config_digest"

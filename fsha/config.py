@@ -221,7 +221,7 @@ class StateConfig:
 NOTIFY_EVENTS = ("role", "master", "release", "release-failed", "claim-aborted",
                  "takeover-acquire", "takeover-release", "peer-down", "peer-takeover",
                  "maintenance", "switchover", "lease-expired", "resources-lost", "freeswitch",
-                 "guard-dropped", "guard-failed", "config")
+                 "guard-dropped", "guard-failed", "config", "config-pending", "config-refused")
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,12 +23,18 @@ the node side is :mod:`fsha.configstage`).
   epoch 0. A node stages an epoch only above the one it runs, and at most one staged
   epoch at a time; a staged config is activated by the activate request for the same
   epoch and digest, or dropped (abort, or :data:`STAGE_TTL` seconds without activation).
+* **Seals.** The epoch line of a pushed file carries a seal, ``seal=`` and an HMAC under
+  a key derived from the cluster secret of the epoch and the rest of the file, so a file
+  proves by itself that a push made it (:func:`seal_state`): a node that was behind takes
+  a newer epoch from a peer only with its seal right (:mod:`fsha.configcatchup`), and a
+  file edited by hand after its push (seal wrong) is neither offered nor replaced.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -71,6 +77,41 @@ def with_epoch(text: str, epoch: int, note: str = "") -> str:
     """``text`` with its epoch line set to ``epoch`` (added, or replacing the old one)."""
     body = _EPOCH_RE.sub("", text, count=1)
     return f"{EPOCH_LINE}{epoch}{('  ' + note) if note else ''}\n{body}"
+
+
+_SEAL_RE = re.compile(r"\A# fsha-config-epoch: \d{1,18}\s+seal=([0-9a-f]{32})\s*\n")
+
+
+def _seal(secret: bytes, epoch: int, body: str) -> str:
+    key = hmac.new(secret, b"fsha config seal v1", hashlib.sha256).digest()
+    return hmac.new(key, f"{epoch}\n".encode() + body.encode("utf-8"),
+                    hashlib.sha256).hexdigest()[:32]
+
+
+def sealed(text: str, epoch: int, secret: bytes) -> str:
+    """``text`` with its epoch line set to ``epoch`` and sealed with the cluster secret."""
+    body = _EPOCH_RE.sub("", text, count=1)
+    return f"{EPOCH_LINE}{epoch}  seal={_seal(secret, epoch, body)}\n{body}"
+
+
+def seal_state(text: str, secret: bytes) -> str:
+    """``none``: no epoch line (epoch 0, never pushed); ``sealed``: the line's seal matches
+    the epoch and the rest of the file; ``hand-edited``: an epoch line without a seal, or
+    whose seal does not match (the file was changed after its push)."""
+    if not _EPOCH_RE.match(text):
+        return "none"
+    match = _SEAL_RE.match(text)
+    if match is None:
+        return "hand-edited"
+    body = _EPOCH_RE.sub("", text, count=1)
+    good = _seal(secret, file_epoch(text), body)
+    return "sealed" if hmac.compare_digest(good, match.group(1)) else "hand-edited"
+
+
+def file_id(text: str) -> str:
+    """The first 16 hex digits of the SHA-256 of a file's text: which file, exactly (the
+    config digest leaves out settings such as [notify])."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def parse_text(text: str, path: Path) -> ClusterConfig:

@@ -35,8 +35,8 @@ from fsha.configplan import (
     file_epoch,
     parse_text,
     profile_refusals,
+    sealed,
     stage_refusal,
-    with_epoch,
 )
 
 log = Logger(namespace="fsha.config")
@@ -122,6 +122,18 @@ class ConfigStager:
 
     def check(self, text: str) -> ClusterConfig:
         """The pushed text as this node's config, checked for this node; Refused if not."""
+        new = self.validate(text)
+        restart = [f"{c} needs a restart ({c.why})" for c in diff(self.running, new)
+                   if not c.online]
+        if self.calls is not None:
+            restart += profile_refusals(self.running, new, self.calls)
+        if restart:
+            raise Refused(restart)
+        return new
+
+    def validate(self, text: str) -> ClusterConfig:
+        """``text`` as this node's config: parsed, this node in it, the secret it runs
+        with, its TLS files there; Refused if not (a push and a catch-up alike)."""
         path = self.running.path
         try:
             new = parse_text(text, path)
@@ -133,12 +145,6 @@ class ConfigStager:
             check_tls_files(new, new.node(self.me))
         except ConfigError as e:
             raise Refused(e.problems) from None
-        restart = [f"{c} needs a restart ({c.why})" for c in diff(self.running, new)
-                   if not c.online]
-        if self.calls is not None:
-            restart += profile_refusals(self.running, new, self.calls)
-        if restart:
-            raise Refused(restart)
         return new
 
     def stage(self, epoch: int, text: str) -> dict[str, Any]:
@@ -148,7 +154,7 @@ class ConfigStager:
                             new.digest, now, self.ttl)
         if why:
             raise Refused([why])
-        self.staged = Staged(epoch, new.digest, with_epoch(text, epoch), new, now)
+        self.staged = Staged(epoch, new.digest, sealed(text, epoch, self.secret), new, now)
         changes = [str(c) for c in diff(self.running, new)]
         log.info("config epoch {epoch} (digest {digest}) staged: {changes}", epoch=epoch,
                  digest=new.digest.hex(), changes="; ".join(changes) or "no setting changes")
@@ -179,6 +185,15 @@ class ConfigStager:
                           epoch=epoch)
         return {**applied, "node": self.me, "active": epoch,
                 "digest": staged.digest.hex()}
+
+    def adopt(self, config: ClusterConfig, text: str, epoch: int, **event: Any) -> None:
+        """A config already written to the file (a catch-up, :mod:`fsha.configfetch`)
+        becomes the one this node runs: applied as an activation applies it."""
+        old = self.running
+        self.apply(config)
+        self.running, self.epoch, self.text = config, epoch, text
+        self.record_event("config", digest=config.digest.hex(), previous=old.digest.hex(),
+                          epoch=epoch, **event)
 
     def abort(self, epoch: int, digest: bytes) -> dict[str, Any]:
         staged = self._current_staged()

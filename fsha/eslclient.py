@@ -143,6 +143,7 @@ class ESLClient(Service):
         rng: random.Random | None = None,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        ping_command: str = "global_getvar core_uuid",
     ) -> None:
         if event_format not in ("plain", "json"):
             raise ValueError("event_format must be 'plain' or 'json'")
@@ -199,6 +200,10 @@ class ESLClient(Service):
         self.late_replies = 0  # answers that came after their request's timeout (busy)
         self.last_ping_seconds: float | None = None  # round trip of the last answered ping
         self.ping_sent_at: float | None = None  # the ping waiting for its answer, if any
+        # the api command of the liveness ping; its answer, and when it came, are kept
+        # (``last_pong``: fsha.health reads FreeSWITCH's readiness from a ``status`` ping)
+        self.ping_command = ping_command
+        self.last_pong: tuple[float, str] | None = None
 
     @classmethod
     def tcp(
@@ -445,6 +450,7 @@ class ESLClient(Service):
         why = proto.closing_reason or reason.getErrorMessage()
         self.late_replies += proto.late_replies
         self.ping_sent_at = None
+        self.last_pong = None  # an answer of a lost connection says nothing of now
         if self.last_error is None or self.state is ConnectionState.READY:
             self.last_error = f"connection lost: {why}"
         jobs, self._jobs = self._jobs, {}
@@ -542,12 +548,16 @@ class ESLClient(Service):
             return  # the oldest request's own timeout (and hung_timeout) covers liveness
         # nothing pending: a ping that timed out was answered late since (discarded)
         self.ping_sent_at = sent = now
-        d = proto.request("api global_getvar core_uuid", timeout=self.ping_timeout)
+        d = proto.request(f"api {self.ping_command}", timeout=self.ping_timeout)
 
         def pong(frame: Frame) -> None:
             self.ping_sent_at = None
-            self.last_ping_seconds = self.clock.seconds() - sent
-            self._note_core_uuid(frame.body.decode("utf-8", "replace").strip())
+            answered = self.clock.seconds()
+            self.last_ping_seconds = answered - sent
+            body = frame.body.decode("utf-8", "replace")
+            self.last_pong = (answered, body)
+            if self.ping_command == "global_getvar core_uuid":
+                self._note_core_uuid(body.strip())
 
         def lost(failure: Failure) -> None:
             failure.trap(ESLError)

@@ -5,10 +5,11 @@ FreeSWITCH runs an ``api`` command on the connection's own thread: while a long 
 wait behind it, and no events flow on it. A health check queued there would declare a busy
 FreeSWITCH dead, and a master would give its slot (and its calls) up for nothing. So:
 
-* The **probe** is a second ESL connection that carries nothing long: ``api global_getvar
-  core_uuid`` every ``PROBE_INTERVAL`` seconds, each allowed the node's ESL ``timeout_ms``,
-  (and the small ``fsha::*`` events of :mod:`fsha.fsevents`). FreeSWITCH serves it on its own
-  thread, so a recover on the main connection never delays it.
+* The **probe** is a second ESL connection that carries nothing long: ``api status``
+  every ``PROBE_INTERVAL`` seconds, each allowed the node's ESL ``timeout_ms``,
+  (and the small ``fsha::*`` events of :mod:`fsha.fsevents`). FreeSWITCH serves it on its
+  own thread, so a recover on the main connection never delays it. Its last answer (``is
+  ready``) is a takeover's self-check (:meth:`SwitchHealth.recent_status`).
 * **Busy**: an answer later than ``timeout_ms`` fails that request but is not fatal; the
   request keeps its place in the connection's FIFO and its late answer is discarded
   (:mod:`fsha.eslclient`, ``hung_timeout``). The probe is then *busy* (shown in the status).
@@ -34,10 +35,19 @@ from fsha.eslclient import ConnectionState, ESLClient
 from fsha.latch import Signal
 from fsha.reactors import NetReactor
 
-__all__ = ["PROBE_INTERVAL", "ProbeStats", "SwitchHealth", "SwitchStats", "esl_clients"]
+__all__ = ["PROBE_COMMAND", "PROBE_INTERVAL", "SELF_CHECK_MAX_AGE", "ProbeStats",
+           "SwitchHealth", "SwitchStats", "esl_clients", "recent_answer"]
 
 #: Seconds between two probes of the local FreeSWITCH.
 PROBE_INTERVAL = 0.5
+#: The probe asks ``status`` (it says whether FreeSWITCH ``is ready``): a takeover's
+#: self-check reads the last answer instead of a round trip of its own
+#: (:meth:`SwitchHealth.recent_status`).
+PROBE_COMMAND = "status"
+#: The oldest probe answer a takeover's self-check takes (seconds): two probe intervals,
+#: so one answer that came a little late still counts. Why an answer this old is as good
+#: as a new one: docs/takeover.rst (``self_check``).
+SELF_CHECK_MAX_AGE = 2 * PROBE_INTERVAL
 
 
 def _endpoint(me: NodeConfig, reactor: NetReactor) -> Any:
@@ -59,7 +69,8 @@ def esl_clients(config: ClusterConfig, me: NodeConfig, reactor: NetReactor, ping
     probe = ESLClient(_endpoint(me, reactor), esl.password, reactor,
                       request_timeout=esl.timeout, setup_timeout=esl.timeout,
                       ping_interval=PROBE_INTERVAL, ping_timeout=esl.timeout,
-                      heartbeat_timeout=None, hung_timeout=esl.hung_after)
+                      heartbeat_timeout=None, hung_timeout=esl.hung_after,
+                      ping_command=PROBE_COMMAND)
     probe.setName("esl-probe")
     return main, probe
 
@@ -99,6 +110,17 @@ class SwitchHealth:
         waiting = probe.ping_waiting()
         return waiting is not None and waiting > probe.ping_timeout
 
+    def recent_status(self, max_age: float) -> tuple[float, str] | None:
+        """The probe's last ``status`` answer and its age in seconds, if it is at most
+        ``max_age`` old and FreeSWITCH is usable now (:meth:`is_ok`, no probe answer
+        overdue); None otherwise: ask again. The answer still has to say ``is ready``
+        (the caller parses it)."""
+        probe = self.probe
+        if probe is None or probe.ping_command != PROBE_COMMAND:
+            return None
+        return recent_answer(probe.last_pong, probe.clock.seconds(), max_age,
+                             self.is_ok() and not self.busy())
+
     def stats(self) -> SwitchStats:
         esl = self.esl
         probe = self.probe
@@ -119,6 +141,19 @@ class SwitchHealth:
 
     def status(self) -> dict[str, Any]:
         return self.stats().as_status()
+
+
+def recent_answer(pong: tuple[float, str] | None, now: float, max_age: float,
+                  usable: bool) -> tuple[float, str] | None:
+    """The probe's answer ``pong`` (when it came, its text) and its age at ``now``, if
+    FreeSWITCH is ``usable`` now and the answer is at most ``max_age`` old (None: ask
+    again)."""
+    if pong is None or not usable:
+        return None
+    age = now - pong[0]
+    if not 0.0 <= age <= max_age:
+        return None
+    return age, pong[1]
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,10 +4,12 @@ an online config change.
 ``POST /control/maintenance`` (``{"on": true|false}``), ``POST /control/switchover``
 (``{"slot": NAME, "to": NODE|null}``) and ``POST /control/config/{show,stage,activate,
 abort,relay}`` (``fsha config push``: :mod:`fsha.configstage`,
-:mod:`fsha.replication.relay`) on the node's status address. Every request is signed
-for one node (:mod:`fsha.wire.control`): a node refuses one meant for another node (421),
-an old bearer token, a replay, a stale or forged signature (401), and changes nothing.
-The commands that send them are in :mod:`fsha.cli.control` and :mod:`fsha.cli.config`.
+:mod:`fsha.replication.relay`) and ``POST /control/config/offer`` (a node catching up
+with the cluster's config: :mod:`fsha.configfetch`) on the node's status address. Every
+request is signed for one node (:mod:`fsha.wire.control`): a node refuses one meant for
+another node (421), an old bearer token, a replay, a stale or forged signature (401),
+and changes nothing. The commands that send them are in :mod:`fsha.cli.control` and
+:mod:`fsha.cli.config`.
 
 The status site reads a request's headers before its body: :class:`StatusSite` makes
 requests that check a control request's signature, and any request's announced length,
@@ -41,6 +43,7 @@ MAX_BODY = 16 * 1024  # control bodies are a few dozen bytes; status and metrics
 MAX_CONFIG_BODY = 1024 * 1024  # a pushed config file (JSON-quoted)
 CONFIG_PATH = b"/control/config/"
 RELAY_PATH = b"/control/config/relay"
+OFFER_PATH = b"/control/config/offer"
 log = Logger()
 
 
@@ -84,6 +87,7 @@ class ControlResource(resource.Resource):
             relay.handler = self.relayed
         self.auth = auth
         self.clock = clock
+        self.catchup: Any = None  # fsha.configfetch.ConfigCatchUp: /control/config/offer
         self.accepted = 0  # authentic requests for this node
         self.refused: Counter[int] = Counter()  # refusals by HTTP status, before any change
 
@@ -176,6 +180,8 @@ class ControlResource(resource.Resource):
                      why="; ".join(e.reasons))
             return 409, {"error": "; ".join(e.reasons), "reasons": e.reasons,
                          "node": node.me.name}
+        if path == OFFER_PATH:
+            return 200, result  # asked by every peer every few seconds: not logged
         # a config request's text is not logged (it holds ESL passwords)
         shown = {k: v for k, v in result.items() if k != "text"} \
             if path.startswith(CONFIG_PATH) else body
@@ -246,6 +252,8 @@ class ControlResource(resource.Resource):
         assert self.config is not None
         if command == b"show":
             return self.config.show()
+        if command == b"offer" and self.catchup is not None:
+            return self.catchup.offer(body)  # type: ignore[no-any-return]
         epoch = body.get("epoch")
         if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 < epoch < 1 << 62:
             raise ValueError('"epoch" must be a positive integer')

@@ -100,8 +100,9 @@ def problems(status: JSON) -> list[str]:
         if node.get("config") == "other":
             found.append(f"config mismatch: {node['name']} runs a different config file "
                          "(a push or rollout not finished? fsha status --all names each "
-                         "node's epoch; the same fsha config push again brings the nodes "
-                         "behind up; takeovers wait while the files give different views)")
+                         "node's epoch; a node behind catches up by itself within seconds "
+                         "and says so in its status; takeovers wait while the files give "
+                         "different views)")
         if node.get("live") is False:
             found.append(f"{node['name']} is heard but has not shown it is live now (no "
                          "echo of this node's heartbeats yet: counts for no quorum)")
@@ -116,6 +117,8 @@ def problems(status: JSON) -> list[str]:
         if slot["owner"] is None:
             found.append(f"slot {slot['name']} has no master")
     found += _slot_change_problems(status)
+    catch_up = (status.get("config") or {}).get("catch_up") or {}
+    found.extend(f"config: {line}" for line in catch_up.get("problems") or [])
     me = next(n for n in status["nodes"] if n["self"])
     if "maintenance" in me["flags"]:
         found.append(f"{me['name']} (this node) is in maintenance (holds no slot, no "
@@ -219,6 +222,12 @@ def config_label(status: JSON) -> str:
     staged = config.get("staged")
     if staged:
         label += f", epoch {staged['epoch']} staged"
+    catch_up = config.get("catch_up") or {}
+    pending = catch_up.get("pending")
+    if pending:
+        label += f", epoch {pending['epoch']} in the file (RESTART NEEDED)"
+    elif catch_up.get("state") in ("behind", "hand-edited"):
+        label += ", CATCHING UP" if catch_up["state"] == "behind" else ", file edited by hand"
     return label
 
 

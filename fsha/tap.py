@@ -31,6 +31,7 @@ from fsha.config import (
     read_redis_password,
     timing_warnings,
 )
+from fsha.configfetch import ConfigCatchUp
 from fsha.configstage import ConfigStager
 from fsha.durable import DurableStore, key_prefix
 from fsha.egress import EgressFence, FenceStatus, NftEgressFence
@@ -262,6 +263,8 @@ SERVICE_ORDER: tuple[tuple[str, str], ...] = (
                "one, so a slow or dead Redis cannot delay a claim"),
     ("durable", "before the node, which waits for its load before a cold-start claim"),
     ("status", "/status, /metrics and the signed control requests"),
+    ("config-catch-up", "asks the peers for a newer config epoch over the replication "
+                        "links (fsha.configfetch)"),
     ("guard", "before the node; stopped after its hand-over (what is still held then is "
               "the guard's to drop)"),
     ("node", "joins last (after clearing a previous run's leftovers), hands over first"),
@@ -333,7 +336,8 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         records=(ReplicatedRecords(replication.state, reactor) if replication is not None
                  else None),
         timeouts=timeouts, fencing=config.fencing, me=me,
-        recover_batch=config.takeover.recover_batch, hot_standby=hot_standby, egress=egress)
+        recover_batch=config.takeover.recover_batch, hot_standby=hot_standby, egress=egress,
+        health=health)
     budget = max(timeouts.acquire_budget(slot, hot_standby) for slot in config.slots)
     # the node's SlotOwner: the effects, with a slot's addresses and profiles following an
     # online config change (fsha.slotchange)
@@ -459,6 +463,10 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
                           node.record_event, calls=calls_on)
     control = ControlResource(node, ControlAuth(options.secret, config.name, me.name), reactor,
                               stager, replication.relay if replication is not None else None)
+    # a node behind the cluster's config epoch fetches it from a peer by itself
+    catchup = ConfigCatchUp(stager, options.secret, config.name, replication.relay, reactor) \
+        if replication is not None else None
+    control.catchup = catchup
 
     def status() -> dict[str, Any]:
         result = node.status()
@@ -481,6 +489,7 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         result["config"]["held"] = changes.held_status()
         if replication is not None:
             result["config"]["relay"] = replication.relay.status()
+        result["config"]["catch_up"] = catchup.status() if catchup is not None else None
         return result
 
     state = state_dir(config, me)
@@ -526,7 +535,8 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         "esl": [esl], "esl-probe": [probe], "fsevents": [cluster_events],
         "heartbeat": list(heartbeat_services(node, reactor)), "replication": [replication],
         "feeds": [feeds], "superseded": [retire], "redis": [redis], "limits": [limits],
-        "durable": [durable], "status": [status_server], "guard": [guard],
+        "durable": [durable], "status": [status_server], "config-catch-up": [catchup],
+        "guard": [guard],
         "node": [node_service]}
     for name, _why in SERVICE_ORDER:
         for part in parts.pop(name):

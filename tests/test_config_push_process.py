@@ -1,9 +1,10 @@
 """``fsha config push`` end to end: real ``twistd`` nodes on loopback (fsha.harness), the
 push relayed over the replication links, a node down during a push that comes back with
-its old file and is brought up by the same push again (over a control-only link)."""
+its old file and catches up by itself (fsha.configfetch, over a control-only link)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from typing import Any
 
@@ -70,25 +71,10 @@ class ConfigPushProcessTests(SynchronousTestCase):
             self.assertIn("fs3: down", down.stdout)
             self.assertIn("config epoch 2 active on fs1, fs2", down.stdout)
 
-            # it comes back with its old file (epoch 1): a named mismatch
+            # it comes back with its old file (epoch 1) and catches up by itself, over a
+            # link between two configs (control requests only), from fs1 or fs2
             c.config_path.write_text(epoch1_text)
             c.restart("fs3")
-            wait_for("fs3 back", lambda: c.status(c.node("fs3"))["config"]["epoch"] == 1, 30)
-            wait_for("fs1 hears fs3 again", lambda: next(
-                n for n in c.status(c.node("fs1"))["nodes"] if n["name"] == "fs3")["alive"],
-                30)
-            view = subprocess.run([*FSHA, "status", "--all", "--config", str(c.config_path)],
-                                  capture_output=True, text=True, timeout=60)
-            self.assertIn("config mismatch", view.stdout)
-            self.assertIn("runs ", view.stdout)
-
-            # the same push again: only fs3, relayed over a control-only link
-            wait_for("a control link from fs1 to fs3", lambda: "fs3" in (
-                c.status(c.node("fs1"))["replication"] or {}).get("control_links", []), 30)
-            again = self.push(c, str(second))
-            self.assertEqual(again.returncode, 0, again.stdout + again.stderr)
-            self.assertIn("already there", again.stdout)
-            self.assertIn("config epoch 2 active on fs3", again.stdout)
             try:
                 wait_for("one config everywhere, links whole again", lambda: self._whole(c), 30)
             except AssertionError:
@@ -98,6 +84,21 @@ class ConfigPushProcessTests(SynchronousTestCase):
                           {p: v.get("up") for p, v in st["replication"]["peers"].items()})
                 print(c.logs("fs3", 30))
                 raise
+            fs3 = c.status(c.node("fs3"))
+            self.assertEqual(fs3["config"]["catch_up"]["taken"], 1)
+            self.assertEqual(fs3["config"]["catch_up"]["problems"], [])
+            self.assertEqual(file_epoch(c.config_path.read_text()), 2)
+            self.assertIn("caught up with epoch 2 from", c.logs("fs3", 200))
+            history = subprocess.run([*FSHA, "history", "--config", str(c.config_path),
+                                      "--node", "fs3", "--json"],
+                                     capture_output=True, text=True, timeout=60)
+            events = [json.loads(line) for line in history.stdout.splitlines()
+                      if line.startswith("{")]
+            caught = [e for e in events if e.get("event") == "config" and e.get("source")]
+            self.assertEqual([e["epoch"] for e in caught], [2], history.stdout[-2000:])
+            again = self.push(c, str(second))
+            self.assertEqual(again.returncode, 0, again.stdout + again.stderr)
+            self.assertIn("nothing to push", again.stdout + again.stderr)
 
     def _whole(self, c: LoopbackCluster) -> Any:
         statuses = c.statuses()

@@ -157,8 +157,8 @@ class HotStandbyTakeoverTests(SynchronousTestCase):
         assert report is not None
         self.assertTrue(report.ok, report.as_dict())
         self.assertEqual([st.name for st in report.steps],
-                         ["self_check", "fence", "floating_ips", "records",
-                          "recovery_rows", "profiles", "egress", "recover", "registrations"])
+                         ["self_check", "fence", "floating_ips", "profiles", "records",
+                          "recovery_rows", "egress", "recover", "registrations"])
         self.assertEqual(report.count("egress", "fenced"), 1)
         self.assertEqual(report.count("profiles", "already_running"), 1)
         self.assertEqual(report.count("recover", "recovered"), 6)

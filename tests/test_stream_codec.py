@@ -50,6 +50,13 @@ VECTORS: dict[str, Frame] = {
     "control-request": ControlRequest(id=5, auth="FSHA v2 mac=ab",
                                       path="/control/config/abort", body=b'{"epoch":6}'),
     "control-answer": ControlAnswer(id=5, status=200, body=b'{"dropped":6}'),
+    # config catch-up (fsha.configfetch): the same frames, the offer request and answer
+    "control-request-offer": ControlRequest(
+        id=6, auth="FSHA v2 mac=ab", path="/control/config/offer",
+        body=b'{"epoch":1,"file":"0ca64f0f9758530d"}'),
+    "control-answer-offer": ControlAnswer(
+        id=6, status=200, body=b'{"node":"fs1","epoch":1,"digest":"a1b2c3d4e5f60718",'
+                               b'"file":"0ca64f0f9758530d","seal":"sealed"}'),
 }
 
 

@@ -130,7 +130,8 @@ class BuildServiceTests(SynchronousTestCase):
         # The start order is SERVICE_ORDER's (no Redis, no guard configured here); services
         # stop in reverse, each once the previous one's stop has finished.
         names = ["esl", "esl-probe", "fsevents", "heartbeat-A", "heartbeat-B", "replication",
-                 "feeds", "superseded", "limits", "status", "node"]
+                 "feeds", "superseded", "limits", "status",
+                 "config-catch-up", "node"]
         self.assertEqual([s.name for s in top], names)
         order = [name for name, _ in SERVICE_ORDER]
         self.assertEqual(sorted(names, key=lambda n: order.index(n.partition("-")[0]
@@ -173,7 +174,8 @@ class BuildServiceTests(SynchronousTestCase):
                                      guard=True), self.reactor)
         self.assertEqual([s.name for s in top], [
             "esl", "esl-probe", "fsevents", "heartbeat-A", "heartbeat-B", "replication",
-            "feeds", "superseded", "redis", "limits", "durable", "status", "guard", "node"])
+            "feeds", "superseded", "redis", "limits", "durable", "status", "config-catch-up",
+            "guard", "node"])
         node = next(s for s in top if isinstance(s, NodeService)).node
         durable = next(s for s in top if s.name == "durable")
         guard = next(s for s in top if s.name == "guard")

@@ -12,7 +12,7 @@ import re
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, inlineCallbacks
@@ -33,6 +33,7 @@ from fsha.fsdb import (
     RecoveryRow,
     RegistrationRow,
 )
+from fsha.health import SELF_CHECK_MAX_AGE
 from fsha.process import ProcessError, ProcessFailed, ProcessRunner, ProcessTimeout
 from fsha.recovery import DEFAULT_RECOVER_BATCH, Batch, plan_batches
 from fsha.takeover.records import EncodedRegistrations, NoRecords, SlotRecords
@@ -95,6 +96,12 @@ class _Step:
         """Raise if the step was timed out or cancelled (for loops that go on)."""
         if self.aborted is not None:
             raise CancelledError(self.aborted)
+
+
+class RecentStatus(Protocol):
+    """The health probe's last ``status`` answer (``fsha.health.SwitchHealth``)."""
+
+    def recent_status(self, max_age: float) -> tuple[float, str] | None: ...
 
 
 #: The registrations a restore holds: a list, or replicated values decoded a page at a time.
@@ -199,7 +206,9 @@ class SlotEffects:
     then be a reactor). ``me``: this node, never fenced.
     ``hot_standby``: the slot's profiles run on every node (``[takeover] profiles``): an
     acquire checks ``egress`` (the fence, required then) and starts no profile, a release
-    hangs up the calls and leaves the profiles running.
+    hangs up the calls and leaves the profiles running. ``health``: where the self-check
+    reads the health probe's last ``status`` answer (``fsha.health.SwitchHealth``; None,
+    or no answer recent enough: it asks FreeSWITCH itself).
     """
 
     def __init__(self, floating: FloatingIPBackend, clock: IReactorTime, *,
@@ -210,11 +219,13 @@ class SlotEffects:
                  history: int = 20, fencing: FencingConfig | None = None,
                  runner: ProcessRunner | None = None, me: NodeConfig | None = None,
                  recover_batch: int = DEFAULT_RECOVER_BATCH, hot_standby: bool = False,
-                 egress: EgressFence | None = None) -> None:
+                 egress: EgressFence | None = None,
+                 health: RecentStatus | None = None) -> None:
         if hot_standby and egress is None:
             raise ValueError("hot standby profiles need an egress fence")
         self.hot_standby = hot_standby
         self.egress = egress
+        self.health = health
         if fencing is not None and runner is None:
             runner = ProcessRunner(clock)  # type: ignore[arg-type]  # then clock is a reactor
         self.fencing = fencing
@@ -509,17 +520,22 @@ class SlotEffects:
             self._record(report, StepResult("freeswitch", SKIPPED, 0.0, {},
                                             "no FreeSWITCH connection configured"))
             return
+        # The client's first answer needs the addresses and the slot's profiles running on
+        # them, nothing more: the profiles come next, the calls' rows after them (the
+        # calls are recovered with the recover step, whatever runs before it). A failure
+        # from here on is rolled back like any other: addresses down first, so nothing
+        # leaves from them; the replicated records stay for the next candidate.
+        n = len(slot.profiles)
+        settle = max(self._stops_pending(slot).values(), default=0.0)
+        standby = t.esl if self._standby_on else 0.0  # global standby off first
+        yield self._step(report, "profiles", lambda s: self._start_profiles(slot, s),
+                         t.esl * n + t.confirm + settle + standby, acq=acq)
         calls, regs = yield self._step(
             report, "records", lambda s: self._load(slot, previous, s), t.records, acq=acq)
         yield self._step(
             report, "recovery_rows", lambda s: self._write_rows(slot, calls, acq, s),
             t.esl + t.db, acq=acq)
         calls = []  # the plan holds the rows now (each batch's let go once recovered)
-        n = len(slot.profiles)
-        settle = max(self._stops_pending(slot).values(), default=0.0)
-        standby = t.esl if self._standby_on else 0.0  # global standby off first
-        yield self._step(report, "profiles", lambda s: self._start_profiles(slot, s),
-                         t.esl * n + t.confirm + settle + standby, acq=acq)
         if egress is not None:
             yield self._step(report, "egress", lambda s: self._check_egress(slot, s, egress),
                              t.floating, acq=acq)
@@ -564,8 +580,17 @@ class SlotEffects:
         return d.addCallback(check)
 
     def _self_check(self, step: _Step) -> Deferred[None]:
+        """FreeSWITCH says ``is ready``: in the health probe's last answer if it is at most
+        :data:`~fsha.health.SELF_CHECK_MAX_AGE` old (no round trip on the way to the
+        first answer; count ``answer_age_ms``), else in an ``api status`` of its own."""
         assert self.esl is not None
-        d = self.esl.api("status", timeout=self.timeouts.self_check)
+        recent = self.health.recent_status(SELF_CHECK_MAX_AGE) \
+            if self.health is not None else None
+        if recent is not None:
+            step.counts["answer_age_ms"] = round(recent[0] * 1000)
+            d: Deferred[str] = defer.succeed(recent[1])
+        else:
+            d = self.esl.api("status", timeout=self.timeouts.self_check)
 
         def check(output: str) -> None:
             status = parse_status("status", output)
