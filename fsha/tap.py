@@ -347,7 +347,9 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
                           profiles=ProfileControl(FSApi(esl, me.esl.timeout), me.esl.timeout),
                           profile_timeout=me.esl.timeout + timeouts.confirm,
                           on_held=lambda: guard.update_settings(guard_settings())
-                          if guard is not None else None)
+                          if guard is not None else None,
+                          record_event=lambda kind, **fields: node.record_event(kind,
+                                                                                **fields))
     # [redis] durable_state: the node holds its cold-start claims until the load is over
     durable_state = (replication is not None and config.redis is not None
                      and config.redis.durable_state)

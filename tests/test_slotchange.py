@@ -227,9 +227,11 @@ class SlotChangesTests(SynchronousTestCase):
         self.profiles = FakeProfiles()
         self.guard: list[dict[int, Any]] = []
         self.lost: list[tuple[int, int, str]] = []
+        self.events: list[tuple[str, dict[str, Any]]] = []
         self.changes = SlotChanges(self.effects, self.floating, self.clock, self.old,
                                    timeout=2.0, profiles=self.profiles,
-                                   on_held=lambda: self.guard.append(self.changes.guarded()))
+                                   on_held=lambda: self.guard.append(self.changes.guarded()),
+                                   record_event=lambda kind, **f: self.events.append((kind, f)))
 
     def lose(self, slot: int, epoch: int, reason: str) -> bool:
         self.lost.append((slot, epoch, reason))
@@ -253,6 +255,9 @@ class SlotChangesTests(SynchronousTestCase):
         self.assertEqual((change["state"], change["added"], change["removed"]),
                          ("done", ["127.0.10.7"], ["127.0.10.1"]))
         self.assertEqual(self.lost, [])
+        self.assertEqual(self.events, [("slot-change", {
+            "slot": "slot1", "state": "done", "error": None, "added": ["127.0.10.7"],
+            "removed": ["127.0.10.1"], "started": [], "stopped": [], "kept": []})])
         # a later release takes down what is held now
         self.successResultOf(self.changes.release(self.new.slots[0]))
         self.assertEqual(self.wire.held_by("fs1"), set())
