@@ -74,10 +74,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def trial(interval_ms: int, dead_after_ms: int, dead_after_min_ms: int | None = None,
-          nice: int = 0) -> dict[str, float]:
+          nice: int = 0, hot_standby: bool = False) -> dict[str, float]:
     with NetnsCluster(nodes=3, slots=2, interval_ms=interval_ms,
                       dead_after_ms=dead_after_ms, dead_after_min_ms=dead_after_min_ms,
-                      nice=nice) as cluster:
+                      nice=nice, hot_standby=hot_standby) as cluster:
         try:
             cluster.start(timeout=60)
             view = cluster.wait_converged(timeout=60)
@@ -299,7 +299,8 @@ def main(argv: list[str]) -> int:
                         "--dead-after-ms is then its ceiling")
     p.add_argument("--freeswitch", choices=("sim", "real"), default="sim")
     p.add_argument("--profiles", choices=("classic", "hot_standby", "both"), default="both",
-                   help="real: [takeover] profiles")
+                   help="[takeover] profiles; real: both (default) runs each in turn; "
+                        "simulator (and --vs-keepalived): hot_standby, or classic (default)")
     p.add_argument("--calls", type=int, default=100, help="real: calls per trial")
     p.add_argument("--recover-batch", type=int, default=None,
                    help="real: [takeover] recover_batch (default: fsha's)")
@@ -324,7 +325,7 @@ def main(argv: list[str]) -> int:
         from bench.vs_keepalived import run
 
         result = run(args.trials, args.soak, args.interval_ms, args.dead_after_ms,
-                     args.dead_after_min_ms)
+                     args.dead_after_min_ms, hot_standby=args.profiles == "hot_standby")
         print(json.dumps(result))
         return 0 if "skipped" not in result and not any(
             result[s]["failed_trials"] for s in ("fsha", "keepalived-0.01", "keepalived-0.1")
@@ -335,7 +336,8 @@ def main(argv: list[str]) -> int:
     failures = 0
     for n in range(1, args.trials + 1):
         try:
-            r = trial(args.interval_ms, args.dead_after_ms, args.dead_after_min_ms, args.nice)
+            r = trial(args.interval_ms, args.dead_after_ms, args.dead_after_min_ms, args.nice,
+                      hot_standby=args.profiles == "hot_standby")
         except (HarnessError, StopIteration) as e:
             failures += 1
             print(f"trial {n}: FAILED: {e}", flush=True)
@@ -346,6 +348,7 @@ def main(argv: list[str]) -> int:
         "benchmark": "failover_netns", "trials": args.trials, "failed_trials": failures,
         "heartbeat_interval_ms": args.interval_ms, "dead_after_ms": args.dead_after_ms,
         "dead_after_min_ms": args.dead_after_min_ms, "nice": args.nice,
+        "profiles": "hot_standby" if args.profiles == "hot_standby" else "classic",
         "probe_interval_ms": 10, "target": TARGET,
         "false_peer_down": int(sum(r["false_peer_down"] for r in results)),
         "load1": [round(min(r["load1"] for r in results), 2),

@@ -5,7 +5,9 @@ Each round builds the same topology (tests/e2e/netns.py: 3 hosts, cluster networ
 B, a client host probing the floating IP of slot1 with SIP OPTIONS every 10 ms) once per
 system, in alternation, so both see the same load:
 
-- ``fsha``: fsha with the ``ip`` backend, its simulators serving the slots;
+- ``fsha``: fsha with the ``ip`` backend, its simulators serving the slots (``--profiles
+  hot_standby``: every simulator runs the slots' profiles all the time, as keepalived's
+  do, and fsha's ``[takeover] profiles = "hot_standby"`` starts none at takeover);
 - ``keepalived-0.01`` / ``keepalived-0.1``: keepalived (Debian's package) on every host,
   VRRPv3 unicast over network A (advert 0.01 s, its floor, and 0.1 s), priorities 150 / 100
   / 50, the floating IP on the client NIC; every host's simulator serves the profile all
@@ -168,13 +170,14 @@ def _serving(cluster: NetnsCluster, ip: str, node: str, probe: Any) -> None:
 
 
 def idle_trial(system: str, interval_ms: int, dead_after_ms: int,
-               dead_after_min_ms: int | None = None) -> dict[str, float]:
+               dead_after_min_ms: int | None = None, hot_standby: bool = False
+               ) -> dict[str, float]:
     load = os.getloadavg()[0]
     if system == "fsha":
         # the same trial as failover_netns.py's, with its phases (where the time goes)
         from bench.failover_netns import trial
 
-        r = trial(interval_ms, dead_after_ms, dead_after_min_ms)
+        r = trial(interval_ms, dead_after_ms, dead_after_min_ms, hot_standby=hot_standby)
         return {"outage_ms": r["downtime_ms"], "load1": load,
                 **{k: r[k] for k in PHASES if k in r}}
     advert = float(system.rpartition("-")[2])
@@ -198,14 +201,21 @@ PHASES = ("detection_ms", "agreement_ms", "acquire_ms", "first_answer_ms",
 
 
 def stress_run(system: str, seconds: float, interval_ms: int, dead_after_ms: int,
-               dead_after_min_ms: int | None = None) -> dict[str, float]:
+               dead_after_min_ms: int | None = None, hot_standby: bool = False
+               ) -> dict[str, float]:
     """Scenario 6 on both cluster networks: nobody killed; what moved, the longest gap."""
     impaired = ("A", "B")
+    # FSHA_BENCH_KEEP=1: the soak's logs are kept (their folder is printed), to read what
+    # moved and why
+    keep = os.environ.get("FSHA_BENCH_KEEP") == "1"
     if system == "fsha":
         cluster: NetnsCluster = NetnsCluster(nodes=3, slots=2, interval_ms=interval_ms,
                                              dead_after_ms=dead_after_ms,
                                              dead_after_min_ms=dead_after_min_ms,
-                                             emulated=impaired)
+                                             emulated=impaired, hot_standby=hot_standby,
+                                             keep=keep)
+        if keep:
+            print(f"stress fsha: logs kept in {cluster.dir}", flush=True)
     else:
         cluster = KeepalivedCluster(float(system.rpartition("-")[2]), emulated=impaired)
     with cluster:
@@ -297,7 +307,7 @@ def _moves(cluster: NetnsCluster) -> int:
 
 
 def run(rounds: int, soak: float, interval_ms: int, dead_after_ms: int,
-        dead_after_min_ms: int | None = None) -> dict[str, Any]:
+        dead_after_min_ms: int | None = None, hot_standby: bool = False) -> dict[str, Any]:
     if subprocess.run(["sh", "-c", "command -v keepalived"], capture_output=True,
                       timeout=10).returncode != 0:
         return {"benchmark": "failover_netns_vs_keepalived",
@@ -307,7 +317,8 @@ def run(rounds: int, soak: float, interval_ms: int, dead_after_ms: int,
     for n in range(1, rounds + 1):
         for system in SYSTEMS:  # alternating: each round runs every system once
             try:
-                r = idle_trial(system, interval_ms, dead_after_ms, dead_after_min_ms)
+                r = idle_trial(system, interval_ms, dead_after_ms, dead_after_min_ms,
+                               hot_standby)
             except (HarnessError, StopIteration) as e:
                 failures[system] += 1
                 print(f"round {n} {system}: FAILED: {e}", flush=True)
@@ -322,7 +333,7 @@ def run(rounds: int, soak: float, interval_ms: int, dead_after_ms: int,
             try:
                 stress[system] = {k: round(v, 2) for k, v in
                                   stress_run(system, soak, interval_ms, dead_after_ms,
-                                             dead_after_min_ms).items()}
+                                             dead_after_min_ms, hot_standby).items()}
             except (HarnessError, StopIteration) as e:
                 print(f"stress {system}: FAILED: {e}", flush=True)
                 continue
@@ -331,6 +342,7 @@ def run(rounds: int, soak: float, interval_ms: int, dead_after_ms: int,
                            "soak_s": soak, "heartbeat_interval_ms": interval_ms,
                            "dead_after_ms": dead_after_ms,
                            "dead_after_min_ms": dead_after_min_ms, "probe_interval_ms": 10,
+                           "fsha_profiles": "hot_standby" if hot_standby else "classic",
                            "goal": {"idle_p50_ms": 50, "idle_p99_ms": 80,
                                     "stress_false_takeovers": 0}}
     for system in SYSTEMS:

@@ -322,8 +322,8 @@ class NetnsCluster(LoopbackCluster):
                  dead_after_min_ms: int | None = None, nice: int = 0,
                  arping_count: int = 3, workdir: Path | None = None,
                  keep: bool = False, emulated: tuple[str, ...] = (),
-                 fence_command: list[str] | None = None, fence_timeout_ms: int = 10_000
-                 ) -> None:
+                 fence_command: list[str] | None = None, fence_timeout_ms: int = 10_000,
+                 hot_standby: bool = False) -> None:
         if not 1 <= slots <= nodes <= 100:
             raise ValueError("need 1 <= slots <= nodes <= 100")
         if not 2 <= networks <= len(NETWORK_NAMES):
@@ -342,6 +342,10 @@ class NetnsCluster(LoopbackCluster):
         # Cables of these networks run through tests/e2e/linkemu.py (see impair()).
         self.emulated = tuple(emulated)
         self.fence_command, self.fence_timeout_ms = fence_command, fence_timeout_ms
+        # [takeover] profiles = "hot_standby": every simulator runs the slots' profiles
+        # from its start, bound non-locally (the namespaces allow it); fsha installs its
+        # egress fence (nft) in each namespace
+        self.hot_standby = hot_standby
         self.keep = keep or workdir is not None
         self.dir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fsha-e2e-"))
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -467,7 +471,8 @@ class NetnsCluster(LoopbackCluster):
                 "--profile-guard", str(self.profile_guard)]
         for s in range(1, self.slot_count + 1):
             name, ip, port = self.slot_profile(s)
-            argv += ["--define-profile", f"{name}={ip}:{port}"]
+            argv += ["--profile" if self.hot_standby else "--define-profile",
+                     f"{name}={ip}:{port}"]
         with open(node.sim_log_path, "ab") as log:
             node.sim = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
@@ -491,6 +496,8 @@ class NetnsCluster(LoopbackCluster):
             "state": {"dir": "state/{node}"},
             "floating_ip": {"backend": "ip", "arping_count": self.arping_count,
                             "timeout_ms": 5000}}
+        if self.hot_standby:
+            doc["takeover"] = {"profiles": "hot_standby"}
         if self.fence_command:
             doc["fencing"] = {"command": list(self.fence_command),
                               "timeout_ms": self.fence_timeout_ms, "required": True}
