@@ -523,6 +523,7 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         replication=replication.stats if replication is not None else None,
         feeds=feeds.stats if feeds is not None else None,
         takeover=effects.stats, fsevents=cluster_events.stats, control=control.stats,
+        catchup=catchup.stats if catchup is not None else None,
         durable=durable.stats if durable is not None else None,
         limits=limits.stats if limits is not None else None,
         redis=redis.stats if redis is not None else None), effects, esl))
