@@ -98,10 +98,14 @@ def main() -> None:
     p.add_argument("--profile-during", type=float, default=None, metavar="SECONDS",
                    help="with --profile: also this many seconds after the takeover (e.g. "
                         "during the 60 s retire grace), labelled 'during'")
+    p.add_argument("--allocator-stats", action="store_true",
+                   help="with --profile: no tracing; the allocators' statistics instead "
+                        "(fsha.memprofile, FSHA_MEMSTATS)")
     args = p.parse_args()
     if args.profile is not None:
         args.profile = args.profile.resolve()
-        os.environ["FSHA_TRACEMALLOC"] = str(args.profile)  # inherited by the nodes
+        env = "FSHA_MEMSTATS" if args.allocator_stats else "FSHA_TRACEMALLOC"
+        os.environ[env] = str(args.profile)  # inherited by the nodes
     extra = "[takeover]\nrecover_batch = 100\n"
     sim_args = ["--max-sessions", str(2 * args.calls + 100),
                 "--recover-ms-per-call", str(args.recover_ms_per_call)]

@@ -173,8 +173,8 @@ class CatchUpPlan:
         if own.seal == "hand-edited":
             where = f"; the cluster holds {_short(newest)}" if newest else ""
             found.append(f"this node's config file was edited after its push (its epoch "
-                         f"{own.epoch} line has no seal that matches the file: edited, or "
-                         "the line written by hand): fsha neither "
+                         f"{own.epoch} line has no seal that matches the file: edited, the "
+                         "line written by hand, or the cluster secret changed): fsha neither "
                          f"offers it to the other nodes nor replaces it{where}; push it "
                          "(fsha config push) to make it the cluster's, or put the "
                          "cluster's file back")

@@ -107,6 +107,11 @@ def seal_state(text: str, secret: bytes) -> str:
     return "sealed" if hmac.compare_digest(good, match.group(1)) else "hand-edited"
 
 
+def file_body(text: str) -> str:
+    """A config file's text without its epoch line: equal for the same settings pushed."""
+    return _EPOCH_RE.sub("", text, count=1)
+
+
 def file_id(text: str) -> str:
     """The first 16 hex digits of the SHA-256 of a file's text: which file, exactly (the
     config digest leaves out settings such as [notify])."""

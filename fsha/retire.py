@@ -66,6 +66,7 @@ class SupersededRecords(service.Service):
         self.dropped = 0  # records retired so far (status)
         self.freed = freed  # called after a pass that dropped many records (memory trim)
         self._superseded_seen = 0
+        self._settle = 0  # quiet passes left to trim after a wave of drops
 
     def start(self) -> None:
         if self._loop is None:
@@ -110,8 +111,18 @@ class SupersededRecords(service.Service):
             total += self._retire(slot, master)
         self.dropped += total
         superseded = getattr(self.state, "superseded", 0)
-        if self.freed is not None and total + superseded - self._superseded_seen >= 1000:
-            self.freed()
+        dropped = total + superseded - self._superseded_seen
+        if dropped >= 1000:
+            # a wave of drops (a new master's feeds superseding 100,000 records): trimmed
+            # during it, and on the two quiet passes after it (the trimmer runs at most
+            # every 10 s, so one of them does), as its last trim ran before its end
+            self._settle = 2
+            if self.freed is not None:
+                self.freed()
+        elif dropped == 0 and self._settle:
+            self._settle -= 1
+            if self.freed is not None:
+                self.freed()
         self._superseded_seen = superseded
         return total
 

@@ -6,6 +6,7 @@ bogus file, partitioned, or edited by hand."""
 from __future__ import annotations
 
 import json
+import shutil
 from typing import Any
 
 from twisted.internet import defer
@@ -458,3 +459,44 @@ class StatusWordsTests(SynchronousTestCase):
         text = render_all(["fs1", "fs2", "fs3"], views)  # type: ignore[arg-type]
         self.assertIn("epoch 1 (file: 2, restart needed)", text)
         self.assertIn("epoch 1 (catching up)", text)
+
+
+class PushSealTests(SynchronousTestCase):
+    """The push against files compared by their text (not only the digest) and seals."""
+
+    def setUp(self) -> None:
+        from tests.test_configpush import PushTests
+
+        self.case = PushTests()
+        self.case.setUp()
+        self.addCleanup(shutil.rmtree, self.case.ws.dir, True)
+
+    def restart_all(self, text: str) -> None:
+        for name, node in self.case.nodes.items():
+            node.path.write_text(text)
+            node.stager = ConfigStager(parse_text(text, node.path), name, SECRET,
+                                       self.case.clock, lambda c: None,
+                                       lambda *a, **k: None)
+        self.case.ws.path.write_text(text)
+
+    def test_a_notify_only_change_is_pushed(self) -> None:
+        # [notify] is not in the config digest: the push compares the files themselves
+        base = self.case.ws.text + '\n[notify]\ncommand = ["/bin/true"]\n'
+        self.restart_all(base)
+        code, data = self.case.run_push(base.replace("/bin/true", "/bin/false"))
+        self.assertEqual(code, 0, data)
+        self.assertEqual(self.case.epochs(), {"fs1": 1, "fs2": 1, "fs3": 1})
+        self.assertIn('command = ["/bin/false"]', self.case.nodes["fs3"].path.read_text())
+
+    def test_the_same_file_pushed_again_seals_files_whose_seal_is_wrong(self) -> None:
+        # e.g. after a change of the cluster secret: every file's seal is wrong
+        text = with_epoch(self.case.ws.text, 3)
+        self.restart_all(text)
+        code, data = self.case.run_push(self.case.ws.text)
+        self.assertEqual(code, 0, data)
+        self.assertTrue(any("no valid seal" in line for line in data["lines"]), data)
+        self.assertEqual(self.case.epochs(), {"fs1": 4, "fs2": 4, "fs3": 4})
+        self.assertEqual(seal_state(self.case.nodes["fs1"].path.read_text(), SECRET),
+                         "sealed")
+        code, data = self.case.run_push(self.case.ws.text)
+        self.assertIn("nothing to push", data["result"])

@@ -113,3 +113,40 @@ class SupersededRecordsTests(SynchronousTestCase):
         f = Fixture()
         with self.assertRaises(ValueError):
             f.here.drop_superseded(2, 1, [Kind.CALL])
+
+
+class TrimTests(SynchronousTestCase):
+    def test_trimmed_during_a_wave_of_drops_and_twice_after_it(self) -> None:
+        f = Fixture()
+        trims: list[float] = []
+        f.retire.freed = lambda: trims.append(f.clock.seconds() - NOW)
+        state = f.here
+        f.retire.check()
+        dead, new = origin_state(f.clock, 0), origin_state(f.clock, 1)
+        for _ in range(6):  # the sequences the fixture's 6 changes of node 0 took
+            dead.put(1, Kind.CALL, "pad", b"x")
+        new.put(0, Kind.CALL, "u1", b"c1 recovered")
+        seq = 0
+
+        def supersede(n: int) -> None:
+            # the new master's registrations arrive, each superseding the dead master's
+            nonlocal seq
+            for _ in range(n):
+                seq += 1
+                state.apply(dead.put(0, Kind.REGISTRATION, f"k{seq}", b"r"))
+                state.apply(new.put(0, Kind.REGISTRATION, f"k{seq}", b"r"))
+
+        for _ in range(3):  # a wave: 1,500 records dropped per pass
+            supersede(1500)
+            f.clock.advance(5)
+            f.retire.check()
+        self.assertEqual(len(trims), 3)
+        for _ in range(4):  # quiet: two more trims, then none
+            f.clock.advance(5)
+            f.retire.check()
+        self.assertEqual(trims, [5.0, 10.0, 15.0, 20.0, 25.0])
+        self.assertEqual(state.superseded, 4500)
+        supersede(10)  # a trickle is no wave
+        f.clock.advance(5)
+        f.retire.check()
+        self.assertEqual(len(trims), 5)

@@ -834,9 +834,6 @@ class ReleaseTests(SynchronousTestCase):
     def test_release_stops_a_background_restore(self) -> None:
         from fsha.takeover import REGISTRATION_PAGE
         s = Scenario(self, calls=0, regs=0)
-        # no hash entries: with them, the rows written are kept until their entries are
-        # in (EncodedRegistrations: references to the replicated state's values)
-        s.effects.hash_realm = None
         n = 4 * REGISTRATION_PAGE
         s.records.regs = [RegistrationRow(f"c{i}", str(10000 + i), "example.com", "", "",
                                           "Registered(UDP)", "", 0, "ua", PROFILE, "", "",
@@ -858,8 +855,12 @@ class ReleaseTests(SynchronousTestCase):
         self.assertEqual(len(pages), 3)  # the third in the background
         # the pages written are let go (nothing is rolled back after a complete acquire):
         # held to the end, 100,000 decoded registrations kept a new master at its peak
+        # (their hash entries wait apart, as text: the rows, references to the replicated
+        # state's values, sat beside the new master's own copies until the entries were in)
         restore = s.effects._restores[SLOT.slot_id]
         self.assertEqual((len(restore.regs), restore.total), (2 * REGISTRATION_PAGE, n))
+        self.assertEqual(len(restore.hash_todo), 2)
+        self.assertEqual(restore.hashes_left(), n)
         self.successResultOf(s.effects.release(SLOT))
         pages[2].callback(REGISTRATION_PAGE)
         self.assertEqual(len(pages), 3)  # nothing written after the release

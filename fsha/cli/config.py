@@ -46,7 +46,16 @@ from fsha.config import (
     secret_file_warnings,
     timing_warnings,
 )
-from fsha.configplan import STAGE_TTL, Change, diff, moves, parse_text, slot_moves
+from fsha.configplan import (
+    STAGE_TTL,
+    Change,
+    diff,
+    file_body,
+    moves,
+    parse_text,
+    seal_state,
+    slot_moves,
+)
 from fsha.wire.control import sign
 
 JSON = dict[str, Any]
@@ -232,15 +241,25 @@ def run(push: Push, targets: list[Target], text: str, file: str, dry_run: bool,
     except ConfigError as e:
         return out.end(2, "; ".join(e.problems))
     digest = new.digest.hex()
-    catch_up = new.digest == running.digest and all(t.digest == digest for t in at_top)
+    # the same file (the digest leaves [notify] out) already at the top everywhere there,
+    # sealed: only the nodes behind get it, at that epoch; else a new epoch for all
+    same = file_body(text)
+    unsealed = [t.name for t in at_top
+                if top > 0 and seal_state(t.text or "", push.secret) != "sealed"]
+    catch_up = not unsealed and all(file_body(t.text or "") == same for t in at_top)
     if catch_up:
-        epoch, chosen = top, [t for t in reached if (t.epoch, t.digest) != (top, digest)]
+        epoch, chosen = top, [t for t in reached
+                              if (t.epoch, file_body(t.text or "")) != (top, same)]
     else:
         epoch, chosen = top + 1, reached
     out.data.update(epoch=epoch, digest=digest, base={"node": base.name, "epoch": top,
                                                      "digest": base.digest})
     out.line(f"{file}: digest {digest}; the cluster runs epoch {top} (digest {base.digest}, "
              f"as {base.name} has it)")
+    if unsealed:
+        out.line(f"{', '.join(unsealed)}: the file at epoch {top} has no valid seal (edited "
+                 f"after its push, or the secret changed): this push seals it at epoch "
+                 f"{epoch}")
     changes = diff(running, new)
     view = push.via.status if push.via else None
     moved = moves(running, new, view) + slot_moves(running, new, view)

@@ -110,8 +110,9 @@ MutableRows = list[RegistrationRow] | EncodedRegistrations
 
 @dataclass(slots=True)
 class _Restore:
-    """A registration restore in progress: what is written so far (pages, then hash
-    entries in windows)."""
+    """A registration restore in progress: every page of rows first, then the hash
+    entries in windows. Each page's hash entries are kept as text (``user@host<TAB>profile``
+    lines) when the page is written, so that the rows themselves can go at once."""
 
     slot: SlotConfig
     #: a list, or the replicated values decoded a page at a time (EncodedRegistrations)
@@ -120,7 +121,9 @@ class _Restore:
     server_host: str
     hashing: bool  # the ``user@host -> profile`` hash entries are inserted too
     reg_pos: int = 0  # regs[:reg_pos] are written
-    hash_pos: int = 0  # regs[:hash_pos] have their hash entries (after every page written)
+    #: the hash entries of the pages written, not inserted yet: one text per page
+    hash_todo: deque[str] = field(default_factory=deque)
+    hash_page: list[str] = field(default_factory=list)  # the page being inserted: its lines
     written: int = 0
     hashed: int = 0
     hash_failed: int = 0
@@ -132,17 +135,18 @@ class _Restore:
         self.total = len(self.regs)
 
     def drop_written(self) -> None:
-        """Let the rows written (and hashed) so far go: once the acquire is complete
-        nothing is rolled back."""
-        n = min(self.reg_pos, self.hash_pos) if self.hashing else self.reg_pos
-        del self.regs[:n]
-        self.reg_pos -= n
-        self.hash_pos = max(0, self.hash_pos - n)
+        """Let the rows written so far go (their hash entries are kept apart): once the
+        acquire is complete nothing is rolled back."""
+        del self.regs[:self.reg_pos]
+        self.reg_pos = 0
+
+    def hashes_left(self) -> int:
+        return len(self.hash_page) + sum(t.count("\n") + 1 for t in self.hash_todo) + (
+            len(self.regs) - self.reg_pos if self.hashing else 0)
 
     @property
     def done(self) -> bool:
-        return self.reg_pos >= len(self.regs) and (
-            not self.hashing or self.hash_pos >= len(self.regs))
+        return self.reg_pos >= len(self.regs) and not self.hash_page and not self.hash_todo
 
 
 @dataclass(slots=True)
@@ -953,7 +957,7 @@ class SlotEffects:
         if not restore.done:
             acq.restore = restore
             left = len(restore.regs) - restore.reg_pos
-            hashes = len(restore.regs) - restore.hash_pos if restore.hashing else 0
+            hashes = restore.hashes_left()
             step.counts["continued"] = left + hashes
             step.warn(f"{left} registration(s) and {hashes} hash entries continue once the "
                       "slot is served")
@@ -976,52 +980,57 @@ class SlotEffects:
     def _restore_pages(self, restore: _Restore, acq: _Acquisition | None,
                        step: _Step | None, until: float | None = None
                        ) -> Generator[Any, Any, None]:
-        """Write ``restore``'s next pages until done (or past ``until``); each page is
-        bounded by ``timeouts.registrations`` on its own (a stall fails, progress goes
-        on)."""
+        """Write ``restore``'s next pages until done (or past ``until``): every page of
+        rows (one transaction each) first, then the hash entries in windows. Each page and
+        each window is bounded by ``timeouts.registrations`` on its own (a stall fails,
+        progress goes on).
+
+        A page's hash entries are taken out as text when it is written, so a background
+        restore lets the page's rows (the previous master's replicated values) go at once:
+        kept until the hash entries were in, 70,000 of them sat beside the new master's
+        own copies for half a minute, and the allocator kept that peak (issue 16)."""
         assert self.db is not None and self.api is not None
         api, bound = self.api, self.timeouts.registrations
-        while restore.reg_pos < len(restore.regs):
-            if step is not None:
-                step.check()
-            if restore.cancelled or (until is not None and self.clock.seconds() > until):
-                return
-            page = restore.regs[restore.reg_pos:restore.reg_pos + REGISTRATION_PAGE]
-            d = self._db_call(self.db.write_registrations(page, restore.hostname,
-                                                           restore.server_host))
-            n = yield d.addTimeout(bound, self.clock)
-            restore.reg_pos += len(page)
-            restore.written += n
-            if acq is None:
-                restore.drop_written()
-            if step is not None:
-                step.counts["written"] = restore.written
-        if self.hash_realm is None:
-            return
         realm = self.hash_realm
-        # the entries of a window of rows at a time (decoded then), not of all at once: a
-        # key registered in two windows is inserted twice, the later profile last
-        while restore.hash_pos < len(restore.regs):
+        while not restore.done:
             if step is not None:
                 step.check()
             if restore.cancelled or (until is not None and self.clock.seconds() > until):
                 return
-            rows = restore.regs[restore.hash_pos:restore.hash_pos + self.hash_window]
-            chunk, invalid = self._hash_entries(rows)
-            restore.invalid += invalid
-            if acq is not None:
-                acq.hash_keys.extend(k for k, _ in chunk)
-            d = DeferredList([api.hash_insert(realm, k, v) for k, v in chunk],
-                             consumeErrors=True)
-            results = yield d.addTimeout(bound, self.clock)
-            ok = sum(1 for success, _ in results if success)
-            restore.hash_pos += len(rows)
-            restore.hashed += ok
+            if restore.reg_pos < len(restore.regs):
+                page = restore.regs[restore.reg_pos:restore.reg_pos + REGISTRATION_PAGE]
+                d = self._db_call(self.db.write_registrations(page, restore.hostname,
+                                                               restore.server_host))
+                n = yield d.addTimeout(bound, self.clock)
+                restore.reg_pos += len(page)
+                restore.written += n
+                if restore.hashing:
+                    entries, invalid = self._hash_entries(page)
+                    restore.invalid += invalid
+                    if entries:
+                        restore.hash_todo.append("\n".join(f"{k}\t{v}" for k, v in entries))
+                if step is not None:
+                    step.counts["written"] = restore.written
+            elif realm is not None:
+                if not restore.hash_page:
+                    restore.hash_page = restore.hash_todo.popleft().split("\n")
+                # a window of entries; a key registered in two pages is inserted twice,
+                # the later profile last
+                lines = restore.hash_page[:self.hash_window]
+                del restore.hash_page[:self.hash_window]
+                chunk = [line.split("\t", 1) for line in lines]
+                if acq is not None:
+                    acq.hash_keys.extend(k for k, _ in chunk)
+                d = DeferredList([api.hash_insert(realm, k, v) for k, v in chunk],
+                                 consumeErrors=True)
+                results = yield d.addTimeout(bound, self.clock)
+                ok = sum(1 for success, _ in results if success)
+                restore.hashed += ok
+                restore.hash_failed += len(chunk) - ok
+                if step is not None:
+                    step.counts["hash_entries"] = restore.hashed
             if acq is None:
                 restore.drop_written()
-            restore.hash_failed += len(chunk) - ok
-            if step is not None:
-                step.counts["hash_entries"] = restore.hashed
 
     def _continue_restore(self, slot: SlotConfig, restore: _Restore) -> None:
         """The rest of a large restore, after the acquire (the slot is served). Stopped by
