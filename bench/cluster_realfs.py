@@ -84,6 +84,14 @@ def main() -> None:
                     if e["event"] == "takeover-acquire" and e["slot"] == "slot1"
                     and e["epoch"] > 1]
         ok = [e for e in attempts if e["ok"]]
+        # every attempt in brief, and the rollbacks (calls_left: recovered, then left to
+        # the next attempt when the lease or a better claim ended the first)
+        result["attempt_log"] = [{k: e.get(k) for k in (
+            "ok", "epoch", "first_call_ms", "calls_recovered", "total_ms", "error")}
+            for e in attempts]
+        result["rollbacks"] = [{k: e.get(k) for k in ("epoch", "calls_left", "warnings")}
+                               for st in statuses.values() for e in st["events"]
+                               if e["event"] == "takeover-rollback" and e["slot"] == "slot1"]
         report = ok[-1] if ok else {}
         code, err = sipp.finish_calls(caller, setup + 300)
         failed = re.search(r"Failed call\S*\s*\|\s*\d+\s*\|\s*(\d+)", err)

@@ -21,7 +21,10 @@ to its own successor. Limit usage records (``Kind.LIMIT`` and others) are left a
 Registrations do not wait for the grace: every pass hands the cluster view to
 :meth:`~fsha.replication.state.ReplicatedState.set_owners`, and from then on each
 registration the slot's master replicates supersedes the other origins' copy of it at once
-(100,000 of them would otherwise sit twice on every node for the grace).
+(100,000 of them would otherwise sit twice on every node for the grace). Without
+``[limits]`` the same holds for calls (:data:`~fsha.replication.state.
+EARLY_SUPERSEDED_NO_LIMITS`): only the limits' reconciliation reads a dead master's calls
+after its takeover, so without it nothing needs their second copy for the grace.
 """
 
 from __future__ import annotations

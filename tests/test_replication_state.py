@@ -7,7 +7,13 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from fsha.replication.state import ApplyResult, Record, ReplicatedState, SnapshotError
+from fsha.replication.state import (
+    EARLY_SUPERSEDED_NO_LIMITS,
+    ApplyResult,
+    Record,
+    ReplicatedState,
+    SnapshotError,
+)
 from fsha.wire.stream import Change, Kind, Op, Position, SnapshotBegin, SnapshotEnd, SnapshotItem
 
 NOW = 1000.0  # clock seconds at the start of every test
@@ -420,6 +426,29 @@ class SupersedeTests(SynchronousTestCase):
         self.assertEqual(len(list(state.records(origin=1, kind=Kind.CALL))), 2)
         self.assertEqual(len(list(state.records(origin=1, kind=Kind.REGISTRATION))), 1)
         self.assertIsNotNone(state.get(0, 1, Kind.REGISTRATION, "k1"))
+
+    def test_without_limits_calls_are_superseded_at_once_too(self) -> None:
+        # nothing reads a dead master's calls once the slot has a new master but the
+        # limits' reconciliation: without [limits], its copy of a call drops the others'
+        state = ReplicatedState(clock_at(), 0, 1, early_superseded=EARLY_SUPERSEDED_NO_LIMITS)
+        self.fill(state, 1, 3, Kind.CALL)
+        state.apply(Change(1, 7, 4, 1, Kind.IDENTITY, "identity", Op.PUT, b"i", 0))
+        state.set_owners({1: 2})
+        state.apply(Change(2, 9, 1, 1, Kind.CALL, "k1", Op.PUT, b"v2", 0))
+        state.apply(Change(2, 9, 2, 1, Kind.CALL, "k2", Op.PUT, b"v2", 0))
+        self.assertEqual(sorted((r.kind.name, r.key) for r in state.records(origin=1)),
+                         [("CALL", "k3"), ("IDENTITY", "identity")])  # k3: not here yet
+        self.assertEqual(state.superseded, 2)
+
+    def test_which_kinds_follow_the_limits_config(self) -> None:
+        from fsha.replication.service import ReplicationService
+        from tests.fakecluster import make_config
+
+        config = make_config(nodes=3, slots=1)
+        service = ReplicationService(config, config.nodes[0], clock_at(),  # type: ignore[arg-type]
+                                     incarnation=1)
+        self.assertEqual(service.state._early, EARLY_SUPERSEDED_NO_LIMITS)
+        self.assertIsNone(config.limits)
 
     def test_one_object_per_record(self) -> None:
         """The log and the expiry heap refer to the stored record (issue 16: 110,000

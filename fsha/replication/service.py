@@ -62,7 +62,12 @@ from fsha.replication.link import (
 )
 from fsha.replication.relay import ControlRelay
 from fsha.replication.session import LiveBatch, PeerSession, SessionConfig, WriteTimes
-from fsha.replication.state import DEFAULT_LOG_LIMIT, ReplicatedState
+from fsha.replication.state import (
+    DEFAULT_LOG_LIMIT,
+    EARLY_SUPERSEDED,
+    EARLY_SUPERSEDED_NO_LIMITS,
+    ReplicatedState,
+)
 from fsha.replication.stats import LinkCounts, PeerStats, ReplicationStats
 from fsha.wire import stream
 from fsha.wire.stream import NO_SLOT, Change, ControlAnswer, ControlRequest, Frame, Hello, Kind
@@ -197,9 +202,11 @@ class ReplicationService(service.Service):
         self.me = me
         self.reactor = reactor
         self.clock = reactor
+        # without [limits] nothing reads a dead master's calls after its takeover
+        early = EARLY_SUPERSEDED if config.limits is not None else EARLY_SUPERSEDED_NO_LIMITS
         self.state = ReplicatedState(reactor, me.node_id,
                                      time.time_ns() if incarnation is None else incarnation,
-                                     log_limit=log_limit)
+                                     log_limit=log_limit, early_superseded=early)
         self.session_config = session_config if session_config is not None else SessionConfig()
         # fsha config push's requests to the other nodes ride on the links
         self.relay = ControlRelay(self._link_named, reactor)

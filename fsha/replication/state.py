@@ -72,6 +72,11 @@ _POSITION: Final = struct.Struct(">HQQ")
 #: Calls and identities wait for :mod:`fsha.retire` (the limits read a dead master's calls
 #: after its takeover).
 EARLY_SUPERSEDED: Final = frozenset((Kind.REGISTRATION,))
+#: The same without ``[limits]``: then nothing reads a previous master's calls once the
+#: slot has a new master (a takeover reads its previous master's records only, and the new
+#: master is that from now on), so its copy of a call supersedes the others' at once too,
+#: rather than a second copy of every call sitting on every node for the retire grace.
+EARLY_SUPERSEDED_NO_LIMITS: Final = frozenset((Kind.REGISTRATION, Kind.CALL))
 #: The expiry heap is rebuilt once it holds this many entries more than twice the records.
 _HEAP_SLACK: Final = 4096
 
@@ -214,7 +219,8 @@ class ReplicatedState:
     """
 
     def __init__(self, clock: IReactorTime, node: int, incarnation: int, *,
-                 log_limit: int = DEFAULT_LOG_LIMIT, retain_retired: float = 300.0) -> None:
+                 log_limit: int = DEFAULT_LOG_LIMIT, retain_retired: float = 300.0,
+                 early_superseded: frozenset[Kind] = EARLY_SUPERSEDED) -> None:
         if log_limit < 1:
             raise ValueError("log_limit must be at least 1")
         if not 0 <= node < stream.NO_NODE:
@@ -233,6 +239,7 @@ class ReplicatedState:
         #: or dropped stays until due or until the heap is rebuilt
         self._expiry: list[Record] = []
         self._owners: dict[int, int] = {}  # slot -> origin of its master (set_owners)
+        self._early = early_superseded  # kinds the owner's copy supersedes at once
         self.superseded = 0  # records dropped because the slot's master holds its own copy
         self.last_frame = b""
         self.last_change: Change | None = None
@@ -326,7 +333,8 @@ class ReplicatedState:
 
     def set_owners(self, owners: dict[int, int]) -> int:
         """Slot -> the origin of its master now (the cluster view, the same on every node).
-        From then on a record of :data:`EARLY_SUPERSEDED` kinds that the slot's owner holds
+        From then on a record of the early superseded kinds (:data:`EARLY_SUPERSEDED`, or
+        :data:`EARLY_SUPERSEDED_NO_LIMITS`, as built) that the slot's owner holds
         supersedes the same record (slot, kind, key) of every other origin: dropped on this
         node at once, with no change written, live and retired (never this node's own
         records, which go by replicated deletes). After a takeover the new master's feeds
@@ -342,7 +350,7 @@ class ReplicatedState:
             self._owners[slot] = origin
             o = self._origins.get(origin)
             if o is not None:
-                for kind in EARLY_SUPERSEDED:
+                for kind in self._early:
                     for key in list(o.records.get((slot, kind), ())):
                         n += self._supersede(origin, slot, kind, key)
         return n
@@ -410,7 +418,7 @@ class ReplicatedState:
                 # amortised (after a quarter as many pushes as records): the entries of
                 # replaced records hold their old values
                 self._rebuild_expiry()
-        if record.kind in EARLY_SUPERSEDED and self._owners.get(record.slot) == record.origin:
+        if record.kind in self._early and self._owners.get(record.slot) == record.origin:
             self._supersede(record.origin, record.slot, record.kind, record.key)
 
     def _rebuild_expiry(self) -> None:
