@@ -221,7 +221,8 @@ class StateConfig:
 NOTIFY_EVENTS = ("role", "master", "release", "release-failed", "claim-aborted",
                  "takeover-acquire", "takeover-release", "peer-down", "peer-takeover",
                  "maintenance", "switchover", "lease-expired", "resources-lost", "freeswitch",
-                 "guard-dropped", "guard-failed", "config", "config-pending", "config-refused")
+                 "guard-dropped", "guard-failed", "config", "config-pending", "config-refused",
+                 "slot-change")
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,14 @@ log = Logger(namespace="fsha.config")
 
 
 @dataclass(frozen=True, slots=True)
+class CatchUpStats:
+    """``fsha_config_catchup_total`` (fsha.metrics)."""
+
+    taken: int  # files written (applied, or waiting for a restart)
+    refused: int  # files that failed a check, never written
+
+
+@dataclass(frozen=True, slots=True)
 class Pending:
     """A newer config written to the file that needs a restart to run."""
 
@@ -261,6 +269,9 @@ class ConfigCatchUp(service.Service):
                                  source=take.peer, keys=list(restart))
 
     # -- status ----------------------------------------------------------------------------
+
+    def stats(self) -> CatchUpStats:
+        return CatchUpStats(self.taken, self.plan.refusals)
 
     def status(self) -> dict[str, Any]:
         now = self.clock.seconds()

@@ -7,10 +7,11 @@ the node side is :mod:`fsha.configstage`).
   a hash prefix, never in clear.
 * **Online or restart.** A change is applied online only if every running node can apply
   it at once and mean the same thing: a node's priority (the slaves' ranking), the
-  ``[notify]`` settings, and a slot's floating IPs and profiles (:func:`slot_refusal`
-  says when not; :func:`slot_actions` what the slot's master does at activation:
-  :mod:`fsha.slotchange`). Anything else (a node's own addresses, ports, ESL, TLS files,
-  timings, quorum, the node or slot lists, sections read at start) is *restart-needed*:
+  ``[notify]`` settings, a slot's floating IPs and profiles, and slots appended
+  (:func:`slot_refusal` and :func:`slot_list_refusal` say when not; :func:`slot_actions`
+  what the slot's master does at activation: :mod:`fsha.slotchange`). Anything else (a
+  node's own addresses, ports, ESL, TLS files, timings, quorum, the node list, slots
+  removed or reordered, sections read at start) is *restart-needed*:
   the push is refused, naming each key and why, and every node keeps its config (a
   rolling restart with the file is the way: docs/operations.rst).
 * **What will move.** The pure role engine (:func:`fsha.roles.compute_roles`) is run on
@@ -222,6 +223,10 @@ def diff(old: ClusterConfig, new: ClusterConfig) -> list[Change]:
     for key in sorted(set(a) | set(b), key=_order):
         if a.get(key) == b.get(key):
             continue
+        if key == "slot (list)":
+            why = slot_list_refusal(old, new)
+            changes.append(Change(key, a.get(key), b.get(key), why is None, why or ""))
+            continue
         slot_key = SLOT_KEY.match(key)
         if slot_key is not None:
             why = slot_refusal(slot_key["slot"], slot_key["what"], old, new)
@@ -238,15 +243,35 @@ def _slot(config: ClusterConfig, name: str) -> SlotConfig | None:
     return next((s for s in config.slots if s.name == name), None)
 
 
+def slot_list_refusal(old: ClusterConfig, new: ClusterConfig) -> str | None:
+    """Why a change of the slot list is not applied online (None: it is, or there is
+    none): only slots appended at the end are (the role engine gives each to a slave)."""
+    before, after = [s.name for s in old.slots], [s.name for s in new.slots]
+    if before == after:
+        return None
+    if after[:len(before)] != before:
+        return ("slots removed or reordered: a removed slot's master would have to let it "
+                "go first, and slot numbers would shift: a rolling restart "
+                "(docs/operations.rst, Config rollouts)")
+    if old.takeover.hot_standby or new.takeover.hot_standby:
+        return ("slots added with hot standby profiles: every node starts every slot's "
+                "profiles and fences its addresses at start-up: a rolling restart")
+    return None
+
+
 def slot_refusal(name: str, what: str, old: ClusterConfig, new: ClusterConfig) -> str | None:
     """Why a change of slot ``name``'s ``ip`` or ``profiles`` is not applied online (None:
-    it is, by the slot's master at activation: :func:`slot_actions`)."""
+    it is, by the slot's master at activation: :func:`slot_actions`; an added slot is
+    claimed by the role engine's rules)."""
     before, after = _slot(old, name), _slot(new, name)
-    if before is None or after is None:
-        return ("a slot added or removed: the cluster's shape: a rolling restart "
-                "(docs/operations.rst, Config rollouts)")
-    if [s.name for s in old.slots] != [s.name for s in new.slots]:
-        return "the slot list changes in the same file: push the slot list change on its own"
+    if after is None:
+        return ("a slot removed: its master would have to let it go first: a rolling "
+                "restart (docs/operations.rst, Config rollouts)")
+    why = slot_list_refusal(old, new)
+    if why is not None:
+        return why
+    if before is None:  # appended: its addresses and profiles must be nobody's yet
+        before = SlotConfig(name, after.slot_id, (), ())
     if what == "ip":
         if old.takeover.hot_standby or new.takeover.hot_standby:
             return ("hot standby profiles: every node's profiles are bound to the slot's "
@@ -339,9 +364,25 @@ def slot_moves(old: ClusterConfig, new: ClusterConfig, status: Mapping[str, Any]
     shows (none: "its master")."""
     owners = {s.get("name"): s.get("owner") for s in (status or {}).get("slots", [])}
     lines = []
+    claims: dict[int, str] = {}
+    if status is not None and len(new.slots) > len(old.slots):
+        known = {s.slot_id: int(next((x.get("epoch") or 0 for x in status.get("slots", [])
+                                      if x.get("name") == s.name), 0)) for s in old.slots}
+        roles = compute_roles(members_from_status(status, new), range(len(new.slots)), known)
+        names = {n.node_id: n.name for n in new.nodes}
+        claims = {slot_id: names[node] for node, (slot_id, _) in roles.assignments.items()}
     for after in new.slots:
         before = _slot(old, after.name)
-        if before is None or (before.ips, before.profiles) == (after.ips, after.profiles):
+        if before is None:
+            who = claims.get(after.slot_id)
+            lines.append(f"{after.name}: added ({', '.join(_addr(i) for i in after.ips)}; "
+                         f"profiles {', '.join(after.profiles)}): claimed by "
+                         + (who if who else "the first ranked slave (none is free now: "
+                                            "it waits for one)" if status is not None
+                            else "the first ranked slave")
+                         + " once every node runs the new file")
+            continue
+        if (before.ips, before.profiles) == (after.ips, after.profiles):
             continue
         owner = owners.get(after.name)
         actions = slot_actions(before, after, True, new.takeover.hot_standby)

@@ -602,6 +602,12 @@ class LimitService(service.Service):
             self.adopted_released += n
             self.kick_releases()
 
+    def config_changed(self, config: ClusterConfig) -> None:
+        """An online change of the slots (fsha config push): an added profile's calls
+        count for its slot from now on."""
+        self.config = config
+        self._profile_slot = {p: s.slot_id for s in config.slots for p in s.profiles}
+
     def _adoption_slot(self, uuid: str) -> int:
         for s in self.config.slots:
             if self.state.get(self.me.node_id, s.slot_id, Kind.LIMIT, ADOPT_PREFIX + uuid):

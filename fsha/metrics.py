@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from fsha.configfetch import CatchUpStats
 from fsha.durable import DurableStats
 from fsha.fsevents import EventsStats
 from fsha.health import SwitchStats
@@ -316,6 +317,7 @@ class StatsSources:
     durable: Callable[[], DurableStats] | None = None
     limits: Callable[[], LimitStats] | None = None
     redis: Callable[[], RedisStats] | None = None
+    catchup: Callable[[], CatchUpStats] | None = None
 
 
 class ClusterCollector:
@@ -350,6 +352,8 @@ class ClusterCollector:
             self._durable(src.durable(), f)
         if src.control is not None:
             self._control(src.control(), f)
+        if src.catchup is not None:
+            self._catchup(src.catchup(), f)
         yield from f.families()
         if self.stats is not None:
             yield from self.stats.collect()
@@ -591,6 +595,14 @@ class ClusterCollector:
         f.counter("fsha_control_requests", "", c.accepted, result="accepted")
         for code, n in c.refused.items():
             f.counter("fsha_control_requests", "", n, result=code)
+
+    @staticmethod
+    def _catchup(c: CatchUpStats, f: _Families) -> None:
+        f.declare("counter", "fsha_config_catchup", "Newer config files from a peer "
+                  "(fsha.configfetch): taken (written), or refused (never written).",
+                  ["result"])
+        f.counter("fsha_config_catchup", "", c.taken, result="taken")
+        f.counter("fsha_config_catchup", "", c.refused, result="refused")
 
     @staticmethod
     def _durable(d: DurableStats, f: _Families) -> None:

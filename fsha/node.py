@@ -598,9 +598,11 @@ class ClusterNode:
 
     def replace_config(self, config: ClusterConfig) -> None:
         """Run with ``config`` from now on: an online change (``fsha config push``) that
-        :func:`fsha.configplan.diff` allowed (priorities, ``[notify]``): the same nodes,
-        networks and slots, so every id and address stays valid. Heartbeats carry the new
-        digest from the next tick; the roles are recomputed at once."""
+        :func:`fsha.configplan.diff` allowed (priorities, ``[notify]``, slots' addresses
+        and profiles, slots appended): the same nodes and networks, and the slots kept
+        where they were, so every id and address stays valid. Heartbeats carry the new
+        digest from the next tick; the roles are recomputed at once (an appended slot is
+        an orphan the role engine gives to a slave)."""
         self.config = config
         self.me = config.node(self.me.name)
         self._state_keys.clear()  # a peer's "foreign" flag is judged anew

@@ -127,12 +127,14 @@ class SlotChanges:
     backend they use (``timeout`` per call: the config's floating-IP timeout);
     ``profiles``: FreeSWITCH's profiles (None: no FreeSWITCH connection, no profile
     step); ``on_held``: told each time the union of config and held resources changes
-    (the guard's settings are rebuilt from :meth:`guarded`)."""
+    (the guard's settings are rebuilt from :meth:`guarded`); ``record_event``: each
+    finished change becomes a ``slot-change`` event (history, ``[notify]``)."""
 
     def __init__(self, effects: Effects, floating: FloatingIPBackend, clock: IReactorTime,
                  config: ClusterConfig, *, timeout: float, profiles: Profiles | None = None,
                  profile_timeout: float = 5.0,
-                 on_held: Callable[[], object] | None = None) -> None:
+                 on_held: Callable[[], object] | None = None,
+                 record_event: Callable[..., object] | None = None) -> None:
         self.effects = effects
         self.floating = floating
         self.clock = clock
@@ -141,6 +143,7 @@ class SlotChanges:
         self.profiles = profiles
         self.profile_timeout = profile_timeout
         self.on_held = on_held
+        self.record_event = record_event  # the node's: history, [notify], status events
         self.hot_standby = config.takeover.hot_standby
         self.held: dict[int, _Held] = {}
         self.recent: deque[Change] = deque(maxlen=RECENT)
@@ -307,6 +310,13 @@ class SlotChanges:
                 log.info("slot {slot}: config change {state}{error}", slot=slot.name,
                          state=change.state,
                          error=f": {change.error}" if change.error else "")
+            if self.record_event is not None:
+                fields = change.as_status()
+                del fields["seq"]
+                try:
+                    self.record_event("slot-change", **fields)
+                except Exception:
+                    log.failure("recording the slot change failed")
             return result
         return d.addBoth(finished)
 

@@ -52,6 +52,32 @@ def status_site_root(status: Callable[[], JSON],
 # -- rendering ------------------------------------------------------------------------------
 
 
+def _slot_change_problems(status: JSON) -> list[str]:
+    """What this node holds of a slot beyond its config (an online change that failed, a
+    removed profile kept for its calls: fsha.slotchange), and failed changes."""
+    config = status.get("config") or {}
+    me = status.get("node", "this node")
+    found = []
+    wanted = {s["name"]: s for s in status["slots"]}
+    for name, held in sorted((config.get("held") or {}).items()):
+        slot = wanted.get(name, {"ips": [], "profiles": []})
+        ips = [a for a in held["ips"] if a not in {i.split("/")[0] for i in slot["ips"]}]
+        profiles = [p for p in held["profiles"] if p not in slot["profiles"]]
+        if ips or profiles:
+            found.append(f"slot {name}: {me} still holds what the config no longer lists ("
+                         + ", ".join([f"address {a}" for a in ips]
+                                     + [f"profile {p}" for p in profiles])
+                         + "); its release takes them down")
+    last: dict[str, JSON] = {}
+    for change in config.get("slot_changes") or []:
+        last[change["slot"]] = change
+    for name, change in sorted(last.items()):
+        if change["state"] == "failed":
+            found.append(f"slot {name}: the online config change failed on {me}: "
+                         f"{change.get('error')}")
+    return found
+
+
 def problems(status: JSON) -> list[str]:
     """What an operator should look at, in words."""
     found: list[str] = []
@@ -90,6 +116,7 @@ def problems(status: JSON) -> list[str]:
     for slot in status["slots"]:
         if slot["owner"] is None:
             found.append(f"slot {slot['name']} has no master")
+    found += _slot_change_problems(status)
     catch_up = (status.get("config") or {}).get("catch_up") or {}
     found.extend(f"config: {line}" for line in catch_up.get("problems") or [])
     me = next(n for n in status["nodes"] if n["self"])

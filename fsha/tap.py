@@ -347,7 +347,9 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
                           profiles=ProfileControl(FSApi(esl, me.esl.timeout), me.esl.timeout),
                           profile_timeout=me.esl.timeout + timeouts.confirm,
                           on_held=lambda: guard.update_settings(guard_settings())
-                          if guard is not None else None)
+                          if guard is not None else None,
+                          record_event=lambda kind, **fields: node.record_event(kind,
+                                                                                **fields))
     # [redis] durable_state: the node holds its cold-start claims until the load is over
     durable_state = (replication is not None and config.redis is not None
                      and config.redis.durable_state)
@@ -426,11 +428,15 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         (priorities, [notify], slots' addresses and profiles) differs: the config is
         swapped where it is read, and the slot this node masters follows it
         (fsha.slotchange)."""
-        node.replace_config(new)
         if feeds is not None:
             feeds.config_changed(new)
+        if limits is not None:
+            limits.config_changed(new)
+        # the slot changes (and the guard) first: a slot appended may be claimed as soon
+        # as the node runs the new config, and the guard must know it by then
         holding = (node.slot, node.epoch) if node.role is Role.MASTER else None
         begun = changes.config_changed(new, holding, node.resources_lost)
+        node.replace_config(new)
         # more profiles, a longer claim
         node.claim_timeout = max(timeouts.acquire_budget(slot, hot_standby)
                                  for slot in new.slots) + 1.0
@@ -517,6 +523,7 @@ def build_service(options: Options, reactor: NodeReactor) -> service.MultiServic
         replication=replication.stats if replication is not None else None,
         feeds=feeds.stats if feeds is not None else None,
         takeover=effects.stats, fsevents=cluster_events.stats, control=control.stats,
+        catchup=catchup.stats if catchup is not None else None,
         durable=durable.stats if durable is not None else None,
         limits=limits.stats if limits is not None else None,
         redis=redis.stats if redis is not None else None), effects, esl))

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from fsha.config import ClusterConfig
 from fsha.configcatchup import ANSWER_WAIT, POLL, REFUSED_RETRY, CatchUpPlan, Held, Take
-from fsha.configfetch import OFFER_PATH, ConfigCatchUp
+from fsha.configfetch import OFFER_PATH, CatchUpStats, ConfigCatchUp
 from fsha.configplan import file_epoch, file_id, parse_text, seal_state, sealed, with_epoch
 from fsha.configstage import ConfigStager
 from fsha.replication.relay import RelayError
@@ -324,6 +324,13 @@ class CatchUpTests(SynchronousTestCase):
         self.assertEqual(fs3.events[-1][0], "config-refused")
         self.run_for(POLL * 2)
         self.assertEqual(fs3.catchup.status()["refusals"], 1)  # not retried at once
+        self.assertEqual(fs3.catchup.stats(), CatchUpStats(taken=0, refused=1))
+        from fsha.metrics import StatsSources
+        from tests.test_metrics import NODE, one, scrape
+
+        _, m = scrape(StatsSources(node=lambda: NODE, catchup=fs3.catchup.stats))
+        self.assertEqual(one(m, "fsha_config_catchup_total", result="refused"), 1)
+        self.assertEqual(one(m, "fsha_config_catchup_total", result="taken"), 0)
 
     def test_a_sealed_file_that_is_not_what_was_announced_is_refused(self) -> None:
         fs1, fs2, fs3 = self.nodes.values()

@@ -31,6 +31,14 @@ def ip(address: str) -> FloatingIP:
     return FloatingIP(address, 32, "lo")
 
 
+def with_slot3(config: ClusterConfig, address: str) -> ClusterConfig:
+    """``config`` with a slot appended (``slot3`` on ``address``)."""
+    new = dataclasses.replace(config, slots=(*config.slots, SlotConfig(
+        "slot3", len(config.slots), (ip(address),), ("slot3",))))
+    object.__setattr__(new, "digest", config_digest(new))
+    return new
+
+
 class Wire:
     """Who holds which address, over every fake host; two holders is a failure at once."""
 
@@ -157,11 +165,38 @@ class PlanTests(SynchronousTestCase):
         self.assertFalse(changes["slot.slot2.ip"].online)
         self.assertIn("egress fence", changes["slot.slot2.ip"].why)
         self.assertTrue(changes["slot.slot2.profiles"].online)
-        more = make_config(nodes=3, slots=3)
-        changes = {c.key: c for c in diff(self.old, more)}
-        self.assertFalse(changes["slot.slot3.ip"].online)
-        self.assertIn("slot added or removed", changes["slot.slot3.ip"].why)
+        more = with_slot3(hot, "127.0.10.3")
+        changes = {c.key: c for c in diff(hot, more)}
         self.assertFalse(changes["slot (list)"].online)
+        self.assertIn("hot standby", changes["slot.slot3.ip"].why)
+
+    def test_slots_appended_online_removed_or_reordered_not(self) -> None:
+        more = with_slot3(self.old, "127.0.10.3")
+        changes = diff(self.old, more)
+        self.assertEqual([(c.key, c.online) for c in changes],
+                         [("slot (list)", True), ("slot.slot3.ip", True),
+                          ("slot.slot3.profiles", True)])
+        status = {"nodes": [{"name": n.name, "alive": True, "role": r, "slot": s,
+                             "epoch": 1, "incarnation": 1, "flags": ["fs_ok", "sees_quorum"]}
+                            for n, (r, s) in zip(self.old.nodes, [("master", "slot1"),
+                                                                  ("master", "slot2"),
+                                                                  ("slave", None)], strict=True)],
+                  "slots": [{"name": "slot1", "owner": "fs1", "epoch": 1},
+                            {"name": "slot2", "owner": "fs2", "epoch": 1}]}
+        (line, _) = slot_moves(self.old, more, status)
+        self.assertEqual(line, "slot3: added (127.0.10.3/32; profiles slot3): claimed by fs3 "
+                               "once every node runs the new file")
+        fewer = dataclasses.replace(self.old, slots=self.old.slots[:1])
+        changes = {c.key: c for c in diff(self.old, fewer)}
+        self.assertFalse(any(c.online for c in changes.values()))
+        self.assertIn("its master would have to let it go first",
+                      changes["slot.slot2.ip"].why)
+        swapped = dataclasses.replace(self.old, slots=self.old.slots[::-1])
+        self.assertFalse(any(c.online for c in diff(self.old, swapped)))
+        taken = with_slot3(self.old, "127.0.10.1")
+        changes = {c.key: c for c in diff(self.old, taken)}
+        self.assertFalse(changes["slot.slot3.ip"].online)
+        self.assertIn("127.0.10.1 is slot slot1's", changes["slot.slot3.ip"].why)
 
     def test_a_profile_of_another_slot_is_refused(self) -> None:
         new = with_slot(self.old, "slot2", profiles=("slot2", "slot1"))
@@ -192,9 +227,11 @@ class SlotChangesTests(SynchronousTestCase):
         self.profiles = FakeProfiles()
         self.guard: list[dict[int, Any]] = []
         self.lost: list[tuple[int, int, str]] = []
+        self.events: list[tuple[str, dict[str, Any]]] = []
         self.changes = SlotChanges(self.effects, self.floating, self.clock, self.old,
                                    timeout=2.0, profiles=self.profiles,
-                                   on_held=lambda: self.guard.append(self.changes.guarded()))
+                                   on_held=lambda: self.guard.append(self.changes.guarded()),
+                                   record_event=lambda kind, **f: self.events.append((kind, f)))
 
     def lose(self, slot: int, epoch: int, reason: str) -> bool:
         self.lost.append((slot, epoch, reason))
@@ -218,6 +255,9 @@ class SlotChangesTests(SynchronousTestCase):
         self.assertEqual((change["state"], change["added"], change["removed"]),
                          ("done", ["127.0.10.7"], ["127.0.10.1"]))
         self.assertEqual(self.lost, [])
+        self.assertEqual(self.events, [("slot-change", {
+            "slot": "slot1", "state": "done", "error": None, "added": ["127.0.10.7"],
+            "removed": ["127.0.10.1"], "started": [], "stopped": [], "kept": []})])
         # a later release takes down what is held now
         self.successResultOf(self.changes.release(self.new.slots[0]))
         self.assertEqual(self.wire.held_by("fs1"), set())
@@ -463,3 +503,61 @@ class HotStandbyTests(SynchronousTestCase):
         self.assertEqual(profiles.done, ["start slot2b", "stop slot2"])
         self.assertEqual(wire.log, [])
         self.assertEqual(changes.standby[1], ["slot2b"])
+
+
+class StatusTests(SynchronousTestCase):
+    def test_held_beyond_the_config_and_a_failed_change_are_problems(self) -> None:
+        from fsha.status import _slot_change_problems
+
+        status = {"node": "fs1", "slots": [{"name": "slot1", "ips": ["127.0.10.7/32 dev lo"],
+                                            "profiles": ["b"]}],
+                  "config": {"held": {"slot1": {"ips": ["127.0.10.7", "127.0.10.1"],
+                                                "profiles": ["b", "a"]}},
+                             "slot_changes": [{"slot": "slot1", "state": "failed",
+                                               "error": "old addresses not taken down: x"}]}}
+        self.assertEqual(_slot_change_problems(status), [
+            "slot slot1: fs1 still holds what the config no longer lists (address "
+            "127.0.10.1, profile a); its release takes them down",
+            "slot slot1: the online config change failed on fs1: old addresses not taken "
+            "down: x"])
+        status["config"] = {"held": {"slot1": {"ips": ["127.0.10.7"], "profiles": ["b"]}},
+                            "slot_changes": [{"slot": "slot1", "state": "done"}]}
+        self.assertEqual(_slot_change_problems(status), [])
+
+
+class AppendedSlotTests(SynchronousTestCase):
+    def test_an_appended_slot_is_claimed_by_the_spare_once_activated(self) -> None:
+        config = make_config(nodes=3, slots=1)
+        cluster = FakeCluster(config)
+        wire = Wire(self)
+        changes = {}
+        for n in config.nodes:
+            floating = FakeFloating(wire, n.name)
+            changes[n.name] = SlotChanges(FakeEffects(floating), floating, cluster.clock,
+                                          config, timeout=2.0)
+            cluster.actions[n.name] = changes[n.name]  # type: ignore[assignment]
+        cluster.start_all()
+        cluster.advance(3)
+        guards: dict[str, list[int]] = {}
+        new = dataclasses.replace(config, slots=(*config.slots, SlotConfig(
+            "slot2", 1, (ip("127.0.10.2"),), ("slot2",))))
+        object.__setattr__(new, "digest", config_digest(new))
+        for name in ("fs2", "fs3", "fs1"):  # slaves first, the push's order
+            node = cluster.nodes[name]
+            holding = (node.slot, node.epoch) if node.role.name == "MASTER" else None
+            changes[name].config_changed(new, holding, node.resources_lost)
+            guards[name] = sorted(changes[name].guarded())  # known before any claim
+            node.replace_config(new)
+            cluster.advance(0.3)
+            for other in cluster.nodes.values():  # old and new configs side by side
+                other.status()
+        cluster.advance(2)
+        masters = {n.me.name: n.config.slots[n.slot].name for n in cluster.nodes.values()
+                   if n.role.name == "MASTER"}
+        self.assertEqual(masters, {"fs1": "slot1", "fs2": "slot2"})
+        self.assertEqual(wire.held_by("fs2"), {"127.0.10.2"})
+        self.assertEqual(wire.held_by("fs1"), {"127.0.10.1"})
+        self.assertEqual(guards, {"fs1": [0, 1], "fs2": [0, 1], "fs3": [0, 1]})
+        # the old config's nodes saw a slot they do not know claimed: nothing broke, and
+        # every node now has one view
+        self.assertEqual(len({n.roles.digest for n in cluster.nodes.values()}), 1)

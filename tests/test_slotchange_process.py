@@ -1,7 +1,8 @@
 """A live slot's floating IP changed by ``fsha config push`` on real ``twistd`` nodes
 (loopback backend, simulators): the master moves its own addresses and starts the profile
 that serves the new one while a client probes it; no slot move, calls intact, no address
-ever held by two nodes (every node's ``config.held`` watched throughout). Then the master
+ever held by two nodes (every node's ``config.held`` watched throughout); a slot appended
+in the same push is claimed by the spare. Then the master
 is killed: its guard (told the new settings by a second HELLO) stops the new profile too,
 and the successor claims the new address and recovers the calls."""
 
@@ -68,7 +69,8 @@ class SlotAddressChangeTests(SynchronousTestCase):
         with LoopbackCluster(nodes=3, slots=1, interval_ms=50, dead_after_ms=250) as c:
             # every simulator can serve the new address with one more profile (a real
             # FreeSWITCH: a profile bound to it); only the master starts it
-            c.sim_args = ["--define-profile", f"slot1x={NEW_IP}:{c.sip_port}"]
+            c.sim_args = ["--define-profile", f"slot1x={NEW_IP}:{c.sip_port}",
+                          "--define-profile", f"slot2=127.0.10.2:{c.sip_port}"]
             c.start()
             c.wait_converged(60)
             master = c.owner("slot1")
@@ -84,13 +86,18 @@ class SlotAddressChangeTests(SynchronousTestCase):
             self.assertIn(old_ip, text)
             new_file = c.dir / "new.toml"
             self.assertIn('profiles = ["slot1"]', text)
+            # and a slot appended, which the spare claims
             new_file.write_text(text.replace(old_ip, f'address = "{NEW_IP}/32"').replace(
-                'profiles = ["slot1"]', 'profiles = ["slot1", "slot1x"]'))
+                'profiles = ["slot1"]', 'profiles = ["slot1", "slot1x"]')
+                + '\n[[slot]]\nname = "slot2"\nprofiles = ["slot2"]\n'
+                'ip = [{ address = "127.0.10.2/32", interface = "lo" }]\n')
             push = [*FSHA, "config", "push", str(new_file), "--config", str(c.config_path)]
             dry = subprocess.run([*push, "--dry-run"], capture_output=True, text=True,
                                  timeout=120)
             self.assertEqual(dry.returncode, 0, dry.stdout + dry.stderr)
             self.assertIn(f"slot1: {NEW_IP}/32 added on {master}, 127.0.10.1/32 removed",
+                          dry.stdout)
+            self.assertIn("slot2: added (127.0.10.2/32; profiles slot2): claimed by ",
                           dry.stdout)
 
             watch = Watch(c)
@@ -103,8 +110,11 @@ class SlotAddressChangeTests(SynchronousTestCase):
                 answer: Any = wait_for("the new address answers",
                                        lambda: options(NEW_IP, c.sip_port), 30)
                 self.assertIn(b"SIP/2.0 200", answer)
-                wait_for("the watch saw the new address held",
-                         lambda: watch.reads > 3, 30)
+                spare = wait_for("slot2 claimed", lambda: c.owner("slot2"), 30)
+                self.assertIn(b"SIP/2.0 200", wait_for(
+                    "the appended slot answers", lambda: options("127.0.10.2", c.sip_port),
+                    30))
+                wait_for("the watch saw it all", lambda: watch.reads > 3, 30)
             finally:
                 watch.stop.set()
                 watch.join(30)
@@ -113,7 +123,10 @@ class SlotAddressChangeTests(SynchronousTestCase):
             held = {name: st["config"]["held"] for name, st in statuses.items()}
             self.assertEqual(held[master], {"slot1": {"ips": [NEW_IP],
                                                       "profiles": ["slot1", "slot1x"]}})
-            self.assertEqual([h for name, h in held.items() if name != master], [{}, {}])
+            self.assertEqual(held[spare], {"slot2": {"ips": ["127.0.10.2"],
+                                                     "profiles": ["slot2"]}})
+            self.assertEqual([h for name, h in held.items() if name not in (master, spare)],
+                             [{}])
             # no move: the same master, the same epoch, its calls all up
             self.assertEqual(c.owner("slot1"), master)
             self.assertEqual(next(s["epoch"] for s in statuses[master]["slots"]), epoch)
@@ -121,7 +134,7 @@ class SlotAddressChangeTests(SynchronousTestCase):
             self.assertTrue(set(uuids) <= live, live)
             self.assertFalse([e for st in statuses.values() for e in st["events"]
                               if e["event"] in ("claim", "release")
-                              and e.get("epoch", 0) > epoch])
+                              and e.get("slot") == "slot1" and e.get("epoch", 0) > epoch])
             # only the master runs the new address's profile
             running = [n.name for n in c.nodes if c.sim_control(n.name, "/status")
                        ["profiles"]["slot1x"]["state"] == "running"]

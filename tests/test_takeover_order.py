@@ -237,3 +237,34 @@ class SwitchHealthRecentStatusTests(ClientTestBase):
         conn.close()
         self.assertIsNone(probe.last_pong)
         self.assertIsNone(health.recent_status(SELF_CHECK_MAX_AGE))
+
+
+class HotStandbyOrderTests(SynchronousTestCase):
+    def test_a_failure_after_the_address_hangs_up_nothing_that_can_leave(self) -> None:
+        # hot standby: the address answers from floating_ips on; a failure at the rows is
+        # rolled back with the address down before the hangup, the profile left running,
+        # and the records whole
+        from tests.test_hot_standby import hot_scenario
+
+        s = hot_scenario(self)
+        rows = list(s.records.calls)
+
+        def broken(rows: Any, runtime: Any) -> Deferred[int]:
+            return fail(CoreDBError("database is locked"))
+
+        s.writer.write_recovery = broken  # type: ignore[method-assign]
+        order = ordered(s)
+        self.failureResultOf(s.effects.acquire(SLOT, 1, DEAD))
+        acquire = s.effects.last_report
+        assert acquire is not None
+        self.assertEqual([st.name for st in acquire.steps][2:],
+                         ["floating_ips", "profiles", "records", "recovery_rows"])
+        self.assertEqual(acquire.count("profiles", "already_running"), 1)
+        served = len(order)
+        self.successResultOf(s.effects.release(SLOT))
+        after = order[served:]
+        self.assertEqual(after[0], "ip down")
+        self.assertTrue(any(c.startswith("hupall") for c in after), after)
+        self.assertFalse(any(c.startswith(f"sofia profile {PROFILE} stop") for c in after))
+        self.assertEqual(s.foreign_rows(), 0)
+        self.assertEqual(s.records.calls, rows)

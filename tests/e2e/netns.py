@@ -477,6 +477,10 @@ class NetnsCluster(LoopbackCluster):
             node.sim = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
 
+    def takeover_settings(self) -> dict[str, Any]:
+        """The config's ``[takeover]`` section (empty: none)."""
+        return {"profiles": "hot_standby"} if self.hot_standby else {}
+
     def write_config(self) -> None:
         secret = self.dir / "cluster.secret"
         fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -496,8 +500,9 @@ class NetnsCluster(LoopbackCluster):
             "state": {"dir": "state/{node}"},
             "floating_ip": {"backend": "ip", "arping_count": self.arping_count,
                             "timeout_ms": 5000}}
-        if self.hot_standby:
-            doc["takeover"] = {"profiles": "hot_standby"}
+        takeover = self.takeover_settings()
+        if takeover:
+            doc["takeover"] = takeover
         if self.fence_command:
             doc["fencing"] = {"command": list(self.fence_command),
                               "timeout_ms": self.fence_timeout_ms, "required": True}

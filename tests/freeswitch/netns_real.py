@@ -98,8 +98,7 @@ class RealNetnsCluster(NetnsCluster):
                  dead_after_ms: int = 300, recover_batch: int | None = None, **kw: Any
                  ) -> None:
         super().__init__(nodes, 1, interval_ms=interval_ms, dead_after_ms=dead_after_ms,
-                         **kw)
-        self.hot_standby = hot_standby
+                         hot_standby=hot_standby, **kw)
         self.recover_batch = recover_batch
         self.fs: dict[str, NetnsFreeSWITCH] = {}
         self.captures: list[subprocess.Popen[bytes]] = []
@@ -119,14 +118,11 @@ class RealNetnsCluster(NetnsCluster):
     def wait_sim(self, node: NodeProcesses, timeout: float) -> None:
         pass  # start_sim waited for the profile
 
-    def write_config(self) -> None:
-        super().write_config()
-        lines = ['profiles = "hot_standby"'] if self.hot_standby else []
+    def takeover_settings(self) -> dict[str, Any]:
+        settings = super().takeover_settings()
         if self.recover_batch is not None:
-            lines.append(f"recover_batch = {self.recover_batch}")
-        if lines:
-            with open(self.config_path, "a") as f:
-                f.write("\n[takeover]\n" + "\n".join(lines) + "\n")
+            settings["recover_batch"] = self.recover_batch
+        return settings
 
     # -- the client ----------------------------------------------------------------------
 
