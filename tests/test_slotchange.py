@@ -331,22 +331,29 @@ class SlotChangesTests(SynchronousTestCase):
         self.assertIn("a", self.changes.guarded()[0][1])
 
 
+def wired_cluster(test: SynchronousTestCase, config: ClusterConfig
+                  ) -> tuple[FakeCluster, Wire, dict[str, SlotChanges]]:
+    """A started FakeCluster whose nodes act through SlotChanges over fake backends on
+    one wire (which fails ``test`` the instant two hosts hold one address)."""
+    cluster = FakeCluster(config)
+    wire = Wire(test)
+    changes = {}
+    for n in config.nodes:
+        floating = FakeFloating(wire, n.name)
+        changes[n.name] = SlotChanges(FakeEffects(floating), floating, cluster.clock,
+                                      config, timeout=2.0)
+        cluster.actions[n.name] = changes[n.name]  # type: ignore[assignment]
+    cluster.start_all()
+    cluster.advance(3)
+    return cluster, wire, changes
+
+
 class ClusterTests(SynchronousTestCase):
     """Real nodes on a fake clock; each node's SlotChanges over a fake backend on one
     wire. A killed node's guard is emulated: it drops what ``guarded`` lists."""
 
     def make(self) -> tuple[FakeCluster, Wire, dict[str, SlotChanges]]:
-        config = make_config(nodes=3, slots=1)
-        cluster = FakeCluster(config)
-        wire = Wire(self)
-        changes = {}
-        for n in config.nodes:
-            floating = FakeFloating(wire, n.name)
-            changes[n.name] = SlotChanges(FakeEffects(floating), floating, cluster.clock,
-                                          config, timeout=2.0)
-            cluster.actions[n.name] = changes[n.name]  # type: ignore[assignment]
-        cluster.start_all()
-        cluster.advance(3)
+        cluster, wire, changes = wired_cluster(self, make_config(nodes=3, slots=1))
         self.assertEqual(cluster.masters(), {"slot1": "fs1"})
         return cluster, wire, changes
 
@@ -528,16 +535,7 @@ class StatusTests(SynchronousTestCase):
 class AppendedSlotTests(SynchronousTestCase):
     def test_an_appended_slot_is_claimed_by_the_spare_once_activated(self) -> None:
         config = make_config(nodes=3, slots=1)
-        cluster = FakeCluster(config)
-        wire = Wire(self)
-        changes = {}
-        for n in config.nodes:
-            floating = FakeFloating(wire, n.name)
-            changes[n.name] = SlotChanges(FakeEffects(floating), floating, cluster.clock,
-                                          config, timeout=2.0)
-            cluster.actions[n.name] = changes[n.name]  # type: ignore[assignment]
-        cluster.start_all()
-        cluster.advance(3)
+        cluster, wire, changes = wired_cluster(self, config)
         guards: dict[str, list[int]] = {}
         new = dataclasses.replace(config, slots=(*config.slots, SlotConfig(
             "slot2", 1, (ip("127.0.10.2"),), ("slot2",))))
